@@ -1,0 +1,2 @@
+"""The NumPy backend of mlx-flashinfer: the reference implementation, on any
+platform."""

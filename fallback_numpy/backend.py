@@ -1,0 +1,113 @@
+"""The Backend API over NumPy arrays: the reference every other backend is tested
+against.
+
+Arrays are float32. A weight matrix is (out, in) as in the checkpoints and goes through
+`weight` once at load, so each backend can store it as its matmul likes;
+`linear(x, w)` is x @ w.T. The MLX backend (`mlx_flashinfer/mlx_backend.py`) has the
+same names.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+name = "numpy"
+
+
+def array(values) -> np.ndarray:
+    """A float32 backend array from NumPy data (or nested lists)."""
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32)
+
+
+def weight(values) -> np.ndarray:
+    """A (out, in) matrix prepared for `linear` (NumPy: as is; BLAS transposes for
+    free)."""
+    return array(values)
+
+
+def weight_rows(w, ids) -> np.ndarray:
+    """Rows `ids` of a matrix prepared by `weight` (embedding lookup)."""
+    return w[np.asarray(ids)]
+
+
+def zeros(shape: tuple[int, ...]) -> np.ndarray:
+    return np.zeros(shape, dtype=np.float32)
+
+
+def synchronize(x=None) -> None:
+    """Finish pending work (NumPy is eager: nothing to do); used around timings."""
+
+
+def take_rows(table, ids) -> np.ndarray:
+    """table[ids] for a list/array of row ids (embedding lookup, gathers)."""
+    return table[np.asarray(ids)]
+
+
+def linear(x, w, bias=None):
+    y = x @ w.T
+    return y if bias is None else y + bias
+
+
+def rms_norm(x, weight, eps: float):
+    variance = np.mean(x * x, axis=-1, keepdims=True)
+    return x / np.sqrt(variance + eps) * weight
+
+
+def layer_norm(x, weight, bias, eps: float):
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
+    variance = np.mean(centered * centered, axis=-1, keepdims=True)
+    return centered / np.sqrt(variance + eps) * weight + bias
+
+
+def rope(x, offset: int, inv_freq: np.ndarray):
+    """Rotary embedding, Hugging Face "rotate half" convention.
+
+    x: (heads, T, head_dim), positions offset .. offset+T-1; inv_freq: (head_dim/2,).
+    """
+    positions = np.arange(offset, offset + x.shape[1], dtype=np.float32)
+    angles = positions[:, None] * inv_freq[None, :].astype(np.float32)  # (T, hd/2)
+    cos = np.cos(angles)
+    sin = np.sin(angles)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention(q, k, v, scale: float, offset: int):
+    """Causal grouped-query attention.
+
+    q: (H, T, hd) for positions offset..offset+T-1; k, v: (KVH, offset+T, hd).
+    Returns (H, T, hd).
+    """
+    heads, t, hd = q.shape
+    groups = heads // k.shape[0]
+    qg = q.reshape(k.shape[0], groups * t, hd)  # heads sharing one kv head, batched
+    scores = (qg @ k.transpose(0, 2, 1)) * scale  # (KVH, groups*T, S)
+    scores = scores.reshape(k.shape[0], groups, t, -1)
+    if t > 1:  # query i sees keys up to offset + i
+        keys = np.arange(k.shape[1])
+        queries = np.arange(offset, offset + t)
+        scores = np.where(keys[None, :] <= queries[:, None], scores, -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(axis=-1, keepdims=True)
+    out = weights.reshape(k.shape[0], groups * t, -1) @ v
+    return out.reshape(heads, t, hd)
+
+
+def relu(x):
+    return np.maximum(x, 0)
+
+
+def silu(x):
+    return x * (0.5 + 0.5 * np.tanh(0.5 * x))  # x * sigmoid(x), without exp overflow
+
+
+def above(x, threshold: float):
+    """x where x > threshold, else 0 (FATReLU)."""
+    return np.where(x > threshold, x, 0).astype(np.float32)

@@ -1,0 +1,14 @@
+"""mlx-flashinfer: run language models larger than memory, FFN neurons streamed from
+flash.
+
+The method of "LLM in a flash" (Alizadeh et al., Apple, 2023/2024), on MLX (Apple
+silicon) with a NumPy fallback for every other platform.
+"""
+
+from .convert import convert
+from .generate import generate, make_sampler, stream_generate
+from .layout import Layout
+from .loader import load
+
+__all__ = ["Layout", "convert", "generate", "load", "make_sampler", "stream_generate"]
+__version__ = "0.1.0"

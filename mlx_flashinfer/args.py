@@ -1,0 +1,196 @@
+"""ModelArgs: the shape and behaviour of a model, for both families.
+
+Built from a Hugging Face ``config.json`` (unknown keys ignored, as mlx-lm does) or from
+GGUF metadata, and stored in the layout's manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+LLAMA_TYPES = ("llama", "mistral")
+FAMILIES = ("llama", "opt")
+# Gated-FFN activations of the Llama family. Every one but silu is "ReLU family": a
+# neuron whose activation is exactly zero contributes exactly zero, which makes sparse
+# loading exact.
+LLAMA_ACTIVATIONS = ("silu", "relu", "fatrelu", "relu2", "drelu")
+HF_ACTIVATION_NAMES = {"swish": "silu", "relu_squared": "relu2", "dreLU": "drelu"}
+
+
+@dataclass
+class ModelArgs:
+    family: str  # "llama" or "opt"
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int  # FFN neurons per layer (OPT: ffn_dim)
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    hidden_act: str = "silu"
+    activation_threshold: float = 0.0  # fatrelu: gate values <= threshold are zeroed
+    head_dim: int | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = (
+        False  # Llama family: biases on q/k/v/o (OPT always has them)
+    )
+    # OPT only
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(
+                f"unknown model family {self.family!r}: expected one of {FAMILIES}"
+            )
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.family == "llama" and self.hidden_act not in LLAMA_ACTIVATIONS:
+            raise ValueError(
+                f"unsupported activation {self.hidden_act!r}: expected one of "
+                f"{LLAMA_ACTIVATIONS}"
+            )
+        if self.family == "opt" and self.hidden_act != "relu":
+            raise ValueError(
+                f"unsupported OPT activation {self.hidden_act!r}: only relu"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+    @property
+    def is_relu_family(self) -> bool:
+        """True when an inactive neuron contributes exactly zero (sparse loading is
+        exact)."""
+        return self.hidden_act != "silu"
+
+    @property
+    def bundle_parts(self) -> tuple[str, ...]:
+        """The rows stored together per neuron in the FFN file (row-column bundling)."""
+        return ("gate", "up", "down") if self.family == "llama" else ("fc1", "fc2")
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> ModelArgs:
+        """Build from a Hugging Face ``config.json`` dict; unknown keys are ignored.
+
+        Raises:
+            ValueError: the architecture or activation is not supported.
+        """
+        model_type = config.get("model_type", "")
+        if model_type == "opt":
+            return cls(
+                family="opt",
+                hidden_size=config["hidden_size"],
+                num_hidden_layers=config["num_hidden_layers"],
+                intermediate_size=config["ffn_dim"],
+                num_attention_heads=config["num_attention_heads"],
+                num_key_value_heads=config["num_attention_heads"],
+                vocab_size=config["vocab_size"],
+                max_position_embeddings=config["max_position_embeddings"],
+                hidden_act=config.get("activation_function", "relu"),
+                norm_eps=1e-5,
+                tie_word_embeddings=config.get("tie_word_embeddings", True),
+                attention_bias=config.get("enable_bias", True),
+                do_layer_norm_before=config.get("do_layer_norm_before", True),
+                word_embed_proj_dim=_projection_dim(config),
+                bos_token_id=config.get("bos_token_id"),
+                eos_token_id=config.get("eos_token_id"),
+            )
+        if model_type in LLAMA_TYPES:
+            act = config.get("hidden_act", "silu")
+            act = HF_ACTIVATION_NAMES.get(act, act)
+            threshold = config.get(
+                "activation_threshold", config.get("hidden_act_param")
+            )
+            return cls(
+                family="llama",
+                hidden_size=config["hidden_size"],
+                num_hidden_layers=config["num_hidden_layers"],
+                intermediate_size=config["intermediate_size"],
+                num_attention_heads=config["num_attention_heads"],
+                num_key_value_heads=config.get(
+                    "num_key_value_heads", config["num_attention_heads"]
+                ),
+                vocab_size=config["vocab_size"],
+                max_position_embeddings=config.get("max_position_embeddings", 4096),
+                hidden_act=act,
+                activation_threshold=float(threshold or 0.0),
+                head_dim=config.get("head_dim"),
+                norm_eps=config.get("rms_norm_eps", 1e-6),
+                rope_theta=config.get("rope_theta", 10000.0),
+                rope_scaling=config.get("rope_scaling"),
+                tie_word_embeddings=config.get("tie_word_embeddings", False),
+                attention_bias=config.get("attention_bias", False),
+                bos_token_id=config.get("bos_token_id"),
+                eos_token_id=config.get("eos_token_id"),
+            )
+        raise ValueError(
+            f"unsupported architecture {model_type!r}: supported are 'opt' and the "
+            f"Llama family {LLAMA_TYPES}"
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict) -> ModelArgs:
+        """Build from GGUF key/values (``general.architecture`` must be a Llama type).
+
+        Raises:
+            ValueError: the architecture is not supported or a key is missing.
+        """
+        arch = meta.get("general.architecture")
+        if arch not in LLAMA_TYPES:
+            raise ValueError(
+                f"unsupported GGUF architecture {arch!r}: supported are {LLAMA_TYPES}"
+            )
+
+        def key(name, default=None):
+            value = meta.get(f"{arch}.{name}", default)
+            if value is None:
+                raise ValueError(f"GGUF metadata lacks {arch}.{name}")
+            return value
+
+        n_heads = int(key("attention.head_count"))
+        vocab = meta.get(f"{arch}.vocab_size") or len(
+            meta.get("tokenizer.ggml.tokens", [])
+        )
+        scaling = None
+        if meta.get(f"{arch}.rope.scaling.type") == "linear":
+            scaling = {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+        return cls(
+            family="llama",
+            hidden_size=int(key("embedding_length")),
+            num_hidden_layers=int(key("block_count")),
+            intermediate_size=int(key("feed_forward_length")),
+            num_attention_heads=n_heads,
+            num_key_value_heads=int(key("attention.head_count_kv", n_heads)),
+            vocab_size=int(vocab),
+            max_position_embeddings=int(key("context_length", 4096)),
+            hidden_act="silu",
+            head_dim=meta.get(f"{arch}.attention.key_length"),
+            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ModelArgs:
+        """Rebuild from ``to_dict`` output (the manifest); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _projection_dim(config: dict) -> int | None:
+    dim = config.get("word_embed_proj_dim")
+    return dim if dim and dim != config["hidden_size"] else None

@@ -1,0 +1,166 @@
+"""The `flashinfer` command line: one subcommand per job, user errors as one line +
+exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .backends import BACKENDS
+from .layout import DTYPES, Layout
+
+# User mistakes print one line and exit 2; anything else is a bug and keeps its
+# traceback.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    ImportError,
+    UnicodeDecodeError,
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def cmd_convert(opts) -> int:
+    from .convert import convert
+    from .default_model import default_gguf_path
+
+    src = opts.src
+    if src == "default" and not Path(src).exists():
+        src = default_gguf_path()
+    started = time.perf_counter()
+    out = convert(
+        src, opts.dst, dtype=opts.dtype, force=opts.force, progress=not opts.quiet
+    )
+    print(f"converted {src} -> {out} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def cmd_inspect(opts) -> int:
+    layout = Layout.open(opts.model)
+    args = layout.args
+    total = layout.resident_bytes + layout.ffn_bytes
+    act = args.hidden_act + ("" if args.is_relu_family else "; sparsity is approximate")
+    tok = layout.manifest.get("tokenizer") or {}
+    rows = [
+        ("path", str(layout.path)),
+        ("family", f"{args.family} ({act})"),
+        ("layers", args.num_hidden_layers),
+        ("d_model", args.hidden_size),
+        ("ffn neurons", f"{args.intermediate_size} per layer"),
+        (
+            "heads",
+            f"{args.num_attention_heads} ({args.num_key_value_heads} kv), "
+            f"head_dim {args.head_dim}",
+        ),
+        ("vocab", args.vocab_size),
+        ("dtype", layout.dtype),
+        ("bundle", f"{layout.bundle_bytes} bytes ({', '.join(layout.bundle_parts)})"),
+        (
+            "resident",
+            f"{format_bytes(layout.resident_bytes)} "
+            f"({100 * layout.resident_bytes / total:.0f}%)",
+        ),
+        (
+            "ffn",
+            f"{format_bytes(layout.ffn_bytes)} ({100 * layout.ffn_bytes / total:.0f}%)",
+        ),
+        ("predictor", "present" if layout.has_predictor else "none"),
+        (
+            "tokenizer",
+            f"{tok.get('file', 'none')}, chat template: "
+            f"{'yes' if tok.get('chat_template') else 'no'}",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if opts.verify:
+        layout.verify(progress=sys.stderr.isatty())
+        print(f"{'checksums':<{width}}  ok ({len(layout.manifest['files'])} files)")
+    return 0
+
+
+def cmd_perplexity(opts) -> int:
+    from .loader import load
+    from .perplexity import perplexity
+
+    text = Path(opts.text).read_text(encoding="utf-8")
+    model, tokenizer = load(opts.model, backend=opts.backend)
+    ids = tokenizer.encode(text)
+    if opts.max_tokens:
+        ids = ids[: opts.max_tokens]
+    context = opts.context or min(512, model.max_context)
+    started = time.perf_counter()
+    result = perplexity(model, ids, context, progress=sys.stderr.isatty())
+    seconds = time.perf_counter() - started
+    print(
+        f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+        f"({result['chunks']} chunks of {context}; {model.backend.name} backend) "
+        f"in {seconds:.1f} s ({result['tokens'] / seconds:.0f} tok/s)"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="flashinfer", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser(
+        "convert", help="convert a Hugging Face dir or GGUF file to a layout"
+    )
+    p.add_argument(
+        "src",
+        help="Hugging Face directory, .gguf file, or 'default' "
+        "(the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("dst", help="layout directory to create")
+    p.add_argument("--dtype", choices=DTYPES, default="float16")
+    p.add_argument("--force", action="store_true", help="replace an existing DST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("inspect", help="describe a layout")
+    p.add_argument("model", help="layout directory")
+    p.add_argument("--verify", action="store_true", help="check every file's sha256")
+    p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file")
+    p.add_argument("--model", required=True, help="layout directory")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument(
+        "--max-tokens", type=int, default=0, help="score only the first N tokens"
+    )
+    p.add_argument("--context", type=int, default=0, help="chunk length (default 512)")
+    p.add_argument("--backend", choices=BACKENDS, default=None)
+    p.set_defaults(run=cmd_perplexity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    try:
+        return opts.run(opts)
+    except USER_ERRORS as err:
+        print(f"flashinfer {opts.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flashinfer {opts.command}: interrupted", file=sys.stderr)
+        return 130

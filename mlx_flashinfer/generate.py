@@ -1,0 +1,233 @@
+"""Generation in mlx-lm's three layers: `generate_step` yields token ids,
+`stream_generate` yields responses with text and timing, `generate` returns the text.
+
+Sampling runs in NumPy on the last row of logits (one vector per token, either backend).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Sampler = Callable[[np.ndarray], int]
+
+
+def make_sampler(
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+) -> Sampler:
+    """A function logits (vocab,) -> token id. temp 0 is greedy.
+
+    Raises:
+        ValueError: a parameter out of range.
+    """
+    if temp < 0 or not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p < 1:
+        raise ValueError(
+            f"bad sampling parameters: temp {temp} (>= 0), top_p {top_p} (0..1], "
+            f"top_k {top_k} (>= 0), min_p {min_p} [0..1)"
+        )
+    rng = np.random.default_rng(seed)
+
+    def sample(logits: np.ndarray) -> int:
+        if temp == 0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / temp
+        probs = np.exp(scaled - scaled.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs, kind="stable")
+        sorted_probs = probs[order]
+        keep = np.ones(len(order), dtype=bool)
+        if top_k:
+            keep[top_k:] = False
+        if top_p < 1:  # smallest prefix whose mass reaches top_p
+            keep &= np.cumsum(sorted_probs) - sorted_probs < top_p
+        if min_p:
+            keep &= sorted_probs >= min_p * sorted_probs[0]
+        kept = np.where(keep, sorted_probs, 0)
+        return int(order[rng.choice(len(order), p=kept / kept.sum())])
+
+    return sample
+
+
+def make_repetition_penalty(penalty: float, context_size: int = 20):
+    """Logits processor dividing (positive) or multiplying (negative) the logits of
+    tokens seen in the last `context_size` tokens, as in CTRL and mlx-lm."""
+    if penalty <= 0:
+        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+
+    def process(tokens: list[int], logits: np.ndarray) -> np.ndarray:
+        recent = np.unique(tokens[-context_size:])
+        if len(recent):
+            values = logits[recent]
+            logits[recent] = np.where(values < 0, values * penalty, values / penalty)
+        return logits
+
+    return process
+
+
+def generate_step(
+    model,
+    prompt_ids: list[int],
+    sampler: Sampler | None = None,
+    logits_processors: list | None = None,
+    max_tokens: int = 256,
+    cache=None,
+) -> Iterator[int]:
+    """Yield generated token ids: prefill `prompt_ids`, then one decode step per
+    token."""
+    sampler = sampler or make_sampler()
+    processors = logits_processors or []
+    cache = cache if cache is not None else model.make_cache()
+    tokens = list(prompt_ids)
+    logits = model.prefill(model.check_tokens(prompt_ids), cache)
+    for _ in range(max_tokens):
+        last = model.backend.to_numpy(logits[-1]).copy()
+        for process in processors:
+            last = process(tokens, last)
+        token = sampler(last)
+        tokens.append(token)
+        yield token
+        if cache[0].offset >= model.max_context:
+            return
+        logits = model([token], cache)
+
+
+@dataclass
+class GenerationResponse:
+    """One step of `stream_generate`.
+
+    text: the new text this token made printable; token: its id; finish_reason: None,
+    "stop" (EOS or a stop string), "length" (max_tokens) or "context" (context full).
+    """
+
+    text: str
+    token: int
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory_gb: float
+    finish_reason: str | None = None
+    stats: dict = field(default_factory=dict)
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process (RSS), in GB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
+def stream_generate(
+    model,
+    tokenizer,
+    prompt: str | list[int],
+    max_tokens: int = 256,
+    sampler: Sampler | None = None,
+    logits_processors: list | None = None,
+    stop: list[str] | None = None,
+    **sampler_args,
+) -> Iterator[GenerationResponse]:
+    """Generate from `prompt` (text, encoded with BOS as the model expects, or token
+    ids), yielding a response per token; stops on EOS, a stop string, max_tokens or a
+    full context.
+
+    `sampler_args` (temp, top_p, top_k, min_p, seed) build a sampler when none is given.
+    """
+    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    sampler = sampler or make_sampler(**sampler_args)
+    detokenizer = tokenizer.detokenizer()
+    stops = [s for s in (stop or []) if s]
+    pending = ""  # text held back because it may be the start of a stop string
+    started = time.perf_counter()
+    prompt_tps = gen_started = 0.0
+    n = 0
+    for n, token in enumerate(
+        generate_step(model, ids, sampler, logits_processors, max_tokens), start=1
+    ):
+        if n == 1:
+            gen_started = time.perf_counter()
+            prompt_tps = len(ids) / (gen_started - started)
+        finish = None
+        if token in tokenizer.eos_token_ids:
+            finish, text = "stop", pending + detokenizer.finalize()
+            text = _cut_at_stop(text, stops)[0]
+        else:
+            pending += detokenizer.add(token)
+            text, hit = _cut_at_stop(pending, stops)
+            if hit:
+                finish = "stop"
+            else:
+                hold = _stop_prefix_length(pending, stops)
+                text, pending = (
+                    pending[: len(pending) - hold],
+                    pending[len(pending) - hold :],
+                )
+        if finish is None and n == max_tokens:
+            finish = "length"
+        if finish is None and model.max_context <= len(ids) + n:
+            finish = "context"
+        if finish in ("length", "context"):
+            text += pending + detokenizer.finalize()
+        elapsed = max(time.perf_counter() - gen_started, 1e-9)
+        yield GenerationResponse(
+            text=text,
+            token=token,
+            prompt_tokens=len(ids),
+            prompt_tps=prompt_tps,
+            generation_tokens=n,
+            generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
+            peak_memory_gb=peak_memory_gb(),
+            finish_reason=finish,
+        )
+        if finish:
+            return
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stops if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _stop_prefix_length(text: str, stops: list[str]) -> int:
+    """Length of the longest end of `text` that begins some stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:k]):
+                best = k
+                break
+    return best
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt: str | list[int],
+    max_tokens: int = 256,
+    verbose: bool = False,
+    **kwargs,
+) -> str:
+    """The generated text for `prompt` (see `stream_generate` for the arguments)."""
+    text, last = "", None
+    for last in stream_generate(
+        model, tokenizer, prompt, max_tokens=max_tokens, **kwargs
+    ):
+        text += last.text
+        if verbose:
+            print(last.text, end="", flush=True)
+    if verbose and last is not None:
+        print(
+            f"\nprompt: {last.prompt_tokens} tokens, {last.prompt_tps:.1f} tok/s | "
+            f"generation: {last.generation_tokens} tokens, "
+            f"{last.generation_tps:.1f} tok/s | "
+            f"peak memory {last.peak_memory_gb:.2f} GB"
+        )
+    return text

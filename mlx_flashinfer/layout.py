@@ -1,0 +1,235 @@
+"""The flash layout v1: one converted model directory, read by both backends.
+
+    manifest.json          format, version, model args, dtype, bundle spec, layer
+                           offsets, every file's size and sha256, tokenizer info
+    resident.safetensors   what stays in DRAM: embeddings, attention, norms, lm_head,
+                           biases
+    ffn.bin                per layer, one fixed-size bundle per FFN neuron (row-column
+                           bundling, paper section 3.2); each layer starts on a 4 KiB
+                           boundary
+    predictor.safetensors  optional low-rank predictor
+    tokenizer files        tokenizer.json / tokenizer.model / tokenizer_config.json
+
+A Llama-family bundle is [gate row i, up row i, down column i], an OPT bundle
+[fc1 row i, fc2 column i]: (n_parts, d_model) values, so one read brings a whole neuron.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .args import ModelArgs
+from .safetensors_stream import STORAGE, decode, read_header, read_tensor
+
+FORMAT = "mlx-flashinfer-layout"
+VERSION = 1
+LAYER_ALIGNMENT = 4096
+MANIFEST = "manifest.json"
+RESIDENT_FILE = "resident.safetensors"
+FFN_FILE = "ffn.bin"
+PREDICTOR_FILE = "predictor.safetensors"
+DTYPES = tuple(STORAGE)
+_REQUIRED = ("format", "version", "model_args", "dtype", "ffn", "resident", "files")
+_REQUIRED_FFN = ("file", "bundle_parts", "bundle_bytes", "layer_alignment", "layers")
+
+
+def bundle_bytes(args: ModelArgs, dtype: str) -> int:
+    """Bytes of one neuron's bundle: (n_parts, d_model) values of `dtype`."""
+    return len(args.bundle_parts) * args.hidden_size * np.dtype(STORAGE[dtype]).itemsize
+
+
+def align_up(n: int, alignment: int = LAYER_ALIGNMENT) -> int:
+    return -(-n // alignment) * alignment
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON under a temporary name and rename it, so readers never see half a
+    file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content (not its whitespace), without this field
+    itself."""
+    content = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Stamp the manifest with its own checksum and write it atomically."""
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    write_json_atomic(directory / MANIFEST, manifest)
+
+
+@dataclass(frozen=True)
+class LayerExtent:
+    offset: int  # byte offset of the layer's first bundle in ffn.bin (4 KiB aligned)
+    neurons: int
+
+
+class Layout:
+    """A converted model directory, validated on open.
+
+    Raises (from `open`):
+        FileNotFoundError: the directory or one of its files is missing.
+        ValueError: the manifest is of another format/version, lacks a field, or a
+            file's size differs from the manifest (truncated or replaced).
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = path
+        self.manifest = manifest
+        self.args = ModelArgs.from_dict(manifest["model_args"])
+        self.dtype: str = manifest["dtype"]
+        ffn = manifest["ffn"]
+        self.bundle_parts: tuple[str, ...] = tuple(ffn["bundle_parts"])
+        self.bundle_bytes: int = ffn["bundle_bytes"]
+        self.layers = [LayerExtent(e["offset"], e["neurons"]) for e in ffn["layers"]]
+        self.ffn_path = path / ffn["file"]
+        self.resident_path = path / manifest["resident"]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Layout:
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: no such layout directory")
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"{path}: not a converted model (no {MANIFEST}); "
+                f"convert it first: flashinfer convert SRC {path}"
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{manifest_path}: not valid JSON ({err})") from None
+        _check_manifest(manifest, manifest_path)
+        layout = cls(path, manifest)
+        layout.check_sizes()
+        return layout
+
+    # -- validation -------------------------------------------------------------------
+    def check_sizes(self) -> None:
+        """Cheap check on open: every file exists with the size the manifest records."""
+        for name, entry in self.manifest["files"].items():
+            file = self.path / name
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: missing (the layout is incomplete)")
+            size = file.stat().st_size
+            if size != entry["size"]:
+                raise ValueError(
+                    f"{file}: size {size} bytes, manifest says {entry['size']} "
+                    "(truncated or replaced; re-convert the model)"
+                )
+
+    def verify(self, progress: bool = False) -> None:
+        """Check every file's sha256 against the manifest.
+
+        Raises:
+            ValueError: naming the first file whose contents changed.
+        """
+        from tqdm import tqdm
+
+        self.check_sizes()
+        if self.manifest.get("manifest_sha256") != manifest_digest(self.manifest):
+            raise ValueError(
+                f"{self.path / MANIFEST}: checksum mismatch (edited or corrupted)"
+            )
+        files = self.manifest["files"]
+        for name in tqdm(files, desc="verify", disable=not progress, unit="file"):
+            if sha256_file(self.path / name) != files[name]["sha256"]:
+                raise ValueError(
+                    f"{self.path / name}: checksum mismatch (the file was modified or "
+                    "corrupted; re-convert the model)"
+                )
+
+    # -- sizes ------------------------------------------------------------------------
+    def file_bytes(self, name: str) -> int:
+        entry = self.manifest["files"].get(name)
+        return entry["size"] if entry else 0
+
+    @property
+    def ffn_bytes(self) -> int:
+        """Bytes of FFN bundles (without layer alignment padding)."""
+        return sum(e.neurons for e in self.layers) * self.bundle_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.file_bytes(self.manifest["resident"])
+
+    @property
+    def has_predictor(self) -> bool:
+        return bool(self.manifest.get("predictor"))
+
+    # -- reading (buffered; the flash runtime has its own page-cache-bypassing reader)
+    def read_bundles(
+        self, layer: int, start: int = 0, stop: int | None = None
+    ) -> np.ndarray:
+        """Bundles [start, stop) of `layer` as float32 of shape (n, n_parts,
+        d_model)."""
+        extent = self.layers[layer]
+        stop = extent.neurons if stop is None else stop
+        count = (stop - start) * self.bundle_bytes
+        with open(self.ffn_path, "rb") as f:
+            f.seek(extent.offset + start * self.bundle_bytes)
+            data = f.read(count)
+        if len(data) != count:
+            raise ValueError(f"{self.ffn_path}: truncated while reading layer {layer}")
+        raw = np.frombuffer(data, dtype=STORAGE[self.dtype])
+        shape = (stop - start, len(self.bundle_parts), self.args.hidden_size)
+        return decode(raw, self.dtype).astype(np.float32, copy=False).reshape(shape)
+
+    def resident_tensors(self) -> dict[str, np.ndarray]:
+        """Every resident tensor as float32 NumPy (the dense reference path)."""
+        header, start = read_header(self.resident_path)
+        return {
+            name: read_tensor(self.resident_path, info, start).astype(np.float32)
+            for name, info in header.items()
+        }
+
+    def update_manifest(self, changes: dict) -> None:
+        """Merge `changes` into the manifest and rewrite it atomically."""
+        self.manifest.update(changes)
+        write_manifest(self.path, self.manifest)
+
+
+def _check_manifest(manifest: dict, where: Path) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{where}: not an {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise ValueError(
+            f"{where}: layout version {manifest.get('version')!r} is not supported "
+            f"(this mlx-flashinfer reads version {VERSION}); re-convert the model"
+        )
+    missing = [k for k in _REQUIRED if k not in manifest]
+    missing += [f"ffn.{k}" for k in _REQUIRED_FFN if k not in manifest.get("ffn", {})]
+    if missing:
+        raise ValueError(f"{where}: manifest lacks {', '.join(missing)}")
+    if manifest["dtype"] not in DTYPES:
+        raise ValueError(f"{where}: unknown dtype {manifest['dtype']!r}")
+    try:
+        args = ModelArgs.from_dict(manifest["model_args"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: bad model_args ({err})") from None
+    ffn = manifest["ffn"]
+    if (
+        ffn["bundle_bytes"] != bundle_bytes(args, manifest["dtype"])
+        or len(ffn["layers"]) != args.num_hidden_layers
+    ):
+        raise ValueError(f"{where}: ffn bundle spec does not match the model args")

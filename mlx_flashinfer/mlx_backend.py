@@ -1,0 +1,96 @@
+"""The Backend API over MLX arrays (Metal on Apple silicon, CPU elsewhere).
+
+Same names as `fallback_numpy.backend`; the tests hold the two to 1e-4 in float32.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+name = "mlx"
+
+
+def array(values) -> mx.array:
+    """A float32 backend array from NumPy data (or nested lists)."""
+    return mx.array(np.asarray(values, dtype=np.float32))
+
+
+def to_numpy(x) -> np.ndarray:
+    return np.array(x.astype(mx.float32), copy=False)
+
+
+def weight(values) -> mx.array:
+    """A (out, in) matrix prepared for `linear`: stored transposed, because MLX's CPU
+    matmul is 2.5x faster on x @ w than on x @ w.T (measured; Metal does not care)."""
+    return mx.array(np.ascontiguousarray(np.asarray(values, dtype=np.float32).T))
+
+
+def weight_rows(w, ids) -> mx.array:
+    """Rows `ids` of the (out, in) matrix prepared by `weight` (embedding lookup)."""
+    return w[:, mx.array(np.asarray(ids, dtype=np.int32))].T
+
+
+def zeros(shape: tuple[int, ...]) -> mx.array:
+    return mx.zeros(shape, dtype=mx.float32)
+
+
+def synchronize(x=None) -> None:
+    """Finish pending (lazy) work; used around timings."""
+    if x is not None:
+        mx.eval(x)
+    mx.synchronize()
+
+
+def take_rows(table, ids) -> mx.array:
+    return table[mx.array(np.asarray(ids, dtype=np.int32))]
+
+
+def linear(x, w, bias=None):
+    """x @ W.T (+ bias) for a W prepared by `weight` (held as W.T)."""
+    return x @ w if bias is None else mx.addmm(bias, x, w)
+
+
+def rms_norm(x, weight, eps: float):
+    return mx.fast.rms_norm(x, weight, eps)
+
+
+def layer_norm(x, weight, bias, eps: float):
+    return mx.fast.layer_norm(x, weight, bias, eps)
+
+
+def rope(x, offset: int, inv_freq: np.ndarray):
+    """Rotary embedding, "rotate half" convention; x: (heads, T, head_dim)."""
+    periods = mx.array(
+        (1.0 / np.asarray(inv_freq, dtype=np.float64)).astype(np.float32)
+    )
+    return mx.fast.rope(
+        x[None],
+        x.shape[-1],
+        traditional=False,
+        base=None,
+        scale=1.0,
+        offset=offset,
+        freqs=periods,
+    )[0]
+
+
+def attention(q, k, v, scale: float, offset: int):
+    """Causal grouped-query attention; q (H, T, hd), k/v (KVH, offset+T, hd)."""
+    mask = "causal" if q.shape[1] > 1 else None
+    return mx.fast.scaled_dot_product_attention(
+        q[None], k[None], v[None], scale=scale, mask=mask
+    )[0]
+
+
+def relu(x):
+    return mx.maximum(x, 0)
+
+
+def silu(x):
+    return x * mx.sigmoid(x)
+
+
+def above(x, threshold: float):
+    """x where x > threshold, else 0 (FATReLU)."""
+    return mx.where(x > threshold, x, 0)

@@ -1,0 +1,282 @@
+"""The transformer, written once against the Backend API, for both families.
+
+`Model(tokens, cache)` runs a prompt chunk or one decode step; the FFN is a pluggable
+object (`DenseFFN` here; the flash FFN streams neurons from disk) so the token path
+below is the same whether weights are in memory or on flash.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .args import ModelArgs
+
+PREFILL_CHUNK = (
+    512  # long prompts run in chunks: attention scores stay (chunk x context)
+)
+
+
+class KVCache:
+    """Keys and values of one layer: (kv_heads, capacity, head_dim), grown in steps."""
+
+    step = 256
+
+    def __init__(self, backend, kv_heads: int, head_dim: int, max_context: int):
+        self.backend = backend
+        self.shape = (kv_heads, 0, head_dim)
+        self.max_context = max_context
+        self.keys = self.values = None
+        self.offset = 0
+
+    def update_and_fetch(self, keys, values):
+        """Append (kv_heads, T, head_dim) keys/values; return all of them so far."""
+        end = self.offset + keys.shape[1]
+        if self.keys is None or end > self.keys.shape[1]:
+            capacity = min(-(-end // self.step) * self.step, max(self.max_context, end))
+            grown_k = self.backend.zeros((self.shape[0], capacity, self.shape[2]))
+            grown_v = self.backend.zeros((self.shape[0], capacity, self.shape[2]))
+            if self.offset:
+                grown_k[:, : self.offset] = self.keys[:, : self.offset]
+                grown_v[:, : self.offset] = self.values[:, : self.offset]
+            self.keys, self.values = grown_k, grown_v
+        self.keys[:, self.offset : end] = keys
+        self.values[:, self.offset : end] = values
+        self.offset = end
+        return self.keys[:, :end], self.values[:, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.keys is None else 2 * int(np.prod(self.keys.shape)) * 4
+
+
+def kv_cache_bytes(args: ModelArgs, context: int) -> int:
+    """float32 keys + values of every layer at `context` tokens (for memory
+    planning)."""
+    return (
+        2
+        * 4
+        * args.num_hidden_layers
+        * args.num_key_value_heads
+        * args.head_dim
+        * context
+    )
+
+
+def ffn_forward(backend, args: ModelArgs, h, parts, fc1_bias=None, fc2_bias=None):
+    """The FFN over a set of neurons given as weights prepared by `backend.weight`.
+
+    Llama family: parts = (gate (n, d), up (n, d), down (d, n)); OPT: (fc1, fc2).
+    A neuron whose activation is zero adds exactly zero, so running over any superset of
+    the active neurons gives the dense result for ReLU-family models (paper section
+    3.1).
+    """
+    B = backend
+    if args.family == "opt":
+        return B.linear(B.relu(B.linear(h, parts[0], fc1_bias)), parts[1], fc2_bias)
+    gate, up = B.linear(h, parts[0]), B.linear(h, parts[1])
+    act = args.hidden_act
+    if act == "silu":
+        a = B.silu(gate) * up
+    elif act == "relu":
+        a = B.relu(gate) * up
+    elif act == "fatrelu":
+        a = B.above(gate, args.activation_threshold) * up
+    elif act == "relu2":
+        r = B.relu(gate)
+        a = r * r * up
+    else:  # drelu: ReLU on both branches (TurboSparse)
+        a = B.relu(gate) * B.relu(up)
+    return B.linear(a, parts[2])
+
+
+class DenseFFN:
+    """Every FFN weight in memory: the reference the sparse path is proved against."""
+
+    def __init__(self, backend, layout, resident: dict):
+        self.backend = backend
+        self.args = layout.args
+        self.layers = []
+        for i in range(self.args.num_hidden_layers):
+            bundles = layout.read_bundles(i)  # (n_ffn, n_parts, d_model)
+            *inputs, output = (bundles[:, p] for p in range(bundles.shape[1]))
+            # rows of gate/up/fc1 are (out, in) already; down/fc2 columns are (in, out)
+            self.layers.append(tuple(backend.weight(w) for w in (*inputs, output.T)))
+        self.fc1_bias = [
+            resident.get(f"layers.{i}.fc1.bias")
+            for i in range(self.args.num_hidden_layers)
+        ]
+        self.fc2_bias = [
+            resident.get(f"layers.{i}.fc2.bias")
+            for i in range(self.args.num_hidden_layers)
+        ]
+
+    def __call__(self, layer: int, h):
+        return ffn_forward(
+            self.backend,
+            self.args,
+            h,
+            self.layers[layer],
+            self.fc1_bias[layer],
+            self.fc2_bias[layer],
+        )
+
+
+def prepare_weights(backend, resident: dict[str, np.ndarray]) -> dict:
+    """Resident NumPy tensors -> backend arrays: matrices through `backend.weight`,
+    except the learned positions (only ever looked up); vectors as plain arrays."""
+    return {
+        name: backend.weight(value)
+        if value.ndim == 2 and name != "embed_positions.weight"
+        else backend.array(value)
+        for name, value in resident.items()
+    }
+
+
+class Model:
+    """One transformer for both families over a backend's arrays.
+
+    Args:
+        args: the model's shape.
+        backend: a Backend API module (`fallback_numpy.backend`,
+            `mlx_flashinfer.mlx_backend`).
+        weights: resident tensors by canonical name, from `prepare_weights`.
+        ffn: callable (layer, h) -> FFN output, e.g. `DenseFFN`.
+        max_context: tokens the KV cache may hold.
+    """
+
+    def __init__(self, args: ModelArgs, backend, weights: dict, ffn, max_context: int):
+        self.args = args
+        self.backend = backend
+        self.w = weights
+        self.ffn = ffn
+        self.max_context = max_context
+        self.scale = args.head_dim**-0.5
+        inv_freq = args.rope_theta ** (-np.arange(0, args.head_dim, 2) / args.head_dim)
+        if "rope_freqs" in weights:
+            inv_freq = inv_freq / backend.to_numpy(weights["rope_freqs"])
+        self.inv_freq = inv_freq.astype(np.float32)
+
+    def make_cache(self) -> list[KVCache]:
+        a = self.args
+        return [
+            KVCache(self.backend, a.num_key_value_heads, a.head_dim, self.max_context)
+            for _ in range(a.num_hidden_layers)
+        ]
+
+    def __call__(self, tokens: list[int], cache: list[KVCache]):
+        """Logits (T, vocab) of `tokens`, which continue the sequence held in
+        `cache`."""
+        offset = cache[0].offset
+        if offset + len(tokens) > self.max_context:
+            raise ValueError(
+                f"context full: {offset + len(tokens)} tokens exceed the maximum of "
+                f"{self.max_context}"
+            )
+        B, w, a = self.backend, self.w, self.args
+        x = B.weight_rows(w["embed_tokens.weight"], tokens)
+        if a.family == "opt":
+            if a.word_embed_proj_dim:
+                x = B.linear(x, w["project_in.weight"])
+            positions = (
+                np.arange(offset, offset + len(tokens)) + 2
+            )  # OPT's learned offset
+            x = x + B.take_rows(w["embed_positions.weight"], positions)
+        for i in range(a.num_hidden_layers):
+            x = self._layer(i, x, cache[i], offset)
+        if a.family == "llama":
+            x = B.rms_norm(x, w["norm.weight"], a.norm_eps)
+        else:
+            if a.do_layer_norm_before:
+                x = B.layer_norm(
+                    x, w["final_layer_norm.weight"], w["final_layer_norm.bias"], 1e-5
+                )
+            if a.word_embed_proj_dim:
+                x = B.linear(x, w["project_out.weight"])
+        head = (
+            w["embed_tokens.weight"] if a.tie_word_embeddings else w["lm_head.weight"]
+        )
+        return B.linear(x, head)
+
+    def _layer(self, i: int, x, cache: KVCache, offset: int):
+        B, w, a, p = self.backend, self.w, self.args, f"layers.{i}."
+        if a.family == "llama":
+            h = B.rms_norm(x, w[p + "input_layernorm.weight"], a.norm_eps)
+            x = x + self._attention(p, h, cache, offset)
+            h = B.rms_norm(x, w[p + "post_attention_layernorm.weight"], a.norm_eps)
+            return x + self.ffn(i, h)
+        # OPT: LayerNorm before the block (most sizes) or after it (opt-350m)
+        pre = a.do_layer_norm_before
+        ln1 = (
+            w[p + "self_attn_layer_norm.weight"],
+            w[p + "self_attn_layer_norm.bias"],
+            1e-5,
+        )
+        ln2 = (w[p + "final_layer_norm.weight"], w[p + "final_layer_norm.bias"], 1e-5)
+        h = B.layer_norm(x, *ln1) if pre else x
+        x = x + self._attention(p, h, cache, offset)
+        if not pre:
+            x = B.layer_norm(x, *ln1)
+        h = B.layer_norm(x, *ln2) if pre else x
+        x = x + self.ffn(i, h)
+        return x if pre else B.layer_norm(x, *ln2)
+
+    def _attention(self, p: str, h, cache: KVCache, offset: int):
+        B, w, a = self.backend, self.w, self.args
+        t, hd = h.shape[0], a.head_dim
+        out_name = "self_attn.o_proj" if a.family == "llama" else "self_attn.out_proj"
+
+        def project(name, heads):
+            y = B.linear(
+                h, w[f"{p}self_attn.{name}.weight"], w.get(f"{p}self_attn.{name}.bias")
+            )
+            return y.reshape(t, heads, hd).transpose(1, 0, 2)  # (heads, T, hd)
+
+        q = project("q_proj", a.num_attention_heads)
+        k = project("k_proj", a.num_key_value_heads)
+        v = project("v_proj", a.num_key_value_heads)
+        if a.family == "llama":
+            q = B.rope(q, offset, self.inv_freq)
+            k = B.rope(k, offset, self.inv_freq)
+        keys, values = cache.update_and_fetch(k, v)
+        out = B.attention(q, keys, values, self.scale, offset)
+        out = out.transpose(1, 0, 2).reshape(t, a.num_attention_heads * hd)
+        return B.linear(out, w[p + out_name + ".weight"], w.get(p + out_name + ".bias"))
+
+    def check_tokens(self, token_ids) -> list[int]:
+        """Validate token ids (non-empty, in range, within the context) and return a
+        list.
+
+        Raises:
+            ValueError: naming the bad input.
+        """
+        ids = [int(t) for t in token_ids]
+        if not ids:
+            raise ValueError("no tokens: the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} out of range: the vocabulary has "
+                f"{self.args.vocab_size}"
+            )
+        if len(ids) > self.max_context:
+            raise ValueError(
+                f"{len(ids)} tokens exceed the model's context of {self.max_context}"
+            )
+        return ids
+
+    def prefill(self, ids: list[int], cache: list[KVCache]):
+        """Run a prompt in chunks; return the logits of its last chunk (backend
+        array)."""
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            out = self(ids[start : start + PREFILL_CHUNK], cache)
+        return out
+
+    def logits(self, token_ids) -> np.ndarray:
+        """float32 logits (len(token_ids), vocab) from a fresh cache."""
+        ids = self.check_tokens(token_ids)
+        cache = self.make_cache()
+        chunks = [
+            self.backend.to_numpy(self(ids[start : start + PREFILL_CHUNK], cache))
+            for start in range(0, len(ids), PREFILL_CHUNK)
+        ]
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)

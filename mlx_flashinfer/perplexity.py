@@ -1,0 +1,47 @@
+"""Perplexity of a text, scored in chunks of a fixed context (as users compare
+models)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tqdm import tqdm
+
+
+def perplexity(
+    model, token_ids: list[int], context: int, progress: bool = False
+) -> dict:
+    """Perplexity of `token_ids` split into non-overlapping chunks of `context` tokens.
+
+    Every token of a chunk but its first is scored given the tokens before it in the
+    chunk, so each chunk starts from an empty cache (as llama.cpp's perplexity tool
+    does).
+
+    Returns:
+        {"perplexity", "nll" (mean, nats), "tokens" (scored), "chunks"}
+
+    Raises:
+        ValueError: fewer than 2 tokens, or a context out of range.
+    """
+    if len(token_ids) < 2:
+        raise ValueError("the text is too short: it needs at least 2 tokens")
+    if not 2 <= context <= model.max_context:
+        raise ValueError(f"context {context} out of range: 2..{model.max_context}")
+    total, scored = 0.0, 0
+    chunks = [token_ids[s : s + context] for s in range(0, len(token_ids) - 1, context)]
+    chunks = [c for c in chunks if len(c) > 1]
+    for chunk in tqdm(chunks, desc="perplexity", disable=not progress):
+        logits = model.logits(chunk).astype(np.float64)[:-1]
+        logits -= logits.max(axis=-1, keepdims=True)
+        log_norm = np.log(np.exp(logits).sum(axis=-1))
+        targets = np.asarray(chunk[1:])
+        total += float((log_norm - logits[np.arange(len(targets)), targets]).sum())
+        scored += len(targets)
+    nll = total / scored
+    return {
+        "perplexity": math.exp(nll),
+        "nll": nll,
+        "tokens": scored,
+        "chunks": len(chunks),
+    }

@@ -1,0 +1,141 @@
+"""Safetensors read and write, one tensor at a time, with bfloat16 on plain NumPy.
+
+The `safetensors` package loads a whole file to write it and its NumPy side cannot read
+bfloat16 (most Hugging Face checkpoints). Conversion must stream tensor by tensor so its
+peak memory stays near one layer, so we read and write the (simple, documented) format
+here: 8-byte little-endian header length, a JSON header of name -> dtype/shape/offsets,
+raw data. Files written here are read back by `safetensors` and `mlx.core.load` in the
+tests.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+# Storage dtypes: bfloat16 is kept as raw uint16 words and widened to float32 on decode.
+STORAGE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+SAFETENSORS_NAMES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}
+_SOURCE_DTYPES = {
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "BF16": np.uint16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def encode(array: np.ndarray, dtype: str) -> np.ndarray:
+    """Cast a float array to the storage form of `dtype`
+    ("float16"/"float32"/"bfloat16")."""
+    if dtype == "bfloat16":
+        bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+        # round to nearest even, as every framework does when it narrows to bfloat16
+        rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+        return (rounded >> np.uint32(16)).astype(np.uint16)
+    return np.ascontiguousarray(array, dtype=STORAGE[dtype])
+
+
+def decode(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage form of `dtype` -> float32 (float16/float32 pass through unchanged)."""
+    if dtype == "bfloat16":
+        return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return raw
+
+
+def read_header(path: str | Path) -> tuple[dict, int]:
+    """Return (header without __metadata__, offset of the data section).
+
+    Raises:
+        ValueError: the file is not a safetensors file.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: not a safetensors file (too short)")
+        (length,) = struct.unpack("<Q", head)
+        if length > 100_000_000:
+            raise ValueError(f"{path}: not a safetensors file (header length {length})")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a safetensors file ({err})") from None
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def read_tensor(path: str | Path, info: dict, data_start: int) -> np.ndarray:
+    """Read one tensor described by its header entry; floats come back as float32."""
+    kind = info["dtype"]
+    if kind not in _SOURCE_DTYPES:
+        raise ValueError(f"{path}: unsupported tensor dtype {kind}")
+    begin, end = info["data_offsets"]
+    with open(path, "rb") as f:
+        f.seek(data_start + begin)
+        raw = np.frombuffer(f.read(end - begin), dtype=_SOURCE_DTYPES[kind])
+    if raw.nbytes != end - begin:
+        raise ValueError(f"{path}: truncated tensor data")
+    raw = raw.reshape(info["shape"])
+    if kind == "BF16":
+        return decode(raw, "bfloat16")
+    return raw.astype(np.float32) if kind in ("F16", "F64") else raw
+
+
+class StreamingWriter:
+    """Write a safetensors file whose tensors are declared first and given one by one.
+
+    `specs` maps name -> (layout dtype, shape), in file order; `write` must then be
+    called for each name in that order. `hasher` (e.g. hashlib.sha256()) sees every byte
+    written.
+    """
+
+    def __init__(
+        self, path: str | Path, specs: dict[str, tuple[str, tuple]], hasher=None
+    ):
+        header, offset = {}, 0
+        for name, (dtype, shape) in specs.items():
+            size = (
+                int(np.prod(shape, dtype=np.int64)) * np.dtype(STORAGE[dtype]).itemsize
+            )
+            header[name] = {
+                "dtype": SAFETENSORS_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (
+            -len(text) % 8
+        )  # keeps the data 8-byte aligned, as the spec advises
+        self._pending = list(specs.items())
+        self._file = open(path, "wb")  # noqa: SIM115 - stays open until close()
+        self._hasher = hasher
+        self._put(struct.pack("<Q", len(text)) + text)
+
+    def _put(self, data) -> None:
+        self._file.write(data)
+        if self._hasher is not None:
+            self._hasher.update(data)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        expected, (dtype, shape) = self._pending.pop(0)
+        if name != expected or tuple(array.shape) != tuple(shape):
+            raise ValueError(
+                f"expected tensor {expected} {shape}, got {name} {array.shape}"
+            )
+        rows = array.reshape(array.shape[0], -1) if array.ndim > 1 else array[None]
+        for start in range(
+            0, rows.shape[0], 4096
+        ):  # bounded temporaries for big tensors
+            self._put(encode(rows[start : start + 4096], dtype).data)
+
+    def close(self) -> None:
+        if self._pending:
+            raise ValueError(f"tensors never written: {[n for n, _ in self._pending]}")
+        self._file.close()

@@ -1,0 +1,326 @@
+"""Tiny checkpoints built in tests, in exact Hugging Face naming (and as GGUF files).
+
+Nothing downloads: weights are random, tokenizers are small WordLevel vocabularies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "it",
+    "that",
+    "alice",
+    "rabbit",
+    "queen",
+    "king",
+    "cat",
+    "said",
+    "she",
+    "he",
+]
+
+
+def tiny_config(family: str = "llama", act: str = "relu", **overrides) -> dict:
+    """A Hugging Face config.json dict of a tiny model."""
+    if family == "opt":
+        config = {
+            "model_type": "opt",
+            "hidden_size": 16,
+            "ffn_dim": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": 40,
+            "max_position_embeddings": 64,
+            "activation_function": "relu",
+            "do_layer_norm_before": True,
+            "word_embed_proj_dim": 16,
+            "enable_bias": True,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "unknown_key_from_the_future": [1, 2, 3],
+        }
+    else:
+        config = {
+            "model_type": "llama",
+            "hidden_size": 16,
+            "intermediate_size": 40,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": 40,
+            "max_position_embeddings": 64,
+            "hidden_act": act,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "unknown_key_from_the_future": {"x": 1},
+        }
+        if act == "fatrelu":
+            config["hidden_act_param"] = 0.05
+    config.update(overrides)
+    return config
+
+
+TOKENS = [
+    1,
+    5,
+    9,
+    3,
+    22,
+    17,
+    4,
+    30,
+    2,
+    11,
+    39,
+    0,
+]  # a test sequence for every tiny model
+
+
+def tiny_model_configs() -> dict[str, dict]:
+    """Every family and activation, plus OPT post-LN with projections and tied GQA
+    Llama."""
+    configs = {
+        f"llama-{a}": tiny_config("llama", a)
+        for a in ("silu", "relu", "fatrelu", "relu2", "drelu")
+    }
+    configs["opt-relu"] = tiny_config("opt")
+    configs["opt-350m-like"] = tiny_config(
+        "opt", word_embed_proj_dim=8, do_layer_norm_before=False
+    )
+    configs["llama-tied-gqa1"] = tiny_config(
+        "llama", "silu", num_key_value_heads=1, tie_word_embeddings=True
+    )
+    return configs
+
+
+def random_weights(config: dict, seed: int = 0, prefix: str = "model.") -> dict:
+    """Random float32 weights named as the Hugging Face checkpoint names them."""
+    rng = np.random.default_rng(seed)
+    d, v = config["hidden_size"], config["vocab_size"]
+
+    def w(*shape, scale=None):
+        scale = scale or 1 / np.sqrt(shape[-1])
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def norm(n):
+        return (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    out = {}
+    if config["model_type"] == "opt":
+        f, e = config["ffn_dim"], config.get("word_embed_proj_dim") or d
+        base = prefix + "decoder."
+        out[base + "embed_tokens.weight"] = w(v, e, scale=0.5)
+        out[base + "embed_positions.weight"] = w(
+            config["max_position_embeddings"] + 2, d, scale=0.1
+        )
+        if e != d:
+            out[base + "project_in.weight"] = w(d, e)
+            out[base + "project_out.weight"] = w(e, d)
+        if config.get("do_layer_norm_before", True):
+            out[base + "final_layer_norm.weight"] = norm(d)
+            out[base + "final_layer_norm.bias"] = w(d, scale=0.1)
+        for i in range(config["num_hidden_layers"]):
+            p = f"{base}layers.{i}."
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                out[p + f"self_attn.{proj}.weight"] = w(d, d)
+                out[p + f"self_attn.{proj}.bias"] = w(d, scale=0.1)
+            for ln in ("self_attn_layer_norm", "final_layer_norm"):
+                out[p + f"{ln}.weight"] = norm(d)
+                out[p + f"{ln}.bias"] = w(d, scale=0.1)
+            out[p + "fc1.weight"] = w(f, d)
+            out[p + "fc1.bias"] = w(f, scale=0.3)
+            out[p + "fc2.weight"] = w(d, f)
+            out[p + "fc2.bias"] = w(d, scale=0.1)
+        if not config.get("tie_word_embeddings", True):
+            out["lm_head.weight"] = w(v, e)
+        return out
+    f = config["intermediate_size"]
+    hd = config.get("head_dim") or d // config["num_attention_heads"]
+    q = config["num_attention_heads"] * hd
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * hd
+    out[prefix + "embed_tokens.weight"] = w(v, d, scale=0.5)
+    out[prefix + "norm.weight"] = norm(d)
+    for i in range(config["num_hidden_layers"]):
+        p = f"{prefix}layers.{i}."
+        out[p + "input_layernorm.weight"] = norm(d)
+        out[p + "post_attention_layernorm.weight"] = norm(d)
+        out[p + "self_attn.q_proj.weight"] = w(q, d)
+        out[p + "self_attn.k_proj.weight"] = w(kv, d)
+        out[p + "self_attn.v_proj.weight"] = w(kv, d)
+        out[p + "self_attn.o_proj.weight"] = w(d, q)
+        out[p + "mlp.gate_proj.weight"] = w(f, d)
+        out[p + "mlp.up_proj.weight"] = w(f, d)
+        out[p + "mlp.down_proj.weight"] = w(d, f)
+    if not config.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = w(v, d)
+    return out
+
+
+def tiny_tokenizer_json() -> str:
+    """A WordLevel tokenizer over WORDS with <unk>, <s>, </s> at ids 0, 1, 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {w: i + 3 for i, w in enumerate(WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
+    return tok.to_str()
+
+
+def write_hf_checkpoint(
+    path: Path,
+    config: dict,
+    weights: dict,
+    shards: int = 1,
+    chat_template: str | None = None,
+) -> Path:
+    """Write config.json, safetensors (sharded with an index when shards > 1),
+    tokenizer."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    names = list(weights)
+    if shards == 1:
+        save_file(weights, str(path / "model.safetensors"))
+    else:
+        weight_map = {}
+        for k in range(shards):
+            file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            part = names[k::shards]
+            save_file({n: weights[n] for n in part}, str(path / file))
+            weight_map |= {n: file for n in part}
+        index = {"metadata": {}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (path / "tokenizer.json").write_text(tiny_tokenizer_json())
+    tok_config = {"bos_token": "<s>", "eos_token": "</s>"}
+    if chat_template:
+        tok_config["chat_template"] = chat_template
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return path
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The q/k row permutation llama.cpp's converter applies (its interleaved RoPE)."""
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def gguf_name(hf_name: str) -> str:
+    name = hf_name.removeprefix("model.")
+    top = {
+        "embed_tokens.weight": "token_embd.weight",
+        "norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    if name in top:
+        return top[name]
+    _, layer, rest = name.split(".", 2)
+    return f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}"
+
+
+def write_gguf(path: Path, config: dict, weights: dict, qtype_of=None) -> Path:
+    """Write a Llama GGUF as llama.cpp's converter would (q/k permuted, byte-level
+    vocab).
+
+    `qtype_of(name, array)` picks a gguf.GGMLQuantizationType per tensor (default F32).
+    K-quant types the gguf package cannot quantize get random but finite blocks; the
+    tests compare against gguf's own dequantization of whatever was written.
+    """
+    import gguf
+    from tokenizers import pre_tokenizers
+
+    rng = np.random.default_rng(1)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens += ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokens += (
+        [f"<extra_{i}>" for i in range(config["vocab_size"] - len(tokens))]
+        if len(tokens) < config["vocab_size"]
+        else []
+    )
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * 256 + [3] * (len(tokens) - 256))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(257)
+    writer.add_eos_token_id(258)
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    q_heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    for name, array in weights.items():
+        if name.endswith("q_proj.weight"):
+            array = llama_cpp_permute(array, q_heads)
+        elif name.endswith("k_proj.weight"):
+            array = llama_cpp_permute(array, kv_heads)
+        qtype = qtype_of(name, array) if qtype_of else gguf.GGMLQuantizationType.F32
+        if array.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(gguf_name(name), array.astype(np.float32))
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(gguf_name(name), array.astype(np.float16))
+        elif qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            rows, cols = array.shape
+            raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+            _finite_scales(raw, qtype, size)
+            writer.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+        else:
+            quant = gguf.quants.quantize(array, qtype)
+            writer.add_tensor(gguf_name(name), quant, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _finite_scales(raw: np.ndarray, qtype, block_bytes: int) -> None:
+    """Overwrite the float16 super-block scales of random K-quant blocks with small
+    values."""
+    import gguf
+
+    blocks = raw.reshape(-1, block_bytes)
+    small = np.frombuffer(np.float16([0.01, 0.002]).tobytes(), dtype=np.uint8)
+    if qtype == gguf.GGMLQuantizationType.Q4_K:  # d, dmin lead the block
+        blocks[:, 0:4] = small
+    else:  # Q6_K: d is the last two bytes
+        blocks[:, -2:] = small[:2]
