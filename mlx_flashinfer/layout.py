@@ -120,8 +120,11 @@ class Layout:
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{manifest_path}: not valid JSON ({err})") from None
         _check_manifest(manifest, manifest_path)
-        layout = cls(path, manifest)
-        layout.check_sizes()
+        try:
+            layout = cls(path, manifest)
+            layout.check_sizes()
+        except (KeyError, TypeError, AttributeError) as err:  # a field of the wrong shape
+            raise ValueError(f"{manifest_path}: malformed manifest ({err!r})") from None
         return layout
 
     # -- validation -------------------------------------------------------------------
