@@ -35,7 +35,9 @@ def weight_rows(w, ids) -> np.ndarray:
 
 
 def zeros(shape: tuple[int, ...]) -> np.ndarray:
-    return np.zeros(shape, dtype=np.float32)
+    out = np.zeros(shape, dtype=np.float32)
+    out.fill(0)  # touch every page: preallocated memory is really held, as planned
+    return out
 
 
 def synchronize(x=None) -> None:
@@ -111,3 +113,28 @@ def silu(x):
 def above(x, threshold: float):
     """x where x > threshold, else 0 (FATReLU)."""
     return np.where(x > threshold, x, 0).astype(np.float32)
+
+
+# -- the neuron cache: a preallocated (capacity, bundle) matrix updated in place -------
+
+
+def write_rows(matrix, slots, rows):
+    """matrix[slots] = rows, in place; returns the matrix."""
+    matrix[np.asarray(slots)] = rows
+    return matrix
+
+
+def move_rows(matrix, src, dst):
+    """matrix[dst] = matrix[src] (disjoint slot sets), in place; returns the matrix."""
+    matrix[np.asarray(dst)] = matrix[np.asarray(src)]
+    return matrix
+
+
+def rows_weight(rows):
+    """(n, d) neuron rows (gate/up/fc1) as a `linear` weight mapping d -> n (a view)."""
+    return rows
+
+
+def columns_weight(columns):
+    """(n, d) neuron columns (down/fc2) as a `linear` weight mapping n -> d (a view)."""
+    return columns.T

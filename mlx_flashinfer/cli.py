@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .backends import BACKENDS
 from .layout import DTYPES, Layout
+from .memory import format_bytes
+from .predictors import PREDICTORS
 
 # User mistakes print one line and exit 2; anything else is a bug and keeps its
 # traceback.
@@ -28,14 +30,6 @@ USER_ERRORS = (
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, no usage dump, exit 2
         self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def cmd_convert(opts) -> int:
@@ -95,28 +89,99 @@ def cmd_inspect(opts) -> int:
     if opts.verify:
         layout.verify(progress=sys.stderr.isatty())
         print(f"{'checksums':<{width}}  ok ({len(layout.manifest['files'])} files)")
+    if opts.budget:
+        from .loader import default_predictor, make_plan
+
+        predictor = opts.predictor or default_predictor(layout)
+        plan = make_plan(layout, opts.budget, predictor, opts.max_context)
+        print(
+            f"\nmemory plan for --budget {opts.budget} (predictor {predictor}, "
+            "weights held as float32):"
+        )
+        plan_rows = plan.rows(args.intermediate_size)
+        plan_width = max(len(k) for k, _ in plan_rows)
+        for key, value in plan_rows:
+            print(f"  {key:<{plan_width}}  {value}")
     return 0
 
 
 def cmd_perplexity(opts) -> int:
-    from .loader import load
     from .perplexity import perplexity
 
     text = Path(opts.text).read_text(encoding="utf-8")
-    model, tokenizer = load(opts.model, backend=opts.backend)
+    model, tokenizer = load_model(opts)
     ids = tokenizer.encode(text)
     if opts.max_tokens:
         ids = ids[: opts.max_tokens]
     context = opts.context or min(512, model.max_context)
     started = time.perf_counter()
-    result = perplexity(model, ids, context, progress=sys.stderr.isatty())
+    result = perplexity(
+        model, ids, context, prefill=opts.prefill, progress=sys.stderr.isatty()
+    )
     seconds = time.perf_counter() - started
+    mode = "dense" if model.plan is None else f"flash, budget {opts.memory_budget}"
     print(
         f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
-        f"({result['chunks']} chunks of {context}; {model.backend.name} backend) "
-        f"in {seconds:.1f} s ({result['tokens'] / seconds:.0f} tok/s)"
+        f"({result['chunks']} chunks of {context}; {model.backend.name} backend, "
+        f"{mode}) in {seconds:.1f} s ({result['tokens'] / seconds:.0f} tok/s)"
     )
+    if model.plan is not None:
+        stats = model.io_stats()
+        print(
+            f"flash: {format_bytes(stats['bytes_read'])} read in {stats['reads']} "
+            "reads, "
+            f"hit rate {stats['hit_rate']:.1%}"
+        )
     return 0
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options choosing the backend and, for flash mode, the memory plan."""
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="default: mlx on Apple silicon, else numpy",
+    )
+    p.add_argument(
+        "--memory-budget",
+        default=None,
+        help="run from flash within this budget: bytes, 1.5GB or 50%% "
+        "(default: dense, every weight in memory)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=4,
+        help="tokens whose neurons stay cached (flash mode; default 4)",
+    )
+    p.add_argument(
+        "--predictor",
+        choices=PREDICTORS,
+        default=None,
+        help="neuron predictor (flash mode; default gate)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="flash reader threads")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="tokens the KV cache holds (default: model limit or 4096)",
+    )
+
+
+def load_model(opts):
+    from .loader import load
+
+    return load(
+        opts.model,
+        backend=opts.backend,
+        memory_budget=opts.memory_budget,
+        window=opts.window,
+        predictor=opts.predictor,
+        threads=opts.threads,
+        max_context=opts.max_context,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="describe a layout")
     p.add_argument("model", help="layout directory")
     p.add_argument("--verify", action="store_true", help="check every file's sha256")
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="show the memory plan for this budget (bytes, 1.5GB or 50%%)",
+    )
+    p.add_argument("--predictor", choices=PREDICTORS, default=None)
+    p.add_argument("--max-context", type=int, default=None)
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file")
@@ -149,7 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=0, help="score only the first N tokens"
     )
     p.add_argument("--context", type=int, default=0, help="chunk length (default 512)")
-    p.add_argument("--backend", choices=BACKENDS, default=None)
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="tokens of each chunk run as a prompt; the rest run one decode "
+        "step each, through the flash path (default: the whole chunk)",
+    )
+    add_model_options(p)
     p.set_defaults(run=cmd_perplexity)
     return parser
 

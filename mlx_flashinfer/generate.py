@@ -105,7 +105,9 @@ class GenerationResponse:
     """One step of `stream_generate`.
 
     text: the new text this token made printable; token: its id; finish_reason: None,
-    "stop" (EOS or a stop string), "length" (max_tokens) or "context" (context full).
+    "stop" (EOS or a stop string), "length" (max_tokens) or "context" (context full);
+    stats: the model's flash I/O counters (`model.io_stats()`: running totals, with
+    "last" = this token, "decode" and "prefill" apart; zeros for a dense model).
     """
 
     text: str
@@ -186,6 +188,7 @@ def stream_generate(
             generation_tps=(n - 1) / elapsed if n > 1 else 0.0,
             peak_memory_gb=peak_memory_gb(),
             finish_reason=finish,
+            stats=model.io_stats(),
         )
         if finish:
             return

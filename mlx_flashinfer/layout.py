@@ -123,7 +123,11 @@ class Layout:
         try:
             layout = cls(path, manifest)
             layout.check_sizes()
-        except (KeyError, TypeError, AttributeError) as err:  # a field of the wrong shape
+        except (
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as err:  # a field of the wrong shape
             raise ValueError(f"{manifest_path}: malformed manifest ({err!r})") from None
         return layout
 

@@ -1,4 +1,4 @@
-"""`load`: a layout directory -> (Model, Tokenizer) on the chosen backend."""
+"""`load`: a layout directory -> (Model, Tokenizer), dense or from flash."""
 
 from __future__ import annotations
 
@@ -6,48 +6,98 @@ from pathlib import Path
 
 from .backends import get_backend
 from .layout import Layout
-from .model import DenseFFN, Model, prepare_weights
+from .memory import MemoryPlan, plan_memory
+from .model import DenseFFN, Model, kv_cache_bytes, prepare_weights
+from .predictors import make_predictor, predictor_nbytes
 from .tokenizer import Tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_BUDGET = "50%"
+DEFAULT_WINDOW = 4  # paper: k = 4-5 for OPT, 4 for Falcon, 2 for Llama 2
+MAX_WINDOW = 256
+
+
+def default_predictor(layout: Layout) -> str:
+    return "gate"
+
+
+def check_max_context(layout: Layout, max_context: int | None) -> int:
+    limit = layout.args.max_position_embeddings
+    max_context = max_context or min(limit, DEFAULT_MAX_CONTEXT)
+    if not 0 < max_context <= limit:
+        raise ValueError(f"max_context {max_context} out of range: 1..{limit}")
+    return max_context
+
+
+def make_plan(
+    layout: Layout, memory_budget, predictor: str, max_context: int | None = None
+) -> MemoryPlan:
+    """The memory plan `load` would use (shown by `flashinfer inspect --budget`)."""
+    context = check_max_context(layout, max_context)
+    return plan_memory(
+        layout,
+        memory_budget,
+        predictor_nbytes(predictor, layout),
+        kv_cache_bytes(layout.args, context),
+        context,
+    )
 
 
 def load(
     path: str | Path,
     backend: str | None = None,
-    dense: bool = True,
+    dense: bool | None = None,
+    memory_budget: str | int | None = None,
+    window: int = DEFAULT_WINDOW,
+    predictor: str | None = None,
+    threads: int | None = None,
     max_context: int | None = None,
 ):
-    """Load a converted model.
+    """Load a converted model, dense (every weight in DRAM) or from flash.
 
     Args:
         path: layout directory (see `convert`).
         backend: "mlx", "numpy" or None (MLX on Apple silicon when installed, else
             NumPy).
-        dense: read every FFN weight into memory. The flash runtime (dense=False) is the
-            next step of this project and not available yet.
+        dense: read every FFN weight into memory. Default: dense unless a memory budget
+            is given.
+        memory_budget: flash mode: bytes, "1.5GB", or "50%" of the model (at float32,
+            the precision weights are held in). Bounds resident weights + predictor +
+            neuron caches. Default "50%" when dense=False.
+        window: k, tokens whose neurons stay cached (flash mode).
+        predictor: "gate" (default), "oracle" or "all" (flash mode).
+        threads: flash reader threads (default: measured best for this kind of disk).
         max_context: tokens the KV cache may hold (default: the model's limit or 4096,
             whichever is smaller).
 
     Returns:
-        (model, tokenizer)
+        (model, tokenizer). `model.plan` holds the memory plan in flash mode.
 
     Raises:
-        FileNotFoundError, ValueError: bad path or layout; ImportError: MLX missing.
+        FileNotFoundError, ValueError: bad path, layout or option (a budget too small
+            names the shortfall); ImportError: MLX asked for but missing.
     """
     B = get_backend(backend)
     layout = Layout.open(path)
-    if not dense:
-        raise ValueError("the flash runtime (dense=False) is not available yet")
-    args = layout.args
-    limit = min(args.max_position_embeddings, DEFAULT_MAX_CONTEXT)
-    max_context = max_context or limit
-    if not 0 < max_context <= args.max_position_embeddings:
-        raise ValueError(
-            f"max_context {max_context} out of range: 1..{args.max_position_embeddings}"
-        )
+    context = check_max_context(layout, max_context)
+    if dense is None:
+        dense = memory_budget is None
+    if dense and memory_budget is not None:
+        raise ValueError("memory_budget applies to flash mode: drop dense=True")
+    if not 1 <= window <= MAX_WINDOW:
+        raise ValueError(f"window {window} out of range: 1..{MAX_WINDOW}")
     weights = prepare_weights(B, layout.resident_tensors())
-    ffn = DenseFFN(B, layout, weights)
-    model = Model(args, B, weights, ffn, max_context)
+    plan = None
+    if dense:
+        ffn = DenseFFN(B, layout, weights)
+    else:
+        from .flash import FlashFFN
+
+        name = predictor or default_predictor(layout)
+        plan = make_plan(layout, memory_budget or DEFAULT_BUDGET, name, context)
+        chosen = make_predictor(name, B, layout, weights)
+        ffn = FlashFFN(B, layout, weights, plan, chosen, window, threads)
+    model = Model(layout.args, B, weights, ffn, context)
+    model.plan = plan
     tokenizer = Tokenizer(layout.path, layout.manifest["tokenizer"])
     return model, tokenizer

@@ -110,6 +110,19 @@ class DenseFFN:
             for i in range(self.args.num_hidden_layers)
         ]
 
+    # the flash FFN's hooks; nothing to count when every weight is in memory
+    def new_sequence(self) -> None:
+        pass
+
+    def begin_token(self) -> None:
+        pass
+
+    def end_token(self, logits, prompt_tokens: int) -> None:
+        pass
+
+    def io_stats(self) -> dict:
+        return {"bytes_read": 0, "reads": 0, "tokens": 0}
+
     def __call__(self, layer: int, h):
         return ffn_forward(
             self.backend,
@@ -157,7 +170,9 @@ class Model:
         self.inv_freq = inv_freq.astype(np.float32)
 
     def make_cache(self) -> list[KVCache]:
+        """A fresh KV cache (and, on flash, fresh neuron windows) for a new sequence."""
         a = self.args
+        self.ffn.new_sequence()
         return [
             KVCache(self.backend, a.num_key_value_heads, a.head_dim, self.max_context)
             for _ in range(a.num_hidden_layers)
@@ -173,6 +188,7 @@ class Model:
                 f"{self.max_context}"
             )
         B, w, a = self.backend, self.w, self.args
+        self.ffn.begin_token()
         x = B.weight_rows(w["embed_tokens.weight"], tokens)
         if a.family == "opt":
             if a.word_embed_proj_dim:
@@ -195,7 +211,9 @@ class Model:
         head = (
             w["embed_tokens.weight"] if a.tie_word_embeddings else w["lm_head.weight"]
         )
-        return B.linear(x, head)
+        logits = B.linear(x, head)
+        self.ffn.end_token(logits, len(tokens))
+        return logits
 
     def _layer(self, i: int, x, cache: KVCache, offset: int):
         B, w, a, p = self.backend, self.w, self.args, f"layers.{i}."
@@ -271,12 +289,26 @@ class Model:
             out = self(ids[start : start + PREFILL_CHUNK], cache)
         return out
 
-    def logits(self, token_ids) -> np.ndarray:
-        """float32 logits (len(token_ids), vocab) from a fresh cache."""
+    def logits(self, token_ids, prefill: int | None = None) -> np.ndarray:
+        """float32 logits (len(token_ids), vocab) from a fresh cache.
+
+        The first `prefill` tokens (default: all) run as a prompt; every later token
+        runs as its own decode step, so on flash the sparse path is what gets scored.
+        """
         ids = self.check_tokens(token_ids)
+        prefill = len(ids) if prefill is None else prefill
+        if not 1 <= prefill <= len(ids):
+            raise ValueError(f"prefill {prefill} out of range: 1..{len(ids)}")
         cache = self.make_cache()
         chunks = [
-            self.backend.to_numpy(self(ids[start : start + PREFILL_CHUNK], cache))
-            for start in range(0, len(ids), PREFILL_CHUNK)
+            self.backend.to_numpy(
+                self(ids[start : min(start + PREFILL_CHUNK, prefill)], cache)
+            )
+            for start in range(0, prefill, PREFILL_CHUNK)
         ]
+        chunks += [self.backend.to_numpy(self([t], cache)) for t in ids[prefill:]]
         return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+    def io_stats(self) -> dict:
+        """Flash I/O running totals (bytes_read, reads, ...); zeros when dense."""
+        return self.ffn.io_stats()

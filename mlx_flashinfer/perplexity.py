@@ -10,13 +10,15 @@ from tqdm import tqdm
 
 
 def perplexity(
-    model, token_ids: list[int], context: int, progress: bool = False
+    model, token_ids: list[int], context: int, prefill: int = 0, progress: bool = False
 ) -> dict:
     """Perplexity of `token_ids` split into non-overlapping chunks of `context` tokens.
 
     Every token of a chunk but its first is scored given the tokens before it in the
     chunk, so each chunk starts from an empty cache (as llama.cpp's perplexity tool
-    does).
+    does). With `prefill` > 0 only the first `prefill` tokens of a chunk run as a
+    prompt and the others as decode steps: the sparse path of a flash model is what
+    gets scored.
 
     Returns:
         {"perplexity", "nll" (mean, nats), "tokens" (scored), "chunks"}
@@ -32,7 +34,8 @@ def perplexity(
     chunks = [token_ids[s : s + context] for s in range(0, len(token_ids) - 1, context)]
     chunks = [c for c in chunks if len(c) > 1]
     for chunk in tqdm(chunks, desc="perplexity", disable=not progress):
-        logits = model.logits(chunk).astype(np.float64)[:-1]
+        steps = min(prefill, len(chunk)) if prefill else None
+        logits = model.logits(chunk, prefill=steps).astype(np.float64)[:-1]
         logits -= logits.max(axis=-1, keepdims=True)
         log_norm = np.log(np.exp(logits).sum(axis=-1))
         targets = np.asarray(chunk[1:])

@@ -1,0 +1,253 @@
+"""The flash FFN: neurons read from flash when predicted, cached over a window of
+tokens.
+
+Per layer and decoded token (paper section 3):
+    ids  = predictor(h)                 neurons expected to fire
+    plan = window.step(ids)             what to load, which rows move (swap-delete)
+    rows = reader.read(layer, loads)    one coalesced, parallel, cache-bypassing read
+    cache: move rows, append new rows   a preallocated matrix, never reallocated
+    out  = FFN over EVERY cached row    + overflow rows through scratch, if any
+A cached neuron that does not fire adds exactly zero, so for ReLU-family models the
+output equals the dense output whenever the predictor has full recall.
+
+Prefill streams each layer's whole FFN through the scratch rows (large sequential
+reads), computes it densely, and seeds the window with the last k tokens' predicted
+sets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+
+from .flash_reader import FlashReader
+from .memory import MemoryPlan
+from .model import ffn_forward
+from .safetensors_stream import STORAGE, decode
+from .window import LayerWindow
+
+
+@dataclass
+class FlashStats:
+    """Counters of the flash path, for one token or summed over many."""
+
+    tokens: int = 0
+    bytes_read: int = 0  # what the disk delivered (alignment and read-through included)
+    bytes_useful: int = 0  # bundles actually needed
+    reads: int = 0
+    neurons_predicted: int = 0
+    neurons_hit: int = 0  # predicted and already cached
+    neurons_loaded: int = 0  # read into the cache
+    neurons_scratch: int = 0  # read for one token only (cache full)
+    neurons_evicted: int = 0
+    lru_evicted: int = 0  # evicted while still inside the window (budget too small)
+    io_s: float = 0.0
+    memory_s: float = (
+        0.0  # window bookkeeping, dtype conversion, cache row moves/writes
+    )
+    total_s: float = 0.0  # wall time of whole tokens (compute = total - io - memory)
+
+    def add(self, other: FlashStats) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def summary(self) -> dict:
+        """The counters plus derived figures (per token where it makes sense)."""
+        out = asdict(self)
+        n = max(self.tokens, 1)
+        out.update(
+            bytes_per_token=self.bytes_read / n,
+            mean_read_bytes=self.bytes_read / max(self.reads, 1),
+            gb_per_s=self.bytes_read / self.io_s / 1e9 if self.io_s else 0.0,
+            hit_rate=self.neurons_hit / max(self.neurons_predicted, 1),
+            compute_s=max(self.total_s - self.io_s - self.memory_s, 0.0),
+            ms_per_token=1e3 * self.total_s / n,
+        )
+        return out
+
+
+class FlashFFN:
+    """The FFN of every layer, streamed from the layout's ffn.bin under a memory plan.
+
+    Args:
+        backend: Backend API module.
+        layout: the model's layout.
+        weights: prepared resident weights (for OPT's FFN biases).
+        plan: the memory plan (cache capacity per layer, scratch rows).
+        predictor: an object with predict(layer, h) -> bool mask (T, neurons).
+        window: k, tokens whose neurons stay cached.
+        threads: reader threads.
+    """
+
+    def __init__(
+        self,
+        backend,
+        layout,
+        weights: dict,
+        plan: MemoryPlan,
+        predictor,
+        window: int,
+        threads: int | None = None,
+    ):
+        self.backend = backend
+        self.args = layout.args
+        self.dtype = layout.dtype
+        self.predictor = predictor
+        self.plan = plan
+        self.k = window
+        d, parts = self.args.hidden_size, len(layout.bundle_parts)
+        self.parts = parts
+        options = {} if threads is None else {"threads": threads}
+        self.reader = FlashReader(
+            layout.ffn_path, layout.layers, layout.bundle_bytes, **options
+        )
+        # One preallocated (capacity, d_model) matrix per bundle part and layer, not one
+        # (capacity, bundle) matrix: matmuls over column slices of the latter cost 10x
+        # on MLX's CPU backend (measured), while each part alone is contiguous.
+        self.caches = [
+            [backend.zeros((cap, d)) for _ in range(parts)] for cap in plan.capacity
+        ]
+        layers = range(self.args.num_hidden_layers)
+        self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
+        self.fc2_bias = [weights.get(f"layers.{i}.fc2.bias") for i in layers]
+        self.new_sequence()
+        self.prefill = FlashStats()  # prompt tokens (streamed densely)
+        self.decode = FlashStats()  # decoded tokens (the sparse path)
+        self.last = FlashStats()  # the last decoded token
+        self._token = FlashStats()
+        self._started = 0.0
+
+    def new_sequence(self) -> None:
+        """Forget every window (a fresh KV cache); cached rows just get overwritten."""
+        n = self.args.intermediate_size
+        self.windows = [LayerWindow(n, cap, self.k) for cap in self.plan.capacity]
+
+    @property
+    def total(self) -> FlashStats:
+        both = FlashStats()
+        both.add(self.prefill)
+        both.add(self.decode)
+        return both
+
+    def io_stats(self) -> dict:
+        """Running totals since load (see `FlashStats.summary`), with the prompt and the
+        decoded tokens also apart (per-token figures mean most for the latter)."""
+        out = self.total.summary()
+        out["prefill"] = self.prefill.summary()
+        out["decode"] = self.decode.summary()
+        out["last"] = self.last.summary()
+        out["mode"] = self.reader.mode
+        return out
+
+    # -- token boundaries (called by Model) --------------------------------------------
+    def begin_token(self) -> None:
+        self._token = FlashStats()
+        self._started = time.perf_counter()
+
+    def end_token(self, logits, prompt_tokens: int) -> None:
+        self.backend.synchronize(logits)
+        self._token.total_s = time.perf_counter() - self._started
+        self._token.tokens = prompt_tokens
+        if prompt_tokens > 1:
+            self.prefill.add(self._token)
+        else:
+            self.decode.add(self._token)
+            self.last = self._token
+
+    # -- the FFN -----------------------------------------------------------------------
+    def __call__(self, layer: int, h):
+        out = self._prefill(layer, h) if h.shape[0] > 1 else self._decode(layer, h)
+        bias = self.fc2_bias[layer]
+        return out if bias is None else out + bias
+
+    def _decode(self, layer: int, h):
+        B, stats, window = self.backend, self._token, self.windows[layer]
+        active = np.flatnonzero(self.predictor.predict(layer, h)[0])
+        started, io_before = time.perf_counter(), stats.io_s
+        plan = window.step(active)
+        stats.neurons_predicted += len(active)
+        stats.neurons_hit += plan.hits
+        stats.neurons_loaded += len(plan.load_ids)
+        stats.neurons_scratch += len(plan.scratch_ids)
+        stats.neurons_evicted += plan.evicted
+        stats.lru_evicted += plan.lru_evicted
+        rows = self._read(layer, plan.load_ids)
+        cache = self.caches[layer]
+        for p in range(len(cache)):
+            if len(plan.move_src):
+                cache[p] = B.move_rows(cache[p], plan.move_src, plan.move_dst)
+            if len(plan.load_ids):
+                cache[p] = B.write_rows(cache[p], plan.load_slots, rows[p])
+        # predictor time counts as compute; bookkeeping and row moves as memory
+        # management
+        stats.memory_s += time.perf_counter() - started - (stats.io_s - io_before)
+        used = [part[: plan.used] for part in cache]
+        out = self._ffn(layer, h, used, window.cached)
+        step = max(self.plan.scratch_rows, 1)
+        for s in range(0, len(plan.scratch_ids), step):  # overflow: used once, dropped
+            ids = plan.scratch_ids[s : s + step]
+            out = out + self._ffn(layer, h, self._read(layer, ids), ids)
+        return out
+
+    def _prefill(self, layer: int, h):
+        """Dense FFN over the whole layer, streamed in scratch-sized chunks; then the
+        window is seeded with the last k tokens' predicted sets, filled from the
+        stream."""
+        B, window = self.backend, self.windows[layer]
+        masks = self.predictor.predict(layer, h)
+        for mask in masks[-self.k :]:
+            window.step(np.flatnonzero(mask))
+        cache = self.caches[layer]
+        n = self.args.intermediate_size
+        step = max(self.plan.scratch_rows, 1)
+        out = None
+        for start in range(0, n, step):
+            ids = np.arange(start, min(start + step, n))
+            rows = self._read(layer, ids, whole_range=True)
+            part = self._ffn(layer, h, rows, ids)
+            out = part if out is None else out + part
+            slots = window.slot_of[ids]
+            keep = np.flatnonzero(slots >= 0)
+            for p in range(len(cache)) if len(keep) else ():
+                cache[p] = B.write_rows(
+                    cache[p], slots[keep], B.take_rows(rows[p], keep)
+                )
+        return out
+
+    def _read(self, layer: int, ids: np.ndarray, whole_range: bool = False) -> list:
+        """Bundles of `ids`: one backend (n, d_model) float32 array per bundle part."""
+        counters = self.reader.stats
+        before = (
+            counters.bytes_read,
+            counters.bytes_useful,
+            counters.reads,
+            counters.seconds,
+        )
+        if whole_range:
+            raw = self.reader.read_range(layer, int(ids[0]), int(ids[-1]) + 1)
+        else:
+            raw = self.reader.read(layer, ids)
+        stats = self._token
+        stats.bytes_read += counters.bytes_read - before[0]
+        stats.bytes_useful += counters.bytes_useful - before[1]
+        stats.reads += counters.reads - before[2]
+        stats.io_s += counters.seconds - before[3]
+        values = decode(raw.view(STORAGE[self.dtype]), self.dtype)
+        values = values.reshape(len(ids), self.parts, self.args.hidden_size)
+        return [self.backend.array(values[:, p]) for p in range(self.parts)]
+
+    def _ffn(self, layer: int, h, rows: list, ids: np.ndarray):
+        """FFN contribution of the neurons `ids`, whose bundle parts are `rows`."""
+        B = self.backend
+        if len(ids) == 0:
+            return B.zeros((h.shape[0], self.args.hidden_size))
+        *inputs, output = rows  # gate/up (OPT: fc1) rows, then down (fc2) columns
+        weights = [B.rows_weight(r) for r in inputs] + [B.columns_weight(output)]
+        bias = self.fc1_bias[layer]
+        bias = None if bias is None else B.take_rows(bias, ids)
+        return ffn_forward(B, self.args, h, weights, bias)
+
+    def close(self) -> None:
+        self.reader.close()

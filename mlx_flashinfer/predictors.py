@@ -1,0 +1,183 @@
+"""Activation predictors: which FFN neurons will fire for a token, before the FFN runs.
+
+One interface: `predict(layer, h) -> bool mask (T, neurons)` from the FFN input `h`
+(the normed attention output, paper section 3.1), plus `nbytes` held in DRAM (counted in
+the memory budget) and `exact` (full recall guaranteed for ReLU-family models).
+
+- `all`: every neuron (the naive and hybrid baselines).
+- `gate`: the gate (OPT: fc1) matrix resident; exact for ReLU-family models. For SiLU
+  models it thresholds |silu(gate . h)| per layer at a calibrated value (CATS):
+  approximate.
+- `oracle`: the true active set (tests and upper bounds).
+- `lowrank`: the trained predictor of the paper (its own module, when trained).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .args import ModelArgs
+from .layout import Layout
+
+PREDICTORS = ("gate", "oracle", "all")
+DEFAULT_SILU_SPARSITY = 0.5  # CATS-style: half the neurons of a SiLU model skipped
+
+
+def activation_mask(args: ModelArgs, gate, up=None, silu_thresholds=None, layer=0):
+    """Neurons whose activation is non-zero (ReLU family) or above threshold (SiLU).
+
+    `gate` is the gate (OPT: fc1 + bias) pre-activation (T, n) as NumPy; `up` is needed
+    only for drelu, where ReLU on the up branch can zero a neuron too.
+    """
+    act = args.hidden_act
+    if act == "silu":
+        silu = np.abs(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)))
+        return silu > silu_thresholds[layer]
+    if act == "fatrelu":
+        return gate > args.activation_threshold
+    mask = gate > 0
+    if act == "drelu" and up is not None:
+        mask &= up > 0
+    return mask
+
+
+class AllPredictor:
+    """Every neuron, every token: the naive baseline (reads the whole FFN)."""
+
+    name = "all"
+    exact = True
+    nbytes = 0
+
+    def __init__(self, args: ModelArgs):
+        self.neurons = args.intermediate_size
+
+    def predict(self, layer: int, h) -> np.ndarray:
+        return np.ones((h.shape[0], self.neurons), dtype=bool)
+
+    def observe(self, layer: int, gate: np.ndarray) -> None:
+        """Prefill activations (unused here)."""
+
+
+class GatePredictor:
+    """The gate (OPT: fc1) rows of every layer kept in DRAM, thresholded.
+
+    Exact (full recall) for ReLU-family models: a neuron whose gate pre-activation is
+    not positive (fatrelu: not above its threshold) contributes exactly zero. For
+    SiLU models the thresholds are calibrated per layer on the first prompt's
+    activations to skip `silu_sparsity` of the neurons (CATS): approximate, and
+    labelled so.
+    """
+
+    name = "gate"
+
+    def __init__(self, backend, layout: Layout, resident: dict, silu_sparsity: float):
+        self.backend = backend
+        self.args = layout.args
+        self.exact = self.args.is_relu_family
+        self.silu_sparsity = silu_sparsity
+        self.silu_thresholds: list[float] | None = None
+        self.gates = [
+            backend.weight(layout.read_bundles(i)[:, 0])
+            for i in range(self.args.num_hidden_layers)
+        ]
+        self.bias = [
+            resident.get(f"layers.{i}.fc1.bias")
+            for i in range(self.args.num_hidden_layers)
+        ]
+        self.nbytes = predictor_nbytes("gate", layout)
+
+    def pre_activation(self, layer: int, h) -> np.ndarray:
+        B = self.backend
+        return B.to_numpy(B.linear(h, self.gates[layer], self.bias[layer]))
+
+    def observe(self, layer: int, gate: np.ndarray) -> None:
+        """Calibrate SiLU thresholds from the first prompt's gate pre-activations."""
+        if self.args.hidden_act != "silu":
+            return
+        if self.silu_thresholds is None:
+            self.silu_thresholds = [None] * self.args.num_hidden_layers
+        if self.silu_thresholds[layer] is None:
+            silu = np.abs(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)))
+            self.silu_thresholds[layer] = float(np.quantile(silu, self.silu_sparsity))
+
+    def predict(self, layer: int, h) -> np.ndarray:
+        gate = self.pre_activation(layer, h)
+        if self.args.hidden_act == "silu" and (
+            self.silu_thresholds is None or self.silu_thresholds[layer] is None
+        ):
+            self.observe(layer, gate)
+        return activation_mask(self.args, gate, None, self.silu_thresholds, layer)
+
+
+class OraclePredictor:
+    """The true active set, for tests and upper bounds.
+
+    To know it, the oracle evaluates the gate (and, for drelu, the up) rows of every
+    neuron for each token: it holds those matrices of all layers in memory, which is
+    NOT counted in the memory budget (nbytes = 0). SiLU models: the calibrated-
+    threshold set, as `gate`.
+    """
+
+    name = "oracle"
+    exact = True
+    nbytes = 0
+
+    def __init__(self, backend, layout: Layout, resident: dict, silu_sparsity: float):
+        self.gate = GatePredictor(backend, layout, resident, silu_sparsity)
+        self.args = layout.args
+        self.exact = self.args.is_relu_family
+        self.ups = None
+        if self.args.hidden_act == "drelu":
+            self.ups = [
+                backend.weight(layout.read_bundles(i)[:, 1])
+                for i in range(self.args.num_hidden_layers)
+            ]
+
+    def observe(self, layer: int, gate: np.ndarray) -> None:
+        self.gate.observe(layer, gate)
+
+    def predict(self, layer: int, h) -> np.ndarray:
+        gate = self.gate.pre_activation(layer, h)
+        if self.args.hidden_act == "silu":
+            return self.gate.predict(layer, h)
+        up = None
+        if self.ups is not None:
+            B = self.gate.backend
+            up = B.to_numpy(B.linear(h, self.ups[layer]))
+        return activation_mask(self.args, gate, up)
+
+
+def predictor_nbytes(name: str, layout: Layout) -> int:
+    """DRAM bytes the named predictor holds (counted in the memory budget)."""
+    if name == "gate":
+        args = layout.args
+        per_neuron = args.hidden_size + (args.family == "opt")  # fc1 rows + OPT's bias
+        return args.num_hidden_layers * args.intermediate_size * per_neuron * 4
+    if name in ("oracle", "all"):
+        return 0
+    raise ValueError(
+        f"unknown predictor {name!r}: expected one of {', '.join(PREDICTORS)}"
+    )
+
+
+def make_predictor(
+    name: str,
+    backend,
+    layout: Layout,
+    resident: dict,
+    silu_sparsity: float = DEFAULT_SILU_SPARSITY,
+):
+    """Build a predictor by name ("gate", "oracle", "all").
+
+    Raises:
+        ValueError: an unknown name.
+    """
+    if name == "all":
+        return AllPredictor(layout.args)
+    if name == "gate":
+        return GatePredictor(backend, layout, resident, silu_sparsity)
+    if name == "oracle":
+        return OraclePredictor(backend, layout, resident, silu_sparsity)
+    raise ValueError(
+        f"unknown predictor {name!r}: expected one of {', '.join(PREDICTORS)}"
+    )

@@ -1,0 +1,131 @@
+"""The window manager: which neurons each layer keeps cached, and where (paper section
+3.1).
+
+A neuron stays cached while any of the last k tokens used it; each token loads only
+the predicted neurons not already cached. This module is bookkeeping only (NumPy
+ints): it turns one token's predicted set into a `StepPlan` that the neuron cache
+carries out on the backend's matrix (swap-delete moves, then appends), so no row is
+ever reallocated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass
+class StepPlan:
+    """What one layer must do for one token, in order: move, then load, then compute.
+
+    move_src/move_dst: rows to copy within the cache (last used rows into freed slots).
+    load_ids/load_slots: neurons to read from flash into the cache, and where they go.
+    scratch_ids: predicted neurons that do not fit in the cache this token (read into a
+        scratch buffer, used once, dropped: exact, only costlier).
+    used: cached rows after the step (the FFN runs over rows [:used]).
+    """
+
+    move_src: np.ndarray
+    move_dst: np.ndarray
+    load_ids: np.ndarray
+    load_slots: np.ndarray
+    scratch_ids: np.ndarray
+    used: int
+    hits: int  # predicted neurons already cached before this token
+    evicted: int  # neurons dropped from the cache (left the window or pushed out)
+    lru_evicted: int  # of those, still inside the window but evicted for lack of room
+
+
+class LayerWindow:
+    """Window and slot bookkeeping of one layer's neuron cache.
+
+    Args:
+        neurons: FFN neurons in the layer.
+        capacity: rows of the layer's cache matrix (from the memory budget).
+        k: window length in tokens (paper: 4-5 for OPT, 2 for Llama 2).
+    """
+
+    def __init__(self, neurons: int, capacity: int, k: int):
+        if k < 1:
+            raise ValueError(f"window must be at least 1 token, got {k}")
+        self.capacity = capacity
+        self.k = k
+        self.slot_of = np.full(
+            neurons, -1, dtype=np.int64
+        )  # neuron -> slot, -1: absent
+        self.neuron_at = np.zeros(capacity, dtype=np.int64)  # slot -> neuron
+        self.used = 0
+        self.last_active = np.full(neurons, -(1 << 40), dtype=np.int64)
+        self.token = 0
+
+    @property
+    def cached(self) -> np.ndarray:
+        """Neuron ids in slots [0, used)."""
+        return self.neuron_at[: self.used]
+
+    def step(self, active: np.ndarray) -> StepPlan:
+        """Plan the cache for the next token, whose predicted neurons are `active`.
+
+        Args:
+            active: sorted unique neuron ids predicted for this token.
+        """
+        t = self.token
+        self.token += 1
+        self.last_active[active] = t
+        cached = self.cached
+        hits = int(np.count_nonzero(self.slot_of[active] >= 0))
+        if len(active) > self.capacity:
+            # Keep the predicted neurons already cached, fill the rest with new ones;
+            # what still does not fit goes through scratch for this token only.
+            already = active[self.slot_of[active] >= 0]
+            new = active[self.slot_of[active] < 0]
+            room = self.capacity - len(already)
+            keep = np.union1d(already, new[:room])
+            scratch = new[room:]
+            lru = 0
+        else:
+            in_window = cached[self.last_active[cached] > t - self.k]
+            keep = np.union1d(active, in_window)
+            lru = len(keep) - self.capacity
+            if lru > 0:  # least recently active first; this token's neurons never go
+                others = np.setdiff1d(in_window, active)
+                oldest = others[np.argsort(self.last_active[others], kind="stable")][
+                    :lru
+                ]
+                keep = np.setdiff1d(keep, oldest)
+            scratch = _EMPTY
+        evict = np.setdiff1d(cached, keep)
+        load = np.setdiff1d(keep, cached)
+        move_src, move_dst = self._evict(evict)
+        load_slots = np.arange(self.used, self.used + len(load), dtype=np.int64)
+        self.neuron_at[load_slots] = load
+        self.slot_of[load] = load_slots
+        self.used += len(load)
+        return StepPlan(
+            move_src=move_src,
+            move_dst=move_dst,
+            load_ids=load,
+            load_slots=load_slots,
+            scratch_ids=scratch,
+            used=self.used,
+            hits=hits,
+            evicted=len(evict),
+            lru_evicted=max(lru, 0),
+        )
+
+    def _evict(self, evict: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Free the slots of `evict`; fill holes below the new end with last rows."""
+        freed = self.slot_of[evict]
+        self.slot_of[evict] = -1
+        end = self.used - len(evict)
+        holes = np.sort(freed[freed < end])
+        tail = np.arange(end, self.used, dtype=np.int64)
+        movers = np.setdiff1d(tail, freed)  # live rows past the new end
+        moved = self.neuron_at[movers]
+        self.neuron_at[holes] = moved
+        self.slot_of[moved] = holes
+        self.used = end
+        return movers, holes

@@ -1,0 +1,176 @@
+"""The flash runtime: exact against dense for ReLU-family models, within its budget."""
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tiny_models import random_weights, tiny_config, write_hf_checkpoint
+
+from mlx_flashinfer import Layout, convert, load
+from mlx_flashinfer.backends import get_backend
+from mlx_flashinfer.loader import make_plan
+from mlx_flashinfer.memory import model_bytes, parse_budget
+from mlx_flashinfer.predictors import predictor_nbytes
+
+RELU_FAMILY = [("opt", "relu")] + [
+    ("llama", a) for a in ("relu", "fatrelu", "relu2", "drelu")
+]
+_LAYOUTS: dict = {}
+
+
+def has_mlx() -> bool:
+    try:
+        get_backend("mlx")
+    except ImportError:
+        return False
+    return True
+
+
+BACKENDS = ["numpy"] + (["mlx"] if has_mlx() else [])
+
+
+def tiny_layout(family: str, act: str, d_heads: int, ffn: int, layers: int) -> Path:
+    """A float32 layout of the given shape, built once per shape per session."""
+    key = (family, act, d_heads, ffn, layers)
+    if key not in _LAYOUTS:
+        # 4 heads of an even head_dim (RoPE rotates pairs)
+        sizes = {"hidden_size": 8 * d_heads, "num_hidden_layers": layers}
+        sizes["ffn_dim" if family == "opt" else "intermediate_size"] = ffn
+        if family == "opt":
+            sizes["word_embed_proj_dim"] = 8 * d_heads
+        config = tiny_config(family, act, **sizes)
+        tmp = Path(tempfile.mkdtemp(prefix="flash-"))
+        src = write_hf_checkpoint(tmp / "src", config, random_weights(config, seed=ffn))
+        _LAYOUTS[key] = convert(src, tmp / "layout", dtype="float32", progress=False)
+    return _LAYOUTS[key]
+
+
+def budget_between(layout: Path, predictor: str, fraction: float) -> int:
+    """A budget from the smallest accepted (one neuron row) to one holding all."""
+    lay = Layout.open(layout)
+    resident, ffn = model_bytes(lay)
+    smallest = (
+        resident
+        + predictor_nbytes(predictor, lay)
+        + ffn // lay.args.intermediate_size // lay.args.num_hidden_layers
+    )
+    largest = resident + predictor_nbytes(predictor, lay) + 2 * ffn
+    return int(smallest + fraction * (largest - smallest))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    model=st.sampled_from(RELU_FAMILY),
+    d_heads=st.integers(1, 3),
+    ffn=st.integers(4, 80),
+    layers=st.integers(1, 3),
+    window=st.integers(1, 5),
+    fraction=st.floats(0.0, 1.0),
+    predictor=st.sampled_from(["oracle", "gate"]),
+    backend=st.sampled_from(BACKENDS),
+    tokens=st.lists(st.integers(0, 39), min_size=2, max_size=14),
+    data=st.data(),
+)
+def test_flash_logits_equal_dense_logits_for_relu_models(
+    model, d_heads, ffn, layers, window, fraction, predictor, backend, tokens, data
+):
+    layout = tiny_layout(*model, d_heads, ffn, layers)
+    prefill = data.draw(st.integers(1, len(tokens)), label="prefill")
+    dense, _ = load(layout, backend=backend)
+    budget = budget_between(layout, predictor, fraction)
+    flash, _ = load(
+        layout,
+        backend=backend,
+        memory_budget=budget,
+        window=window,
+        predictor=predictor,
+        threads=data.draw(st.sampled_from([1, 3])),
+    )
+    expected = dense.logits(tokens, prefill=prefill)
+    got = flash.logits(tokens, prefill=prefill)
+    assert np.abs(got - expected).max() <= 1e-5
+    plan = flash.plan
+    assert plan.weights <= plan.budget == budget
+    # bytes read: loaded and scratch neurons times the bundle, alignment counted apart
+    stats = flash.io_stats()
+    bundle = Layout.open(layout).bundle_bytes
+    decoded = flash.ffn.total.neurons_loaded + flash.ffn.total.neurons_scratch
+    streamed = (prefill > 1) * layers * ffn  # a prompt streams every neuron once
+    assert stats["bytes_useful"] == (decoded + streamed) * bundle
+    assert stats["bytes_read"] >= stats["bytes_useful"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_reads_only_what_the_window_lacks(backend):
+    layout = tiny_layout("llama", "relu", 2, 64, 2)
+    flash, _ = load(
+        layout, backend=backend, memory_budget=10**9, window=3, predictor="oracle"
+    )
+    tokens = [1, 5, 9, 3, 22, 17, 4, 30]
+    flash.logits(tokens, prefill=2)
+    total = flash.ffn.total
+    bundle = Layout.open(layout).bundle_bytes
+    streamed = 2 * 64 * bundle  # the prompt streamed both layers once
+    assert (
+        total.bytes_useful
+        == streamed + (total.neurons_loaded + total.neurons_scratch) * bundle
+    )
+    assert total.neurons_scratch == 0 and total.lru_evicted == 0  # the budget holds all
+    assert 0 < total.neurons_hit <= total.neurons_predicted
+    assert flash.io_stats()["reads"] == total.reads > 0
+
+
+def test_budget_too_small_names_the_exact_shortfall():
+    layout = tiny_layout("opt", "relu", 2, 16, 2)
+    lay = Layout.open(layout)
+    resident, ffn = model_bytes(lay)
+    row = ffn // (16 * 2)
+    needed = resident + predictor_nbytes("gate", lay) + row
+    with pytest.raises(ValueError, match=r"too small: .* 1 bytes more"):
+        load(layout, memory_budget=needed - 1, predictor="gate")
+    plan = make_plan(lay, needed, "gate")
+    assert plan.weights <= needed and plan.scratch_rows == 1 and plan.capacity == [0, 0]
+
+
+def test_budget_parsing():
+    assert parse_budget("50%", 1000) == 500
+    assert parse_budget("1.5GB", 0) == 1_500_000_000
+    assert parse_budget("800MiB", 0) == 800 * 2**20
+    assert parse_budget(12345, 0) == 12345
+    for bad in ("lots", "-5GB", "0%", "5 parsecs"):
+        with pytest.raises(ValueError, match="memory budget"):
+            parse_budget(bad, 1000)
+
+
+def test_bad_flash_options_are_refused():
+    layout = tiny_layout("llama", "relu", 1, 8, 1)
+    with pytest.raises(ValueError, match="window 0 out of range"):
+        load(layout, memory_budget="50%", window=0)
+    with pytest.raises(ValueError, match="threads"):
+        load(layout, memory_budget="100%", threads=0)
+    with pytest.raises(ValueError, match="unknown predictor 'psychic'"):
+        load(layout, memory_budget="100%", predictor="psychic")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fraction,path", [(0.0, "scratch"), (0.5, "lru")])
+def test_small_budgets_stay_exact_through_scratch_and_lru(backend, fraction, path):
+    """A tiny budget sends neurons through scratch; a small one evicts inside the
+    window: both only cost reads, never exactness."""
+    layout = tiny_layout("llama", "relu", 2, 80, 2)
+    tokens = [1, 5, 9, 3, 22, 17, 4, 30, 2, 11, 39, 0, 7, 7, 12]
+    dense, _ = load(layout, backend=backend)
+    budget = budget_between(layout, "gate", fraction)
+    flash, _ = load(
+        layout, backend=backend, memory_budget=budget, window=5, predictor="gate"
+    )
+    got = flash.logits(tokens, prefill=2)
+    assert np.abs(got - dense.logits(tokens, prefill=2)).max() <= 1e-5
+    total = flash.ffn.total
+    if path == "scratch":
+        assert flash.plan.capacity == [0, 0] and total.neurons_scratch > 0
+    else:
+        assert 0 < flash.plan.capacity[0] < 80 and total.lru_evicted > 0

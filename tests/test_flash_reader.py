@@ -1,0 +1,172 @@
+"""FlashReader returns exactly the file's bundles, in every mode, thread count and gap
+setting, and fails loudly on bad arguments and on a file truncated under it."""
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mlx_flashinfer.flash_reader import FlashReader, open_uncached
+from mlx_flashinfer.layout import LayerExtent, align_up
+
+
+def write_ffn(path: Path, neurons: list[int], bundle_bytes: int, seed: int = 0):
+    """A random ffn.bin-like file: layers of bundles, each starting 4 KiB aligned."""
+    rng = np.random.default_rng(seed)
+    layers, offset = [], 0
+    with open(path, "wb") as f:
+        for n in neurons:
+            layers.append(LayerExtent(offset, n))
+            f.seek(offset)
+            f.write(rng.integers(0, 256, n * bundle_bytes, dtype=np.uint8).tobytes())
+            offset = align_up(offset + n * bundle_bytes)
+    return layers
+
+
+def bundles(path: Path, extent: LayerExtent, ids, bundle_bytes: int) -> np.ndarray:
+    """The reference: plain Python reads, one per bundle."""
+    with open(path, "rb") as f:
+        rows = []
+        for i in ids:
+            f.seek(extent.offset + int(i) * bundle_bytes)
+            rows.append(np.frombuffer(f.read(bundle_bytes), np.uint8))
+    return np.array(rows, np.uint8).reshape(len(rows), bundle_bytes)
+
+
+def runs(ids) -> int:
+    """Number of maximal runs of consecutive ids."""
+    return int(len(ids) and 1 + np.count_nonzero(np.diff(ids) != 1))
+
+
+@pytest.fixture(scope="module")
+def direct_ok(tmp_path_factory) -> bool:
+    path = tmp_path_factory.mktemp("probe") / "f"
+    path.write_bytes(b"\0" * 8192)
+    try:
+        fd, _, _ = open_uncached(path, "direct")
+    except ValueError:
+        return False
+    os.close(fd)
+    return True
+
+
+MODES = ["buffered", "direct"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("max_gap", [0, 1 << 20])
+@settings(
+    max_examples=12,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    neurons=st.lists(st.integers(1, 300), min_size=1, max_size=3),
+    bundle_bytes=st.sampled_from([96, 512, 1000, 3456, 4096]),
+    data=st.data(),
+)
+def test_read_matches_file(
+    tmp_path, direct_ok, mode, threads, max_gap, neurons, bundle_bytes, data
+):
+    if mode == "direct" and not direct_ok:
+        pytest.skip("the tmp filesystem refuses O_DIRECT")
+    path = tmp_path / "ffn.bin"
+    layers = write_ffn(path, neurons, bundle_bytes)
+    # A small chunk size makes long runs split into several reads across threads.
+    chunk = data.draw(st.sampled_from([4096, 1 << 24]))
+    with FlashReader(path, layers, bundle_bytes, threads, max_gap, mode, chunk) as fr:
+        assert fr.mode == mode
+        for _ in range(3):
+            layer = data.draw(st.integers(0, len(layers) - 1))
+            n = layers[layer].neurons
+            ids = np.array(sorted(data.draw(st.sets(st.integers(0, n - 1)))), np.int64)
+            before = fr.stats.snapshot()
+            got = fr.read(layer, ids)
+            assert got.shape == (len(ids), bundle_bytes) and got.dtype == np.uint8
+            np.testing.assert_array_equal(
+                got, bundles(path, layers[layer], ids, bundle_bytes)
+            )
+            after = fr.stats.snapshot()
+            useful = after["bytes_useful"] - before["bytes_useful"]
+            reads = after["reads"] - before["reads"]
+            assert useful == len(ids) * bundle_bytes
+            assert after["bytes_read"] - before["bytes_read"] >= useful
+            if max_gap == 0 and threads == 1 and chunk > n * bundle_bytes:
+                # Exactly one read per run; with O_DIRECT alignment, runs whose
+                # aligned ranges touch are merged, so perhaps fewer.
+                if mode == "buffered":
+                    assert reads == runs(ids)
+                else:
+                    assert 0 < reads <= runs(ids) or not len(ids)
+            if max_gap >= n * bundle_bytes and chunk > n * bundle_bytes:
+                assert reads == min(len(ids), 1)
+
+            start = data.draw(st.integers(0, n))
+            stop = data.draw(st.integers(start, n))
+            np.testing.assert_array_equal(
+                fr.read_range(layer, start, stop),
+                bundles(path, layers[layer], range(start, stop), bundle_bytes),
+            )
+        totals = fr.stats.snapshot()
+        assert totals["calls"] == 6
+        assert sum(v["calls"] for v in totals["per_layer"].values()) == 6
+
+
+def test_auto_mode_and_stats_reset(tmp_path, direct_ok):
+    path = tmp_path / "ffn.bin"
+    layers = write_ffn(path, [64, 64], 3456)
+    with FlashReader(path, layers, 3456) as fr:
+        assert fr.mode == ("direct" if direct_ok else "buffered")
+        assert fr.read(1, np.array([], np.int64)).shape == (0, 3456)
+        fr.read(1, np.array([3, 4, 9]))
+        assert fr.stats.per_layer[1].bytes_useful == 3 * 3456
+        fr.stats.reset()
+        assert fr.stats.snapshot()["reads"] == 0 and not fr.stats.per_layer
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_truncated_after_open(tmp_path, direct_ok, mode):
+    if mode == "direct" and not direct_ok:
+        pytest.skip("the tmp filesystem refuses O_DIRECT")
+    path = tmp_path / "ffn.bin"
+    layers = write_ffn(path, [100, 100], 3456)
+    with FlashReader(path, layers, 3456, threads=4, mode=mode) as fr:
+        os.truncate(path, layers[1].offset + 10 * 3456)
+        with pytest.raises(ValueError, match="truncated"):
+            fr.read(1, np.arange(50, 60))
+        with pytest.raises(ValueError, match="truncated"):
+            fr.read_range(1, 0, 100)
+
+
+def test_rejects_bad_arguments(tmp_path):
+    path = tmp_path / "ffn.bin"
+    layers = write_ffn(path, [10], 96)
+    for kwargs in ({"threads": 0}, {"threads": 257}, {"max_gap_bytes": -1}):
+        with pytest.raises(ValueError, match=str(next(iter(kwargs.values())))):
+            FlashReader(path, layers, 96, **kwargs)
+    with pytest.raises(ValueError, match="mode"):
+        FlashReader(path, layers, 96, mode="fast")
+    with pytest.raises(ValueError, match="layer 0 ends at byte"):
+        FlashReader(path, [LayerExtent(0, 11)], 96)
+    with pytest.raises(FileNotFoundError):
+        FlashReader(tmp_path / "missing.bin", layers, 96)
+    with FlashReader(path, layers, 96, mode="buffered") as fr:
+        with pytest.raises(ValueError, match="sorted"):
+            fr.read(0, np.array([3, 2]))
+        with pytest.raises(ValueError, match="sorted"):
+            fr.read(0, np.array([10]))
+        with pytest.raises(ValueError, match="layer"):
+            fr.read(1, np.array([0]))
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="F_NOCACHE exists on macOS")
+def test_nocache_refused_off_macos(tmp_path):
+    path = tmp_path / "ffn.bin"
+    layers = write_ffn(path, [10], 96)
+    with pytest.raises(ValueError, match="nocache"):
+        FlashReader(path, layers, 96, mode="nocache")

@@ -1,0 +1,57 @@
+"""Window manager invariants, checked by replaying each plan on a simulated cache."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mlx_flashinfer.window import LayerWindow
+
+
+@st.composite
+def scenarios(draw):
+    neurons = draw(st.integers(1, 60))
+    capacity = draw(st.integers(0, neurons))
+    k = draw(st.integers(1, 6))
+    steps = draw(
+        st.lists(st.sets(st.integers(0, neurons - 1), max_size=neurons), max_size=25)
+    )
+    return neurons, capacity, k, [np.array(sorted(s), dtype=np.int64) for s in steps]
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios())
+def test_window_plans_keep_every_invariant(scenario):
+    neurons, capacity, k, steps = scenario
+    window = LayerWindow(neurons, capacity, k)
+    matrix = np.full(capacity, -1)  # what each cache row holds, moved as the plan says
+    history = []
+    for active in steps:
+        before = set(window.cached.tolist())
+        plan = window.step(active)
+        matrix[plan.move_dst] = matrix[plan.move_src]  # swap-delete moves first
+        matrix[plan.load_slots] = plan.load_ids  # then appends
+        used = plan.used
+        cached = set(window.cached.tolist())
+        # the cache never holds more rows than its capacity, and rows are where the map
+        # says
+        assert used == window.used <= capacity
+        assert matrix[:used].tolist() == window.cached.tolist()
+        assert np.all(window.slot_of[window.cached] == np.arange(used))
+        assert np.count_nonzero(window.slot_of >= 0) == used
+        # every predicted neuron is cached or read into scratch when the FFN runs
+        assert set(active.tolist()) <= cached | set(plan.scratch_ids.tolist())
+        assert not set(plan.scratch_ids.tolist()) & cached
+        # loads are exactly the new neurons; hits were already there
+        assert set(plan.load_ids.tolist()) == cached - before
+        assert plan.hits == len(set(active.tolist()) & before)
+        assert plan.evicted == len(before - cached)
+        history.append(set(active.tolist()))
+        union = set().union(*history[-k:])
+        assert cached <= union  # nothing outside the window stays
+        if len(union) <= capacity:  # room for the whole window: exactly the window
+            assert cached == union and plan.lru_evicted == 0
+        if len(active) <= capacity:
+            assert len(plan.scratch_ids) == 0
+        # moves only fill holes below the new end from rows past it
+        assert np.all(plan.move_dst < used - len(plan.load_ids))
+        assert np.all(plan.move_src >= used - len(plan.load_ids))
