@@ -100,6 +100,7 @@ class FlashFFN:
         d, parts = self.args.hidden_size, len(layout.bundle_parts)
         self.parts = parts
         options = {} if threads is None else {"threads": threads}
+        backend.limit_compute_threads(1)  # leave the cores to the reader threads
         self.reader = FlashReader(
             layout.ffn_path, layout.layers, layout.bundle_bytes, **options
         )
