@@ -101,6 +101,10 @@ def above(x, threshold: float):
 # -- the neuron cache: a preallocated (capacity, bundle) matrix updated in place -------
 
 
+def limit_compute_threads(threads: int) -> None:
+    """Nothing to cap: MLX schedules its own CPU work."""
+
+
 def write_rows(matrix, slots, rows):
     """matrix[slots] = rows; returns the matrix (a scatter MLX does in place when the
     matrix has no other reference, which the caller ensures by evaluating each
