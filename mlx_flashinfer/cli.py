@@ -89,6 +89,9 @@ def cmd_inspect(opts) -> int:
     if opts.verify:
         layout.verify(progress=sys.stderr.isatty())
         print(f"{'checksums':<{width}}  ok ({len(layout.manifest['files'])} files)")
+    if layout.has_predictor and opts.verbose:
+        print()
+        print_predictor_report(layout.manifest["predictor"])
     if opts.budget:
         from .loader import default_predictor, make_plan
 
@@ -135,6 +138,45 @@ def cmd_perplexity(opts) -> int:
     return 0
 
 
+def cmd_train_predictor(opts) -> int:
+    from .train_predictor import train_predictor
+
+    texts = [Path(f).read_text(encoding="utf-8") for f in opts.text or []]
+    section = train_predictor(
+        opts.model,
+        texts=texts or None,
+        tokens=opts.tokens,
+        rank=opts.rank,
+        last_rank=opts.last_rank,
+        threshold=opts.threshold,
+        silu_sparsity=opts.sparsity,
+        backend=opts.backend,
+        memory_budget=opts.memory_budget,
+        seed=opts.seed,
+        progress=sys.stderr.isatty(),
+    )
+    print_predictor_report(section)
+    print(
+        f"trained on {section['tokens']} tokens ({section['source']}) in "
+        f"{section['seconds']:.1f} s; stored in {Path(opts.model) / section['file']}"
+    )
+    return 0
+
+
+def print_predictor_report(section: dict) -> None:
+    """The per-layer recall/precision table of a trained predictor."""
+    print(
+        f"low-rank predictor, threshold {section['threshold']}, "
+        f"{format_bytes(section['nbytes'])} in DRAM"
+    )
+    print("layer  rank  recall  precision  predicted  truly active")
+    for i, r in enumerate(section["report"]):
+        print(
+            f"{i:>5}  {r['rank']:>4}  {r['recall']:>6.3f}  {r['precision']:>9.3f}  "
+            f"{r['predicted_fraction']:>9.1%}  {r['true_fraction']:>12.1%}"
+        )
+
+
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """Options choosing the backend and, for flash mode, the memory plan."""
     p.add_argument(
@@ -159,7 +201,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--predictor",
         choices=PREDICTORS,
         default=None,
-        help="neuron predictor (flash mode; default gate)",
+        help="neuron predictor (flash mode; default lowrank when trained, else gate)",
+    )
+    p.add_argument(
+        "--predictor-threshold",
+        type=float,
+        default=None,
+        help="lowrank predictor's probability cut (default: as trained)",
     )
     p.add_argument("--threads", type=int, default=None, help="flash reader threads")
     p.add_argument(
@@ -181,6 +229,7 @@ def load_model(opts):
         predictor=opts.predictor,
         threads=opts.threads,
         max_context=opts.max_context,
+        predictor_threshold=opts.predictor_threshold,
     )
 
 
@@ -212,7 +261,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--predictor", choices=PREDICTORS, default=None)
     p.add_argument("--max-context", type=int, default=None)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the trained predictor's per-layer report",
+    )
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("train-predictor", help="train the low-rank neuron predictor")
+    p.add_argument("model", help="layout directory")
+    p.add_argument(
+        "--text",
+        action="append",
+        help="calibration text file "
+        "(repeatable; default: text sampled from the model itself)",
+    )
+    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    p.add_argument("--rank", type=int, default=64, help="rank of every layer")
+    p.add_argument(
+        "--last-rank",
+        type=int,
+        default=None,
+        help="rank of the last eighth of the layers (the most active)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="probability above which a neuron is predicted active",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="SiLU models: fraction of neurons counted inactive (CATS)",
+    )
+    p.add_argument("--backend", choices=BACKENDS, default=None)
+    p.add_argument(
+        "--memory-budget",
+        default="100%",
+        help="memory for the model while collecting (default 100%%)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_train_predictor)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file")
     p.add_argument("--model", required=True, help="layout directory")

@@ -113,6 +113,7 @@ class FlashFFN:
         layers = range(self.args.num_hidden_layers)
         self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
         self.fc2_bias = [weights.get(f"layers.{i}.fc2.bias") for i in layers]
+        self.observer = None  # optional (layer, h, ids, rows) hook on prefill chunks
         self.new_sequence()
         self.prefill = FlashStats()  # prompt tokens (streamed densely)
         self.decode = FlashStats()  # decoded tokens (the sparse path)
@@ -209,6 +210,8 @@ class FlashFFN:
             rows = self._read(layer, ids, whole_range=True)
             part = self._ffn(layer, h, rows, ids)
             out = part if out is None else out + part
+            if self.observer is not None:  # predictor training records activations
+                self.observer(layer, h, ids, rows)
             slots = window.slot_of[ids]
             keep = np.flatnonzero(slots >= 0)
             for p in range(len(cache)) if len(keep) else ():

@@ -18,7 +18,8 @@ MAX_WINDOW = 256
 
 
 def default_predictor(layout: Layout) -> str:
-    return "gate"
+    """The trained low-rank predictor when the layout has one, else the gate."""
+    return "lowrank" if layout.has_predictor else "gate"
 
 
 def check_max_context(layout: Layout, max_context: int | None) -> int:
@@ -52,6 +53,7 @@ def load(
     predictor: str | None = None,
     threads: int | None = None,
     max_context: int | None = None,
+    predictor_threshold: float | None = None,
 ):
     """Load a converted model, dense (every weight in DRAM) or from flash.
 
@@ -65,10 +67,13 @@ def load(
             the precision weights are held in). Bounds resident weights + predictor +
             neuron caches. Default "50%" when dense=False.
         window: k, tokens whose neurons stay cached (flash mode).
-        predictor: "gate" (default), "oracle" or "all" (flash mode).
+        predictor: "lowrank" (default when trained), "gate" (default otherwise),
+            "oracle" or "all" (flash mode).
         threads: flash reader threads (default: measured best for this kind of disk).
         max_context: tokens the KV cache may hold (default: the model's limit or 4096,
             whichever is smaller).
+        predictor_threshold: the low-rank predictor's probability cut (default: the
+            trained one); higher reads fewer neurons.
 
     Returns:
         (model, tokenizer). `model.plan` holds the memory plan in flash mode.
@@ -95,7 +100,7 @@ def load(
 
         name = predictor or default_predictor(layout)
         plan = make_plan(layout, memory_budget or DEFAULT_BUDGET, name, context)
-        chosen = make_predictor(name, B, layout, weights)
+        chosen = make_predictor(name, B, layout, weights, threshold=predictor_threshold)
         ffn = FlashFFN(B, layout, weights, plan, chosen, window, threads)
     model = Model(layout.args, B, weights, ffn, context)
     model.plan = plan

@@ -9,7 +9,7 @@ the memory budget) and `exact` (full recall guaranteed for ReLU-family models).
   models it thresholds |silu(gate . h)| per layer at a calibrated value (CATS):
   approximate.
 - `oracle`: the true active set (tests and upper bounds).
-- `lowrank`: the trained predictor of the paper (its own module, when trained).
+- `lowrank`: the trained predictor of the paper (`lowrank.py`, `train_predictor.py`).
 """
 
 from __future__ import annotations
@@ -19,8 +19,13 @@ import numpy as np
 from .args import ModelArgs
 from .layout import Layout
 
-PREDICTORS = ("gate", "oracle", "all")
+PREDICTORS = ("lowrank", "gate", "oracle", "all")
 DEFAULT_SILU_SPARSITY = 0.5  # CATS-style: half the neurons of a SiLU model skipped
+
+
+def silu_magnitude(gate: np.ndarray) -> np.ndarray:
+    """|silu(gate)|, the quantity CATS thresholds."""
+    return np.abs(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)))
 
 
 def activation_mask(args: ModelArgs, gate, up=None, silu_thresholds=None, layer=0):
@@ -31,8 +36,7 @@ def activation_mask(args: ModelArgs, gate, up=None, silu_thresholds=None, layer=
     """
     act = args.hidden_act
     if act == "silu":
-        silu = np.abs(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)))
-        return silu > silu_thresholds[layer]
+        return silu_magnitude(gate) > silu_thresholds[layer]
     if act == "fatrelu":
         return gate > args.activation_threshold
     mask = gate > 0
@@ -54,17 +58,15 @@ class AllPredictor:
     def predict(self, layer: int, h) -> np.ndarray:
         return np.ones((h.shape[0], self.neurons), dtype=bool)
 
-    def observe(self, layer: int, gate: np.ndarray) -> None:
-        """Prefill activations (unused here)."""
-
 
 class GatePredictor:
     """The gate (OPT: fc1) rows of every layer kept in DRAM, thresholded.
 
     Exact (full recall) for ReLU-family models: a neuron whose gate pre-activation is
     not positive (fatrelu: not above its threshold) contributes exactly zero. For
-    SiLU models the thresholds are calibrated per layer on the first prompt's
-    activations to skip `silu_sparsity` of the neurons (CATS): approximate, and
+    SiLU models it thresholds |silu(gate . h)| per layer at the values calibrated when
+    the low-rank predictor was trained (many tokens), else at values calibrated on the
+    first prompt, to skip `silu_sparsity` of the neurons (CATS): approximate, and
     labelled so.
     """
 
@@ -75,7 +77,10 @@ class GatePredictor:
         self.args = layout.args
         self.exact = self.args.is_relu_family
         self.silu_sparsity = silu_sparsity
-        self.silu_thresholds: list[float] | None = None
+        trained = layout.manifest.get("predictor") or {}
+        self.silu_thresholds = (
+            trained.get("silu_thresholds") or [None] * self.args.num_hidden_layers
+        )
         self.gates = [
             backend.weight(layout.read_bundles(i)[:, 0])
             for i in range(self.args.num_hidden_layers)
@@ -90,22 +95,12 @@ class GatePredictor:
         B = self.backend
         return B.to_numpy(B.linear(h, self.gates[layer], self.bias[layer]))
 
-    def observe(self, layer: int, gate: np.ndarray) -> None:
-        """Calibrate SiLU thresholds from the first prompt's gate pre-activations."""
-        if self.args.hidden_act != "silu":
-            return
-        if self.silu_thresholds is None:
-            self.silu_thresholds = [None] * self.args.num_hidden_layers
-        if self.silu_thresholds[layer] is None:
-            silu = np.abs(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)))
-            self.silu_thresholds[layer] = float(np.quantile(silu, self.silu_sparsity))
-
     def predict(self, layer: int, h) -> np.ndarray:
         gate = self.pre_activation(layer, h)
-        if self.args.hidden_act == "silu" and (
-            self.silu_thresholds is None or self.silu_thresholds[layer] is None
-        ):
-            self.observe(layer, gate)
+        if self.args.hidden_act == "silu" and self.silu_thresholds[layer] is None:
+            self.silu_thresholds[layer] = float(
+                np.quantile(silu_magnitude(gate), self.silu_sparsity)
+            )
         return activation_mask(self.args, gate, None, self.silu_thresholds, layer)
 
 
@@ -133,9 +128,6 @@ class OraclePredictor:
                 for i in range(self.args.num_hidden_layers)
             ]
 
-    def observe(self, layer: int, gate: np.ndarray) -> None:
-        self.gate.observe(layer, gate)
-
     def predict(self, layer: int, h) -> np.ndarray:
         gate = self.gate.pre_activation(layer, h)
         if self.args.hidden_act == "silu":
@@ -155,9 +147,26 @@ def predictor_nbytes(name: str, layout: Layout) -> int:
         return args.num_hidden_layers * args.intermediate_size * per_neuron * 4
     if name in ("oracle", "all"):
         return 0
+    if name == "lowrank":
+        return trained_predictor(layout)["nbytes"]
     raise ValueError(
         f"unknown predictor {name!r}: expected one of {', '.join(PREDICTORS)}"
     )
+
+
+def trained_predictor(layout: Layout) -> dict:
+    """The manifest's predictor section.
+
+    Raises:
+        ValueError: the layout has none (the message says how to train one).
+    """
+    section = layout.manifest.get("predictor")
+    if not section:
+        raise ValueError(
+            f"{layout.path} has no trained predictor: train one with "
+            f"`flashinfer train-predictor {layout.path}`, or pick --predictor gate/all"
+        )
+    return section
 
 
 def make_predictor(
@@ -166,12 +175,28 @@ def make_predictor(
     layout: Layout,
     resident: dict,
     silu_sparsity: float = DEFAULT_SILU_SPARSITY,
+    threshold: float | None = None,
 ):
-    """Build a predictor by name ("gate", "oracle", "all").
+    """Build a predictor by name ("lowrank", "gate", "oracle", "all").
+
+    `threshold` (lowrank only) overrides the trained probability cut: higher reads
+    fewer neurons, lower misses fewer.
 
     Raises:
-        ValueError: an unknown name.
+        ValueError: an unknown name, or lowrank asked of a layout without one.
     """
+    if threshold is not None and name != "lowrank":
+        raise ValueError("a predictor threshold applies to the lowrank predictor only")
+    if name == "lowrank":
+        from .lowrank import LowRankPredictor
+
+        section = trained_predictor(layout)
+        return LowRankPredictor.from_file(
+            backend,
+            layout.path / section["file"],
+            threshold=threshold,
+            trained_threshold=section["threshold"],
+        )
     if name == "all":
         return AllPredictor(layout.args)
     if name == "gate":

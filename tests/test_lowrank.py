@@ -112,7 +112,6 @@ def test_predictor_interface_and_sigmoid_equivalence():
     h = np.random.default_rng(2).standard_normal((5, 24)).astype(np.float32)
     probabilities = 1 / (1 + np.exp(-(h @ A_list[1].T @ B_list[1].T)))
     np.testing.assert_array_equal(predictor.predict(1, h), probabilities > 0.7)
-    predictor.observe(0, np.zeros((5, 40), dtype=np.float32))  # a no-op
 
 
 @settings(max_examples=50, deadline=None)

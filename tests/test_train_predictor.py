@@ -1,0 +1,136 @@
+"""Training the low-rank predictor of a layout, end to end, and using it."""
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_models import WORDS, random_weights, tiny_config, write_hf_checkpoint
+
+from mlx_flashinfer import Layout, convert, load
+from mlx_flashinfer import train_predictor as training
+from mlx_flashinfer.backends import get_backend
+from mlx_flashinfer.cli import main
+from mlx_flashinfer.train_predictor import train_predictor
+
+
+def has_mlx() -> bool:
+    try:
+        get_backend("mlx")
+    except ImportError:
+        return False
+    return True
+
+
+def predictable_opt(folder: Path) -> Path:
+    """A ReLU (OPT) model whose FFN activations are a low-rank function of the FFN
+    input: fc1 = U V of rank 3 plus a bias, and a constant LayerNorm bias that gives
+    the (bias-free) predictor a constant feature. About 12-26% of neurons fire."""
+    config = tiny_config("opt", hidden_size=32, ffn_dim=128, word_embed_proj_dim=32)
+    weights = random_weights(config, seed=1)
+    rng = np.random.default_rng(5)
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.decoder.layers.{i}."
+        low_rank = rng.standard_normal((128, 3)) @ rng.standard_normal((3, 32))
+        weights[p + "fc1.weight"] = (low_rank / np.sqrt(3)).astype(np.float32)
+        weights[p + "fc1.bias"] = np.full(128, -4.5, np.float32)
+        weights[p + "final_layer_norm.bias"] = np.full(32, 0.3, np.float32)
+    src = write_hf_checkpoint(folder / "src", config, weights)
+    return convert(src, folder / "layout", dtype="float32", progress=False)
+
+
+def calibration_text(words: int, seed: int = 0) -> str:
+    return " ".join(np.random.default_rng(seed).choice(WORDS, words))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    layout = predictable_opt(tmp_path_factory.mktemp("lowrank"))
+    train_predictor(
+        layout, texts=[calibration_text(4000)], tokens=4000, rank=8, progress=False
+    )
+    return layout
+
+
+def test_trained_predictor_reaches_recall_099_within_3x(trained):
+    section = Layout.open(trained).manifest["predictor"]
+    assert section["kind"] == "lowrank" and section["tokens"] == 4000
+    for layer in section["report"]:
+        assert layer["recall"] >= 0.99
+        assert layer["predicted_fraction"] <= 3 * layer["true_fraction"]
+        assert 0.05 < layer["true_fraction"] < 0.5  # sparse, not trivially so
+    Layout.open(trained).verify()  # the predictor file is in the checksums
+
+
+def test_same_predictions_on_both_backends_and_threshold_trades_bytes(trained):
+    if not has_mlx():
+        pytest.skip("mlx is not installed")
+    h = np.random.default_rng(0).standard_normal((6, 32)).astype(np.float32)
+    masks = {}
+    for backend in ("numpy", "mlx"):
+        model, _ = load(
+            trained, backend=backend, memory_budget=10**8, predictor="lowrank"
+        )
+        B = model.backend
+        masks[backend] = [model.ffn.predictor.predict(i, B.array(h)) for i in range(2)]
+    for a, b in zip(masks["numpy"], masks["mlx"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    strict, _ = load(trained, memory_budget=10**8, predictor_threshold=0.9)
+    loose, _ = load(trained, memory_budget=10**8, predictor_threshold=0.1)
+    hb = strict.backend.array(h)
+    fewer = strict.ffn.predictor.predict(0, hb)
+    more = loose.ffn.predictor.predict(0, hb)
+    assert np.all(more[fewer]) and more.sum() > fewer.sum()
+
+
+def test_lowrank_is_the_default_once_trained_and_runs(trained):
+    model, tok = load(trained, memory_budget=10**8)
+    assert model.ffn.predictor.name == "lowrank"
+    logits = model.logits([1, 5, 9, 3, 22, 17], prefill=2)
+    dense, _ = load(trained)
+    # approximate (recall 0.99), but close to dense on this predictable model
+    assert np.abs(logits - dense.logits([1, 5, 9, 3, 22, 17], prefill=2)).max() < 0.5
+
+
+def test_lowrank_without_a_trained_predictor_says_how_to_train_one(tmp_path):
+    layout = predictable_opt(tmp_path)
+    with pytest.raises(ValueError, match="flashinfer train-predictor"):
+        load(layout, memory_budget="100%", predictor="lowrank")
+
+
+def test_bad_training_input(tmp_path):
+    layout = predictable_opt(tmp_path)
+    with pytest.raises(ValueError, match="too short to train on"):
+        train_predictor(layout, texts=["the cat"], rank=8, progress=False)
+    with pytest.raises(ValueError, match="rank 33 out of range: 1..32"):
+        train_predictor(layout, texts=[calibration_text(500)], rank=33, progress=False)
+    assert main(["train-predictor", str(layout), "--rank", "0"]) == 2
+
+
+@pytest.mark.parametrize("where", ["training", "manifest"])
+def test_interrupted_training_leaves_the_layout_as_it_was(tmp_path, monkeypatch, where):
+    layout = predictable_opt(tmp_path)
+    before = {p.name: p.read_bytes() for p in layout.iterdir()}
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "training":
+        monkeypatch.setattr(training, "train_layer", interrupt)
+    else:
+        monkeypatch.setattr(Layout, "update_manifest", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_predictor(
+            layout, texts=[calibration_text(500)], tokens=500, rank=8, progress=False
+        )
+    after = {p.name: p.read_bytes() for p in layout.iterdir()}
+    assert after == before
+    assert json.loads(after["manifest.json"])["predictor"] is None
+
+
+def test_sampled_calibration_text_when_none_is_given():
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = predictable_opt(Path(tmp))
+        section = train_predictor(layout, tokens=200, rank=4, progress=False)
+    assert section["source"] == "sampled from the model" and section["tokens"] >= 200
