@@ -18,6 +18,7 @@ sets.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -44,9 +45,9 @@ class FlashStats:
     neurons_evicted: int = 0
     lru_evicted: int = 0  # evicted while still inside the window (budget too small)
     io_s: float = 0.0
-    memory_s: float = (
-        0.0  # window bookkeeping, dtype conversion, cache row moves/writes
-    )
+    # window bookkeeping, dtype conversion, cache row moves/writes
+    memory_s: float = 0.0
+    predictor_s: float = 0.0  # part of compute: the predictor's own time
     total_s: float = 0.0  # wall time of whole tokens (compute = total - io - memory)
 
     def add(self, other: FlashStats) -> None:
@@ -104,6 +105,12 @@ class FlashFFN:
         self.reader = FlashReader(
             layout.ffn_path, layout.layers, layout.bundle_bytes, **options
         )
+        if self.reader.mode == "buffered":
+            warnings.warn(
+                f"{layout.ffn_path}: this filesystem refuses O_DIRECT/F_NOCACHE; "
+                "reading through the page cache (dropped after each read)",
+                stacklevel=3,
+            )
         # One preallocated (capacity, d_model) matrix per bundle part and layer, not one
         # (capacity, bundle) matrix: matmuls over column slices of the latter cost 10x
         # on MLX's CPU backend (measured), while each part alone is contiguous.
@@ -166,7 +173,9 @@ class FlashFFN:
 
     def _decode(self, layer: int, h):
         B, stats, window = self.backend, self._token, self.windows[layer]
+        started = time.perf_counter()
         active = np.flatnonzero(self.predictor.predict(layer, h)[0])
+        stats.predictor_s += time.perf_counter() - started
         started, io_before = time.perf_counter(), stats.io_s
         plan = window.step(active)
         stats.neurons_predicted += len(active)

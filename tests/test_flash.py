@@ -174,3 +174,34 @@ def test_small_budgets_stay_exact_through_scratch_and_lru(backend, fraction, pat
         assert flash.plan.capacity == [0, 0] and total.neurons_scratch > 0
     else:
         assert 0 < flash.plan.capacity[0] < 80 and total.lru_evicted > 0
+
+
+def test_a_layout_shrunk_after_loading_is_a_clear_error(tmp_path):
+    import shutil
+
+    layout = Path(
+        shutil.copytree(tiny_layout("llama", "relu", 1, 16, 2), tmp_path / "l")
+    )
+    flash, _ = load(layout, memory_budget="90%", predictor="gate")
+    ffn = layout / "ffn.bin"
+    ffn.write_bytes(ffn.read_bytes()[:4096])  # layer 1 is gone
+    with pytest.raises(ValueError, match="truncated"):
+        flash.logits([1, 2, 3, 4])
+
+
+def test_no_o_direct_falls_back_and_says_so(monkeypatch):
+    from mlx_flashinfer import flash_reader
+
+    original = flash_reader.FlashReader.__init__
+
+    def buffered(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "mode": "buffered"})
+
+    monkeypatch.setattr(flash_reader.FlashReader, "__init__", buffered)
+    layout = tiny_layout("llama", "relu", 1, 16, 2)
+    with pytest.warns(UserWarning, match="refuses O_DIRECT"):
+        flash, _ = load(layout, memory_budget="90%", predictor="gate")
+    dense, _ = load(layout)
+    assert flash.io_stats()["mode"] == "buffered"
+    tokens = [1, 2, 3, 4, 5]
+    assert np.abs(flash.logits(tokens, 1) - dense.logits(tokens, 1)).max() <= 1e-5
