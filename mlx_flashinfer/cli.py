@@ -4,6 +4,7 @@ exit 2."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,7 +49,9 @@ def cmd_convert(opts) -> int:
 
 
 def cmd_inspect(opts) -> int:
-    layout = Layout.open(opts.model)
+    from .models import resolve_model
+
+    layout = Layout.open(resolve_model(opts.model, opts.cache_dir))
     args = layout.args
     total = layout.resident_bytes + layout.ffn_bytes
     act = args.hidden_act + ("" if args.is_relu_family else "; sparsity is approximate")
@@ -138,6 +141,75 @@ def cmd_perplexity(opts) -> int:
     return 0
 
 
+def cmd_generate(opts) -> int:
+    from .chat import io_delta, prompt_ids, read_prompt, stats_lines
+    from .generate import stream_generate
+
+    sampler, processors = make_sampling(opts)
+    prompt = read_prompt(opts.prompt)
+    model, tokenizer = load_model(opts)
+    ids = prompt_ids(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
+    before, last = model.io_stats(), None
+    for last in stream_generate(
+        model, tokenizer, ids, opts.max_tokens, sampler, processors
+    ):
+        print(last.text, end="", flush=True)
+    print()
+    if opts.stats and last is not None:
+        print("==========")
+        print("\n".join(stats_lines(last, io_delta(before, model.io_stats()))))
+    return 0
+
+
+def cmd_chat(opts) -> int:
+    from .chat import Chat
+
+    sampler, processors = make_sampling(opts)
+    model, tokenizer = load_model(opts)
+    if hasattr(sys.stdin, "reconfigure"):  # bad bytes reach Chat, which says so
+        sys.stdin.reconfigure(errors="surrogateescape")
+    name = Path(opts.model).name if opts.model else "SmolLM2-135M-Instruct (default)"
+    mode = "dense" if model.plan is None else f"flash, {opts.memory_budget} budget"
+    print(f"chat with {name} ({model.backend.name} backend, {mode}); /help, q quits")
+    chat = Chat(
+        model, tokenizer, opts.max_tokens, opts.system_prompt, sampler, processors
+    )
+    chat.run(input)
+    return 0
+
+
+def cmd_verify(opts) -> int:
+    from .chat import prompt_ids, read_prompt
+    from .loader import DEFAULT_BUDGET, load
+    from .models import resolve_model
+    from .verify import compare, report_lines
+
+    prompt = read_prompt(opts.prompt)
+    path = resolve_model(opts.model, opts.cache_dir)
+    shared = {"backend": opts.backend, "max_context": opts.max_context}
+    dense, tokenizer = load(path, dense=True, **shared)
+    budget = opts.memory_budget or DEFAULT_BUDGET
+    flash, _ = load(
+        path,
+        memory_budget=budget,
+        window=opts.window,
+        predictor=opts.predictor,
+        threads=opts.threads,
+        predictor_threshold=opts.predictor_threshold,
+        **shared,
+    )
+    ids = prompt_ids(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
+    result = compare(flash, dense, ids, opts.max_tokens, tokenizer.eos_token_ids)
+    print(
+        f"verify: {result.steps} decode steps, flash (budget {budget}, window "
+        f"{opts.window}, predictor {opts.predictor or 'default'}) against dense, "
+        f"{dense.backend.name} backend, greedy, teacher-forced on the dense tokens"
+    )
+    ffn_bytes = Layout.open(path).ffn_bytes
+    print("\n".join(report_lines(result, tokenizer, dense.args, ffn_bytes)))
+    return 0
+
+
 def cmd_train_predictor(opts) -> int:
     from .train_predictor import train_predictor
 
@@ -175,6 +247,55 @@ def print_predictor_report(section: dict) -> None:
             f"{i:>5}  {r['rank']:>4}  {r['recall']:>6.3f}  {r['precision']:>9.3f}  "
             f"{r['predicted_fraction']:>9.1%}  {r['true_fraction']:>12.1%}"
         )
+
+
+def make_sampling(opts) -> tuple:
+    """(sampler, logits processors) from the sampling options.
+
+    Raises:
+        ValueError: an option out of range.
+    """
+    from .generate import make_repetition_penalty, make_sampler
+
+    for name in ("max_tokens", "repetition_context_size"):
+        if getattr(opts, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= 1, got {getattr(opts, name)}")
+    sampler = make_sampler(opts.temp, opts.top_p, opts.top_k, opts.min_p, opts.seed)
+    size, penalty = opts.repetition_context_size, opts.repetition_penalty
+    processors = [] if penalty is None else [make_repetition_penalty(penalty, size)]
+    return sampler, processors
+
+
+def add_generation_options(
+    p: argparse.ArgumentParser, max_tokens: int, prompt: bool = True
+) -> None:
+    """--model, the prompt and its length, named as mlx-lm names them."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help="layout directory, Hugging Face folder, .gguf file or 'default' "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    if prompt:
+        p.add_argument("-p", "--prompt", required=True, help="'-' reads stdin")
+        p.add_argument(
+            "--ignore-chat-template",
+            action="store_true",
+            help="use the raw prompt (with BOS as the model expects)",
+        )
+    p.add_argument("-m", "--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--system-prompt", default=None)
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temp", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--repetition-context-size", type=int, default=20)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -216,6 +337,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="tokens the KV cache holds (default: model limit or 4096)",
     )
+    add_cache_option(p)
+
+
+def add_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where checkpoints are converted on first use "
+        "(default: $MLX_FLASHINFER_CACHE or ~/.cache/mlx-flashinfer)",
+    )
 
 
 def load_model(opts):
@@ -230,6 +361,7 @@ def load_model(opts):
         threads=opts.threads,
         max_context=opts.max_context,
         predictor_threshold=opts.predictor_threshold,
+        cache_dir=opts.cache_dir,
     )
 
 
@@ -252,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("inspect", help="describe a layout")
-    p.add_argument("model", help="layout directory")
+    p.add_argument(
+        "model", help="layout directory (or any model spec: converted on first use)"
+    )
     p.add_argument("--verify", action="store_true", help="check every file's sha256")
     p.add_argument(
         "--budget",
@@ -267,7 +401,30 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also show the trained predictor's per-layer report",
     )
+    add_cache_option(p)
     p.set_defaults(run=cmd_inspect)
+
+    p = sub.add_parser("generate", help="generate text from a prompt, streamed")
+    add_generation_options(p, max_tokens=100)
+    add_sampling_options(p)
+    p.add_argument(
+        "--stats",
+        action="store_true",
+        help="end with speed, peak memory and flash reads per token",
+    )
+    add_model_options(p)
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal")
+    add_generation_options(p, max_tokens=256, prompt=False)
+    add_sampling_options(p)
+    add_model_options(p)
+    p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser("verify", help="compare flash with dense, token by token")
+    add_generation_options(p, max_tokens=32)
+    add_model_options(p)
+    p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("train-predictor", help="train the low-rank neuron predictor")
     p.add_argument("model", help="layout directory")
@@ -307,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_train_predictor)
 
     p = sub.add_parser("perplexity", help="perplexity of a text file")
-    p.add_argument("--model", required=True, help="layout directory")
+    p.add_argument("--model", required=True, help="model spec, as for generate")
     p.add_argument("--text", required=True, help="UTF-8 text file")
     p.add_argument(
         "--max-tokens", type=int, default=0, help="score only the first N tokens"
@@ -335,3 +492,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"flashinfer {opts.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `flashinfer generate ... | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -1,4 +1,5 @@
-"""`load`: a layout directory -> (Model, Tokenizer), dense or from flash."""
+"""`load`: a model spec (layout, checkpoint or "default") -> (Model, Tokenizer), dense
+or from flash."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from .backends import get_backend
 from .layout import Layout
 from .memory import MemoryPlan, plan_memory
 from .model import DenseFFN, Model, kv_cache_bytes, prepare_weights
+from .models import resolve_model
 from .predictors import make_predictor, predictor_nbytes
 from .tokenizer import Tokenizer
 
@@ -45,7 +47,7 @@ def make_plan(
 
 
 def load(
-    path: str | Path,
+    path: str | Path | None = None,
     backend: str | None = None,
     dense: bool | None = None,
     memory_budget: str | int | None = None,
@@ -54,11 +56,14 @@ def load(
     threads: int | None = None,
     max_context: int | None = None,
     predictor_threshold: float | None = None,
+    cache_dir: str | Path | None = None,
 ):
-    """Load a converted model, dense (every weight in DRAM) or from flash.
+    """Load a model, dense (every weight in DRAM) or from flash.
 
     Args:
-        path: layout directory (see `convert`).
+        path: a layout directory (see `convert`), a Hugging Face folder or a .gguf
+            file (converted into the cache on first use), or None / "default" for the
+            embedded SmolLM2-135M-Instruct.
         backend: "mlx", "numpy" or None (MLX on Apple silicon when installed, else
             NumPy).
         dense: read every FFN weight into memory. Default: dense unless a memory budget
@@ -74,6 +79,8 @@ def load(
             whichever is smaller).
         predictor_threshold: the low-rank predictor's probability cut (default: the
             trained one); higher reads fewer neurons.
+        cache_dir: where checkpoints are converted to (default
+            $MLX_FLASHINFER_CACHE or ~/.cache/mlx-flashinfer).
 
     Returns:
         (model, tokenizer). `model.plan` holds the memory plan in flash mode.
@@ -83,7 +90,7 @@ def load(
             names the shortfall); ImportError: MLX asked for but missing.
     """
     B = get_backend(backend)
-    layout = Layout.open(path)
+    layout = Layout.open(resolve_model(path, cache_dir))
     context = check_max_context(layout, max_context)
     if dense is None:
         dense = memory_budget is None

