@@ -180,7 +180,7 @@ def cmd_chat(opts) -> int:
 
 def cmd_verify(opts) -> int:
     from .chat import prompt_ids, read_prompt
-    from .loader import DEFAULT_BUDGET, load
+    from .loader import default_predictor, load
     from .models import resolve_model
     from .verify import compare, report_lines
 
@@ -188,7 +188,7 @@ def cmd_verify(opts) -> int:
     path = resolve_model(opts.model, opts.cache_dir)
     shared = {"backend": opts.backend, "max_context": opts.max_context}
     dense, tokenizer = load(path, dense=True, **shared)
-    budget = opts.memory_budget or DEFAULT_BUDGET
+    budget = opts.memory_budget or "100%"  # the caches of a roomy plan: few overflows
     flash, _ = load(
         path,
         memory_budget=budget,
@@ -200,13 +200,14 @@ def cmd_verify(opts) -> int:
     )
     ids = prompt_ids(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
     result = compare(flash, dense, ids, opts.max_tokens, tokenizer.eos_token_ids)
+    layout = Layout.open(path)
     print(
         f"verify: {result.steps} decode steps, flash (budget {budget}, window "
-        f"{opts.window}, predictor {opts.predictor or 'default'}) against dense, "
-        f"{dense.backend.name} backend, greedy, teacher-forced on the dense tokens"
+        f"{opts.window}, predictor {opts.predictor or default_predictor(layout)}) "
+        f"against dense, {dense.backend.name} backend, greedy, teacher-forced on the "
+        "dense tokens"
     )
-    ffn_bytes = Layout.open(path).ffn_bytes
-    print("\n".join(report_lines(result, tokenizer, dense.args, ffn_bytes)))
+    print("\n".join(report_lines(result, tokenizer, dense.args, layout.ffn_bytes)))
     return 0
 
 
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.set_defaults(run=cmd_chat)
 
-    p = sub.add_parser("verify", help="compare flash with dense, token by token")
+    p = sub.add_parser("verify", help="flash against dense (flash budget: 100%%)")
     add_generation_options(p, max_tokens=32)
     add_model_options(p)
     p.set_defaults(run=cmd_verify)

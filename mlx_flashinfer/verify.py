@@ -139,6 +139,6 @@ def report_lines(result: Comparison, tokenizer, args, ffn_bytes: int) -> list[st
     else:
         lines.append(
             f"{args.hidden_act}: not ReLU family, so the sparsity is approximate: the "
-            "neurons left out are small, not zero, and the logits differ a little"
+            "neurons left out are small, not zero, so logits differ and tokens may too"
         )
     return lines
