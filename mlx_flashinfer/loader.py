@@ -71,7 +71,7 @@ def load(
         memory_budget: flash mode: bytes, "1.5GB", or "50%" of the model (at float32,
             the precision weights are held in). Bounds resident weights + predictor +
             neuron caches. Default "50%" when dense=False.
-        window: k, tokens whose neurons stay cached (flash mode).
+        window: k, tokens whose neurons stay cached (flash mode); 0 = no reuse.
         predictor: "lowrank" (default when trained), "gate" (default otherwise),
             "oracle" or "all" (flash mode).
         threads: flash reader threads (default: measured best for this kind of disk).
@@ -96,8 +96,8 @@ def load(
         dense = memory_budget is None
     if dense and memory_budget is not None:
         raise ValueError("memory_budget applies to flash mode: drop dense=True")
-    if not 1 <= window <= MAX_WINDOW:
-        raise ValueError(f"window {window} out of range: 1..{MAX_WINDOW}")
+    if not 0 <= window <= MAX_WINDOW:
+        raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
     weights = prepare_weights(B, layout.resident_tensors())
     plan = None
     if dense:

@@ -45,12 +45,14 @@ class LayerWindow:
     Args:
         neurons: FFN neurons in the layer.
         capacity: rows of the layer's cache matrix (from the memory budget).
-        k: window length in tokens (paper: 4-5 for OPT, 2 for Llama 2).
+        k: window length in tokens (paper: 4-5 for OPT, 2 for Llama 2); 0 keeps
+            nothing across tokens (every predicted neuron is read: the paper's
+            "predictor only" row).
     """
 
     def __init__(self, neurons: int, capacity: int, k: int):
-        if k < 1:
-            raise ValueError(f"window must be at least 1 token, got {k}")
+        if k < 0:
+            raise ValueError(f"window must be at least 0 tokens, got {k}")
         self.capacity = capacity
         self.k = k
         self.slot_of = np.full(
@@ -75,6 +77,10 @@ class LayerWindow:
         t = self.token
         self.token += 1
         self.last_active[active] = t
+        dropped = 0
+        if self.k == 0:  # no reuse: forget the previous token's neurons first
+            self.slot_of[self.cached] = -1
+            dropped, self.used = self.used, 0
         cached = self.cached
         hits = int(np.count_nonzero(self.slot_of[active] >= 0))
         if len(active) > self.capacity:
@@ -112,7 +118,7 @@ class LayerWindow:
             scratch_ids=scratch,
             used=self.used,
             hits=hits,
-            evicted=len(evict),
+            evicted=len(evict) + dropped,
             lru_evicted=max(lru, 0),
         )
 

@@ -67,7 +67,7 @@ def budget_between(layout: Path, predictor: str, fraction: float) -> int:
     d_heads=st.integers(1, 3),
     ffn=st.integers(4, 80),
     layers=st.integers(1, 3),
-    window=st.integers(1, 5),
+    window=st.integers(0, 5),
     fraction=st.floats(0.0, 1.0),
     predictor=st.sampled_from(["oracle", "gate"]),
     backend=st.sampled_from(BACKENDS),
@@ -147,8 +147,8 @@ def test_budget_parsing():
 
 def test_bad_flash_options_are_refused():
     layout = tiny_layout("llama", "relu", 1, 8, 1)
-    with pytest.raises(ValueError, match="window 0 out of range"):
-        load(layout, memory_budget="50%", window=0)
+    with pytest.raises(ValueError, match="window -1 out of range"):
+        load(layout, memory_budget="50%", window=-1)
     with pytest.raises(ValueError, match="threads"):
         load(layout, memory_budget="100%", threads=0)
     with pytest.raises(ValueError, match="unknown predictor 'psychic'"):
