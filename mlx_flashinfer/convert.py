@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .checkpoints import ffn_parts, open_checkpoint
 from .layout import (
+    ARRANGEMENTS,
     DTYPES,
     FFN_FILE,
     FORMAT,
@@ -37,6 +38,7 @@ def convert(
     dtype: str = "float16",
     force: bool = False,
     progress: bool = True,
+    arrangement: str = "bundled",
 ) -> Path:
     """Convert `src` (Hugging Face directory or .gguf file) into a layout at `dst`.
 
@@ -47,6 +49,9 @@ def convert(
             1-D tensors (norms, biases) are always stored as float32.
         force: replace an existing `dst`.
         progress: show a progress bar.
+        arrangement: "bundled" (row-column bundles, the default) or "separate" (each
+            bundle part of a layer in its own region: the unbundled baseline for
+            benchmarks).
 
     Returns:
         The layout directory.
@@ -56,20 +61,38 @@ def convert(
         FileExistsError: `dst` exists and is not empty and `force` is false.
         ValueError: `src` is not a supported checkpoint, or `dtype` is unknown.
     """
+    _check_destination(dst, dtype, arrangement, force)
+    return write_layout(open_checkpoint(src), dst, dtype, progress, arrangement)
+
+
+def _check_destination(dst, dtype: str, arrangement: str, force: bool) -> None:
     if dtype not in DTYPES:
         raise ValueError(
             f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}"
         )
+    if arrangement not in ARRANGEMENTS:
+        raise ValueError(
+            f"unknown arrangement {arrangement!r}: expected one of "
+            f"{', '.join(ARRANGEMENTS)}"
+        )
     dst = Path(dst)
     if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())) and not force:
         raise FileExistsError(f"{dst}: already exists; pass --force to replace it")
-    source = open_checkpoint(src)
+
+
+def write_layout(
+    source, dst: str | Path, dtype: str, progress: bool, arrangement: str = "bundled"
+) -> Path:
+    """Write `source` (anything with args, shapes, tensor(), tokenizer(), kind, path:
+    a checkpoint, or the synthetic models of synth.py) as a layout at `dst`, through a
+    temporary directory renamed at the end."""
+    dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.converting-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _write_layout(source, tmp, dtype, progress)
+        _write_layout(source, tmp, dtype, progress, arrangement)
         _replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,7 +100,9 @@ def convert(
     return dst
 
 
-def _write_layout(source, out: Path, dtype: str, progress: bool) -> None:
+def _write_layout(
+    source, out: Path, dtype: str, progress: bool, arrangement: str
+) -> None:
     args = source.args
     started = time.perf_counter()
     ffn_names = {
@@ -118,13 +143,13 @@ def _write_layout(source, out: Path, dtype: str, progress: bool) -> None:
                 source.tensor(n).T if t else source.tensor(n)
                 for n, t in ffn_parts(args, i)
             ]
-            bundles = encode(
-                np.stack(parts, axis=1), dtype
-            )  # (n_ffn, n_parts, d_model)
+            # bundled: (n_ffn, n_parts, d_model); separate: (n_parts, n_ffn, d_model)
+            axis = 1 if arrangement == "bundled" else 0
+            bundles = encode(np.stack(parts, axis=axis), dtype)
             data = bundles.tobytes() + bytes(align_up(bundles.nbytes) - bundles.nbytes)
             f.write(data)
             digest.update(data)
-            layers.append({"offset": offset, "neurons": int(bundles.shape[0])})
+            layers.append({"offset": offset, "neurons": len(parts[0])})
             offset += len(data)
             bar.update(bundles.nbytes)
     files[FFN_FILE] = _entry(out / FFN_FILE, digest)
@@ -146,6 +171,7 @@ def _write_layout(source, out: Path, dtype: str, progress: bool) -> None:
             "bundle_parts": list(args.bundle_parts),
             "bundle_bytes": size,
             "layer_alignment": LAYER_ALIGNMENT,
+            "arrangement": arrangement,
             "layers": layers,
         },
         "predictor": None,

@@ -102,8 +102,10 @@ class FlashFFN:
         self.parts = parts
         options = {} if threads is None else {"threads": threads}
         backend.limit_compute_threads(1)  # leave the cores to the reader threads
+        regions = parts if layout.arrangement == "separate" else 1
         self.reader = FlashReader(
-            layout.ffn_path, layout.layers, layout.bundle_bytes, **options
+            layout.ffn_path, layout.layers, layout.bundle_bytes, parts=regions,
+            **options,
         )
         if self.reader.mode == "buffered":
             warnings.warn(

@@ -173,11 +173,16 @@ class FlashReader:
         max_gap_bytes: int = DEFAULT_MAX_GAP,
         mode: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK,
+        parts: int = 1,
     ):
         if not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 256:
             raise ValueError(f"threads must be 1..256, got {threads}")
         if not isinstance(max_gap_bytes, (int, np.integer)) or max_gap_bytes < 0:
             raise ValueError(f"max_gap_bytes must be >= 0, got {max_gap_bytes}")
+        if parts < 1 or bundle_bytes % parts:
+            raise ValueError(
+                f"bundle_bytes {bundle_bytes} not divisible in {parts} parts"
+            )
         if bundle_bytes < 1 or chunk_bytes < 4096 or chunk_bytes % 4096:
             raise ValueError(
                 f"bad bundle_bytes {bundle_bytes} or chunk_bytes {chunk_bytes}"
@@ -185,6 +190,9 @@ class FlashReader:
         self.path = str(path)
         self.layers = list(layers)
         self.bundle_bytes = bundle_bytes
+        # parts > 1: an unbundled layout, each bundle part of a layer in its own region
+        # (the "before bundling" rows of the paper's ablation): one piece per part.
+        self.parts = parts
         self.threads = threads
         self.max_gap_bytes = max_gap_bytes
         self.chunk_bytes = chunk_bytes
@@ -210,28 +218,33 @@ class FlashReader:
         began = time.perf_counter()
         extent = self._extent(layer)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        n, size = len(ids), self.bundle_bytes
+        n, size = len(ids), self.bundle_bytes // self.parts  # size of one piece
         if n and (ids[0] < 0 or ids[-1] >= extent.neurons or np.any(np.diff(ids) <= 0)):
             raise ValueError(f"ids must be sorted, unique and in [0, {extent.neurons})")
         if n == 0:
             self._finish(layer, 0, 0, 0, began)
             return self._out[:0]
-        starts = extent.offset + ids * size
+        region = extent.neurons * size  # bytes of one part's region (parts > 1)
+        starts = np.concatenate(
+            [extent.offset + p * region + ids * size for p in range(self.parts)]
+        )
         lo, hi = self._align_down(starts), self._align_up(starts + size)
         # A new run begins where the (aligned) gap to the previous bundle is too big
         # to read through; aligned ranges that touch or overlap always merge.
-        new_run = np.empty(n, dtype=bool)
+        new_run = np.empty(len(starts), dtype=bool)
         new_run[0] = True
         new_run[1:] = lo[1:] - hi[:-1] > self.max_gap_bytes
         first = np.flatnonzero(new_run)
-        last = np.append(first[1:] - 1, n - 1)
+        last = np.append(first[1:] - 1, len(starts) - 1)
         run_lo, run_hi = lo[first], hi[last]
         run_pos = np.concatenate(([0], np.cumsum(run_hi - run_lo)[:-1]))
         run_of = np.cumsum(new_run) - 1
         reads, got = self._read_runs(run_lo, run_hi, run_pos)
 
         if len(self._out) < n:
-            self._out = np.empty((max(n, 2 * len(self._out)), size), np.uint8)
+            self._out = np.empty(
+                (max(n, 2 * len(self._out)), self.bundle_bytes), np.uint8
+            )
         out = self._out[:n]
         pos = run_pos[run_of] + (starts - run_lo[run_of])
         # Copying in 8-byte words when offsets allow is about twice as fast as bytes.
@@ -240,8 +253,9 @@ class FlashReader:
         rows = np.lib.stride_tricks.as_strided(
             words, (len(words) - size // word + 1, size // word), (word, word)
         )
-        out.view(f"u{word}")[:] = rows[pos // word]
-        self._finish(layer, reads, got, n * size, began)
+        pieces = out.view(f"u{word}").reshape(n, self.parts, size // word)
+        pieces[:] = rows[(pos // word).reshape(self.parts, n).T]
+        self._finish(layer, reads, got, n * self.bundle_bytes, began)
         return out
 
     def read_range(self, layer: int, start: int, stop: int) -> np.ndarray:
@@ -255,6 +269,8 @@ class FlashReader:
         if n == 0:
             self._finish(layer, 0, 0, 0, began)
             return self._out[:0]
+        if self.parts > 1:  # one sequential run per part region, then interleave
+            return self.read(layer, np.arange(start, stop))
         first = extent.offset + start * size
         lo, hi = self._align_down(first), self._align_up(first + n * size)
         reads, got = self._read_runs(np.array([lo]), np.array([hi]), np.array([0]))

@@ -35,6 +35,7 @@ RESIDENT_FILE = "resident.safetensors"
 FFN_FILE = "ffn.bin"
 PREDICTOR_FILE = "predictor.safetensors"
 DTYPES = tuple(STORAGE)
+ARRANGEMENTS = ("bundled", "separate")
 _REQUIRED = ("format", "version", "model_args", "dtype", "ffn", "resident", "files")
 _REQUIRED_FFN = ("file", "bundle_parts", "bundle_bytes", "layer_alignment", "layers")
 
@@ -100,6 +101,9 @@ class Layout:
         ffn = manifest["ffn"]
         self.bundle_parts: tuple[str, ...] = tuple(ffn["bundle_parts"])
         self.bundle_bytes: int = ffn["bundle_bytes"]
+        # "bundled" (one bundle per neuron) or "separate" (each part of a layer in its
+        # own region: the unbundled baseline of the paper's ablation)
+        self.arrangement: str = ffn.get("arrangement", "bundled")
         self.layers = [LayerExtent(e["offset"], e["neurons"]) for e in ffn["layers"]]
         self.ffn_path = path / ffn["file"]
         self.resident_path = path / manifest["resident"]
@@ -192,15 +196,24 @@ class Layout:
         d_model)."""
         extent = self.layers[layer]
         stop = extent.neurons if stop is None else stop
-        count = (stop - start) * self.bundle_bytes
+        parts = len(self.bundle_parts)
+        regions = parts if self.arrangement == "separate" else 1
+        piece = self.bundle_bytes // regions
+        blocks = []
         with open(self.ffn_path, "rb") as f:
-            f.seek(extent.offset + start * self.bundle_bytes)
-            data = f.read(count)
-        if len(data) != count:
+            for p in range(regions):
+                f.seek(extent.offset + p * extent.neurons * piece + start * piece)
+                blocks.append(f.read((stop - start) * piece))
+        if any(len(b) != (stop - start) * piece for b in blocks):
             raise ValueError(f"{self.ffn_path}: truncated while reading layer {layer}")
-        raw = np.frombuffer(data, dtype=STORAGE[self.dtype])
-        shape = (stop - start, len(self.bundle_parts), self.args.hidden_size)
-        return decode(raw, self.dtype).astype(np.float32, copy=False).reshape(shape)
+        raw = [np.frombuffer(b, dtype=STORAGE[self.dtype]) for b in blocks]
+        shape = (stop - start, parts, self.args.hidden_size)
+        if regions > 1:  # (parts, n, d) regions -> (n, parts, d) bundles
+            shape_p = (stop - start, self.args.hidden_size)
+            return np.stack(
+                [decode(r, self.dtype).reshape(shape_p) for r in raw], 1
+            ).astype(np.float32, copy=False)
+        return decode(raw[0], self.dtype).astype(np.float32, copy=False).reshape(shape)
 
     def resident_tensors(self) -> dict[str, np.ndarray]:
         """Every resident tensor as float32 NumPy (the dense reference path)."""
@@ -228,6 +241,8 @@ def _check_manifest(manifest: dict, where: Path) -> None:
     missing += [f"ffn.{k}" for k in _REQUIRED_FFN if k not in manifest.get("ffn", {})]
     if missing:
         raise ValueError(f"{where}: manifest lacks {', '.join(missing)}")
+    if manifest["ffn"].get("arrangement", "bundled") not in ARRANGEMENTS:
+        raise ValueError(f"{where}: unknown ffn arrangement")
     if manifest["dtype"] not in DTYPES:
         raise ValueError(f"{where}: unknown dtype {manifest['dtype']!r}")
     try:

@@ -96,11 +96,12 @@ def test_opt_350m_shape_projections_and_post_norm(tmp_path):
     layers=st.integers(1, 3),
     dtype=st.sampled_from(["float16", "float32", "bfloat16"]),
     shards=st.integers(1, 3),
+    arrangement=st.sampled_from(["bundled", "separate"]),
     prefix=st.sampled_from(["model.", ""]),
     tied=st.booleans(),
 )
 def test_bundles_hold_the_source_rows_and_columns(
-    family, heads, head_dim, ffn, layers, dtype, shards, prefix, tied
+    family, heads, head_dim, ffn, layers, dtype, shards, prefix, tied, arrangement
 ):
     d = heads * head_dim
     sizes = {
@@ -118,7 +119,13 @@ def test_bundles_hold_the_source_rows_and_columns(
     with tempfile.TemporaryDirectory() as tmp:
         src = write_hf_checkpoint(Path(tmp) / "src", config, weights, shards=shards)
         layout = Layout.open(
-            convert(src, Path(tmp) / "out", dtype=dtype, progress=False)
+            convert(
+                src,
+                Path(tmp) / "out",
+                dtype=dtype,
+                progress=False,
+                arrangement=arrangement,
+            )
         )
         assert layout.args.tie_word_embeddings == tied
         assert all(e.offset % 4096 == 0 for e in layout.layers)

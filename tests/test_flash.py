@@ -32,9 +32,11 @@ def has_mlx() -> bool:
 BACKENDS = ["numpy"] + (["mlx"] if has_mlx() else [])
 
 
-def tiny_layout(family: str, act: str, d_heads: int, ffn: int, layers: int) -> Path:
+def tiny_layout(
+    family: str, act: str, d_heads: int, ffn: int, layers: int, arrangement="bundled"
+) -> Path:
     """A float32 layout of the given shape, built once per shape per session."""
-    key = (family, act, d_heads, ffn, layers)
+    key = (family, act, d_heads, ffn, layers, arrangement)
     if key not in _LAYOUTS:
         # 4 heads of an even head_dim (RoPE rotates pairs)
         sizes = {"hidden_size": 8 * d_heads, "num_hidden_layers": layers}
@@ -44,7 +46,13 @@ def tiny_layout(family: str, act: str, d_heads: int, ffn: int, layers: int) -> P
         config = tiny_config(family, act, **sizes)
         tmp = Path(tempfile.mkdtemp(prefix="flash-"))
         src = write_hf_checkpoint(tmp / "src", config, random_weights(config, seed=ffn))
-        _LAYOUTS[key] = convert(src, tmp / "layout", dtype="float32", progress=False)
+        _LAYOUTS[key] = convert(
+            src,
+            tmp / "layout",
+            dtype="float32",
+            progress=False,
+            arrangement=arrangement,
+        )
     return _LAYOUTS[key]
 
 
@@ -77,7 +85,8 @@ def budget_between(layout: Path, predictor: str, fraction: float) -> int:
 def test_flash_logits_equal_dense_logits_for_relu_models(
     model, d_heads, ffn, layers, window, fraction, predictor, backend, tokens, data
 ):
-    layout = tiny_layout(*model, d_heads, ffn, layers)
+    arrangement = data.draw(st.sampled_from(["bundled", "separate"]), label="arr")
+    layout = tiny_layout(*model, d_heads, ffn, layers, arrangement)
     prefill = data.draw(st.integers(1, len(tokens)), label="prefill")
     dense, _ = load(layout, backend=backend)
     budget = budget_between(layout, predictor, fraction)
