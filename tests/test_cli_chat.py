@@ -367,7 +367,7 @@ BAD = {  # argv (--model: a tiny layout unless given), what the line must say
     ),
     "budget unreadable": (["chat", "--memory-budget", "lots"], "bad memory budget"),
     "verify budget": (["verify", "-p", "a", "--memory-budget", "1KB"], "too small"),
-    "bad window": (["generate", "-p", "a", *FLASH, "--window", 0], "window 0"),
+    "bad window": (["generate", "-p", "a", *FLASH, "--window", -1], "window -1"),
     "bad threads": (["generate", "-p", "a", *FLASH, "--threads", -2], "threads"),
     "prompt too long": (["generate", "-p", "alice " * 70], "exceed the model's"),
     "argv not UTF-8": (["generate", "-p", "\udcff"], "not valid UTF-8"),
