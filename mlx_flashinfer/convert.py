@@ -188,6 +188,8 @@ def _entry(path: Path, digest) -> dict:
 
 
 def _source_identity(source) -> dict:
+    if hasattr(source, "identity"):  # sources that are not files (synth.py)
+        return source.identity()
     path = Path(source.path).resolve()
     stat = path.stat()
     return {

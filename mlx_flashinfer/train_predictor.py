@@ -263,7 +263,7 @@ def train_predictor(
             silu_thresholds = recorder.silu_thresholds
     finally:
         model.ffn.close()
-    return _store(
+    return store_predictor(
         layout,
         A_list,
         B_list,
@@ -281,7 +281,7 @@ def train_predictor(
     )
 
 
-def _store(layout: Layout, A_list, B_list, reports, settings: dict) -> dict:
+def store_predictor(layout: Layout, A_list, B_list, reports, settings: dict) -> dict:
     """Write the predictor under a fresh name, then switch the manifest to it."""
     tmp = layout.path / ".predictor.new"
     save_predictor(tmp, A_list, B_list)

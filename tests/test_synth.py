@@ -1,0 +1,75 @@
+"""Synthetic sparse models: the structure they are built with is what they run with."""
+
+import numpy as np
+import pytest
+
+from mlx_flashinfer import Layout, load
+from mlx_flashinfer.synth import Structure, SyntheticOPT, simulate, write_synthetic
+
+TOKENS = np.random.default_rng(0).integers(4, 512, 200).tolist()
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("synth")
+    bundled = write_synthetic(folder / "bundled", "opt-tiny", progress=False)
+    separate = write_synthetic(
+        folder / "separate", "opt-tiny", arrangement="separate", progress=False
+    )
+    return bundled, separate
+
+
+def decode_stats(layout, **flash):
+    model, _ = load(layout, memory_budget="200%", **flash)
+    logits = model.logits(TOKENS, prefill=64)
+    stats = model.io_stats()["decode"]
+    neurons = model.args.intermediate_size * model.args.num_hidden_layers
+    return logits, stats, neurons
+
+
+def test_layout_is_valid_deterministic_and_sized_as_asked(synthetic, tmp_path):
+    bundled, separate = synthetic
+    layout = Layout.open(bundled)
+    layout.verify()
+    assert layout.args.family == "opt" and layout.args.hidden_size == 64
+    assert layout.manifest["source"]["kind"] == "synthetic"
+    again = write_synthetic(tmp_path / "again", "opt-tiny", progress=False)
+    assert Layout.open(again).manifest["files"] == layout.manifest["files"]
+    assert Layout.open(separate).arrangement == "separate"
+    np.testing.assert_array_equal(
+        Layout.open(separate).read_bundles(1), layout.read_bundles(1)
+    )
+
+
+def test_the_forward_pass_has_the_built_in_sparsity_and_reuse(synthetic):
+    bundled, _ = synthetic
+    dense, _ = load(bundled)
+    expected = dense.logits(TOKENS, prefill=64)
+    logits, oracle, neurons = decode_stats(bundled, predictor="oracle", window=4)
+    assert np.abs(logits - expected).max() < 1e-4  # ReLU: exact through flash
+    source = SyntheticOPT("opt-tiny", Structure())
+    built = np.mean([source.layer_rate(i) for i in range(2)])
+    active = oracle["neurons_predicted"] / oracle["tokens"] / neurons
+    assert built / 2 < active < built * 2  # about 97% of neurons stay inactive
+    _, alone, _ = decode_stats(bundled, predictor="lowrank", window=0)
+    _, windowed, _ = decode_stats(bundled, predictor="lowrank", window=4)
+    predicted = alone["neurons_predicted"] / alone["tokens"] / neurons
+    assert 2 * active < predicted < 4 * active  # the predictor predicts about 3x
+    assert windowed["bytes_useful"] < alone["bytes_useful"] / 2  # the window reuses
+
+
+def test_simulation_matches_the_targets_it_was_calibrated_to():
+    model = SyntheticOPT("opt-tiny", Structure())
+    result = simulate(model, 1)
+    assert result["window_load"] == pytest.approx(0.024, rel=0.15)
+    assert result["report"]["recall"] > 0.9
+
+
+def test_bad_shapes_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown shape 'opt-9000b'"):
+        write_synthetic(tmp_path / "x", "opt-9000b", progress=False)
+    with pytest.raises(ValueError, match="slow_dims"):
+        write_synthetic(
+            tmp_path / "x", "opt-tiny", structure=Structure(slow_dims=3), progress=False
+        )
+    assert not (tmp_path / "x").exists()
