@@ -103,7 +103,7 @@ class Structure:
     predicted_ratio: float = 3.0
     window: int = 4
     window_load: float = 0.024
-    omega0: float | None = None  # None: found by simulation
+    drift: float | None = None  # OPT: w0; Llama: attention sharpness; None: simulated
 
 
 def opt_config(shape: str | dict) -> dict:
@@ -156,9 +156,9 @@ class SyntheticOPT:
         planes = structure.slow_dims // 2
         self.phases = rng.uniform(0, 2 * np.pi, planes)
         self.spread = rng.uniform(0.5, 1.5, planes)
-        if structure.omega0 is None:
-            structure.omega0 = calibrate_omega(self)
-        self.omegas = structure.omega0 * self.spread
+        if structure.drift is None:
+            structure.drift = calibrate_drift(self)
+        self.set_drift(structure.drift)
 
     def identity(self) -> dict:
         return {
@@ -173,6 +173,21 @@ class SyntheticOPT:
         return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
     # -- the structure --------------------------------------------------------------
+    drift_range = (1e-5, 3.0)
+    max_rate, max_predicted = 0.3, 0.9  # clips of per-neuron rates
+    predictor_threshold = 0.5  # the constant feature carries the cut
+
+    def set_drift(self, value: float) -> None:
+        self.omegas = value * self.spread
+
+    def sim_inputs(self, start: int, tokens: int, rng) -> tuple:
+        """FFN inputs of `tokens` random tokens at positions start..: the slow, token
+        and fast blocks of h, each (tokens, dims)."""
+        slow = self.slow_curve(np.arange(start, start + tokens)) / self.ln_std
+        token = rng.standard_normal((tokens, self.s.token_dims)) / self.ln_std
+        width = self.fast.stop - self.fast.start
+        return slow, token, rng.standard_normal((tokens, width)) / self.ln_std
+
     def slow_curve(self, positions: np.ndarray) -> np.ndarray:
         """slow(t) for positions t: (T, slow_dims), per-dim std `slow_scale`."""
         angles = np.outer(positions, self.omegas) + self.phases  # (T, planes)
@@ -198,12 +213,12 @@ class SyntheticOPT:
         r = rng.standard_normal((n, self.fast.stop - self.fast.start), dtype=np.float32)
         r /= np.linalg.norm(r, axis=1, keepdims=True)
         rate = self.layer_rate(layer) * np.exp(rng.normal(0, 0.5, n) - 0.125)
-        rate = np.clip(rate, 1e-4, 0.3)
+        rate = np.clip(rate, 1e-4, self.max_rate)
         # std of the part the predictor sees (slow + token) and of the whole
         seen = np.hypot(self.s.slow_scale, self.s.token_weight) / self.ln_std
         sigma = np.hypot(seen, self.s.fast_weight / self.ln_std)
         bias = -sigma * _INV(1 - rate)
-        predicted = np.clip(self.s.predicted_ratio * rate, 1e-4, 0.9)
+        predicted = np.clip(self.s.predicted_ratio * rate, 1e-4, self.max_predicted)
         return {
             "u": u,
             "v": v,
@@ -313,10 +328,7 @@ def simulate(
     neurons = min(neurons, len(info["u"]))
     pick = model._rng("simulate", layer).choice(len(info["u"]), neurons, replace=False)
     u, v, r = info["u"][pick], info["v"][pick], info["r"][pick]
-    slow = model.slow_curve(np.arange(start, start + tokens)) / model.ln_std
-    rng = model._rng("sim-tokens")
-    token = rng.standard_normal((tokens, v.shape[1])) / model.ln_std
-    fast = rng.standard_normal((tokens, r.shape[1])) / model.ln_std
+    slow, token, fast = model.sim_inputs(start, tokens, model._rng("sim-tokens"))
     seen = slow @ u.T + model.s.token_weight * token @ v.T
     active = seen + model.s.fast_weight * fast @ r.T + info["bias"][pick] > 0
     predicted = seen + info["predictor_bias"][pick] > 0
@@ -341,15 +353,15 @@ def simulate(
     }
 
 
-def calibrate_omega(model: SyntheticOPT) -> float:
-    """The drift speed w0 at which the middle layer's window loads `window_load` of
-    the FFN per token (bisection in log space; loads grow with w0)."""
+def calibrate_drift(model: SyntheticOPT) -> float:
+    """The drift at which the middle layer's window loads `window_load` of the FFN per
+    token (bisection in log space; loads grow with the drift)."""
     layer = model.args.num_hidden_layers // 2
     info = model.neurons(layer)
-    lo, hi = 1e-5, 3.0
+    lo, hi = model.drift_range
     for _ in range(30):
         mid = np.sqrt(lo * hi)
-        model.omegas = mid * model.spread
+        model.set_drift(mid)
         if simulate(model, layer, info=info)["window_load"] < model.s.window_load:
             lo = mid
         else:
@@ -367,13 +379,16 @@ def write_synthetic(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Write a synthetic sparse OPT-shaped model as a layout, with its predictor.
+    """Write a synthetic sparse model (OPT or Llama-FATReLU) as a layout, with its
+    predictor.
 
     Args:
         dst: layout directory to create.
-        shape: "opt-tiny", "opt-125m", "opt-1.3b", "opt-6.7b", or a dict of custom
-            sizes (hidden_size, ffn_dim, num_hidden_layers, num_attention_heads,
-            vocab_size, max_position_embeddings).
+        shape: "opt-tiny", "opt-125m", "opt-1.3b", "opt-6.7b", "llama-tiny",
+            "llama2-7b-relu" (synth_llama.py), or a dict of custom sizes
+            (hidden_size, ffn_dim (OPT) or intermediate_size (Llama),
+            num_hidden_layers, num_attention_heads, vocab_size,
+            max_position_embeddings).
         dtype, arrangement, force, progress: as for `convert`.
         seed: every weight follows from it (same seed, same model).
         structure: the activation structure (module docstring); default `Structure()`.
@@ -384,9 +399,15 @@ def write_synthetic(
     Raises:
         ValueError: an unknown shape or bad structure; FileExistsError: `dst` exists.
     """
+    from .synth_llama import LLAMA_SHAPES, SyntheticLlama
+
     started = time.perf_counter()
     _check_destination(dst, dtype, arrangement, force)
-    source = SyntheticOPT(shape, structure or Structure(), seed)
+    llama = isinstance(shape, dict) and "intermediate_size" in shape
+    if llama or shape in LLAMA_SHAPES:
+        source = SyntheticLlama(shape, structure, seed)
+    else:
+        source = SyntheticOPT(shape, structure or Structure(), seed)
     write_layout(source, dst, dtype, progress, arrangement)
     A_list, B_list, reports = source.predictor()
     store_predictor(
@@ -395,7 +416,7 @@ def write_synthetic(
         B_list,
         reports,
         {
-            "threshold": 0.5,
+            "threshold": source.predictor_threshold,
             "ranks": [source.j0 + 1] * source.args.num_hidden_layers,
             "tokens": 0,
             "source": "constructed by synth.py from the model's structure (untrained)",

@@ -73,3 +73,26 @@ def test_bad_shapes_are_refused(tmp_path):
             tmp_path / "x", "opt-tiny", structure=Structure(slow_dims=3), progress=False
         )
     assert not (tmp_path / "x").exists()
+
+
+def test_llama_fatrelu_model_has_its_structure(tmp_path):
+    layout = write_synthetic(tmp_path / "llama", "llama-tiny", progress=False)
+    assert Layout.open(layout).args.hidden_act == "fatrelu"
+    tokens = np.random.default_rng(1).integers(4, 512, 300).tolist()
+    dense, _ = load(layout)
+    expected = dense.logits(tokens, prefill=128)
+    flash, _ = load(layout, memory_budget="200%", predictor="oracle", window=2)
+    assert np.abs(flash.logits(tokens, prefill=128) - expected).max() < 1e-4
+    oracle = flash.io_stats()["decode"]
+    neurons = 2 * 512
+    active = oracle["neurons_predicted"] / oracle["tokens"] / neurons
+    assert 0.04 < active < 0.2  # about 90% of neurons stay inactive
+    lowrank, _ = load(layout, memory_budget="200%", window=2)
+    lowrank.logits(tokens, prefill=128)
+    stats = lowrank.io_stats()["decode"]
+    predicted = stats["neurons_predicted"] / stats["tokens"] / neurons
+    assert 1.3 * active < predicted < 3 * active
+    assert (
+        stats["neurons_loaded"] + stats["neurons_scratch"]
+        < stats["neurons_predicted"] / 2
+    )

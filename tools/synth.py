@@ -1,4 +1,4 @@
-"""Write a synthetic sparse OPT-shaped model as a layout (mlx_flashinfer/synth.py says
+"""Write a synthetic sparse OPT or Llama model as a layout (mlx_flashinfer/synth.py says
 exactly how its activation structure is produced).
 
     python tools/synth.py DST [--shape opt-1.3b|opt-6.7b|opt-125m|opt-tiny]
@@ -11,12 +11,13 @@ import time
 
 from mlx_flashinfer.layout import ARRANGEMENTS, DTYPES
 from mlx_flashinfer.synth import SHAPES, write_synthetic
+from mlx_flashinfer.synth_llama import LLAMA_SHAPES
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dst")
-    parser.add_argument("--shape", choices=SHAPES, default="opt-1.3b")
+    parser.add_argument("--shape", choices=[*SHAPES, *LLAMA_SHAPES], default="opt-1.3b")
     parser.add_argument("--dtype", choices=DTYPES, default="float16")
     parser.add_argument("--arrangement", choices=ARRANGEMENTS, default="bundled")
     parser.add_argument("--seed", type=int, default=0)
