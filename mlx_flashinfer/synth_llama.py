@@ -12,7 +12,8 @@ Llama differs:
   layers' attention is tiny.
 - No FFN biases: a neuron fires when its gate pre-activation exceeds the FATReLU
   threshold t, so neuron i's gate row is scaled by t / (its analytic firing point),
-  which sets its rate p_i exactly as the OPT biases do. Up rows are random, down rows tiny.
+  which sets its rate p_i exactly as the OPT biases do. Up rows are random, down rows
+  tiny.
 - No constant feature: the predictor (rank slow_dims + token_dims) compares B(A h) with
   logit(0.75) > 0, B's rows being scaled so that the cut falls at the firing point.
 Defaults: about 10% of neurons active (7% first layer to 13% last), the predictor
