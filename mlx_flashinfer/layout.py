@@ -217,11 +217,14 @@ class Layout:
 
     def resident_tensors(self) -> dict[str, np.ndarray]:
         """Every resident tensor as float32 NumPy (the dense reference path)."""
+        return dict(self.iter_resident())
+
+    def iter_resident(self):
+        """(name, float32 NumPy) of each resident tensor, one at a time, so a caller
+        converting them (to MLX, say) never holds two copies of them all."""
         header, start = read_header(self.resident_path)
-        return {
-            name: read_tensor(self.resident_path, info, start).astype(np.float32)
-            for name, info in header.items()
-        }
+        for name, info in header.items():
+            yield name, read_tensor(self.resident_path, info, start).astype(np.float32)
 
     def update_manifest(self, changes: dict) -> None:
         """Merge `changes` into the manifest and rewrite it atomically."""

@@ -98,7 +98,7 @@ def load(
         raise ValueError("memory_budget applies to flash mode: drop dense=True")
     if not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
-    weights = prepare_weights(B, layout.resident_tensors())
+    weights = prepare_weights(B, layout.iter_resident())
     plan = None
     if dense:
         ffn = DenseFFN(B, layout, weights)

@@ -134,14 +134,18 @@ class DenseFFN:
         )
 
 
-def prepare_weights(backend, resident: dict[str, np.ndarray]) -> dict:
-    """Resident NumPy tensors -> backend arrays: matrices through `backend.weight`,
-    except the learned positions (only ever looked up); vectors as plain arrays."""
+def prepare_weights(backend, resident) -> dict:
+    """Resident NumPy tensors (a dict, or (name, array) pairs from
+    `Layout.iter_resident`, which never holds them all twice) ->
+    backend arrays: matrices through `backend.weight`, except the learned positions
+    (only ever looked up); vectors as plain arrays."""
     return {
         name: backend.weight(value)
         if value.ndim == 2 and name != "embed_positions.weight"
         else backend.array(value)
-        for name, value in resident.items()
+        for name, value in (
+            resident.items() if isinstance(resident, dict) else resident
+        )
     }
 
 
