@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .backends import BACKENDS
+from .bench.cli import add_bench_command
 from .layout import DTYPES, Layout
 from .memory import format_bytes
 from .predictors import PREDICTORS
@@ -370,9 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flashinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser(
-        "convert", help="convert a Hugging Face dir or GGUF file to a layout"
-    )
+    p = sub.add_parser("convert", help="convert a Hugging Face dir or GGUF to a layout")
     p.add_argument(
         "src",
         help="Hugging Face directory, .gguf file, or 'default' "
@@ -480,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_options(p)
     p.set_defaults(run=cmd_perplexity)
+    add_bench_command(sub)
     return parser
 
 

@@ -10,12 +10,12 @@ FlashReader itself instead, on ffn.bin-like files and random sparse neuron sets.
 
     python tools/disk_probe.py /work/probe --out probe.json [--keep]
     python tools/disk_probe.py /work/probe --reader --out reader.json
+
+`flashinfer bench` runs `short_probe` when no saved probe is given.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import mmap
 import os
@@ -25,12 +25,16 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_flashinfer.flash_reader import FlashReader, open_uncached
-from mlx_flashinfer.layout import LayerExtent, align_up
+from .flash_reader import FlashReader, open_uncached
+from .layout import LayerExtent, align_up
 
 KIB = 1024
 SIZES = tuple(4 * KIB << k for k in range(9))  # 4 KiB ... 1 MiB
 THREADS = (1, 2, 4, 8, 16, 32)
+# The short probe of `flashinfer bench`: the read sizes and thread counts its rows use
+# (16 reader threads; one for mmap faults and layer streaming), about 10 s.
+SHORT_SIZES = tuple(4 * KIB << k for k in range(0, 9, 2))  # 4, 16, 64, 256 KiB, 1 MiB
+SHORT_THREADS = (1, 4, 16)
 FILE_NAME = "disk_probe.bin"
 # (layers, neurons, bundle bytes): the default model, and an OPT-6.7B layer shape
 # (4 of its 32 layers are enough to defeat caching).
@@ -81,6 +85,17 @@ def probe(
         "threads": list(threads),
         "cells": cells,
     }
+
+
+def short_probe(path: str | Path | None = None, progress: bool = True) -> dict:
+    """A quick `probe` (1 GiB file, 0.5 s per cell) for benchmarks without a saved one.
+
+    Raises:
+        ValueError: the directory's filesystem cannot bypass the page cache.
+    """
+    return probe(
+        path, SHORT_SIZES, SHORT_THREADS, 0.5, 1 << 30, keep=False, progress=progress
+    )
 
 
 def throughput_at(result: dict, read_size: float, threads: int) -> float:
@@ -253,37 +268,3 @@ def _cell(fd: int, file_bytes: int, size: int, threads: int, seconds: float) -> 
         "seconds": elapsed,
         "bytes_per_s": nbytes / elapsed,
     }
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "dir", nargs="?", default=".", help="where to put the test file"
-    )
-    parser.add_argument("--size-gib", type=float, default=2.0, help="test file size")
-    parser.add_argument("--seconds", type=float, default=1.5, help="time per cell")
-    parser.add_argument("--out", type=Path, help="write the result as JSON here")
-    parser.add_argument("--keep", action="store_true", help="keep the test files")
-    parser.add_argument(
-        "--reader", action="store_true", help="measure FlashReader on ffn.bin shapes"
-    )
-    args = parser.parse_args()
-    if args.reader:
-        rows = reader_bench(args.dir, seconds=args.seconds, keep=args.keep)
-        print(reader_table(rows))
-        if args.out:
-            args.out.write_text(json.dumps(rows, indent=1) + "\n")
-        return
-    result = probe(
-        args.dir,
-        seconds=args.seconds,
-        file_bytes=int(args.size_gib * (1 << 30)),
-        keep=args.keep,
-    )
-    print(table(result))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()

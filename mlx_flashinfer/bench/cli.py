@@ -1,0 +1,191 @@
+"""The `flashinfer bench` command: options, and the run from options to files.
+
+Module-level imports stay light: `flashinfer`'s parser imports this for every
+command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import partial
+from pathlib import Path
+
+from ..backends import BACKENDS
+from ..predictors import PREDICTORS
+from .configs import ROWS
+
+
+def add_bench_command(sub) -> None:
+    """Register `bench` on the `flashinfer` subparsers."""
+    p = sub.add_parser(
+        "bench",
+        help="the paper's ablation and the baselines, each in a memory-limited process",
+    )
+    p.add_argument("model", nargs="?", help="layout directory, checkpoint or 'default'")
+    p.add_argument(
+        "--unbundled",
+        default=None,
+        help="the same model converted with arrangement 'separate' (default: "
+        "written into the cache folder once)",
+    )
+    p.add_argument("--budget", default="50%", help="bytes, 1.5GB or 50%% (default)")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS, default=["numpy", "mlx"])
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=None, help="default: all")
+    p.add_argument("--text", default=None, help="UTF-8 text: prompt and decoded tokens")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=256, help="decoded tokens per row")
+    p.add_argument(
+        "--slow-tokens",
+        type=int,
+        default=None,
+        help="decoded tokens of naive, hybrid, mmap, stream (default: --tokens)",
+    )
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--predictor", choices=PREDICTORS, default=None)
+    p.add_argument("--threads", type=int, default=None, help="flash reader threads")
+    p.add_argument(
+        "--limit", default=None, help="one memory limit for every row (e.g. 2GB)"
+    )
+    p.add_argument("--no-limit", action="store_true", help="run without cgroups")
+    p.add_argument("--probe", default=None, help="a saved disk probe JSON to reuse")
+    p.add_argument("--probe-dir", default=None, help="where the short probe writes")
+    p.add_argument("--out", default=None, help="result JSON (.md and .png beside it)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="JSON")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(run=cmd_bench)
+
+
+def load_result(path: str | Path) -> dict:
+    """A bench result JSON.
+
+    Raises:
+        FileNotFoundError, ValueError: missing, or not a bench result.
+    """
+    from .ablation import FORMAT
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a flashinfer bench result")
+    return data
+
+
+def parse_limit(value: str | None) -> int | None:
+    """--limit as bytes (a size, not a percentage)."""
+    from ..memory import parse_budget
+
+    if value is None:
+        return None
+    if "%" in value:
+        raise ValueError(f"--limit takes bytes or a size like 2GB, not {value!r}")
+    return parse_budget(value, 1)
+
+
+def cmd_compare(opts) -> int:
+    from .plots import write_compare_plot
+    from .report import compare
+
+    results = {name: load_result(name) for name in opts.compare}
+    print(compare(results), end="")
+    out = Path(opts.out or "bench-compare.json")
+    plot = write_compare_plot(results, out.with_suffix(".png"))
+    print(plot if isinstance(plot, str) else f"plot: {plot}")
+    return 0
+
+
+def available_backends(names: list[str]) -> list[str]:
+    """The asked backends that import here (a missing MLX is skipped with a note)."""
+    from ..backends import get_backend
+
+    kept = []
+    for name in dict.fromkeys(names):
+        try:
+            get_backend(name)
+            kept.append(name)
+        except ImportError as err:
+            print(f"flashinfer bench: skipping {name}: {err}", file=sys.stderr)
+    if not kept:
+        raise ImportError("no backend to run")
+    return kept
+
+
+def cmd_bench(opts) -> int:
+    if opts.compare:
+        return cmd_compare(opts)
+    if opts.model is None:
+        raise ValueError("give a MODEL to bench, or --compare A.json B.json")
+    from ..disk_probe import short_probe
+    from .ablation import layout_files, prepare, run_bench
+    from .cgroup import find_memory_cgroup
+    from .plots import write_plots
+    from .report import markdown
+    from .runner import run_isolated
+
+    prepared = prepare(
+        opts.model,
+        unbundled=opts.unbundled,
+        budget=opts.budget,
+        backends=available_backends(opts.backends),
+        rows=opts.rows,
+        text=Path(opts.text).read_text(encoding="utf-8") if opts.text else None,
+        prompt_tokens=opts.prompt_tokens,
+        tokens=opts.tokens,
+        slow_tokens=opts.slow_tokens,
+        window=opts.window,
+        predictor=opts.predictor,
+        threads=opts.threads,
+        limit=parse_limit(opts.limit),
+        cache_dir=opts.cache_dir,
+    )
+    if opts.probe:
+        probe = load_probe(opts.probe)
+    else:
+        where = opts.probe_dir or prepared.bundled.path.parent
+        print(f"flashinfer bench: probing the disk in {where}", file=sys.stderr)
+        probe = short_probe(where, progress=not opts.quiet and sys.stderr.isatty())
+    cgroup = "unlimited (--no-limit)" if opts.no_limit else find_memory_cgroup()
+    root = hasattr(os, "geteuid") and os.geteuid() == 0
+    if isinstance(cgroup, str):
+        limits = f"unlimited: {cgroup}; peak = the worker's max RSS"
+        cgroup = None
+    else:
+        limits = (
+            f"cgroup v{cgroup.version}, one group per run (limit = budget + KV cache "
+            "+ process overhead + I/O buffers, unless --limit); page cache evicted "
+            "before each run (fadvise DONTNEED" + (" + drop_caches)" if root else ")")
+        )
+    files = layout_files(prepared.bundled, prepared.unbundled)
+    runner = partial(run_isolated, cgroup=cgroup, files=files, drop_all=root)
+    result = run_bench(prepared, runner, probe, limits, progress=not opts.quiet)
+    out = Path(opts.out or f"bench-{prepared.bundled.path.name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    text = markdown(result)
+    out.with_suffix(".md").write_text(text)
+    print(text, end="")
+    plots = write_plots(result, out.with_suffix(""))
+    written = [out, out.with_suffix(".md")] + ([] if isinstance(plots, str) else plots)
+    print("wrote " + ", ".join(map(str, written)))
+    if isinstance(plots, str):
+        print(plots)
+    return 0
+
+
+def load_probe(path: str) -> dict:
+    """A saved disk probe (tools/disk_probe.py --out).
+
+    Raises:
+        FileNotFoundError, ValueError: missing, or not a probe.
+    """
+    try:
+        probe = json.loads(Path(path).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    if not isinstance(probe, dict) or not probe.get("cells"):
+        raise ValueError(f"{path}: not a disk probe (no cells)")
+    return probe

@@ -1,0 +1,265 @@
+"""The configurations of the ablation and the baselines, and the memory limit of each.
+
+Rows (the paper's Tables 2 and 3), every one decoding the same teacher-forced tokens:
+
+- naive: predictor "all", window 0, at the budget. Nothing survives a token, so every
+  FFN weight is read each token; the neuron cache is only a read buffer.
+- hybrid: predictor "all", window k, at a budget whose cache holds exactly half of
+  each layer's neurons (and whose scratch the other half): the cached half stays,
+  the other half is read each token.
+- +predictor: the predictor (lowrank when trained, else gate when the budget holds
+  it, else oracle), window 0, on the unbundled layout, at the budget.
+- +windowing: the same with window k.
+- all: the same on the bundled layout, i.e. "+bundling". The paper lists
+  "+bundling" (Table 2) and "all" (Table 3) apart; here both are this one
+  configuration, the full method at the budget, measured once.
+- dense: every weight in DRAM (the ceiling), under its own, larger limit.
+- mmap, stream: OS paging and layer streaming (`baselines.py`) under the limit of
+  the "all" row.
+
+Memory limit of a row: its budget (everything the memory plan bounds) + the KV cache
+at the context the run needs + the process overhead (`process_overhead`: the
+interpreter and libraries, and the largest resident tensor once more, the transient
+copy while weights are prepared) + the I/O buffers of its largest read (`io_buffers`).
+The dense row's budget is the whole model at float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ..baselines import DEFAULT_CHUNK_BYTES
+from ..layout import Layout
+from ..memory import HELD_BYTES, MemoryPlan, model_bytes, parse_budget, plan_memory
+from ..model import kv_cache_bytes
+from ..predictors import predictor_nbytes
+from ..safetensors_stream import read_header
+
+ABLATION_ROWS = ("naive", "hybrid", "+predictor", "+windowing", "all")
+BASELINE_ROWS = ("dense", "mmap", "stream")
+ROWS = ABLATION_ROWS + BASELINE_ROWS
+# rows that read (at least) half the FFN every token: --slow-tokens shortens them
+SLOW_ROWS = ("naive", "hybrid", "mmap", "stream")
+TITLES = {
+    "naive": "naive (every FFN weight read)",
+    "hybrid": "hybrid (half the FFN cached)",
+    "+predictor": "+ predictor (unbundled, k=0)",
+    "+windowing": "+ windowing (unbundled)",
+    "all": "+ bundling = all",
+    "dense": "dense, all in DRAM",
+    "mmap": "OS paging (mmap, llama.cpp)",
+    "stream": "layer streaming (AirLLM)",
+}
+# Memory of a worker beyond its plan: the interpreter, NumPy, the tokenizers library
+# (and the MLX runtime), plus one resident tensor at float32 while the weights are
+# prepared (`process_overhead`). Measured here (Linux x86_64), SmolLM2 at a 269 MB
+# budget: peak RSS 54-67 MB above the plan on NumPy, 90-113 MB on MLX, whose largest
+# tensor is the 113 MB embedding.
+BASE_OVERHEAD = {"numpy": 48 << 20, "mlx": 64 << 20}
+
+
+@dataclass
+class RunSpec:
+    """What one worker process runs (JSON-able)."""
+
+    row: str
+    kind: str  # "flash", "dense", "mmap" or "stream"
+    backend: str
+    layout: str  # the layout the FFN is read from
+    prompt: list[int]
+    targets: list[int]  # fed one per decode step
+    predictor_layout: str | None = None  # the predictor's layout (the bundled one)
+    budget: int | None = None
+    predictor: str | None = None
+    window: int = 0
+    threads: int | None = None
+    max_context: int = 0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    limit: int | None = None  # bytes, None: unlimited
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunSpec:
+        return cls(**data)
+
+
+def hybrid_budget(layout: Layout) -> int:
+    """The budget whose plan (predictor "all") caches ceil(n/2) neurons per layer and
+    has as many scratch rows: plan_memory gives rows // (layers + 1) to scratch and
+    the rest evenly to the layers."""
+    resident, _ = model_bytes(layout)
+    args = layout.args
+    half = -(-args.intermediate_size // 2)
+    row = len(layout.bundle_parts) * args.hidden_size * HELD_BYTES
+    return resident + (args.num_hidden_layers + 1) * half * row
+
+
+def check_hybrid(plan: MemoryPlan, neurons: int) -> None:
+    """The hybrid plan must cache half of every layer and stream the rest through
+    scratch in one piece (raises RuntimeError otherwise: a planner change)."""
+    half = -(-neurons // 2)
+    if set(plan.capacity) != {half} or plan.scratch_rows < neurons - half:
+        raise RuntimeError(
+            f"hybrid plan caches {sorted(set(plan.capacity))} of {neurons} neurons "
+            f"with {plan.scratch_rows} scratch rows, not half and half"
+        )
+
+
+def pick_predictor(layout: Layout, budget: int, max_context: int) -> str:
+    """lowrank when trained; else gate when the budget holds it; else oracle."""
+    if layout.has_predictor:
+        return "lowrank"
+    try:
+        plan_memory(
+            layout,
+            budget,
+            predictor_nbytes("gate", layout),
+            kv_cache_bytes(layout.args, max_context),
+            max_context,
+        )
+    except ValueError:
+        return "oracle"
+    return "gate"
+
+
+def sequence_tokens(
+    layout: Layout, text: str | None, count: int, seed: int = 0
+) -> list[int]:
+    """`count` token ids: the start of `text`, or (no text) ids drawn uniformly from
+    the vocabulary with a fixed seed (the built-in generic sequence).
+
+    Raises:
+        ValueError: the text is shorter than `count` tokens.
+    """
+    if text is None:
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, layout.args.vocab_size, count).tolist()
+    from ..tokenizer import Tokenizer
+
+    ids = Tokenizer(layout.path, layout.manifest["tokenizer"]).encode(text)
+    if len(ids) < count:
+        raise ValueError(
+            f"the text has {len(ids)} tokens; {count} are needed (prompt + decoded)"
+        )
+    return ids[:count]
+
+
+def flash_plan(spec: RunSpec, layout: Layout, source: Layout) -> MemoryPlan:
+    """The plan the worker will use for a flash row (raises ValueError if the budget
+    cannot hold it)."""
+    return plan_memory(
+        layout,
+        spec.budget,
+        predictor_nbytes(spec.predictor, source),
+        kv_cache_bytes(layout.args, spec.max_context),
+        spec.max_context,
+    )
+
+
+def io_buffers(layout: Layout, rows: int, backend: str) -> int:
+    """Memory beyond the plan while `rows` bundles are read at once: the reader's
+    staging and output buffers (each grows to twice a read), the float32 rows and
+    MLX's copy of them."""
+    row = len(layout.bundle_parts) * layout.args.hidden_size * HELD_BYTES
+    copies = 2 if backend == "mlx" else 1
+    return rows * (4 * layout.bundle_bytes + copies * row)
+
+
+def process_overhead(layout: Layout, backend: str) -> int:
+    """BASE_OVERHEAD of the backend + the largest resident tensor at float32."""
+    header, _ = read_header(layout.resident_path)
+    largest = max((int(np.prod(t["shape"])) for t in header.values()), default=0)
+    return BASE_OVERHEAD.get(backend, BASE_OVERHEAD["mlx"]) + largest * HELD_BYTES
+
+
+def memory_limit(spec: RunSpec, layout: Layout, source: Layout) -> int:
+    """The memory limit of a row: budget + KV cache + process overhead + I/O
+    buffers (see the module docstring)."""
+    kv = kv_cache_bytes(layout.args, spec.max_context)
+    overhead = process_overhead(layout, spec.backend)
+    if spec.kind == "flash":
+        plan = flash_plan(spec, layout, source)
+        largest = max(plan.capacity[0], plan.scratch_rows)
+        return plan.budget + kv + overhead + io_buffers(layout, largest, spec.backend)
+    chunk = spec.chunk_bytes // layout.bundle_bytes
+    if spec.kind == "dense":
+        resident, ffn = model_bytes(layout)
+        layer = layout.args.intermediate_size
+        return resident + ffn + kv + overhead + io_buffers(layout, layer, spec.backend)
+    return spec.budget + kv + overhead + io_buffers(layout, chunk, spec.backend)
+
+
+def build_specs(
+    bundled: Layout,
+    unbundled: Layout | None,
+    budget: str | int,
+    backends: list[str],
+    rows: list[str],
+    tokens: list[int],
+    prompt_tokens: int,
+    decode_tokens: int,
+    slow_tokens: int,
+    window: int,
+    predictor: str | None,
+    threads: int | None,
+) -> list[RunSpec]:
+    """One RunSpec per (backend, row), in table order, every plan checked.
+
+    Args:
+        tokens: the sequence; the first `prompt_tokens` are the prompt, the next
+            `decode_tokens` (`slow_tokens` for SLOW_ROWS) are decoded.
+
+    Raises:
+        ValueError: a bad budget, window or row, or a budget a row cannot use.
+    """
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise ValueError(f"unknown row {bad[0]!r}: expected some of {', '.join(ROWS)}")
+    if window < 1:
+        raise ValueError(f"--window must be >= 1 (the windowed rows), got {window}")
+    if min(prompt_tokens, decode_tokens, slow_tokens) < 1:
+        raise ValueError("--prompt-tokens, --tokens and --slow-tokens must be >= 1")
+    resident, ffn = model_bytes(bundled)
+    amount = parse_budget(budget, resident + ffn)
+    context = prompt_tokens + max(decode_tokens, slow_tokens)
+    chosen = predictor or pick_predictor(bundled, amount, context)
+    half = hybrid_budget(bundled)
+    separate = unbundled or bundled
+    if unbundled is None and {"+predictor", "+windowing"} & set(rows):
+        raise ValueError("the +predictor and +windowing rows need an unbundled layout")
+    flash = {
+        "naive": (bundled, "all", 0, amount),
+        "hybrid": (bundled, "all", window, half),
+        "+predictor": (separate, chosen, 0, amount),
+        "+windowing": (separate, chosen, window, amount),
+        "all": (bundled, chosen, window, amount),
+    }
+    specs = []
+    for backend in backends:
+        for row in rows:
+            count = slow_tokens if row in SLOW_ROWS else decode_tokens
+            spec = RunSpec(
+                row=row,
+                kind="flash" if row in flash else row,
+                backend=backend,
+                layout=str(bundled.path),
+                prompt=tokens[:prompt_tokens],
+                targets=tokens[prompt_tokens : prompt_tokens + count],
+                predictor_layout=str(bundled.path),
+                budget=amount,
+                threads=threads,
+                max_context=context,
+            )
+            if row in flash:
+                layout, spec.predictor, spec.window, spec.budget = flash[row]
+                spec.layout = str(layout.path)
+                plan = flash_plan(spec, layout, bundled)  # refuses a budget too small
+                if row == "hybrid":
+                    check_hybrid(plan, bundled.args.intermediate_size)
+            specs.append(spec)
+    return specs
