@@ -156,8 +156,9 @@ def cmd_bench(opts) -> int:
     else:
         limits = (
             f"cgroup v{cgroup.version}, one group per run (limit = budget + KV cache "
-            "+ process overhead + I/O buffers, unless --limit); page cache evicted "
-            "before each run (fadvise DONTNEED" + (" + drop_caches)" if root else ")")
+            "+ process overhead + I/O buffers, unless --limit; peak = the group's "
+            "most charged memory, page cache included); page cache evicted before "
+            "each run (fadvise DONTNEED" + (" + drop_caches)" if root else ")")
         )
     files = layout_files(prepared.bundled, prepared.unbundled)
     runner = partial(run_isolated, cgroup=cgroup, files=files, drop_all=root)

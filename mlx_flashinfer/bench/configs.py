@@ -53,10 +53,11 @@ TITLES = {
     "stream": "layer streaming (AirLLM)",
 }
 # Memory of a worker beyond its plan: the interpreter, NumPy, the tokenizers library
-# (and the MLX runtime), plus one resident tensor at float32 while the weights are
-# prepared (`process_overhead`). Measured here (Linux x86_64), SmolLM2 at a 269 MB
-# budget: peak RSS 54-67 MB above the plan on NumPy, 90-113 MB on MLX, whose largest
-# tensor is the 113 MB embedding.
+# (and the MLX runtime), plus the transient copies of the largest resident tensor at
+# float32 while the weights are prepared: one on NumPy (read and widen), two on MLX
+# (widen, transpose, copy into MLX). Measured here (Linux x86_64), peak RSS above the
+# plan: SmolLM2 (113 MB embedding) 54-67 MB on NumPy, 90-113 MB on MLX; synthetic
+# OPT-125m (154 MB embedding) 58-68 MB on NumPy, 108-130 MB on MLX.
 BASE_OVERHEAD = {"numpy": 48 << 20, "mlx": 64 << 20}
 
 
@@ -161,20 +162,23 @@ def flash_plan(spec: RunSpec, layout: Layout, source: Layout) -> MemoryPlan:
     )
 
 
-def io_buffers(layout: Layout, rows: int, backend: str) -> int:
-    """Memory beyond the plan while `rows` bundles are read at once: the reader's
-    staging and output buffers (each grows to twice a read), the float32 rows and
-    MLX's copy of them."""
+def io_buffers(layout: Layout, rows: int, backend: str, staged: int = 4) -> int:
+    """Memory beyond the plan while `rows` bundles are read at once: `staged` copies
+    of the stored bytes (the flash reader's staging and output buffers each grow to
+    twice a read; a streamed chunk sits in its buffer and the page cache), the
+    float32 rows and MLX's copy of them."""
     row = len(layout.bundle_parts) * layout.args.hidden_size * HELD_BYTES
     copies = 2 if backend == "mlx" else 1
-    return rows * (4 * layout.bundle_bytes + copies * row)
+    return rows * (staged * layout.bundle_bytes + copies * row)
 
 
 def process_overhead(layout: Layout, backend: str) -> int:
-    """BASE_OVERHEAD of the backend + the largest resident tensor at float32."""
+    """BASE_OVERHEAD of the backend + its transient copies of the largest resident
+    tensor at float32."""
     header, _ = read_header(layout.resident_path)
     largest = max((int(np.prod(t["shape"])) for t in header.values()), default=0)
-    return BASE_OVERHEAD.get(backend, BASE_OVERHEAD["mlx"]) + largest * HELD_BYTES
+    copies = 1 if backend == "numpy" else 2
+    return BASE_OVERHEAD.get(backend, BASE_OVERHEAD["mlx"]) + copies * largest * 4
 
 
 def memory_limit(spec: RunSpec, layout: Layout, source: Layout) -> int:
@@ -186,12 +190,13 @@ def memory_limit(spec: RunSpec, layout: Layout, source: Layout) -> int:
         plan = flash_plan(spec, layout, source)
         largest = max(plan.capacity[0], plan.scratch_rows)
         return plan.budget + kv + overhead + io_buffers(layout, largest, spec.backend)
-    chunk = spec.chunk_bytes // layout.bundle_bytes
+    layer = layout.args.intermediate_size
     if spec.kind == "dense":
         resident, ffn = model_bytes(layout)
-        layer = layout.args.intermediate_size
         return resident + ffn + kv + overhead + io_buffers(layout, layer, spec.backend)
-    return spec.budget + kv + overhead + io_buffers(layout, chunk, spec.backend)
+    chunk = min(spec.chunk_bytes // layout.bundle_bytes, layer)
+    io = io_buffers(layout, chunk, spec.backend, staged=2)
+    return spec.budget + kv + overhead + io
 
 
 def build_specs(

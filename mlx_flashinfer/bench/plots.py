@@ -62,7 +62,7 @@ def write_plots(result: dict, prefix: str | Path) -> list[Path] | str:
         )
         ax.set_xlabel("ms per token")
         ax.set_title(f"{result['model']['name']}, {backend}")
-        ax.legend(loc="lower right")
+        ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(files[0], dpi=120)
     plt.close(fig)
@@ -84,21 +84,20 @@ def _throughput(plt, result: dict, probe: dict, path: Path) -> None:
             alpha=0.6,
             label=f"disk, {threads} thr",
         )
+    markers = {"numpy": "x", "mlx": "+"}
     for r in result["rows"]:
         m = r.get("metrics")
         if m and m["mean_read_bytes"] and m["gb_per_s"]:
-            ax.scatter(m["mean_read_bytes"], m["gb_per_s"], marker="x", color="k")
+            point = (m["mean_read_bytes"], m["gb_per_s"])
+            marker = markers.get(r["backend"], "o")
+            ax.scatter(*point, marker=marker, color="k", s=40)
             ax.annotate(
-                f"{r['title']} ({r['backend']})",
-                (m["mean_read_bytes"], m["gb_per_s"]),
-                fontsize=7,
-                xytext=(4, 2),
-                textcoords="offset points",
+                r["row"], point, fontsize=7, xytext=(4, 2), textcoords="offset points"
             )
     ax.set_xscale("log", base=2)
     ax.set_xlabel("read size (bytes)")
     ax.set_ylabel("GB/s")
-    ax.set_title("random-read throughput (probe) and each configuration")
+    ax.set_title("disk probe (lines) and each configuration's reads (x numpy, + mlx)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

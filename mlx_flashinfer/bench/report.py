@@ -116,6 +116,7 @@ def header_lines(result: dict) -> list[str]:
         f"prompt, {s['tokens']} decoded tokens ({s['slow_tokens']} for the rows "
         f"reading half the FFN or more), {s['sequence']}",
         f"- memory: {result['memory_limits']}",
+        "- compute: BLAS on one thread in every row (NumPy; MLX schedules its own)",
         "- disk: "
         + (
             f"probe ({probe['mode']}, {len(probe['cells'])} cells)"

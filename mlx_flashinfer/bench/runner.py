@@ -69,7 +69,13 @@ def run_isolated(
         group, peak, kills = None, None, 0
         if cgroup is not None and spec.limit is not None:
             name = f"flashinfer-bench-{os.getpid()}-{next(_counter)}"
-            group = create_group(cgroup, name, spec.limit)
+            try:
+                group = create_group(cgroup, name, spec.limit)
+            except OSError as err:
+                raise ValueError(
+                    f"cannot make a memory cgroup in {cgroup.parent} ({err}); "
+                    "run with --no-limit"
+                ) from None
             command = join_command(group, command)
         try:
             done = subprocess.run(command, capture_output=True, text=True)

@@ -69,6 +69,10 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
         ValueError, FileNotFoundError: a bad layout, budget or predictor.
     """
     B = get_backend(spec.backend)
+    # Every row computes on one BLAS thread, as the flash runtime does to leave the
+    # cores to its readers: on this shared 2-core machine two BLAS threads made the
+    # dense rows 7x slower whenever another process held a core (measured, OPT-125m).
+    B.limit_compute_threads(1)
     layout = Layout.open(spec.layout)
     weights = prepare_weights(B, layout.iter_resident())
     args, info = layout.args, {"arrangement": layout.arrangement}
