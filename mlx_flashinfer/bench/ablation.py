@@ -45,7 +45,7 @@ class Prepared:
 
 
 def prepare(
-    model: str,
+    model: str | None,
     unbundled: str | None = None,
     budget: str | int = "50%",
     backends: tuple[str, ...] = ("numpy", "mlx"),
@@ -64,7 +64,8 @@ def prepare(
     run and its memory limit.
 
     Args:
-        model: the model spec (layout directory, checkpoint or "default").
+        model: the model spec (layout directory, checkpoint, or None / "default"
+            for the embedded SmolLM2).
         unbundled: the same model converted with arrangement "separate" (default:
             written into the cache folder on first use).
         budget: the memory budget of the flash rows (bytes, "1.5GB", "50%").

@@ -23,7 +23,12 @@ def add_bench_command(sub) -> None:
         "bench",
         help="the paper's ablation and the baselines, each in a memory-limited process",
     )
-    p.add_argument("model", nargs="?", help="layout directory, checkpoint or 'default'")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default="default",
+        help="layout directory, checkpoint or 'default' (the embedded SmolLM2)",
+    )
     p.add_argument(
         "--unbundled",
         default=None,
@@ -117,8 +122,6 @@ def available_backends(names: list[str]) -> list[str]:
 def cmd_bench(opts) -> int:
     if opts.compare:
         return cmd_compare(opts)
-    if opts.model is None:
-        raise ValueError("give a MODEL to bench, or --compare A.json B.json")
     from ..disk_probe import short_probe
     from .ablation import layout_files, prepare, run_bench
     from .cgroup import find_memory_cgroup

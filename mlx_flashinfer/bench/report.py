@@ -115,6 +115,13 @@ def header_lines(result: dict) -> list[str]:
         f"{s['window']}, predictor {s['predictor']}; {s['prompt_tokens']}-token "
         f"prompt, {s['tokens']} decoded tokens ({s['slow_tokens']} for the rows "
         f"reading half the FFN or more), {s['sequence']}",
+        f"- rows: naive = predictor all, window 0 (every FFN weight read each "
+        "token); hybrid = predictor all at a budget whose cache holds half of each "
+        f"layer; + predictor = {s['predictor']}, window 0, unbundled layout; + "
+        f"windowing = window {s['window']}, unbundled; + bundling = all: the same on "
+        "the bundled layout (the paper's '+bundling' and 'all' are one configuration "
+        "here); dense: every weight in DRAM, under its own limit; OS paging and layer "
+        "streaming: under the limit of the 'all' row",
         f"- memory: {result['memory_limits']}",
         "- compute: BLAS on one thread in every row (NumPy; MLX schedules its own)",
         "- disk: "
