@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tiny_models import random_weights, tiny_config, write_hf_checkpoint
+from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert, load
-from mlx_flashinfer.backends import get_backend
 from mlx_flashinfer.loader import make_plan
 from mlx_flashinfer.memory import model_bytes, parse_budget
 from mlx_flashinfer.predictors import predictor_nbytes
@@ -19,14 +18,6 @@ RELU_FAMILY = [("opt", "relu")] + [
     ("llama", a) for a in ("relu", "fatrelu", "relu2", "drelu")
 ]
 _LAYOUTS: dict = {}
-
-
-def has_mlx() -> bool:
-    try:
-        get_backend("mlx")
-    except ImportError:
-        return False
-    return True
 
 
 BACKENDS = ["numpy"] + (["mlx"] if has_mlx() else [])

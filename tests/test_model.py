@@ -5,18 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import random_weights, tiny_model_configs, write_hf_checkpoint
+from tiny_models import has_mlx, random_weights, tiny_model_configs, write_hf_checkpoint
 
 import mlx_flashinfer
-from mlx_flashinfer import backends, convert, load, model
-
-
-def has_mlx() -> bool:
-    try:
-        backends.get_backend("mlx")
-    except ImportError:
-        return False
-    return True
+from mlx_flashinfer import convert, load, model
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import WORDS, random_weights, tiny_config, write_hf_checkpoint
+from tiny_models import WORDS, has_mlx, random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer import train_predictor as training
-from mlx_flashinfer.backends import get_backend
 from mlx_flashinfer.cli import main
 from mlx_flashinfer.train_predictor import train_predictor
-
-
-def has_mlx() -> bool:
-    try:
-        get_backend("mlx")
-    except ImportError:
-        return False
-    return True
 
 
 def predictable_opt(folder: Path) -> Path:

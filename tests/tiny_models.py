@@ -11,6 +11,18 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+
+def has_mlx() -> bool:
+    """Whether the MLX backend can be used here (tests skip its cases otherwise)."""
+    from mlx_flashinfer.backends import get_backend
+
+    try:
+        get_backend("mlx")
+    except ImportError:
+        return False
+    return True
+
+
 WORDS = [
     "the",
     "a",
