@@ -29,7 +29,7 @@ import numpy as np
 
 from .flash import FlashStats
 from .model import ffn_forward
-from .safetensors_stream import STORAGE, decode
+from .safetensors_stream import STORAGE, decode_into
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # stored bytes computed at a time
 PROC_IO = "/proc/self/io"
@@ -106,9 +106,13 @@ class _ChunkedFFN:
         B = self.backend
         out = None
         for ids, raw in self._chunks(layer):
-            values = decode(raw.view(STORAGE[self.layout.dtype]), self.layout.dtype)
-            values = values.reshape(len(ids), self.parts, self.args.hidden_size)
-            *inputs, output = [B.array(values[:, p]) for p in range(self.parts)]
+            dtype, d = self.layout.dtype, self.args.hidden_size
+            values = raw.view(STORAGE[dtype]).reshape(len(ids), self.parts, d)
+            rows = [np.empty((len(ids), d), np.float32) for _ in range(self.parts)]
+            *inputs, output = [
+                B.array(decode_into(values[:, p], dtype, rows[p]))
+                for p in range(self.parts)
+            ]
             parts = [B.rows_weight(r) for r in inputs] + [B.columns_weight(output)]
             bias = self.fc1_bias[layer]
             bias = None if bias is None else B.take_rows(bias, ids)

@@ -26,7 +26,7 @@ import numpy as np
 from .flash_reader import FlashReader
 from .memory import MemoryPlan
 from .model import ffn_forward
-from .safetensors_stream import STORAGE, decode
+from .safetensors_stream import STORAGE, decode_into
 from .window import LayerWindow
 
 
@@ -104,7 +104,10 @@ class FlashFFN:
         backend.limit_compute_threads(1)  # leave the cores to the reader threads
         regions = parts if layout.arrangement == "separate" else 1
         self.reader = FlashReader(
-            layout.ffn_path, layout.layers, layout.bundle_bytes, parts=regions,
+            layout.ffn_path,
+            layout.layers,
+            layout.bundle_bytes,
+            parts=regions,
             **options,
         )
         if self.reader.mode == "buffered":
@@ -122,6 +125,8 @@ class FlashFFN:
         layers = range(self.args.num_hidden_layers)
         self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
         self.fc2_bias = [weights.get(f"layers.{i}.fc2.bias") for i in layers]
+        # float32 rows of the last read, per part (valid until the next read)
+        self._staging = [np.empty((0, d), np.float32) for _ in range(parts)]
         self.observer = None  # optional (layer, h, ids, rows) hook on prefill chunks
         self.new_sequence()
         self.prefill = FlashStats()  # prompt tokens (streamed densely)
@@ -249,9 +254,16 @@ class FlashFFN:
         stats.bytes_useful += counters.bytes_useful - before[1]
         stats.reads += counters.reads - before[2]
         stats.io_s += counters.seconds - before[3]
-        values = decode(raw.view(STORAGE[self.dtype]), self.dtype)
+        values = raw.view(STORAGE[self.dtype])
         values = values.reshape(len(ids), self.parts, self.args.hidden_size)
-        return [self.backend.array(values[:, p]) for p in range(self.parts)]
+        rows = []
+        for p, stage in enumerate(self._staging):
+            if len(stage) < len(ids):  # grows to the largest read, then is reused
+                stage = self._staging[p] = np.empty(values[:, p].shape, np.float32)
+            # widen and de-interleave in one pass
+            decode_into(values[:, p], self.dtype, stage[: len(ids)])
+            rows.append(self.backend.array(stage[: len(ids)]))
+        return rows
 
     def _ffn(self, layer: int, h, rows: list, ids: np.ndarray):
         """FFN contribution of the neurons `ids`, whose bundle parts are `rows`."""

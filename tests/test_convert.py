@@ -14,7 +14,7 @@ from tiny_models import random_weights, tiny_config, write_gguf, write_hf_checkp
 from mlx_flashinfer import Layout, convert
 from mlx_flashinfer.args import ModelArgs
 from mlx_flashinfer.cli import main
-from mlx_flashinfer.safetensors_stream import decode, encode
+from mlx_flashinfer.safetensors_stream import decode, decode_into, encode
 
 Q = gguf.GGMLQuantizationType
 
@@ -358,3 +358,33 @@ def test_model_args_from_hf_config_ignores_unknown_keys():
     assert args.bundle_parts == ("fc1", "fc2")
     with pytest.raises(ValueError, match="unsupported activation 'gelu'"):
         ModelArgs.from_hf_config(tiny_config("llama", "gelu"))
+
+
+@pytest.mark.parametrize("width", [1, 7, 4096, 70000])
+def test_decode_into_float16_is_exact_for_every_value(width):
+    """The fast float16 widening equals NumPy's cast bit for bit on all 65536 values
+    (subnormals, infinities, nans, signed zeros), through a strided view, for rows
+    narrower and wider than its block."""
+    bits = np.arange(1 << 16, dtype=np.uint16)
+    bits = np.resize(bits, (-(-(1 << 16) // width) + 1) * width).reshape(-1, width)
+    interleaved = np.stack([bits, bits[::-1]], axis=1)  # (n, 2, width), like bundles
+    for part in range(2):
+        source = interleaved[:, part].view(np.float16)
+        out = np.full(source.shape, 7.0, np.float32)
+        decode_into(source, "float16", out)
+        expected = source.astype(np.float32)
+        assert np.array_equal(out.view(np.uint32), expected.view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_into_other_dtypes(dtype):
+    values = np.random.default_rng(0).standard_normal((5, 3, 9)).astype(np.float32)
+    stored = encode(values, dtype)
+    out = np.empty((5, 9), np.float32)
+    decode_into(stored[:, 1], dtype, out)
+    assert np.array_equal(out, decode(stored, dtype)[:, 1])
+
+
+def test_decode_into_nothing():
+    out = np.empty((0, 4), np.float32)
+    assert decode_into(np.empty((0, 4), np.float16), "float16", out) is out
