@@ -403,8 +403,17 @@ def write_synthetic(
 
     started = time.perf_counter()
     _check_destination(dst, dtype, arrangement, force)
-    llama = isinstance(shape, dict) and "intermediate_size" in shape
-    if llama or shape in LLAMA_SHAPES:
+    if isinstance(shape, dict):
+        llama = "intermediate_size" in shape
+        heads = shape.get("num_attention_heads", 1)
+        if shape.get("hidden_size", 0) % heads:
+            raise ValueError(
+                f"hidden size {shape.get('hidden_size')} is not a multiple of the "
+                f"{heads} attention heads"
+            )
+    else:
+        llama = shape in LLAMA_SHAPES
+    if llama:
         source = SyntheticLlama(shape, structure, seed)
     else:
         source = SyntheticOPT(shape, structure or Structure(), seed)

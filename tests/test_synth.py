@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from mlx_flashinfer import Layout, load
-from mlx_flashinfer.synth import Structure, SyntheticOPT, simulate, write_synthetic
+from mlx_flashinfer.synth import (
+    SHAPES,
+    Structure,
+    SyntheticOPT,
+    simulate,
+    write_synthetic,
+)
 
 TOKENS = np.random.default_rng(0).integers(4, 512, 200).tolist()
 
@@ -72,6 +78,19 @@ def test_bad_shapes_are_refused(tmp_path):
         write_synthetic(
             tmp_path / "x", "opt-tiny", structure=Structure(slow_dims=3), progress=False
         )
+    assert not (tmp_path / "x").exists()
+
+
+def test_custom_sizes(tmp_path):
+    opt = dict(SHAPES["opt-tiny"], num_hidden_layers=3, ffn_dim=256)
+    args = Layout.open(write_synthetic(tmp_path / "opt", opt, progress=False)).args
+    assert (args.family, args.num_hidden_layers, args.intermediate_size) == (
+        "opt",
+        3,
+        256,
+    )
+    with pytest.raises(ValueError, match="not a multiple of the 4 attention heads"):
+        write_synthetic(tmp_path / "x", dict(opt, hidden_size=30), progress=False)
     assert not (tmp_path / "x").exists()
 
 

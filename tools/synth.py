@@ -1,8 +1,12 @@
 """Write a synthetic sparse OPT or Llama model as a layout (mlx_flashinfer/synth.py says
 exactly how its activation structure is produced).
 
-    python tools/synth.py DST [--shape opt-1.3b|opt-6.7b|opt-125m|opt-tiny]
+    python tools/synth.py DST [--shape opt-1.3b|opt-6.7b|opt-125m|opt-tiny|
+                                       llama2-7b-relu|llama-tiny]
+        [--layers N] [--hidden N] [--neurons N] [--heads N]   custom sizes
         [--dtype float16] [--arrangement bundled|separate] [--seed 0] [--force]
+
+--layers/--hidden/--neurons/--heads replace those sizes of --shape (custom models).
 """
 
 import argparse
@@ -14,6 +18,28 @@ from mlx_flashinfer.synth import SHAPES, write_synthetic
 from mlx_flashinfer.synth_llama import LLAMA_SHAPES
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def custom_shape(opts) -> str | dict:
+    """--shape by name, or its sizes with the overrides given."""
+    overrides = {
+        "num_hidden_layers": opts.layers,
+        "hidden_size": opts.hidden,
+        "ffn_dim" if opts.shape in SHAPES else "intermediate_size": opts.neurons,
+        "num_attention_heads": opts.heads,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if not overrides:
+        return opts.shape
+    base = {**SHAPES, **LLAMA_SHAPES}[opts.shape]
+    return {**base, **overrides}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dst")
@@ -22,12 +48,15 @@ def main() -> int:
     parser.add_argument("--arrangement", choices=ARRANGEMENTS, default="bundled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
+    for flag in ("--layers", "--hidden", "--neurons", "--heads"):
+        parser.add_argument(flag, type=positive, default=None, help="custom size")
     opts = parser.parse_args()
+    shape = custom_shape(opts)
     started = time.perf_counter()
     try:
         write_synthetic(
             opts.dst,
-            opts.shape,
+            shape,
             opts.dtype,
             opts.arrangement,
             opts.seed,
@@ -38,7 +67,8 @@ def main() -> int:
         print(f"synth: error: {err}", file=sys.stderr)
         return 2
     print(
-        f"wrote {opts.shape} ({opts.arrangement}) to {opts.dst} in "
+        f"wrote {opts.shape}{'' if shape is opts.shape else ' (custom sizes)'} "
+        f"({opts.arrangement}) to {opts.dst} in "
         f"{time.perf_counter() - started:.0f} s"
     )
     return 0
