@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from .flash import FlashStats
+from .flash import TokenCounters
 from .model import ffn_forward
 from .safetensors_stream import STORAGE, decode_into
 
@@ -47,9 +47,9 @@ def process_read_bytes() -> int | None:
     return None
 
 
-class _ChunkedFFN:
-    """Shared by the baselines: per-token counters (as FlashFFN keeps them) and the
-    dense FFN of a layer over chunks of neurons handed over by `_chunks`."""
+class _ChunkedFFN(TokenCounters):
+    """Shared by the baselines: FlashFFN's per-token counters, and the dense FFN of a
+    layer over the chunks of neurons `_chunks` hands over."""
 
     def __init__(self, backend, layout, weights: dict, chunk_bytes: int):
         if layout.arrangement != "bundled":
@@ -67,40 +67,11 @@ class _ChunkedFFN:
         layers = range(self.args.num_hidden_layers)
         self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
         self.fc2_bias = [weights.get(f"layers.{i}.fc2.bias") for i in layers]
-        self.prefill = FlashStats()
-        self.decode = FlashStats()
-        self.last = FlashStats()
-        self._token = FlashStats()
-        self._started = 0.0
+        TokenCounters.__init__(self)
 
     # -- the FFN interface of model.py ------------------------------------------------
     def new_sequence(self) -> None:
         pass
-
-    def begin_token(self) -> None:
-        self._token = FlashStats()
-        self._started = time.perf_counter()
-
-    def end_token(self, logits, prompt_tokens: int) -> None:
-        self.backend.synchronize(logits)
-        self._token.total_s = time.perf_counter() - self._started
-        self._token.tokens = prompt_tokens
-        if prompt_tokens > 1:
-            self.prefill.add(self._token)
-        else:
-            self.decode.add(self._token)
-            self.last = self._token
-
-    def io_stats(self) -> dict:
-        """Running totals as `FlashFFN.io_stats` gives them (see `FlashStats`)."""
-        both = FlashStats()
-        both.add(self.prefill)
-        both.add(self.decode)
-        out = both.summary()
-        out["prefill"] = self.prefill.summary()
-        out["decode"] = self.decode.summary()
-        out["last"] = self.last.summary()
-        return out
 
     def __call__(self, layer: int, h):
         B = self.backend

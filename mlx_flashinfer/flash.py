@@ -69,7 +69,51 @@ class FlashStats:
         return out
 
 
-class FlashFFN:
+class TokenCounters:
+    """The FFN side of the model's token boundaries: FlashStats per token, summed
+    apart for prompt and decoded tokens. Shared by FlashFFN and the baselines
+    (baselines.py); subclasses set `backend` and fill `self._token` as they work."""
+
+    def __init__(self):
+        self.prefill = FlashStats()  # prompt tokens
+        self.decode = FlashStats()  # decoded tokens
+        self.last = FlashStats()  # the last decoded token
+        self._token = FlashStats()
+        self._started = 0.0
+
+    @property
+    def total(self) -> FlashStats:
+        both = FlashStats()
+        both.add(self.prefill)
+        both.add(self.decode)
+        return both
+
+    def io_stats(self) -> dict:
+        """Running totals since load (see `FlashStats.summary`), with the prompt and the
+        decoded tokens also apart (per-token figures mean most for the latter)."""
+        out = self.total.summary()
+        out["prefill"] = self.prefill.summary()
+        out["decode"] = self.decode.summary()
+        out["last"] = self.last.summary()
+        return out
+
+    # -- token boundaries (called by Model) --------------------------------------------
+    def begin_token(self) -> None:
+        self._token = FlashStats()
+        self._started = time.perf_counter()
+
+    def end_token(self, logits, prompt_tokens: int) -> None:
+        self.backend.synchronize(logits)
+        self._token.total_s = time.perf_counter() - self._started
+        self._token.tokens = prompt_tokens
+        if prompt_tokens > 1:
+            self.prefill.add(self._token)
+        else:
+            self.decode.add(self._token)
+            self.last = self._token
+
+
+class FlashFFN(TokenCounters):
     """The FFN of every layer, streamed from the layout's ffn.bin under a memory plan.
 
     Args:
@@ -129,48 +173,15 @@ class FlashFFN:
         self._staging = [np.empty((0, d), np.float32) for _ in range(parts)]
         self.observer = None  # optional (layer, h, ids, rows) hook on prefill chunks
         self.new_sequence()
-        self.prefill = FlashStats()  # prompt tokens (streamed densely)
-        self.decode = FlashStats()  # decoded tokens (the sparse path)
-        self.last = FlashStats()  # the last decoded token
-        self._token = FlashStats()
-        self._started = 0.0
+        TokenCounters.__init__(self)  # prompt tokens stream densely, decoded go sparse
 
     def new_sequence(self) -> None:
         """Forget every window (a fresh KV cache); cached rows just get overwritten."""
         n = self.args.intermediate_size
         self.windows = [LayerWindow(n, cap, self.k) for cap in self.plan.capacity]
 
-    @property
-    def total(self) -> FlashStats:
-        both = FlashStats()
-        both.add(self.prefill)
-        both.add(self.decode)
-        return both
-
     def io_stats(self) -> dict:
-        """Running totals since load (see `FlashStats.summary`), with the prompt and the
-        decoded tokens also apart (per-token figures mean most for the latter)."""
-        out = self.total.summary()
-        out["prefill"] = self.prefill.summary()
-        out["decode"] = self.decode.summary()
-        out["last"] = self.last.summary()
-        out["mode"] = self.reader.mode
-        return out
-
-    # -- token boundaries (called by Model) --------------------------------------------
-    def begin_token(self) -> None:
-        self._token = FlashStats()
-        self._started = time.perf_counter()
-
-    def end_token(self, logits, prompt_tokens: int) -> None:
-        self.backend.synchronize(logits)
-        self._token.total_s = time.perf_counter() - self._started
-        self._token.tokens = prompt_tokens
-        if prompt_tokens > 1:
-            self.prefill.add(self._token)
-        else:
-            self.decode.add(self._token)
-            self.last = self._token
+        return {**super().io_stats(), "mode": self.reader.mode}
 
     # -- the FFN -----------------------------------------------------------------------
     def __call__(self, layer: int, h):
