@@ -65,9 +65,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         layout = Path(tmp) / "layout"
         shutil.copytree(opts.model, layout)
-        section = train_predictor(layout, texts=[text[:half]],
-                                  tokens=opts.train_tokens, rank=opts.rank,
-                                  silu_sparsity=opts.sparsity, progress=False)
+        section = train_predictor(
+            layout,
+            texts=[text[:half]],
+            tokens=opts.train_tokens,
+            rank=opts.rank,
+            silu_sparsity=opts.sparsity,
+            progress=False,
+        )
         _, tok = mlx_flashinfer.load(layout, backend="numpy")
         ids = tok.encode(text[half:])[: opts.tokens]
         flash = {"memory_budget": opts.budget, "window": opts.window}
@@ -79,25 +84,34 @@ def main() -> None:
     report = section["report"]
     recall = sum(r["recall"] for r in report) / len(report)
     predicted = sum(r["predicted_fraction"] for r in report) / len(report)
-    print(f"{opts.model}: predictor trained on {section['tokens']} tokens of the first "
-          f"half in {section['seconds']:.0f} s (rank {opts.rank}, mean held-out recall "
-          f"{recall:.3f}, predicts {predicted:.1%} of neurons); scored "
-          f"{rows['dense']['tokens']} tokens of the second half, chunks of "
-          f"{opts.context}, prefill {opts.prefill}, budget {opts.budget}, "
-          f"k={opts.window}, {opts.backend}\n")
-    print("| predictor | perplexity | MB read/token | ms/token | predictor MB | "
-          "predictor ms/token (share of decode) |")
+    print(
+        f"{opts.model}: predictor trained on {section['tokens']} tokens of the first "
+        f"half in {section['seconds']:.0f} s (rank {opts.rank}, mean held-out recall "
+        f"{recall:.3f}, predicts {predicted:.1%} of neurons); scored "
+        f"{rows['dense']['tokens']} tokens of the second half, chunks of "
+        f"{opts.context}, prefill {opts.prefill}, budget {opts.budget}, "
+        f"k={opts.window}, {opts.backend}\n"
+    )
+    print(
+        "| predictor | perplexity | MB read/token | ms/token | predictor MB | "
+        "predictor ms/token (share of decode) |"
+    )
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         if name == "dense":
             print(f"| dense (all in DRAM) | {r['perplexity']:.3f} | 0 | | | |")
             continue
-        print(f"| {name} | {r['perplexity']:.3f} | {r['bytes_per_token'] / 1e6:.2f} | "
-              f"{r['ms_per_token']:.0f} | {r['predictor_mb']:.1f} | "
-              f"{r['predictor_ms']:.1f} ({r['predictor_share']:.1%}) |")
+        print(
+            f"| {name} | {r['perplexity']:.3f} | {r['bytes_per_token'] / 1e6:.2f} | "
+            f"{r['ms_per_token']:.0f} | {r['predictor_mb']:.1f} | "
+            f"{r['predictor_ms']:.1f} ({r['predictor_share']:.1%}) |"
+        )
     if opts.out:
-        Path(opts.out).write_text(json.dumps({"options": vars(opts), "rows": rows,
-                                              "report": report}, indent=1))
+        Path(opts.out).write_text(
+            json.dumps(
+                {"options": vars(opts), "rows": rows, "report": report}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":
