@@ -62,6 +62,7 @@ class LayerWindow:
         self.used = 0
         self.last_active = np.full(neurons, -(1 << 40), dtype=np.int64)
         self.token = 0
+        self._keep = np.zeros(neurons, dtype=bool)  # scratch mask of step(), all False
 
     @property
     def cached(self) -> np.ndarray:
@@ -83,28 +84,34 @@ class LayerWindow:
             dropped, self.used = self.used, 0
         cached = self.cached
         hits = int(np.count_nonzero(self.slot_of[active] >= 0))
+        # The neurons to keep, as a mask over all neurons: boolean passes cost a few
+        # microseconds where sorted set operations (union1d, setdiff1d) cost a few
+        # hundred, per layer and token.
+        keep = self._keep
         if len(active) > self.capacity:
             # Keep the predicted neurons already cached, fill the rest with new ones;
             # what still does not fit goes through scratch for this token only.
             already = active[self.slot_of[active] >= 0]
             new = active[self.slot_of[active] < 0]
             room = self.capacity - len(already)
-            keep = np.union1d(already, new[:room])
+            keep[already] = True
+            keep[new[:room]] = True
             scratch = new[room:]
             lru = 0
         else:
             in_window = cached[self.last_active[cached] > t - self.k]
-            keep = np.union1d(active, in_window)
-            lru = len(keep) - self.capacity
+            keep[active] = True
+            keep[in_window] = True
+            lru = int(np.count_nonzero(keep)) - self.capacity
             if lru > 0:  # least recently active first; this token's neurons never go
-                others = np.setdiff1d(in_window, active)
-                oldest = others[np.argsort(self.last_active[others], kind="stable")][
-                    :lru
-                ]
-                keep = np.setdiff1d(keep, oldest)
+                others = in_window[self.last_active[in_window] != t]
+                order = np.argsort(self.last_active[others], kind="stable")
+                keep[others[order[:lru]]] = False
             scratch = _EMPTY
-        evict = np.setdiff1d(cached, keep)
-        load = np.setdiff1d(keep, cached)
+        evict = cached[~keep[cached]]
+        kept = np.flatnonzero(keep)
+        load = kept[self.slot_of[kept] < 0]
+        keep[kept] = False  # clean for the next step
         move_src, move_dst = self._evict(evict)
         load_slots = np.arange(self.used, self.used + len(load), dtype=np.int64)
         self.neuron_at[load_slots] = load
@@ -129,7 +136,9 @@ class LayerWindow:
         end = self.used - len(evict)
         holes = np.sort(freed[freed < end])
         tail = np.arange(end, self.used, dtype=np.int64)
-        movers = np.setdiff1d(tail, freed)  # live rows past the new end
+        live = np.ones(len(tail), dtype=bool)
+        live[freed[freed >= end] - end] = False
+        movers = tail[live]  # live rows past the new end
         moved = self.neuron_at[movers]
         self.neuron_at[holes] = moved
         self.slot_of[moved] = holes
