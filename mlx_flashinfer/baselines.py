@@ -27,9 +27,8 @@ import time
 
 import numpy as np
 
-from .flash import TokenCounters
+from .flash import TokenCounters, bundle_rows
 from .model import ffn_forward
-from .safetensors_stream import STORAGE, decode_into
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # stored bytes computed at a time
 PROC_IO = "/proc/self/io"
@@ -67,7 +66,8 @@ class _ChunkedFFN(TokenCounters):
         layers = range(self.args.num_hidden_layers)
         self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
         self.fc2_bias = [weights.get(f"layers.{i}.fc2.bias") for i in layers]
-        TokenCounters.__init__(self)
+        self._staging = [np.empty(0, np.float32) for _ in range(self.parts)]
+        super().__init__()
 
     # -- the FFN interface of model.py ------------------------------------------------
     def new_sequence(self) -> None:
@@ -77,13 +77,9 @@ class _ChunkedFFN(TokenCounters):
         B = self.backend
         out = None
         for ids, raw in self._chunks(layer):
-            dtype, d = self.layout.dtype, self.args.hidden_size
-            values = raw.view(STORAGE[dtype]).reshape(len(ids), self.parts, d)
-            rows = [np.empty((len(ids), d), np.float32) for _ in range(self.parts)]
-            *inputs, output = [
-                B.array(decode_into(values[:, p], dtype, rows[p]))
-                for p in range(self.parts)
-            ]
+            *inputs, output = bundle_rows(
+                B, raw, self.layout.dtype, self.args.hidden_size, self._staging
+            )
             parts = [B.rows_weight(r) for r in inputs] + [B.columns_weight(output)]
             bias = self.fc1_bias[layer]
             bias = None if bias is None else B.take_rows(bias, ids)

@@ -69,6 +69,20 @@ class FlashStats:
         return out
 
 
+def bundle_rows(backend, raw: np.ndarray, dtype: str, d: int, staging: list) -> list:
+    """Stored bundles (bytes of n whole bundles) -> one backend (n, d) float32 array
+    per bundle part, widened and de-interleaved in one pass into `staging`: one
+    float32 buffer per part, grown to the largest read and then reused (on NumPy the
+    rows returned are views of it, valid until the next call)."""
+    values = raw.view(STORAGE[dtype]).reshape(-1, len(staging), d)
+    n, rows = len(values), []
+    for p in range(len(staging)):
+        if len(staging[p]) < n:
+            staging[p] = np.empty(values[:, p].shape, np.float32)
+        rows.append(backend.array(decode_into(values[:, p], dtype, staging[p][:n])))
+    return rows
+
+
 class TokenCounters:
     """The FFN side of the model's token boundaries: FlashStats per token, summed
     apart for prompt and decoded tokens. Shared by FlashFFN and the baselines
@@ -173,7 +187,7 @@ class FlashFFN(TokenCounters):
         self._staging = [np.empty((0, d), np.float32) for _ in range(parts)]
         self.observer = None  # optional (layer, h, ids, rows) hook on prefill chunks
         self.new_sequence()
-        TokenCounters.__init__(self)  # prompt tokens stream densely, decoded go sparse
+        super().__init__()  # counters: prompt tokens stream densely, decoded go sparse
 
     def new_sequence(self) -> None:
         """Forget every window (a fresh KV cache); cached rows just get overwritten."""
@@ -265,16 +279,8 @@ class FlashFFN(TokenCounters):
         stats.bytes_useful += counters.bytes_useful - before[1]
         stats.reads += counters.reads - before[2]
         stats.io_s += counters.seconds - before[3]
-        values = raw.view(STORAGE[self.dtype])
-        values = values.reshape(len(ids), self.parts, self.args.hidden_size)
-        rows = []
-        for p, stage in enumerate(self._staging):
-            if len(stage) < len(ids):  # grows to the largest read, then is reused
-                stage = self._staging[p] = np.empty(values[:, p].shape, np.float32)
-            # widen and de-interleave in one pass
-            decode_into(values[:, p], self.dtype, stage[: len(ids)])
-            rows.append(self.backend.array(stage[: len(ids)]))
-        return rows
+        d = self.args.hidden_size
+        return bundle_rows(self.backend, raw, self.dtype, d, self._staging)
 
     def _ffn(self, layer: int, h, rows: list, ids: np.ndarray):
         """FFN contribution of the neurons `ids`, whose bundle parts are `rows`."""

@@ -79,7 +79,8 @@ def _widen_float16(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     step = max(1, _F16_BLOCK // max(words.shape[1], 1))
     sign = np.empty((min(step, len(words)), words.shape[1]), np.uint32)
     for i in range(0, len(words), step):
-        u, s = words[i : i + step], sign[: len(words[i : i + step])]
+        u = words[i : i + step]
+        s = sign[: len(u)]
         np.copyto(u, bits[i : i + step], casting="unsafe")
         np.bitwise_and(u, 0x8000, out=s)
         np.left_shift(s, 16, out=s)

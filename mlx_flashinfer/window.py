@@ -83,7 +83,8 @@ class LayerWindow:
             self.slot_of[self.cached] = -1
             dropped, self.used = self.used, 0
         cached = self.cached
-        hits = int(np.count_nonzero(self.slot_of[active] >= 0))
+        is_cached = self.slot_of[active] >= 0
+        hits = int(np.count_nonzero(is_cached))
         # The neurons to keep, as a mask over all neurons: boolean passes cost a few
         # microseconds where sorted set operations (union1d, setdiff1d) cost a few
         # hundred, per layer and token.
@@ -91,8 +92,7 @@ class LayerWindow:
         if len(active) > self.capacity:
             # Keep the predicted neurons already cached, fill the rest with new ones;
             # what still does not fit goes through scratch for this token only.
-            already = active[self.slot_of[active] >= 0]
-            new = active[self.slot_of[active] < 0]
+            already, new = active[is_cached], active[~is_cached]
             room = self.capacity - len(already)
             keep[already] = True
             keep[new[:room]] = True

@@ -67,7 +67,7 @@ def main() -> int:
         print(f"synth: error: {err}", file=sys.stderr)
         return 2
     print(
-        f"wrote {opts.shape}{'' if shape is opts.shape else ' (custom sizes)'} "
+        f"wrote {opts.shape}{' (custom sizes)' if isinstance(shape, dict) else ''} "
         f"({opts.arrangement}) to {opts.dst} in "
         f"{time.perf_counter() - started:.0f} s"
     )

@@ -147,7 +147,8 @@ def backend_table(result: dict, backend: str) -> str:
         mem = r["memory"]
         limit = _f(mem["limit"] / MB, 0) if mem.get("limit") else "none"
         # the group's peak counts the page cache the kernel may reclaim; RSS does not
-        peak = _f((mem.get("peak") or r.get("max_rss") or 0) / MB, 0)
+        peak = mem.get("peak") or r.get("max_rss")
+        peak = _f(peak and peak / MB, 0)
         if r.get("max_rss"):
             peak += f" ({r['max_rss'] / MB:.0f})"
         if "error" in r:
