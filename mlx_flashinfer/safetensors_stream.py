@@ -66,8 +66,10 @@ _F16_SCALE = np.float32(2.0**112)  # float32 exponent bias 127 - float16 bias 15
 def _widen_float16(bits: np.ndarray, out: np.ndarray) -> np.ndarray:
     """float16 bits -> float32, exact for every value (subnormals, inf, nan).
 
-    NumPy's own cast runs at 0.2-0.6 G values/s here and is 4x slower still on
-    float16 subnormals; this runs at about 1.3 G/s on both. The exponent and
+    NumPy's own float16 cast is compute-bound on CPUs without a vectorized path,
+    and slowest on float16 subnormals; these few integer passes are not (the flash
+    path's memory management on OPT-1.3B: 192 -> 78 ms/token, measured with
+    benchmarks/decode_profile.py before and after). The exponent and
     mantissa move to their float32 places, one multiply by 2**112 rebiases the
     exponent (and normalizes subnormals exactly), inf and nan get the top exponent
     back, then the sign goes on.
