@@ -1,17 +1,23 @@
 """The Backend API over NumPy arrays: the reference every other backend is tested
 against.
 
-Arrays are float32. A weight matrix is (out, in) as in the checkpoints and goes through
-`weight` once at load, so each backend can store it as its matmul likes;
-`linear(x, w)` is x @ w.T. The MLX backend (`mlx_flashinfer/mlx_backend.py`) has the
-same names.
+Weights are held as the layout stores them (float16, bfloat16 as uint16 bits, or
+float32), never widened whole: `linear` multiplies 16-bit matrices with the compiled
+kernels of `fallback_numpy/kernels.py`, accumulating in float32. Activations are
+float32. A weight matrix is (out, in) as in the checkpoints and goes through `weight`
+once at load; `linear(x, w)` is x @ w.T. The MLX backend
+(`mlx_flashinfer/mlx_backend.py`) has the same names.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from . import kernels
+
 name = "numpy"
+# what each layout dtype is held as: bfloat16 as its bits (NumPy has no bfloat16)
+HELD = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 
 
 def array(values) -> np.ndarray:
@@ -24,20 +30,36 @@ def to_numpy(x) -> np.ndarray:
 
 
 def weight(values) -> np.ndarray:
-    """A (out, in) matrix prepared for `linear` (NumPy: as is; BLAS transposes for
-    free)."""
-    return array(values)
+    """A (out, in) matrix held for `linear`, in the form it is stored (float16,
+    bfloat16 bits as uint16, float32); other floats become float32."""
+    values = np.asarray(values)
+    if values.dtype.type not in (np.float16, np.uint16, np.float32):
+        values = values.astype(np.float32)
+    return np.ascontiguousarray(values)
+
+
+def weight_view(values) -> np.ndarray:
+    """Stored values (rows contiguous, any row stride) as a `linear` weight for
+    immediate use: computed on where they are, no copy."""
+    return values
 
 
 def weight_rows(w, ids) -> np.ndarray:
-    """Rows `ids` of a matrix prepared by `weight` (embedding lookup)."""
-    return w[np.asarray(ids)]
+    """Rows `ids` of a matrix held by `weight`, as float32 (embedding lookup)."""
+    return kernels.widen(w[np.asarray(ids)])
 
 
-def zeros(shape: tuple[int, ...]) -> np.ndarray:
-    out = np.zeros(shape, dtype=np.float32)
+def zeros(shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
+    """A preallocated array of a layout dtype ("float32", "float16", "bfloat16")."""
+    out = np.zeros(shape, dtype=HELD[dtype])
     out.fill(0)  # touch every page: preallocated memory is really held, as planned
     return out
+
+
+def host_view(a) -> np.ndarray | None:
+    """A writable NumPy view of an array made by `zeros`, through which reads land
+    in place (NumPy: the array itself)."""
+    return a
 
 
 def synchronize(x=None) -> None:
@@ -50,7 +72,16 @@ def take_rows(table, ids) -> np.ndarray:
 
 
 def linear(x, w, bias=None):
-    y = x @ w.T
+    """x @ w.T (+ bias), float32, for x (T, in) and a weight w (out, in): a matrix
+    held by `weight`, or the transposed view of (in, out) columns (see
+    `columns_weight`), which the kernels read as they are stored."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if w.dtype == np.float32:
+        y = x @ w.T
+    elif w.strides[-1] == w.itemsize:
+        y = kernels.matmul_t(x, w)
+    else:
+        y = kernels.matmul(x, w.T)
     return y if bias is None else y + bias
 
 
@@ -119,11 +150,13 @@ def above(x, threshold: float):
 
 
 def limit_compute_threads(threads: int) -> None:
-    """Cap BLAS threads: in flash mode the reader's threads need the cores too
-    (measured here, 2 cores: flash decode 345 -> 265 ms/token with BLAS on 1 thread)."""
+    """Cap BLAS and kernel threads: in flash mode the reader's threads need the cores
+    too (measured here, 2 cores: flash decode 345 -> 265 ms/token with BLAS on 1
+    thread)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=threads, user_api="blas")
+    kernels.set_threads(threads)
 
 
 def write_rows(matrix, slots, rows):

@@ -10,11 +10,11 @@
   read with large sequential buffered reads, computed densely and dropped from the
   page cache (POSIX_FADV_DONTNEED), so nothing stays between tokens.
 
-Both keep the resident weights (embeddings, attention, norms) in DRAM as float32 like
-the flash rows, so only the FFN's handling differs, and both compute in chunks of
-`chunk_bytes` of stored weights so the float32 copy of a layer never has to fit whole.
-They manage no cache, so their memory-management time is zero; converting the stored
-weights to float32 counts as compute (as on the flash rows' scratch path).
+Both keep the resident weights (embeddings, attention, norms) in DRAM as stored, like
+the flash runtime, so only the FFN's handling differs, and both compute on the stored
+bytes where they are, in chunks of `chunk_bytes` (NumPy reads the mapping or buffer
+itself; MLX copies each chunk in). They manage no cache, so their memory-management
+time is zero.
 The dense ceiling, every weight in DRAM, is `model.DenseFFN`.
 """
 
@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from .flash import TokenCounters, bundle_rows
+from .flash import TokenCounters, bundle_parts
 from .model import ffn_forward
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # stored bytes computed at a time
@@ -66,7 +66,6 @@ class _ChunkedFFN(TokenCounters):
         layers = range(self.args.num_hidden_layers)
         self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
         self.fc2_bias = [weights.get(f"layers.{i}.fc2.bias") for i in layers]
-        self._staging = [np.empty(0, np.float32) for _ in range(self.parts)]
         super().__init__()
 
     # -- the FFN interface of model.py ------------------------------------------------
@@ -77,8 +76,8 @@ class _ChunkedFFN(TokenCounters):
         B = self.backend
         out = None
         for ids, raw in self._chunks(layer):
-            *inputs, output = bundle_rows(
-                B, raw, self.layout.dtype, self.args.hidden_size, self._staging
+            *inputs, output = bundle_parts(
+                B, raw, self.layout.dtype, self.parts, self.args.hidden_size
             )
             parts = [B.rows_weight(r) for r in inputs] + [B.columns_weight(output)]
             bias = self.fc1_bias[layer]
@@ -86,7 +85,7 @@ class _ChunkedFFN(TokenCounters):
             part = ffn_forward(B, self.args, h, parts, bias)
             out = part if out is None else out + part
             # MLX is lazy: evaluate now, or every chunk of every layer stays alive
-            # until the token ends (the whole FFN in float32)
+            # until the token ends (the whole FFN copied in)
             B.synchronize(out)
         bias = self.fc2_bias[layer]
         return out if bias is None else out + bias

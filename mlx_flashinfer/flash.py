@@ -13,6 +13,18 @@ output equals the dense output whenever the predictor has full recall.
 Prefill streams each layer's whole FFN through the scratch rows (large sequential
 reads), computes it densely, and seeds the window with the last k tokens' predicted
 sets.
+
+Rows are held as stored (float16, bfloat16, float32) and reads land where they are
+used: the reader copies each bundle part from its aligned staging buffer straight into
+the cache (or scratch) rows, through a NumPy view of the backend array's memory
+(`host_view`; on MLX the memory of an evaluated array: unified memory on Apple
+silicon). The rules that make writing behind MLX's back safe:
+  1. a layer's cache rows change only between its computations: the token before
+     was evaluated (Model ends each token by evaluating its logits), and this
+     token's FFN graph over them is built after the writes;
+  2. whatever reads the scratch rows is evaluated before the next read into them.
+Where MLX will not share an array's memory, rows are copied in with `write_rows`
+(`io_stats()["landing"]` says which path ran).
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import numpy as np
 from .flash_reader import FlashReader
 from .memory import MemoryPlan
 from .model import ffn_forward
-from .safetensors_stream import STORAGE, decode_into
+from .safetensors_stream import STORAGE
 from .window import LayerWindow
 
 
@@ -45,7 +57,7 @@ class FlashStats:
     neurons_evicted: int = 0
     lru_evicted: int = 0  # evicted while still inside the window (budget too small)
     io_s: float = 0.0
-    # window bookkeeping, dtype conversion, cache row moves/writes
+    # window bookkeeping, cache row moves (and writes, where rows are copied in)
     memory_s: float = 0.0
     predictor_s: float = 0.0  # part of compute: the predictor's own time
     total_s: float = 0.0  # wall time of whole tokens (compute = total - io - memory)
@@ -69,18 +81,12 @@ class FlashStats:
         return out
 
 
-def bundle_rows(backend, raw: np.ndarray, dtype: str, d: int, staging: list) -> list:
-    """Stored bundles (bytes of n whole bundles) -> one backend (n, d) float32 array
-    per bundle part, widened and de-interleaved in one pass into `staging`: one
-    float32 buffer per part, grown to the largest read and then reused (on NumPy the
-    rows returned are views of it, valid until the next call)."""
-    values = raw.view(STORAGE[dtype]).reshape(-1, len(staging), d)
-    n, rows = len(values), []
-    for p in range(len(staging)):
-        if len(staging[p]) < n:
-            staging[p] = np.empty(values[:, p].shape, np.float32)
-        rows.append(backend.array(decode_into(values[:, p], dtype, staging[p][:n])))
-    return rows
+def bundle_parts(backend, raw: np.ndarray, dtype: str, parts: int, d: int) -> list:
+    """Stored bundles (the bytes of n whole bundles) -> one (n, d) `linear`-ready
+    array per bundle part, at the stored dtype (`weight_view`: NumPy computes on
+    `raw` where it is, MLX copies each part in)."""
+    values = raw.view(STORAGE[dtype]).reshape(-1, parts, d)
+    return [backend.weight_view(values[:, p]) for p in range(parts)]
 
 
 class TokenCounters:
@@ -160,12 +166,13 @@ class FlashFFN(TokenCounters):
         self.parts = parts
         options = {} if threads is None else {"threads": threads}
         backend.limit_compute_threads(1)  # leave the cores to the reader threads
-        regions = parts if layout.arrangement == "separate" else 1
         self.reader = FlashReader(
             layout.ffn_path,
             layout.layers,
             layout.bundle_bytes,
-            parts=regions,
+            parts=parts,
+            separate=layout.arrangement == "separate",
+            staging_bytes=plan.io_buffer,
             **options,
         )
         if self.reader.mode == "buffered":
@@ -178,13 +185,21 @@ class FlashFFN(TokenCounters):
         # (capacity, bundle) matrix: matmuls over column slices of the latter cost 10x
         # on MLX's CPU backend (measured), while each part alone is contiguous.
         self.caches = [
-            [backend.zeros((cap, d)) for _ in range(parts)] for cap in plan.capacity
+            [backend.zeros((cap, d), self.dtype) for _ in range(parts)]
+            for cap in plan.capacity
         ]
+        self.scratch = [
+            backend.zeros((plan.scratch_rows, d), self.dtype) for _ in range(parts)
+        ]
+        self._views = [[backend.host_view(m) for m in layer] for layer in self.caches]
+        self._scratch_views = [backend.host_view(m) for m in self.scratch]
+        in_place = all(
+            v is not None for v in [*self._scratch_views, *sum(self._views, [])]
+        )
+        self.landing = "in place" if in_place else "copy"
         layers = range(self.args.num_hidden_layers)
         self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
         self.fc2_bias = [weights.get(f"layers.{i}.fc2.bias") for i in layers]
-        # float32 rows of the last read, per part (valid until the next read)
-        self._staging = [np.empty((0, d), np.float32) for _ in range(parts)]
         self.observer = None  # optional (layer, h, ids, rows) hook on prefill chunks
         self.new_sequence()
         super().__init__()  # counters: prompt tokens stream densely, decoded go sparse
@@ -195,7 +210,20 @@ class FlashFFN(TokenCounters):
         self.windows = [LayerWindow(n, cap, self.k) for cap in self.plan.capacity]
 
     def io_stats(self) -> dict:
-        return {**super().io_stats(), "mode": self.reader.mode}
+        return {
+            **super().io_stats(),
+            "mode": self.reader.mode,
+            "landing": self.landing,
+        }
+
+    def held_bytes(self) -> dict:
+        """Bytes of the arrays this FFN holds, by part of the memory plan."""
+        return {
+            "predictor": int(self.predictor.nbytes),
+            "neuron cache": sum(int(m.nbytes) for layer in self.caches for m in layer),
+            "scratch": sum(int(m.nbytes) for m in self.scratch),
+            "read buffer": self.reader.staging_bytes,
+        }
 
     # -- the FFN -----------------------------------------------------------------------
     def __call__(self, layer: int, h):
@@ -216,22 +244,33 @@ class FlashFFN(TokenCounters):
         stats.neurons_scratch += len(plan.scratch_ids)
         stats.neurons_evicted += plan.evicted
         stats.lru_evicted += plan.lru_evicted
-        rows = self._read(layer, plan.load_ids)
-        cache = self.caches[layer]
-        for p in range(len(cache)):
-            if len(plan.move_src):
+        cache, views = self.caches[layer], self._views[layer]
+        loads = plan.load_ids
+        if self.landing == "in place":
+            # swap-delete moves, then the new rows land after the last used one
+            for view in views if len(plan.move_src) else ():
+                view[plan.move_dst] = view[plan.move_src]
+            if len(loads):
+                first = int(plan.load_slots[0])  # load slots are consecutive
+                block = [view[first : first + len(loads)] for view in views]
+                self._read(layer, loads, block)
+        else:
+            for p in range(self.parts) if len(plan.move_src) else ():
                 cache[p] = B.move_rows(cache[p], plan.move_src, plan.move_dst)
-            if len(plan.load_ids):
-                cache[p] = B.write_rows(cache[p], plan.load_slots, rows[p])
+            if len(loads):
+                rows = self._read_rows(layer, loads)
+                for p in range(self.parts):
+                    cache[p] = B.write_rows(cache[p], plan.load_slots, rows[p])
         # predictor time counts as compute; bookkeeping and row moves as memory
-        # management
+        # management, the reads (landing in the rows included) as I/O
         stats.memory_s += time.perf_counter() - started - (stats.io_s - io_before)
         used = [part[: plan.used] for part in cache]
         out = self._ffn(layer, h, used, window.cached)
-        step = max(self.plan.scratch_rows, 1)
+        step = self.plan.scratch_rows
         for s in range(0, len(plan.scratch_ids), step):  # overflow: used once, dropped
             ids = plan.scratch_ids[s : s + step]
-            out = out + self._ffn(layer, h, self._read(layer, ids), ids)
+            out = out + self._ffn(layer, h, self._read_rows(layer, ids), ids)
+            B.synchronize(out)  # rule 2: evaluated before the scratch rows change
         return out
 
     def _prefill(self, layer: int, h):
@@ -242,27 +281,42 @@ class FlashFFN(TokenCounters):
         masks = self.predictor.predict(layer, h)
         for mask in masks[-self.k :]:
             window.step(np.flatnonzero(mask))
-        cache = self.caches[layer]
+        cache, views = self.caches[layer], self._views[layer]
         n = self.args.intermediate_size
-        step = max(self.plan.scratch_rows, 1)
         out = None
-        for start in range(0, n, step):
-            ids = np.arange(start, min(start + step, n))
-            rows = self._read(layer, ids, whole_range=True)
+        for start in range(0, n, self.plan.scratch_rows):
+            ids = np.arange(start, min(start + self.plan.scratch_rows, n))
+            rows = self._read_rows(layer, ids, whole_range=True)
             part = self._ffn(layer, h, rows, ids)
             out = part if out is None else out + part
             if self.observer is not None:  # predictor training records activations
                 self.observer(layer, h, ids, rows)
             slots = window.slot_of[ids]
             keep = np.flatnonzero(slots >= 0)
-            for p in range(len(cache)) if len(keep) else ():
-                cache[p] = B.write_rows(
-                    cache[p], slots[keep], B.take_rows(rows[p], keep)
-                )
+            for p in range(self.parts) if len(keep) else ():
+                if self.landing == "in place":
+                    views[p][slots[keep]] = self._scratch_views[p][keep]
+                else:
+                    cache[p] = B.write_rows(
+                        cache[p], slots[keep], B.take_rows(rows[p], keep)
+                    )
+            B.synchronize(out)  # rule 2: evaluated before the scratch rows change
         return out
 
-    def _read(self, layer: int, ids: np.ndarray, whole_range: bool = False) -> list:
-        """Bundles of `ids`: one backend (n, d_model) float32 array per bundle part."""
+    def _read_rows(self, layer: int, ids: np.ndarray, whole_range: bool = False):
+        """Bundles of `ids` (at most scratch_rows of them) as one backend (n, d_model)
+        array per part: the scratch rows, or copies where rows cannot land in
+        place."""
+        n = len(ids)
+        if self.landing == "in place":
+            self._read(layer, ids, [v[:n] for v in self._scratch_views], whole_range)
+            return [m[:n] for m in self.scratch]
+        raw = self._read(layer, ids, None, whole_range)
+        d = self.args.hidden_size
+        return bundle_parts(self.backend, raw, self.dtype, self.parts, d)
+
+    def _read(self, layer: int, ids: np.ndarray, into, whole_range: bool = False):
+        """`reader.read` (or `read_range`) of `ids` into `into`, counted."""
         counters = self.reader.stats
         before = (
             counters.bytes_read,
@@ -271,16 +325,15 @@ class FlashFFN(TokenCounters):
             counters.seconds,
         )
         if whole_range:
-            raw = self.reader.read_range(layer, int(ids[0]), int(ids[-1]) + 1)
+            raw = self.reader.read_range(layer, int(ids[0]), int(ids[-1]) + 1, into)
         else:
-            raw = self.reader.read(layer, ids)
+            raw = self.reader.read(layer, ids, into)
         stats = self._token
         stats.bytes_read += counters.bytes_read - before[0]
         stats.bytes_useful += counters.bytes_useful - before[1]
         stats.reads += counters.reads - before[2]
         stats.io_s += counters.seconds - before[3]
-        d = self.args.hidden_size
-        return bundle_rows(self.backend, raw, self.dtype, d, self._staging)
+        return raw
 
     def _ffn(self, layer: int, h, rows: list, ids: np.ndarray):
         """FFN contribution of the neurons `ids`, whose bundle parts are `rows`."""

@@ -45,7 +45,35 @@ DEFAULT_MAX_GAP = 16 * 1024
 # or up to 25% slower.
 DEFAULT_CHUNK = 1 << 20
 MODES = ("auto", "direct", "nocache", "buffered")
+# The staging buffer the disk reads into: large enough to keep every reader thread
+# busy with 1 MiB chunks (16 x 1 MiB), small beside any budget; a read needing more
+# goes in rounds.
+DEFAULT_STAGING = 16 << 20
+MAX_ALIGN = 4096  # the largest O_DIRECT alignment met (logical block size)
 _F_NOCACHE = 48  # macOS <sys/fcntl.h>; Python's fcntl module may lack the name
+
+
+def staging_size(
+    layers: list[LayerExtent],
+    bundle_bytes: int,
+    regions: int = 1,
+    cap: int = DEFAULT_STAGING,
+) -> int:
+    """Bytes of a reader's staging buffer: `cap`, or a whole layer's bundles when
+    that is less (reads of sparse sets fit it too, in rounds), but at least one
+    piece's aligned read; whole pages."""
+    piece = bundle_bytes // regions + 2 * MAX_ALIGN
+    layer = max((e.neurons for e in layers), default=1) * bundle_bytes
+    size = max(min(cap, layer + 2 * MAX_ALIGN), piece)
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def _bytes_of(rows: np.ndarray) -> np.ndarray:
+    """Rows (n, ...) with contiguous rows -> their bytes, (n, row bytes) uint8."""
+    rows = rows.reshape(len(rows), -1)
+    if rows.shape[1] and rows.strides[1] != rows.itemsize:
+        raise ValueError("the rows of `into` must be contiguous")
+    return rows.view(np.uint8)
 
 
 def open_uncached(path: str | os.PathLike, mode: str = "auto") -> tuple[int, str, int]:
@@ -159,9 +187,28 @@ class ReadStats(ReadTotals):
 class FlashReader:
     """Reads neuron bundles of one layer from the FFN file, bypassing the page cache.
 
-    The arrays returned by `read` and `read_range` are views into buffers this reader
-    reuses: they are valid until the next call (copy them to keep them). One reader
-    serves one thread at a time.
+    Reads land where the caller wants them: `read(layer, ids, into)` writes piece p of
+    the i-th neuron into `into[p][i]` (the neuron cache's rows, say), one copy from
+    the aligned staging buffer the disk fills. Without `into`, the bundles come back
+    as uint8 rows of a buffer this reader reuses (valid until the next call).
+
+    The staging buffer has a fixed size, allocated once (`staging_bytes`, counted in
+    the memory plan): a read needing more goes in rounds. One reader serves one
+    thread at a time.
+
+    Args:
+        path: the FFN file.
+        layers: offset and neuron count of each layer.
+        bundle_bytes: bytes of one neuron's bundle.
+        threads: reader threads.
+        max_gap_bytes: gaps up to this size between wanted bundles are read through.
+        mode: "auto", "direct", "nocache" or "buffered" (see `open_uncached`).
+        chunk_bytes: long runs are split into reads of this size, over the threads.
+        parts: pieces a bundle splits into (its parts: gate, up, down), the unit of
+            `into`.
+        separate: the parts of a layer lie in separate regions (the unbundled
+            arrangement of the paper's ablation), not side by side in each bundle.
+        staging_bytes: size of the staging buffer (default: `staging_size`).
     """
 
     def __init__(
@@ -174,6 +221,8 @@ class FlashReader:
         mode: str = "auto",
         chunk_bytes: int = DEFAULT_CHUNK,
         parts: int = 1,
+        separate: bool = False,
+        staging_bytes: int | None = None,
     ):
         if not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 256:
             raise ValueError(f"threads must be 1..256, got {threads}")
@@ -190,13 +239,21 @@ class FlashReader:
         self.path = str(path)
         self.layers = list(layers)
         self.bundle_bytes = bundle_bytes
-        # parts > 1: an unbundled layout, each bundle part of a layer in its own region
-        # (the "before bundling" rows of the paper's ablation): one piece per part.
         self.parts = parts
+        self.piece_bytes = bundle_bytes // parts
+        self.regions = parts if separate else 1  # file regions per layer
         self.threads = threads
         self.max_gap_bytes = max_gap_bytes
         self.chunk_bytes = chunk_bytes
         self.stats = ReadStats()
+        smallest = bundle_bytes // self.regions + 2 * MAX_ALIGN  # one piece's read
+        if staging_bytes is None:
+            staging_bytes = staging_size(layers, bundle_bytes, self.regions)
+        elif staging_bytes < smallest:
+            raise ValueError(
+                f"staging_bytes {staging_bytes} cannot hold one piece's read "
+                f"({smallest} bytes)"
+            )
         self._fd, self.mode, self._align = open_uncached(path, mode)
         self._size = os.fstat(self._fd).st_size
         for i, extent in enumerate(self.layers):
@@ -208,75 +265,59 @@ class FlashReader:
                     f"{end} (truncated, or not this model's FFN file)"
                 )
         self._pool = ThreadPoolExecutor(int(threads)) if threads > 1 else None
-        self._staging = mmap.mmap(-1, mmap.PAGESIZE)
+        # page-aligned (mmap), so O_DIRECT reads can land in it
+        self._staging = mmap.mmap(-1, staging_bytes)
+        self.staging_bytes = staging_bytes
         self._out = np.empty((0, bundle_bytes), np.uint8)
 
     # -- public -----------------------------------------------------------------------
-    def read(self, layer: int, ids: np.ndarray) -> np.ndarray:
-        """Bundles `ids` (sorted, unique neuron ids) of `layer` as uint8 rows of
-        shape (len(ids), bundle_bytes); a view valid until the next call."""
+    def read(self, layer: int, ids: np.ndarray, into: list | None = None):
+        """Bundles `ids` (sorted, unique neuron ids) of `layer`.
+
+        Args:
+            layer: the layer.
+            ids: sorted unique neuron ids.
+            into: optional, one array per part of shape (len(ids), ...) whose rows
+                are contiguous and `piece_bytes` long (any dtype, any row stride):
+                piece p of neuron ids[i] is written to into[p][i].
+
+        Returns:
+            `into`, or without it uint8 rows (len(ids), bundle_bytes), a view valid
+            until the next call.
+        """
         began = time.perf_counter()
         extent = self._extent(layer)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        n, size = len(ids), self.bundle_bytes // self.parts  # size of one piece
+        n = len(ids)
         if n and (ids[0] < 0 or ids[-1] >= extent.neurons or np.any(np.diff(ids) <= 0)):
             raise ValueError(f"ids must be sorted, unique and in [0, {extent.neurons})")
-        if n == 0:
-            self._finish(layer, 0, 0, 0, began)
-            return self._out[:0]
-        region = extent.neurons * size  # bytes of one part's region (parts > 1)
-        starts = np.concatenate(
-            [extent.offset + p * region + ids * size for p in range(self.parts)]
-        )
-        lo, hi = self._align_down(starts), self._align_up(starts + size)
-        # A new run begins where the (aligned) gap to the previous bundle is too big
-        # to read through; aligned ranges that touch or overlap always merge.
-        new_run = np.empty(len(starts), dtype=bool)
-        new_run[0] = True
-        new_run[1:] = lo[1:] - hi[:-1] > self.max_gap_bytes
-        first = np.flatnonzero(new_run)
-        last = np.append(first[1:] - 1, len(starts) - 1)
-        run_lo, run_hi = lo[first], hi[last]
-        run_pos = np.concatenate(([0], np.cumsum(run_hi - run_lo)[:-1]))
-        run_of = np.cumsum(new_run) - 1
-        reads, got = self._read_runs(run_lo, run_hi, run_pos)
-
-        if len(self._out) < n:
-            self._out = np.empty(
-                (max(n, 2 * len(self._out)), self.bundle_bytes), np.uint8
-            )
-        out = self._out[:n]
-        pos = run_pos[run_of] + (starts - run_lo[run_of])
-        # Copying in 8-byte words when offsets allow is about twice as fast as bytes.
-        word = next(w for w in (8, 4, 2, 1) if size % w == 0 and not np.any(pos % w))
-        words = np.frombuffer(self._staging, dtype=f"u{word}")
-        rows = np.lib.stride_tricks.as_strided(
-            words, (len(words) - size // word + 1, size // word), (word, word)
-        )
-        pieces = out.view(f"u{word}").reshape(n, self.parts, size // word)
-        pieces[:] = rows[(pos // word).reshape(self.parts, n).T]
+        if into is None:
+            if len(self._out) < n:
+                self._out = np.empty(
+                    (max(n, 2 * len(self._out)), self.bundle_bytes), np.uint8
+                )
+            out = self._out[:n]
+            piece = self.piece_bytes
+            dest = [out[:, p * piece : (p + 1) * piece] for p in range(self.parts)]
+        else:
+            dest = [np.asarray(d) for d in into]
+            if len(dest) != self.parts or any(len(d) != n for d in dest):
+                raise ValueError(
+                    f"into must be {self.parts} arrays of {n} rows, got "
+                    f"{[len(d) for d in dest]}"
+                )
+        reads = got = 0
+        if n:
+            reads, got = self._read_pieces(extent, ids, [_bytes_of(d) for d in dest])
         self._finish(layer, reads, got, n * self.bundle_bytes, began)
-        return out
+        return out if into is None else into
 
-    def read_range(self, layer: int, start: int, stop: int) -> np.ndarray:
-        """Bundles [start, stop) of `layer` with large sequential reads, shape
-        (stop - start, bundle_bytes); a view valid until the next call."""
-        began = time.perf_counter()
+    def read_range(self, layer: int, start: int, stop: int, into: list | None = None):
+        """Bundles [start, stop) of `layer`, with large sequential reads; as `read`."""
         extent = self._extent(layer)
         if not 0 <= start <= stop <= extent.neurons:
             raise ValueError(f"range [{start}, {stop}) not in [0, {extent.neurons}]")
-        n, size = stop - start, self.bundle_bytes
-        if n == 0:
-            self._finish(layer, 0, 0, 0, began)
-            return self._out[:0]
-        if self.parts > 1:  # one sequential run per part region, then interleave
-            return self.read(layer, np.arange(start, stop))
-        first = extent.offset + start * size
-        lo, hi = self._align_down(first), self._align_up(first + n * size)
-        reads, got = self._read_runs(np.array([lo]), np.array([hi]), np.array([0]))
-        rows = np.frombuffer(self._staging, np.uint8, n * size, first - lo)
-        self._finish(layer, reads, got, n * size, began)
-        return rows.reshape(n, size)
+        return self.read(layer, np.arange(start, stop), into)
 
     def close(self) -> None:
         """Release the file and the threads (idempotent)."""
@@ -307,14 +348,80 @@ class FlashReader:
     def _align_up(self, x):
         return -(-x // self._align) * self._align
 
+    def _read_pieces(self, extent: LayerExtent, ids, dest) -> tuple[int, int]:
+        """Read the file pieces of `ids` and copy piece p of ids[i] to dest[p][i]
+        (uint8 rows); in rounds that each fit the staging buffer. Returns (syscalls,
+        bytes read)."""
+        n, region = len(ids), extent.neurons * self.piece_bytes
+        size = self.bundle_bytes // self.regions  # bytes of one piece on disk
+        # On disk, in file order: one piece per neuron (bundled), or per part and
+        # neuron, part-major (separate).
+        starts = np.concatenate(
+            [extent.offset + r * region + ids * size for r in range(self.regions)]
+        )
+        lo, hi = self._align_down(starts), self._align_up(starts + size)
+        # A new run begins where the (aligned) gap to the previous piece is too big
+        # to read through; aligned ranges that touch or overlap always merge.
+        new_run = np.empty(len(starts), dtype=bool)
+        new_run[0] = True
+        new_run[1:] = lo[1:] - hi[:-1] > self.max_gap_bytes
+        # Runs longer than the staging buffer are cut at piece boundaries (streaming
+        # a whole layer, say): a cut starts where a piece ends `most` bytes further,
+        # so it spans less than `most` + one aligned piece.
+        most = max(1, len(self._staging) - size - 2 * self._align)
+        run_lo = lo[np.maximum.accumulate(np.where(new_run, np.arange(len(lo)), 0))]
+        cut = (hi - run_lo) // most
+        new_run[1:] |= cut[1:] != cut[:-1]
+        first = np.flatnonzero(new_run)
+        last = np.append(first[1:] - 1, len(starts) - 1)
+        run_lo, run_hi = lo[first], hi[last]
+        ends = np.cumsum(run_hi - run_lo)  # staging bytes up to each run's end
+        reads = got = 0
+        begin = 0  # first run of this round
+        while begin < len(first):
+            base = ends[begin - 1] if begin else 0
+            end = int(np.searchsorted(ends, base + len(self._staging), "right"))
+            pos = ends[begin:end] - (run_hi - run_lo)[begin:end] - base
+            r, g = self._read_runs(run_lo[begin:end], run_hi[begin:end], pos)
+            reads, got = reads + r, got + g
+            # piece j of this round sits at pos[its run] + (start - its run's lo)
+            j0, j1 = first[begin], last[end - 1] + 1
+            counts = last[begin:end] - first[begin:end] + 1
+            run_of = np.repeat(np.arange(end - begin), counts)
+            at = pos[run_of] + (starts[j0:j1] - run_lo[begin:end][run_of])
+            self._gather(j0, j1, at, n, dest)
+            begin = end
+        return reads, got
+
+    def _gather(self, j0: int, j1: int, at, n: int, dest) -> None:
+        """Copy file pieces j0..j1 (in file order), now at staging offsets `at`, into
+        their destination rows."""
+        piece = self.piece_bytes
+        for p in range(self.parts):
+            if self.regions > 1:  # pieces of part p are j in [p n, (p + 1) n)
+                a, b = max(j0, p * n), min(j1, (p + 1) * n)
+                if a >= b:
+                    continue
+                rows, offsets = slice(a - p * n, b - p * n), at[a - j0 : b - j0]
+            else:
+                rows, offsets = slice(j0, j1), at + p * piece
+            # 8-byte words where offsets allow: about twice as fast as bytes
+            word = next(
+                w
+                for w in (8, 4, 2, 1)
+                if piece % w == 0
+                and not np.any(offsets % w)
+                and dest[p].strides[0] % w == 0
+            )
+            words = np.frombuffer(self._staging, dtype=f"u{word}")
+            pieces = np.lib.stride_tricks.as_strided(
+                words, (len(words) - piece // word + 1, piece // word), (word, word)
+            )
+            dest[p][rows].view(f"u{word}")[:] = pieces[offsets // word]
+
     def _read_runs(self, lo, hi, pos) -> tuple[int, int]:
         """Read file bytes [lo[i], hi[i]) to staging[pos[i]:] for every run, in
         chunks over the thread pool; returns (syscalls, bytes read)."""
-        total = int(pos[-1] + hi[-1] - lo[-1])
-        if len(self._staging) < total:
-            # Grows rarely: doubling keeps a steady decode loop allocation-free.
-            pages = -(-max(total, 2 * len(self._staging)) // mmap.PAGESIZE)
-            self._staging = mmap.mmap(-1, pages * mmap.PAGESIZE)
         chunks = [
             (offset, p + offset - a, min(self.chunk_bytes, b - offset))
             for a, b, p in zip(lo.tolist(), hi.tolist(), pos.tolist(), strict=True)

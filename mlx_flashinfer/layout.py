@@ -215,16 +215,35 @@ class Layout:
             ).astype(np.float32, copy=False)
         return decode(raw[0], self.dtype).astype(np.float32, copy=False).reshape(shape)
 
+    def read_stored(self, layer: int) -> np.ndarray:
+        """Every bundle of `layer` as stored: (n, n_parts, d_model) of the layout's
+        storage dtype (float16, float32, or bfloat16 as uint16 bits), what the
+        backends hold in DRAM."""
+        extent = self.layers[layer]
+        parts = len(self.bundle_parts)
+        regions = parts if self.arrangement == "separate" else 1
+        size = extent.neurons * self.bundle_bytes
+        with open(self.ffn_path, "rb") as f:
+            f.seek(extent.offset)
+            raw = np.frombuffer(f.read(size), dtype=STORAGE[self.dtype])
+        if raw.nbytes != size:
+            raise ValueError(f"{self.ffn_path}: truncated while reading layer {layer}")
+        if regions > 1:  # (parts, n, d) regions -> (n, parts, d) bundles
+            raw = raw.reshape(parts, extent.neurons, -1).transpose(1, 0, 2)
+        return raw.reshape(extent.neurons, parts, self.args.hidden_size)
+
     def resident_tensors(self) -> dict[str, np.ndarray]:
         """Every resident tensor as float32 NumPy (the dense reference path)."""
         return dict(self.iter_resident())
 
-    def iter_resident(self):
-        """(name, float32 NumPy) of each resident tensor, one at a time, so a caller
-        converting them (to MLX, say) never holds two copies of them all."""
+    def iter_resident(self, stored: bool = False):
+        """(name, NumPy array) of each resident tensor, one at a time, so a caller
+        converting them (to MLX, say) never holds two copies of them all: float32,
+        or with `stored` in the layout's storage form (see `read_stored`)."""
         header, start = read_header(self.resident_path)
         for name, info in header.items():
-            yield name, read_tensor(self.resident_path, info, start).astype(np.float32)
+            tensor = read_tensor(self.resident_path, info, start, stored=stored)
+            yield name, tensor if stored else tensor.astype(np.float32)
 
     def update_manifest(self, changes: dict) -> None:
         """Merge `changes` into the manifest and rewrite it atomically."""

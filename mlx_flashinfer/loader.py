@@ -68,9 +68,10 @@ def load(
             NumPy).
         dense: read every FFN weight into memory. Default: dense unless a memory budget
             is given.
-        memory_budget: flash mode: bytes, "1.5GB", or "50%" of the model (at float32,
-            the precision weights are held in). Bounds resident weights + predictor +
-            neuron caches. Default "50%" when dense=False.
+        memory_budget: flash mode: bytes, "1.5GB", or "50%" of the model's weights
+            as stored (weights are held at the layout's dtype). Bounds resident
+            weights + predictor + neuron caches + scratch + read buffer. Default
+            "50%" when dense=False.
         window: k, tokens whose neurons stay cached (flash mode); 0 = no reuse.
         predictor: "lowrank" (default when trained), "gate" (default otherwise),
             "oracle" or "all" (flash mode).
@@ -98,7 +99,7 @@ def load(
         raise ValueError("memory_budget applies to flash mode: drop dense=True")
     if not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
-    weights = prepare_weights(B, layout.iter_resident())
+    weights = prepare_weights(B, layout.iter_resident(stored=True))
     plan = None
     if dense:
         ffn = DenseFFN(B, layout, weights)

@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from .safetensors_stream import encode
+
 TARGET_RECALL = 0.99  # Deja Vu: held-out recall to reach before stopping
 MIN_SHRINK = 0.02  # an epoch that shrinks the predicted set less made no progress
 MIN_GAIN = 0.005  # ... nor one that raises recall (below the target) less
@@ -312,6 +314,7 @@ class LowRankPredictor:
         B_list: list[np.ndarray],
         threshold: float | None = None,
         trained_threshold: float = 0.5,
+        dtype: str = "float32",
     ):
         """Args:
             backend: a Backend API module (`fallback_numpy.backend`, `mlx_backend`).
@@ -319,6 +322,8 @@ class LowRankPredictor:
             threshold: the probability cut; None means `trained_threshold`, the one
                 the predictor was trained (and its recall reported) at.
             trained_threshold: the cut used in training (from the manifest's report).
+            dtype: held as this layout dtype, like the model's weights (trained and
+                stored as float32).
 
         Raises:
             ValueError: a threshold outside (0, 1), or A/B shapes that do not chain.
@@ -329,11 +334,9 @@ class LowRankPredictor:
         self.backend = backend
         self.threshold = threshold
         self.cut = logit(threshold)
-        self.A = [backend.weight(a) for a in A_list]
-        self.B = [backend.weight(b) for b in B_list]
-        self.nbytes = sum(
-            4 * (a.size + b.size) for a, b in zip(A_list, B_list, strict=True)
-        )
+        self.A = [backend.weight(encode(a, dtype)) for a in A_list]
+        self.B = [backend.weight(encode(b, dtype)) for b in B_list]
+        self.nbytes = sum(int(m.nbytes) for m in self.A + self.B)
 
     @classmethod
     def from_file(
@@ -342,10 +345,11 @@ class LowRankPredictor:
         path: Path,
         threshold: float | None = None,
         trained_threshold: float = 0.5,
+        dtype: str = "float32",
     ) -> LowRankPredictor:
         """Load `predictor.safetensors` (see `load_predictor_arrays`)."""
         A_list, B_list = load_predictor_arrays(path)
-        return cls(backend, A_list, B_list, threshold, trained_threshold)
+        return cls(backend, A_list, B_list, threshold, trained_threshold, dtype)
 
     def predict(self, layer: int, h) -> np.ndarray:
         """Bool (T, n_ffn) mask of the neurons predicted to fire for h (T, d_model)."""

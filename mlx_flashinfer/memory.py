@@ -1,11 +1,13 @@
 """The memory budget and the plan it gives: what is held in DRAM, and how many neurons.
 
 As in the paper, the budget bounds the weights held in DRAM: resident weights
-(embeddings, attention, norms), the predictor, the per-layer neuron caches and the
-scratch rows that carry overflow and prefill streaming. The KV cache at `max_context`
-is planned beside it. Weights are held as float32, the compute precision of both CPU
-backends, so sizes here are float32 sizes; a percentage budget is of the whole model
-at that precision (for a float32 layout, its size on disk).
+(embeddings, attention, norms), the predictor, the per-layer neuron caches, the
+scratch rows that carry overflow and prefill streaming, and the flash reader's
+staging buffer. The KV cache at `max_context` is planned beside it. Both backends
+hold weights as the layout stores them (float16, bfloat16 or float32; norms and
+biases float32), so every size here is a stored size, and a percentage budget is of
+the layout's weights as stored: "50%" of a float16 model is half its bytes on disk,
+the paper's "model twice the DRAM".
 """
 
 from __future__ import annotations
@@ -13,12 +15,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import numpy as np
-
+from .flash_reader import staging_size
 from .layout import Layout
 from .safetensors_stream import read_header
 
-HELD_BYTES = 4  # float32 in DRAM
 _UNITS = {
     "": 1,
     "b": 1,
@@ -34,11 +34,18 @@ _UNITS = {
 
 
 def model_bytes(layout: Layout) -> tuple[int, int]:
-    """(resident, FFN) bytes of the model held in DRAM at float32."""
+    """(resident, FFN) bytes of the model's weights as stored, and as held."""
     header, _ = read_header(layout.resident_path)
-    resident = sum(int(np.prod(info["shape"])) for info in header.values())
-    ffn = sum(e.neurons for e in layout.layers) * len(layout.bundle_parts)
-    return resident * HELD_BYTES, ffn * layout.args.hidden_size * HELD_BYTES
+    resident = sum(
+        end - begin for begin, end in (i["data_offsets"] for i in header.values())
+    )
+    return resident, layout.ffn_bytes
+
+
+def io_buffer_bytes(layout: Layout) -> int:
+    """The flash reader's staging buffer for this layout (see `staging_size`)."""
+    regions = len(layout.bundle_parts) if layout.arrangement == "separate" else 1
+    return staging_size(layout.layers, layout.bundle_bytes, regions)
 
 
 def parse_budget(value: str | int | float, whole_model: int) -> int:
@@ -75,11 +82,13 @@ class MemoryPlan:
     budget: int
     resident: int
     predictor: int
-    row_bytes: int  # one cached neuron (its whole bundle) at float32
+    row_bytes: int  # one cached neuron: its whole bundle, as stored
     capacity: list[int]  # cache rows per layer
     scratch_rows: int  # overflow / prefill-streaming rows, shared by all layers
-    kv_cache: int  # at max_context
+    io_buffer: int  # the flash reader's staging buffer
+    kv_cache: int  # at max_context (float32 keys and values)
     max_context: int
+    dtype: str = "float16"  # the layout's, held as stored
 
     @property
     def cache_bytes(self) -> int:
@@ -92,7 +101,13 @@ class MemoryPlan:
     @property
     def weights(self) -> int:
         """Everything the budget bounds (never more than the budget)."""
-        return self.resident + self.predictor + self.cache_bytes + self.scratch_bytes
+        return (
+            self.resident
+            + self.predictor
+            + self.cache_bytes
+            + self.scratch_bytes
+            + self.io_buffer
+        )
 
     @property
     def total(self) -> int:
@@ -104,6 +119,7 @@ class MemoryPlan:
         caps = sorted(set(self.capacity))
         return [
             ("budget", format_bytes(self.budget)),
+            ("held as", f"{self.dtype} (as stored; norms and biases float32)"),
             ("resident", format_bytes(self.resident)),
             ("predictor", format_bytes(self.predictor)),
             (
@@ -115,6 +131,7 @@ class MemoryPlan:
                 "scratch",
                 f"{format_bytes(self.scratch_bytes)} ({self.scratch_rows} rows)",
             ),
+            ("read buffer", format_bytes(self.io_buffer)),
             ("weights total", f"{format_bytes(self.weights)} (<= budget)"),
             ("KV cache", f"{format_bytes(self.kv_cache)} at {self.max_context} tokens"),
             ("total", format_bytes(self.total)),
@@ -144,20 +161,21 @@ def plan_memory(
     that size.
 
     Raises:
-        ValueError: the budget cannot hold the resident weights, the predictor and at
-        least
-            one neuron row; the message gives the exact shortfall.
+        ValueError: the budget cannot hold the resident weights, the predictor, the
+            read buffer and one neuron row; the message gives the exact shortfall.
     """
     resident, ffn = model_bytes(layout)
     amount = parse_budget(budget, resident + ffn)
     args = layout.args
-    row = len(layout.bundle_parts) * args.hidden_size * HELD_BYTES
-    needed = resident + predictor_bytes + row
+    row = layout.bundle_bytes
+    io_buffer = io_buffer_bytes(layout)
+    needed = resident + predictor_bytes + io_buffer + row
     if amount < needed:
         raise ValueError(
             f"memory budget {format_bytes(amount)} is too small: resident weights "
             f"{format_bytes(resident)} + predictor {format_bytes(predictor_bytes)} + "
-            f"one neuron row need {format_bytes(needed)}, "
+            f"read buffer {format_bytes(io_buffer)} + one neuron row need "
+            f"{format_bytes(needed)}, "
             f"{needed - amount} bytes more"
             + (
                 "; a smaller predictor (flashinfer train-predictor) also helps"
@@ -165,7 +183,7 @@ def plan_memory(
                 else ""
             )
         )
-    rows = (amount - resident - predictor_bytes) // row
+    rows = (amount - resident - predictor_bytes - io_buffer) // row
     layers, neurons = args.num_hidden_layers, args.intermediate_size
     scratch = min(neurons, max(1, rows // (layers + 1)))
     capacity = min(neurons, (rows - scratch) // layers)
@@ -176,6 +194,8 @@ def plan_memory(
         row_bytes=row,
         capacity=[capacity] * layers,
         scratch_rows=scratch,
+        io_buffer=io_buffer,
         kv_cache=kv_cache,
         max_context=max_context,
+        dtype=layout.dtype,
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .args import ModelArgs
+from .safetensors_stream import decode
 
 PREFILL_CHUNK = (
     512  # long prompts run in chunks: attention scores stay (chunk x context)
@@ -63,9 +64,10 @@ def kv_cache_bytes(args: ModelArgs, context: int) -> int:
 
 
 def ffn_forward(backend, args: ModelArgs, h, parts, fc1_bias=None, fc2_bias=None):
-    """The FFN over a set of neurons given as weights prepared by `backend.weight`.
+    """The FFN over a set of neurons given as `linear` weights.
 
-    Llama family: parts = (gate (n, d), up (n, d), down (d, n)); OPT: (fc1, fc2).
+    Llama family: parts = (gate (n, d), up (n, d), down (d, n)); OPT: (fc1, fc2);
+    down (fc2) is the `columns_weight` view of (n, d) columns.
     A neuron whose activation is zero adds exactly zero, so running over any superset of
     the active neurons gives the dense result for ReLU-family models (paper section
     3.1).
@@ -90,17 +92,23 @@ def ffn_forward(backend, args: ModelArgs, h, parts, fc1_bias=None, fc2_bias=None
 
 
 class DenseFFN:
-    """Every FFN weight in memory: the reference the sparse path is proved against."""
+    """Every FFN weight in memory: the reference the sparse path is proved against.
 
-    def __init__(self, backend, layout, resident: dict):
+    Held as stored (or widened to float32 with `widen`, the reference that 16-bit
+    compute is measured against); gate/up (OPT: fc1) rows and down (fc2) columns
+    are each (n_ffn, d_model), as in the bundles and the neuron cache."""
+
+    def __init__(self, backend, layout, resident: dict, widen: bool = False):
         self.backend = backend
         self.args = layout.args
         self.layers = []
         for i in range(self.args.num_hidden_layers):
-            bundles = layout.read_bundles(i)  # (n_ffn, n_parts, d_model)
-            *inputs, output = (bundles[:, p] for p in range(bundles.shape[1]))
-            # rows of gate/up/fc1 are (out, in) already; down/fc2 columns are (in, out)
-            self.layers.append(tuple(backend.weight(w) for w in (*inputs, output.T)))
+            bundles = layout.read_stored(i)  # (n_ffn, n_parts, d_model)
+            if widen:
+                bundles = decode(bundles, layout.dtype).astype(np.float32)
+            self.layers.append(
+                [backend.weight(bundles[:, p]) for p in range(bundles.shape[1])]
+            )
         self.fc1_bias = [
             resident.get(f"layers.{i}.fc1.bias")
             for i in range(self.args.num_hidden_layers)
@@ -109,6 +117,9 @@ class DenseFFN:
             resident.get(f"layers.{i}.fc2.bias")
             for i in range(self.args.num_hidden_layers)
         ]
+
+    def held_bytes(self) -> dict:
+        return {"ffn": sum(int(w.nbytes) for parts in self.layers for w in parts)}
 
     # the flash FFN's hooks; nothing to count when every weight is in memory
     def new_sequence(self) -> None:
@@ -124,25 +135,21 @@ class DenseFFN:
         return {"bytes_read": 0, "reads": 0, "tokens": 0}
 
     def __call__(self, layer: int, h):
+        B = self.backend
+        *inputs, output = self.layers[layer]
+        parts = [B.rows_weight(r) for r in inputs] + [B.columns_weight(output)]
         return ffn_forward(
-            self.backend,
-            self.args,
-            h,
-            self.layers[layer],
-            self.fc1_bias[layer],
-            self.fc2_bias[layer],
+            B, self.args, h, parts, self.fc1_bias[layer], self.fc2_bias[layer]
         )
 
 
 def prepare_weights(backend, resident) -> dict:
     """Resident NumPy tensors (a dict, or (name, array) pairs from
-    `Layout.iter_resident`, which never holds them all twice) ->
-    backend arrays: matrices through `backend.weight`, except the learned positions
-    (only ever looked up); vectors as plain arrays."""
+    `Layout.iter_resident`, which never holds them all twice) -> backend arrays:
+    matrices through `backend.weight`, held as given (stored form, or float32);
+    vectors (norms, biases: always float32) as plain arrays."""
     return {
-        name: backend.weight(value)
-        if value.ndim == 2 and name != "embed_positions.weight"
-        else backend.array(value)
+        name: backend.weight(value) if value.ndim == 2 else backend.array(value)
         for name, value in (
             resident.items() if isinstance(resident, dict) else resident
         )
@@ -200,7 +207,7 @@ class Model:
             positions = (
                 np.arange(offset, offset + len(tokens)) + 2
             )  # OPT's learned offset
-            x = x + B.take_rows(w["embed_positions.weight"], positions)
+            x = x + B.weight_rows(w["embed_positions.weight"], positions)
         for i in range(a.num_hidden_layers):
             x = self._layer(i, x, cache[i], offset)
         if a.family == "llama":
@@ -316,3 +323,10 @@ class Model:
     def io_stats(self) -> dict:
         """Flash I/O running totals (bytes_read, reads, ...); zeros when dense."""
         return self.ffn.io_stats()
+
+    def held_bytes(self) -> dict:
+        """Bytes of the weight arrays the model holds, by part of the memory plan
+        ("resident", then the FFN's: "ffn" when dense; "predictor", "neuron cache",
+        "scratch", "read buffer" on flash). The KV cache comes with `make_cache`."""
+        resident = sum(int(w.nbytes) for w in self.w.values())
+        return {"resident": resident, **self.ffn.held_bytes()}

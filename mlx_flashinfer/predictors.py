@@ -18,6 +18,7 @@ import numpy as np
 
 from .args import ModelArgs
 from .layout import Layout
+from .safetensors_stream import STORAGE, read_header
 
 PREDICTORS = ("lowrank", "gate", "oracle", "all")
 DEFAULT_SILU_SPARSITY = 0.5  # CATS-style: half the neurons of a SiLU model skipped
@@ -81,15 +82,15 @@ class GatePredictor:
         self.silu_thresholds = (
             trained.get("silu_thresholds") or [None] * self.args.num_hidden_layers
         )
-        self.gates = [
-            backend.weight(layout.read_bundles(i)[:, 0])
+        self.gates = [  # held as stored, like every weight
+            backend.weight(layout.read_stored(i)[:, 0])
             for i in range(self.args.num_hidden_layers)
         ]
         self.bias = [
             resident.get(f"layers.{i}.fc1.bias")
             for i in range(self.args.num_hidden_layers)
         ]
-        self.nbytes = predictor_nbytes("gate", layout)
+        self.nbytes = sum(int(g.nbytes) for g in self.gates)
 
     def pre_activation(self, layer: int, h) -> np.ndarray:
         B = self.backend
@@ -124,7 +125,7 @@ class OraclePredictor:
         self.ups = None
         if self.args.hidden_act == "drelu":
             self.ups = [
-                backend.weight(layout.read_bundles(i)[:, 1])
+                backend.weight(layout.read_stored(i)[:, 1])
                 for i in range(self.args.num_hidden_layers)
             ]
 
@@ -140,15 +141,22 @@ class OraclePredictor:
 
 
 def predictor_nbytes(name: str, layout: Layout) -> int:
-    """DRAM bytes the named predictor holds (counted in the memory budget)."""
-    if name == "gate":
+    """DRAM bytes the named predictor holds (counted in the memory budget), at the
+    layout's dtype like every weight."""
+    itemsize = np.dtype(STORAGE[layout.dtype]).itemsize
+    if name == "gate":  # OPT's fc1 bias is a resident weight, counted there
         args = layout.args
-        per_neuron = args.hidden_size + (args.family == "opt")  # fc1 rows + OPT's bias
-        return args.num_hidden_layers * args.intermediate_size * per_neuron * 4
+        return (
+            args.num_hidden_layers
+            * args.intermediate_size
+            * args.hidden_size
+            * itemsize
+        )
     if name in ("oracle", "all"):
         return 0
     if name == "lowrank":
-        return trained_predictor(layout)["nbytes"]
+        header, _ = read_header(layout.path / trained_predictor(layout)["file"])
+        return sum(int(np.prod(t["shape"])) for t in header.values()) * itemsize
     raise ValueError(
         f"unknown predictor {name!r}: expected one of {', '.join(PREDICTORS)}"
     )
@@ -196,6 +204,7 @@ def make_predictor(
             layout.path / section["file"],
             threshold=threshold,
             trained_threshold=section["threshold"],
+            dtype=layout.dtype,
         )
     if name == "all":
         return AllPredictor(layout.args)

@@ -118,8 +118,12 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
-def read_tensor(path: str | Path, info: dict, data_start: int) -> np.ndarray:
-    """Read one tensor described by its header entry; floats come back as float32."""
+def read_tensor(
+    path: str | Path, info: dict, data_start: int, stored: bool = False
+) -> np.ndarray:
+    """Read one tensor described by its header entry; floats come back as float32,
+    or with `stored` as they are stored (float16, float32, bfloat16 as uint16 bits:
+    the form the backends hold)."""
     kind = info["dtype"]
     if kind not in _SOURCE_DTYPES:
         raise ValueError(f"{path}: unsupported tensor dtype {kind}")
@@ -130,6 +134,8 @@ def read_tensor(path: str | Path, info: dict, data_start: int) -> np.ndarray:
     if raw.nbytes != end - begin:
         raise ValueError(f"{path}: truncated tensor data")
     raw = raw.reshape(info["shape"])
+    if stored and kind in ("F16", "F32", "BF16"):
+        return raw
     if kind == "BF16":
         return decode(raw, "bfloat16")
     return raw.astype(np.float32) if kind in ("F16", "F64") else raw

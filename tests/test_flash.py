@@ -11,7 +11,7 @@ from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoin
 
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.loader import make_plan
-from mlx_flashinfer.memory import model_bytes, parse_budget
+from mlx_flashinfer.memory import io_buffer_bytes, model_bytes, parse_budget
 from mlx_flashinfer.predictors import predictor_nbytes
 
 RELU_FAMILY = [("opt", "relu")] + [
@@ -51,12 +51,9 @@ def budget_between(layout: Path, predictor: str, fraction: float) -> int:
     """A budget from the smallest accepted (one neuron row) to one holding all."""
     lay = Layout.open(layout)
     resident, ffn = model_bytes(lay)
-    smallest = (
-        resident
-        + predictor_nbytes(predictor, lay)
-        + ffn // lay.args.intermediate_size // lay.args.num_hidden_layers
-    )
-    largest = resident + predictor_nbytes(predictor, lay) + 2 * ffn
+    held = resident + predictor_nbytes(predictor, lay) + io_buffer_bytes(lay)
+    smallest = held + lay.bundle_bytes
+    largest = held + 2 * ffn
     return int(smallest + fraction * (largest - smallest))
 
 
@@ -128,7 +125,7 @@ def test_budget_too_small_names_the_exact_shortfall():
     lay = Layout.open(layout)
     resident, ffn = model_bytes(lay)
     row = ffn // (16 * 2)
-    needed = resident + predictor_nbytes("gate", lay) + row
+    needed = resident + predictor_nbytes("gate", lay) + io_buffer_bytes(lay) + row
     with pytest.raises(ValueError, match=r"too small: .* 1 bytes more"):
         load(layout, memory_budget=needed - 1, predictor="gate")
     plan = make_plan(lay, needed, "gate")
@@ -150,9 +147,9 @@ def test_bad_flash_options_are_refused():
     with pytest.raises(ValueError, match="window -1 out of range"):
         load(layout, memory_budget="50%", window=-1)
     with pytest.raises(ValueError, match="threads"):
-        load(layout, memory_budget="100%", threads=0)
+        load(layout, memory_budget="1MB", threads=0)
     with pytest.raises(ValueError, match="unknown predictor 'psychic'"):
-        load(layout, memory_budget="100%", predictor="psychic")
+        load(layout, memory_budget="1MB", predictor="psychic")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -182,7 +179,7 @@ def test_a_layout_shrunk_after_loading_is_a_clear_error(tmp_path):
     layout = Path(
         shutil.copytree(tiny_layout("llama", "relu", 1, 16, 2), tmp_path / "l")
     )
-    flash, _ = load(layout, memory_budget="90%", predictor="gate")
+    flash, _ = load(layout, memory_budget="1MB", predictor="gate")
     ffn = layout / "ffn.bin"
     ffn.write_bytes(ffn.read_bytes()[:4096])  # layer 1 is gone
     with pytest.raises(ValueError, match="truncated"):
@@ -200,7 +197,7 @@ def test_no_o_direct_falls_back_and_says_so(monkeypatch):
     monkeypatch.setattr(flash_reader.FlashReader, "__init__", buffered)
     layout = tiny_layout("llama", "relu", 1, 16, 2)
     with pytest.warns(UserWarning, match="refuses O_DIRECT"):
-        flash, _ = load(layout, memory_budget="90%", predictor="gate")
+        flash, _ = load(layout, memory_budget="1MB", predictor="gate")
     dense, _ = load(layout)
     assert flash.io_stats()["mode"] == "buffered"
     tokens = [1, 2, 3, 4, 5]

@@ -170,3 +170,70 @@ def test_nocache_refused_off_macos(tmp_path):
     layers = write_ffn(path, [10], 96)
     with pytest.raises(ValueError, match="nocache"):
         FlashReader(path, layers, 96, mode="nocache")
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    neurons=st.integers(1, 200),
+    parts=st.sampled_from([1, 2, 3]),
+    piece=st.sampled_from([4, 48, 1152]),
+    separate=st.booleans(),
+    max_gap=st.sampled_from([0, 16384]),
+    threads=st.sampled_from([1, 4]),
+    small=st.booleans(),
+    data=st.data(),
+)
+def test_reads_land_in_the_rows_given(
+    tmp_path,
+    direct_ok,
+    mode,
+    neurons,
+    parts,
+    piece,
+    separate,
+    max_gap,
+    threads,
+    small,
+    data,
+):
+    """Piece p of the i-th neuron lands in into[p][i], for bundles side by side or
+    parts in separate regions, also when the staging buffer is so small that a
+    read goes in many rounds."""
+    if mode == "direct" and not direct_ok:
+        pytest.skip("the tmp filesystem refuses O_DIRECT")
+    bundle = parts * piece
+    path = tmp_path / "ffn.bin"
+    layers = write_ffn(path, [neurons, 7], bundle)
+    on_disk = piece if separate else bundle  # one piece of a file region
+    staging = (on_disk + 2 * 4096) if small else None
+    ids = np.array(sorted(data.draw(st.sets(st.integers(0, neurons - 1)))), np.int64)
+    with FlashReader(
+        path, layers, bundle, threads, max_gap, mode, 4096, parts, separate, staging
+    ) as fr:
+        # rows with a stride wider than a piece, like a cache's rows of one part
+        into = [
+            np.zeros((len(ids), piece + 8), np.uint8)[:, :piece] for _ in range(parts)
+        ]
+        assert fr.read(0, ids, into) is into
+        got = fr.read(0, ids)  # the uint8 bundles, for comparison
+        reference = bundles(path, layers[0], range(neurons), bundle)
+        if separate:  # region p holds part p of every neuron
+            flat = reference.reshape(-1)
+            region = neurons * piece
+            expect = [
+                flat[p * region :][:region].reshape(neurons, piece)[ids]
+                for p in range(parts)
+            ]
+        else:
+            expect = [reference[ids, p * piece : (p + 1) * piece] for p in range(parts)]
+        for p in range(parts):
+            np.testing.assert_array_equal(into[p], expect[p])
+            np.testing.assert_array_equal(
+                got[:, p * piece : (p + 1) * piece], expect[p]
+            )
+        assert fr.staging_bytes == len(fr._staging)

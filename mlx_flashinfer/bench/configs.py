@@ -17,11 +17,11 @@ Rows (the paper's Tables 2 and 3), every one decoding the same teacher-forced to
 - mmap, stream: OS paging and layer streaming (`baselines.py`) under the limit of
   the "all" row.
 
-Memory limit of a row: its budget (everything the memory plan bounds) + the KV cache
-at the context the run needs + the process overhead (`process_overhead`: the
-interpreter and libraries, and the largest resident tensor once more, the transient
-copy while weights are prepared) + the I/O buffers of its largest read (`io_buffers`).
-The dense row's budget is the whole model at float32.
+Memory limit of a row: its budget (everything the memory plan bounds, the flash
+reader's buffer included) + the KV cache at the context the run needs + the process
+overhead (`process_overhead`: the interpreter and libraries, and the transient copies
+while weights are loaded) + for the baselines the buffers of a chunk
+(`chunk_buffers`). The dense row's budget is the whole model as stored.
 """
 
 from __future__ import annotations
@@ -32,7 +32,13 @@ import numpy as np
 
 from ..baselines import DEFAULT_CHUNK_BYTES
 from ..layout import Layout
-from ..memory import HELD_BYTES, MemoryPlan, model_bytes, parse_budget, plan_memory
+from ..memory import (
+    MemoryPlan,
+    io_buffer_bytes,
+    model_bytes,
+    parse_budget,
+    plan_memory,
+)
 from ..model import kv_cache_bytes
 from ..predictors import predictor_nbytes
 from ..safetensors_stream import read_header
@@ -52,13 +58,10 @@ TITLES = {
     "mmap": "OS paging (mmap, llama.cpp)",
     "stream": "layer streaming (AirLLM)",
 }
-# Memory of a worker beyond its plan: the interpreter, NumPy, the tokenizers library
-# (and the MLX runtime), plus the transient copies of the largest resident tensor at
-# float32 while the weights are prepared: one on NumPy (read and widen), two on MLX
-# (widen, transpose, copy into MLX). Measured here (Linux x86_64), peak RSS above the
-# plan: SmolLM2 (113 MB embedding) 54-67 MB on NumPy, 90-113 MB on MLX; synthetic
-# OPT-125m (154 MB embedding) 58-68 MB on NumPy, 108-130 MB on MLX.
-BASE_OVERHEAD = {"numpy": 48 << 20, "mlx": 64 << 20}
+# Memory of a worker beyond its plan: the interpreter, NumPy, numba, the tokenizers
+# library (and the MLX runtime), plus `process_overhead`'s transient copies. The
+# worker measures its own base (RSS after the imports) and reports it.
+BASE_OVERHEAD = {"numpy": 96 << 20, "mlx": 112 << 20}
 
 
 @dataclass
@@ -96,8 +99,8 @@ def hybrid_budget(layout: Layout) -> int:
     resident, _ = model_bytes(layout)
     args = layout.args
     half = -(-args.intermediate_size // 2)
-    row = len(layout.bundle_parts) * args.hidden_size * HELD_BYTES
-    return resident + (args.num_hidden_layers + 1) * half * row
+    held = resident + io_buffer_bytes(layout)
+    return held + (args.num_hidden_layers + 1) * half * layout.bundle_bytes
 
 
 def check_hybrid(plan: MemoryPlan, neurons: int) -> None:
@@ -162,41 +165,38 @@ def flash_plan(spec: RunSpec, layout: Layout, source: Layout) -> MemoryPlan:
     )
 
 
-def io_buffers(layout: Layout, rows: int, backend: str, staged: int = 4) -> int:
-    """Memory beyond the plan while `rows` bundles are read at once: `staged` copies
-    of the stored bytes (the flash reader's staging and output buffers each grow to
-    twice a read; a streamed chunk sits in its buffer and the page cache), the
-    float32 rows and MLX's copy of them."""
-    row = len(layout.bundle_parts) * layout.args.hidden_size * HELD_BYTES
-    copies = 2 if backend == "mlx" else 1
-    return rows * (staged * layout.bundle_bytes + copies * row)
+def chunk_buffers(layout: Layout, rows: int, backend: str) -> int:
+    """Memory beyond the budget while a baseline computes `rows` bundles at once:
+    the stored bytes in its buffer (or mapping), and MLX's copy of them."""
+    return rows * layout.bundle_bytes * (2 if backend == "mlx" else 1)
 
 
 def process_overhead(layout: Layout, backend: str) -> int:
-    """BASE_OVERHEAD of the backend + its transient copies of the largest resident
-    tensor at float32."""
+    """BASE_OVERHEAD of the backend + the transient copies while weights load: the
+    largest resident tensor as read (and MLX's copy of it), and one layer's FFN as
+    read (the gate predictor and the dense FFN keep parts of it)."""
     header, _ = read_header(layout.resident_path)
-    largest = max((int(np.prod(t["shape"])) for t in header.values()), default=0)
+    largest = max(
+        (e - b for b, e in (t["data_offsets"] for t in header.values())), default=0
+    )
     copies = 1 if backend == "numpy" else 2
-    return BASE_OVERHEAD.get(backend, BASE_OVERHEAD["mlx"]) + copies * largest * 4
+    layer = layout.args.intermediate_size * layout.bundle_bytes
+    return BASE_OVERHEAD.get(backend, BASE_OVERHEAD["mlx"]) + copies * largest + layer
 
 
 def memory_limit(spec: RunSpec, layout: Layout, source: Layout) -> int:
-    """The memory limit of a row: budget + KV cache + process overhead + I/O
-    buffers (see the module docstring)."""
+    """The memory limit of a row: budget + KV cache + process overhead (+ chunk
+    buffers for the baselines; see the module docstring)."""
     kv = kv_cache_bytes(layout.args, spec.max_context)
     overhead = process_overhead(layout, spec.backend)
     if spec.kind == "flash":
-        plan = flash_plan(spec, layout, source)
-        largest = max(plan.capacity[0], plan.scratch_rows)
-        return plan.budget + kv + overhead + io_buffers(layout, largest, spec.backend)
-    layer = layout.args.intermediate_size
+        return flash_plan(spec, layout, source).budget + kv + overhead
     if spec.kind == "dense":
         resident, ffn = model_bytes(layout)
-        return resident + ffn + kv + overhead + io_buffers(layout, layer, spec.backend)
+        return resident + ffn + kv + overhead
+    layer = layout.args.intermediate_size
     chunk = min(spec.chunk_bytes // layout.bundle_bytes, layer)
-    io = io_buffers(layout, chunk, spec.backend, staged=2)
-    return spec.budget + kv + overhead + io
+    return spec.budget + kv + overhead + chunk_buffers(layout, chunk, spec.backend)
 
 
 def build_specs(

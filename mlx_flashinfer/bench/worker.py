@@ -74,7 +74,7 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
     # dense rows 7x slower whenever another process held a core (measured, OPT-125m).
     B.limit_compute_threads(1)
     layout = Layout.open(spec.layout)
-    weights = prepare_weights(B, layout.iter_resident())
+    weights = prepare_weights(B, layout.iter_resident(stored=True))
     args, info = layout.args, {"arrangement": layout.arrangement}
     # the mapping keeps what it paged in; everything else read through the page
     # cache while loading is not the run's to keep
