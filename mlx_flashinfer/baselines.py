@@ -93,6 +93,10 @@ class _ChunkedFFN(TokenCounters):
     def _chunks(self, layer: int):
         raise NotImplementedError
 
+    def held_bytes(self) -> dict:
+        """Arrays held beyond the resident weights (the page cache is the kernel's)."""
+        return {}
+
 
 class MmapFFN(_ChunkedFFN):
     """The FFN computed each token from a memory map of ffn.bin (OS paging).
@@ -198,6 +202,9 @@ class StreamFFN(_ChunkedFFN):
             stats.bytes_read += need
             stats.bytes_useful += need
             yield np.arange(start, stop), self._buffer[:need]
+
+    def held_bytes(self) -> dict:
+        return {"read buffer": int(self._buffer.nbytes)}
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -101,10 +101,7 @@ def cmd_inspect(opts) -> int:
 
         predictor = opts.predictor or default_predictor(layout)
         plan = make_plan(layout, opts.budget, predictor, opts.max_context)
-        print(
-            f"\nmemory plan for --budget {opts.budget} (predictor {predictor}, "
-            "weights held as float32):"
-        )
+        print(f"\nmemory plan for --budget {opts.budget} (predictor {predictor}):")
         plan_rows = plan.rows(args.intermediate_size)
         plan_width = max(len(k) for k, _ in plan_rows)
         for key, value in plan_rows:

@@ -164,7 +164,7 @@ def model_facts(layout: Layout) -> dict:
         "neurons": args.intermediate_size,
         "ffn_bytes": layout.ffn_bytes,
         "resident_bytes": layout.resident_bytes,
-        "float32_bytes": resident + ffn,
+        "weight_bytes": resident + ffn,  # as stored, and as held
     }
 
 

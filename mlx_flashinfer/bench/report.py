@@ -109,8 +109,8 @@ def header_lines(result: dict) -> list[str]:
         + f"; {versions}",
         f"- model: {model['name']} ({model['family']}, {model['activation']}, "
         f"{model['dtype']}), {model['layers']} layers x {model['neurons']} neurons, "
-        f"FFN {model['ffn_bytes'] / MB:.1f} MB on disk, "
-        f"{model['float32_bytes'] / MB:.1f} MB at float32",
+        f"FFN {model['ffn_bytes'] / MB:.1f} MB, weights "
+        f"{model.get('weight_bytes', 0) / MB:.1f} MB, held as stored",
         f"- budget {s['budget']} ({(s['budget_bytes'] or 0) / MB:.1f} MB), window "
         f"{s['window']}, predictor {s['predictor']}; {s['prompt_tokens']}-token "
         f"prompt, {s['tokens']} decoded tokens ({s['slow_tokens']} for the rows "
@@ -194,12 +194,51 @@ def backends_side_by_side(result: dict) -> str:
     return "\n".join(lines)
 
 
+def target_lines(result: dict, backend: str) -> list[str]:
+    """The full method against its yardsticks: naive, OS paging (and paging's
+    ceiling here: its time over the compute time of "all", what "all" would reach
+    with zero I/O and memory management), I/O share, and peak RSS against budget +
+    KV cache + the process's base."""
+    rows = {
+        r["row"]: r
+        for r in result["rows"]
+        if r["backend"] == backend and "metrics" in r
+    }
+    full = rows.get("all")
+    if full is None:
+        return []
+    m, out = full["metrics"], []
+    if "naive" in rows:
+        naive = rows["naive"]["metrics"]["total_ms"]
+        out.append(f"- all vs naive: {naive / m['total_ms']:.1f}x")
+    out.append(f"- I/O per token: {100 * m['ffn_share']:.1f}% of the FFN")
+    if "mmap" in rows and m["compute_ms"]:
+        paging = rows["mmap"]["metrics"]["total_ms"]
+        ratio, ceiling = paging / m["total_ms"], paging / m["compute_ms"]
+        out.append(
+            f"- all vs OS paging: {ratio:.1f}x; ceiling here (paging / compute of "
+            f"all) {ceiling:.1f}x; reached {100 * ratio / ceiling:.0f}% of it"
+        )
+    if full.get("base_rss") and full.get("max_rss"):
+        kv = full["setup"].get("kv_cache", 0)
+        bound = full["spec"]["budget"] + kv + full["base_rss"]
+        out.append(
+            f"- peak RSS of all: {full['max_rss'] / MB:.0f} MB <= budget + KV cache "
+            f"+ process base ({full['spec']['budget'] / MB:.0f} + {kv / MB:.0f} + "
+            f"{full['base_rss'] / MB:.0f} = {bound / MB:.0f} MB): "
+            + ("yes" if full["max_rss"] <= bound else "no")
+        )
+    return out
+
+
 def markdown(result: dict) -> str:
     """The whole report: header, one table per backend, the backends side by side."""
     parts = ["## flashinfer bench", "", *header_lines(result)]
     for backend in result["settings"]["backends"]:
         if any(r["backend"] == backend for r in result["rows"]):
             parts += ["", f"### {backend}", "", backend_table(result, backend)]
+            targets = target_lines(result, backend)
+            parts += ["", *targets] if targets else []
     if len(result["settings"]["backends"]) > 1:
         parts += ["", "### backends side by side", "", backends_side_by_side(result)]
     return "\n".join(parts) + "\n"

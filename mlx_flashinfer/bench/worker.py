@@ -61,6 +61,9 @@ class EvaluatedFFN:
     def io_stats(self) -> dict:
         return self.ffn.io_stats()
 
+    def held_bytes(self) -> dict:
+        return self.ffn.held_bytes()
+
 
 def build_model(spec: RunSpec) -> tuple[Model, dict]:
     """The model a spec describes, and facts about its setup for the report.
@@ -111,6 +114,8 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
             scratch_rows=plan.scratch_rows,
             neurons=args.intermediate_size,
             reader_mode=reader.mode,
+            kv_cache=plan.kv_cache,
+            landing=ffn.io_stats().get("landing"),
             threads=reader.threads,
             io_source="FlashReader counters (O_DIRECT / F_NOCACHE reads)",
         )
@@ -118,8 +123,16 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
     return Model(args, B, weights, ffn, spec.max_context), info
 
 
+def max_rss() -> int:
+    """This process's peak resident set, bytes."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes / KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
 def run_spec(spec: RunSpec) -> dict:
     """Build, prefill, decode; the counters and timings of the decoded tokens."""
+    get_backend(spec.backend)  # the backend's libraries, imported
+    base_rss = max_rss()  # Python and the libraries, before any weight
     began = time.perf_counter()
     model, info = build_model(spec)
     B = model.backend
@@ -137,8 +150,6 @@ def run_spec(spec: RunSpec) -> dict:
         seconds.append(time.perf_counter() - started)
         argmax.append(int(np.argmax(B.to_numpy(logits)[-1])))
     stats = model.io_stats()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes / KiB
     return {
         "row": spec.row,
         "backend": spec.backend,
@@ -149,7 +160,9 @@ def run_spec(spec: RunSpec) -> dict:
         "argmax": argmax,
         "decode": stats.get("decode"),
         "prefill": stats.get("prefill"),
-        "max_rss": usage.ru_maxrss * scale,
+        "max_rss": max_rss(),
+        "base_rss": base_rss,
+        "held": model.held_bytes(),
     }
 
 
