@@ -8,6 +8,7 @@ conversion leaves nothing that loads.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -23,13 +24,17 @@ from .layout import (
     FFN_FILE,
     FORMAT,
     LAYER_ALIGNMENT,
+    MANIFEST,
     RESIDENT_FILE,
     VERSION,
     align_up,
     bundle_bytes,
+    verified_now,
     write_manifest,
 )
 from .safetensors_stream import StreamingWriter, encode
+from .staging import clear_stale, publish, staging_dir
+from .tokenizer import Tokenizer
 
 
 def convert(
@@ -44,10 +49,13 @@ def convert(
 
     Args:
         src: checkpoint directory (config.json + safetensors + tokenizer) or GGUF file.
-        dst: layout directory to create.
+        dst: layout directory to create: a new path or an empty directory.
         dtype: storage dtype of weights: "float16" (default), "float32" or "bfloat16".
             1-D tensors (norms, biases) are always stored as float32.
-        force: replace an existing `dst`.
+        force: replace `dst` if it is a layout (a directory whose manifest.json says
+            so). Never anything else: not a file, not a directory holding other
+            files, not `src` or a directory containing it. The old layout is removed
+            only once the new one is complete.
         progress: show a progress bar.
         arrangement: "bundled" (row-column bundles, the default) or "separate" (each
             bundle part of a layer in its own region: the unbundled baseline for
@@ -58,14 +66,26 @@ def convert(
 
     Raises:
         FileNotFoundError: `src` does not exist.
-        FileExistsError: `dst` exists and is not empty and `force` is false.
-        ValueError: `src` is not a supported checkpoint, or `dtype` is unknown.
+        FileExistsError: `dst` exists and is not an empty directory, and is not a
+            layout that `force` may replace; or another process wrote it meanwhile.
+        ValueError: `src` is not a supported checkpoint, `dst` is or contains it, or
+            `dtype` is unknown.
     """
-    _check_destination(dst, dtype, arrangement, force)
+    _check_destination(dst, dtype, arrangement, force, src=src)
     return write_layout(open_checkpoint(src), dst, dtype, progress, arrangement)
 
 
-def _check_destination(dst, dtype: str, arrangement: str, force: bool) -> None:
+def is_layout(path: Path) -> bool:
+    """Whether `path` is a directory whose manifest says it is a layout (the only
+    kind of directory `force` replaces)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _check_destination(dst, dtype: str, arrangement: str, force: bool, src=None):
     if dtype not in DTYPES:
         raise ValueError(
             f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}"
@@ -76,7 +96,28 @@ def _check_destination(dst, dtype: str, arrangement: str, force: bool) -> None:
             f"{', '.join(ARRANGEMENTS)}"
         )
     dst = Path(dst)
-    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())) and not force:
+    if src is not None and os.path.lexists(src):
+        real_src, real_dst = Path(src).resolve(), dst.resolve()
+        if real_dst == real_src:
+            raise ValueError(f"{dst}: is the source itself; choose another DST")
+        if real_src.is_relative_to(real_dst):
+            raise ValueError(
+                f"{dst}: contains the source {src}; choose a DST outside it"
+            )
+    if not os.path.lexists(dst):
+        return
+    if not dst.is_dir():
+        raise FileExistsError(
+            f"{dst}: exists and is not a directory; choose another DST"
+        )
+    if not any(dst.iterdir()):
+        return
+    if not is_layout(dst):
+        raise FileExistsError(
+            f"{dst}: holds files that are not a layout; --force replaces only a "
+            "layout: choose a new or empty DST"
+        )
+    if not force:
         raise FileExistsError(f"{dst}: already exists; pass --force to replace it")
 
 
@@ -85,19 +126,21 @@ def write_layout(
 ) -> Path:
     """Write `source` (anything with args, shapes, tensor(), tokenizer(), kind, path:
     a checkpoint, or the synthetic models of synth.py) as a layout at `dst`, through a
-    temporary directory renamed at the end."""
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.converting-{os.getpid()}"
+    temporary directory renamed at the end (see staging.py). The caller has checked
+    that `dst` may be replaced."""
+    target = Path(os.path.abspath(dst))  # "." and ".." have no name to stage beside
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(target.parent, target.name)
+    tmp = staging_dir(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         _write_layout(source, tmp, dtype, progress, arrangement)
-        _replace_dir(tmp, dst)
+        publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dst
+    return Path(dst)
 
 
 def _write_layout(
@@ -159,6 +202,11 @@ def _write_layout(
     for name, data in tokenizer_files.items():
         (out / name).write_bytes(data)
         files[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    try:  # a malformed tokenizer or chat template fails here, not at generate time
+        Tokenizer(out, tokenizer_info)
+    except ValueError as err:
+        where = getattr(source, "path", "the source")
+        raise ValueError(f"{where}: {str(err).removeprefix(f'{out}: ')}") from None
 
     manifest = {
         "format": FORMAT,
@@ -179,6 +227,8 @@ def _write_layout(
         "source": _source_identity(source),
         "conversion_seconds": round(time.perf_counter() - started, 2),
         "files": files,
+        # the sha256s above hash the bytes as written: the layout starts verified
+        "verified": {"by": "conversion", "at": verified_now()},
     }
     write_manifest(out, manifest)
 
@@ -198,15 +248,3 @@ def _source_identity(source) -> dict:
         "size": stat.st_size,
         "mtime": stat.st_mtime,
     }
-
-
-def _replace_dir(new: Path, dst: Path) -> None:
-    """Move the finished `new` to `dst`; an old `dst` is removed only after that
-    worked."""
-    if not dst.exists():
-        os.replace(new, dst)
-        return
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    os.replace(dst, old)
-    os.replace(new, dst)
-    shutil.rmtree(old, ignore_errors=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def verified_now() -> str:
+    """The time stamp of a manifest's "verified" record (UTC, ISO 8601)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def write_manifest(directory: Path, manifest: dict) -> None:
     """Stamp the manifest with its own checksum and write it atomically."""
     manifest["manifest_sha256"] = manifest_digest(manifest)
@@ -85,12 +91,15 @@ class LayerExtent:
 
 
 class Layout:
-    """A converted model directory, validated on open.
+    """A converted model directory, validated on open: what is cheap to check, every
+    time (the manifest's own checksum, every file's size, file names inside the
+    directory); `verify` reads every byte.
 
     Raises (from `open`):
         FileNotFoundError: the directory or one of its files is missing.
-        ValueError: the manifest is of another format/version, lacks a field, or a
-            file's size differs from the manifest (truncated or replaced).
+        ValueError: the manifest is of another format/version, lacks a field, was
+            edited (its checksum), names a file outside the directory, or a file's
+            size differs from the manifest (truncated or replaced).
     """
 
     def __init__(self, path: Path, manifest: dict):
@@ -123,8 +132,9 @@ class Layout:
             manifest = json.loads(manifest_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{manifest_path}: not valid JSON ({err})") from None
-        _check_manifest(manifest, manifest_path)
         try:
+            _check_manifest(manifest, manifest_path)
+            _check_file_names(manifest, path, manifest_path)
             layout = cls(path, manifest)
             layout.check_sizes()
         except (
@@ -158,10 +168,7 @@ class Layout:
         from tqdm import tqdm
 
         self.check_sizes()
-        if self.manifest.get("manifest_sha256") != manifest_digest(self.manifest):
-            raise ValueError(
-                f"{self.path / MANIFEST}: checksum mismatch (edited or corrupted)"
-            )
+        _check_digest(self.manifest, self.path / MANIFEST)
         files = self.manifest["files"]
         for name in tqdm(files, desc="verify", disable=not progress, unit="file"):
             if sha256_file(self.path / name) != files[name]["sha256"]:
@@ -277,3 +284,39 @@ def _check_manifest(manifest: dict, where: Path) -> None:
         or len(ffn["layers"]) != args.num_hidden_layers
     ):
         raise ValueError(f"{where}: ffn bundle spec does not match the model args")
+    _check_digest(manifest, where)
+
+
+def _check_digest(manifest: dict, where: Path) -> None:
+    # after the structure checks, so a manifest of another version says that instead
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise ValueError(
+            f"{where}: checksum mismatch (edited or corrupted; re-convert the model)"
+        )
+
+
+def _check_file_names(manifest: dict, path: Path, where: Path) -> None:
+    """Every file the manifest names is listed in its "files" (so its size is
+    checked) and lies inside the layout directory: no absolute paths, no "..", no
+    symlink leading out."""
+    files = manifest["files"]
+    named = {"resident": manifest["resident"], "ffn.file": manifest["ffn"]["file"]}
+    for section in ("predictor", "tokenizer"):
+        if manifest.get(section):
+            named[f"{section}.file"] = manifest[section]["file"]
+    for field, name in named.items():
+        if not isinstance(name, str) or name not in files:
+            raise ValueError(f"{where}: {field} {name!r} is not among its files")
+    root = path.resolve()
+    for name in files:
+        relative = Path(name)
+        if (
+            not name
+            or relative.is_absolute()
+            or ".." in relative.parts
+            or not (root / relative).resolve().is_relative_to(root)
+        ):
+            raise ValueError(
+                f"{where}: names {name!r}, outside the layout directory "
+                "(a crafted manifest?); re-convert the model"
+            )

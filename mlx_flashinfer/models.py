@@ -8,7 +8,6 @@ starts at once.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -16,11 +15,7 @@ import sys
 from pathlib import Path
 
 from .layout import MANIFEST, VERSION
-
-try:
-    import fcntl
-except ImportError:  # no flock (Windows): the atomic rename alone must do
-    fcntl = None
+from .staging import clear_stale, lock_path, locked
 
 CACHE_ENV = "MLX_FLASHINFER_CACHE"
 CACHE_DTYPE = "float16"
@@ -44,8 +39,9 @@ def resolve_model(
     """The layout directory for a model spec, converting into the cache on first use.
 
     Args:
-        spec: None or "default" (the embedded SmolLM2-135M-Instruct), a layout
-            directory, a Hugging Face folder or a .gguf file.
+        spec: None or "default" (the embedded SmolLM2-135M-Instruct, even where a
+            folder is named so: give that as "./default"), a layout directory, a
+            Hugging Face folder or a .gguf file.
         cache_dir: where converted models are kept (default: see `cache_root`).
         progress: show the conversion's progress bar and a line saying where it goes.
 
@@ -57,7 +53,8 @@ def resolve_model(
             message gives the pip command).
         ValueError: the path is neither a layout nor a supported checkpoint.
     """
-    if spec is None or (str(spec) == "default" and not Path("default").exists()):
+    # "default" is always the embedded model; a folder of that name is "./default"
+    if spec is None or str(spec) == "default":
         from .default_model import default_gguf_path
 
         source = default_gguf_path()
@@ -104,7 +101,14 @@ def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
     from .convert import convert
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(dst.parent / f".{dst.name}.lock", progress):
+    # what killed conversions left (staging directories, locks) goes first
+    clear_stale(dst.parent)
+
+    def say_waiting():
+        if progress:
+            print("waiting for another process converting this model", file=sys.stderr)
+
+    with locked(lock_path(dst), say_waiting):
         if (dst / MANIFEST).is_file():  # another process finished meanwhile
             return dst
         if progress:
@@ -114,31 +118,10 @@ def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
             )
         try:
             # convert writes a temporary directory and renames it, so an interrupted
-            # first use leaves nothing half-written; force drops leftovers without a
-            # manifest, which no finished conversion leaves
-            convert(source, dst, dtype=CACHE_DTYPE, force=True, progress=progress)
-        except OSError:
+            # first use leaves nothing half-written
+            convert(source, dst, dtype=CACHE_DTYPE, progress=progress)
+        except FileExistsError:
             if (dst / MANIFEST).is_file():  # lost a rename race without flock
                 return dst
             raise
     return dst
-
-
-@contextlib.contextmanager
-def _locked(path: Path, progress: bool):
-    if fcntl is None:
-        yield
-        return
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if progress:
-                print(
-                    "waiting for another process converting this model", file=sys.stderr
-                )
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

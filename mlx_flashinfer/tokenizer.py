@@ -23,27 +23,43 @@ class Tokenizer:
         folder: the layout directory holding the tokenizer files.
         info: the manifest's "tokenizer" section (file, bos/eos ids, prepend_bos,
             chat_template).
+
+    Raises:
+        ValueError: the tokenizer file or the chat template does not parse (checked
+            here, so a bad one fails at load, not in the middle of a reply).
     """
 
     def __init__(self, folder: str | Path, info: dict):
         folder = Path(folder)
         self.kind = info["file"]
-        if self.kind == "tokenizer.json":
-            from tokenizers import Tokenizer as HFTokenizer
-
-            self._tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
-        else:
-            import sentencepiece
-
-            self._sp = sentencepiece.SentencePieceProcessor(
-                model_file=str(folder / self.kind)
-            )
-            self.vocab_size = self._sp.get_piece_size()
         self.bos_token_id: int | None = info.get("bos_token_id")
         self.eos_token_ids: set[int] = set(info.get("eos_token_ids") or [])
         self.prepend_bos: bool = bool(info.get("prepend_bos"))
         self.chat_template: str | None = info.get("chat_template")
+        path = folder / self.kind
+        try:
+            if self.kind == "tokenizer.json":
+                from tokenizers import Tokenizer as HFTokenizer
+
+                self._tok = HFTokenizer.from_file(str(path))
+                self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+            else:
+                import sentencepiece
+
+                self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+                self.vocab_size = self._sp.get_piece_size()
+            self.decode(self.encode("Hi!", add_special_tokens=False))
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # both libraries raise bare Exception/RuntimeError
+            raise ValueError(
+                f"{folder}: {self.kind} does not load ({_one_line(err)})"
+            ) from None
+        if self.chat_template is not None:
+            try:
+                self.apply_chat_template([{"role": "user", "content": "Hi!"}])
+            except ValueError as err:
+                raise ValueError(f"{folder}: {err}") from None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; with `add_special_tokens`, BOS as the model expects
@@ -97,15 +113,22 @@ class Tokenizer:
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         eos = min(self.eos_token_ids) if self.eos_token_ids else None
-        return env.from_string(template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.token_text(self.bos_token_id),
-            eos_token=self.token_text(eos),
-        )
+        try:
+            return env.from_string(template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.token_text(self.bos_token_id),
+                eos_token=self.token_text(eos),
+            )
+        except (TemplateError, TypeError, ValueError, LookupError) as err:
+            raise ValueError(f"the chat template fails: {_one_line(err)}") from None
 
     def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self)
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 class StreamingDetokenizer:
