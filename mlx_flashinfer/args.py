@@ -18,6 +18,18 @@ LLAMA_ACTIVATIONS = ("silu", "relu", "fatrelu", "relu2", "drelu")
 HF_ACTIVATION_NAMES = {"swish": "silu", "relu_squared": "relu2", "dreLU": "drelu"}
 
 
+_POSITIVE_INTS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "head_dim",
+)
+
+
 @dataclass
 class ModelArgs:
     family: str  # "llama" or "opt"
@@ -49,6 +61,16 @@ class ModelArgs:
             raise ValueError(
                 f"unknown model family {self.family!r}: expected one of {FAMILIES}"
             )
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if value is None and name == "head_dim":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("norm_eps", "rope_theta", "activation_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.family == "llama" and self.hidden_act not in LLAMA_ACTIVATIONS:
@@ -59,6 +81,11 @@ class ModelArgs:
         if self.family == "opt" and self.hidden_act != "relu":
             raise ValueError(
                 f"unsupported OPT activation {self.hidden_act!r}: only relu"
+            )
+        if self.head_dim < 1:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is smaller than the "
+                f"{self.num_attention_heads} attention heads"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -82,8 +109,20 @@ class ModelArgs:
         """Build from a Hugging Face ``config.json`` dict; unknown keys are ignored.
 
         Raises:
-            ValueError: the architecture or activation is not supported.
+            ValueError: the architecture or activation is not supported, or a field
+                is missing or of the wrong type.
         """
+        if not isinstance(config, dict):
+            raise ValueError(
+                f"config.json is a JSON {type(config).__name__}, not an object"
+            )
+        try:
+            return cls._from_hf_config(config)
+        except KeyError as err:
+            raise ValueError(f"config.json lacks {err.args[0]}") from None
+
+    @classmethod
+    def _from_hf_config(cls, config: dict) -> ModelArgs:
         model_type = config.get("model_type", "")
         if model_type == "opt":
             return cls(
@@ -144,6 +183,13 @@ class ModelArgs:
         Raises:
             ValueError: the architecture is not supported or a key is missing.
         """
+        try:
+            return cls._from_gguf_metadata(meta)
+        except (TypeError, OverflowError) as err:  # int() of a list, say
+            raise ValueError(f"GGUF metadata of the wrong type ({err})") from None
+
+    @classmethod
+    def _from_gguf_metadata(cls, meta: dict) -> ModelArgs:
         arch = meta.get("general.architecture")
         if arch not in LLAMA_TYPES:
             raise ValueError(

@@ -159,8 +159,11 @@ class HFCheckpoint:
                 f"{path}: not a Hugging Face checkpoint (no config.json) and not a "
                 ".gguf file"
             )
-        self.config = json.loads(config_path.read_text())
-        args = ModelArgs.from_hf_config(self.config)
+        self.config = read_json(config_path)
+        try:
+            args = ModelArgs.from_hf_config(self.config)
+        except ValueError as err:
+            raise ValueError(f"{config_path}: {err}") from None
         self._where: dict[str, tuple[Path, dict, int]] = {}
         for file in self._weight_files():
             header, start = read_header(file)
@@ -183,7 +186,9 @@ class HFCheckpoint:
     def _weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: no weight_map object")
             files = [self.path / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -212,8 +217,8 @@ class HFCheckpoint:
         }
         if "tokenizer.json" not in files and "tokenizer.model" not in files:
             raise ValueError(f"{self.path}: no tokenizer.json or tokenizer.model")
-        config = json.loads(files.get("tokenizer_config.json", b"{}"))
-        generation = json.loads(files.get("generation_config.json", b"{}"))
+        config = read_json(self.path / "tokenizer_config.json", files)
+        generation = read_json(self.path / "generation_config.json", files)
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             named = {t["name"]: t["template"] for t in template}
@@ -268,12 +273,18 @@ class GGUFCheckpoint:
         self.path = path
         try:
             self._reader = gguf.GGUFReader(path)
-        except (ValueError, OSError, KeyError) as err:
-            raise ValueError(f"{path}: not a readable GGUF file ({err})") from None
-        self.meta = {k: f.contents() for k, f in self._reader.fields.items()}
+            self.meta = {k: f.contents() for k, f in self._reader.fields.items()}
+        except (ValueError, OSError, KeyError, IndexError, TypeError) as err:
+            # the gguf package checks little: a cut file fails anywhere in its parse
+            raise ValueError(
+                f"{path}: not a readable GGUF file (truncated or corrupted: {err})"
+            ) from None
         # its per-token parse objects cost ~80 MB; meta has all
         self._reader.fields.clear()
-        args = ModelArgs.from_gguf_metadata(self.meta)
+        try:
+            args = ModelArgs.from_gguf_metadata(self.meta)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         self._tensors = {}
         for t in self._reader.tensors:
             name = self._canonical(t.name)
@@ -349,6 +360,25 @@ class GGUFCheckpoint:
             "chat_template": meta.get("tokenizer.chat_template"),
         }
         return files, info
+
+
+def read_json(path: Path, files: dict[str, bytes] | None = None) -> dict:
+    """A JSON object from `path` (or from `files[path.name]` when given; {} when it is
+    not there).
+
+    Raises:
+        ValueError: not JSON, or JSON of another kind than an object.
+    """
+    try:
+        if files is None:
+            data = json.loads(path.read_bytes())
+        else:
+            data = json.loads(files.get(path.name, b"{}"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:

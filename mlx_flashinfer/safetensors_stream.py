@@ -11,6 +11,7 @@ tests.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -101,21 +102,57 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     """Return (header without __metadata__, offset of the data section).
 
     Raises:
-        ValueError: the file is not a safetensors file.
+        ValueError: the file is not a safetensors file, or is cut short (every
+            tensor's offsets are checked against the file's size).
     """
     with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise ValueError(f"{path}: not a safetensors file (too short)")
         (length,) = struct.unpack("<Q", head)
-        if length > 100_000_000:
-            raise ValueError(f"{path}: not a safetensors file (header length {length})")
+        if length > min(100_000_000, size - 8):
+            raise ValueError(
+                f"{path}: not a safetensors file, or truncated (header length "
+                f"{length}, file size {size})"
+            )
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}: not a safetensors file ({err})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (its header is no object)")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        _check_entry(path, name, info, size - 8 - length)
     return header, 8 + length
+
+
+def _check_entry(path, name: str, info, data_bytes: int) -> None:
+    try:
+        begin, end = info["data_offsets"]
+        shape = [int(n) for n in info["shape"]]
+        dtype = info["dtype"]
+        valid = (
+            isinstance(begin, int)
+            and isinstance(end, int)
+            and 0 <= begin <= end
+            and min(shape, default=0) >= 0
+        )
+    except (TypeError, KeyError, ValueError):
+        valid = False
+    if not valid:
+        raise ValueError(f"{path}: tensor {name}: malformed header entry {info!r}")
+    if end > data_bytes:
+        raise ValueError(
+            f"{path}: truncated: tensor {name} ends at byte {end} of the data, "
+            f"which holds {data_bytes}"
+        )
+    itemsize = (
+        np.dtype(_SOURCE_DTYPES[dtype]).itemsize if dtype in _SOURCE_DTYPES else 0
+    )
+    if itemsize and end - begin != itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise ValueError(f"{path}: tensor {name}: offsets do not match its shape")
 
 
 def read_tensor(
