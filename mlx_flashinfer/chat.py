@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Callable
 from typing import TextIO
 
-from .generate import GenerationResponse, stream_generate
+from .generate import GenerationResponse, context_full, stream_generate
 from .memory import format_bytes
 
 HELP = """commands:
@@ -239,7 +239,7 @@ class Chat:
                 answer += last.text
                 self.say(last.text, end="")
             self.say()
-            if last is not None and last.finish_reason == "context":
+            if last is not None and context_full(self.model, last):
                 self.say("(reply cut: the context is full)")
         except KeyboardInterrupt:
             self.say("\n(reply stopped)")

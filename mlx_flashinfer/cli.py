@@ -4,7 +4,10 @@ exit 2."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,19 +17,31 @@ from .bench.cli import add_bench_command
 from .layout import DTYPES, Layout
 from .memory import format_bytes
 from .predictors import PREDICTORS
+from .tokenizer import Tokenizer
 
 # User mistakes print one line and exit 2; anything else is a bug and keeps its
-# traceback.
-USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-    ImportError,
-    UnicodeDecodeError,
-)
+# traceback. OSError covers the disk's refusals too: read-only, full, busy.
+USER_ERRORS = (ValueError, OSError, ImportError)
+# what to do about the system's refusals, by errno (where writes go: DST, the cache)
+_OS_HINTS = {
+    errno.EROFS: "write elsewhere: another DST, or --cache-dir",
+    errno.ENOSPC: "free some space, or write elsewhere: another DST, or --cache-dir",
+    errno.EDQUOT: "free some space, or write elsewhere: another DST, or --cache-dir",
+    errno.EBUSY: "choose another path (this one is a mount point or in use)",
+    errno.EACCES: "check its permissions, or write elsewhere",
+}
+
+
+def error_line(err: BaseException) -> str:
+    """The one line a user error prints: an OSError of the system as `path: what
+    (what to do)`, any other message with its newlines folded."""
+    if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        where = f"{err.filename}: " if err.filename is not None else ""
+        hint = _OS_HINTS.get(err.errno)
+        text = f"{where}{err.strerror}" + (f" ({hint})" if hint else "")
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(text.split())
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,7 +54,7 @@ def cmd_convert(opts) -> int:
     from .default_model import default_gguf_path
 
     src = opts.src
-    if src == "default" and not Path(src).exists():
+    if src == "default":  # a folder named so is "./default"
         src = default_gguf_path()
     started = time.perf_counter()
     out = convert(
@@ -53,6 +68,7 @@ def cmd_inspect(opts) -> int:
     from .models import resolve_model
 
     layout = Layout.open(resolve_model(opts.model, opts.cache_dir))
+    Tokenizer(layout.path, layout.manifest["tokenizer"])  # parses, with its template
     args = layout.args
     total = layout.resident_bytes + layout.ffn_bytes
     act = args.hidden_act + ("" if args.is_relu_family else "; sparsity is approximate")
@@ -93,6 +109,11 @@ def cmd_inspect(opts) -> int:
     if opts.verify:
         layout.verify(progress=sys.stderr.isatty())
         print(f"{'checksums':<{width}}  ok ({len(layout.manifest['files'])} files)")
+    elif verified := layout.manifest.get("verified"):
+        print(
+            f"{'checksums':<{width}}  computed by the {verified['by']} at "
+            f"{verified['at']} (--verify checks them)"
+        )
     if layout.has_predictor and opts.verbose:
         print()
         print_predictor_report(layout.manifest["predictor"])
@@ -141,7 +162,7 @@ def cmd_perplexity(opts) -> int:
 
 def cmd_generate(opts) -> int:
     from .chat import io_delta, prompt_ids, read_prompt, stats_lines
-    from .generate import stream_generate
+    from .generate import context_full, stream_generate
 
     sampler, processors = make_sampling(opts)
     prompt = read_prompt(opts.prompt)
@@ -153,6 +174,17 @@ def cmd_generate(opts) -> int:
     ):
         print(last.text, end="", flush=True)
     print()
+    if last is not None and context_full(model, last):
+        limit = model.args.max_position_embeddings
+        raise_it = (
+            f"; raise --max-context, up to the model's {limit}"
+            if model.max_context < limit
+            else ""
+        )
+        print(
+            f"(reply cut: the context of {model.max_context} tokens is full{raise_it})",
+            file=sys.stderr,
+        )
     if opts.stats and last is not None:
         print("==========")
         print("\n".join(stats_lines(last, io_delta(before, model.io_stats()))))
@@ -274,7 +306,8 @@ def add_generation_options(
         "--model",
         default=None,
         help="layout directory, Hugging Face folder, .gguf file or 'default' "
-        "(default: the embedded SmolLM2-135M-Instruct)",
+        "(default: the embedded SmolLM2-135M-Instruct; a folder named default: "
+        "./default)",
     )
     if prompt:
         p.add_argument("-p", "--prompt", required=True, help="'-' reads stdin")
@@ -374,9 +407,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="Hugging Face directory, .gguf file, or 'default' "
         "(the embedded SmolLM2-135M-Instruct)",
     )
-    p.add_argument("dst", help="layout directory to create")
+    p.add_argument("dst", help="layout directory to create (new or empty)")
     p.add_argument("--dtype", choices=DTYPES, default="float16")
-    p.add_argument("--force", action="store_true", help="replace an existing DST")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DST if it is a layout; never a file, a directory holding "
+        "anything else, or one that is or contains SRC (the old layout goes only "
+        "once the new one is complete)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_convert)
 
@@ -483,13 +522,33 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
-        return opts.run(opts)
+        with _sigterm_unwinds():
+            return opts.run(opts)
+    except BrokenPipeError:  # e.g. `flashinfer generate ... | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except USER_ERRORS as err:
-        print(f"flashinfer {opts.command}: error: {err}", file=sys.stderr)
+        print(f"flashinfer {opts.command}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flashinfer {opts.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # e.g. `flashinfer generate ... | head -1`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """SIGTERM raises SystemExit, so cleanups (a conversion's staging directory) run
+    as they do for Ctrl-C; by default it ends the process on the spot."""
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

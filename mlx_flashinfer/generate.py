@@ -6,6 +6,7 @@ Sampling runs in NumPy on the last row of logits (one vector per token, either b
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 import time
@@ -13,6 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .nonfinite import check_logits
 
 Sampler = Callable[[np.ndarray], int]
 
@@ -29,7 +32,12 @@ def make_sampler(
     Raises:
         ValueError: a parameter out of range.
     """
-    if temp < 0 or not 0 < top_p <= 1 or top_k < 0 or not 0 <= min_p < 1:
+    if (
+        not 0 <= temp < math.inf  # also refuses nan
+        or not 0 < top_p <= 1
+        or top_k < 0
+        or not 0 <= min_p < 1
+    ):
         raise ValueError(
             f"bad sampling parameters: temp {temp} (>= 0), top_p {top_p} (0..1], "
             f"top_k {top_k} (>= 0), min_p {min_p} [0..1)"
@@ -60,8 +68,8 @@ def make_sampler(
 def make_repetition_penalty(penalty: float, context_size: int = 20):
     """Logits processor dividing (positive) or multiplying (negative) the logits of
     tokens seen in the last `context_size` tokens, as in CTRL and mlx-lm."""
-    if penalty <= 0:
-        raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+    if not 0 < penalty < math.inf:
+        raise ValueError(f"repetition penalty must be > 0 and finite, got {penalty}")
 
     def process(tokens: list[int], logits: np.ndarray) -> np.ndarray:
         recent = np.unique(tokens[-context_size:])
@@ -82,14 +90,21 @@ def generate_step(
     cache=None,
 ) -> Iterator[int]:
     """Yield generated token ids: prefill `prompt_ids`, then one decode step per
-    token."""
+    token.
+
+    Raises:
+        ValueError: bad token ids; NonFiniteError (a ValueError) when the logits hold
+            inf or nan, naming the first layer where they appear.
+    """
     sampler = sampler or make_sampler()
     processors = logits_processors or []
     cache = cache if cache is not None else model.make_cache()
-    tokens = list(prompt_ids)
-    logits = model.prefill(model.check_tokens(prompt_ids), cache)
+    tokens = model.check_tokens(prompt_ids)
+    prompt_tokens = len(tokens)
+    logits = model.prefill(tokens, cache)
     for _ in range(max_tokens):
         last = model.backend.to_numpy(logits[-1]).copy()
+        check_logits(model, last, tokens, prompt_tokens)
         for process in processors:
             last = process(tokens, last)
         token = sampler(last)
@@ -105,9 +120,11 @@ class GenerationResponse:
     """One step of `stream_generate`.
 
     text: the new text this token made printable; token: its id; finish_reason: None,
-    "stop" (EOS or a stop string), "length" (max_tokens) or "context" (context full);
+    "stop" (EOS or a stop string) or "length" (max_tokens reached, or the context:
+    `context_full` tells which);
     stats: the model's flash I/O counters (`model.io_stats()`: running totals, with
-    "last" = this token, "decode" and "prefill" apart; zeros for a dense model).
+    "last" = this token, "decode" and "prefill" apart; a dense model has only
+    "bytes_read", "reads" and "tokens", all zero).
     """
 
     text: str
@@ -143,6 +160,8 @@ def stream_generate(
 
     `sampler_args` (temp, top_p, top_k, min_p, seed) build a sampler when none is given.
     """
+    if isinstance(prompt, bytes | bytearray):
+        raise ValueError("the prompt is bytes: give text (str) or a list of token ids")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     sampler = sampler or make_sampler(**sampler_args)
     detokenizer = tokenizer.detokenizer()
@@ -172,11 +191,9 @@ def stream_generate(
                     pending[: len(pending) - hold],
                     pending[len(pending) - hold :],
                 )
-        if finish is None and n == max_tokens:
+        if finish is None and (n == max_tokens or model.max_context <= len(ids) + n):
             finish = "length"
-        if finish is None and model.max_context <= len(ids) + n:
-            finish = "context"
-        if finish in ("length", "context"):
+        if finish == "length":
             text += pending + detokenizer.finalize()
         elapsed = max(time.perf_counter() - gen_started, 1e-9)
         yield GenerationResponse(
@@ -192,6 +209,13 @@ def stream_generate(
         )
         if finish:
             return
+
+
+def context_full(model, response: GenerationResponse) -> bool:
+    """Whether `response` ended its reply because the KV cache (`max_context`) is
+    full, rather than at max_tokens."""
+    total = response.prompt_tokens + response.generation_tokens
+    return response.finish_reason == "length" and total >= model.max_context
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

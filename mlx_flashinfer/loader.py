@@ -25,10 +25,23 @@ def default_predictor(layout: Layout) -> str:
 
 
 def check_max_context(layout: Layout, max_context: int | None) -> int:
+    """The KV cache's size in tokens: `max_context`, or the model's limit capped at
+    DEFAULT_MAX_CONTEXT.
+
+    Raises:
+        ValueError: not an integer in 1..the model's limit.
+    """
     limit = layout.args.max_position_embeddings
-    max_context = max_context or min(limit, DEFAULT_MAX_CONTEXT)
-    if not 0 < max_context <= limit:
-        raise ValueError(f"max_context {max_context} out of range: 1..{limit}")
+    if max_context is None:
+        return min(limit, DEFAULT_MAX_CONTEXT)
+    if (
+        isinstance(max_context, bool)
+        or not isinstance(max_context, int)
+        or not 0 < max_context <= limit
+    ):
+        raise ValueError(
+            f"max_context {max_context!r} out of range: 1..{limit} (the model's limit)"
+        )
     return max_context
 
 
@@ -99,6 +112,8 @@ def load(
         raise ValueError("memory_budget applies to flash mode: drop dense=True")
     if not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
+    # before the weights: a broken tokenizer or chat template fails in no time
+    tokenizer = Tokenizer(layout.path, layout.manifest["tokenizer"])
     weights = prepare_weights(B, layout.iter_resident(stored=True))
     plan = None
     if dense:
@@ -107,10 +122,10 @@ def load(
         from .flash import FlashFFN
 
         name = predictor or default_predictor(layout)
-        plan = make_plan(layout, memory_budget or DEFAULT_BUDGET, name, context)
+        budget = DEFAULT_BUDGET if memory_budget is None else memory_budget
+        plan = make_plan(layout, budget, name, context)
         chosen = make_predictor(name, B, layout, weights, threshold=predictor_threshold)
         ffn = FlashFFN(B, layout, weights, plan, chosen, window, threads)
     model = Model(layout.args, B, weights, ffn, context)
     model.plan = plan
-    tokenizer = Tokenizer(layout.path, layout.manifest["tokenizer"])
     return model, tokenizer

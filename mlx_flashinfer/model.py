@@ -278,7 +278,18 @@ class Model:
         Raises:
             ValueError: naming the bad input.
         """
-        ids = [int(t) for t in token_ids]
+        if isinstance(token_ids, str | bytes | bytearray):  # would pass as ints
+            raise ValueError(
+                f"token ids must be integers, not {type(token_ids).__name__}: "
+                "encode text with tokenizer.encode"
+            )
+        ids = list(token_ids)
+        odd = [
+            t for t in ids if isinstance(t, bool) or not isinstance(t, int | np.integer)
+        ]
+        if odd:
+            raise ValueError(f"token id {odd[0]!r} is not an integer")
+        ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("no tokens: the prompt is empty")
         bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
@@ -286,6 +297,13 @@ class Model:
             raise ValueError(
                 f"token id {bad[0]} out of range: the vocabulary has "
                 f"{self.args.vocab_size}"
+            )
+        limit = self.args.max_position_embeddings
+        if len(ids) > self.max_context and self.max_context < limit:
+            raise ValueError(
+                f"{len(ids)} tokens exceed the context of {self.max_context} chosen "
+                f"for the KV cache; the model allows {limit}: raise --max-context "
+                f"(max_context=) up to {limit}"
             )
         if len(ids) > self.max_context:
             raise ValueError(

@@ -8,6 +8,8 @@ import math
 import numpy as np
 from tqdm import tqdm
 
+from .nonfinite import check_logits
+
 
 def perplexity(
     model, token_ids: list[int], context: int, prefill: int = 0, progress: bool = False
@@ -24,7 +26,8 @@ def perplexity(
         {"perplexity", "nll" (mean, nats), "tokens" (scored), "chunks"}
 
     Raises:
-        ValueError: fewer than 2 tokens, or a context out of range.
+        ValueError: fewer than 2 tokens, or a context out of range; NonFiniteError
+            (a ValueError) for inf or nan logits, naming the layer.
     """
     if len(token_ids) < 2:
         raise ValueError("the text is too short: it needs at least 2 tokens")
@@ -35,7 +38,9 @@ def perplexity(
     chunks = [c for c in chunks if len(c) > 1]
     for chunk in tqdm(chunks, desc="perplexity", disable=not progress):
         steps = min(prefill, len(chunk)) if prefill else None
-        logits = model.logits(chunk, prefill=steps).astype(np.float64)[:-1]
+        logits = model.logits(chunk, prefill=steps)
+        check_logits(model, logits, chunk, steps or len(chunk))
+        logits = logits.astype(np.float64)[:-1]
         logits -= logits.max(axis=-1, keepdims=True)
         log_norm = np.log(np.exp(logits).sum(axis=-1))
         targets = np.asarray(chunk[1:])

@@ -1,11 +1,30 @@
-"""Shared fixtures: the embedded default model, converted once per test session."""
+"""Shared fixtures: the embedded default model, converted once per test session;
+a private model cache for the whole session."""
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from mlx_flashinfer import convert
 from mlx_flashinfer.default_model import default_gguf_path
+from mlx_flashinfer.models import CACHE_ENV
+
+_SESSION_CACHE: list[str] = []
+
+
+def pytest_configure(config):
+    """No test, nor any subprocess a test starts, writes into the user's cache."""
+    _SESSION_CACHE.append(tempfile.mkdtemp(prefix="flashinfer-test-cache-"))
+    os.environ[CACHE_ENV] = _SESSION_CACHE[-1]
+
+
+def pytest_unconfigure(config):
+    for folder in _SESSION_CACHE:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 

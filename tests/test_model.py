@@ -79,12 +79,33 @@ def test_bad_input_is_refused_clearly(tiny_layouts):
         m.logits([])
     with pytest.raises(ValueError, match="token id 40 out of range"):
         m.logits([1, 40])
-    with pytest.raises(ValueError, match="17 tokens exceed the model's context of 16"):
+    with pytest.raises(
+        ValueError,
+        match="17 tokens exceed the context of 16 chosen for the KV cache; the model "
+        "allows 64: raise --max-context",
+    ):
         m.logits([1] * 17)
+    full, _ = load(tiny_layouts["llama-relu"], backend="numpy")
+    with pytest.raises(ValueError, match="65 tokens exceed the model's context of 64"):
+        full.logits([1] * 65)
+    for ids, says in [
+        ("1 2", "not str"),
+        (b"\x01\x02", "not bytes"),
+        ([1, 2.0], "token id 2.0 is not an integer"),
+        ([1, True], "token id True is not an integer"),
+    ]:
+        with pytest.raises(ValueError, match=says):
+            m.logits(ids)
+        if not isinstance(ids, str):  # text is a prompt
+            with pytest.raises(ValueError, match="bytes|not an integer"):
+                mlx_flashinfer.generate(m, tok, ids, max_tokens=2)
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         load(tiny_layouts["llama-relu"], backend="cuda")
-    with pytest.raises(ValueError, match="max_context 100 out of range"):
-        load(tiny_layouts["llama-relu"], max_context=100)
+    for bad in (100, 0, -1, 2.5):
+        with pytest.raises(ValueError, match=f"max_context {bad} out of range"):
+            load(tiny_layouts["llama-relu"], max_context=bad)
+    with pytest.raises(ValueError, match="memory budget must be positive"):
+        load(tiny_layouts["llama-relu"], memory_budget=0)
     with pytest.raises(ValueError, match="prompt is empty"):
         mlx_flashinfer.generate(m, tok, "", max_tokens=2)
 

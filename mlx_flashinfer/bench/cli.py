@@ -50,10 +50,11 @@ def add_bench_command(sub) -> None:
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--predictor", choices=PREDICTORS, default=None)
     p.add_argument("--threads", type=int, default=None, help="flash reader threads")
-    p.add_argument(
+    limits = p.add_mutually_exclusive_group()
+    limits.add_argument(
         "--limit", default=None, help="one memory limit for every row (e.g. 2GB)"
     )
-    p.add_argument("--no-limit", action="store_true", help="run without cgroups")
+    limits.add_argument("--no-limit", action="store_true", help="run without cgroups")
     p.add_argument("--probe", default=None, help="a saved disk probe JSON to reuse")
     p.add_argument("--probe-dir", default=None, help="where the short probe writes")
     p.add_argument("--out", default=None, help="result JSON (.md and .png beside it)")
