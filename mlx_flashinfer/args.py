@@ -119,7 +119,7 @@ class ModelArgs:
         try:
             return cls._from_hf_config(config)
         except KeyError as err:
-            raise ValueError(f"config.json lacks {err.args[0]}") from None
+            raise ValueError(f"the config lacks {err.args[0]}") from None
 
     @classmethod
     def _from_hf_config(cls, config: dict) -> ModelArgs:

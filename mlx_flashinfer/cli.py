@@ -17,28 +17,32 @@ from .bench.cli import add_bench_command
 from .layout import DTYPES, Layout
 from .memory import format_bytes
 from .predictors import PREDICTORS
-from .tokenizer import Tokenizer
 
 # User mistakes print one line and exit 2; anything else is a bug and keeps its
 # traceback. OSError covers the disk's refusals too: read-only, full, busy.
 USER_ERRORS = (ValueError, OSError, ImportError)
-# what to do about the system's refusals, by errno (where writes go: DST, the cache)
+# what to do about the system's refusals, by errno; ELSEWHERE is filled in per command
 _OS_HINTS = {
-    errno.EROFS: "write elsewhere: another DST, or --cache-dir",
-    errno.ENOSPC: "free some space, or write elsewhere: another DST, or --cache-dir",
-    errno.EDQUOT: "free some space, or write elsewhere: another DST, or --cache-dir",
-    errno.EBUSY: "choose another path (this one is a mount point or in use)",
-    errno.EACCES: "check its permissions, or write elsewhere",
+    errno.EROFS: "write {elsewhere}",
+    errno.ENOSPC: "free some space, or write {elsewhere}",
+    errno.EDQUOT: "free some space, or write {elsewhere}",
+    errno.EBUSY: "a mount point or a directory in use: choose another path",
+    errno.EACCES: "check its permissions, or write {elsewhere}",
 }
 
 
-def error_line(err: BaseException) -> str:
-    """The one line a user error prints: an OSError of the system as `path: what
-    (what to do)`, any other message with its newlines folded."""
+def error_line(err: BaseException, command: str = "") -> str:
+    """The one line a user error prints: an OSError of the system as `path: what;
+    what to do`, any other message with its newlines folded."""
     if isinstance(err, OSError) and err.errno is not None and err.strerror:
+        elsewhere = (
+            "to another DST"
+            if command == "convert"
+            else "elsewhere: --cache-dir or $MLX_FLASHINFER_CACHE"
+        )
         where = f"{err.filename}: " if err.filename is not None else ""
-        hint = _OS_HINTS.get(err.errno)
-        text = f"{where}{err.strerror}" + (f" ({hint})" if hint else "")
+        hint = _OS_HINTS.get(err.errno, "").format(elsewhere=elsewhere)
+        text = f"{where}{err.strerror}" + (f"; {hint}" if hint else "")
     else:
         text = str(err) or type(err).__name__
     return " ".join(text.split())
@@ -65,10 +69,11 @@ def cmd_convert(opts) -> int:
 
 
 def cmd_inspect(opts) -> int:
+    from .loader import load_tokenizer
     from .models import resolve_model
 
     layout = Layout.open(resolve_model(opts.model, opts.cache_dir))
-    Tokenizer(layout.path, layout.manifest["tokenizer"])  # parses, with its template
+    load_tokenizer(layout)  # parses, with its chat template
     args = layout.args
     total = layout.resident_bytes + layout.ffn_bytes
     act = args.hidden_act + ("" if args.is_relu_family else "; sparsity is approximate")
@@ -528,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except USER_ERRORS as err:
-        print(f"flashinfer {opts.command}: error: {error_line(err)}", file=sys.stderr)
+        line = error_line(err, opts.command)
+        print(f"flashinfer {opts.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"flashinfer {opts.command}: interrupted", file=sys.stderr)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoints import ffn_parts, open_checkpoint
+from .checkpoints import GGUFCheckpoint, HFCheckpoint, ffn_parts, open_checkpoint
 from .layout import (
     ARRANGEMENTS,
     DTYPES,
@@ -38,7 +38,7 @@ from .tokenizer import Tokenizer
 
 
 def convert(
-    src: str | Path,
+    src: str | Path | HFCheckpoint | GGUFCheckpoint,
     dst: str | Path,
     dtype: str = "float16",
     force: bool = False,
@@ -48,7 +48,8 @@ def convert(
     """Convert `src` (Hugging Face directory or .gguf file) into a layout at `dst`.
 
     Args:
-        src: checkpoint directory (config.json + safetensors + tokenizer) or GGUF file.
+        src: checkpoint directory (config.json + safetensors + tokenizer) or GGUF file
+            (or one opened already by `open_checkpoint`).
         dst: layout directory to create: a new path or an empty directory.
         dtype: storage dtype of weights: "float16" (default), "float32" or "bfloat16".
             1-D tensors (norms, biases) are always stored as float32.
@@ -71,8 +72,12 @@ def convert(
         ValueError: `src` is not a supported checkpoint, `dst` is or contains it, or
             `dtype` is unknown.
     """
-    _check_destination(dst, dtype, arrangement, force, src=src)
-    return write_layout(open_checkpoint(src), dst, dtype, progress, arrangement)
+    opened = src if isinstance(src, HFCheckpoint | GGUFCheckpoint) else None
+    _check_destination(
+        dst, dtype, arrangement, force, src=opened.path if opened else src
+    )
+    source = opened or open_checkpoint(src)
+    return write_layout(source, dst, dtype, progress, arrangement, force)
 
 
 def is_layout(path: Path) -> bool:
@@ -122,23 +127,32 @@ def _check_destination(dst, dtype: str, arrangement: str, force: bool, src=None)
 
 
 def write_layout(
-    source, dst: str | Path, dtype: str, progress: bool, arrangement: str = "bundled"
+    source,
+    dst: str | Path,
+    dtype: str,
+    progress: bool,
+    arrangement: str = "bundled",
+    force: bool = False,
 ) -> Path:
     """Write `source` (anything with args, shapes, tensor(), tokenizer(), kind, path:
     a checkpoint, or the synthetic models of synth.py) as a layout at `dst`, through a
-    temporary directory renamed at the end (see staging.py). The caller has checked
-    that `dst` may be replaced."""
+    temporary directory renamed at the end (see staging.py). The caller checked `dst`
+    (`_check_destination`); the rename checks again that it did not change since,
+    and replaces a layout only with `force`."""
     target = Path(os.path.abspath(dst))  # "." and ".." have no name to stage beside
     target.parent.mkdir(parents=True, exist_ok=True)
     clear_stale(target.parent, target.name)
     tmp = staging_dir(target)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         _write_layout(source, tmp, dtype, progress, arrangement)
-        publish(tmp, target)
-    except BaseException:
+        publish(tmp, target, replace=force and is_layout(target))
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        system = isinstance(err, OSError) and err.errno is not None
+        if system and str(err.filename or tmp).startswith(str(tmp)):
+            err.filename = str(target)  # the user named DST, not the staging dir
         raise
     return Path(dst)
 
@@ -161,42 +175,44 @@ def _write_layout(
         sum(np.prod(s) for n, s in source.shapes.items() if n not in ffn_names) * item
     )
     total += sum(np.prod(source.shapes[n]) for n in ffn_names) * item
-    bar = tqdm(
+    files = {}
+    # closed on errors too, so an error line does not follow a half-drawn bar
+    with tqdm(
         total=int(total),
         unit="B",
         unit_scale=True,
         desc="convert",
         disable=not progress,
-    )
-    files = {}
+    ) as bar:
+        digest = hashlib.sha256()
+        writer = StreamingWriter(out / RESIDENT_FILE, resident, hasher=digest)
+        for name, (_, shape) in resident.items():
+            writer.write(name, source.tensor(name))
+            bar.update(int(np.prod(shape)) * item)
+        writer.close()
+        files[RESIDENT_FILE] = _entry(out / RESIDENT_FILE, digest)
 
-    digest = hashlib.sha256()
-    writer = StreamingWriter(out / RESIDENT_FILE, resident, hasher=digest)
-    for name, (_, shape) in resident.items():
-        writer.write(name, source.tensor(name))
-        bar.update(int(np.prod(shape)) * item)
-    writer.close()
-    files[RESIDENT_FILE] = _entry(out / RESIDENT_FILE, digest)
-
-    size = bundle_bytes(args, dtype)
-    layers, offset, digest = [], 0, hashlib.sha256()
-    with open(out / FFN_FILE, "wb") as f:
-        for i in range(args.num_hidden_layers):
-            parts = [
-                source.tensor(n).T if t else source.tensor(n)
-                for n, t in ffn_parts(args, i)
-            ]
-            # bundled: (n_ffn, n_parts, d_model); separate: (n_parts, n_ffn, d_model)
-            axis = 1 if arrangement == "bundled" else 0
-            bundles = encode(np.stack(parts, axis=axis), dtype)
-            data = bundles.tobytes() + bytes(align_up(bundles.nbytes) - bundles.nbytes)
-            f.write(data)
-            digest.update(data)
-            layers.append({"offset": offset, "neurons": len(parts[0])})
-            offset += len(data)
-            bar.update(bundles.nbytes)
-    files[FFN_FILE] = _entry(out / FFN_FILE, digest)
-    bar.close()
+        size = bundle_bytes(args, dtype)
+        layers, offset, digest = [], 0, hashlib.sha256()
+        with open(out / FFN_FILE, "wb") as f:
+            for i in range(args.num_hidden_layers):
+                parts = [
+                    source.tensor(n).T if t else source.tensor(n)
+                    for n, t in ffn_parts(args, i)
+                ]
+                # bundled: (n_ffn, n_parts, d_model)
+                # separate: (n_parts, n_ffn, d_model)
+                axis = 1 if arrangement == "bundled" else 0
+                bundles = encode(np.stack(parts, axis=axis), dtype)
+                data = bundles.tobytes() + bytes(
+                    align_up(bundles.nbytes) - bundles.nbytes
+                )
+                f.write(data)
+                digest.update(data)
+                layers.append({"offset": offset, "neurons": len(parts[0])})
+                offset += len(data)
+                bar.update(bundles.nbytes)
+        files[FFN_FILE] = _entry(out / FFN_FILE, digest)
 
     tokenizer_files, tokenizer_info = source.tokenizer()
     for name, data in tokenizer_files.items():

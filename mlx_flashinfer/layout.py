@@ -310,13 +310,13 @@ def _check_file_names(manifest: dict, path: Path, where: Path) -> None:
     root = path.resolve()
     for name in files:
         relative = Path(name)
-        if (
-            not name
-            or relative.is_absolute()
-            or ".." in relative.parts
-            or not (root / relative).resolve().is_relative_to(root)
-        ):
+        if not name or relative.is_absolute() or ".." in relative.parts:
             raise ValueError(
                 f"{where}: names {name!r}, outside the layout directory "
                 "(a crafted manifest?); re-convert the model"
+            )
+        if not (root / relative).resolve().is_relative_to(root):
+            raise ValueError(
+                f"{path / name}: a symlink leading outside the layout directory; "
+                "copy the file in, or re-convert the model"
             )

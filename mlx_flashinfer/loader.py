@@ -24,6 +24,18 @@ def default_predictor(layout: Layout) -> str:
     return "lowrank" if layout.has_predictor else "gate"
 
 
+def load_tokenizer(layout: Layout) -> Tokenizer:
+    """The layout's tokenizer, parsed with its chat template.
+
+    Raises:
+        ValueError: either does not parse (the layout was damaged after conversion).
+    """
+    try:
+        return Tokenizer(layout.path, layout.manifest["tokenizer"])
+    except ValueError as err:
+        raise ValueError(f"{err}; re-convert the model") from None
+
+
 def check_max_context(layout: Layout, max_context: int | None) -> int:
     """The KV cache's size in tokens: `max_context`, or the model's limit capped at
     DEFAULT_MAX_CONTEXT.
@@ -113,7 +125,7 @@ def load(
     if not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
     # before the weights: a broken tokenizer or chat template fails in no time
-    tokenizer = Tokenizer(layout.path, layout.manifest["tokenizer"])
+    tokenizer = load_tokenizer(layout)
     weights = prepare_weights(B, layout.iter_resident(stored=True))
     plan = None
     if dense:

@@ -98,6 +98,7 @@ def cache_name(source: Path) -> str:
 def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
     """Convert under a lock, so a second process waits for the first and then uses its
     result instead of converting again."""
+    from .checkpoints import open_checkpoint
     from .convert import convert
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,7 @@ def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
     with locked(lock_path(dst), say_waiting):
         if (dst / MANIFEST).is_file():  # another process finished meanwhile
             return dst
+        checkpoint = open_checkpoint(source)  # a bad one fails before the notice
         if progress:
             print(
                 f"converting {source} into {dst} (first use; later runs start at once)",
@@ -119,7 +121,7 @@ def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
         try:
             # convert writes a temporary directory and renames it, so an interrupted
             # first use leaves nothing half-written
-            convert(source, dst, dtype=CACHE_DTYPE, progress=progress)
+            convert(checkpoint, dst, dtype=CACHE_DTYPE, progress=progress)
         except FileExistsError:
             if (dst / MANIFEST).is_file():  # lost a rename race without flock
                 return dst

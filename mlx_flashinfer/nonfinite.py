@@ -26,7 +26,8 @@ def check_logits(model, logits: np.ndarray, tokens: list[int], prefill: int) -> 
     if np.isfinite(logits).all():  # tens of microseconds for a 50k vocabulary
         return
     raise NonFiniteError(
-        f"non-finite logits at token {len(tokens)}: {locate(model, tokens, prefill)}; "
+        f"non-finite logits (inf or nan) after {len(tokens)} tokens: "
+        f"{locate(model, tokens, prefill)}; "
         "the weights may be corrupted: check them with flashinfer inspect MODEL "
         "--verify, or re-convert the model"
     )

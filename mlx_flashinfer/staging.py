@@ -82,15 +82,16 @@ def clear_stale(parent: Path, dst_name: str | None = None) -> None:
             _remove_unheld_lock(entry)
 
 
-def publish(new: Path, dst: Path) -> None:
+def publish(new: Path, dst: Path, replace: bool = False) -> None:
     """Rename the finished directory `new` to `dst`.
 
-    `dst` must be absent, an empty directory or a layout (the caller decides that
-    replacing it is allowed). A replaced layout is renamed aside first, put back if
-    the second rename fails, and removed only after it worked.
+    `dst` must be absent or an empty directory, or `replace` true (the caller checked
+    that it is a layout). A replaced layout is renamed aside first, put back if the
+    second rename fails, and removed only after it worked.
 
     Raises:
-        FileExistsError: something else took `dst` meanwhile (another conversion).
+        FileExistsError: `dst` exists (another process wrote it meanwhile, say) and
+            `replace` is false.
     """
     ours = os.stat(new).st_ino
     old = None
@@ -98,6 +99,8 @@ def publish(new: Path, dst: Path) -> None:
         if os.path.isdir(dst) and not os.path.islink(dst) and not any(dst.iterdir()):
             os.rmdir(dst)  # rename onto a missing path: never onto someone's files
         elif os.path.lexists(dst):
+            if not replace:
+                raise FileExistsError(errno.EEXIST, "exists", str(dst))
             old = dst.parent / f".{dst.name}.old-{os.getpid()}"
             os.rename(dst, old)
         try:
@@ -110,8 +113,8 @@ def publish(new: Path, dst: Path) -> None:
     except OSError as err:
         if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             raise FileExistsError(
-                f"{dst}: written by another process meanwhile; run again "
-                "(with --force to replace it)"
+                f"{dst}: already exists (written by another process meanwhile); "
+                "pass --force to replace it"
             ) from None
         raise
     # on Linux a rename onto an empty directory replaces it silently: check it is ours

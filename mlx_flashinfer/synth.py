@@ -417,7 +417,7 @@ def write_synthetic(
         source = SyntheticLlama(shape, structure, seed)
     else:
         source = SyntheticOPT(shape, structure or Structure(), seed)
-    write_layout(source, dst, dtype, progress, arrangement)
+    write_layout(source, dst, dtype, progress, arrangement, force)
     A_list, B_list, reports = source.predictor()
     store_predictor(
         Layout.open(dst),

@@ -83,7 +83,7 @@ def count_conversions(monkeypatch) -> list:
     real = convert_module.convert
 
     def counting(src, dst, **kwargs):
-        calls.append(Path(src))
+        calls.append(Path(getattr(src, "path", src)))  # a path or an open checkpoint
         return real(src, dst, **kwargs)
 
     monkeypatch.setattr(convert_module, "convert", counting)
