@@ -33,7 +33,7 @@ from .layout import (
     write_manifest,
 )
 from .safetensors_stream import StreamingWriter, encode
-from .staging import clear_stale, publish, staging_dir
+from .staging import clear_stale, make_staging_dir, publish
 from .tokenizer import Tokenizer
 
 
@@ -101,6 +101,10 @@ def _check_destination(dst, dtype: str, arrangement: str, force: bool, src=None)
             f"{', '.join(ARRANGEMENTS)}"
         )
     dst = Path(dst)
+    target = Path(os.path.abspath(dst))
+    # first, what killed conversions to this DST left: a layout that --force was
+    # replacing comes back, so it is judged below like any other
+    clear_stale(target.parent, target.name)
     if src is not None and os.path.lexists(src):
         real_src, real_dst = Path(src).resolve(), dst.resolve()
         if real_dst == real_src:
@@ -141,17 +145,18 @@ def write_layout(
     and replaces a layout only with `force`."""
     target = Path(os.path.abspath(dst))  # "." and ".." have no name to stage beside
     target.parent.mkdir(parents=True, exist_ok=True)
-    clear_stale(target.parent, target.name)
-    tmp = staging_dir(target)
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = None
     try:
-        tmp.mkdir()
+        tmp = make_staging_dir(target)
         _write_layout(source, tmp, dtype, progress, arrangement)
         publish(tmp, target, replace=force and is_layout(target))
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        system = isinstance(err, OSError) and err.errno is not None
-        if system and str(err.filename or tmp).startswith(str(tmp)):
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        staged = str(err.filename or tmp) if isinstance(err, OSError) else ""
+        if getattr(err, "errno", None) is not None and staged.startswith(
+            str(target.parent / f".{target.name}.")
+        ):
             err.filename = str(target)  # the user named DST, not the staging dir
         raise
     return Path(dst)

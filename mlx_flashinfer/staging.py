@@ -3,10 +3,11 @@
 A layout is written into a temporary directory beside its destination and renamed
 at the end, so readers never see half of one. The names used beside DST:
 
-    .DST.converting-PID   a conversion in progress (convert.py)
-    .DST.writing-PID      the bench's unbundled copy in progress (bench/layouts.py)
-    .DST.old-PID          the layout `--force` replaces, between its two renames
-    .DST.lock             first use's lock (models.py), held with flock
+    .DST.converting-PID-X   a conversion in progress (convert.py; X: unique, so
+                            threads of one process never share one)
+    .DST.writing-PID        the bench's unbundled copy in progress (bench/layouts.py)
+    .DST.old-PID-X          the layout `--force` replaces, between its two renames
+    .DST.lock               first use's lock (models.py), held with flock
 
 Cleanups run in `finally` blocks, which kill -9 skips: a directory whose PID no
 longer runs is a leftover, and the next conversion removes it (an `.old` one whose
@@ -20,6 +21,7 @@ import errno
 import os
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,13 +30,22 @@ try:
 except ImportError:  # no flock (Windows): the atomic rename alone must do
     fcntl = None
 
-_LEFTOVER = re.compile(r"\.(?P<dst>.+)\.(?P<kind>converting|writing|old)-(?P<pid>\d+)")
+_LEFTOVER = re.compile(
+    r"\.(?P<dst>.+)\.(?P<kind>converting|writing|old)-(?P<pid>\d+)(-\w+)?"
+)
 _LOCK = re.compile(r"\.(?P<dst>.+)\.lock")
 
 
-def staging_dir(dst: Path) -> Path:
-    """The temporary directory this process writes `dst` into."""
-    return dst.parent / f".{dst.name}.converting-{os.getpid()}"
+def make_staging_dir(dst: Path) -> Path:
+    """A new, empty temporary directory beside `dst` to write it into."""
+    # not tempfile.mkdtemp: its mode 0700 would stay on the published layout
+    path = dst.parent / f".{dst.name}.converting-{os.getpid()}-{_unique()}"
+    path.mkdir()
+    return path
+
+
+def _unique() -> str:
+    return uuid.uuid4().hex[:8]
 
 
 def lock_path(dst: Path) -> Path:
@@ -82,6 +93,14 @@ def clear_stale(parent: Path, dst_name: str | None = None) -> None:
             _remove_unheld_lock(entry)
 
 
+def clear_dead_temp(folder: Path, prefix: str) -> None:
+    """Remove the `folder`/PREFIX-PID-* directories of processes no longer running."""
+    for entry in folder.glob(f"{prefix}-*"):
+        pid = entry.name[len(prefix) + 1 :].split("-")[0]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            _remove(entry)
+
+
 def publish(new: Path, dst: Path, replace: bool = False) -> None:
     """Rename the finished directory `new` to `dst`.
 
@@ -101,7 +120,7 @@ def publish(new: Path, dst: Path, replace: bool = False) -> None:
         elif os.path.lexists(dst):
             if not replace:
                 raise FileExistsError(errno.EEXIST, "exists", str(dst))
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            old = dst.parent / f".{dst.name}.old-{os.getpid()}-{_unique()}"
             os.rename(dst, old)
         try:
             os.rename(new, dst)

@@ -15,6 +15,7 @@ atomically: an interrupted run leaves the layout as it was.
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,9 @@ from tqdm import tqdm
 from .layout import Layout
 from .lowrank import save_predictor, train_layer
 from .predictors import activation_mask, silu_magnitude
+from .staging import clear_dead_temp
+
+TEMP_PREFIX = "flashinfer-train"  # activations while training: TMPDIR/PREFIX-PID-*
 
 GENERIC_PROMPTS = [
     "Once upon a time",
@@ -231,7 +235,10 @@ def train_predictor(
         sequences = calibration_sequences(
             model, tokenizer, texts, tokens, seq_len, seed, progress
         )
-        with tempfile.TemporaryDirectory(prefix="flashinfer-train-") as tmp:
+        # activations (100+ MB) of runs killed before cleaning up go first
+        clear_dead_temp(Path(tempfile.gettempdir()), TEMP_PREFIX)
+        prefix = f"{TEMP_PREFIX}-{os.getpid()}-"
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
             total = sum(len(s) for s in sequences)
             recorder = ActivationRecorder(
                 model.backend, args, model.ffn.fc1_bias, Path(tmp), total, silu_sparsity
@@ -321,6 +328,8 @@ def store_predictor(layout: Layout, A_list, B_list, reports, settings: dict) -> 
             (layout.path / name).unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
         raise
-    if old and old != name:
-        (layout.path / old).unlink(missing_ok=True)
+    # older predictors, and those of runs killed before the manifest named them
+    for file in layout.path.glob("predictor-*.safetensors"):
+        if file.name != name:
+            file.unlink(missing_ok=True)
     return section
