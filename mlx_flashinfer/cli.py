@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .backends import BACKENDS
@@ -527,7 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     try:
-        with _sigterm_unwinds():
+        with _sigterm_unwinds(), warnings.catch_warnings():
+            # inf and nan are reported once, naming the layer (nonfinite.py)
+            warnings.filterwarnings(
+                "ignore",
+                "(overflow|invalid value|divide by zero) encountered",
+                RuntimeWarning,
+            )
             return opts.run(opts)
     except BrokenPipeError:  # e.g. `flashinfer generate ... | head -1`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -10,6 +10,7 @@ from .layout import Layout
 from .memory import MemoryPlan, plan_memory
 from .model import DenseFFN, Model, kv_cache_bytes, prepare_weights
 from .models import resolve_model
+from .nonfinite import check_weights
 from .predictors import make_predictor, predictor_nbytes
 from .tokenizer import Tokenizer
 
@@ -34,6 +35,15 @@ def load_tokenizer(layout: Layout) -> Tokenizer:
         return Tokenizer(layout.path, layout.manifest["tokenizer"])
     except ValueError as err:
         raise ValueError(f"{err}; re-convert the model") from None
+
+
+def _finite(tensors, layout: Layout):
+    """The resident tensors, each checked for inf and nan as it passes (one pass
+    over what load reads anyway): a NaN norm would otherwise vanish on the sparse
+    path, where a layer whose FFN input is NaN selects no neuron at all."""
+    for name, value in tensors:
+        check_weights(value, f"{layout.resident_path}: {name}")
+        yield name, value
 
 
 def check_max_context(layout: Layout, max_context: int | None) -> int:
@@ -126,7 +136,7 @@ def load(
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
     # before the weights: a broken tokenizer or chat template fails in no time
     tokenizer = load_tokenizer(layout)
-    weights = prepare_weights(B, layout.iter_resident(stored=True))
+    weights = prepare_weights(B, _finite(layout.iter_resident(stored=True), layout))
     plan = None
     if dense:
         ffn = DenseFFN(B, layout, weights)

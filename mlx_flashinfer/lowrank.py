@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from .nonfinite import check_weights
 from .safetensors_stream import encode
 
 TARGET_RECALL = 0.99  # Deja Vu: held-out recall to reach before stopping
@@ -421,4 +422,7 @@ def load_predictor_arrays(path: Path) -> tuple[list[np.ndarray], list[np.ndarray
     A_list = [tensors[f"layers.{i}.A"] for i in range(count)]
     B_list = [tensors[f"layers.{i}.B"] for i in range(count)]
     _check_shapes(A_list, B_list, str(path))
+    for i, (A, B) in enumerate(zip(A_list, B_list, strict=True)):
+        check_weights(A, f"{path}: layers.{i}.A")
+        check_weights(B, f"{path}: layers.{i}.B")
     return A_list, B_list

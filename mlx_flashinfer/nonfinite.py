@@ -26,11 +26,30 @@ def check_logits(model, logits: np.ndarray, tokens: list[int], prefill: int) -> 
     if np.isfinite(logits).all():  # tens of microseconds for a 50k vocabulary
         return
     raise NonFiniteError(
-        f"non-finite logits (inf or nan) after {len(tokens)} tokens: "
+        f"non-finite logits (inf or nan) after {len(tokens)} "
+        f"token{'s' * (len(tokens) > 1)}: "
         f"{locate(model, tokens, prefill)}; "
         "the weights may be corrupted: check them with flashinfer inspect MODEL "
         "--verify, or re-convert the model"
     )
+
+
+def check_weights(values: np.ndarray, where: str) -> None:
+    """Raise NonFiniteError when predictor weights hold inf or nan: a predictor's
+    comparisons turn nan into "no neuron fires", which no logits check would see.
+
+    Raises:
+        NonFiniteError: naming `where`.
+    """
+    if values.dtype == np.uint16:  # bfloat16 held as its bits: exponent all ones
+        finite = not ((values & 0x7F80) == 0x7F80).any()
+    else:
+        finite = bool(np.isfinite(values).all())
+    if not finite:
+        raise NonFiniteError(
+            f"{where}: non-finite values (inf or nan); the weights may be corrupted: "
+            "check them with flashinfer inspect MODEL --verify, or re-convert the model"
+        )
 
 
 def locate(model, tokens: list[int], prefill: int) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .args import ModelArgs
 from .layout import Layout
+from .nonfinite import check_weights
 from .safetensors_stream import STORAGE, read_header
 
 PREDICTORS = ("lowrank", "gate", "oracle", "all")
@@ -83,7 +84,7 @@ class GatePredictor:
             trained.get("silu_thresholds") or [None] * self.args.num_hidden_layers
         )
         self.gates = [  # held as stored, like every weight
-            backend.weight(layout.read_stored(i)[:, 0])
+            backend.weight(_finite(layout.read_stored(i)[:, 0], layout, i, "gate"))
             for i in range(self.args.num_hidden_layers)
         ]
         self.bias = [
@@ -103,6 +104,11 @@ class GatePredictor:
                 np.quantile(silu_magnitude(gate), self.silu_sparsity)
             )
         return activation_mask(self.args, gate, None, self.silu_thresholds, layer)
+
+
+def _finite(rows: np.ndarray, layout: Layout, layer: int, part: str) -> np.ndarray:
+    check_weights(rows, f"{layout.ffn_path}: layer {layer}'s {part} rows")
+    return rows
 
 
 class OraclePredictor:
@@ -125,7 +131,7 @@ class OraclePredictor:
         self.ups = None
         if self.args.hidden_act == "drelu":
             self.ups = [
-                backend.weight(layout.read_stored(i)[:, 1])
+                backend.weight(_finite(layout.read_stored(i)[:, 1], layout, i, "up"))
                 for i in range(self.args.num_hidden_layers)
             ]
 
