@@ -125,6 +125,22 @@ def test_a_killed_convert_leaves_nothing_that_loads(medium, rng, tmp_path):
         assert os.listdir(out) == ["layout"], where  # the kill's leftovers are gone
 
 
+def test_sigterm_cleans_up_at_once(medium, tmp_path):
+    # SIGTERM unwinds like Ctrl-C: the staging directory goes with the process
+    proc = subprocess.Popen(
+        flashinfer("convert", medium["src"], tmp_path / "layout", "--quiet"),
+        stderr=subprocess.DEVNULL,
+    )
+    while proc.poll() is None and not os.listdir(tmp_path):
+        time.sleep(0.001)
+    proc.terminate()
+    status = proc.wait(timeout=60)
+    if status != 0:  # caught in time
+        assert status == 143 and os.listdir(tmp_path) == []
+    else:
+        Layout.open(tmp_path / "layout").verify()
+
+
 def test_a_killed_convert_force_never_loses_the_old_layout(medium, rng, tmp_path):
     src, out = medium["src"], tmp_path / "out"
     dst = convert(src, out / "layout", dtype="float32", progress=False)

@@ -107,6 +107,15 @@ def test_inspect_verify_cli(tiny_layout, tmp_path, capsys):
     assert "resident.safetensors: checksum mismatch" in capsys.readouterr().err
 
 
+def test_a_conversion_records_that_its_checksums_were_computed(tiny_layout, capsys):
+    # the sha256s hash the bytes as they were written: a fresh layout is verified
+    verified = Layout.open(tiny_layout).manifest["verified"]
+    assert verified["by"] == "conversion" and verified["at"].endswith("Z")
+    assert main(["inspect", str(tiny_layout)]) == 0
+    out = capsys.readouterr().out
+    assert f"checksums    computed by the conversion at {verified['at']}" in out
+
+
 @pytest.mark.slow
 def test_default_model_converts_and_inspects(default_layout, capsys):
     assert main(["inspect", str(default_layout)]) == 0
