@@ -33,7 +33,7 @@ from .layout import (
     write_manifest,
 )
 from .safetensors_stream import StreamingWriter, encode
-from .staging import clear_stale, make_staging_dir, publish
+from .staging import clear_stale, publish, staging_path
 from .tokenizer import Tokenizer
 
 
@@ -145,14 +145,13 @@ def write_layout(
     and replaces a layout only with `force`."""
     target = Path(os.path.abspath(dst))  # "." and ".." have no name to stage beside
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = None
+    tmp = staging_path(target)
     try:
-        tmp = make_staging_dir(target)
+        tmp.mkdir()  # inside the try: a SIGTERM right after it still cleans up
         _write_layout(source, tmp, dtype, progress, arrangement)
         publish(tmp, target, replace=force and is_layout(target))
     except BaseException as err:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         staged = str(err.filename or tmp) if isinstance(err, OSError) else ""
         if getattr(err, "errno", None) is not None and staged.startswith(
             str(target.parent / f".{target.name}.")

@@ -36,12 +36,11 @@ _LEFTOVER = re.compile(
 _LOCK = re.compile(r"\.(?P<dst>.+)\.lock")
 
 
-def make_staging_dir(dst: Path) -> Path:
-    """A new, empty temporary directory beside `dst` to write it into."""
+def staging_path(dst: Path) -> Path:
+    """A name no other writer uses, beside `dst`, for the temporary directory to
+    write it into (made by the caller inside its cleanup's reach)."""
     # not tempfile.mkdtemp: its mode 0700 would stay on the published layout
-    path = dst.parent / f".{dst.name}.converting-{os.getpid()}-{_unique()}"
-    path.mkdir()
-    return path
+    return dst.parent / f".{dst.name}.converting-{os.getpid()}-{_unique()}"
 
 
 def _unique() -> str:
