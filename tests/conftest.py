@@ -12,17 +12,22 @@ from mlx_flashinfer import convert
 from mlx_flashinfer.default_model import default_gguf_path
 from mlx_flashinfer.models import CACHE_ENV
 
-_SESSION_CACHE: list[str] = []
+_SESSION_DIRS: list[str] = []
 
 
 def pytest_configure(config):
-    """No test, nor any subprocess a test starts, writes into the user's cache."""
-    _SESSION_CACHE.append(tempfile.mkdtemp(prefix="flashinfer-test-cache-"))
-    os.environ[CACHE_ENV] = _SESSION_CACHE[-1]
+    """No test, nor any subprocess a test starts, writes into the user's cache; and
+    the layouts that test modules build once per session (tempfile.mkdtemp) go
+    into one folder, removed at the end."""
+    _SESSION_DIRS.append(tempfile.mkdtemp(prefix="flashinfer-test-cache-"))
+    os.environ[CACHE_ENV] = _SESSION_DIRS[-1]
+    _SESSION_DIRS.append(tempfile.mkdtemp(prefix="flashinfer-test-tmp-"))
+    tempfile.tempdir = _SESSION_DIRS[-1]
 
 
 def pytest_unconfigure(config):
-    for folder in _SESSION_CACHE:
+    tempfile.tempdir = None
+    for folder in _SESSION_DIRS:
         shutil.rmtree(folder, ignore_errors=True)
 
 
