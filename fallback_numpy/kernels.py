@@ -1,0 +1,263 @@
+"""Matmuls over weights kept at their stored precision: float16 or bfloat16 (passed
+as uint16 bit patterns) or float32, always accumulated in float32.
+
+`matmul_t(x, w)` is x @ w.T (projections whose weight rows are the outputs);
+`matmul(x, w)` is x @ w (the FFN down projection over neuron rows, skipping the zeros
+of x); `widen(w)` is the exact float32 copy. A weight may be a strided view of stored
+bundles: its rows must be contiguous, the row stride is free.
+
+Small T (decode) runs compiled loops that read each weight once and widen it in
+registers; large T (prefill) widens blocks of rows into a reused float32 buffer and
+hands each block to NumPy's BLAS. Numba has no float16 on CPU, so the 16-bit kinds
+are decoded from their bits (`_kernels_jit.py`). This module chooses and checks; the
+compiled loops are there.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numba
+import numpy as np
+
+from . import _kernels_jit as jit
+
+# T at or below which the compiled loops beat widen-then-BLAS (see the measurements
+# in benchmarks/kernels.py results); above it BLAS's register blocking wins.
+DOT_ROWS_MAX_T = 8
+SUM_ROWS_MAX_T = 8
+
+# Bytes of the float32 block that large-T paths widen and hand to BLAS.
+BLOCK_BYTES = 2 << 20
+
+_BITS_DTYPE = {  # the kernels tell the kinds apart by the dtype of the bits view
+    np.dtype(np.uint16): np.dtype(np.uint16),  # bfloat16 bit patterns
+    np.dtype(np.float16): np.dtype(np.int16),  # float16, as its bits
+    np.dtype(np.float32): np.dtype(np.float32),
+}
+
+_threads: int | None = None  # None: numba's default (all cores)
+
+
+def set_threads(n: int) -> None:
+    """Set how many threads the compiled kernels use (numba's thread count).
+
+    Numba keeps the count per calling thread, so the kernels re-apply it on every
+    call: it holds whichever thread calls them. BLAS calls of the large-T paths follow
+    the BLAS limit (threadpoolctl) instead.
+
+    Args:
+        n: threads, 1 .. the number numba started with (NUMBA_NUM_THREADS).
+
+    Raises:
+        ValueError: n outside that range.
+    """
+    global _threads
+    most = numba.config.NUMBA_NUM_THREADS
+    if not 1 <= int(n) <= most:
+        raise ValueError(f"threads must be in 1..{most}, got {n}")
+    _threads = int(n)
+    numba.set_num_threads(_threads)
+
+
+def get_threads() -> int:
+    """The compiled kernels' thread count (see `set_threads`)."""
+    return numba.get_num_threads() if _threads is None else _threads
+
+
+def matmul_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x @ w.T in float32, for w stored as float32, float16 or bfloat16.
+
+    Args:
+        x: (T, k) float32.
+        w: (n, k) float32, float16 or uint16 (bfloat16 bits); rows contiguous, any
+            row stride (a view into interleaved bundles works).
+        out: optional (T, n) float32 C-contiguous array to write into.
+
+    Returns:
+        (T, n) float32: out if given.
+
+    Raises:
+        ValueError: a dtype, shape or layout outside the above.
+    """
+    bits, row_stride = _weight_bits(w)
+    n, k = w.shape
+    x = _activations(x, k, "k = w.shape[1]")
+    out = _output(out, (x.shape[0], n))
+    if w.dtype == np.float32:
+        with _quiet():
+            return np.matmul(x, w.T, out=out)
+    if out.size == 0 or k == 0:
+        out.fill(0)
+        return out
+    _apply_threads()
+    if x.shape[0] <= DOT_ROWS_MAX_T:
+        jit.dot_rows(x, bits, row_stride, n, k, out, get_threads())
+        return out
+    block = _buffer("block", _block_rows(n, k), k)
+    with _quiet():
+        for j0 in range(0, n, len(block)):
+            rows = np.arange(j0, min(n, j0 + len(block)))
+            jit.widen_rows(bits, row_stride, rows, k, block)
+            np.matmul(x, block[: len(rows)].T, out=out[:, j0 : j0 + len(rows)])
+    return out
+
+
+def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """x @ w in float32, skipping the terms where x is exactly 0.
+
+    A skipped term contributes nothing even when its weight is inf or nan, where
+    NumPy's x @ w would give nan (0 * inf): rows of neurons that a ReLU switched off
+    are never read, so whatever they hold cannot leak into the result. inf or nan in
+    x itself propagate as IEEE arithmetic says.
+
+    Args:
+        x: (T, n) float32, often mostly zeros.
+        w: (n, k) float32, float16 or uint16 (bfloat16 bits); rows contiguous, any
+            row stride.
+        out: optional (T, k) float32 C-contiguous array to write into.
+
+    Returns:
+        (T, k) float32: out if given.
+
+    Raises:
+        ValueError: a dtype, shape or layout outside the above.
+    """
+    bits, row_stride = _weight_bits(w)
+    n, k = w.shape
+    x = _activations(x, n, "n = w.shape[0]")
+    out = _output(out, (x.shape[0], k))
+    out.fill(0)
+    if out.size == 0 or n == 0:
+        return out
+    _apply_threads()
+    rows = jit.nonzero_columns(x)
+    if x.shape[0] <= SUM_ROWS_MAX_T:
+        jit.sum_rows(x, bits, row_stride, rows, k, out, get_threads())
+        return out
+    block = _buffer("block", _block_rows(len(rows), k), k)
+    partial = _buffer("partial", x.shape[0], k)
+    dense = len(rows) == n  # then rows[a:b] == a..b-1: x columns by slicing
+    with _quiet():
+        for r0 in range(0, len(rows), len(block)):
+            part = rows[r0 : r0 + len(block)]
+            if jit.widen_rows(bits, row_stride, part, k, block):
+                # inf/nan weights: BLAS would turn their zero x terms into nan
+                jit.sum_rows(x, bits, row_stride, part, k, out, get_threads())
+                continue
+            xs = x[:, r0 : r0 + len(part)] if dense else x[:, part]
+            np.matmul(xs, block[: len(part)], out=partial)
+            out += partial
+    return out
+
+
+def widen(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The exact float32 values of float16, bfloat16 (uint16 bits) or float32 rows.
+
+    Args:
+        w: (n, k) float32, float16 or uint16 (bfloat16 bits); rows contiguous, any
+            row stride.
+        out: optional (n, k) float32 C-contiguous array to write into.
+
+    Returns:
+        (n, k) float32: out if given. Every value keeps its value or class
+        (subnormals, signed zeros, inf, nan).
+
+    Raises:
+        ValueError: a dtype, shape or layout outside the above.
+    """
+    bits, row_stride = _weight_bits(w)
+    out = _output(out, w.shape)
+    if out.size:
+        _apply_threads()
+        jit.widen_rows(bits, row_stride, np.arange(w.shape[0]), w.shape[1], out)
+    return out
+
+
+def _apply_threads() -> None:
+    if _threads is not None and numba.get_num_threads() != _threads:
+        numba.set_num_threads(_threads)
+
+
+def _weight_bits(w: np.ndarray) -> tuple[np.ndarray, int]:
+    """A read-only 1-D view over w's rows, as the dtype the kernels dispatch on, and
+    the row stride in elements: row j is flat[j * stride : j * stride + k]."""
+    if not isinstance(w, np.ndarray) or w.ndim != 2:
+        raise ValueError(f"w must be a 2-D NumPy array, got {type(w).__name__}")
+    if w.dtype not in _BITS_DTYPE:
+        raise ValueError(
+            f"w.dtype must be float32, float16 or uint16 (bfloat16 bits), got {w.dtype}"
+        )
+    n, k = w.shape
+    size = w.itemsize
+    row_stride = w.strides[0] // size if n > 1 else k
+    if w.size and (
+        k > 1
+        and w.strides[1] != size
+        or n > 1
+        and (w.strides[0] % size or row_stride < k)
+    ):
+        raise ValueError(
+            f"w's rows must be contiguous and not overlap: strides {w.strides} for "
+            f"shape {w.shape} and itemsize {size} (pass np.ascontiguousarray(w))"
+        )
+    span = (n - 1) * row_stride + k if n and k else 0
+    flat = np.lib.stride_tricks.as_strided(
+        w.view(_BITS_DTYPE[w.dtype]), shape=(span,), strides=(size,), writeable=False
+    )
+    return flat, row_stride
+
+
+def _activations(x: np.ndarray, width: int, what: str) -> np.ndarray:
+    """x as a read-only C-contiguous (T, width) float32 array (read-only so that the
+    kernels compile one signature whatever the caller's flags)."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
+        raise ValueError(
+            f"x must be a 2-D float32 NumPy array, got "
+            f"{getattr(x, 'dtype', type(x).__name__)} of shape {np.shape(x)}"
+        )
+    if x.shape[1] != width:
+        raise ValueError(f"x.shape[1] must be {what} = {width}, got {x.shape}")
+    x = np.ascontiguousarray(x).view()
+    x.flags.writeable = False
+    return x
+
+
+def _output(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    if (
+        not isinstance(out, np.ndarray)
+        or out.dtype != np.float32
+        or out.shape != tuple(shape)
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise ValueError(
+            f"out must be a writable C-contiguous float32 array of shape "
+            f"{tuple(shape)}, got {getattr(out, 'dtype', None)} {np.shape(out)}"
+        )
+    return out
+
+
+def _quiet() -> np.errstate:
+    """No warnings for inf/nan results: BLAS paths as quiet as the compiled loops."""
+    return np.errstate(invalid="ignore", over="ignore")
+
+
+_buffers = threading.local()  # per calling thread: reused float32 arrays by name
+
+
+def _block_rows(rows: int, k: int) -> int:
+    """Rows of the large-T paths' widened block: those that fill BLOCK_BYTES, at most
+    `rows`, at least 1."""
+    return max(1, min(rows, BLOCK_BYTES // (4 * k)))
+
+
+def _buffer(name: str, rows: int, k: int) -> np.ndarray:
+    """A reused (rows, k) float32 array, grown when too small, kept per thread."""
+    kept = _buffers.__dict__.get(name)
+    if kept is None or kept.size < rows * k:
+        kept = np.empty(rows * k, np.float32)
+        setattr(_buffers, name, kept)
+    return kept[: rows * k].reshape(rows, k)
