@@ -3,13 +3,14 @@ bits in registers and accumulate in float32.
 
 Each loop takes the weights as a read-only 1-D array `flat` whose dtype names the
 kind: uint16 = bfloat16 bits, int16 = float16 bits, float32 = plain values; row j is
-flat[j * row_stride : j * row_stride + k]. Callers validate shapes; these loops do
+flat[j * row_stride : j * row_stride + k]. Each does one part (a range of rows or
+columns) so that threads can share the work. Callers validate shapes; these loops do
 not.
 """
 
 import numpy as np
 from llvmlite import ir
-from numba import float32, int64, njit, prange, types, uint32
+from numba import float32, njit, types, uint32
 from numba.extending import intrinsic, overload
 
 # Lets LLVM vectorize float32 sums (any order, fused multiply-add). Not the nnan/ninf
@@ -18,15 +19,16 @@ _FAST = {"reassoc", "contract"}
 
 
 def _compiled(**options):
-    """njit with an on-disk cache (compiling all kernels takes ~10 s), or without
-    one where numba finds no writable place for it (next to the package, else the
-    user's cache dir or NUMBA_CACHE_DIR): then numba refuses cache=True outright."""
+    """njit without the GIL (the worker threads of `kernels.py` run these side by
+    side) and with an on-disk cache, or without one where numba finds no writable
+    place for it (next to the package, else the user's cache dir or
+    NUMBA_CACHE_DIR): there numba refuses cache=True outright."""
 
     def decorate(function):
         try:
-            return njit(cache=True, **options)(function)
+            return njit(nogil=True, cache=True, **options)(function)
         except RuntimeError:
-            return njit(**options)(function)
+            return njit(nogil=True, **options)(function)
 
     return decorate
 
@@ -88,24 +90,23 @@ def _widened(stored):
     return None
 
 
-@_compiled(parallel=True, fastmath=_FAST)
-def dot_rows(x, flat, row_stride, n, k, out, threads):
-    """out[t, j] = dot(x[t], w[j]) for all t, j: each weight row streams from memory
-    once, for up to four rows of x at a time (later groups find it in cache)."""
+@_compiled(fastmath=_FAST)
+def dot_rows(x, flat, row_stride, k, lo, hi, out):
+    """out[t, j] = dot(x[t], w[j]) for all t and rows lo <= j < hi: each weight row
+    streams from memory once, for up to four rows of x at a time (later groups find
+    it in cache)."""
     T = x.shape[0]
-    parts = min(n, threads)
-    for p in prange(parts):
-        for j in range(n * p // parts, n * (p + 1) // parts):
-            src = flat[j * row_stride : j * row_stride + k]
-            t = 0
-            while T - t >= 4:
-                _dot4(x[t], x[t + 1], x[t + 2], x[t + 3], src, out[t : t + 4, j])
-                t += 4
-            if T - t >= 2:
-                _dot2(x[t], x[t + 1], src, out[t : t + 2, j])
-                t += 2
-            if T - t == 1:
-                out[t, j] = _dot1(x[t], src)
+    for j in range(lo, hi):
+        src = flat[j * row_stride : j * row_stride + k]
+        t = 0
+        while T - t >= 4:
+            _dot4(x[t], x[t + 1], x[t + 2], x[t + 3], src, out[t : t + 4, j])
+            t += 4
+        if T - t >= 2:
+            _dot2(x[t], x[t + 1], src, out[t : t + 2, j])
+            t += 2
+        if T - t == 1:
+            out[t, j] = _dot1(x[t], src)
 
 
 # Widening fused into the dot products: one pass over the stored row, so the
@@ -162,49 +163,44 @@ def nonzero_columns(x):
     return found[:count]
 
 
-@_compiled(parallel=True, fastmath=_FAST)
-def sum_rows(x, flat, row_stride, rows, k, out, threads):
-    """out[t] += sum of x[t, j] * w[j] over j in rows where x[t, j] != 0."""
+@_compiled(fastmath=_FAST)
+def sum_rows(x, flat, row_stride, rows, k, c0, c1, out):
+    """out[t, c0:c1] += x[t, j] * w[j, c0:c1] for j in rows where x[t, j] != 0."""
     T = x.shape[0]
-    parts = min(k, threads)
-    for p in prange(parts):
-        c0 = k * p // parts
-        c1 = k * (p + 1) // parts
-        m = c1 - c0
-        row = np.empty(m, np.float32)
-        for r in range(rows.size):
-            j = rows[r]
-            src = flat[j * row_stride + c0 : j * row_stride + c1]
-            if T == 1:
-                a = x[0, j]
-                if a != 0:
-                    dst = out[0, c0:c1]
-                    for i in range(m):
-                        dst[i] += a * widened(src[i])
-                continue
-            for i in range(m):
-                row[i] = widened(src[i])
-            for t in range(T):
-                a = x[t, j]
-                if a != 0:
-                    dst = out[t, c0:c1]
-                    for i in range(m):
-                        dst[i] += a * row[i]
+    m = c1 - c0
+    row = np.empty(m, np.float32)
+    for r in range(rows.size):
+        j = rows[r]
+        src = flat[j * row_stride + c0 : j * row_stride + c1]
+        if T == 1:
+            a = x[0, j]
+            if a != 0:
+                dst = out[0, c0:c1]
+                for i in range(m):
+                    dst[i] += a * widened(src[i])
+            continue
+        for i in range(m):
+            row[i] = widened(src[i])
+        for t in range(T):
+            a = x[t, j]
+            if a != 0:
+                dst = out[t, c0:c1]
+                for i in range(m):
+                    dst[i] += a * row[i]
 
 
-@_compiled(parallel=True)
-def widen_rows(flat, row_stride, rows, k, out):
-    """out[r] = float32 of w[rows[r]]; returns how many values are inf or nan."""
-    nonfinite = int64(0)
-    for r in prange(rows.size):
+@_compiled()
+def widen_rows(flat, row_stride, rows, k, lo, hi, out):
+    """out[r] = float32 of w[rows[r]] for lo <= r < hi; returns how many of those
+    values are inf or nan."""
+    nonfinite = 0
+    for r in range(lo, hi):
         j = rows[r]
         src = flat[j * row_stride : j * row_stride + k]
         dst = out[r]
-        bad = int64(0)
         for i in range(k):
             value = widened(src[i])
             dst[i] = value
             if not abs(value) <= float32(3.4028235e38):
-                bad += 1
-        nonfinite += bad
+                nonfinite += 1
     return nonfinite

@@ -15,12 +15,14 @@ compiled loops are there.
 
 from __future__ import annotations
 
+import os
 import threading
+from itertools import pairwise
 
-import numba
 import numpy as np
 
 from . import _kernels_jit as jit
+from . import _workers
 
 # T at or below which the compiled loops beat widen-then-BLAS (see the measurements
 # in benchmarks/kernels.py results); above it BLAS's register blocking wins.
@@ -30,39 +32,43 @@ SUM_ROWS_MAX_T = 8
 # Bytes of the float32 block that large-T paths widen and hand to BLAS.
 BLOCK_BYTES = 2 << 20
 
+# Jobs that read fewer weight bytes run on the calling thread alone: waking a worker
+# costs some tens of microseconds, about what one core needs for 1 MB.
+PARALLEL_MIN_BYTES = 1 << 20
+
 _BITS_DTYPE = {  # the kernels tell the kinds apart by the dtype of the bits view
     np.dtype(np.uint16): np.dtype(np.uint16),  # bfloat16 bit patterns
     np.dtype(np.float16): np.dtype(np.int16),  # float16, as its bits
     np.dtype(np.float32): np.dtype(np.float32),
 }
 
-_threads: int | None = None  # None: numba's default (all cores)
+_threads = (
+    len(os.sched_getaffinity(0))
+    if hasattr(os, "sched_getaffinity")
+    else (os.cpu_count() or 1)
+)
 
 
 def set_threads(n: int) -> None:
-    """Set how many threads the compiled kernels use (numba's thread count).
+    """Set how many threads the compiled kernels use (the caller and n - 1 workers).
 
-    Numba keeps the count per calling thread, so the kernels re-apply it on every
-    call: it holds whichever thread calls them. BLAS calls of the large-T paths follow
-    the BLAS limit (threadpoolctl) instead.
+    BLAS calls of the large-T paths follow the BLAS limit (threadpoolctl) instead.
 
     Args:
-        n: threads, 1 .. the number numba started with (NUMBA_NUM_THREADS).
+        n: threads, at least 1 (default: the cores this process may use).
 
     Raises:
-        ValueError: n outside that range.
+        ValueError: n below 1.
     """
     global _threads
-    most = numba.config.NUMBA_NUM_THREADS
-    if not 1 <= int(n) <= most:
-        raise ValueError(f"threads must be in 1..{most}, got {n}")
+    if int(n) < 1:
+        raise ValueError(f"threads must be at least 1, got {n}")
     _threads = int(n)
-    numba.set_num_threads(_threads)
 
 
 def get_threads() -> int:
     """The compiled kernels' thread count (see `set_threads`)."""
-    return numba.get_num_threads() if _threads is None else _threads
+    return _threads
 
 
 def matmul_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -90,15 +96,15 @@ def matmul_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.
     if out.size == 0 or k == 0:
         out.fill(0)
         return out
-    _apply_threads()
     if x.shape[0] <= DOT_ROWS_MAX_T:
-        jit.dot_rows(x, bits, row_stride, n, k, out, get_threads())
+        parts = _parts(n, w.itemsize * n * k)
+        _workers.run(jit.dot_rows, [(x, bits, row_stride, k, *p, out) for p in parts])
         return out
     block = _buffer("block", _block_rows(n, k), k)
     with _quiet():
         for j0 in range(0, n, len(block)):
             rows = np.arange(j0, min(n, j0 + len(block)))
-            jit.widen_rows(bits, row_stride, rows, k, block)
+            _widen_rows(bits, row_stride, rows, k, block)
             np.matmul(x, block[: len(rows)].T, out=out[:, j0 : j0 + len(rows)])
     return out
 
@@ -130,10 +136,9 @@ def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.nd
     out.fill(0)
     if out.size == 0 or n == 0:
         return out
-    _apply_threads()
     rows = jit.nonzero_columns(x)
     if x.shape[0] <= SUM_ROWS_MAX_T:
-        jit.sum_rows(x, bits, row_stride, rows, k, out, get_threads())
+        _sum_rows(x, bits, row_stride, rows, k, out, w.itemsize)
         return out
     block = _buffer("block", _block_rows(len(rows), k), k)
     partial = _buffer("partial", x.shape[0], k)
@@ -141,9 +146,9 @@ def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.nd
     with _quiet():
         for r0 in range(0, len(rows), len(block)):
             part = rows[r0 : r0 + len(block)]
-            if jit.widen_rows(bits, row_stride, part, k, block):
+            if _widen_rows(bits, row_stride, part, k, block):
                 # inf/nan weights: BLAS would turn their zero x terms into nan
-                jit.sum_rows(x, bits, row_stride, part, k, out, get_threads())
+                _sum_rows(x, bits, row_stride, part, k, out, w.itemsize)
                 continue
             xs = x[:, r0 : r0 + len(part)] if dense else x[:, part]
             np.matmul(xs, block[: len(part)], out=partial)
@@ -169,14 +174,31 @@ def widen(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     bits, row_stride = _weight_bits(w)
     out = _output(out, w.shape)
     if out.size:
-        _apply_threads()
-        jit.widen_rows(bits, row_stride, np.arange(w.shape[0]), w.shape[1], out)
+        _widen_rows(bits, row_stride, np.arange(w.shape[0]), w.shape[1], out)
     return out
 
 
-def _apply_threads() -> None:
-    if _threads is not None and numba.get_num_threads() != _threads:
-        numba.set_num_threads(_threads)
+def _parts(length: int, work_bytes: int, align: int = 1) -> list[tuple[int, int]]:
+    """[lo, hi) ranges splitting range(length) among the threads (bounds on
+    multiples of `align`), or one range for a job under PARALLEL_MIN_BYTES."""
+    parts = _threads if work_bytes >= PARALLEL_MIN_BYTES else 1
+    parts = max(1, min(parts, length // align))
+    bounds = [length * p // parts // align * align for p in range(parts)] + [length]
+    return [(lo, hi) for lo, hi in pairwise(bounds) if hi > lo]
+
+
+def _widen_rows(bits, row_stride, rows, k, out) -> int:
+    """out[r] = w[rows[r]] as float32; how many values are inf or nan."""
+    parts = _parts(len(rows), 2 * len(rows) * k)
+    jobs = [(bits, row_stride, rows, k, *p, out) for p in parts]
+    return sum(_workers.run(jit.widen_rows, jobs))
+
+
+def _sum_rows(x, bits, row_stride, rows, k, out, itemsize: int) -> None:
+    """out[t] += x[t, j] * w[j] for j in rows where x[t, j] != 0, the threads taking
+    column ranges (64-byte aligned in out) so that none shares an output."""
+    parts = _parts(k, itemsize * len(rows) * k, align=16)
+    _workers.run(jit.sum_rows, [(x, bits, row_stride, rows, k, *p, out) for p in parts])
 
 
 def _weight_bits(w: np.ndarray) -> tuple[np.ndarray, int]:

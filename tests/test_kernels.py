@@ -7,12 +7,15 @@ large-T paths) stays within (m + 2) * eps32 * sum(|x| |w|), plus m * 2**-149 for
 products that fall into float32's subnormal range.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fallback_numpy import kernels
+from fallback_numpy import _workers, kernels
 
 KINDS = ("float16", "bfloat16", "float32")
 EPS32 = float(np.finfo(np.float32).eps)
@@ -75,6 +78,23 @@ def assert_close(got: np.ndarray, products: np.ndarray) -> None:
     assert np.all(err <= bound), f"error {err.max()} over bound {bound[err.argmax()]}"
 
 
+@contextmanager
+def tuned(block_rows: int | None, k: int, threads: int):
+    """Blocks of `block_rows` rows of width k in the large-T paths (None: as
+    configured) and every job split among `threads`, so that tiny matrices take the
+    paths that big ones do."""
+    saved = kernels.BLOCK_BYTES, kernels.PARALLEL_MIN_BYTES, kernels.get_threads()
+    try:
+        if block_rows is not None:
+            kernels.BLOCK_BYTES = block_rows * 4 * k
+        kernels.PARALLEL_MIN_BYTES = 0
+        kernels.set_threads(threads)
+        yield
+    finally:
+        kernels.BLOCK_BYTES, kernels.PARALLEL_MIN_BYTES = saved[:2]
+        kernels.set_threads(saved[2])
+
+
 def batch_sizes():
     small = kernels.DOT_ROWS_MAX_T
     return st.sampled_from(sorted({1, 2, 3, small - 1, small, small + 1, 64} - {0}))
@@ -90,17 +110,16 @@ def batch_sizes():
     bundles=st.sampled_from([1, 3]),
     specials=st.booleans(),
     block_rows=st.sampled_from([None, 1, 7]),
+    threads=st.sampled_from([1, 2, 3]),
 )
-def test_matmul_t_matches_float64(seed, kind, t, n, k, bundles, specials, block_rows):
+def test_matmul_t_matches_float64(
+    seed, kind, t, n, k, bundles, specials, block_rows, threads
+):
     rng = np.random.default_rng(seed)
     w = weights(rng, n, k, kind, bundles, specials)
     x = activations(rng, (t, k), zeros=0.2, specials=specials)
-    saved = kernels.BLOCK_BYTES
-    kernels.BLOCK_BYTES = saved if block_rows is None else block_rows * 4 * k
-    try:
+    with tuned(block_rows, k, threads):
         got = kernels.matmul_t(x, w)
-    finally:
-        kernels.BLOCK_BYTES = saved
     with np.errstate(invalid="ignore"):
         products = x.astype(np.float64)[:, None, :] * exact(w)[None, :, :]
     assert_close(got, products)
@@ -117,19 +136,16 @@ def test_matmul_t_matches_float64(seed, kind, t, n, k, bundles, specials, block_
     zeros=st.sampled_from([0.0, 0.9, 0.97, 1.0]),
     specials=st.booleans(),
     block_rows=st.sampled_from([None, 1, 7]),
+    threads=st.sampled_from([1, 2, 3]),
 )
 def test_matmul_skips_zeros_and_matches_float64(
-    seed, kind, t, n, k, bundles, zeros, specials, block_rows
+    seed, kind, t, n, k, bundles, zeros, specials, block_rows, threads
 ):
     rng = np.random.default_rng(seed)
     w = weights(rng, n, k, kind, bundles, specials)
     x = activations(rng, (t, n), zeros=zeros, specials=specials)
-    saved = kernels.BLOCK_BYTES
-    kernels.BLOCK_BYTES = saved if block_rows is None else block_rows * 4 * k
-    try:
+    with tuned(block_rows, k, threads):
         got = kernels.matmul(x, w)
-    finally:
-        kernels.BLOCK_BYTES = saved
     # the documented choice: a zero x term contributes 0, even against inf or nan
     with np.errstate(invalid="ignore"):
         products = x.astype(np.float64)[:, :, None] * exact(w)[None, :, :]
@@ -152,7 +168,8 @@ def test_widen_is_exact_for_every_float16_pattern():
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
     halves = bits.view(np.float16)
     ref = halves.astype(np.float32)
-    got = kernels.widen(halves)
+    with tuned(None, 256, threads=3):
+        got = kernels.widen(halves)
     nan = np.isnan(ref)
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got.view(np.uint32)[~nan], ref.view(np.uint32)[~nan])
@@ -165,7 +182,8 @@ def test_widen_is_exact_for_every_float16_pattern():
 def test_widen_is_exact_for_every_bfloat16_pattern():
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
     ref = (bits.astype(np.uint32) << 16).view(np.float32)
-    got = kernels.widen(bits)
+    with tuned(None, 256, threads=3):
+        got = kernels.widen(bits)
     nan = np.isnan(ref)
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got.view(np.uint32)[~nan], ref.view(np.uint32)[~nan])
@@ -226,18 +244,45 @@ def test_bad_arguments_are_rejected(x, w, out, message):
         kernels.matmul_t(x, w, out=out)
 
 
-def test_thread_count_is_kept_and_results_do_not_depend_on_it():
+def test_results_do_not_depend_on_the_thread_count():
     rng = np.random.default_rng(1)
     w = store(rng.standard_normal((50, 70)).astype(np.float32), "bfloat16")
-    x = rng.standard_normal((1, 70)).astype(np.float32)
-    before = kernels.get_threads()
-    try:
-        kernels.set_threads(1)
-        assert kernels.get_threads() == 1
-        one = kernels.matmul_t(x, w)
-        kernels.set_threads(before)
-        np.testing.assert_allclose(kernels.matmul_t(x, w), one, rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match="threads"):
-            kernels.set_threads(0)
-    finally:
-        kernels.set_threads(before)
+    x = rng.standard_normal((3, 70)).astype(np.float32)
+    h = np.maximum(rng.standard_normal((3, 50)).astype(np.float32), 0)
+    results = []
+    for threads in (1, 2, 3):
+        with tuned(None, 70, threads):
+            assert kernels.get_threads() == threads
+            results.append((kernels.matmul_t(x, w), kernels.matmul(h, w)))
+    for got in results[1:]:  # each output is one thread's, summed in one order
+        np.testing.assert_array_equal(got[0], results[0][0])
+        np.testing.assert_array_equal(got[1], results[0][1])
+    with pytest.raises(ValueError, match="threads"):
+        kernels.set_threads(0)
+
+
+def test_callers_on_several_threads_share_the_workers():
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((300, 200)).astype(np.float16)
+    xs = [rng.standard_normal((1, 200)).astype(np.float32) for _ in range(8)]
+    expected = [kernels.matmul_t(x, w) for x in xs]
+    with tuned(None, 200, threads=2), ThreadPoolExecutor(4) as pool:
+        for _ in range(20):
+            got = list(pool.map(lambda x: kernels.matmul_t(x, w), xs))
+            for g, e in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(g, e)
+
+
+def test_a_failing_part_raises_after_all_parts_finish():
+    finished = []
+
+    def part(i):
+        finished.append(i)
+        if i == 1:
+            raise ZeroDivisionError(i)
+        return i
+
+    with pytest.raises(ZeroDivisionError):
+        _workers.run(part, [(0,), (1,), (2,)])
+    assert sorted(finished) == [0, 1, 2]
+    assert _workers.run(part, [(0,), (2,)]) == [0, 2]
