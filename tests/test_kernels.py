@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numba import njit
 
-from fallback_numpy import _workers, kernels
+from fallback_numpy import _kernels_jit, _workers, kernels
 
 KINDS = ("float16", "bfloat16", "float32")
 EPS32 = float(np.finfo(np.float32).eps)
@@ -177,6 +178,24 @@ def test_widen_is_exact_for_every_float16_pattern():
     bundled = np.stack([halves, halves[::-1]], axis=1)[:, 1]
     got = kernels.widen(bundled)
     np.testing.assert_array_equal(np.isnan(got), nan[::-1])
+
+
+def test_float16_bit_decoding_is_exact_for_every_pattern():
+    """The decoder used where LLVM has no half -> float instruction (widen above
+    uses the instruction where there is one)."""
+
+    @njit
+    def decode_all(bits, out):
+        for i in range(bits.size):
+            out[i] = _kernels_jit._float32_from_float16_bits(bits[i])
+
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    ref = bits.view(np.float16).astype(np.float32)
+    got = np.empty_like(ref)
+    decode_all(bits.view(np.int16), got)
+    nan = np.isnan(ref)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], ref.view(np.uint32)[~nan])
 
 
 def test_widen_is_exact_for_every_bfloat16_pattern():
