@@ -214,14 +214,14 @@ def bench_sweep(rows, rng, threads, set_bytes, reps) -> None:
     """Both paths of matmul_t and matmul over T, then the BLAS path's block size."""
     n, k = GEMM_SHAPE
     base = rng.standard_normal((n, k)).astype(np.float32)
-    saved = kernels.DOT_ROWS_MAX_T, kernels.SUM_ROWS_MAX_T, kernels.BLOCK_BYTES
+    saved = kernels.DOT_ROWS_MAX_T, kernels.SUM_ROWS_MAX_TERMS, kernels.BLOCK_BYTES
     try:
         for kind in ("float16", "bfloat16"):
             matrices = matrix_set(base, kind, set_bytes / 2)
             for t in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
                 x = rng.standard_normal((t, k)).astype(np.float32)
                 for path, limit in (("loops", 1 << 30), ("blas", 0)):
-                    kernels.DOT_ROWS_MAX_T = kernels.SUM_ROWS_MAX_T = limit
+                    kernels.DOT_ROWS_MAX_T = kernels.SUM_ROWS_MAX_TERMS = limit
                     times = cycle_times(kernels.matmul_t, x, matrices, reps)
                     record(
                         rows,
@@ -244,7 +244,7 @@ def bench_sweep(rows, rng, threads, set_bytes, reps) -> None:
                         times=times,
                         tokens_s=t / min(times),
                     )
-            kernels.DOT_ROWS_MAX_T, kernels.SUM_ROWS_MAX_T = saved[:2]
+            kernels.DOT_ROWS_MAX_T, kernels.SUM_ROWS_MAX_TERMS = saved[:2]
             for t in (16, 128, 512):
                 x = rng.standard_normal((t, k)).astype(np.float32)
                 for mb in (0.5, 1, 2, 4, 8):
@@ -264,7 +264,7 @@ def bench_sweep(rows, rng, threads, set_bytes, reps) -> None:
                     )
             del matrices
     finally:
-        kernels.DOT_ROWS_MAX_T, kernels.SUM_ROWS_MAX_T, kernels.BLOCK_BYTES = saved
+        kernels.DOT_ROWS_MAX_T, kernels.SUM_ROWS_MAX_TERMS, kernels.BLOCK_BYTES = saved
 
 
 def main() -> None:

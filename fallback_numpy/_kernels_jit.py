@@ -135,10 +135,11 @@ def dot_rows(x, flat, row_stride, k, lo, hi, out):
         while T - t >= 4:
             _dot4(x[t], x[t + 1], x[t + 2], x[t + 3], src, out[t : t + 4, j])
             t += 4
-        if T - t >= 2:
+        if T - t == 3:
+            _dot3(x[t], x[t + 1], x[t + 2], src, out[t : t + 3, j])
+        elif T - t == 2:
             _dot2(x[t], x[t + 1], src, out[t : t + 2, j])
-            t += 2
-        if T - t == 1:
+        elif T - t == 1:
             out[t, j] = _dot1(x[t], src)
 
 
@@ -167,6 +168,19 @@ def _dot2(x0, x1, src, sums):
 
 
 @njit(fastmath=_FAST)
+def _dot3(x0, x1, x2, src, sums):
+    a0 = a1 = a2 = float32(0)
+    for i in range(src.size):
+        w = widened(src[i])
+        a0 += x0[i] * w
+        a1 += x1[i] * w
+        a2 += x2[i] * w
+    sums[0] = a0
+    sums[1] = a1
+    sums[2] = a2
+
+
+@njit(fastmath=_FAST)
 def _dot4(x0, x1, x2, x3, src, sums):
     a0 = a1 = a2 = a3 = float32(0)
     for i in range(src.size):
@@ -183,17 +197,22 @@ def _dot4(x0, x1, x2, x3, src, sums):
 
 @_compiled()
 def nonzero_columns(x):
-    """Indices j where some x[t, j] != 0 (nan counts as nonzero)."""
+    """Indices j where some x[t, j] != 0 (nan counts as nonzero), and how many
+    entries of x are nonzero."""
     T, n = x.shape
     found = np.empty(n, np.int64)
-    count = 0
+    columns = 0
+    entries = 0
     for j in range(n):
+        count = 0
         for t in range(T):
             if x[t, j] != 0:
-                found[count] = j
                 count += 1
-                break
-    return found[:count]
+        if count:
+            found[columns] = j
+            columns += 1
+            entries += count
+    return found[:columns], entries
 
 
 @_compiled(fastmath=_FAST)
