@@ -39,7 +39,8 @@ KINDS = ("float32", "float16", "bfloat16")
 GEMV_SHAPES = ((4096, 4096), (11008, 4096))  # (n, k): a square and a gate-like matrix
 DOWN_SHAPE = (11008, 4096)  # neuron rows of a down projection
 GEMM_SHAPE = (4096, 4096)
-GEMM_MATRICES = 8  # 256 MB of 16-bit weights per cycle: compute-bound, past the L3
+GEMM_BYTES = 256 << 20  # 16-bit weights per GEMM cycle: past the L3, and T >= 16
+# is compute-bound enough that a larger set changes nothing
 
 
 def machine() -> dict:
@@ -99,10 +100,13 @@ def stored(base: np.ndarray, kind: str) -> np.ndarray:
     return base.astype(kind)
 
 
-def matrix_set(base: np.ndarray, kind: str, set_bytes: float) -> list[np.ndarray]:
-    """Distinct copies of `base` in `kind`, about set_bytes in all (at least 2)."""
+def matrix_set(
+    base: np.ndarray, kind: str, set_bytes: float = 0, count: int = 0
+) -> list[np.ndarray]:
+    """Distinct copies of `base` in `kind`: `count` of them, or about set_bytes in
+    all (at least 2)."""
     first = stored(base, kind)
-    count = max(2, round(set_bytes / first.nbytes))
+    count = count or max(2, round(set_bytes / first.nbytes))
     return [first] + [first.copy() for _ in range(count - 1)]
 
 
@@ -184,30 +188,44 @@ def bench_sparse(rows, rng, threads, set_bytes, reps) -> None:
             del matrices
 
 
-def bench_gemm(rows, rng, threads, set_bytes, reps) -> None:
-    n, k = GEMM_SHAPE
-    base = rng.standard_normal((n, k)).astype(np.float32)
-    for t in (16, 128, 512):
-        x = rng.standard_normal((t, k)).astype(np.float32)
-        out = np.empty((t, n), np.float32)
-        reference = None
-        for kind in KINDS:
-            matrices = matrix_set(base, kind, set_bytes)[:GEMM_MATRICES]
-            times = cycle_times(kernels.matmul_t, x, matrices, reps, out=out)
-            tokens = t / min(times)
-            reference = reference or tokens
-            record(
-                rows,
-                op="gemm",
-                shape=(n, k),
-                T=t,
-                kind=kind,
-                threads=threads,
-                times=times,
-                tokens_s=tokens,
-                vs_float32=tokens / reference,
-            )
-            del matrices
+def bench_gemm(rows, rng, threads, reps) -> None:
+    """Prefill: x @ w.T over square matrices and x @ w over neuron rows (dense x),
+    tokens/s against NumPy's float32 BLAS."""
+    for op, function, (n, k) in (
+        ("gemm x@w.T", kernels.matmul_t, GEMM_SHAPE),
+        ("gemm x@w", kernels.matmul, DOWN_SHAPE),
+    ):
+        base = rng.standard_normal((n, k)).astype(np.float32)
+        count = max(2, GEMM_BYTES // (2 * n * k))
+        for t in (16, 128, 512):
+            x = rng.standard_normal((t, n if function is kernels.matmul else k))
+            x = x.astype(np.float32)
+            reference = None
+            for kind in ("float32 numpy",) + KINDS:
+                matrices = matrix_set(base, kind.split()[0], count=count)
+                if kind == "float32 numpy":
+                    numpy_op = np.matmul if function is kernels.matmul else _matmul_t
+                    times = cycle_times(numpy_op, x, matrices, reps)
+                else:
+                    times = cycle_times(function, x, matrices, reps)
+                tokens = t / min(times)
+                reference = reference or tokens
+                record(
+                    rows,
+                    op=op,
+                    shape=(n, k),
+                    T=t,
+                    kind=kind,
+                    threads=threads,
+                    times=times,
+                    tokens_s=tokens,
+                    vs_float32=tokens / reference,
+                )
+                del matrices
+
+
+def _matmul_t(x, w):
+    return x @ w.T
 
 
 def bench_sweep(rows, rng, threads, set_bytes, reps) -> None:
@@ -249,9 +267,7 @@ def bench_sweep(rows, rng, threads, set_bytes, reps) -> None:
                 x = rng.standard_normal((t, k)).astype(np.float32)
                 for mb in (0.5, 1, 2, 4, 8):
                     kernels.BLOCK_BYTES = int(mb * (1 << 20))
-                    times = cycle_times(
-                        kernels.matmul_t, x, matrices[:GEMM_MATRICES], reps
-                    )
+                    times = cycle_times(kernels.matmul_t, x, matrices[:8], reps)
                     record(
                         rows,
                         op=f"block {mb}MB",
@@ -292,7 +308,7 @@ def main() -> None:
                 continue
             bench_gemv(rows, rng, threads, opts.set_gb * 1e9, opts.reps, bw)
             bench_sparse(rows, rng, threads, opts.set_gb * 1e9, opts.reps)
-            bench_gemm(rows, rng, threads, opts.set_gb * 1e9, opts.reps)
+            bench_gemm(rows, rng, threads, opts.reps)
     info["load_after"] = load()
     print(info["load_after"])
     if opts.out:
