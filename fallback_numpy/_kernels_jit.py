@@ -218,27 +218,64 @@ def nonzero_columns(x):
 @_compiled(fastmath=_FAST)
 def sum_rows(x, flat, row_stride, rows, k, c0, c1, out):
     """out[t, c0:c1] += x[t, j] * w[j, c0:c1] for j in rows where x[t, j] != 0."""
-    T = x.shape[0]
+    if x.shape[0] == 1:
+        _sum_rows_one(x[0], flat, row_stride, rows, c0, c1, out[0, c0:c1])
+        return
     m = c1 - c0
     row = np.empty(m, np.float32)
     for r in range(rows.size):
         j = rows[r]
         src = flat[j * row_stride + c0 : j * row_stride + c1]
-        if T == 1:
-            a = x[0, j]
-            if a != 0:
-                dst = out[0, c0:c1]
-                for i in range(m):
-                    dst[i] += a * widened(src[i])
-            continue
         for i in range(m):
             row[i] = widened(src[i])
-        for t in range(T):
+        for t in range(x.shape[0]):
             a = x[t, j]
             if a != 0:
                 dst = out[t, c0:c1]
                 for i in range(m):
                     dst[i] += a * row[i]
+
+
+@njit(fastmath=_FAST)
+def _sum_rows_one(x, flat, row_stride, rows, c0, c1, dst):
+    """dst += x[j] * w[j, c0:c1] over j in rows with x[j] != 0.
+
+    Four scattered rows per pass over dst: four streams from memory at once and one
+    load and store of dst per four rows. Adjacent 16-bit rows go one at a time, one
+    long stream (11008 x 4096, one thread, ms by rows per pass 1 / 4: float32 dense
+    7.9 / 5.0, float16 dense 3.0 / 3.9, float16 10% 0.86 / 0.43, 3% 0.23 / 0.12).
+    """
+    m = c1 - c0
+    nonzero = np.empty(rows.size, np.int64)
+    count = 0
+    for r in range(rows.size):
+        if x[rows[r]] != 0:
+            nonzero[count] = rows[r]
+            count += 1
+    r = 0
+    while r < count:
+        j0 = nonzero[r]
+        if count - r < 4 or flat.itemsize == 2 and nonzero[r + 3] - j0 == 3:
+            a0 = x[j0]
+            s0 = flat[j0 * row_stride + c0 : j0 * row_stride + c1]
+            for i in range(m):
+                dst[i] += a0 * widened(s0[i])
+            r += 1
+            continue
+        j1, j2, j3 = nonzero[r + 1], nonzero[r + 2], nonzero[r + 3]
+        a0, a1, a2, a3 = x[j0], x[j1], x[j2], x[j3]
+        s0 = flat[j0 * row_stride + c0 : j0 * row_stride + c1]
+        s1 = flat[j1 * row_stride + c0 : j1 * row_stride + c1]
+        s2 = flat[j2 * row_stride + c0 : j2 * row_stride + c1]
+        s3 = flat[j3 * row_stride + c0 : j3 * row_stride + c1]
+        for i in range(m):
+            dst[i] += (
+                a0 * widened(s0[i])
+                + a1 * widened(s1[i])
+                + a2 * widened(s2[i])
+                + a3 * widened(s3[i])
+            )
+        r += 4
 
 
 @_compiled()
