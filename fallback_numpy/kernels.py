@@ -6,11 +6,10 @@ as uint16 bit patterns) or float32, always accumulated in float32.
 of x); `widen(w)` is the exact float32 copy. A weight may be a strided view of stored
 bundles: its rows must be contiguous, the row stride is free.
 
-Small T (decode) runs compiled loops that read each weight once and widen it in
-registers; large T (prefill) widens blocks of rows into a reused float32 buffer and
-hands each block to NumPy's BLAS. Numba has no float16 on CPU, so the 16-bit kinds
-are decoded from their bits (`_kernels_jit.py`). This module chooses and checks; the
-compiled loops are there.
+Small T (decode) runs compiled loops (numba, `_kernels_jit.py`) that read each weight
+once and widen it in registers, on a few worker threads (`_workers.py`); large T
+(prefill) widens blocks of rows into a reused float32 buffer and hands each block to
+NumPy's BLAS. This module chooses the path and checks the arguments.
 """
 
 from __future__ import annotations
@@ -42,9 +41,12 @@ SUM_ROWS_MAX_TERMS = 6
 # T=512 207 / 183 / 162 / 156 / 151).
 BLOCK_BYTES = 4 << 20
 
-# Jobs that read fewer weight bytes run on the calling thread alone: waking a worker
-# costs some tens of microseconds, about what one core needs for 1 MB.
-PARALLEL_MIN_BYTES = 1 << 20
+# Jobs that read fewer weight bytes run on the calling thread alone, larger ones in
+# parts of about PART_BYTES shared by the threads. Waking a worker takes 40-55 us
+# here, what one core needs for ~2 MB: float16 GEMV, us per matrix on 1 / 2 threads,
+# 2 MB 73 / 92, 4 MB 148 / 171, 8 MB 257 / 226, 16 MB 571 / 433.
+PARALLEL_MIN_BYTES = 8 << 20
+PART_BYTES = 4 << 20
 
 _BITS_DTYPE = {  # the kernels tell the kinds apart by the dtype of the bits view
     np.dtype(np.uint16): np.dtype(np.uint16),  # bfloat16 bit patterns
@@ -99,7 +101,7 @@ def matmul_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.
     bits, row_stride = _weight_bits(w)
     n, k = w.shape
     x = _activations(x, k, "k = w.shape[1]")
-    out = _output(out, (x.shape[0], n))
+    out = _output(out, (x.shape[0], n), x, w)
     if w.dtype == np.float32:
         with _quiet():
             return np.matmul(x, w.T, out=out)
@@ -107,8 +109,9 @@ def matmul_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.
         out.fill(0)
         return out
     if x.shape[0] <= DOT_ROWS_MAX_T:
-        parts = _parts(n, w.itemsize * n * k)
-        _workers.run(jit.dot_rows, [(x, bits, row_stride, k, *p, out) for p in parts])
+        parts = _ranges(n, _part_count(w.itemsize * n * k))
+        jobs = [(x, bits, row_stride, k, lo, hi, out) for lo, hi in parts]
+        _workers.run(jit.dot_rows, jobs, _threads)
         return out
     # Blocks widen on this thread alone while BLAS uses its threads: 2 threads,
     # float16 4096 x 4096 at T=16, 5.4 ms against 5.8 ms with the widening split too
@@ -145,13 +148,13 @@ def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.nd
     bits, row_stride = _weight_bits(w)
     n, k = w.shape
     x = _activations(x, n, "n = w.shape[0]")
-    out = _output(out, (x.shape[0], k))
+    out = _output(out, (x.shape[0], k), x, w)
     out.fill(0)
     if out.size == 0 or n == 0:
         return out
     rows, terms = jit.nonzero_columns(x)
     if terms <= SUM_ROWS_MAX_TERMS * len(rows):
-        _sum_rows(x, bits, row_stride, rows, k, out, w.itemsize)
+        _sum_rows(x, bits, row_stride, rows, k, out)
         return out
     block = _buffer("block", _block_rows(len(rows), k), k)
     partial = _buffer("partial", x.shape[0], k)
@@ -161,7 +164,7 @@ def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.nd
             part = rows[r0 : r0 + len(block)]
             if jit.widen_rows(bits, row_stride, part, k, 0, len(part), block):
                 # inf/nan weights: BLAS would turn their zero x terms into nan
-                _sum_rows(x, bits, row_stride, part, k, out, w.itemsize)
+                _sum_rows(x, bits, row_stride, part, k, out)
                 continue
             xs = x[:, r0 : r0 + len(part)] if dense else x[:, part]
             np.matmul(xs, block[: len(part)], out=partial)
@@ -185,33 +188,44 @@ def widen(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         ValueError: a dtype, shape or layout outside the above.
     """
     bits, row_stride = _weight_bits(w)
-    out = _output(out, w.shape)
+    out = _output(out, w.shape, w)
     if out.size:
         _widen_rows(bits, row_stride, np.arange(w.shape[0]), w.shape[1], out)
     return out
 
 
-def _parts(length: int, work_bytes: int, align: int = 1) -> list[tuple[int, int]]:
-    """[lo, hi) ranges splitting range(length) among the threads (bounds on
-    multiples of `align`), or one range for a job under PARALLEL_MIN_BYTES."""
-    parts = _threads if work_bytes >= PARALLEL_MIN_BYTES else 1
-    parts = max(1, min(parts, length // align))
-    bounds = [length * p // parts // align * align for p in range(parts)] + [length]
+def _part_count(work_bytes: int) -> int:
+    """1 for a job under PARALLEL_MIN_BYTES or on one thread, else parts of about
+    PART_BYTES, at least one per thread."""
+    if _threads == 1 or work_bytes < PARALLEL_MIN_BYTES:
+        return 1
+    return max(_threads, -(-work_bytes // PART_BYTES))
+
+
+def _ranges(length: int, count: int, align: int = 1) -> list[tuple[int, int]]:
+    """range(length) cut into up to `count` [lo, hi) ranges, bounds on multiples of
+    `align`."""
+    count = max(1, min(count, length // align))
+    bounds = [length * p // count // align * align for p in range(count)] + [length]
     return [(lo, hi) for lo, hi in pairwise(bounds) if hi > lo]
 
 
 def _widen_rows(bits, row_stride, rows, k, out) -> int:
     """out[r] = w[rows[r]] as float32; how many values are inf or nan."""
-    parts = _parts(len(rows), 2 * len(rows) * k)
-    jobs = [(bits, row_stride, rows, k, *p, out) for p in parts]
-    return sum(_workers.run(jit.widen_rows, jobs))
+    parts = _ranges(len(rows), _part_count(bits.itemsize * len(rows) * k))
+    jobs = [(bits, row_stride, rows, k, lo, hi, out) for lo, hi in parts]
+    return sum(_workers.run(jit.widen_rows, jobs, _threads))
 
 
-def _sum_rows(x, bits, row_stride, rows, k, out, itemsize: int) -> None:
-    """out[t] += x[t, j] * w[j] for j in rows where x[t, j] != 0, the threads taking
-    column ranges (64-byte aligned in out) so that none shares an output."""
-    parts = _parts(k, itemsize * len(rows) * k, align=16)
-    _workers.run(jit.sum_rows, [(x, bits, row_stride, rows, k, *p, out) for p in parts])
+def _sum_rows(x, bits, row_stride, rows, k, out) -> None:
+    """out[t] += x[t, j] * w[j] for j in rows where x[t, j] != 0, each thread taking
+    a range of columns (64-byte aligned in out): no two share an output, and every
+    row is read in as few pieces as there are threads."""
+    count = min(_threads, _part_count(bits.itemsize * len(rows) * k))
+    jobs = [
+        (x, bits, row_stride, rows, k, lo, hi, out) for lo, hi in _ranges(k, count, 16)
+    ]
+    _workers.run(jit.sum_rows, jobs, _threads)
 
 
 def _weight_bits(w: np.ndarray) -> tuple[np.ndarray, int]:
@@ -226,12 +240,9 @@ def _weight_bits(w: np.ndarray) -> tuple[np.ndarray, int]:
     n, k = w.shape
     size = w.itemsize
     row_stride = w.strides[0] // size if n > 1 else k
-    if w.size and (
-        k > 1
-        and w.strides[1] != size
-        or n > 1
-        and (w.strides[0] % size or row_stride < k)
-    ):
+    rows_contiguous = k < 2 or w.strides[1] == size
+    rows_apart = n < 2 or (w.strides[0] % size == 0 and row_stride >= k)
+    if w.size and not (rows_contiguous and rows_apart):
         raise ValueError(
             f"w's rows must be contiguous and not overlap: strides {w.strides} for "
             f"shape {w.shape} and itemsize {size} (pass np.ascontiguousarray(w))"
@@ -258,9 +269,11 @@ def _activations(x: np.ndarray, width: int, what: str) -> np.ndarray:
     return x
 
 
-def _output(out: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+def _output(out: np.ndarray | None, shape: tuple[int, int], *inputs) -> np.ndarray:
     if out is None:
         return np.empty(shape, np.float32)
+    if any(np.may_share_memory(out, given) for given in inputs):
+        raise ValueError("out must not overlap the inputs")
     if (
         not isinstance(out, np.ndarray)
         or out.dtype != np.float32

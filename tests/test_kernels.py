@@ -7,6 +7,8 @@ large-T paths) stays within (m + 2) * eps32 * sum(|x| |w|), plus m * 2**-149 for
 products that fall into float32's subnormal range.
 """
 
+import multiprocessing
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -97,6 +99,7 @@ def tuned(block_rows: int | None, k: int, threads: int, path: str = "auto"):
         if block_rows is not None:
             kernels.BLOCK_BYTES = block_rows * 4 * k
         kernels.PARALLEL_MIN_BYTES = 0
+        kernels.PART_BYTES = 64  # many parts, whatever the size
         if path != "auto":
             limit = 1 << 30 if path == "loops" else 0
             kernels.DOT_ROWS_MAX_T = kernels.SUM_ROWS_MAX_TERMS = limit
@@ -278,6 +281,14 @@ def test_bad_arguments_are_rejected(x, w, out, message):
         kernels.matmul_t(x, w, out=out)
 
 
+def test_out_overlapping_an_input_is_rejected():
+    buffer = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match="overlap"):
+        kernels.matmul_t(buffer[:1], np.zeros((4, 4), np.float16), out=buffer[:1])
+    with pytest.raises(ValueError, match="overlap"):
+        kernels.widen(buffer, out=buffer)
+
+
 def test_results_do_not_depend_on_the_thread_count():
     rng = np.random.default_rng(1)
     w = store(rng.standard_normal((50, 70)).astype(np.float32), "bfloat16")
@@ -307,6 +318,17 @@ def test_callers_on_several_threads_share_the_workers():
                 np.testing.assert_array_equal(g, e)
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_starts_its_own_workers():
+    w = np.ones((64, 32), np.float16)
+    x = np.ones((1, 32), np.float32)
+    with tuned(None, 32, threads=2):
+        kernels.matmul_t(x, w)  # the parent's workers exist now
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            got = pool.apply(kernels.matmul_t, (x, w))
+    np.testing.assert_array_equal(got, np.full((1, 64), 32.0, np.float32))
+
+
 def test_a_failing_part_raises_after_all_parts_finish():
     finished = []
 
@@ -317,6 +339,6 @@ def test_a_failing_part_raises_after_all_parts_finish():
         return i
 
     with pytest.raises(ZeroDivisionError):
-        _workers.run(part, [(0,), (1,), (2,)])
-    assert sorted(finished) == [0, 1, 2]
-    assert _workers.run(part, [(0,), (2,)]) == [0, 2]
+        _workers.run(part, [(0,), (1,), (2,), (3,)], threads=3)
+    assert sorted(finished) == [0, 1, 2, 3]
+    assert _workers.run(part, [(0,), (2,), (3,)], threads=2) == [0, 2, 3]
