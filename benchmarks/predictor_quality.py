@@ -45,6 +45,18 @@ def score(layout, ids, opts, **flash) -> dict:
     return result
 
 
+def smallest_budget(layout, predictor: str) -> str:
+    """The smallest budget (% of the weights as stored) that holds the predictor."""
+    from mlx_flashinfer.layout import Layout
+    from mlx_flashinfer.memory import io_buffer_bytes, model_bytes
+    from mlx_flashinfer.predictors import predictor_nbytes
+
+    lay = Layout.open(layout)
+    resident, ffn = model_bytes(lay)
+    held = resident + predictor_nbytes(predictor, lay) + io_buffer_bytes(lay)
+    return f"{100 * (held + lay.bundle_bytes) / (resident + ffn):.1f}%"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -76,11 +88,15 @@ def main() -> None:
         _, tok = mlx_flashinfer.load(layout, backend="numpy")
         ids = tok.encode(text[half:])[: opts.tokens]
         flash = {"memory_budget": opts.budget, "window": opts.window}
-        rows = {
-            "dense": score(layout, ids, opts),
-            "gate": score(layout, ids, opts, predictor="gate", **flash),
-            "lowrank": score(layout, ids, opts, predictor="lowrank", **flash),
-        }
+        rows = {"dense": score(layout, ids, opts)}
+        for name in ("gate", "lowrank"):
+            try:
+                rows[name] = score(layout, ids, opts, predictor=name, **flash)
+            except ValueError as err:  # a budget too small for this predictor
+                rows[name] = {
+                    "refused": str(err),
+                    "needs": smallest_budget(layout, name),
+                }
     report = section["report"]
     recall = sum(r["recall"] for r in report) / len(report)
     predicted = sum(r["predicted_fraction"] for r in report) / len(report)
@@ -98,6 +114,9 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     for name, r in rows.items():
+        if "refused" in r:
+            print(f"| {name} | refused at {opts.budget}: needs {r['needs']} | | | | |")
+            continue
         if name == "dense":
             print(f"| dense (all in DRAM) | {r['perplexity']:.3f} | 0 | | | |")
             continue

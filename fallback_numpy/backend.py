@@ -76,11 +76,9 @@ def linear(x, w, bias=None):
     held by `weight`, or the transposed view of (in, out) columns (see
     `columns_weight`), which the kernels read as they are stored."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if w.dtype == np.float32:
-        y = x @ w.T
-    elif w.strides[-1] == w.itemsize:
-        y = kernels.matmul_t(x, w)
-    else:
+    if w.strides[-1] == w.itemsize or w.shape[-1] == 1:
+        y = kernels.matmul_t(x, w)  # float32: BLAS
+    else:  # columns: the kernel skips the zeros of x (a ReLU's), in float32 too
         y = kernels.matmul(x, w.T)
     return y if bias is None else y + bias
 
