@@ -1,5 +1,6 @@
-"""The compiled loops behind `kernels.py` (numba): decode 16-bit weights from their
-bits in registers and accumulate in float32.
+"""The compiled loops behind `kernels.py` (numba): widen 16-bit weights in registers
+(bfloat16 by a shift, float16 by the CPU's conversion instruction where LLVM has one,
+else from its bits) and accumulate in float32.
 
 Each loop takes the weights as a read-only 1-D array `flat` whose dtype names the
 kind: uint16 = bfloat16 bits, int16 = float16 bits, float32 = plain values; row j is
