@@ -23,22 +23,21 @@ import numpy as np
 from . import _kernels_jit as jit
 from . import _workers
 
-# Dispatch, chosen with `python benchmarks/kernels.py --sweep` (AMD EPYC Zen 5, one
-# thread, 4096 x 4096 weights cycled over 0.5 GB; ms per matrix, compiled loops vs
+# Dispatch, chosen with `python benchmarks/kernels.py --sweep --threads 1` (AMD EPYC
+# Zen 5, 4096 x 4096 weights cycled over 0.5 GB; ms per matrix, compiled loops vs
 # widen-then-BLAS, bfloat16 / float16):
-#   x @ w.T  T=1: 1.1 vs 2.4 / 1.5 vs 2.8   T=4: 4.0 vs 5.0 / 3.9 vs 5.0
-#            T=8: 5.7 vs 6.2 / 5.9 vs 6.2   T=12: 9.9 vs 7.3 / 10.0 vs 7.0
-#   x @ w    T=1: 1.3 vs 2.3 / 1.4 vs 2.8   T=6: 5.6 vs 7.1 / 6.9 vs 7.1
-#   (dense x) T=8: 6.6 vs 6.8 / 9.4 vs 6.5  T=12: 12.4 vs 7.4 / 12.3 vs 7.4
+#   x @ w.T  T=1: 1.2 vs 2.7 / 1.1 vs 2.5   T=4: 3.8 vs 5.0 / 4.0 vs 4.8
+#            T=8: 5.8 vs 6.4 / 5.6 vs 6.0   T=12: 10.0 vs 7.1 / 9.4 vs 6.8
+#   x @ w    T=1: 1.3 vs 2.7 / 1.2 vs 2.5   T=4: 5.7 vs 5.5 / 5.4 vs 5.2
+#   (dense)  T=6: 7.5 vs 7.4 / 7.0 vs 7.0   T=8: 9.1 vs 6.6 / 7.6 vs 6.3
 # The loops of x @ w cost one pass per nonzero x[t, j], so they keep sparse x (a ReLU
 # model's) up to the same number of nonzeros per active row whatever T is.
 DOT_ROWS_MAX_T = 8
 SUM_ROWS_MAX_TERMS = 6
 
-# Bytes of the float32 block that the large-T paths widen and hand to BLAS
-# (float16, one thread, ms per 4096 x 4096 matrix for 0.5 / 1 / 2 / 4 / 8 MB:
-# T=16 10.2 / 8.8 / 8.3 / 8.2 / 8.6, T=128 43.7 / 40.7 / 40.6 / 44.1 / 45.0,
-# T=512 207 / 183 / 162 / 156 / 151).
+# Bytes of the float32 block that the large-T paths widen and hand to BLAS (same
+# sweep, float16, ms per matrix for 0.5 / 1 / 2 / 4 / 8 MB: T=16 10.4 / 8.7 / 8.2 /
+# 7.9 / 8.4, T=128 42.2 / 40.1 / 40.2 / 40.7 / 40.6, T=512 196 / 170 / 159 / 152 / 150).
 BLOCK_BYTES = 4 << 20
 
 # Jobs that read fewer weight bytes run on the calling thread alone, larger ones in
