@@ -7,11 +7,12 @@ as a decode does over layers, so no matrix is served from the last-level cache
 bandwidth). Per thread count (kernels.set_threads and the BLAS limit alike):
 
 - GEMV, x @ w.T at T = 1: ms per matrix and GB/s of weight bytes, against the
-  memory bandwidth of a streaming read measured in turn with them (target for
-  2-byte weights: >= 70%);
+  memory bandwidth of a streaming read by as many threads, measured in turn with
+  them (target for 2-byte weights: >= 70%);
 - x @ w at T = 1 over neuron rows with 100%, 10% and 3% of x nonzero (the down
   projection of a ReLU model: zero entries of x skip their rows), against NumPy's
-  dense float32 x @ w;
+  dense float32 x @ w; these decode rows run with BLAS on one thread, as flash
+  mode does;
 - prefill, x @ w.T and x @ w at T = 16, 128, 512: tokens/s relative to NumPy's
   float32 BLAS (target: >= 80%);
 - with --sweep instead: both paths of each function over T, and the widened block
@@ -31,9 +32,13 @@ import os
 import platform
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from itertools import pairwise
 
 import numba
 import numpy as np
+from numba import njit
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from fallback_numpy import kernels
@@ -130,18 +135,34 @@ def record(rows: list, times: list[float], **fields) -> dict:
     return fields
 
 
+@njit(nogil=True, fastmath={"reassoc"})
+def _sum_range(a, lo, hi):
+    total = np.float32(0)
+    for i in range(lo, hi):
+        total += a[i]
+    return total
+
+
+def _stream(threads: int, a: np.ndarray, _unused=None) -> float:
+    """Sum of a, read once by `threads` threads side by side (one slice each)."""
+    bounds = [len(a) * p // threads for p in range(threads + 1)]
+    with ThreadPoolExecutor(threads) as pool:
+        parts = [pool.submit(_sum_range, a, lo, hi) for lo, hi in pairwise(bounds)]
+        return float(sum(part.result() for part in parts))
+
+
 def bench_gemv(rows, rng, threads, set_bytes, reps) -> float:
-    """GEMV of each kind, taking turns with a streaming read of 1 GiB (np.dot of a
-    float32 array with itself: each byte comes from memory once), so that the share
-    of the bandwidth compares passes of the same moments. Returns the bandwidth
-    (GB/s, best pass)."""
+    """GEMV of each kind, taking turns with a streaming read of 1 GiB by as many
+    threads (a compiled sum: no BLAS threads left spinning beside the kernels), so
+    that the share of the bandwidth compares passes of the same moments. Returns the
+    bandwidth (GB/s, best pass)."""
     stream = np.ones(1 << 28, np.float32)
     bandwidth = 0.0
     for n, k in GEMV_SHAPES:
         base = rng.standard_normal((n, k)).astype(np.float32)
         sets = matrix_sets(base, KINDS, set_bytes)
         x = rng.standard_normal((1, k)).astype(np.float32)
-        runs = {"bandwidth": (np.dot, stream, [stream])}
+        runs = {"bandwidth": (partial(_stream, threads), stream, [None])}
         runs.update({kind: (kernels.matmul_t, x, sets[kind]) for kind in KINDS})
         times = take_turns(runs, reps)
         streamed = stream.nbytes / min(times.pop("bandwidth")) / 1e9
@@ -346,13 +367,18 @@ def main() -> None:
     set_bytes = opts.set_gb * 1e9
     for threads in opts.threads:
         kernels.set_threads(threads)
-        with threadpool_limits(threads, user_api="blas"):
-            print(f"threads={threads}: ({load()})")
-            if opts.sweep:
+        print(f"threads={threads}: ({load()})")
+        if opts.sweep:
+            with threadpool_limits(threads, user_api="blas"):
                 bench_sweep(rows, rng, threads, set_bytes, opts.reps)
-                continue
+            continue
+        # Decode as in flash mode: BLAS on one thread. OpenBLAS's idle threads spin
+        # for a while after each call and take the core from the kernels' workers
+        # (x @ w at T=4 on 2 threads: 16.9 ms beside 2 BLAS threads, 9.2 ms beside 1).
+        with threadpool_limits(1, user_api="blas"):
             bandwidth[threads] = bench_gemv(rows, rng, threads, set_bytes, opts.reps)
             bench_sparse(rows, rng, threads, set_bytes, opts.reps)
+        with threadpool_limits(threads, user_api="blas"):
             bench_gemm(rows, rng, threads, opts.reps)
     info["load_after"] = load()
     lines = summary(rows, bandwidth)
