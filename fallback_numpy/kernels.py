@@ -26,18 +26,19 @@ from . import _workers
 # Dispatch, chosen with `python benchmarks/kernels.py --sweep --threads 1` (AMD EPYC
 # Zen 5, 4096 x 4096 weights cycled over 0.5 GB; ms per matrix, compiled loops vs
 # widen-then-BLAS, bfloat16 / float16):
-#   x @ w.T  T=1: 1.2 vs 2.7 / 1.1 vs 2.5   T=4: 3.8 vs 5.0 / 4.0 vs 4.8
-#            T=8: 5.8 vs 6.4 / 5.6 vs 6.0   T=12: 10.0 vs 7.1 / 9.4 vs 6.8
-#   x @ w    T=1: 1.3 vs 2.7 / 1.2 vs 2.5   T=4: 5.7 vs 5.5 / 5.4 vs 5.2
-#   (dense)  T=6: 7.5 vs 7.4 / 7.0 vs 7.0   T=8: 9.1 vs 6.6 / 7.6 vs 6.3
+#   x @ w.T  T=1: 1.0 vs 2.4 / 1.0 vs 2.3   T=4: 3.8 vs 4.6 / 3.8 vs 4.8
+#            T=8: 5.4 vs 5.8 / 5.3 vs 5.9   T=12: 9.8 vs 6.5 / 9.4 vs 6.7
+#   x @ w    T=1: 1.1 vs 2.3 / 1.1 vs 2.4   T=4: 5.2 vs 5.0 / 5.0 vs 5.2
+#   (dense)  T=6: 6.0 vs 6.9 / 6.5 vs 7.0   T=8: 8.4 vs 6.2 / 8.3 vs 6.2
 # The loops of x @ w cost one pass per nonzero x[t, j], so they keep sparse x (a ReLU
 # model's) up to the same number of nonzeros per active row whatever T is.
 DOT_ROWS_MAX_T = 8
 SUM_ROWS_MAX_TERMS = 6
 
 # Bytes of the float32 block that the large-T paths widen and hand to BLAS (same
-# sweep, float16, ms per matrix for 0.5 / 1 / 2 / 4 / 8 MB: T=16 10.4 / 8.7 / 8.2 /
-# 7.9 / 8.4, T=128 42.2 / 40.1 / 40.2 / 40.7 / 40.6, T=512 196 / 170 / 159 / 152 / 150).
+# sweep, float16, ms per matrix for 0.5 / 1 / 2 / 4 / 8 MB: T=16 10.1 / 8.6 / 8.0 /
+# 7.9 / 8.0, T=128 42.1 / 39.3 / 38.7 / 38.4 / 39.7, T=512 174 / 164 / 153 / 148 /
+# 144).
 BLOCK_BYTES = 4 << 20
 
 # Jobs that read fewer weight bytes run on the calling thread alone, larger ones in
