@@ -137,9 +137,10 @@ def record(rows: list, times: list[float], **fields) -> dict:
 
 @njit(nogil=True, fastmath={"reassoc"})
 def _sum_range(a, lo, hi):
+    part = a[lo:hi]  # a slice: indices known >= 0, so the loop vectorizes
     total = np.float32(0)
-    for i in range(lo, hi):
-        total += a[i]
+    for i in range(part.size):
+        total += part[i]
     return total
 
 
