@@ -47,6 +47,7 @@ BLOCK_BYTES = 4 << 20
 # 2 MB 73 / 92, 4 MB 148 / 171, 8 MB 257 / 226, 16 MB 571 / 433.
 PARALLEL_MIN_BYTES = 8 << 20
 PART_BYTES = 4 << 20
+SUM_PARTS_MAX = 8  # x @ w: each part sums into its own (T, k) buffer
 
 _BITS_DTYPE = {  # the kernels tell the kinds apart by the dtype of the bits view
     np.dtype(np.uint16): np.dtype(np.uint16),  # bfloat16 bit patterns
@@ -218,14 +219,29 @@ def _widen_rows(bits, row_stride, rows, k, out) -> int:
 
 
 def _sum_rows(x, bits, row_stride, rows, k, out) -> None:
-    """out[t] += x[t, j] * w[j] for j in rows where x[t, j] != 0, each thread taking
-    a range of columns (64-byte aligned in out): no two share an output, and every
-    row is read in as few pieces as there are threads."""
-    count = min(_threads, _part_count(bits.itemsize * len(rows) * k))
+    """out[t] += x[t, j] * w[j] for j in rows where x[t, j] != 0.
+
+    The threads take ranges of rows, each row read whole in one stream, into a
+    (T, k) buffer per range, added up in range order: the ranges depend on the size
+    only, so the result does not depend on the thread count. (Ranges of columns
+    instead cut every row in pieces: dense float16 at T=1 on 2 threads, 11008 x
+    4096, ran 3.9 ms against 2.8 ms on one.)
+    """
+    work = bits.itemsize * len(rows) * k
+    count = 1 if work < PARALLEL_MIN_BYTES else -(-work // PART_BYTES)
+    parts = _ranges(len(rows), min(count, SUM_PARTS_MAX))
+    if len(parts) == 1:
+        jit.sum_rows(x, bits, row_stride, rows, k, 0, k, out)
+        return
+    sums = _buffer("sums", len(parts) * len(x), k).reshape(len(parts), len(x), k)
+    sums.fill(0)
     jobs = [
-        (x, bits, row_stride, rows, k, lo, hi, out) for lo, hi in _ranges(k, count, 16)
+        (x, bits, row_stride, rows[lo:hi], k, 0, k, sums[p])
+        for p, (lo, hi) in enumerate(parts)
     ]
     _workers.run(jit.sum_rows, jobs, _threads)
+    with _quiet():
+        out += sums.sum(axis=0)
 
 
 def _weight_bits(w: np.ndarray) -> tuple[np.ndarray, int]:
