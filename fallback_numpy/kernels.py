@@ -23,22 +23,22 @@ import numpy as np
 from . import _kernels_jit as jit
 from . import _workers
 
-# Dispatch, chosen with `python benchmarks/kernels.py --sweep` (AMD EPYC Zen 5, one
-# thread, 4096 x 4096 weights cycled over 0.5 GB; ms per matrix, compiled loops vs
+# Dispatch, chosen with `python benchmarks/kernels.py --sweep --threads 1` (AMD EPYC
+# Zen 5, 4096 x 4096 weights cycled over 0.5 GB; ms per matrix, compiled loops vs
 # widen-then-BLAS, bfloat16 / float16):
-#   x @ w.T  T=1: 1.1 vs 2.4 / 1.5 vs 2.8   T=4: 4.0 vs 5.0 / 3.9 vs 5.0
-#            T=8: 5.7 vs 6.2 / 5.9 vs 6.2   T=12: 9.9 vs 7.3 / 10.0 vs 7.0
-#   x @ w    T=1: 1.3 vs 2.3 / 1.4 vs 2.8   T=6: 5.6 vs 7.1 / 6.9 vs 7.1
-#   (dense x) T=8: 6.6 vs 6.8 / 9.4 vs 6.5  T=12: 12.4 vs 7.4 / 12.3 vs 7.4
+#   x @ w.T  T=1: 1.0 vs 2.4 / 1.0 vs 2.3   T=4: 3.8 vs 4.6 / 3.8 vs 4.8
+#            T=8: 5.4 vs 5.8 / 5.3 vs 5.9   T=12: 9.8 vs 6.5 / 9.4 vs 6.7
+#   x @ w    T=1: 1.1 vs 2.3 / 1.1 vs 2.4   T=4: 5.2 vs 5.0 / 5.0 vs 5.2
+#   (dense)  T=6: 6.0 vs 6.9 / 6.5 vs 7.0   T=8: 8.4 vs 6.2 / 8.3 vs 6.2
 # The loops of x @ w cost one pass per nonzero x[t, j], so they keep sparse x (a ReLU
 # model's) up to the same number of nonzeros per active row whatever T is.
 DOT_ROWS_MAX_T = 8
 SUM_ROWS_MAX_TERMS = 6
 
-# Bytes of the float32 block that the large-T paths widen and hand to BLAS
-# (float16, one thread, ms per 4096 x 4096 matrix for 0.5 / 1 / 2 / 4 / 8 MB:
-# T=16 10.2 / 8.8 / 8.3 / 8.2 / 8.6, T=128 43.7 / 40.7 / 40.6 / 44.1 / 45.0,
-# T=512 207 / 183 / 162 / 156 / 151).
+# Bytes of the float32 block that the large-T paths widen and hand to BLAS (same
+# sweep, float16, ms per matrix for 0.5 / 1 / 2 / 4 / 8 MB: T=16 10.1 / 8.6 / 8.0 /
+# 7.9 / 8.0, T=128 42.1 / 39.3 / 38.7 / 38.4 / 39.7, T=512 174 / 164 / 153 / 148 /
+# 144).
 BLOCK_BYTES = 4 << 20
 
 # Jobs that read fewer weight bytes run on the calling thread alone, larger ones in
@@ -47,6 +47,7 @@ BLOCK_BYTES = 4 << 20
 # 2 MB 73 / 92, 4 MB 148 / 171, 8 MB 257 / 226, 16 MB 571 / 433.
 PARALLEL_MIN_BYTES = 8 << 20
 PART_BYTES = 4 << 20
+SUM_PARTS_MAX = 8  # x @ w: each part sums into its own (T, k) buffer
 
 _BITS_DTYPE = {  # the kernels tell the kinds apart by the dtype of the bits view
     np.dtype(np.uint16): np.dtype(np.uint16),  # bfloat16 bit patterns
@@ -65,6 +66,9 @@ def set_threads(n: int) -> None:
     """Set how many threads the compiled kernels use (the caller and n - 1 workers).
 
     BLAS calls of the large-T paths follow the BLAS limit (threadpoolctl) instead.
+    Keep BLAS on one thread while decoding: OpenBLAS's idle threads spin for a while
+    after each call and take the cores from these workers (x @ w, T=4, 2 threads:
+    16.9 ms beside 2 BLAS threads, 9.2 ms beside 1).
 
     Args:
         n: threads, at least 1 (default: the cores this process may use).
@@ -218,14 +222,29 @@ def _widen_rows(bits, row_stride, rows, k, out) -> int:
 
 
 def _sum_rows(x, bits, row_stride, rows, k, out) -> None:
-    """out[t] += x[t, j] * w[j] for j in rows where x[t, j] != 0, each thread taking
-    a range of columns (64-byte aligned in out): no two share an output, and every
-    row is read in as few pieces as there are threads."""
-    count = min(_threads, _part_count(bits.itemsize * len(rows) * k))
+    """out[t] += x[t, j] * w[j] for j in rows where x[t, j] != 0.
+
+    The threads take ranges of rows, each row read whole in one stream, into a
+    (T, k) buffer per range, added up in range order: the ranges depend on the size
+    only, so the result does not depend on the thread count. (Ranges of columns
+    instead cut every row in pieces: dense float16 at T=1 on 2 threads, 11008 x
+    4096, ran 3.9 ms against 2.8 ms on one.)
+    """
+    work = bits.itemsize * len(rows) * k
+    count = 1 if work < PARALLEL_MIN_BYTES else -(-work // PART_BYTES)
+    parts = _ranges(len(rows), min(count, SUM_PARTS_MAX))
+    if len(parts) == 1:
+        jit.sum_rows(x, bits, row_stride, rows, k, 0, k, out)
+        return
+    sums = _buffer("sums", len(parts) * len(x), k).reshape(len(parts), len(x), k)
+    sums.fill(0)
     jobs = [
-        (x, bits, row_stride, rows, k, lo, hi, out) for lo, hi in _ranges(k, count, 16)
+        (x, bits, row_stride, rows[lo:hi], k, 0, k, sums[p])
+        for p, (lo, hi) in enumerate(parts)
     ]
     _workers.run(jit.sum_rows, jobs, _threads)
+    with _quiet():
+        out += sums.sum(axis=0)
 
 
 def _weight_bits(w: np.ndarray) -> tuple[np.ndarray, int]:

@@ -100,6 +100,7 @@ def tuned(block_rows: int | None, k: int, threads: int, path: str = "auto"):
             kernels.BLOCK_BYTES = block_rows * 4 * k
         kernels.PARALLEL_MIN_BYTES = 0
         kernels.PART_BYTES = 64  # many parts, whatever the size
+        kernels.SUM_PARTS_MAX = 5
         if path != "auto":
             limit = 1 << 30 if path == "loops" else 0
             kernels.DOT_ROWS_MAX_T = kernels.SUM_ROWS_MAX_TERMS = limit
