@@ -24,10 +24,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from .nonfinite import check_weights
-from .safetensors_stream import encode
+from .safetensors_stream import STORAGE, encode
 
 TARGET_RECALL = 0.99  # Deja Vu: held-out recall to reach before stopping
 MIN_SHRINK = 0.02  # an epoch that shrinks the predicted set less made no progress
@@ -335,8 +336,8 @@ class LowRankPredictor:
         self.backend = backend
         self.threshold = threshold
         self.cut = logit(threshold)
-        self.A = [backend.weight(encode(a, dtype)) for a in A_list]
-        self.B = [backend.weight(encode(b, dtype)) for b in B_list]
+        self.A = [backend.weight(_stored(a, dtype)) for a in A_list]
+        self.B = [backend.weight(_stored(b, dtype)) for b in B_list]
         self.nbytes = sum(int(m.nbytes) for m in self.A + self.B)
 
     @classmethod
@@ -349,7 +350,7 @@ class LowRankPredictor:
         dtype: str = "float32",
     ) -> LowRankPredictor:
         """Load `predictor.safetensors` (see `load_predictor_arrays`)."""
-        A_list, B_list = load_predictor_arrays(path)
+        A_list, B_list = load_predictor_arrays(path, dtype)
         return cls(backend, A_list, B_list, threshold, trained_threshold, dtype)
 
     def predict(self, layer: int, h) -> np.ndarray:
@@ -357,6 +358,11 @@ class LowRankPredictor:
         be = self.backend
         z = be.linear(be.linear(h, self.A[layer]), self.B[layer])
         return be.to_numpy(z) > self.cut
+
+
+def _stored(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values in `dtype`'s storage form; values already in it as they are."""
+    return values if values.dtype == STORAGE[dtype] else encode(values, dtype)
 
 
 def _check_shapes(A_list, B_list, where) -> None:
@@ -389,29 +395,42 @@ def save_predictor(
     os.replace(tmp, path)
 
 
-def load_predictor_arrays(path: Path) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Read a file written by `save_predictor`.
+def load_predictor_arrays(
+    path: Path, dtype: str = "float32"
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Read a file written by `save_predictor`, one tensor at a time.
+
+    Args:
+        path: the predictor file.
+        dtype: return the tensors in the storage form of this layout dtype (each is
+            converted as it is read, so the float32 file is never in memory whole:
+            OPT-6.7B's is 422 MB).
 
     Returns:
-        (A_list, B_list), float32 NumPy, one per layer.
+        (A_list, B_list), one per layer: float32 NumPy, or `dtype`'s storage form.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a missing or unexpected tensor, a non-float32 tensor, or shapes
-            that do not chain; the message names the file.
+        ValueError: a missing or unexpected tensor, a non-float32 or non-finite
+            tensor, or shapes that do not chain; the message names the file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such predictor file")
-    tensors = load_file(str(path))
-    layers = set()
-    for key, value in tensors.items():
-        match = _TENSOR_NAME.fullmatch(key)
-        if match is None:
-            raise ValueError(f"{path}: unexpected tensor {key!r} in a predictor file")
-        if value.dtype != np.float32:
-            raise ValueError(f"{path}: {key} is {value.dtype}, expected float32")
-        layers.add(int(match.group(1)))
+    tensors = {}
+    with safe_open(str(path), framework="numpy") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+            match = _TENSOR_NAME.fullmatch(key)
+            if match is None:
+                raise ValueError(
+                    f"{path}: unexpected tensor {key!r} in a predictor file"
+                )
+            value = f.get_tensor(key)
+            if value.dtype != np.float32:
+                raise ValueError(f"{path}: {key} is {value.dtype}, expected float32")
+            check_weights(value, f"{path}: {key}")
+            tensors[key] = encode(value, dtype)
+    layers = {int(_TENSOR_NAME.fullmatch(key).group(1)) for key in tensors}
     if not layers:
         raise ValueError(f"{path}: no predictor tensors (layers.0.A missing)")
     for i in range(max(layers) + 1):
@@ -422,7 +441,4 @@ def load_predictor_arrays(path: Path) -> tuple[list[np.ndarray], list[np.ndarray
     A_list = [tensors[f"layers.{i}.A"] for i in range(count)]
     B_list = [tensors[f"layers.{i}.B"] for i in range(count)]
     _check_shapes(A_list, B_list, str(path))
-    for i, (A, B) in enumerate(zip(A_list, B_list, strict=True)):
-        check_weights(A, f"{path}: layers.{i}.A")
-        check_weights(B, f"{path}: layers.{i}.B")
     return A_list, B_list

@@ -113,9 +113,11 @@ def test_flash_equals_dense_at_16_bits(
     """The bound: NumPy's kernels accumulate in float32 and return float32, so flash
     and dense differ only by the order of float32 sums (over the cached neurons, and
     scratch chunks apart): |diff| <= 1e-5 max(1, max|logit|). MLX multiplies like
-    with like and rounds every 16-bit product's output to the weight dtype, at
-    other points in the two paths: a few units in the last place of that dtype at
-    the logits' scale, |diff| <= 4 eps max|logit| (observed below 1 eps)."""
+    with like and rounds every 16-bit product's output to the weight dtype: dense
+    rounds a layer's FFN output once, flash once per piece it sums (the cached rows,
+    then each scratch chunk: at most 1 + n_ffn / scratch_rows pieces), so
+    |diff| <= 4 eps (pieces + 1) max|logit| (observed below 1 eps when the cache
+    holds the active set; 1 row of scratch, 64 pieces, reached 4.3 eps)."""
     layout = layout_of(*model, dtype)
     prefill = data.draw(st.integers(1, len(tokens)), label="prefill")
     dense, _ = load(layout, backend=backend)
@@ -129,7 +131,10 @@ def test_flash_equals_dense_at_16_bits(
     expected = dense.logits(tokens, prefill=prefill)
     got = flash.logits(tokens, prefill=prefill)
     scale = max(1.0, float(np.abs(expected).max()))
-    bound = 1e-5 * scale if backend == "numpy" else 4 * EPS[dtype] * scale
+    pieces = 1 + -(-flash.args.intermediate_size // flash.plan.scratch_rows)
+    bound = (
+        1e-5 * scale if backend == "numpy" else 4 * EPS[dtype] * (pieces + 1) * scale
+    )
     assert np.abs(got - expected).max() <= bound
     assert flash.io_stats()["landing"] == "in place"
 
