@@ -138,9 +138,20 @@ def max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
+def warm_up(B) -> None:
+    """Products on tiny arrays of every held dtype, so the libraries have set up
+    what they keep for good (BLAS buffers, compiled kernels) before the process's
+    base is measured."""
+    x = B.array(np.ones((2, 8)))
+    for values in (np.ones((8, 8), np.float32), np.ones((8, 8), np.float16)):
+        for w in (B.weight(values), B.columns_weight(B.weight(values))):
+            B.synchronize(B.linear(x, w))
+    B.synchronize(B.linear(x, B.weight(np.ones((8, 8), np.uint16))))  # bfloat16
+
+
 def run_spec(spec: RunSpec) -> dict:
     """Build, prefill, decode; the counters and timings of the decoded tokens."""
-    get_backend(spec.backend)  # the backend's libraries, imported
+    warm_up(get_backend(spec.backend))
     base_rss = max_rss()  # Python and the libraries, before any weight
     began = time.perf_counter()
     model, info = build_model(spec)
