@@ -10,9 +10,12 @@ Per layer and decoded token (paper section 3):
 A cached neuron that does not fire adds exactly zero, so for ReLU-family models the
 output equals the dense output whenever the predictor has full recall.
 
-Prefill streams each layer's whole FFN through the scratch rows (large sequential
-reads), computes it densely, and seeds the window with the last k tokens' predicted
-sets.
+A prompt (prefill) of a ReLU-family model reads, per layer, either the union of its
+tokens' predicted sets or the whole layer streamed in large sequential reads,
+whichever the measured costs say is faster (a short chat turn reads a few percent
+of the FFN, a long prompt streams), computes the FFN over those rows and seeds the
+window with the last k tokens' predicted sets. SiLU models always stream and compute
+densely: their prompts, which every later token attends to, stay exact.
 
 Rows are held as stored (float16, bfloat16, float32) and reads land where they are
 used: the reader copies each bundle part from its aligned staging buffer straight into
@@ -71,6 +74,8 @@ class FlashStats:
     ahead_bytes: int = 0  # of bytes_read: read ahead
     ahead_neurons: int = 0  # neurons read ahead
     ahead_used: int = 0  # of those, loaded into the cache (the guess was right)
+    prefill_neurons: int = 0  # neurons read for prompts (per layer, each once)
+    prefill_streamed: int = 0  # prompt layers streamed whole (others read sparsely)
     # window bookkeeping, cache row moves (and writes, where rows are copied in)
     memory_s: float = 0.0
     predictor_s: float = 0.0  # part of compute: the predictor's own time
@@ -98,6 +103,34 @@ class FlashStats:
             ms_per_token=1e3 * self.total_s / n,
         )
         return out
+
+
+class ReadCosts:
+    """Seconds per neuron of the two ways a prompt reads a layer, as measured on
+    this disk so far: streaming it whole (large sequential reads) or reading a
+    sparse set (smaller reads, fewer bytes). Until both are measured, a sparse
+    neuron is assumed to cost 2.5x a streamed one (disk probe here: 18 KiB reads
+    0.82 GB/s, 1 MiB reads 1.34 GB/s, 16 threads; decode's reads of scattered
+    neurons reach 60-75% of the probe)."""
+
+    PRIOR = 2.5
+
+    def __init__(self):
+        self.seconds = {True: 0.0, False: 0.0}  # streaming -> seconds
+        self.neurons = {True: 0, False: 0}
+
+    def record(self, streaming: bool, neurons: int, seconds: float) -> None:
+        self.seconds[streaming] += seconds
+        self.neurons[streaming] += neurons
+
+    def sparse_is_faster(self, wanted: int, neurons: int) -> bool:
+        if all(self.neurons.values()):
+            ratio = (self.seconds[False] / self.neurons[False]) / (
+                self.seconds[True] / self.neurons[True]
+            )
+        else:
+            ratio = self.PRIOR
+        return wanted * ratio < neurons
 
 
 def bundle_parts(backend, raw: np.ndarray, dtype: str, parts: int, d: int) -> list:
@@ -240,6 +273,7 @@ class FlashFFN(TokenCounters):
         self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
         self.fc2_bias = [weights.get(f"layers.{i}.fc2.bias") for i in layers]
         self.observer = None  # optional (layer, h, ids, rows) hook on prefill chunks
+        self._cost = ReadCosts()
         self.new_sequence()
         super().__init__()  # counters: prompt tokens stream densely, decoded go sparse
 
@@ -381,19 +415,24 @@ class FlashFFN(TokenCounters):
         return fetched if ahead_layer == layer else None
 
     def _prefill(self, layer: int, h):
-        """Dense FFN over the whole layer, streamed in scratch-sized chunks; then the
+        """FFN of a prompt over the union of its tokens' predicted neurons or over
+        the whole layer streamed (`_prefill_ids`), in scratch-sized chunks; the
         window is seeded with the last k tokens' predicted sets, filled from the
-        stream."""
+        rows read."""
         B, window = self.backend, self.windows[layer]
         masks = self.predictor.predict(layer, h)
         for mask in masks[-self.k :]:
             window.step(np.flatnonzero(mask))
         cache, views = self.caches[layer], self._views[layer]
-        n = self.args.intermediate_size
+        wanted, streaming = self._prefill_ids(masks)
+        self._token.prefill_streamed += streaming
+        self._token.prefill_neurons += len(wanted)
         out = None
-        for start in range(0, n, self.plan.scratch_rows):
-            ids = np.arange(start, min(start + self.plan.scratch_rows, n))
-            rows = self._read_rows(layer, ids, whole_range=True)
+        for start in range(0, len(wanted), self.plan.scratch_rows):
+            ids = wanted[start : start + self.plan.scratch_rows]
+            began = time.perf_counter()
+            rows = self._read_rows(layer, ids, whole_range=streaming)
+            self._cost.record(streaming, len(ids), time.perf_counter() - began)
             part = self._ffn(layer, h, rows, ids)
             out = part if out is None else out + part
             if self.observer is not None:  # predictor training records activations
@@ -408,7 +447,24 @@ class FlashFFN(TokenCounters):
                         cache[p], slots[keep], B.take_rows(rows[p], keep)
                     )
             B.synchronize(out)  # rule 2: evaluated before the scratch rows change
+        if out is None:  # no neuron predicted for any token: the FFN adds nothing
+            out = B.zeros((h.shape[0], self.args.hidden_size))
         return out
+
+    def _prefill_ids(self, masks: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The neurons a prompt's FFN runs over, and whether that is the whole layer
+        streamed: the union of the tokens' predicted sets when reading it is
+        expected to be faster than streaming (ReLU family only: a neuron no token
+        fires adds exactly zero), else every neuron."""
+        n = self.args.intermediate_size
+        union = np.flatnonzero(masks.any(axis=0))
+        if (
+            self.observer is None  # predictor training records every neuron
+            and self.args.is_relu_family
+            and self._cost.sparse_is_faster(len(union), n)
+        ):
+            return union, False
+        return np.arange(n), True
 
     def _read_rows(
         self, layer: int, ids: np.ndarray, whole_range: bool = False, fetched=None

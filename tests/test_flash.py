@@ -99,9 +99,13 @@ def test_flash_logits_equal_dense_logits_for_relu_models(
     # bytes read: loaded and scratch neurons times the bundle, alignment counted apart
     stats = flash.io_stats()
     bundle = Layout.open(layout).bundle_bytes
-    decoded = flash.ffn.total.neurons_loaded + flash.ffn.total.neurons_scratch
-    streamed = (prefill > 1) * layers * ffn  # a prompt streams every neuron once
-    assert stats["bytes_useful"] == (decoded + streamed) * bundle
+    total = flash.ffn.total
+    decoded = total.neurons_loaded + total.neurons_scratch
+    # a prompt reads each layer once: streamed whole, or the union of its tokens'
+    # predicted sets
+    prompted = total.prefill_neurons
+    assert total.prefill_streamed * ffn <= prompted <= (prefill > 1) * layers * ffn
+    assert stats["bytes_useful"] == (decoded + prompted) * bundle
     assert stats["bytes_read"] >= stats["bytes_useful"]
 
 
@@ -115,7 +119,7 @@ def test_decode_reads_only_what_the_window_lacks(backend):
     flash.logits(tokens, prefill=2)
     total = flash.ffn.total
     bundle = Layout.open(layout).bundle_bytes
-    streamed = 2 * 64 * bundle  # the prompt streamed both layers once
+    streamed = total.prefill_neurons * bundle  # the prompt read each layer once
     assert (
         total.bytes_useful
         == streamed + (total.neurons_loaded + total.neurons_scratch) * bundle
@@ -260,3 +264,49 @@ def test_a_wrong_lookahead_costs_reads_never_the_answer(backend, model):
     loaded = [t.neurons_loaded for _, t in runs.values()]
     assert max(loaded) - min(loaded) <= 0.01 * max(loaded)
     assert runs["off"][1].ahead_neurons == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_short_prompt_reads_only_its_neurons(backend, tmp_path):
+    """A ReLU model whose neurons mostly never fire: a prompt reads the union of its
+    tokens' predicted neurons, not the whole FFN, and still equals dense; a long
+    prompt whose union is most of the layer streams it instead."""
+    config = tiny_config(
+        "opt",
+        "relu",
+        hidden_size=32,
+        ffn_dim=256,
+        num_hidden_layers=2,
+        word_embed_proj_dim=32,
+    )
+    weights = random_weights(config, seed=5)
+    for name in [n for n in weights if n.endswith("fc1.bias")]:
+        weights[name][:] = -10.0  # silent neurons ...
+        weights[name][:8] = 0.0  # ... but for 8 of 256
+    layout = convert(
+        write_hf_checkpoint(tmp_path / "src", config, weights),
+        tmp_path / "layout",
+        dtype="float32",
+        progress=False,
+    )
+    tokens = [1, 5, 9, 3, 22, 17]
+    dense, _ = load(layout, backend=backend)
+    flash, _ = load(layout, backend=backend, memory_budget="200%", predictor="gate")
+    got = flash.logits(tokens, prefill=5)
+    assert np.abs(got - dense.logits(tokens, prefill=5)).max() <= 1e-5
+    total = flash.ffn.total
+    assert total.prefill_streamed == 0
+    assert 0 < total.prefill_neurons <= 2 * 8  # each layer: at most its 8 live ones
+    # every neuron live: the union is the whole layer, so it streams
+    for name in [n for n in weights if n.endswith("fc1.bias")]:
+        weights[name][:] = 10.0
+    layout = convert(
+        write_hf_checkpoint(tmp_path / "src2", config, weights),
+        tmp_path / "layout2",
+        dtype="float32",
+        progress=False,
+    )
+    flash, _ = load(layout, backend=backend, memory_budget="200%", predictor="gate")
+    flash.logits(tokens, prefill=5)
+    assert flash.ffn.total.prefill_streamed == 2
+    assert flash.ffn.total.prefill_neurons == 2 * 256
