@@ -135,6 +135,15 @@ def cmd_inspect(opts) -> int:
         plan_width = max(len(k) for k, _ in plan_rows)
         for key, value in plan_rows:
             print(f"  {key:<{plan_width}}  {value}")
+        if len(set(plan.capacity)) > 1:
+            print(
+                "  cache rows per layer, sized by each layer's share of predicted "
+                "neurons (the predictor's report):"
+            )
+            if opts.verbose:
+                print("  " + " ".join(str(c) for c in plan.capacity))
+            else:
+                print("  (-v lists them)")
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .backends import get_backend
 from .layout import Layout
-from .memory import MemoryPlan, plan_memory
+from .memory import MemoryPlan, layer_demand, plan_memory
 from .model import DenseFFN, Model, kv_cache_bytes, prepare_weights
 from .models import resolve_model
 from .nonfinite import check_weights
@@ -86,6 +86,7 @@ def make_plan(
         kv_cache_bytes(layout.args, context),
         context,
         lookahead,
+        layer_demand(layout, predictor),
     )
 
 

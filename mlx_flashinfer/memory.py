@@ -119,7 +119,8 @@ class MemoryPlan:
     def rows(self, neurons: int) -> list[tuple[str, str]]:
         """Table rows (name, value) for display; `neurons` = FFN neurons per layer."""
         share = 100 * sum(self.capacity) / (neurons * len(self.capacity))
-        caps = sorted(set(self.capacity))
+        low, high = min(self.capacity), max(self.capacity)
+        caps = f"{low}" if low == high else f"{low}-{high}"
         return [
             ("budget", format_bytes(self.budget)),
             ("held as", f"{self.dtype} (as stored; norms and biases float32)"),
@@ -127,8 +128,8 @@ class MemoryPlan:
             ("predictor", format_bytes(self.predictor)),
             (
                 "neuron cache",
-                f"{format_bytes(self.cache_bytes)} ({'/'.join(map(str, caps))} of "
-                f"{neurons} neurons per layer, {share:.1f}% of the FFN)",
+                f"{format_bytes(self.cache_bytes)} ({caps} of {neurons} neurons "
+                f"per layer, {share:.1f}% of the FFN)",
             ),
             (
                 "scratch",
@@ -154,6 +155,51 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def share_rows(rows: int, demand: list[float], cap: int) -> list[int]:
+    """`rows` split in proportion to `demand`, none above `cap` (what a full layer
+    cannot take goes to the others); whole rows, never more than `rows` in all."""
+    # a layer with no measured demand still takes rows the others cannot
+    demand = [max(d, 1e-12) for d in demand]
+    shares = [0] * len(demand)
+    open_layers = list(range(len(demand)))
+    left = rows
+    while open_layers and left > 0:
+        total = sum(demand[i] for i in open_layers)
+        want = {i: left * demand[i] / total for i in open_layers}  # fractional rows
+        full = [i for i in open_layers if shares[i] + want[i] >= cap]
+        if not full:
+            for i in open_layers:
+                shares[i] += int(want[i])
+            left = rows - sum(shares)
+            # the rows lost to rounding down: one each, largest demand first
+            for i in sorted(open_layers, key=lambda i: -demand[i])[:left]:
+                shares[i] += 1
+            break
+        for i in full:
+            left -= cap - shares[i]
+            shares[i] = cap
+        open_layers = [i for i in open_layers if i not in full]
+    return shares
+
+
+def layer_demand(layout: Layout, predictor: str) -> list[float] | None:
+    """Each layer's share of neurons needed per token, as the predictor's report in
+    the manifest measured it (on calibration text, or simulated for a synthetic
+    model): what the trained predictor selects for "lowrank", the truly active
+    neurons for "gate" and "oracle". None (equal shares) without a report, or for
+    "all", which needs every neuron everywhere."""
+    report = (layout.manifest.get("predictor") or {}).get("report") or []
+    key = {"lowrank": "predicted_fraction", "gate": "true_fraction"}.get(
+        "gate" if predictor == "oracle" else predictor
+    )
+    if key is None or len(report) != layout.args.num_hidden_layers:
+        return None
+    values = [r.get(key) for r in report]
+    if not all(isinstance(v, int | float) and v > 0 for v in values):
+        return None
+    return [float(v) for v in values]
+
+
 def plan_memory(
     layout: Layout,
     budget: str | int,
@@ -161,12 +207,15 @@ def plan_memory(
     kv_cache: int,
     max_context: int,
     lookahead: bool = False,
+    demand: list[float] | None = None,
 ) -> MemoryPlan:
     """Split a budget into resident weights, predictor, neuron caches and scratch rows.
 
-    Every layer gets the same cache capacity (capped at its neuron count), and the
-    shared scratch as much as one layer, so prefill can stream a layer in chunks of
-    that size.
+    The shared scratch gets as much as one layer's share (so prefill can stream a
+    layer in chunks of that size); the cache rows go to the layers in proportion to
+    `demand` (`layer_demand`: each layer's share of neurons predicted per token,
+    measured when the predictor was made; default: equal), none above its neuron
+    count.
 
     Raises:
         ValueError: the budget cannot hold the resident weights, the predictor, the
@@ -194,13 +243,13 @@ def plan_memory(
     rows = (amount - resident - predictor_bytes - io_buffer) // row
     layers, neurons = args.num_hidden_layers, args.intermediate_size
     scratch = min(neurons, max(1, rows // (layers + 1)))
-    capacity = min(neurons, (rows - scratch) // layers)
+    capacity = share_rows(rows - scratch, demand or [1.0] * layers, neurons)
     return MemoryPlan(
         budget=amount,
         resident=resident,
         predictor=predictor_bytes,
         row_bytes=row,
-        capacity=[capacity] * layers,
+        capacity=capacity,
         scratch_rows=scratch,
         io_buffer=io_buffer,
         kv_cache=kv_cache,

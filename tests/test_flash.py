@@ -10,8 +10,15 @@ from hypothesis import strategies as st
 from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert, load
+from mlx_flashinfer.bench.synth import write_synthetic
 from mlx_flashinfer.loader import make_plan
-from mlx_flashinfer.memory import io_buffer_bytes, model_bytes, parse_budget
+from mlx_flashinfer.memory import (
+    io_buffer_bytes,
+    layer_demand,
+    model_bytes,
+    parse_budget,
+    share_rows,
+)
 from mlx_flashinfer.predictors import predictor_nbytes
 
 RELU_FAMILY = [("opt", "relu")] + [
@@ -310,3 +317,37 @@ def test_a_short_prompt_reads_only_its_neurons(backend, tmp_path):
     flash.logits(tokens, prefill=5)
     assert flash.ffn.total.prefill_streamed == 2
     assert flash.ffn.total.prefill_neurons == 2 * 256
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.integers(0, 5000),
+    demand=st.lists(st.floats(0.0, 1.0), min_size=1, max_size=12),
+    cap=st.integers(1, 600),
+)
+def test_cache_rows_follow_each_layers_demand(rows, demand, cap):
+    shares = share_rows(rows, demand, cap)
+    assert len(shares) == len(demand) and all(0 <= s <= cap for s in shares)
+    # every row is used unless every layer is full
+    assert sum(shares) == min(rows, cap * len(demand))
+    # more demand never means fewer rows (up to one row of rounding)
+    for i in range(len(demand)):
+        for j in range(len(demand)):
+            if demand[i] > demand[j]:
+                assert shares[i] >= shares[j] - 1
+
+
+def test_the_plan_sizes_layers_by_the_predictors_report(tmp_path):
+    layout = write_synthetic(tmp_path / "s", "opt-tiny", progress=False)
+    lay = Layout.open(layout)
+    report = lay.manifest["predictor"]["report"]
+    demand = layer_demand(lay, "lowrank")
+    assert demand == [r["predicted_fraction"] for r in report]
+    assert layer_demand(lay, "all") is None
+    plan = make_plan(lay, "150%", "lowrank")
+    busiest = int(np.argmax(demand))
+    quietest = int(np.argmin(demand))
+    assert plan.capacity[busiest] >= plan.capacity[quietest]
+    model, _ = load(layout, memory_budget="150%", predictor="lowrank")
+    assert model.plan.capacity == plan.capacity
+    assert sum(model.held_bytes().values()) == model.plan.weights <= model.plan.budget

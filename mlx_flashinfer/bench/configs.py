@@ -39,6 +39,7 @@ from ..layout import Layout
 from ..memory import (
     MemoryPlan,
     io_buffer_bytes,
+    layer_demand,
     model_bytes,
     parse_budget,
     plan_memory,
@@ -180,6 +181,7 @@ def flash_plan(spec: RunSpec, layout: Layout, source: Layout) -> MemoryPlan:
         kv_cache_bytes(layout.args, spec.max_context),
         spec.max_context,
         spec.lookahead,
+        layer_demand(source, spec.predictor),
     )
 
 

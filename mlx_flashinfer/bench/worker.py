@@ -21,12 +21,11 @@ import numpy as np
 
 from ..backends import get_backend
 from ..layout import Layout
-from ..memory import plan_memory
-from ..model import DenseFFN, Model, kv_cache_bytes, prepare_weights
-from ..predictors import make_predictor, predictor_nbytes
+from ..model import DenseFFN, Model, prepare_weights
+from ..predictors import make_predictor
 from .baselines import MmapFFN, StreamFFN
 from .cgroup import evict
-from .configs import RunSpec
+from .configs import RunSpec, flash_plan
 
 
 class EvaluatedFFN:
@@ -95,14 +94,7 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
 
         source = Layout.open(spec.predictor_layout or spec.layout)
         loaded.append(source.ffn_path)  # the gate predictor reads its rows from there
-        plan = plan_memory(
-            layout,
-            spec.budget,
-            predictor_nbytes(spec.predictor, source),
-            kv_cache_bytes(args, spec.max_context),
-            spec.max_context,
-            spec.lookahead,
-        )
+        plan = flash_plan(spec, layout, source)
         predictor = make_predictor(spec.predictor, B, source, weights)
         ffn = FlashFFN(B, layout, weights, plan, predictor, spec.window, spec.threads)
         if spec.rows_in_dram:  # the compute-only row: the same reads, from memory
