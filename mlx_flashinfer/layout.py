@@ -192,6 +192,15 @@ class Layout:
         return self.file_bytes(self.manifest["resident"])
 
     @property
+    def weights_id(self) -> str:
+        """A short digest of the weights (the resident and FFN files' checksums):
+        equal for two layouts that hold the same weights, whatever their paths.
+        A saved prompt cache records it (prompt_cache.py)."""
+        files = self.manifest["files"]
+        sums = [files[n]["sha256"] for n in (self.manifest["resident"], self.ffn_path.name)]
+        return hashlib.sha256(" ".join(sums).encode()).hexdigest()[:16]
+
+    @property
     def has_predictor(self) -> bool:
         return bool(self.manifest.get("predictor"))
 
