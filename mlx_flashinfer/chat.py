@@ -84,6 +84,27 @@ def prompt_ids(
     return encode_chat(tokenizer, [*system, {"role": "user", "content": prompt}])
 
 
+def prefix_ids(
+    tokenizer,
+    prompt: str,
+    system_prompt: str | None = None,
+    ignore_chat_template: bool = False,
+) -> list[int]:
+    """Token ids that `prompt_ids` of `prompt` + any more text starts with (up to
+    how the tokenizer splits the joint): what `flashinfer cache-prompt` caches.
+    Through the chat template, the user's turn is left open (mlx-lm's
+    continue_final_message)."""
+    if ignore_chat_template or tokenizer.chat_template is None:
+        return prompt_ids(tokenizer, prompt, system_prompt, ignore_chat_template)
+    marker = "<query>"
+    system = [{"role": "system", "content": system_prompt}] * bool(system_prompt)
+    messages = [*system, {"role": "user", "content": prompt + marker}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(text[: text.index(marker)], add_special_tokens=False)
+
+
 def io_delta(before: dict, after: dict) -> dict | None:
     """Flash counters between two `model.io_stats()` snapshots: {"decode": {...},
     "prefill": {...}}, or None for a dense model (nothing read from flash)."""

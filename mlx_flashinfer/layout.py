@@ -197,7 +197,8 @@ class Layout:
         equal for two layouts that hold the same weights, whatever their paths.
         A saved prompt cache records it (prompt_cache.py)."""
         files = self.manifest["files"]
-        sums = [files[n]["sha256"] for n in (self.manifest["resident"], self.ffn_path.name)]
+        names = (self.manifest["resident"], self.ffn_path.name)
+        sums = [files[name]["sha256"] for name in names]
         return hashlib.sha256(" ".join(sums).encode()).hexdigest()[:16]
 
     @property

@@ -40,12 +40,14 @@ class PromptCache:
         tokens: the ids held, in order; every layer holds len(tokens) positions
             unless a token was interrupted (then `prepare` repairs it).
         weights_id: the model's `weights_id` (None for a model built by hand).
+        metadata: str -> str, saved with the cache (cache-prompt: the prompt).
     """
 
     def __init__(self, model):
         self.layers: list[KVCache] = model.make_cache()
         self.tokens: list[int] = []
         self.weights_id = model.weights_id
+        self.metadata: dict[str, str] = {}
         self.serial = next(_serials)
         model.sequence_owner = self.serial
 
@@ -60,7 +62,7 @@ class PromptCache:
         """How many leading tokens of the prompt `ids` this cache can skip: the
         common prefix, less one (the last prompt token must run to give logits)."""
         common = 0
-        for held, new in zip(self.tokens, ids[:-1]):
+        for held, new in zip(self.tokens, ids[:-1], strict=False):
             if held != new:
                 break
             common += 1
@@ -135,8 +137,10 @@ def save_prompt_cache(
     n = len(cache.tokens)  # an interrupted token's keys lie past n: not saved
     tensors = {"tokens": np.asarray(cache.tokens, dtype=np.int64)}
     for i, layer in enumerate(cache.layers):
-        tensors[f"layers.{i}.keys"] = model.backend.to_numpy(layer.keys[:, :n])
-        tensors[f"layers.{i}.values"] = model.backend.to_numpy(layer.values[:, :n])
+        for name, array in (("keys", layer.keys), ("values", layer.values)):
+            # contiguous: safetensors writes a strided view's buffer, not its values
+            held = model.backend.to_numpy(array[:, :n])
+            tensors[f"layers.{i}.{name}"] = np.ascontiguousarray(held)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta |= {"format": FORMAT, "version": VERSION, "weights_id": model.weights_id}
     file = Path(file)
@@ -148,8 +152,9 @@ def save_prompt_cache(
         temporary.unlink(missing_ok=True)
 
 
-def load_prompt_cache(file: str | Path, model) -> tuple[PromptCache, dict]:
-    """A prompt cache saved by `save_prompt_cache`, for `model`, and its metadata.
+def load_prompt_cache(file: str | Path, model) -> PromptCache:
+    """A prompt cache saved by `save_prompt_cache`, for `model`, with its
+    `metadata`.
 
     Raises:
         FileNotFoundError: no such file.
@@ -166,7 +171,7 @@ def load_prompt_cache(file: str | Path, model) -> tuple[PromptCache, dict]:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{file}: not a prompt cache (no {FORMAT} header)")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except ValueError:
         raise
     except Exception as err:  # safetensors raises its own error types
@@ -208,4 +213,5 @@ def load_prompt_cache(file: str | Path, model) -> tuple[PromptCache, dict]:
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{file}: a damaged prompt cache ({err})") from None
     cache.tokens = ids
-    return cache, meta
+    cache.metadata = meta
+    return cache
