@@ -58,12 +58,10 @@ class Worker:
     """The generation thread: the only one that touches the model."""
 
     def __init__(self, model, tokenizer, defaults, log):
-        self.model, self.tokenizer, self.defaults, self.log = (
-            model,
-            tokenizer,
-            defaults,
-            log,
-        )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.defaults = defaults
+        self.log = log
         self.cache = make_prompt_cache(model)
         self.jobs: queue.Queue = queue.Queue()
         self._submitted = 0
@@ -129,6 +127,7 @@ class Worker:
         job.events.put(("end", summary))
         if last is not None:
             state = "cancelled" if job.cancelled.is_set() else last.finish_reason
+            state = state or "cut: the server stops"
             self.log(
                 f"request {job.number}: {last.prompt_tokens} prompt tokens "
                 f"({last.cached_tokens} cached), {last.generation_tokens} generated "
@@ -142,16 +141,14 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # a stuck client never holds the process at exit
 
     def __init__(self, address, model, tokenizer, model_id: str, defaults, log):
-        self.address_family = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0][
-            0
-        ]
+        # IPv4 or IPv6, as the host names it
+        family, *_ = socket.getaddrinfo(*address, type=socket.SOCK_STREAM)[0]
+        self.address_family = family
         super().__init__(address, Handler)
-        self.model, self.tokenizer, self.model_id, self.defaults = (
-            model,
-            tokenizer,
-            model_id,
-            defaults,
-        )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.defaults = defaults
         self.created = int(time.time())
         self.log = log
         self.worker = Worker(model, tokenizer, defaults, log)

@@ -15,7 +15,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from tiny_models import random_weights, tiny_config, write_hf_checkpoint
+from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import convert, load, stream_generate
 from mlx_flashinfer.chat import encode_chat
@@ -467,3 +467,33 @@ def test_a_busy_port_is_one_line_and_exit_2(layout, capsys):
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
     assert f"cannot listen on 127.0.0.1:{port}" in err
+
+
+@pytest.mark.skipif(not has_mlx(), reason="mlx is not installed")
+def test_the_mlx_backend_serves_from_its_generation_thread(layout):
+    """MLX arrays made on the loading thread, computed on the generation thread."""
+    model, tokenizer = load(layout, backend="mlx", memory_budget="200%")
+    server = make_server(model, tokenizer, "tiny", "127.0.0.1", 0, DEFAULTS, print)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+            api_key="none",
+            max_retries=0,
+        )
+        messages = [{"role": "user", "content": "alice said to the queen"}]
+        text = [
+            client.chat.completions.create(
+                model="tiny", messages=messages, max_tokens=6
+            )
+            .choices[0]
+            .message.content
+            for _ in range(2)
+        ]
+    finally:
+        server.shutdown()
+        server.stop()
+    dense, _ = load(layout, backend="numpy")
+    ids = encode_chat(tokenizer, messages)
+    expected = "".join(r.text for r in stream_generate(dense, tokenizer, ids, 6))
+    assert text == [expected, expected]
