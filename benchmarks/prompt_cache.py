@@ -19,6 +19,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -155,12 +156,7 @@ def main() -> None:
         "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "platform": platform.platform(),
-        "command": "python benchmarks/prompt_cache.py "
-        + " ".join(
-            f"--{k.replace('_', '-')} {v}"
-            for k, v in vars(opts).items()
-            if k != "out" and v is not None
-        ),
+        "command": " ".join(["python", *sys.argv]),
         "rows": rows,
     }
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
