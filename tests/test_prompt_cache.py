@@ -291,3 +291,21 @@ def test_a_chat_turn_computes_only_its_own_tokens(layouts):
     ids = encode_chat(tokenizer, chat.history[:-1])
     fresh = "".join(r.text for r in stream_generate(model, tokenizer, ids, 4))
     assert chat.history[-1]["content"] == fresh
+
+
+def test_chat_starts_from_a_cached_system_prompt(
+    layouts, tmp_path, capsys, monkeypatch
+):
+    layout, file = layouts["llama-relu"], tmp_path / "system.safetensors"
+    argv = ["--model", layout, "--prompt-cache-file", file]
+    status, _, _ = cli(
+        ["cache-prompt", *argv, "--system-prompt", "the queen said to", "-p", ""],
+        capsys,
+    )
+    assert status == 0
+    lines = iter(["alice", "/stats", "q"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    status, out, _ = cli(["chat", *argv, "-m", 3], capsys)
+    assert status == 0
+    # the system prompt came from the file, and its 4 tokens were not computed again
+    assert "prompt: 5 tokens (4 reused from the prompt cache, 1 computed)" in out
