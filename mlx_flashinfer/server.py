@@ -96,8 +96,9 @@ class Worker:
 
     def _generate(self, job: Job) -> None:
         request, d = job.request, self.defaults
+        seed = d.seed if request.seed is None else request.seed
         sampler = make_sampler(
-            request.temperature, request.top_p, d.top_k, d.min_p, request.seed
+            request.temperature, request.top_p, d.top_k, d.min_p, seed
         )
         processors = []
         if d.repetition_penalty is not None:

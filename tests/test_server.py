@@ -34,6 +34,7 @@ DEFAULTS = SimpleNamespace(
     repetition_penalty=None,
     repetition_context_size=20,
     system_prompt=None,
+    seed=None,
 )
 
 
