@@ -498,3 +498,25 @@ def test_the_mlx_backend_serves_from_its_generation_thread(layout):
     ids = encode_chat(tokenizer, messages)
     expected = "".join(r.text for r in stream_generate(dense, tokenizer, ids, 6))
     assert text == [expected, expected]
+
+
+def test_the_default_system_prompt_goes_before_chats_without_one(served):
+    from mlx_flashinfer import openai_api
+
+    model = served.server.worker.model
+    defaults = SimpleNamespace(**vars(DEFAULTS) | {"system_prompt": "the queen"})
+    user = {"role": "user", "content": "alice"}
+
+    def ids(messages):
+        body = {"messages": messages}
+        request = openai_api.parse_request(
+            "chat", body, model, served.tokenizer, "tiny", defaults
+        )
+        return request.ids
+
+    system = {"role": "system", "content": "the queen"}
+    assert ids([user]) == chat_ids(served, [system, user])
+    own = {"role": "developer", "content": "a cat"}
+    assert ids([own, user]) == chat_ids(
+        served, [{"role": "system", "content": "a cat"}, user]
+    )
