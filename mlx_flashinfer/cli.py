@@ -127,7 +127,9 @@ def cmd_inspect(opts) -> int:
         from .loader import default_predictor, make_plan
 
         predictor = opts.predictor or default_predictor(layout)
-        plan = make_plan(layout, opts.budget, predictor, opts.max_context)
+        plan = make_plan(
+            layout, opts.budget, predictor, opts.max_context, **lookahead_option(opts)
+        )
         print(f"\nmemory plan for --budget {opts.budget} (predictor {predictor}):")
         plan_rows = plan.rows(args.intermediate_size)
         plan_width = max(len(k) for k, _ in plan_rows)
@@ -315,6 +317,7 @@ def cmd_verify(opts) -> int:
         predictor=opts.predictor,
         threads=opts.threads,
         predictor_threshold=opts.predictor_threshold,
+        **lookahead_option(opts),
         **shared,
     )
     ids = prompt_ids(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
@@ -466,6 +469,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="flash reader threads")
     p.add_argument(
+        "--lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flash mode: read each layer's guessed neurons while the layer before "
+        "computes (a second read buffer in the budget; the answer is the same)",
+    )
+    p.add_argument(
         "--max-context",
         type=int,
         default=None,
@@ -496,7 +506,13 @@ def load_model(opts):
         max_context=opts.max_context,
         predictor_threshold=opts.predictor_threshold,
         cache_dir=opts.cache_dir,
+        **lookahead_option(opts),
     )
+
+
+def lookahead_option(opts) -> dict:
+    """`lookahead=` for load() when the user chose (else load's default)."""
+    return {} if opts.lookahead is None else {"lookahead": opts.lookahead}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -533,6 +549,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--predictor", choices=PREDICTORS, default=None)
     p.add_argument("--max-context", type=int, default=None)
+    p.add_argument(
+        "--lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan with reads ahead (a second read buffer)",
+    )
     p.add_argument(
         "-v",
         "--verbose",

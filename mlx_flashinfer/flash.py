@@ -10,9 +10,12 @@ Per layer and decoded token (paper section 3):
 A cached neuron that does not fire adds exactly zero, so for ReLU-family models the
 output equals the dense output whenever the predictor has full recall.
 
-Prefill streams each layer's whole FFN through the scratch rows (large sequential
-reads), computes it densely, and seeds the window with the last k tokens' predicted
-sets.
+A prompt (prefill) of a ReLU-family model reads, per layer, either the union of its
+tokens' predicted sets or the whole layer streamed in large sequential reads,
+whichever the measured costs say is faster (a short chat turn reads a few percent
+of the FFN, a long prompt streams), computes the FFN over those rows and seeds the
+window with the last k tokens' predicted sets. SiLU models always stream and compute
+densely: their prompts, which every later token attends to, stay exact.
 
 Rows are held as stored (float16, bfloat16, float32) and reads land where they are
 used: the reader copies each bundle part from its aligned staging buffer straight into
@@ -25,12 +28,21 @@ silicon). The rules that make writing behind MLX's back safe:
   2. whatever reads the scratch rows is evaluated before the next read into them.
 Where MLX will not share an array's memory, rows are copied in with `write_rows`
 (`io_stats()["landing"]` says which path ran).
+
+Reads ahead (`lookahead`, the in-place path): once layer l knows its FFN input, the
+next layer's predictor guesses layer l+1's set from that same input (the residual
+stream changes little across one layer), and a second reader fetches the guessed
+bundles that layer l+1 does not cache, in the background, while layer l's FFN and
+layer l+1's attention compute. At layer l+1 the exact predictor decides as always:
+the loads that were fetched ahead land from the prefetch buffer, the rest is read
+then. A wrong guess costs reads, never the answer.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -56,7 +68,14 @@ class FlashStats:
     neurons_scratch: int = 0  # read for one token only (cache full)
     neurons_evicted: int = 0
     lru_evicted: int = 0  # evicted while still inside the window (budget too small)
-    io_s: float = 0.0
+    io_s: float = 0.0  # time the token waited for reads (read ahead: only the wait)
+    io_ahead_s: float = 0.0  # reads ahead, in the background (hidden unless waited for)
+    ahead_wait_s: float = 0.0  # of io_s: waiting for a read ahead to finish
+    ahead_bytes: int = 0  # of bytes_read: read ahead
+    ahead_neurons: int = 0  # neurons read ahead
+    ahead_used: int = 0  # of those, loaded into the cache (the guess was right)
+    prefill_neurons: int = 0  # neurons read for prompts (per layer, each once)
+    prefill_streamed: int = 0  # prompt layers streamed whole (others read sparsely)
     # window bookkeeping, cache row moves (and writes, where rows are copied in)
     memory_s: float = 0.0
     predictor_s: float = 0.0  # part of compute: the predictor's own time
@@ -75,10 +94,43 @@ class FlashStats:
             mean_read_bytes=self.bytes_read / max(self.reads, 1),
             gb_per_s=self.bytes_read / self.io_s / 1e9 if self.io_s else 0.0,
             hit_rate=self.neurons_hit / max(self.neurons_predicted, 1),
+            # of the loads, the share read ahead; of the reads ahead, the share used
+            ahead_coverage=self.ahead_used
+            / max(self.neurons_loaded + self.neurons_scratch, 1),
+            ahead_precision=self.ahead_used / max(self.ahead_neurons, 1),
+            io_hidden_s=max(self.io_ahead_s - self.ahead_wait_s, 0.0),
             compute_s=max(self.total_s - self.io_s - self.memory_s, 0.0),
             ms_per_token=1e3 * self.total_s / n,
         )
         return out
+
+
+class ReadCosts:
+    """Seconds per neuron of the two ways a prompt reads a layer, as measured on
+    this disk so far: streaming it whole (large sequential reads) or reading a
+    sparse set (smaller reads, fewer bytes). Until both are measured, a sparse
+    neuron is assumed to cost 2.5x a streamed one (disk probe here: 18 KiB reads
+    0.82 GB/s, 1 MiB reads 1.34 GB/s, 16 threads; decode's reads of scattered
+    neurons reach 60-75% of the probe)."""
+
+    PRIOR = 2.5
+
+    def __init__(self):
+        self.seconds = {True: 0.0, False: 0.0}  # streaming -> seconds
+        self.neurons = {True: 0, False: 0}
+
+    def record(self, streaming: bool, neurons: int, seconds: float) -> None:
+        self.seconds[streaming] += seconds
+        self.neurons[streaming] += neurons
+
+    def sparse_is_faster(self, wanted: int, neurons: int) -> bool:
+        if all(self.neurons.values()):
+            ratio = (self.seconds[False] / self.neurons[False]) / (
+                self.seconds[True] / self.neurons[True]
+            )
+        else:
+            ratio = self.PRIOR
+        return wanted * ratio < neurons
 
 
 def bundle_parts(backend, raw: np.ndarray, dtype: str, parts: int, d: int) -> list:
@@ -144,6 +196,9 @@ class FlashFFN(TokenCounters):
         predictor: an object with predict(layer, h) -> bool mask (T, neurons).
         window: k, tokens whose neurons stay cached.
         threads: reader threads.
+        guess: optional predictor for the reads ahead (default: `predictor`; tests
+            give a wrong one to show it cannot change the output). Reads ahead run
+            when the plan has room for them (`plan.lookahead`).
     """
 
     def __init__(
@@ -155,6 +210,7 @@ class FlashFFN(TokenCounters):
         predictor,
         window: int,
         threads: int | None = None,
+        guess=None,
     ):
         self.backend = backend
         self.args = layout.args
@@ -166,14 +222,14 @@ class FlashFFN(TokenCounters):
         self.parts = parts
         options = {} if threads is None else {"threads": threads}
         backend.limit_compute_threads(1)  # leave the cores to the reader threads
-        self.reader = FlashReader(
-            layout.ffn_path,
-            layout.layers,
-            layout.bundle_bytes,
+        reader_options = dict(
             parts=parts,
             separate=layout.arrangement == "separate",
-            staging_bytes=plan.io_buffer,
+            staging_bytes=plan.io_buffer // (2 if plan.lookahead else 1),
             **options,
+        )
+        self.reader = FlashReader(
+            layout.ffn_path, layout.layers, layout.bundle_bytes, **reader_options
         )
         if self.reader.mode == "buffered":
             warnings.warn(
@@ -197,10 +253,27 @@ class FlashFFN(TokenCounters):
             v is not None for v in [*self._scratch_views, *sum(self._views, [])]
         )
         self.landing = "in place" if in_place else "copy"
+        # Reads ahead: their own reader (staging buffer, threads) and one thread that
+        # waits on it, so the main thread computes meanwhile. Only where reads land in
+        # place (the copy path gains nothing from it).
+        self.ahead = None
+        self.guess = guess or predictor
+        self._pending = None  # (layer, future of a Fetched)
+        if plan.lookahead and in_place:
+            import os
+
+            ahead_options = dict(reader_options)
+            if os.environ.get("AHEAD_THREADS"):
+                ahead_options["threads"] = int(os.environ["AHEAD_THREADS"])
+            self.ahead = FlashReader(
+                layout.ffn_path, layout.layers, layout.bundle_bytes, **ahead_options
+            )
+            self._ahead_thread = ThreadPoolExecutor(1)
         layers = range(self.args.num_hidden_layers)
         self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
         self.fc2_bias = [weights.get(f"layers.{i}.fc2.bias") for i in layers]
         self.observer = None  # optional (layer, h, ids, rows) hook on prefill chunks
+        self._cost = ReadCosts()
         self.new_sequence()
         super().__init__()  # counters: prompt tokens stream densely, decoded go sparse
 
@@ -208,6 +281,9 @@ class FlashFFN(TokenCounters):
         """Forget every window (a fresh KV cache); cached rows just get overwritten."""
         n = self.args.intermediate_size
         self.windows = [LayerWindow(n, cap, self.k) for cap in self.plan.capacity]
+        if getattr(self, "_pending", None) is not None:  # a read ahead of an old token
+            self._pending[1].result()
+            self._pending = None
 
     def io_stats(self) -> dict:
         return {
@@ -222,7 +298,8 @@ class FlashFFN(TokenCounters):
             "predictor": int(self.predictor.nbytes),
             "neuron cache": sum(int(m.nbytes) for layer in self.caches for m in layer),
             "scratch": sum(int(m.nbytes) for m in self.scratch),
-            "read buffer": self.reader.staging_bytes,
+            "read buffer": self.reader.staging_bytes
+            + (self.ahead.staging_bytes if self.ahead else 0),
         }
 
     # -- the FFN -----------------------------------------------------------------------
@@ -236,8 +313,13 @@ class FlashFFN(TokenCounters):
         started = time.perf_counter()
         active = np.flatnonzero(self.predictor.predict(layer, h)[0])
         stats.predictor_s += time.perf_counter() - started
+        fetched = self._fetched_ahead(layer)
         started, io_before = time.perf_counter(), stats.io_s
-        plan = window.step(active)
+        first = None
+        if fetched is not None:
+            first = np.zeros(self.args.intermediate_size, dtype=bool)
+            first[fetched.ids] = True
+        plan = window.step(active, first)
         stats.neurons_predicted += len(active)
         stats.neurons_hit += plan.hits
         stats.neurons_loaded += len(plan.load_ids)
@@ -251,9 +333,13 @@ class FlashFFN(TokenCounters):
             for view in views if len(plan.move_src) else ():
                 view[plan.move_dst] = view[plan.move_src]
             if len(loads):
-                first = int(plan.load_slots[0])  # load slots are consecutive
-                block = [view[first : first + len(loads)] for view in views]
-                self._read(layer, loads, block)
+                slot = int(plan.load_slots[0])  # load slots are consecutive
+                block = [view[slot : slot + len(loads)] for view in views]
+                # the loads read ahead come first (window.step's `first`)
+                ready = 0 if first is None else int(np.count_nonzero(first[loads]))
+                self._take(fetched, loads[:ready], [b[:ready] for b in block])
+                if ready < len(loads):
+                    self._read(layer, loads[ready:], [b[ready:] for b in block])
         else:
             for p in range(self.parts) if len(plan.move_src) else ():
                 cache[p] = B.move_rows(cache[p], plan.move_src, plan.move_dst)
@@ -264,29 +350,89 @@ class FlashFFN(TokenCounters):
         # predictor time counts as compute; bookkeeping and row moves as memory
         # management, the reads (landing in the rows included) as I/O
         stats.memory_s += time.perf_counter() - started - (stats.io_s - io_before)
-        used = [part[: plan.used] for part in cache]
-        out = self._ffn(layer, h, used, window.cached)
+        out = None
         step = self.plan.scratch_rows
         for s in range(0, len(plan.scratch_ids), step):  # overflow: used once, dropped
             ids = plan.scratch_ids[s : s + step]
-            out = out + self._ffn(layer, h, self._read_rows(layer, ids), ids)
+            if fetched is not None:  # what was read ahead first, then the rest
+                ahead = first[ids]
+                ids = np.concatenate([ids[ahead], ids[~ahead]])
+            part = self._ffn(
+                layer, h, self._read_rows(layer, ids, fetched=fetched), ids
+            )
+            out = part if out is None else out + part
             B.synchronize(out)  # rule 2: evaluated before the scratch rows change
-        return out
+        # The next layer's reads ahead start once this layer's are done (they share
+        # nothing with them but the disk), and run while this FFN computes.
+        if self.ahead is not None and layer + 1 < len(self.windows):
+            self._read_ahead(layer + 1, h)
+        used = [part[: plan.used] for part in cache]
+        cached = self._ffn(layer, h, used, window.cached)
+        return cached if out is None else cached + out
+
+    def _read_ahead(self, layer: int, h) -> None:
+        """Start fetching the bundles `layer` is guessed to load, from this layer's
+        FFN input `h`: the guessed set minus what `layer` caches now."""
+        stats = self._token
+        started = time.perf_counter()
+        guessed = np.flatnonzero(self.guess.predict(layer, h)[0])
+        missing = guessed[self.windows[layer].slot_of[guessed] < 0]
+        stats.predictor_s += time.perf_counter() - started
+        if len(missing):
+            future = self._ahead_thread.submit(self.ahead.fetch, layer, missing)
+            self._pending = (layer, future)
+
+    def _take(self, fetched, ids: np.ndarray, into: list) -> None:
+        """Land bundles read ahead into rows; counted as I/O (the copy out of the
+        prefetch buffer: the one copy every read makes)."""
+        if not len(ids):
+            return
+        stats = self._token
+        began = time.perf_counter()
+        fetched.take(ids, into)
+        stats.io_s += time.perf_counter() - began
+        stats.ahead_used += len(ids)
+        stats.bytes_useful += len(ids) * self.reader.bundle_bytes
+
+    def _fetched_ahead(self, layer: int):
+        """What was read ahead for `layer` (waiting for it if still reading), or
+        None; counted into this token's I/O."""
+        if self._pending is None:
+            return None
+        ahead_layer, future = self._pending
+        self._pending = None
+        stats = self._token
+        began = time.perf_counter()
+        fetched = future.result()  # the background read has finished after this
+        waited = time.perf_counter() - began
+        stats.io_s += waited
+        stats.ahead_wait_s += waited
+        stats.io_ahead_s += fetched.seconds
+        stats.bytes_read += fetched.bytes_read
+        stats.reads += fetched.reads
+        stats.ahead_bytes += fetched.bytes_read
+        stats.ahead_neurons += len(fetched.ids)
+        return fetched if ahead_layer == layer else None
 
     def _prefill(self, layer: int, h):
-        """Dense FFN over the whole layer, streamed in scratch-sized chunks; then the
+        """FFN of a prompt over the union of its tokens' predicted neurons or over
+        the whole layer streamed (`_prefill_ids`), in scratch-sized chunks; the
         window is seeded with the last k tokens' predicted sets, filled from the
-        stream."""
+        rows read."""
         B, window = self.backend, self.windows[layer]
         masks = self.predictor.predict(layer, h)
         for mask in masks[-self.k :]:
             window.step(np.flatnonzero(mask))
         cache, views = self.caches[layer], self._views[layer]
-        n = self.args.intermediate_size
+        wanted, streaming = self._prefill_ids(masks)
+        self._token.prefill_streamed += streaming
+        self._token.prefill_neurons += len(wanted)
         out = None
-        for start in range(0, n, self.plan.scratch_rows):
-            ids = np.arange(start, min(start + self.plan.scratch_rows, n))
-            rows = self._read_rows(layer, ids, whole_range=True)
+        for start in range(0, len(wanted), self.plan.scratch_rows):
+            ids = wanted[start : start + self.plan.scratch_rows]
+            began = time.perf_counter()
+            rows = self._read_rows(layer, ids, whole_range=streaming)
+            self._cost.record(streaming, len(ids), time.perf_counter() - began)
             part = self._ffn(layer, h, rows, ids)
             out = part if out is None else out + part
             if self.observer is not None:  # predictor training records activations
@@ -301,15 +447,41 @@ class FlashFFN(TokenCounters):
                         cache[p], slots[keep], B.take_rows(rows[p], keep)
                     )
             B.synchronize(out)  # rule 2: evaluated before the scratch rows change
+        if out is None:  # no neuron predicted for any token: the FFN adds nothing
+            out = B.zeros((h.shape[0], self.args.hidden_size))
         return out
 
-    def _read_rows(self, layer: int, ids: np.ndarray, whole_range: bool = False):
+    def _prefill_ids(self, masks: np.ndarray) -> tuple[np.ndarray, bool]:
+        """The neurons a prompt's FFN runs over, and whether that is the whole layer
+        streamed: the union of the tokens' predicted sets when reading it is
+        expected to be faster than streaming (ReLU family only: a neuron no token
+        fires adds exactly zero), else every neuron."""
+        n = self.args.intermediate_size
+        union = np.flatnonzero(masks.any(axis=0))
+        if (
+            self.observer is None  # predictor training records every neuron
+            and self.args.is_relu_family
+            and self._cost.sparse_is_faster(len(union), n)
+        ):
+            return union, False
+        return np.arange(n), True
+
+    def _read_rows(
+        self, layer: int, ids: np.ndarray, whole_range: bool = False, fetched=None
+    ):
         """Bundles of `ids` (at most scratch_rows of them) as one backend (n, d_model)
         array per part: the scratch rows, or copies where rows cannot land in
-        place."""
+        place. With `fetched` (reads ahead), `ids` starts with the fetched ones,
+        which land from there."""
         n = len(ids)
         if self.landing == "in place":
-            self._read(layer, ids, [v[:n] for v in self._scratch_views], whole_range)
+            rows = [v[:n] for v in self._scratch_views]
+            ready = 0
+            if fetched is not None:
+                ready = int(np.count_nonzero(np.isin(ids, fetched.ids)))
+                self._take(fetched, ids[:ready], [r[:ready] for r in rows])
+            if ready < n:
+                self._read(layer, ids[ready:], [r[ready:] for r in rows], whole_range)
             return [m[:n] for m in self.scratch]
         raw = self._read(layer, ids, None, whole_range)
         d = self.args.hidden_size
@@ -347,4 +519,7 @@ class FlashFFN(TokenCounters):
         return ffn_forward(B, self.args, h, weights, bias)
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self._ahead_thread.shutdown()
+            self.ahead.close()
         self.reader.close()

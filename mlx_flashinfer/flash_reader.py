@@ -312,6 +312,29 @@ class FlashReader:
         self._finish(layer, reads, got, n * self.bundle_bytes, began)
         return out if into is None else into
 
+    def fetch(self, layer: int, ids: np.ndarray) -> Fetched:
+        """Read bundles `ids` (sorted, unique) of `layer` into the staging buffer and
+        keep them there, for `Fetched.take` to land later: the read of a prefetch,
+        done ahead of knowing which of the bundles will be wanted. Only what fits one
+        round of the staging buffer is fetched (`Fetched.ids`, a prefix of `ids`);
+        the bundles stay valid until this reader's next call."""
+        began = time.perf_counter()
+        extent = self._extent(layer)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) and (
+            ids[0] < 0 or ids[-1] >= extent.neurons or np.any(np.diff(ids) <= 0)
+        ):
+            raise ValueError(f"ids must be sorted, unique and in [0, {extent.neurons})")
+        ids = self._fitting(extent, ids)
+        at, reads, got = np.empty(0, np.int64), 0, 0
+        if len(ids):
+            ((_, _, at, reads, got),) = self._rounds(extent, ids)  # one round: fits
+        self._finish(layer, reads, got, len(ids) * self.bundle_bytes, began)
+        fetched = Fetched(self, layer, ids, at.reshape(self.regions, len(ids)))
+        fetched.reads, fetched.bytes_read = reads, got
+        fetched.seconds = time.perf_counter() - began
+        return fetched
+
     def read_range(self, layer: int, start: int, stop: int, into: list | None = None):
         """Bundles [start, stop) of `layer`, with large sequential reads; as `read`."""
         extent = self._extent(layer)
@@ -348,11 +371,12 @@ class FlashReader:
     def _align_up(self, x):
         return -(-x // self._align) * self._align
 
-    def _read_pieces(self, extent: LayerExtent, ids, dest) -> tuple[int, int]:
-        """Read the file pieces of `ids` and copy piece p of ids[i] to dest[p][i]
-        (uint8 rows); in rounds that each fit the staging buffer. Returns (syscalls,
-        bytes read)."""
-        n, region = len(ids), extent.neurons * self.piece_bytes
+    def _runs(self, extent: LayerExtent, ids):
+        """The file pieces of `ids` in file order, grouped into runs to read.
+
+        Returns (starts, first, last, run_lo, run_hi): each piece's file offset, the
+        first and last piece of each run, and each run's aligned byte range."""
+        region = extent.neurons * self.piece_bytes
         size = self.bundle_bytes // self.regions  # bytes of one piece on disk
         # On disk, in file order: one piece per neuron (bundled), or per part and
         # neuron, part-major (separate).
@@ -374,50 +398,75 @@ class FlashReader:
         new_run[1:] |= cut[1:] != cut[:-1]
         first = np.flatnonzero(new_run)
         last = np.append(first[1:] - 1, len(starts) - 1)
-        run_lo, run_hi = lo[first], hi[last]
+        return starts, first, last, lo[first], hi[last]
+
+    def _rounds(self, extent: LayerExtent, ids):
+        """Read the pieces of `ids` round by round, each round filling the staging
+        buffer at most; yields (j0, j1, at, syscalls, bytes read) per round: file
+        pieces j0..j1 (in file order) now sit at staging offsets `at`."""
+        starts, first, last, run_lo, run_hi = self._runs(extent, ids)
         ends = np.cumsum(run_hi - run_lo)  # staging bytes up to each run's end
-        reads = got = 0
         begin = 0  # first run of this round
         while begin < len(first):
             base = ends[begin - 1] if begin else 0
             end = int(np.searchsorted(ends, base + len(self._staging), "right"))
             pos = ends[begin:end] - (run_hi - run_lo)[begin:end] - base
-            r, g = self._read_runs(run_lo[begin:end], run_hi[begin:end], pos)
-            reads, got = reads + r, got + g
+            reads, got = self._read_runs(run_lo[begin:end], run_hi[begin:end], pos)
             # piece j of this round sits at pos[its run] + (start - its run's lo)
             j0, j1 = first[begin], last[end - 1] + 1
             counts = last[begin:end] - first[begin:end] + 1
             run_of = np.repeat(np.arange(end - begin), counts)
             at = pos[run_of] + (starts[j0:j1] - run_lo[begin:end][run_of])
-            self._gather(j0, j1, at, n, dest)
+            yield j0, j1, at, reads, got
             begin = end
+
+    def _read_pieces(self, extent: LayerExtent, ids, dest) -> tuple[int, int]:
+        """Read the file pieces of `ids` and copy piece p of ids[i] to dest[p][i]
+        (uint8 rows); in rounds that each fit the staging buffer. Returns (syscalls,
+        bytes read)."""
+        n = len(ids)
+        reads = got = 0
+        for j0, j1, at, r, g in self._rounds(extent, ids):
+            reads, got = reads + r, got + g
+            for p in range(self.parts):
+                if self.regions > 1:  # pieces of part p are j in [p n, (p + 1) n)
+                    a, b = max(j0, p * n), min(j1, (p + 1) * n)
+                    if a < b:
+                        self._gather(
+                            at[a - j0 : b - j0], dest[p][a - p * n : b - p * n]
+                        )
+                else:
+                    self._gather(at + p * self.piece_bytes, dest[p][j0:j1])
         return reads, got
 
-    def _gather(self, j0: int, j1: int, at, n: int, dest) -> None:
-        """Copy file pieces j0..j1 (in file order), now at staging offsets `at`, into
-        their destination rows."""
+    def _fitting(self, extent: LayerExtent, ids) -> np.ndarray:
+        """The longest prefix of `ids` whose runs fit the staging buffer at once."""
+        k = len(ids)
+        while k:
+            _, _, _, run_lo, run_hi = self._runs(extent, ids[:k])
+            total = int((run_hi - run_lo).sum())
+            if total <= len(self._staging):
+                break
+            k = min(k - 1, int(k * len(self._staging) / total * 0.97))
+        return ids[:k]
+
+    def _gather(self, offsets, rows) -> None:
+        """Copy the pieces at staging byte `offsets` into `rows` (uint8, one piece
+        each)."""
+        if not len(offsets):
+            return
         piece = self.piece_bytes
-        for p in range(self.parts):
-            if self.regions > 1:  # pieces of part p are j in [p n, (p + 1) n)
-                a, b = max(j0, p * n), min(j1, (p + 1) * n)
-                if a >= b:
-                    continue
-                rows, offsets = slice(a - p * n, b - p * n), at[a - j0 : b - j0]
-            else:
-                rows, offsets = slice(j0, j1), at + p * piece
-            # 8-byte words where offsets allow: about twice as fast as bytes
-            word = next(
-                w
-                for w in (8, 4, 2, 1)
-                if piece % w == 0
-                and not np.any(offsets % w)
-                and dest[p].strides[0] % w == 0
-            )
-            words = np.frombuffer(self._staging, dtype=f"u{word}")
-            pieces = np.lib.stride_tricks.as_strided(
-                words, (len(words) - piece // word + 1, piece // word), (word, word)
-            )
-            dest[p][rows].view(f"u{word}")[:] = pieces[offsets // word]
+        # 8-byte words where offsets allow: about twice as fast as bytes
+        word = next(
+            w
+            for w in (8, 4, 2, 1)
+            if piece % w == 0 and not np.any(offsets % w) and rows.strides[0] % w == 0
+        )
+        words = np.frombuffer(self._staging, dtype=f"u{word}")
+        pieces = np.lib.stride_tricks.as_strided(
+            words, (len(words) - piece // word + 1, piece // word), (word, word)
+        )
+        rows.view(f"u{word}")[:] = pieces[offsets // word]
 
     def _read_runs(self, lo, hi, pos) -> tuple[int, int]:
         """Read file bytes [lo[i], hi[i]) to staging[pos[i]:] for every run, in
@@ -466,3 +515,36 @@ class FlashReader:
             # reads (and hide the disk's cost) or eat the memory budget.
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.stats.record(layer, reads, got, useful, time.perf_counter() - began)
+
+
+class Fetched:
+    """Bundles a `FlashReader.fetch` left in the reader's staging buffer.
+
+    `take(ids, into)` lands the bundles of `ids` (a sorted subset of `ids` fetched)
+    into rows, as `read` would have; valid until the reader's next call.
+    """
+
+    def __init__(self, reader: FlashReader, layer: int, ids: np.ndarray, at):
+        self.reader = reader
+        self.layer = layer
+        self.ids = ids  # the neurons fetched, sorted
+        self._at = at  # (regions, len(ids)): staging offset of each file piece
+        self.reads = self.bytes_read = 0  # syscalls and bytes of the fetch
+        self.seconds = 0.0  # its wall time
+
+    def take(self, ids: np.ndarray, into: list) -> list:
+        """Copy piece p of neuron ids[i] to into[p][i] (rows as for `read`)."""
+        r = self.reader
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if not len(ids):
+            return into
+        where = np.searchsorted(self.ids, ids)
+        if where[-1] >= len(self.ids) or np.any(self.ids[where] != ids):
+            raise ValueError("take: some ids were not fetched")
+        for p in range(r.parts):
+            if r.regions > 1:
+                offsets = self._at[p, where]
+            else:
+                offsets = self._at[0, where] + p * r.piece_bytes
+            r._gather(offsets, _bytes_of(np.asarray(into[p])))
+        return into

@@ -17,6 +17,9 @@ from .tokenizer import Tokenizer
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_BUDGET = "50%"
 DEFAULT_WINDOW = 4  # paper: k = 4-5 for OPT, 4 for Falcon, 2 for Llama 2
+DEFAULT_LOOKAHEAD = (
+    False  # reads ahead: chosen by measurement (benchmarks/lookahead.py)
+)
 MAX_WINDOW = 256
 
 
@@ -68,7 +71,11 @@ def check_max_context(layout: Layout, max_context: int | None) -> int:
 
 
 def make_plan(
-    layout: Layout, memory_budget, predictor: str, max_context: int | None = None
+    layout: Layout,
+    memory_budget,
+    predictor: str,
+    max_context: int | None = None,
+    lookahead: bool = DEFAULT_LOOKAHEAD,
 ) -> MemoryPlan:
     """The memory plan `load` would use (shown by `flashinfer inspect --budget`)."""
     context = check_max_context(layout, max_context)
@@ -78,6 +85,7 @@ def make_plan(
         predictor_nbytes(predictor, layout),
         kv_cache_bytes(layout.args, context),
         context,
+        lookahead,
     )
 
 
@@ -92,6 +100,7 @@ def load(
     max_context: int | None = None,
     predictor_threshold: float | None = None,
     cache_dir: str | Path | None = None,
+    lookahead: bool = DEFAULT_LOOKAHEAD,
 ):
     """Load a model, dense (every weight in DRAM) or from flash.
 
@@ -117,6 +126,9 @@ def load(
             trained one); higher reads fewer neurons.
         cache_dir: where checkpoints are converted to (default
             $MLX_FLASHINFER_CACHE or ~/.cache/mlx-flashinfer).
+        lookahead: flash mode: read each layer's guessed neurons while the layer
+            before computes (a second read buffer in the plan); the output is the
+            same either way.
 
     Returns:
         (model, tokenizer). `model.plan` holds the memory plan in flash mode.
@@ -145,7 +157,7 @@ def load(
 
         name = predictor or default_predictor(layout)
         budget = DEFAULT_BUDGET if memory_budget is None else memory_budget
-        plan = make_plan(layout, budget, name, context)
+        plan = make_plan(layout, budget, name, context, lookahead)
         chosen = make_predictor(name, B, layout, weights, threshold=predictor_threshold)
         ffn = FlashFFN(B, layout, weights, plan, chosen, window, threads)
     model = Model(layout.args, B, weights, ffn, context)

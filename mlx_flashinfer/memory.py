@@ -42,10 +42,12 @@ def model_bytes(layout: Layout) -> tuple[int, int]:
     return resident, layout.ffn_bytes
 
 
-def io_buffer_bytes(layout: Layout) -> int:
-    """The flash reader's staging buffer for this layout (see `staging_size`)."""
+def io_buffer_bytes(layout: Layout, lookahead: bool = False) -> int:
+    """The flash reader's staging buffer for this layout (see `staging_size`); with
+    `lookahead`, twice that: a second reader's buffer keeps the reads ahead."""
     regions = len(layout.bundle_parts) if layout.arrangement == "separate" else 1
-    return staging_size(layout.layers, layout.bundle_bytes, regions)
+    one = staging_size(layout.layers, layout.bundle_bytes, regions)
+    return 2 * one if lookahead else one
 
 
 def parse_budget(value: str | int | float, whole_model: int) -> int:
@@ -85,10 +87,11 @@ class MemoryPlan:
     row_bytes: int  # one cached neuron: its whole bundle, as stored
     capacity: list[int]  # cache rows per layer
     scratch_rows: int  # overflow / prefill-streaming rows, shared by all layers
-    io_buffer: int  # the flash reader's staging buffer
+    io_buffer: int  # the flash readers' staging buffers
     kv_cache: int  # at max_context (float32 keys and values)
     max_context: int
     dtype: str = "float16"  # the layout's, held as stored
+    lookahead: bool = False  # reads ahead: half of io_buffer is the prefetch buffer
 
     @property
     def cache_bytes(self) -> int:
@@ -131,7 +134,11 @@ class MemoryPlan:
                 "scratch",
                 f"{format_bytes(self.scratch_bytes)} ({self.scratch_rows} rows)",
             ),
-            ("read buffer", format_bytes(self.io_buffer)),
+            (
+                "read buffer",
+                format_bytes(self.io_buffer)
+                + (" (half of it for reads ahead)" if self.lookahead else ""),
+            ),
             ("weights total", f"{format_bytes(self.weights)} (<= budget)"),
             ("KV cache", f"{format_bytes(self.kv_cache)} at {self.max_context} tokens"),
             ("total", format_bytes(self.total)),
@@ -153,6 +160,7 @@ def plan_memory(
     predictor_bytes: int,
     kv_cache: int,
     max_context: int,
+    lookahead: bool = False,
 ) -> MemoryPlan:
     """Split a budget into resident weights, predictor, neuron caches and scratch rows.
 
@@ -168,7 +176,7 @@ def plan_memory(
     amount = parse_budget(budget, resident + ffn)
     args = layout.args
     row = layout.bundle_bytes
-    io_buffer = io_buffer_bytes(layout)
+    io_buffer = io_buffer_bytes(layout, lookahead)
     needed = resident + predictor_bytes + io_buffer + row
     if amount < needed:
         raise ValueError(
@@ -198,4 +206,5 @@ def plan_memory(
         kv_cache=kv_cache,
         max_context=max_context,
         dtype=layout.dtype,
+        lookahead=lookahead,
     )

@@ -69,11 +69,14 @@ class LayerWindow:
         """Neuron ids in slots [0, used)."""
         return self.neuron_at[: self.used]
 
-    def step(self, active: np.ndarray) -> StepPlan:
+    def step(self, active: np.ndarray, first: np.ndarray | None = None) -> StepPlan:
         """Plan the cache for the next token, whose predicted neurons are `active`.
 
         Args:
             active: sorted unique neuron ids predicted for this token.
+            first: optional bool mask over the neurons: loads it marks take the first
+                load slots (the prefetched ones: they land in one block, the rest is
+                read into the block after them). Each group stays sorted.
         """
         t = self.token
         self.token += 1
@@ -105,12 +108,17 @@ class LayerWindow:
             lru = int(np.count_nonzero(keep)) - self.capacity
             if lru > 0:  # least recently active first; this token's neurons never go
                 others = in_window[self.last_active[in_window] != t]
-                order = np.argsort(self.last_active[others], kind="stable")
+                # ties broken by neuron id, not slot: which neurons stay must not
+                # depend on where rows happen to sit (reads ahead reorder slots)
+                order = np.lexsort((others, self.last_active[others]))
                 keep[others[order[:lru]]] = False
             scratch = _EMPTY
         evict = cached[~keep[cached]]
         kept = np.flatnonzero(keep)
         load = kept[self.slot_of[kept] < 0]
+        if first is not None:
+            ahead = first[load]
+            load = np.concatenate([load[ahead], load[~ahead]])
         keep[kept] = False  # clean for the next step
         move_src, move_dst = self._evict(evict)
         load_slots = np.arange(self.used, self.used + len(load), dtype=np.int64)

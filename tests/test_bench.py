@@ -12,8 +12,8 @@ from tiny_models import random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert
 from mlx_flashinfer.backends import get_backend
-from mlx_flashinfer.baselines import MmapFFN, StreamFFN
 from mlx_flashinfer.bench.ablation import prepare, run_bench
+from mlx_flashinfer.bench.baselines import MmapFFN, StreamFFN
 from mlx_flashinfer.bench.cgroup import find_memory_cgroup
 from mlx_flashinfer.bench.configs import RunSpec
 from mlx_flashinfer.bench.layouts import unbundled_layout
@@ -75,7 +75,7 @@ def bench_result(tmp_path_factory):
     layout = tiny_opt(tmp, ffn=384, live=(0, 200))
     prepared = prepare(
         str(layout),
-        budget="95%",
+        budget="200%",  # holds the two read buffers of +lookahead (tiny layers)
         backends=tuple(BACKENDS),
         prompt_tokens=8,
         tokens=8,
@@ -118,8 +118,22 @@ def test_rows_read_what_the_method_says(bench_result, backend):
     assert reads[0] == 2 * reads[1]
     assert rows["+windowing"]["setup"]["arrangement"] == "separate"
     assert useful["stream"] == layout.ffn_bytes
+    # reads ahead and reads from memory: the same neurons land in the cache
+    for name in ("+lookahead", "compute-only"):
+        loaded = rows[name]["decode"]["neurons_loaded"]
+        assert loaded == rows["all"]["decode"]["neurons_loaded"], name
+    assert rows["+lookahead"]["decode"]["ahead_used"] > 0
+    assert rows["compute-only"]["setup"]["reader_mode"] == "in memory"
     # an exact predictor (oracle, ReLU) and the baselines decode as dense does
-    for name in ("naive", "hybrid", "all", "mmap", "stream"):
+    for name in (
+        "naive",
+        "hybrid",
+        "all",
+        "+lookahead",
+        "compute-only",
+        "mmap",
+        "stream",
+    ):
         assert rows[name]["argmax"] == rows["dense"]["argmax"], name
 
 

@@ -47,11 +47,14 @@ def tiny_layout(
     return _LAYOUTS[key]
 
 
-def budget_between(layout: Path, predictor: str, fraction: float) -> int:
+def budget_between(
+    layout: Path, predictor: str, fraction: float, lookahead: bool = False
+) -> int:
     """A budget from the smallest accepted (one neuron row) to one holding all."""
     lay = Layout.open(layout)
     resident, ffn = model_bytes(lay)
-    held = resident + predictor_nbytes(predictor, lay) + io_buffer_bytes(lay)
+    buffers = io_buffer_bytes(lay, lookahead)
+    held = resident + predictor_nbytes(predictor, lay) + buffers
     smallest = held + lay.bundle_bytes
     largest = held + 2 * ffn
     return int(smallest + fraction * (largest - smallest))
@@ -77,7 +80,8 @@ def test_flash_logits_equal_dense_logits_for_relu_models(
     layout = tiny_layout(*model, d_heads, ffn, layers, arrangement)
     prefill = data.draw(st.integers(1, len(tokens)), label="prefill")
     dense, _ = load(layout, backend=backend)
-    budget = budget_between(layout, predictor, fraction)
+    lookahead = data.draw(st.booleans(), label="lookahead")
+    budget = budget_between(layout, predictor, fraction, lookahead)
     flash, _ = load(
         layout,
         backend=backend,
@@ -85,6 +89,7 @@ def test_flash_logits_equal_dense_logits_for_relu_models(
         window=window,
         predictor=predictor,
         threads=data.draw(st.sampled_from([1, 3])),
+        lookahead=lookahead,
     )
     expected = dense.logits(tokens, prefill=prefill)
     got = flash.logits(tokens, prefill=prefill)
@@ -94,9 +99,13 @@ def test_flash_logits_equal_dense_logits_for_relu_models(
     # bytes read: loaded and scratch neurons times the bundle, alignment counted apart
     stats = flash.io_stats()
     bundle = Layout.open(layout).bundle_bytes
-    decoded = flash.ffn.total.neurons_loaded + flash.ffn.total.neurons_scratch
-    streamed = (prefill > 1) * layers * ffn  # a prompt streams every neuron once
-    assert stats["bytes_useful"] == (decoded + streamed) * bundle
+    total = flash.ffn.total
+    decoded = total.neurons_loaded + total.neurons_scratch
+    # a prompt reads each layer once: streamed whole, or the union of its tokens'
+    # predicted sets
+    prompted = total.prefill_neurons
+    assert total.prefill_streamed * ffn <= prompted <= (prefill > 1) * layers * ffn
+    assert stats["bytes_useful"] == (decoded + prompted) * bundle
     assert stats["bytes_read"] >= stats["bytes_useful"]
 
 
@@ -110,7 +119,7 @@ def test_decode_reads_only_what_the_window_lacks(backend):
     flash.logits(tokens, prefill=2)
     total = flash.ffn.total
     bundle = Layout.open(layout).bundle_bytes
-    streamed = 2 * 64 * bundle  # the prompt streamed both layers once
+    streamed = total.prefill_neurons * bundle  # the prompt read each layer once
     assert (
         total.bytes_useful
         == streamed + (total.neurons_loaded + total.neurons_scratch) * bundle
@@ -202,3 +211,102 @@ def test_no_o_direct_falls_back_and_says_so(monkeypatch):
     assert flash.io_stats()["mode"] == "buffered"
     tokens = [1, 2, 3, 4, 5]
     assert np.abs(flash.logits(tokens, 1) - dense.logits(tokens, 1)).max() <= 1e-5
+
+
+class RandomGuess:
+    """A lookahead guess that is wrong on purpose: random neurons each call."""
+
+    def __init__(self, neurons: int, seed: int):
+        self.neurons = neurons
+        self.rng = np.random.default_rng(seed)
+
+    def predict(self, layer: int, h) -> np.ndarray:
+        return self.rng.random((h.shape[0], self.neurons)) < 0.5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model", [("llama", "relu"), ("llama", "silu")])
+def test_a_wrong_lookahead_costs_reads_never_the_answer(backend, model):
+    """Reads ahead guess the next layer's neurons; the exact predictor still decides
+    which rows the FFN uses. A random guess changes the reads and the order rows
+    land in (so float sums round differently), nothing else: also for a SiLU
+    model, whose output depends on exactly which rows are cached."""
+    layout = tiny_layout(*model, 2, 80, 3)
+    tokens = [1, 5, 9, 3, 22, 17, 4, 30, 2, 11, 39, 0, 7, 7, 12]
+    runs = {}
+    budget = budget_between(layout, "gate", 0.3, lookahead=True)
+    second_buffer = io_buffer_bytes(Layout.open(layout))
+    for guess in ("right", "random", "off"):
+        flash, _ = load(
+            layout,
+            backend=backend,
+            # without reads ahead, the same cache and scratch: no second buffer
+            memory_budget=budget - (guess == "off") * second_buffer,
+            window=3,
+            predictor="gate",
+            lookahead=guess != "off",
+        )
+        if guess == "random":
+            flash.ffn.guess = RandomGuess(80, seed=0)
+        logits = flash.logits(tokens, prefill=2)
+        runs[guess] = (logits, flash.ffn.total)
+    scale = np.abs(runs["off"][0]).max()
+    for guess in ("right", "random"):
+        logits, total = runs[guess]
+        assert np.abs(logits - runs["off"][0]).max() <= 1e-5 * scale
+        assert total.ahead_neurons > 0 and total.ahead_used > 0
+    right, random = runs["right"][1], runs["random"][1]
+    assert right.ahead_used / right.ahead_neurons > (
+        random.ahead_used / random.ahead_neurons
+    )
+    # the same loads either way, but for a neuron whose pre-activation sits at the
+    # threshold and flips with the rounding: the guess decides only what is read ahead
+    loaded = [t.neurons_loaded for _, t in runs.values()]
+    assert max(loaded) - min(loaded) <= 0.01 * max(loaded)
+    assert runs["off"][1].ahead_neurons == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_short_prompt_reads_only_its_neurons(backend, tmp_path):
+    """A ReLU model whose neurons mostly never fire: a prompt reads the union of its
+    tokens' predicted neurons, not the whole FFN, and still equals dense; a long
+    prompt whose union is most of the layer streams it instead."""
+    config = tiny_config(
+        "opt",
+        "relu",
+        hidden_size=32,
+        ffn_dim=256,
+        num_hidden_layers=2,
+        word_embed_proj_dim=32,
+    )
+    weights = random_weights(config, seed=5)
+    for name in [n for n in weights if n.endswith("fc1.bias")]:
+        weights[name][:] = -10.0  # silent neurons ...
+        weights[name][:8] = 0.0  # ... but for 8 of 256
+    layout = convert(
+        write_hf_checkpoint(tmp_path / "src", config, weights),
+        tmp_path / "layout",
+        dtype="float32",
+        progress=False,
+    )
+    tokens = [1, 5, 9, 3, 22, 17]
+    dense, _ = load(layout, backend=backend)
+    flash, _ = load(layout, backend=backend, memory_budget="200%", predictor="gate")
+    got = flash.logits(tokens, prefill=5)
+    assert np.abs(got - dense.logits(tokens, prefill=5)).max() <= 1e-5
+    total = flash.ffn.total
+    assert total.prefill_streamed == 0
+    assert 0 < total.prefill_neurons <= 2 * 8  # each layer: at most its 8 live ones
+    # every neuron live: the union is the whole layer, so it streams
+    for name in [n for n in weights if n.endswith("fc1.bias")]:
+        weights[name][:] = 10.0
+    layout = convert(
+        write_hf_checkpoint(tmp_path / "src2", config, weights),
+        tmp_path / "layout2",
+        dtype="float32",
+        progress=False,
+    )
+    flash, _ = load(layout, backend=backend, memory_budget="200%", predictor="gate")
+    flash.logits(tokens, prefill=5)
+    assert flash.ffn.total.prefill_streamed == 2
+    assert flash.ffn.total.prefill_neurons == 2 * 256

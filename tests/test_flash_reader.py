@@ -237,3 +237,58 @@ def test_reads_land_in_the_rows_given(
                 got[:, p * piece : (p + 1) * piece], expect[p]
             )
         assert fr.staging_bytes == len(fr._staging)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    neurons=st.integers(1, 200),
+    parts=st.sampled_from([1, 3]),
+    piece=st.sampled_from([48, 1152]),
+    separate=st.booleans(),
+    staging_pieces=st.integers(1, 40),
+    data=st.data(),
+)
+def test_fetch_keeps_what_fits_and_take_lands_any_subset(
+    tmp_path, direct_ok, mode, neurons, parts, piece, separate, staging_pieces, data
+):
+    """A prefetch reads the longest prefix of its ids that fits the staging buffer
+    in one round; take() then lands any sorted subset of it exactly as read() would,
+    and refuses ids it did not fetch."""
+    if mode == "direct" and not direct_ok:
+        pytest.skip("the tmp filesystem refuses O_DIRECT")
+    bundle = parts * piece
+    path = tmp_path / "ffn.bin"
+    layers = write_ffn(path, [neurons, 5], bundle)
+    on_disk = piece if separate else bundle
+    staging = staging_pieces * on_disk + 2 * 4096
+    ids = np.array(sorted(data.draw(st.sets(st.integers(0, neurons - 1)))), np.int64)
+    with FlashReader(
+        path, layers, bundle, 4, 16384, mode, 4096, parts, separate, staging
+    ) as fr:
+        fetched = fr.fetch(0, ids)
+        k = len(fetched.ids)
+        np.testing.assert_array_equal(fetched.ids, ids[:k])
+        assert k == len(ids) or k >= 1  # at least one piece's read always fits
+        pick = np.array(
+            sorted(data.draw(st.sets(st.sampled_from(fetched.ids.tolist()))))
+            if k
+            else [],
+            np.int64,
+        )
+        into = [np.zeros((len(pick), piece), np.uint8) for _ in range(parts)]
+        fetched.take(pick, into)
+        expect = fr.read(0, pick).copy()  # ends the fetched bundles' validity
+        for p in range(parts):
+            np.testing.assert_array_equal(
+                into[p], expect[:, p * piece : (p + 1) * piece]
+            )
+        assert fr.stats.bytes_useful == (k + len(pick)) * bundle
+        if k < len(ids):
+            missing = ids[k:][:1]
+            with pytest.raises(ValueError, match="not fetched"):
+                fr.fetch(0, ids).take(missing, [np.zeros((1, piece), np.uint8)] * parts)

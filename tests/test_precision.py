@@ -12,10 +12,10 @@ from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoin
 
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.backends import get_backend
+from mlx_flashinfer.bench.synth import write_synthetic
 from mlx_flashinfer.memory import io_buffer_bytes, model_bytes
 from mlx_flashinfer.model import DenseFFN, Model, prepare_weights
 from mlx_flashinfer.predictors import predictor_nbytes
-from mlx_flashinfer.synth import write_synthetic
 
 BACKENDS = ["numpy"] + (["mlx"] if has_mlx() else [])
 DTYPES = ["float16", "bfloat16", "float32"]
@@ -62,10 +62,20 @@ def float32_reference(layout: Path, backend: str) -> Model:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("predictor", ["gate", "all"])
-def test_held_bytes_equal_the_plan(backend, dtype, predictor):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_held_bytes_equal_the_plan(backend, dtype, predictor, lookahead):
     layout = layout_of("opt", "relu", dtype)
-    budget = budget_for(layout, predictor, 70)
-    model, _ = load(layout, backend=backend, memory_budget=budget, predictor=predictor)
+    budget = budget_for(layout, predictor, 70) + lookahead * io_buffer_bytes(
+        Layout.open(layout)
+    )
+    model, _ = load(
+        layout,
+        backend=backend,
+        memory_budget=budget,
+        predictor=predictor,
+        lookahead=lookahead,
+    )
+    assert model.plan.lookahead == lookahead
     held, plan = model.held_bytes(), model.plan
     assert held == {
         "resident": plan.resident,

@@ -4,13 +4,8 @@ import numpy as np
 import pytest
 
 from mlx_flashinfer import Layout, load
-from mlx_flashinfer.synth import (
-    SHAPES,
-    Structure,
-    SyntheticOPT,
-    simulate,
-    write_synthetic,
-)
+from mlx_flashinfer.bench.synth import write_synthetic
+from mlx_flashinfer.bench.synth_opt import SHAPES, Structure, SyntheticOPT, simulate
 
 TOKENS = np.random.default_rng(0).integers(4, 512, 200).tolist()
 

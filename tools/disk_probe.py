@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mlx_flashinfer.disk_probe import (  # noqa: F401  (re-exported for scripts)
+from mlx_flashinfer.bench.disk_probe import (  # noqa: F401  (re-exported for scripts)
     probe,
     reader_bench,
     reader_table,

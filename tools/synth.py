@@ -1,5 +1,6 @@
-"""Write a synthetic sparse OPT or Llama model as a layout (mlx_flashinfer/synth.py says
-exactly how its activation structure is produced).
+"""Write a synthetic sparse OPT or Llama model as a layout
+(mlx_flashinfer/bench/synth_opt.py says exactly how its activation structure is
+produced).
 
     python tools/synth.py DST [--shape opt-1.3b|opt-6.7b|opt-125m|opt-tiny|
                                        llama2-7b-relu|llama-tiny]
@@ -13,9 +14,8 @@ import argparse
 import sys
 import time
 
+from mlx_flashinfer.bench.synth import LLAMA_SHAPES, SHAPES, write_synthetic
 from mlx_flashinfer.layout import ARRANGEMENTS, DTYPES
-from mlx_flashinfer.synth import SHAPES, write_synthetic
-from mlx_flashinfer.synth_llama import LLAMA_SHAPES
 
 
 def positive(text: str) -> int:

@@ -123,9 +123,9 @@ def available_backends(names: list[str]) -> list[str]:
 def cmd_bench(opts) -> int:
     if opts.compare:
         return cmd_compare(opts)
-    from ..disk_probe import short_probe
     from .ablation import layout_files, prepare, run_bench
     from .cgroup import find_memory_cgroup
+    from .disk_probe import short_probe
     from .plots import write_plots
     from .report import markdown
     from .runner import run_isolated

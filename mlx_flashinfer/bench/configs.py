@@ -13,6 +13,11 @@ Rows (the paper's Tables 2 and 3), every one decoding the same teacher-forced to
 - all: the same on the bundled layout, i.e. "+bundling". The paper lists
   "+bundling" (Table 2) and "all" (Table 3) apart; here both are this one
   configuration, the full method at the budget, measured once.
+- +lookahead: "all" with reads ahead (flash.py): the next layer's guessed neurons
+  read while this layer computes, a second read buffer in the same budget.
+- compute-only: "all" with the FFN file copied into DRAM first, read by memcpy
+  (bench/in_memory.py): the method's compute and memory management without I/O,
+  the yardstick of latency hiding. Its limit adds the file's size.
 - dense: every weight in DRAM (the ceiling), under its own, larger limit.
 - mmap, stream: OS paging and layer streaming (`baselines.py`) under the limit of
   the "all" row.
@@ -30,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..baselines import DEFAULT_CHUNK_BYTES
 from ..layout import Layout
 from ..memory import (
     MemoryPlan,
@@ -42,8 +46,17 @@ from ..memory import (
 from ..model import kv_cache_bytes
 from ..predictors import predictor_nbytes
 from ..safetensors_stream import read_header
+from .baselines import DEFAULT_CHUNK_BYTES
 
-ABLATION_ROWS = ("naive", "hybrid", "+predictor", "+windowing", "all")
+ABLATION_ROWS = (
+    "naive",
+    "hybrid",
+    "+predictor",
+    "+windowing",
+    "all",
+    "+lookahead",
+    "compute-only",
+)
 BASELINE_ROWS = ("dense", "mmap", "stream")
 ROWS = ABLATION_ROWS + BASELINE_ROWS
 # rows that read (at least) half the FFN every token: --slow-tokens shortens them
@@ -54,6 +67,8 @@ TITLES = {
     "+predictor": "+ predictor (unbundled, k=0)",
     "+windowing": "+ windowing (unbundled)",
     "all": "+ bundling = all",
+    "+lookahead": "+ reads ahead",
+    "compute-only": "compute only (rows in DRAM, no I/O)",
     "dense": "dense, all in DRAM",
     "mmap": "OS paging (mmap, llama.cpp)",
     "stream": "layer streaming (AirLLM)",
@@ -78,6 +93,8 @@ class RunSpec:
     budget: int | None = None
     predictor: str | None = None
     window: int = 0
+    lookahead: bool = False  # reads ahead (flash rows)
+    rows_in_dram: bool = False  # the compute-only row: no I/O
     threads: int | None = None
     max_context: int = 0
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
@@ -162,6 +179,7 @@ def flash_plan(spec: RunSpec, layout: Layout, source: Layout) -> MemoryPlan:
         predictor_nbytes(spec.predictor, source),
         kv_cache_bytes(layout.args, spec.max_context),
         spec.max_context,
+        spec.lookahead,
     )
 
 
@@ -190,7 +208,8 @@ def memory_limit(spec: RunSpec, layout: Layout, source: Layout) -> int:
     kv = kv_cache_bytes(layout.args, spec.max_context)
     overhead = process_overhead(layout, spec.backend)
     if spec.kind == "flash":
-        return flash_plan(spec, layout, source).budget + kv + overhead
+        image = layout.ffn_path.stat().st_size if spec.rows_in_dram else 0
+        return flash_plan(spec, layout, source).budget + kv + overhead + image
     if spec.kind == "dense":
         resident, ffn = model_bytes(layout)
         return resident + ffn + kv + overhead
@@ -243,6 +262,8 @@ def build_specs(
         "+predictor": (separate, chosen, 0, amount),
         "+windowing": (separate, chosen, window, amount),
         "all": (bundled, chosen, window, amount),
+        "+lookahead": (bundled, chosen, window, amount),
+        "compute-only": (bundled, chosen, window, amount),
     }
     specs = []
     for backend in backends:
@@ -263,6 +284,8 @@ def build_specs(
             if row in flash:
                 layout, spec.predictor, spec.window, spec.budget = flash[row]
                 spec.layout = str(layout.path)
+                spec.lookahead = row == "+lookahead"
+                spec.rows_in_dram = row == "compute-only"
                 plan = flash_plan(spec, layout, bundled)  # refuses a budget too small
                 if row == "hybrid":
                     check_hybrid(plan, bundled.args.intermediate_size)

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import get_backend
-from ..baselines import MmapFFN, StreamFFN
 from ..layout import Layout
 from ..memory import plan_memory
 from ..model import DenseFFN, Model, kv_cache_bytes, prepare_weights
 from ..predictors import make_predictor, predictor_nbytes
+from .baselines import MmapFFN, StreamFFN
 from .cgroup import evict
 from .configs import RunSpec
 
@@ -101,9 +101,24 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
             predictor_nbytes(spec.predictor, source),
             kv_cache_bytes(args, spec.max_context),
             spec.max_context,
+            spec.lookahead,
         )
         predictor = make_predictor(spec.predictor, B, source, weights)
         ffn = FlashFFN(B, layout, weights, plan, predictor, spec.window, spec.threads)
+        if spec.rows_in_dram:  # the compute-only row: the same reads, from memory
+            from .in_memory import InMemoryReader
+
+            old = ffn.reader
+            ffn.reader = InMemoryReader(
+                layout.ffn_path,
+                layout.layers,
+                layout.bundle_bytes,
+                threads=old.threads,
+                parts=old.parts,
+                separate=old.regions > 1,
+                staging_bytes=old.staging_bytes,
+            )
+            old.close()
         reader = ffn.reader
         if B.name == "mlx":
             ffn = EvaluatedFFN(ffn, B)

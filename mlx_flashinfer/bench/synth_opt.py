@@ -39,18 +39,13 @@ benchmarks should feed (teacher-force) random tokens.
 from __future__ import annotations
 
 import hashlib
-import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 
-from .args import ModelArgs
-from .checkpoints import expected_shapes
-from .convert import _check_destination, write_layout
-from .layout import Layout
-from .train_predictor import store_predictor
+from ..args import ModelArgs
+from ..checkpoints import expected_shapes
 
 SHAPES = {
     "opt-tiny": dict(
@@ -367,71 +362,3 @@ def calibrate_drift(model: SyntheticOPT) -> float:
         else:
             hi = mid
     return float(np.sqrt(lo * hi))
-
-
-def write_synthetic(
-    dst: str | Path,
-    shape: str | dict = "opt-1.3b",
-    dtype: str = "float16",
-    arrangement: str = "bundled",
-    seed: int = 0,
-    structure: Structure | None = None,
-    force: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Write a synthetic sparse model (OPT or Llama-FATReLU) as a layout, with its
-    predictor.
-
-    Args:
-        dst: layout directory to create.
-        shape: "opt-tiny", "opt-125m", "opt-1.3b", "opt-6.7b", "llama-tiny",
-            "llama2-7b-relu" (synth_llama.py), or a dict of custom sizes
-            (hidden_size, ffn_dim (OPT) or intermediate_size (Llama),
-            num_hidden_layers, num_attention_heads, vocab_size,
-            max_position_embeddings).
-        dtype, arrangement, force, progress: as for `convert`.
-        seed: every weight follows from it (same seed, same model).
-        structure: the activation structure (module docstring); default `Structure()`.
-
-    Returns:
-        The layout directory.
-
-    Raises:
-        ValueError: an unknown shape or bad structure; FileExistsError: `dst` exists.
-    """
-    from .synth_llama import LLAMA_SHAPES, SyntheticLlama
-
-    started = time.perf_counter()
-    _check_destination(dst, dtype, arrangement, force)
-    if isinstance(shape, dict):
-        llama = "intermediate_size" in shape
-        heads = shape.get("num_attention_heads", 1)
-        if shape.get("hidden_size", 0) % heads:
-            raise ValueError(
-                f"hidden size {shape.get('hidden_size')} is not a multiple of the "
-                f"{heads} attention heads"
-            )
-    else:
-        llama = shape in LLAMA_SHAPES
-    if llama:
-        source = SyntheticLlama(shape, structure, seed)
-    else:
-        source = SyntheticOPT(shape, structure or Structure(), seed)
-    write_layout(source, dst, dtype, progress, arrangement, force)
-    A_list, B_list, reports = source.predictor()
-    store_predictor(
-        Layout.open(dst),
-        A_list,
-        B_list,
-        reports,
-        {
-            "threshold": source.predictor_threshold,
-            "ranks": [source.j0 + 1] * source.args.num_hidden_layers,
-            "tokens": 0,
-            "source": "constructed by synth.py from the model's structure (untrained)",
-            "silu_sparsity": None,
-            "silu_thresholds": None,
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-    )
-    return Path(dst)

@@ -27,9 +27,9 @@ import math
 
 import numpy as np
 
-from .args import ModelArgs
-from .checkpoints import expected_shapes
-from .synth import Structure, SyntheticOPT, calibrate_drift
+from ..args import ModelArgs
+from ..checkpoints import expected_shapes
+from .synth_opt import Structure, SyntheticOPT, calibrate_drift, simulate
 
 LLAMA_SHAPES = {
     "llama-tiny": dict(
@@ -219,8 +219,6 @@ class SyntheticLlama(SyntheticOPT):
         A[np.arange(rank), np.arange(rank)] = 1.0
         cut = math.log(PREDICTOR_THRESHOLD / (1 - PREDICTOR_THRESHOLD))
         A_list, B_list, reports = [], [], []
-        from .synth import simulate
-
         for layer in range(self.args.num_hidden_layers):
             info = self.neurons(layer)
             B = np.hstack([info["u"], self.s.token_weight * info["v"]])

@@ -1,0 +1,86 @@
+"""Synthetic sparse models written straight to a layout, with a constructed
+predictor: the models of the paper's shapes the benchmarks run on (no real OPT-6.7B
+is downloaded here). OPT: synth_opt.py (which also says exactly how the activation
+structure is built); Llama with FATReLU: synth_llama.py.
+
+    python tools/synth.py DST --shape opt-6.7b [--arrangement separate]
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..convert import _check_destination, write_layout
+from ..layout import Layout
+from ..train_predictor import store_predictor
+from .synth_llama import LLAMA_SHAPES, SyntheticLlama
+from .synth_opt import SHAPES, Structure, SyntheticOPT
+
+__all__ = ["LLAMA_SHAPES", "SHAPES", "Structure", "write_synthetic"]
+
+
+def write_synthetic(
+    dst: str | Path,
+    shape: str | dict = "opt-1.3b",
+    dtype: str = "float16",
+    arrangement: str = "bundled",
+    seed: int = 0,
+    structure: Structure | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write a synthetic sparse model (OPT or Llama-FATReLU) as a layout, with its
+    predictor.
+
+    Args:
+        dst: layout directory to create.
+        shape: "opt-tiny", "opt-125m", "opt-1.3b", "opt-6.7b", "llama-tiny",
+            "llama2-7b-relu" (synth_llama.py), or a dict of custom sizes
+            (hidden_size, ffn_dim (OPT) or intermediate_size (Llama),
+            num_hidden_layers, num_attention_heads, vocab_size,
+            max_position_embeddings).
+        dtype, arrangement, force, progress: as for `convert`.
+        seed: every weight follows from it (same seed, same model).
+        structure: the activation structure (module docstring); default `Structure()`.
+
+    Returns:
+        The layout directory.
+
+    Raises:
+        ValueError: an unknown shape or bad structure; FileExistsError: `dst` exists.
+    """
+    started = time.perf_counter()
+    _check_destination(dst, dtype, arrangement, force)
+    if isinstance(shape, dict):
+        llama = "intermediate_size" in shape
+        heads = shape.get("num_attention_heads", 1)
+        if shape.get("hidden_size", 0) % heads:
+            raise ValueError(
+                f"hidden size {shape.get('hidden_size')} is not a multiple of the "
+                f"{heads} attention heads"
+            )
+    else:
+        llama = shape in LLAMA_SHAPES
+    if llama:
+        source = SyntheticLlama(shape, structure, seed)
+    else:
+        source = SyntheticOPT(shape, structure or Structure(), seed)
+    write_layout(source, dst, dtype, progress, arrangement, force)
+    A_list, B_list, reports = source.predictor()
+    store_predictor(
+        Layout.open(dst),
+        A_list,
+        B_list,
+        reports,
+        {
+            "threshold": source.predictor_threshold,
+            "ranks": [source.j0 + 1] * source.args.num_hidden_layers,
+            "tokens": 0,
+            "source": "constructed by synth.py from the model's structure (untrained)",
+            "silu_sparsity": None,
+            "silu_thresholds": None,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    return Path(dst)
