@@ -30,13 +30,20 @@ TURN = [1, 5, 9, 3, 22, 17, 4]
 def layouts(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("prompt-cache")
     out = {}
+    sparse = tiny_config("opt", ffn_dim=256)
     for name, config in {
         "llama-relu": tiny_config("llama", "relu"),
         "opt-relu": tiny_config("opt"),
+        "opt-sparse": sparse,
         "llama-silu": tiny_config("llama", "silu"),
     }.items():
+        weights = random_weights(config)
+        if name == "opt-sparse":  # 8 live neurons of 256: prompts read, not stream
+            for key in [k for k in weights if k.endswith("fc1.bias")]:
+                weights[key][:] = -10.0
+                weights[key][:8] = 0.0
         src = write_hf_checkpoint(
-            tmp / f"{name}-src", config, random_weights(config), chat_template=TEMPLATE
+            tmp / f"{name}-src", config, weights, chat_template=TEMPLATE
         )
         out[name] = convert(src, tmp / name, dtype="float32", progress=False)
     return out
@@ -47,7 +54,12 @@ def load_model(layout, backend: str, mode: str, **kwargs):
         return load(layout, backend=backend, **kwargs)
     # the gate predictor never misses a firing neuron of a ReLU model: flash == dense
     return load(
-        layout, backend=backend, memory_budget="200%", predictor="gate", **kwargs
+        layout,
+        backend=backend,
+        memory_budget="200%",
+        predictor="gate",
+        lookahead=mode == "flash+lookahead",
+        **kwargs,
     )
 
 
@@ -74,9 +86,9 @@ def run(model, tokenizer, ids, cache=None, max_tokens=6):
 
 CASES = [
     (name, mode)
-    for name in ("llama-relu", "opt-relu", "llama-silu")
-    for mode in ("dense", "flash")
-    if not (name == "llama-silu" and mode == "flash")  # SiLU sparsity: approximate
+    for name in ("llama-relu", "opt-relu", "opt-sparse", "llama-silu")
+    for mode in ("dense", "flash", "flash+lookahead")
+    if not (name == "llama-silu" and mode != "dense")  # SiLU sparsity: approximate
 ]
 
 
@@ -107,6 +119,8 @@ def test_a_reused_cache_gives_what_a_fresh_run_gives(layouts, backend, name, mod
     # the same prompt again: all but its last token are reused
     again, _, last = run(model, tokenizer, third, cache)
     assert again == tokens and last.cached_tokens == len(third) - 1
+    if name == "opt-sparse" and mode != "dense":  # prompts read their neurons only
+        assert model.ffn.total.prefill_streamed == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
