@@ -9,6 +9,17 @@ from .convert import convert
 from .generate import generate, make_sampler, stream_generate
 from .layout import Layout
 from .loader import load
+from .prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 
-__all__ = ["Layout", "convert", "generate", "load", "make_sampler", "stream_generate"]
+__all__ = [
+    "Layout",
+    "convert",
+    "generate",
+    "load",
+    "load_prompt_cache",
+    "make_prompt_cache",
+    "make_sampler",
+    "save_prompt_cache",
+    "stream_generate",
+]
 __version__ = "0.1.0"

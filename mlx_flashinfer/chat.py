@@ -14,6 +14,7 @@ from typing import TextIO
 
 from .generate import GenerationResponse, context_full, stream_generate
 from .memory import format_bytes
+from .prompt_cache import PromptCache, make_prompt_cache
 
 HELP = """commands:
   /reset   forget the conversation (the system prompt stays)
@@ -83,6 +84,27 @@ def prompt_ids(
     return encode_chat(tokenizer, [*system, {"role": "user", "content": prompt}])
 
 
+def prefix_ids(
+    tokenizer,
+    prompt: str,
+    system_prompt: str | None = None,
+    ignore_chat_template: bool = False,
+) -> list[int]:
+    """Token ids that `prompt_ids` of `prompt` + any more text starts with (up to
+    how the tokenizer splits the joint): what `flashinfer cache-prompt` caches.
+    Through the chat template, the user's turn is left open (mlx-lm's
+    continue_final_message)."""
+    if ignore_chat_template or tokenizer.chat_template is None:
+        return prompt_ids(tokenizer, prompt, system_prompt, ignore_chat_template)
+    marker = "<query>"
+    system = [{"role": "system", "content": system_prompt}] * bool(system_prompt)
+    messages = [*system, {"role": "user", "content": prompt + marker}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return tokenizer.encode(text[: text.index(marker)], add_special_tokens=False)
+
+
 def io_delta(before: dict, after: dict) -> dict | None:
     """Flash counters between two `model.io_stats()` snapshots: {"decode": {...},
     "prefill": {...}}, or None for a dense model (nothing read from flash)."""
@@ -104,8 +126,11 @@ def stats_lines(response: GenerationResponse, flash: dict | None) -> list[str]:
     Returns:
         Lines without newlines.
     """
+    computed = response.prompt_tokens - response.cached_tokens
     lines = [
-        f"prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.1f} tok/s",
+        f"prompt: {response.prompt_tokens} tokens ({response.cached_tokens} reused "
+        f"from the prompt cache, {computed} computed), "
+        f"{response.prompt_tps:.1f} tok/s",
         f"generation: {response.generation_tokens} tokens, "
         f"{response.generation_tps:.1f} tok/s",
         f"peak memory: {response.peak_memory_gb:.2f} GB",
@@ -138,6 +163,8 @@ class Chat:
         system_prompt: an optional first "system" message.
         sampler, logits_processors: as for `stream_generate` (default greedy).
         out: where text goes (default sys.stdout).
+        prompt_cache: kept across turns, so a turn computes only its own tokens
+            (default: a new one; `load_prompt_cache` gives a saved one).
     """
 
     def __init__(
@@ -149,8 +176,12 @@ class Chat:
         sampler=None,
         logits_processors: list | None = None,
         out: TextIO | None = None,
+        prompt_cache: PromptCache | None = None,
     ):
         self.model = model
+        self.prompt_cache = (
+            make_prompt_cache(model) if prompt_cache is None else prompt_cache
+        )
         self.tokenizer = tokenizer
         self.max_tokens = max_tokens
         self.system = [{"role": "system", "content": system_prompt}] * bool(
@@ -235,6 +266,7 @@ class Chat:
                 max_tokens=self.max_tokens,
                 sampler=self.sampler,
                 logits_processors=self.logits_processors,
+                prompt_cache=self.prompt_cache,
             ):
                 answer += last.text
                 self.say(last.text, end="")

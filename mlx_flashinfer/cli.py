@@ -184,10 +184,19 @@ def cmd_generate(opts) -> int:
     sampler, processors = make_sampling(opts)
     prompt = read_prompt(opts.prompt)
     model, tokenizer = load_model(opts)
-    ids = prompt_ids(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
+    cache, system, ignore = open_prompt_cache(opts, model)
+    if cache is not None:  # the cached prompt goes on with this one, as in mlx-lm
+        prompt = cache.metadata.get("prompt", "") + prompt
+    ids = prompt_ids(tokenizer, prompt, system, ignore)
     before, last = model.io_stats(), None
     for last in stream_generate(
-        model, tokenizer, ids, opts.max_tokens, sampler, processors
+        model,
+        tokenizer,
+        ids,
+        opts.max_tokens,
+        sampler,
+        processors,
+        prompt_cache=cache,
     ):
         print(last.text, end="", flush=True)
     print()
@@ -213,15 +222,89 @@ def cmd_chat(opts) -> int:
 
     sampler, processors = make_sampling(opts)
     model, tokenizer = load_model(opts)
+    cache, system, _ = open_prompt_cache(opts, model)
     if hasattr(sys.stdin, "reconfigure"):  # bad bytes reach Chat, which says so
         sys.stdin.reconfigure(errors="surrogateescape")
     name = Path(opts.model).name if opts.model else "SmolLM2-135M-Instruct (default)"
     mode = "dense" if model.plan is None else f"flash, {opts.memory_budget} budget"
     print(f"chat with {name} ({model.backend.name} backend, {mode}); /help, q quits")
     chat = Chat(
-        model, tokenizer, opts.max_tokens, opts.system_prompt, sampler, processors
+        model, tokenizer, opts.max_tokens, system, sampler, processors, None, cache
     )
     chat.run(input)
+    return 0
+
+
+def cmd_cache_prompt(opts) -> int:
+    from .chat import prefix_ids, read_prompt
+    from .generate import generate_step
+    from .prompt_cache import make_prompt_cache, save_prompt_cache
+
+    prompt = read_prompt(opts.prompt)
+    model, tokenizer = load_model(opts)
+    ignore = opts.ignore_chat_template or tokenizer.chat_template is None
+    ids = prefix_ids(tokenizer, prompt, opts.system_prompt, ignore)
+    cache = make_prompt_cache(model)
+    started = time.perf_counter()
+    for _ in generate_step(model, ids, max_tokens=0, prompt_cache=cache):
+        pass
+    seconds = time.perf_counter() - started
+    metadata = {
+        "model": opts.model or "default",
+        "prompt": prompt,
+        "system_prompt": opts.system_prompt or "",
+        "chat_template": "no" if ignore else "yes",
+    }
+    save_prompt_cache(opts.prompt_cache_file, cache, model, metadata)
+    size = Path(opts.prompt_cache_file).stat().st_size
+    print(
+        f"cached {len(ids)} prompt tokens in {seconds:.1f} s "
+        f"({len(ids) / max(seconds, 1e-9):.0f} tok/s): {opts.prompt_cache_file} "
+        f"({format_bytes(size)})"
+    )
+    return 0
+
+
+def open_prompt_cache(opts, model) -> tuple:
+    """(prompt cache or None, system prompt, ignore the chat template) from
+    --prompt-cache-file and the options: the file's system prompt and template
+    choice unless given again."""
+    if not opts.prompt_cache_file:
+        return None, opts.system_prompt, getattr(opts, "ignore_chat_template", False)
+    from .prompt_cache import load_prompt_cache
+
+    cache = load_prompt_cache(opts.prompt_cache_file, model)
+    metadata = cache.metadata
+    system = opts.system_prompt
+    if system is None:
+        system = metadata.get("system_prompt") or None
+    ignore = getattr(opts, "ignore_chat_template", False)
+    return cache, system, ignore or metadata.get("chat_template") == "no"
+
+
+def cmd_serve(opts) -> int:
+    from .server import make_server
+
+    make_sampling(opts)  # the defaults' ranges, checked before the model loads
+    model, tokenizer = load_model(opts)
+    model_id = opts.model or "default"
+    server = make_server(model, tokenizer, model_id, opts.host, opts.port, opts)
+    host, port = server.server_address[:2]
+    mode = "dense" if model.plan is None else f"flash, {opts.memory_budget} budget"
+    print(
+        f"flashinfer serve: {model_id} ({model.backend.name} backend, {mode}) on "
+        f"http://{host}:{port}/v1; requests are served one at a time, in arrival "
+        "order; Ctrl-C stops",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (_sigterm_unwinds)
+        pass
+    finally:
+        server.stop()
+    print("flashinfer serve: stopped", file=sys.stderr)
     return 0
 
 
@@ -317,9 +400,10 @@ def make_sampling(opts) -> tuple:
 
 
 def add_generation_options(
-    p: argparse.ArgumentParser, max_tokens: int, prompt: bool = True
+    p: argparse.ArgumentParser, max_tokens: int | None, prompt: bool = True
 ) -> None:
-    """--model, the prompt and its length, named as mlx-lm names them."""
+    """--model, the prompt and its length (none: no reply), named as mlx-lm
+    names them."""
     p.add_argument(
         "--model",
         default=None,
@@ -334,8 +418,20 @@ def add_generation_options(
             action="store_true",
             help="use the raw prompt (with BOS as the model expects)",
         )
-    p.add_argument("-m", "--max-tokens", type=int, default=max_tokens)
+    if max_tokens is not None:
+        p.add_argument("-m", "--max-tokens", type=int, default=max_tokens)
     p.add_argument("--system-prompt", default=None)
+
+
+def add_prompt_cache_option(p: argparse.ArgumentParser, required: bool = False):
+    help = (
+        "the file to save the prompt cache in"
+        if required
+        else "start from a prompt cache saved by cache-prompt: its prompt is "
+        "prefilled already (generate: --prompt goes on from it; chat: its system "
+        "prompt)"
+    )
+    p.add_argument("--prompt-cache-file", required=required, default=None, help=help)
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -485,14 +581,39 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="end with speed, peak memory and flash reads per token",
     )
+    add_prompt_cache_option(p)
     add_model_options(p)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with a model in the terminal")
     add_generation_options(p, max_tokens=256, prompt=False)
     add_sampling_options(p)
+    add_prompt_cache_option(p)
     add_model_options(p)
     p.set_defaults(run=cmd_chat)
+
+    p = sub.add_parser(
+        "cache-prompt",
+        help="prefill a prompt once and save its KV cache (--prompt-cache-file)",
+    )
+    add_generation_options(p, max_tokens=None)
+    add_prompt_cache_option(p, required=True)
+    add_model_options(p)
+    p.set_defaults(run=cmd_cache_prompt)
+
+    p = sub.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (/v1/chat/completions, "
+        "/v1/completions, /v1/models, /health)",
+    )
+    add_generation_options(p, max_tokens=512, prompt=False)
+    p.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    p.add_argument(
+        "--port", type=int, default=8080, help="default 8080; 0: any free port"
+    )
+    add_sampling_options(p)
+    add_model_options(p)
+    p.set_defaults(run=cmd_serve)
 
     p = sub.add_parser("verify", help="flash against dense (flash budget: 100%%)")
     add_generation_options(p, max_tokens=32)

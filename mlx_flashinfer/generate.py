@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .nonfinite import check_logits
+from .prompt_cache import PromptCache
 
 Sampler = Callable[[np.ndarray], int]
 
@@ -87,21 +88,27 @@ def generate_step(
     sampler: Sampler | None = None,
     logits_processors: list | None = None,
     max_tokens: int = 256,
-    cache=None,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids: prefill `prompt_ids`, then one decode step per
     token.
 
+    With a `prompt_cache` (`make_prompt_cache`), the prompt's prefix that the cache
+    already holds is not run again, and the cache keeps this sequence for the next
+    call (the prompt and every token fed back; not the last one yielded).
+
     Raises:
-        ValueError: bad token ids; NonFiniteError (a ValueError) when the logits hold
-            inf or nan, naming the first layer where they appear.
+        ValueError: bad token ids, or a cache of another model; NonFiniteError (a
+            ValueError) when the logits hold inf or nan, naming the first layer
+            where they appear.
     """
     sampler = sampler or make_sampler()
     processors = logits_processors or []
-    cache = cache if cache is not None else model.make_cache()
     tokens = model.check_tokens(prompt_ids)
+    cache = prompt_cache if prompt_cache is not None else PromptCache(model)
+    reused = cache.prepare(model, tokens)
     prompt_tokens = len(tokens)
-    logits = model.prefill(tokens, cache)
+    logits = cache.feed(model, tokens[reused:])
     for _ in range(max_tokens):
         last = model.backend.to_numpy(logits[-1]).copy()
         check_logits(model, last, tokens, prompt_tokens)
@@ -110,16 +117,19 @@ def generate_step(
         token = sampler(last)
         tokens.append(token)
         yield token
-        if cache[0].offset >= model.max_context:
+        if len(cache) >= model.max_context:
             return
-        logits = model([token], cache)
+        logits = cache.feed(model, [token])
 
 
 @dataclass
 class GenerationResponse:
     """One step of `stream_generate`.
 
-    text: the new text this token made printable; token: its id; finish_reason: None,
+    text: the new text this token made printable; token: its id;
+    prompt_tokens: the whole prompt; cached_tokens: of those, how many the prompt
+    cache held (not computed again); prompt_tps: computed prompt tokens per second;
+    finish_reason: None,
     "stop" (EOS or a stop string) or "length" (max_tokens reached, or the context:
     `context_full` tells which);
     stats: the model's flash I/O counters (`model.io_stats()`: running totals, with
@@ -136,6 +146,7 @@ class GenerationResponse:
     peak_memory_gb: float
     finish_reason: str | None = None
     stats: dict = field(default_factory=dict)
+    cached_tokens: int = 0
 
 
 def peak_memory_gb() -> float:
@@ -152,12 +163,16 @@ def stream_generate(
     sampler: Sampler | None = None,
     logits_processors: list | None = None,
     stop: list[str] | None = None,
+    prompt_cache: PromptCache | None = None,
     **sampler_args,
 ) -> Iterator[GenerationResponse]:
     """Generate from `prompt` (text, encoded with BOS as the model expects, or token
     ids), yielding a response per token; stops on EOS, a stop string, max_tokens or a
     full context.
 
+    `prompt_cache` (`make_prompt_cache(model)`) keeps the sequence for the next call:
+    pass the whole conversation each time, and only the tokens after the prefix it
+    shares with the cached ones are computed (see prompt_cache.py).
     `sampler_args` (temp, top_p, top_k, min_p, seed) build a sampler when none is given.
     """
     if isinstance(prompt, bytes | bytearray):
@@ -170,12 +185,16 @@ def stream_generate(
     started = time.perf_counter()
     prompt_tps = gen_started = 0.0
     n = 0
-    for n, token in enumerate(
-        generate_step(model, ids, sampler, logits_processors, max_tokens), start=1
-    ):
+    if prompt_cache is None:
+        prompt_cache = PromptCache(model)
+    cached = prompt_cache.reusable(ids)
+    steps = generate_step(
+        model, ids, sampler, logits_processors, max_tokens, prompt_cache
+    )
+    for n, token in enumerate(steps, start=1):
         if n == 1:
             gen_started = time.perf_counter()
-            prompt_tps = len(ids) / (gen_started - started)
+            prompt_tps = (len(ids) - cached) / (gen_started - started)
         finish = None
         if token in tokenizer.eos_token_ids:
             finish, text = "stop", pending + detokenizer.finalize()
@@ -206,6 +225,7 @@ def stream_generate(
             peak_memory_gb=peak_memory_gb(),
             finish_reason=finish,
             stats=model.io_stats(),
+            cached_tokens=cached,
         )
         if finish:
             return

@@ -192,6 +192,18 @@ class Layout:
         return self.file_bytes(self.manifest["resident"])
 
     @property
+    def weights_id(self) -> str:
+        """A short digest of the model's shape and weights (the model args, the
+        resident and FFN files' checksums): equal for two layouts that compute the
+        same, whatever their paths. A saved prompt cache records it
+        (prompt_cache.py)."""
+        files = self.manifest["files"]
+        names = (self.manifest["resident"], self.ffn_path.name)
+        content = [self.manifest["model_args"], [files[n]["sha256"] for n in names]]
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode())
+        return digest.hexdigest()[:16]
+
+    @property
     def has_predictor(self) -> bool:
         return bool(self.manifest.get("predictor"))
 

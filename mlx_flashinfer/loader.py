@@ -163,4 +163,5 @@ def load(
         ffn = FlashFFN(B, layout, weights, plan, chosen, window, threads)
     model = Model(layout.args, B, weights, ffn, context)
     model.plan = plan
+    model.weights_id = layout.weights_id
     return model, tokenizer

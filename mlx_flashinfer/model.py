@@ -174,6 +174,10 @@ class Model:
         self.w = weights
         self.ffn = ffn
         self.max_context = max_context
+        # what a saved prompt cache is checked against (`load` sets the layout's)
+        self.weights_id: str | None = None
+        # the prompt cache the flash windows follow (prompt_cache.py)
+        self.sequence_owner: int | None = None
         self.scale = args.head_dim**-0.5
         inv_freq = args.rope_theta ** (-np.arange(0, args.head_dim, 2) / args.head_dim)
         if "rope_freqs" in weights:
@@ -184,6 +188,7 @@ class Model:
         """A fresh KV cache (and, on flash, fresh neuron windows) for a new sequence."""
         a = self.args
         self.ffn.new_sequence()
+        self.sequence_owner = None
         return [
             KVCache(self.backend, a.num_key_value_heads, a.head_dim, self.max_context)
             for _ in range(a.num_hidden_layers)

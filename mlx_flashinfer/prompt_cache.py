@@ -1,0 +1,217 @@
+"""The prompt cache: a conversation's KV caches and the token ids they hold, kept
+between generations (mlx-lm's `make_prompt_cache`), saved to and loaded from
+safetensors (`save_prompt_cache`, `load_prompt_cache`).
+
+Unlike mlx-lm, where the caller passes only the tokens after the cached ones, a
+prompt here is always the whole sequence: the cache finds the prefix it already
+holds, trims what differs and prefills only the rest, so a reused cache can never
+change the result, only its cost.
+
+The flash windows (which neurons each layer keeps cached) live in the model, not
+here: there is one neuron cache per model. They follow the last prompt cache that
+ran; switching to another cache, or to one whose last token was interrupted, starts
+them afresh (a neuron cache is only a cache: for ReLU-family models any content
+gives the same output, see flash.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .model import PREFILL_CHUNK, KVCache
+
+FORMAT = "mlx-flashinfer-prompt-cache"
+VERSION = "1"
+_serials = itertools.count(1)
+
+
+class PromptCache:
+    """KV caches of every layer and the token ids whose keys and values they hold.
+
+    Made by `make_prompt_cache(model)` or `load_prompt_cache`; passed to
+    `stream_generate(..., prompt_cache=cache)` again and again.
+
+    Attributes:
+        layers: one KVCache per layer (what `model(tokens, cache.layers)` takes).
+        tokens: the ids held, in order; every layer holds len(tokens) positions
+            unless a token was interrupted (then `prepare` repairs it).
+        weights_id: the model's `weights_id` (None for a model built by hand).
+        metadata: str -> str, saved with the cache (cache-prompt: the prompt).
+    """
+
+    def __init__(self, model):
+        self.layers: list[KVCache] = model.make_cache()
+        self.tokens: list[int] = []
+        self.weights_id = model.weights_id
+        self.metadata: dict[str, str] = {}
+        self.serial = next(_serials)
+        model.sequence_owner = self.serial
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    def reusable(self, ids: list[int]) -> int:
+        """How many leading tokens of the prompt `ids` this cache can skip: the
+        common prefix, less one (the last prompt token must run to give logits)."""
+        common = 0
+        for held, new in zip(self.tokens, ids[:-1], strict=False):
+            if held != new:
+                break
+            common += 1
+        return common
+
+    def trim(self, n: int) -> None:
+        """Keep the first `n` tokens (mlx-lm's `trim_prompt_cache` keeps all but
+        n); later keys and values are overwritten as new tokens come."""
+        for layer in self.layers:
+            layer.offset = min(layer.offset, n)
+        del self.tokens[n:]
+
+    def check_model(self, model) -> None:
+        """Raises ValueError when the cache was made for another model."""
+        if (
+            self.weights_id != model.weights_id
+            or len(self.layers) != model.args.num_hidden_layers
+        ):
+            raise ValueError(
+                f"this prompt cache belongs to another model (weights "
+                f"{self.weights_id}, the model's: {model.weights_id})"
+            )
+
+    def prepare(self, model, ids: list[int]) -> int:
+        """Make the cache ready for the prompt `ids`: repair an interrupted token,
+        trim to the reusable prefix; return how many tokens are reused.
+
+        Raises:
+            ValueError: the cache was made for another model.
+        """
+        self.check_model(model)
+        interrupted = any(layer.offset != len(self.tokens) for layer in self.layers)
+        if interrupted or model.sequence_owner != self.serial:
+            # the windows may name rows that were never read in: start them afresh
+            model.ffn.new_sequence()
+            model.sequence_owner = self.serial
+        reused = self.reusable(ids)
+        self.trim(reused)
+        return reused
+
+    def feed(self, model, ids: list[int]):
+        """Run `ids` (which continue the cached tokens) through the model, a prompt
+        in chunks; return the logits of the last chunk (backend array)."""
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = ids[start : start + PREFILL_CHUNK]
+            logits = model(chunk, self.layers)
+            self.tokens.extend(chunk)
+        return logits
+
+
+def make_prompt_cache(model) -> PromptCache:
+    """An empty prompt cache for `model` (mlx-lm's name)."""
+    return PromptCache(model)
+
+
+def save_prompt_cache(
+    file: str | Path, cache: PromptCache, model, metadata: dict | None = None
+) -> None:
+    """Write `cache` to a safetensors file: per layer its keys and values
+    (kv_heads, tokens, head_dim) float32, and the token ids; `metadata` (str -> str)
+    beside the format, version and the model's weights id. Written to a temporary
+    name and renamed: an interrupted save leaves no file that loads.
+
+    Raises:
+        ValueError: an empty cache, or one of another model.
+    """
+    from safetensors.numpy import save_file
+
+    cache.check_model(model)
+    if not cache.tokens:
+        raise ValueError("the prompt cache is empty: nothing to save")
+    n = len(cache.tokens)  # an interrupted token's keys lie past n: not saved
+    tensors = {"tokens": np.asarray(cache.tokens, dtype=np.int64)}
+    for i, layer in enumerate(cache.layers):
+        for name, array in (("keys", layer.keys), ("values", layer.values)):
+            # contiguous: safetensors writes a strided view's buffer, not its values
+            held = model.backend.to_numpy(array[:, :n])
+            tensors[f"layers.{i}.{name}"] = np.ascontiguousarray(held)
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    meta |= {"format": FORMAT, "version": VERSION, "weights_id": model.weights_id}
+    file = Path(file)
+    temporary = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(temporary), metadata=meta)
+        os.replace(temporary, file)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def load_prompt_cache(file: str | Path, model) -> PromptCache:
+    """A prompt cache saved by `save_prompt_cache`, for `model`, with its
+    `metadata`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a prompt cache file, or one made for another model (other
+            weights or shapes), or longer than the model's context.
+    """
+    from safetensors import safe_open
+
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such prompt cache file")
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{file}: not a prompt cache (no {FORMAT} header)")
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{file}: not a prompt cache file ({err})") from None
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"{file}: prompt cache version {meta.get('version')!r}, this version "
+            f"reads {VERSION}: make it again with flashinfer cache-prompt"
+        )
+    if meta.get("weights_id") != model.weights_id:
+        made_for = meta.get("model") or meta.get("weights_id")
+        raise ValueError(
+            f"{file}: a prompt cache of another model ({made_for}); make one for "
+            "this model with flashinfer cache-prompt --model"
+        )
+    cache = PromptCache(model)
+    tokens = tensors.get("tokens")
+    a = model.args
+    shape = (a.num_key_value_heads, -1, a.head_dim)
+    if tokens is not None and len(tokens) > model.max_context:
+        raise ValueError(
+            f"{file}: the prompt cache holds {len(tokens)} tokens, more than the "
+            f"context of {model.max_context} (raise --max-context)"
+        )
+    try:
+        ids = model.check_tokens([int(t) for t in tokens])
+        for i, layer in enumerate(cache.layers):
+            keys, values = tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]
+            want = (shape[0], len(ids), shape[2])
+            if keys.shape != want or values.shape != want:
+                raise ValueError(f"layer {i} holds {keys.shape}, expected {want}")
+            if not (np.isfinite(keys).all() and np.isfinite(values).all()):
+                raise ValueError(f"layer {i} holds inf or nan")
+            B = model.backend
+            layer.update_and_fetch(B.array(keys), B.array(values))
+        if len(tensors) != 1 + 2 * len(cache.layers):
+            expected = 1 + 2 * len(cache.layers)
+            raise ValueError(f"{len(tensors)} tensors, expected {expected}")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{file}: a damaged prompt cache ({err})") from None
+    cache.tokens = ids
+    cache.metadata = meta
+    return cache
