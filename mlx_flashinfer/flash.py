@@ -260,13 +260,8 @@ class FlashFFN(TokenCounters):
         self.guess = guess or predictor
         self._pending = None  # (layer, future of a Fetched)
         if plan.lookahead and in_place:
-            import os
-
-            ahead_options = dict(reader_options)
-            if os.environ.get("AHEAD_THREADS"):
-                ahead_options["threads"] = int(os.environ["AHEAD_THREADS"])
             self.ahead = FlashReader(
-                layout.ffn_path, layout.layers, layout.bundle_bytes, **ahead_options
+                layout.ffn_path, layout.layers, layout.bundle_bytes, **reader_options
             )
             self._ahead_thread = ThreadPoolExecutor(1)
         layers = range(self.args.num_hidden_layers)

@@ -57,10 +57,11 @@ def tiny_layout(
 def budget_between(
     layout: Path, predictor: str, fraction: float, lookahead: bool = False
 ) -> int:
-    """A budget from the smallest accepted (one neuron row) to one holding all."""
+    """A budget from the smallest accepted (one neuron row) to one holding all
+    (with reads ahead: their second read buffer too)."""
     lay = Layout.open(layout)
     resident, ffn = model_bytes(lay)
-    buffers = io_buffer_bytes(lay, lookahead)
+    buffers = io_buffer_bytes(lay, bool(lookahead))
     held = resident + predictor_nbytes(predictor, lay) + buffers
     smallest = held + lay.bundle_bytes
     largest = held + 2 * ffn
@@ -351,3 +352,25 @@ def test_the_plan_sizes_layers_by_the_predictors_report(tmp_path):
     model, _ = load(layout, memory_budget="150%", predictor="lowrank")
     assert model.plan.capacity == plan.capacity
     assert sum(model.held_bytes().values()) == model.plan.weights <= model.plan.budget
+
+
+def test_reads_ahead_by_default_where_they_can_pay(tmp_path):
+    """Default: reads ahead for a ReLU model whose cache dwarfs the second read
+    buffer; not where the buffer would eat the cache (tiny models), not for SiLU
+    models (their guesses miss too often to pay: see loader.DEFAULT_LOOKAHEAD)."""
+    shape = {
+        "hidden_size": 64,
+        "ffn_dim": 4096,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 2,
+        "vocab_size": 64,
+        "max_position_embeddings": 64,
+    }
+    roomy = Layout.open(write_synthetic(tmp_path / "s", shape, progress=False))
+    plan = make_plan(roomy, "150%", "lowrank")
+    assert plan.lookahead and plan.io_buffer == io_buffer_bytes(roomy, True)
+    assert not make_plan(roomy, "150%", "lowrank", lookahead=False).lookahead
+    tiny = Layout.open(tiny_layout("llama", "relu", 2, 80, 3))
+    assert not make_plan(tiny, "100%", "gate").lookahead
+    silu = Layout.open(tiny_layout("llama", "silu", 2, 80, 3))
+    assert not make_plan(silu, 10**9, "gate").lookahead
