@@ -264,3 +264,19 @@ def test_a_run_in_a_real_cgroup(tmp_path):
     assert "OOM" in failed["error"]
     # this process's groups are removed (another bench may be running beside)
     assert not list(CGROUP.parent.glob(f"flashinfer-bench-{os.getpid()}-*"))
+
+
+def test_compare_takes_results_with_different_rows(bench_result, tmp_path, capsys):
+    """A run of a few rows (no naive row to compare with) beside a full one: the
+    missing cells are gaps, in the tables and the plot."""
+    _, result = bench_result
+    few = json.loads(json.dumps(result))
+    few["rows"] = [r for r in few["rows"] if r["row"] in ("all", "+lookahead")]
+    a, b = tmp_path / "full.json", tmp_path / "few.json"
+    a.write_text(json.dumps(result))
+    b.write_text(json.dumps(few))
+    code = main(["bench", "--compare", str(a), str(b), "--out", str(tmp_path / "c")])
+    assert code == 0
+    assert "few/numpy" in capsys.readouterr().out
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "c.png").stat().st_size > 0

@@ -124,7 +124,9 @@ def write_compare_plot(results: dict[str, dict], path: str | Path) -> Path | str
         ("io_vs_disk", axes[1], "I/O time / own disk limit"),
     ):
         for i, label in enumerate(labels):
-            ys = [values[metric].get((row, label), np.nan) for row in rows]
+            # a row one result lacks (None: no naive row to compare with) is a gap
+            ys = [values[metric].get((row, label)) for row in rows]
+            ys = [np.nan if y is None else y for y in ys]
             ax.bar(np.arange(len(rows)) + i * width, ys, width, label=label)
         ax.set_xticks(np.arange(len(rows)) + 0.4 - width / 2, rows, rotation=30)
         ax.set_title(title)
