@@ -23,7 +23,15 @@ HELP = """commands:
   /quit    leave (also q or Ctrl-D)
 Ctrl-C stops a reply; the chat goes on."""
 
-_COUNTERS = ("tokens", "bytes_read", "reads", "neurons_hit", "neurons_predicted")
+_COUNTERS = (
+    "tokens",
+    "bytes_read",
+    "reads",
+    "neurons_hit",
+    "neurons_predicted",
+    "prefill_layers",
+    "prefill_streamed",
+)
 
 
 def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
@@ -146,9 +154,14 @@ def stats_lines(response: GenerationResponse, flash: dict | None) -> list[str]:
         f"{decode['reads'] / n:.1f} reads, cache hit rate {hit_rate:.1%} "
         f"({decode['tokens']} tokens, {format_bytes(decode['bytes_read'])} in all)"
     )
+    streamed = prefill["prefill_streamed"]
+    sparse = prefill["prefill_layers"] - streamed
+    how = f"{streamed} layers streamed whole" + (
+        f", {sparse} read sparsely (their tokens' neurons only)" if sparse > 0 else ""
+    )
     lines.append(
         f"flash, prompt: {format_bytes(prefill['bytes_read'])} in "
-        f"{prefill['reads']} reads (each layer streamed once)"
+        f"{prefill['reads']} reads ({how})"
     )
     return lines
 

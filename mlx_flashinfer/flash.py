@@ -75,7 +75,8 @@ class FlashStats:
     ahead_neurons: int = 0  # neurons read ahead
     ahead_used: int = 0  # of those, loaded into the cache (the guess was right)
     prefill_neurons: int = 0  # neurons read for prompts (per layer, each once)
-    prefill_streamed: int = 0  # prompt layers streamed whole (others read sparsely)
+    prefill_layers: int = 0  # prompt layers run (each once per prompt)
+    prefill_streamed: int = 0  # of those, streamed whole (others read sparsely)
     # window bookkeeping, cache row moves (and writes, where rows are copied in)
     memory_s: float = 0.0
     predictor_s: float = 0.0  # part of compute: the predictor's own time
@@ -420,6 +421,7 @@ class FlashFFN(TokenCounters):
             window.step(np.flatnonzero(mask))
         cache, views = self.caches[layer], self._views[layer]
         wanted, streaming = self._prefill_ids(masks)
+        self._token.prefill_layers += 1
         self._token.prefill_streamed += streaming
         self._token.prefill_neurons += len(wanted)
         out = None
