@@ -28,16 +28,17 @@ except (ImportError, OSError, AttributeError):  # no numba or no libc pread
     njit = None
 
 
-def _loop(fd, base, offsets, ats, lengths, file_size, align, done):
-    """Read lengths[i] bytes at file offset offsets[i] to address base + ats[i]
-    (less near the end of the file); done[i] = bytes read. Returns (syscalls,
-    index of a failed read or -1, its return value)."""
+def _loop(fd, base, chunks, file_size, align, done):
+    """Read chunks[i, 2] bytes at file offset chunks[i, 0] to address base +
+    chunks[i, 1] (less near the end of the file); done[i] = bytes read. Returns
+    (syscalls, index of a failed read or -1, its return value)."""
     reads = 0
-    for i in range(offsets.size):
-        need = min(lengths[i], file_size - offsets[i])
+    for i in range(chunks.shape[0]):
+        offset, at, length = chunks[i, 0], chunks[i, 1], chunks[i, 2]
+        need = min(length, file_size - offset)
         got = 0
         while got < need:
-            n = _pread(fd, base + ats[i] + got, lengths[i] - got, offsets[i] + got)
+            n = _pread(fd, base + at + got, length - got, offset + got)
             reads += 1
             if n <= 0 or (n % align != 0 and got + n < need):
                 return reads, i, n
@@ -54,28 +55,19 @@ _compiled = njit(nogil=True)(_loop) if njit is not None else None
 AVAILABLE = _compiled is not None
 
 
-def read_batch(fd, address, offsets, ats, lengths, file_size, align):
-    """Run the reads of one thread's share; returns (syscalls, bytes read).
+def read_batch(fd, address, chunks, file_size, align):
+    """Run one thread's share of reads: `chunks` rows (file offset, offset from
+    `address`, length), int64. Returns (syscalls, bytes read).
 
     Raises:
         OSError: a read failed (errno), or ValueError: the file ended early.
     """
-    done = np.zeros(len(offsets), dtype=np.int64)
-    reads, failed, value = _compiled(
-        fd,
-        address,
-        np.asarray(offsets, np.int64),
-        np.asarray(ats, np.int64),
-        np.asarray(lengths, np.int64),
-        file_size,
-        align,
-        done,
-    )
+    done = np.zeros(len(chunks), dtype=np.int64)
+    reads, failed, value = _compiled(fd, address, chunks, file_size, align, done)
     if failed >= 0:
         if value < 0:
             err = _get_errno()
             raise OSError(err, os.strerror(err))
-        raise ValueError(
-            f"got {done[failed]} of {lengths[failed]} bytes at offset {offsets[failed]}"
-        )
+        offset, _, length = chunks[failed]
+        raise ValueError(f"got {done[failed]} of {length} bytes at offset {offset}")
     return reads, int(done.sum())
