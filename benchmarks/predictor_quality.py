@@ -48,12 +48,12 @@ def score(layout, ids, opts, **flash) -> dict:
 def smallest_budget(layout, predictor: str) -> str:
     """The smallest budget (% of the weights as stored) that holds the predictor."""
     from mlx_flashinfer.layout import Layout
-    from mlx_flashinfer.memory import io_buffer_bytes, model_bytes
+    from mlx_flashinfer.memory import SLOT_BYTES, model_bytes, plan_floor
     from mlx_flashinfer.predictors import predictor_nbytes
 
     lay = Layout.open(layout)
     resident, ffn = model_bytes(lay)
-    held = resident + predictor_nbytes(predictor, lay) + io_buffer_bytes(lay)
+    held = plan_floor(lay, predictor_nbytes(predictor, lay)) + SLOT_BYTES
     return f"{100 * (held + lay.bundle_bytes) / (resident + ffn):.1f}%"
 
 

@@ -296,6 +296,7 @@ class FlashFFN(TokenCounters):
             "scratch": sum(int(m.nbytes) for m in self.scratch),
             "read buffer": self.reader.staging_bytes
             + (self.ahead.staging_bytes if self.ahead else 0),
+            "window": sum(w.nbytes for w in self.windows),
         }
 
     # -- the FFN -----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from .flash_reader import staging_size
 from .layout import Layout
 from .safetensors_stream import read_header
+from .window import LayerWindow
 
 _UNITS = {
     "": 1,
@@ -92,6 +93,7 @@ class MemoryPlan:
     max_context: int
     dtype: str = "float16"  # the layout's, held as stored
     lookahead: bool = False  # reads ahead: half of io_buffer is the prefetch buffer
+    neurons: int = 0  # FFN neurons per layer (for the window's bookkeeping)
 
     @property
     def cache_bytes(self) -> int:
@@ -102,6 +104,12 @@ class MemoryPlan:
         return self.scratch_rows * self.row_bytes
 
     @property
+    def window_bytes(self) -> int:
+        """The window manager's bookkeeping arrays, per layer."""
+        n = self.neurons
+        return sum(LayerWindow.bookkeeping_bytes(n, cap) for cap in self.capacity)
+
+    @property
     def weights(self) -> int:
         """Everything the budget bounds (never more than the budget)."""
         return (
@@ -110,6 +118,7 @@ class MemoryPlan:
             + self.cache_bytes
             + self.scratch_bytes
             + self.io_buffer
+            + self.window_bytes
         )
 
     @property
@@ -140,6 +149,7 @@ class MemoryPlan:
                 format_bytes(self.io_buffer)
                 + (" (half of it for reads ahead)" if self.lookahead else ""),
             ),
+            ("window", format_bytes(self.window_bytes)),
             ("weights total", f"{format_bytes(self.weights)} (<= budget)"),
             ("KV cache", f"{format_bytes(self.kv_cache)} at {self.max_context} tokens"),
             ("total", format_bytes(self.total)),
@@ -200,6 +210,21 @@ def layer_demand(layout: Layout, predictor: str) -> list[float] | None:
     return [float(v) for v in values]
 
 
+SLOT_BYTES = 8  # the window's slot -> neuron entry of each cached row
+
+
+def plan_floor(layout: Layout, predictor_bytes: int, lookahead: bool = False) -> int:
+    """Bytes a plan holds before any neuron row: resident weights, the predictor,
+    the read buffer(s) and the windows' fixed bookkeeping. Each row then costs
+    `layout.bundle_bytes + SLOT_BYTES`."""
+    resident, _ = model_bytes(layout)
+    args = layout.args
+    window = args.num_hidden_layers * LayerWindow.bookkeeping_bytes(
+        args.intermediate_size, 0
+    )
+    return resident + predictor_bytes + io_buffer_bytes(layout, lookahead) + window
+
+
 def plan_memory(
     layout: Layout,
     budget: str | int,
@@ -226,12 +251,15 @@ def plan_memory(
     args = layout.args
     row = layout.bundle_bytes
     io_buffer = io_buffer_bytes(layout, lookahead)
-    needed = resident + predictor_bytes + io_buffer + row
+    layers, neurons = args.num_hidden_layers, args.intermediate_size
+    window = layers * LayerWindow.bookkeeping_bytes(neurons, 0)
+    needed = resident + predictor_bytes + io_buffer + window + row + 8
     if amount < needed:
         raise ValueError(
             f"memory budget {format_bytes(amount)} is too small: resident weights "
             f"{format_bytes(resident)} + predictor {format_bytes(predictor_bytes)} + "
-            f"read buffer {format_bytes(io_buffer)} + one neuron row need "
+            f"read buffer {format_bytes(io_buffer)} + window bookkeeping "
+            f"{format_bytes(window)} + one neuron row need "
             f"{format_bytes(needed)}, "
             f"{needed - amount} bytes more"
             + (
@@ -240,8 +268,8 @@ def plan_memory(
                 else ""
             )
         )
-    rows = (amount - resident - predictor_bytes - io_buffer) // row
-    layers, neurons = args.num_hidden_layers, args.intermediate_size
+    # the windows' bookkeeping: a fixed part per neuron, and a slot per cached row
+    rows = (amount - resident - predictor_bytes - io_buffer - window) // (row + 8)
     scratch = min(neurons, max(1, rows // (layers + 1)))
     capacity = share_rows(rows - scratch, demand or [1.0] * layers, neurons)
     return MemoryPlan(
@@ -256,4 +284,5 @@ def plan_memory(
         max_context=max_context,
         dtype=layout.dtype,
         lookahead=lookahead,
+        neurons=neurons,
     )

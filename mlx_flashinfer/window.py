@@ -64,6 +64,16 @@ class LayerWindow:
         self.token = 0
         self._keep = np.zeros(neurons, dtype=bool)  # scratch mask of step(), all False
 
+    @staticmethod
+    def bookkeeping_bytes(neurons: int, capacity: int) -> int:
+        """Bytes of a window's arrays (counted by the memory plan)."""
+        return neurons * (8 + 8 + 1) + capacity * 8
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.slot_of, self.neuron_at, self.last_active, self._keep)
+        return sum(int(a.nbytes) for a in arrays)
+
     @property
     def cached(self) -> np.ndarray:
         """Neuron ids in slots [0, used)."""

@@ -13,10 +13,12 @@ from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.bench.synth import write_synthetic
 from mlx_flashinfer.loader import make_plan
 from mlx_flashinfer.memory import (
+    SLOT_BYTES,
     io_buffer_bytes,
     layer_demand,
     model_bytes,
     parse_budget,
+    plan_floor,
     share_rows,
 )
 from mlx_flashinfer.predictors import predictor_nbytes
@@ -60,10 +62,9 @@ def budget_between(
     """A budget from the smallest accepted (one neuron row) to one holding all
     (with reads ahead: their second read buffer too)."""
     lay = Layout.open(layout)
-    resident, ffn = model_bytes(lay)
-    buffers = io_buffer_bytes(lay, bool(lookahead))
-    held = resident + predictor_nbytes(predictor, lay) + buffers
-    smallest = held + lay.bundle_bytes
+    _, ffn = model_bytes(lay)
+    held = plan_floor(lay, predictor_nbytes(predictor, lay), bool(lookahead))
+    smallest = held + lay.bundle_bytes + SLOT_BYTES
     largest = held + 2 * ffn
     return int(smallest + fraction * (largest - smallest))
 
@@ -142,7 +143,7 @@ def test_budget_too_small_names_the_exact_shortfall():
     lay = Layout.open(layout)
     resident, ffn = model_bytes(lay)
     row = ffn // (16 * 2)
-    needed = resident + predictor_nbytes("gate", lay) + io_buffer_bytes(lay) + row
+    needed = plan_floor(lay, predictor_nbytes("gate", lay)) + row + SLOT_BYTES
     with pytest.raises(ValueError, match=r"too small: .* 1 bytes more"):
         load(layout, memory_budget=needed - 1, predictor="gate")
     plan = make_plan(lay, needed, "gate")

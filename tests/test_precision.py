@@ -13,7 +13,7 @@ from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoin
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.backends import get_backend
 from mlx_flashinfer.bench.synth import write_synthetic
-from mlx_flashinfer.memory import io_buffer_bytes, model_bytes
+from mlx_flashinfer.memory import SLOT_BYTES, io_buffer_bytes, model_bytes, plan_floor
 from mlx_flashinfer.model import DenseFFN, Model, prepare_weights
 from mlx_flashinfer.predictors import predictor_nbytes
 
@@ -46,8 +46,8 @@ def budget_for(layout: Path, predictor: str, rows: int) -> int:
     """A budget holding the resident weights, the predictor, the read buffer and
     `rows` neuron rows (cache and scratch)."""
     lay = Layout.open(layout)
-    held = sum(model_bytes(lay)[:1]) + predictor_nbytes(predictor, lay)
-    return held + io_buffer_bytes(lay) + rows * lay.bundle_bytes
+    held = plan_floor(lay, predictor_nbytes(predictor, lay))
+    return held + rows * (lay.bundle_bytes + SLOT_BYTES)
 
 
 def float32_reference(layout: Path, backend: str) -> Model:
@@ -83,6 +83,7 @@ def test_held_bytes_equal_the_plan(backend, dtype, predictor, lookahead):
         "neuron cache": plan.cache_bytes,
         "scratch": plan.scratch_bytes,
         "read buffer": plan.io_buffer,
+        "window": plan.window_bytes,
     }
     assert sum(held.values()) == plan.weights <= plan.budget == budget
     assert plan.row_bytes == Layout.open(layout).bundle_bytes  # rows as stored

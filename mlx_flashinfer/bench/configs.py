@@ -37,11 +37,12 @@ import numpy as np
 
 from ..layout import Layout
 from ..memory import (
+    SLOT_BYTES,
     MemoryPlan,
-    io_buffer_bytes,
     layer_demand,
     model_bytes,
     parse_budget,
+    plan_floor,
     plan_memory,
 )
 from ..model import kv_cache_bytes
@@ -114,11 +115,10 @@ def hybrid_budget(layout: Layout) -> int:
     """The budget whose plan (predictor "all") caches ceil(n/2) neurons per layer and
     has as many scratch rows: plan_memory gives rows // (layers + 1) to scratch and
     the rest evenly to the layers."""
-    resident, _ = model_bytes(layout)
     args = layout.args
     half = -(-args.intermediate_size // 2)
-    held = resident + io_buffer_bytes(layout)
-    return held + (args.num_hidden_layers + 1) * half * layout.bundle_bytes
+    rows = (args.num_hidden_layers + 1) * half
+    return plan_floor(layout, 0) + rows * (layout.bundle_bytes + SLOT_BYTES)
 
 
 def check_hybrid(plan: MemoryPlan, neurons: int) -> None:
