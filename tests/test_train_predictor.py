@@ -6,11 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tiny_models import WORDS, has_mlx, random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer import train_predictor as training
 from mlx_flashinfer.cli import main
+from mlx_flashinfer.predictors import silu_magnitude
 from mlx_flashinfer.train_predictor import train_predictor
 
 
@@ -125,3 +128,28 @@ def test_sampled_calibration_text_when_none_is_given():
         layout = predictable_opt(Path(tmp))
         section = train_predictor(layout, tokens=200, rank=4, progress=False)
     assert section["source"] == "sampled from the model" and section["tokens"] >= 200
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    tokens=st.integers(1, 6),
+    neurons=st.integers(2, 64),
+    sparsity=st.floats(0.1, 0.9),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_silu_targets_are_the_neurons_that_add_most(tokens, neurons, sparsity, seed):
+    """SiLU training targets: per token, the neurons with the largest
+    |silu(gate) x up|, about 1 - sparsity of them; a neuron with a large gate but
+    a zero up never is one (the gate-only CATS score would keep it)."""
+    rng = np.random.default_rng(seed)
+    gate = rng.normal(size=(tokens, neurons)).astype(np.float32) * 3
+    up = rng.normal(size=(tokens, neurons)).astype(np.float32)
+    up[:, 0], gate[:, 0] = 0.0, 10.0
+    mask = training.contribution_mask(gate, up, sparsity)
+    score = silu_magnitude(gate) * np.abs(up)
+    assert not mask[:, 0].any()
+    for t in range(tokens):
+        kept, dropped = score[t, mask[t]], score[t, ~mask[t]]
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max()
+        assert abs(mask[t].sum() - (1 - sparsity) * neurons) <= 1.5
