@@ -11,6 +11,8 @@ once at load; `linear(x, w)` is x @ w.T. The MLX backend
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from . import kernels
@@ -152,12 +154,18 @@ def above(x, threshold: float):
 # -- the neuron cache: a preallocated (capacity, bundle) matrix updated in place -------
 
 
-def limit_compute_threads(threads: int) -> None:
-    """Cap BLAS and kernel threads: in flash mode the reader's threads need the cores
-    too (measured here, 2 cores: flash decode 345 -> 265 ms/token with BLAS on 1
-    thread)."""
+def limit_compute_threads(threads: int | None) -> None:
+    """Cap BLAS and kernel threads (None: every core this process may use): in
+    flash mode the reader's threads need the cores too (measured here, 2 cores:
+    flash decode 345 -> 265 ms/token with BLAS on 1 thread)."""
     from threadpoolctl import threadpool_limits
 
+    if threads is None:
+        threads = (
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1)
+        )
     threadpool_limits(limits=threads, user_api="blas")
     kernels.set_threads(threads)
 

@@ -222,7 +222,12 @@ class FlashFFN(TokenCounters):
         d, parts = self.args.hidden_size, len(layout.bundle_parts)
         self.parts = parts
         options = {} if threads is None else {"threads": threads}
-        backend.limit_compute_threads(1)  # leave the cores to the reader threads
+        # Decoding computes on one thread and leaves the other cores to the reader
+        # threads; a prompt computes on all of them (its reads are few and large).
+        # Measured (AMD EPYC, 2 cores), SmolLM2 at 100%, a 460-token prompt: 227-232
+        # tok/s on one thread, 385-396 on both; decoding after it unchanged or faster.
+        self._compute_threads = None
+        self._use_threads(1)
         reader_options = dict(
             parts=parts,
             separate=layout.arrangement == "separate",
@@ -300,8 +305,15 @@ class FlashFFN(TokenCounters):
         }
 
     # -- the FFN -----------------------------------------------------------------------
+    def _use_threads(self, threads: int | None) -> None:
+        if threads != self._compute_threads:  # a call costs ~0.6 ms: only on change
+            self.backend.limit_compute_threads(threads)
+            self._compute_threads = threads
+
     def __call__(self, layer: int, h):
-        out = self._prefill(layer, h) if h.shape[0] > 1 else self._decode(layer, h)
+        prompt = h.shape[0] > 1
+        self._use_threads(None if prompt else 1)
+        out = self._prefill(layer, h) if prompt else self._decode(layer, h)
         bias = self.fc2_bias[layer]
         return out if bias is None else out + bias
 

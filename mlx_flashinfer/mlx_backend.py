@@ -163,7 +163,7 @@ def above(x, threshold: float):
 # -- the neuron cache: a preallocated (capacity, bundle) matrix updated in place -------
 
 
-def limit_compute_threads(threads: int) -> None:
+def limit_compute_threads(threads: int | None) -> None:
     """Nothing to cap: MLX schedules its own CPU work."""
 
 
