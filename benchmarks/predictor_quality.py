@@ -70,6 +70,13 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also score the low-rank predictor at these probability cuts",
+    )
     parser.add_argument("--out", default=None)
     opts = parser.parse_args()
     text = Path(opts.text).read_text(encoding="utf-8")
@@ -97,6 +104,10 @@ def main() -> None:
                     "refused": str(err),
                     "needs": smallest_budget(layout, name),
                 }
+        for cut in opts.thresholds:  # fewer misses for more reads
+            rows[f"lowrank@{cut}"] = score(
+                layout, ids, opts, predictor="lowrank", predictor_threshold=cut, **flash
+            )
     report = section["report"]
     recall = sum(r["recall"] for r in report) / len(report)
     predicted = sum(r["predicted_fraction"] for r in report) / len(report)
