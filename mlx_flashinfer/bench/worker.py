@@ -10,19 +10,15 @@ and timed from the call to the evaluated logits.
 
 from __future__ import annotations
 
-import ctypes
 import json
-import mmap
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .. import _pread
 from ..backends import get_backend
 from ..layout import Layout
 from ..model import DenseFFN, Model, prepare_weights
@@ -158,14 +154,6 @@ def warm_up(B) -> None:
         for w in (B.weight(values), B.columns_weight(B.weight(values))):
             B.synchronize(B.linear(x, w))
     B.synchronize(B.linear(x, B.weight(np.ones((8, 8), np.uint16))))  # bfloat16
-    if _pread.AVAILABLE:  # the reader's compiled read loop
-        with tempfile.TemporaryFile() as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            buffer = mmap.mmap(-1, 4096)
-            address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
-            chunk = np.array([[0, 0, 4096]], dtype=np.int64)
-            _pread.read_batch(f.fileno(), address, chunk, 4096, 1)
 
 
 def run_spec(spec: RunSpec) -> dict:
