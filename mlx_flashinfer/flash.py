@@ -282,7 +282,7 @@ class FlashFFN(TokenCounters):
         """Forget every window (a fresh KV cache); cached rows just get overwritten."""
         n = self.args.intermediate_size
         self.windows = [LayerWindow(n, cap, self.k) for cap in self.plan.capacity]
-        if getattr(self, "_pending", None) is not None:  # a read ahead of an old token
+        if self._pending is not None:  # a read ahead of an old token
             self._pending[1].result()
             self._pending = None
 
@@ -363,12 +363,12 @@ class FlashFFN(TokenCounters):
         step = self.plan.scratch_rows
         for s in range(0, len(plan.scratch_ids), step):  # overflow: used once, dropped
             ids = plan.scratch_ids[s : s + step]
+            ready = 0
             if fetched is not None:  # what was read ahead first, then the rest
                 ahead = first[ids]
-                ids = np.concatenate([ids[ahead], ids[~ahead]])
-            part = self._ffn(
-                layer, h, self._read_rows(layer, ids, fetched=fetched), ids
-            )
+                ids, ready = np.concatenate([ids[ahead], ids[~ahead]]), ahead.sum()
+            rows = self._read_rows(layer, ids, fetched=fetched, ready=int(ready))
+            part = self._ffn(layer, h, rows, ids)
             out = part if out is None else out + part
             B.synchronize(out)  # rule 2: evaluated before the scratch rows change
         # The next layer's reads ahead start once this layer's are done (they share
@@ -477,18 +477,20 @@ class FlashFFN(TokenCounters):
         return np.arange(n), True
 
     def _read_rows(
-        self, layer: int, ids: np.ndarray, whole_range: bool = False, fetched=None
+        self,
+        layer: int,
+        ids: np.ndarray,
+        whole_range: bool = False,
+        fetched=None,
+        ready: int = 0,
     ):
         """Bundles of `ids` (at most scratch_rows of them) as one backend (n, d_model)
         array per part: the scratch rows, or copies where rows cannot land in
-        place. With `fetched` (reads ahead), `ids` starts with the fetched ones,
-        which land from there."""
+        place. The first `ready` of `ids` were read ahead and land from `fetched`."""
         n = len(ids)
         if self.landing == "in place":
             rows = [v[:n] for v in self._scratch_views]
-            ready = 0
-            if fetched is not None:
-                ready = int(np.count_nonzero(np.isin(ids, fetched.ids)))
+            if ready:
                 self._take(fetched, ids[:ready], [r[:ready] for r in rows])
             if ready < n:
                 self._read(layer, ids[ready:], [r[ready:] for r in rows], whole_range)

@@ -76,6 +76,16 @@ def _bytes_of(rows: np.ndarray) -> np.ndarray:
     return rows.view(np.uint8)
 
 
+def _checked_ids(ids, extent: LayerExtent) -> np.ndarray:
+    """`ids` as int64, or ValueError unless sorted, unique and in the layer."""
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if len(ids) and (
+        ids[0] < 0 or ids[-1] >= extent.neurons or np.any(np.diff(ids) <= 0)
+    ):
+        raise ValueError(f"ids must be sorted, unique and in [0, {extent.neurons})")
+    return ids
+
+
 def open_uncached(path: str | os.PathLike, mode: str = "auto") -> tuple[int, str, int]:
     """Open `path` read-only, bypassing the page cache as far as this system allows.
 
@@ -287,10 +297,8 @@ class FlashReader:
         """
         began = time.perf_counter()
         extent = self._extent(layer)
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = _checked_ids(ids, extent)
         n = len(ids)
-        if n and (ids[0] < 0 or ids[-1] >= extent.neurons or np.any(np.diff(ids) <= 0)):
-            raise ValueError(f"ids must be sorted, unique and in [0, {extent.neurons})")
         if into is None:
             if len(self._out) < n:
                 self._out = np.empty(
@@ -320,20 +328,13 @@ class FlashReader:
         the bundles stay valid until this reader's next call."""
         began = time.perf_counter()
         extent = self._extent(layer)
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) and (
-            ids[0] < 0 or ids[-1] >= extent.neurons or np.any(np.diff(ids) <= 0)
-        ):
-            raise ValueError(f"ids must be sorted, unique and in [0, {extent.neurons})")
-        ids = self._fitting(extent, ids)
+        ids = self._fitting(extent, _checked_ids(ids, extent))
         at, reads, got = np.empty(0, np.int64), 0, 0
         if len(ids):
             ((_, _, at, reads, got),) = self._rounds(extent, ids)  # one round: fits
         self._finish(layer, reads, got, len(ids) * self.bundle_bytes, began)
-        fetched = Fetched(self, layer, ids, at.reshape(self.regions, len(ids)))
-        fetched.reads, fetched.bytes_read = reads, got
-        fetched.seconds = time.perf_counter() - began
-        return fetched
+        at = at.reshape(self.regions, len(ids))
+        return Fetched(self, ids, at, reads, got, time.perf_counter() - began)
 
     def read_range(self, layer: int, start: int, stop: int, into: list | None = None):
         """Bundles [start, stop) of `layer`, with large sequential reads; as `read`."""
@@ -440,15 +441,20 @@ class FlashReader:
         return reads, got
 
     def _fitting(self, extent: LayerExtent, ids) -> np.ndarray:
-        """The longest prefix of `ids` whose runs fit the staging buffer at once."""
-        k = len(ids)
-        while k:
+        """The longest prefix of `ids` whose runs fit the staging buffer at once
+        (bisection: the bytes of a prefix's runs grow with its length)."""
+
+        def fits(k: int) -> bool:
             _, _, _, run_lo, run_hi = self._runs(extent, ids[:k])
-            total = int((run_hi - run_lo).sum())
-            if total <= len(self._staging):
-                break
-            k = min(k - 1, int(k * len(self._staging) / total * 0.97))
-        return ids[:k]
+            return int((run_hi - run_lo).sum()) <= len(self._staging)
+
+        if not len(ids) or fits(len(ids)):
+            return ids
+        good, bad = 0, len(ids)  # fits(good) (the empty prefix), not fits(bad)
+        while bad - good > 1:
+            mid = (good + bad) // 2
+            good, bad = (mid, bad) if fits(mid) else (good, mid)
+        return ids[:good]
 
     def _gather(self, offsets, rows) -> None:
         """Copy the pieces at staging byte `offsets` into `rows` (uint8, one piece
@@ -524,13 +530,12 @@ class Fetched:
     into rows, as `read` would have; valid until the reader's next call.
     """
 
-    def __init__(self, reader: FlashReader, layer: int, ids: np.ndarray, at):
+    def __init__(self, reader, ids, at, reads: int, bytes_read: int, seconds: float):
         self.reader = reader
-        self.layer = layer
         self.ids = ids  # the neurons fetched, sorted
         self._at = at  # (regions, len(ids)): staging offset of each file piece
-        self.reads = self.bytes_read = 0  # syscalls and bytes of the fetch
-        self.seconds = 0.0  # its wall time
+        self.reads, self.bytes_read = reads, bytes_read  # syscalls and bytes read
+        self.seconds = seconds  # the fetch's wall time
 
     def take(self, ids: np.ndarray, into: list) -> list:
         """Copy piece p of neuron ids[i] to into[p][i] (rows as for `read`)."""

@@ -82,16 +82,13 @@ def make_plan(
 ) -> MemoryPlan:
     """The memory plan `load` would use (shown by `flashinfer inspect --budget`)."""
     context = check_max_context(layout, max_context)
+    predictor_bytes = predictor_nbytes(predictor, layout)
+    kv_cache = kv_cache_bytes(layout.args, context)
+    demand = layer_demand(layout, predictor)
 
     def plan(ahead: bool) -> MemoryPlan:
         return plan_memory(
-            layout,
-            memory_budget,
-            predictor_nbytes(predictor, layout),
-            kv_cache_bytes(layout.args, context),
-            context,
-            ahead,
-            layer_demand(layout, predictor),
+            layout, memory_budget, predictor_bytes, kv_cache, context, ahead, demand
         )
 
     if lookahead is not None:

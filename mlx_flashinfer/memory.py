@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .flash_reader import staging_size
 from .layout import Layout
 from .safetensors_stream import read_header
-from .window import LayerWindow
+from .window import SLOT_BYTES, LayerWindow
 
 _UNITS = {
     "": 1,
@@ -210,7 +210,12 @@ def layer_demand(layout: Layout, predictor: str) -> list[float] | None:
     return [float(v) for v in values]
 
 
-SLOT_BYTES = 8  # the window's slot -> neuron entry of each cached row
+def window_floor_bytes(layout: Layout) -> int:
+    """The windows' bookkeeping before any cached row (one window per layer)."""
+    args = layout.args
+    return args.num_hidden_layers * LayerWindow.bookkeeping_bytes(
+        args.intermediate_size, 0
+    )
 
 
 def plan_floor(layout: Layout, predictor_bytes: int, lookahead: bool = False) -> int:
@@ -218,11 +223,8 @@ def plan_floor(layout: Layout, predictor_bytes: int, lookahead: bool = False) ->
     the read buffer(s) and the windows' fixed bookkeeping. Each row then costs
     `layout.bundle_bytes + SLOT_BYTES`."""
     resident, _ = model_bytes(layout)
-    args = layout.args
-    window = args.num_hidden_layers * LayerWindow.bookkeeping_bytes(
-        args.intermediate_size, 0
-    )
-    return resident + predictor_bytes + io_buffer_bytes(layout, lookahead) + window
+    buffers = io_buffer_bytes(layout, lookahead)
+    return resident + predictor_bytes + buffers + window_floor_bytes(layout)
 
 
 def plan_memory(
@@ -252,8 +254,9 @@ def plan_memory(
     row = layout.bundle_bytes
     io_buffer = io_buffer_bytes(layout, lookahead)
     layers, neurons = args.num_hidden_layers, args.intermediate_size
-    window = layers * LayerWindow.bookkeeping_bytes(neurons, 0)
-    needed = resident + predictor_bytes + io_buffer + window + row + 8
+    window = window_floor_bytes(layout)
+    floor = plan_floor(layout, predictor_bytes, lookahead)
+    needed = floor + row + SLOT_BYTES
     if amount < needed:
         raise ValueError(
             f"memory budget {format_bytes(amount)} is too small: resident weights "
@@ -268,8 +271,8 @@ def plan_memory(
                 else ""
             )
         )
-    # the windows' bookkeeping: a fixed part per neuron, and a slot per cached row
-    rows = (amount - resident - predictor_bytes - io_buffer - window) // (row + 8)
+    # each row: its bundle and (cached rows) its window slot
+    rows = (amount - floor) // (row + SLOT_BYTES)
     scratch = min(neurons, max(1, rows // (layers + 1)))
     capacity = share_rows(rows - scratch, demand or [1.0] * layers, neurons)
     return MemoryPlan(

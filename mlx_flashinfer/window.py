@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 _EMPTY = np.zeros(0, dtype=np.int64)
+SLOT_BYTES = 8  # neuron_at's entry for each cached row
 
 
 @dataclass
@@ -66,8 +67,9 @@ class LayerWindow:
 
     @staticmethod
     def bookkeeping_bytes(neurons: int, capacity: int) -> int:
-        """Bytes of a window's arrays (counted by the memory plan)."""
-        return neurons * (8 + 8 + 1) + capacity * 8
+        """Bytes of a window's arrays (counted by the memory plan): slot_of,
+        last_active and the keep mask per neuron, neuron_at per cache slot."""
+        return neurons * (8 + 8 + 1) + capacity * SLOT_BYTES
 
     @property
     def nbytes(self) -> int:
