@@ -18,7 +18,8 @@ DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_BUDGET = "50%"
 DEFAULT_WINDOW = 4  # paper: k = 4-5 for OPT, 4 for Falcon, 2 for Llama 2
 # Reads ahead by default for ReLU-family models (flash.py). Measured here (AMD EPYC,
-# 2 cores, NumPy, 50% of the stored size, 24-32 decoded tokens, same process):
+# 2 cores, NumPy, 50% of the stored size, 24-32 decoded tokens, same process;
+# `python benchmarks/lookahead.py --model LAYOUT`):
 # OPT-6.7B-shaped 562-827 -> 459-536 ms per token; OPT-1.3B-shaped 229-253 ->
 # 236-242 (its layers compute too little to hide a read behind); SmolLM2 (SiLU,
 # guesses 73% right) 114-141 -> 193-215: off for SiLU models.
