@@ -309,13 +309,7 @@ def completion(
         }
         obj = "chat.completion"
     else:
-        choice = {
-            "index": 0,
-            "text": text,
-            "finish_reason": finish_reason,
-            "logprobs": None,
-        }
-        obj = "text_completion"
+        choice, obj = _text_choice(text, finish_reason), "text_completion"
     return {
         "id": request.id,
         "object": obj,
@@ -325,6 +319,11 @@ def completion(
         "usage": usage_,
         "flashinfer": extra,
     }
+
+
+def _text_choice(text: str | None, finish_reason: str | None) -> dict:
+    """A /v1/completions choice (whole or streamed: the same fields)."""
+    return {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
 
 
 def chunk(
@@ -342,13 +341,7 @@ def chunk(
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
         obj = "chat.completion.chunk"
     else:
-        choice = {
-            "index": 0,
-            "text": text,
-            "finish_reason": finish_reason,
-            "logprobs": None,
-        }
-        obj = "text_completion"
+        choice, obj = _text_choice(text, finish_reason), "text_completion"
     return {
         "id": request.id,
         "object": obj,
