@@ -12,14 +12,23 @@ once at load; `linear(x, w)` is x @ w.T. The MLX backend
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
+
+from mlx_flashinfer.quantize import Quantized, dequantize
 
 from . import kernels
 
 name = "numpy"
-# what each layout dtype is held as: bfloat16 as its bits (NumPy has no bfloat16)
-HELD = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+# what each storage dtype is held as: bfloat16 as its bits (NumPy has no bfloat16);
+# uint32 the packed integers of quantized rows
+HELD = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "bfloat16": np.uint16,
+    "uint32": np.uint32,
+}
 
 
 def array(values) -> np.ndarray:
@@ -33,7 +42,13 @@ def to_numpy(x) -> np.ndarray:
 
 def weight(values) -> np.ndarray:
     """A (out, in) matrix held for `linear`, in the form it is stored (float16,
-    bfloat16 bits as uint16, float32); other floats become float32."""
+    bfloat16 bits as uint16, float32, or a `Quantized`); other floats become
+    float32."""
+    if isinstance(values, Quantized):
+        fields = ("packed", "scales", "biases")
+        return replace(
+            values, **{k: np.ascontiguousarray(getattr(values, k)) for k in fields}
+        )
     values = np.asarray(values)
     if values.dtype.type not in (np.float16, np.uint16, np.float32):
         values = values.astype(np.float32)
@@ -48,7 +63,12 @@ def weight_view(values) -> np.ndarray:
 
 def weight_rows(w, ids) -> np.ndarray:
     """Rows `ids` of a matrix held by `weight`, as float32 (embedding lookup)."""
-    return kernels.widen(w[np.asarray(ids)])
+    ids = np.asarray(ids)
+    if isinstance(w, Quantized):
+        return dequantize(
+            w.packed[ids], w.scales[ids], w.biases[ids], w.bits, w.group_size
+        )
+    return kernels.widen(w[ids])
 
 
 def zeros(shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
@@ -78,6 +98,10 @@ def linear(x, w, bias=None):
     held by `weight`, or the transposed view of (in, out) columns (see
     `columns_weight`), which the kernels read as they are stored."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if isinstance(w, Quantized):  # TODO(qkernels): packed kernels
+        values = dequantize(w.packed, w.scales, w.biases, w.bits, w.group_size)
+        y = x @ (values.T if w.transpose else values)
+        return y if bias is None else y + bias
     rows = w.strides[-1] == w.itemsize or w.shape[-1] == 1
     if w.dtype == np.float32 and (rows or np.count_nonzero(x) > x.size // 4):
         # BLAS; the kernels' checks cost more than they save on dense float32 (8-30
@@ -189,4 +213,6 @@ def rows_weight(rows):
 
 def columns_weight(columns):
     """(n, d) neuron columns (down/fc2) as a `linear` weight mapping n -> d (a view)."""
+    if isinstance(columns, Quantized):
+        return replace(columns, transpose=False)
     return columns.T

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
+from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
 
 HF_TOKENIZER_FILES = (
@@ -245,6 +246,7 @@ class GGUFCheckpoint:
     """A GGUF file (Llama architecture), dequantized tensor by tensor."""
 
     kind = "gguf"
+    group_size = GGUF_BLOCK  # a quantized layout's default: the blocks' own
     _NAMES = {
         "token_embd.weight": "embed_tokens.weight",
         "output_norm.weight": "norm.weight",
@@ -339,6 +341,28 @@ class GGUFCheckpoint:
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             values = _unpermute(values, self.args.num_key_value_heads)
         return values
+
+    def native_bits(self, name: str, group_size: int) -> int | None:
+        """Bits of `name` when its GGUF blocks are a quantized layout's format at
+        `group_size` (Q4_0, Q4_1: 4; Q8_0: 8; group size 32), else None."""
+        kind = self._tensors[name].tensor_type.name
+        if kind in GGUF_TYPES and group_size == GGUF_BLOCK:
+            return GGUF_TYPES[kind][0]
+        return None
+
+    def native_quantized(self, name: str) -> tuple[np.ndarray, ...]:
+        """(packed, scales, biases) of `name` from its blocks, values unchanged
+        (see `native_bits`); q/k rows unpermuted like `tensor`'s."""
+        t = self._tensors[name]
+        rows = self.shapes[name][0]
+        fields = from_gguf_blocks(t.data.reshape(rows, -1), t.tensor_type.name)
+        heads = {
+            "q_proj.weight": self.args.num_attention_heads,
+            "k_proj.weight": self.args.num_key_value_heads,
+        }.get(name.rsplit(".", 2)[-2] + ".weight")
+        if heads:  # a permutation of whole rows: the blocks move with them
+            fields = tuple(_unpermute(f, heads) for f in fields)
+        return fields
 
     def tokenizer(self) -> tuple[dict[str, bytes], dict]:
         from .gguf_tokenizer import tokenizer_json_from_gguf

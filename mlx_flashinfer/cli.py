@@ -63,10 +63,31 @@ def cmd_convert(opts) -> int:
         src = default_gguf_path()
     started = time.perf_counter()
     out = convert(
-        src, opts.dst, dtype=opts.dtype, force=opts.force, progress=not opts.quiet
+        src,
+        opts.dst,
+        dtype=opts.dtype,
+        force=opts.force,
+        progress=not opts.quiet,
+        group_size=opts.group_size,
     )
     print(f"converted {src} -> {out} in {time.perf_counter() - started:.1f} s")
+    if quantization := Layout.open(out).quantization:
+        print(quantization_summary(quantization))
     return 0
+
+
+def quantization_summary(q: dict) -> str:
+    """One line on how a quantized layout was made from its source."""
+    bits = sorted(set(q["tensors"].values()))
+    line = (
+        f"{q['bits']}-bit FFN bundles, resident matrices at "
+        f"{'/'.join(map(str, bits))} bits, groups of {q['group_size']}; "
+        f"{q['exact_from_source']} matrices taken from the source's blocks unchanged"
+    )
+    if q["requantized_from_source"]:
+        names = ", ".join(q["requantized_from_source"])
+        line += f"; rounded again (the source quantized them otherwise): {names}"
+    return line
 
 
 def cmd_inspect(opts) -> int:
@@ -92,6 +113,11 @@ def cmd_inspect(opts) -> int:
         ),
         ("vocab", args.vocab_size),
         ("dtype", layout.dtype),
+        *(
+            [("quantization", quantization_summary(layout.quantization))]
+            if layout.quantization
+            else []
+        ),
         ("bundle", f"{layout.bundle_bytes} bytes ({', '.join(layout.bundle_parts)})"),
         (
             "resident",
@@ -535,7 +561,21 @@ def build_parser() -> argparse.ArgumentParser:
         "(the embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument("dst", help="layout directory to create (new or empty)")
-    p.add_argument("--dtype", choices=DTYPES, default="float16")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float16",
+        help="storage of weights: float16 (default), bfloat16, float32, or "
+        "quantized q8 / q4 (4-bit: about 3.6x smaller than float16)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=(32, 64, 128),
+        default=None,
+        help="q4/q8: values per scale and bias (default: the source's own blocks, "
+        "GGUF 32, else 64)",
+    )
     p.add_argument(
         "--force",
         action="store_true",

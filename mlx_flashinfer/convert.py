@@ -32,6 +32,13 @@ from .layout import (
     verified_now,
     write_manifest,
 )
+from .quantize import (
+    DEFAULT_GROUP_SIZE,
+    QUANTIZED_DTYPES,
+    check_format,
+    quantize,
+    row_bytes,
+)
 from .safetensors_stream import StreamingWriter, encode
 from .staging import clear_stale, publish, staging_path
 from .tokenizer import Tokenizer
@@ -44,6 +51,7 @@ def convert(
     force: bool = False,
     progress: bool = True,
     arrangement: str = "bundled",
+    group_size: int | None = None,
 ) -> Path:
     """Convert `src` (Hugging Face directory or .gguf file) into a layout at `dst`.
 
@@ -51,8 +59,9 @@ def convert(
         src: checkpoint directory (config.json + safetensors + tokenizer) or GGUF file
             (or one opened already by `open_checkpoint`).
         dst: layout directory to create: a new path or an empty directory.
-        dtype: storage dtype of weights: "float16" (default), "float32" or "bfloat16".
-            1-D tensors (norms, biases) are always stored as float32.
+        dtype: storage dtype of weights: "float16" (default), "float32",
+            "bfloat16", or quantized "q8" / "q4" (quantize.py; every matrix, FFN
+            bundles included). 1-D tensors (norms, biases) are always float32.
         force: replace `dst` if it is a layout (a directory whose manifest.json says
             so). Never anything else: not a file, not a directory holding other
             files, not `src` or a directory containing it. The old layout is removed
@@ -61,6 +70,9 @@ def convert(
         arrangement: "bundled" (row-column bundles, the default) or "separate" (each
             bundle part of a layer in its own region: the unbundled baseline for
             benchmarks).
+        group_size: values per scale and bias of a quantized dtype (32, 64, 128);
+            default: the source's own blocks where it has them (GGUF: 32, so its
+            Q4_0/Q4_1/Q8_0 weights are taken without a second rounding), else 64.
 
     Returns:
         The layout directory.
@@ -69,15 +81,18 @@ def convert(
         FileNotFoundError: `src` does not exist.
         FileExistsError: `dst` exists and is not an empty directory, and is not a
             layout that `force` may replace; or another process wrote it meanwhile.
-        ValueError: `src` is not a supported checkpoint, `dst` is or contains it, or
-            `dtype` is unknown.
+        ValueError: `src` is not a supported checkpoint, `dst` is or contains it,
+            `dtype` is unknown, or the group size is unsupported or does not divide
+            the model's width.
     """
     opened = src if isinstance(src, HFCheckpoint | GGUFCheckpoint) else None
     _check_destination(
         dst, dtype, arrangement, force, src=opened.path if opened else src
     )
+    if group_size is not None and dtype not in QUANTIZED_DTYPES:
+        raise ValueError(f"--group-size applies to q4 and q8, not to {dtype}")
     source = opened or open_checkpoint(src)
-    return write_layout(source, dst, dtype, progress, arrangement, force)
+    return write_layout(source, dst, dtype, progress, arrangement, force, group_size)
 
 
 def is_layout(path: Path) -> bool:
@@ -137,18 +152,29 @@ def write_layout(
     progress: bool,
     arrangement: str = "bundled",
     force: bool = False,
+    group_size: int | None = None,
 ) -> Path:
     """Write `source` (anything with args, shapes, tensor(), tokenizer(), kind, path:
     a checkpoint, or the synthetic models of synth.py) as a layout at `dst`, through a
     temporary directory renamed at the end (see staging.py). The caller checked `dst`
     (`_check_destination`); the rename checks again that it did not change since,
     and replaces a layout only with `force`."""
+    quantization = None
+    if dtype in QUANTIZED_DTYPES:
+        group_size = group_size or getattr(source, "group_size", DEFAULT_GROUP_SIZE)
+        check_format(
+            QUANTIZED_DTYPES[dtype],
+            group_size,
+            source.args.hidden_size,
+            "the model's width (d_model)",
+        )
+        quantization = Quantization(source, QUANTIZED_DTYPES[dtype], group_size)
     target = Path(os.path.abspath(dst))  # "." and ".." have no name to stage beside
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_path(target)
     try:
         tmp.mkdir()  # inside the try: a SIGTERM right after it still cleans up
-        _write_layout(source, tmp, dtype, progress, arrangement)
+        _write_layout(source, tmp, dtype, progress, arrangement, quantization)
         publish(tmp, target, replace=force and is_layout(target))
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,24 +187,80 @@ def write_layout(
     return Path(dst)
 
 
+class Quantization:
+    """How a quantized layout's matrices are made: from the source's own blocks
+    where they are this format already (GGUF Q4_0/Q4_1/Q8_0 at group size 32: no
+    second rounding), else quantized from the float32 values. A resident matrix
+    keeps its source's bits (a Q8_0 embedding stays 8-bit in a q4 layout); FFN
+    bundles have the layout's bits. Down (fc2) columns are always quantized here:
+    sources quantize that matrix along the neurons, a bundle along d_model."""
+
+    def __init__(self, source, bits: int, group_size: int):
+        self.source, self.bits, self.group_size = source, bits, group_size
+        self.exact: list[str] = []  # taken from the source's blocks
+        self.requantized: list[str] = []  # quantized in the source, rounded again
+        self.tensors: dict[str, int] = {}  # resident matrix -> bits
+
+    def native_bits(self, name: str) -> int | None:
+        native = getattr(self.source, "native_bits", None)
+        return native(name, self.group_size) if native else None
+
+    def resident_bits(self, name: str, shape: tuple) -> int | None:
+        """Bits a resident tensor is stored at, None for float (vectors, or a width
+        the group size does not divide)."""
+        if len(shape) != 2 or shape[1] % self.group_size:
+            return None
+        return self.native_bits(name) or self.bits
+
+    def matrix(self, name: str, bits: int, transposed: bool = False):
+        """(packed, scales, biases) of the source tensor `name` (its transpose)."""
+        if not transposed and self.native_bits(name) == bits:
+            self.exact.append(name)
+            return self.source.native_quantized(name)
+        if self.native_bits(name):
+            self.requantized.append(name)
+        values = self.source.tensor(name)
+        return quantize(values.T if transposed else values, bits, self.group_size)
+
+    def record(self) -> dict:
+        requantized = sorted({n.split(".", 2)[-1] for n in self.requantized})
+        return {
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "tensors": self.tensors,
+            "exact_from_source": len(self.exact),
+            "requantized_from_source": requantized,
+        }
+
+
 def _write_layout(
-    source, out: Path, dtype: str, progress: bool, arrangement: str
+    source, out: Path, dtype: str, progress: bool, arrangement: str, quantization=None
 ) -> None:
     args = source.args
     started = time.perf_counter()
     ffn_names = {
         name for i in range(args.num_hidden_layers) for name, _ in ffn_parts(args, i)
     }
-    resident = {
-        name: ("float32" if len(shape) == 1 else dtype, shape)
-        for name, shape in source.shapes.items()
-        if name not in ffn_names
-    }
-    item = np.dtype(encode(np.zeros(1), dtype).dtype).itemsize
-    total = (
-        sum(np.prod(s) for n, s in source.shapes.items() if n not in ffn_names) * item
-    )
-    total += sum(np.prod(source.shapes[n]) for n in ffn_names) * item
+    q = quantization
+    resident, total = {}, 0
+    for name, shape in source.shapes.items():
+        if name in ffn_names:
+            continue
+        bits = q.resident_bits(name, shape) if q else None
+        if bits:  # MLX's names: X.weight packed, X.scales, X.biases
+            q.tensors[name] = bits
+            base, groups = name.removesuffix(".weight"), shape[1] // q.group_size
+            resident[name] = ("uint32", (shape[0], shape[1] * bits // 32))
+            resident[base + ".scales"] = ("float16", (shape[0], groups))
+            resident[base + ".biases"] = ("float16", (shape[0], groups))
+            total += shape[0] * row_bytes(shape[1], bits, q.group_size)
+        else:
+            kind = "float32" if len(shape) == 1 else (q and "float16") or dtype
+            resident[name] = (kind, shape)
+            total += int(np.prod(shape)) * (4 if len(shape) == 1 else _itemsize(kind))
+    group = q.group_size if q else None
+    size = bundle_bytes(args, dtype, group)
+    total += args.num_hidden_layers * args.intermediate_size * size
     files = {}
     # closed on errors too, so an error line does not follow a half-drawn bar
     with tqdm(
@@ -190,24 +272,31 @@ def _write_layout(
     ) as bar:
         digest = hashlib.sha256()
         writer = StreamingWriter(out / RESIDENT_FILE, resident, hasher=digest)
-        for name, (_, shape) in resident.items():
-            writer.write(name, source.tensor(name))
-            bar.update(int(np.prod(shape)) * item)
+        for name, (kind, shape) in resident.items():
+            if name.endswith((".scales", ".biases")):
+                continue  # written with their weight
+            if q and name in q.tensors:
+                bits = q.tensors[name]
+                base = name.removesuffix(".weight")
+                packed, scales, biases = q.matrix(name, bits)
+                writer.write(name, packed)
+                writer.write(base + ".scales", scales)
+                writer.write(base + ".biases", biases)
+                bar.update(packed.nbytes + scales.nbytes + biases.nbytes)
+            else:
+                writer.write(name, source.tensor(name))
+                bar.update(int(np.prod(shape)) * _itemsize(kind))
         writer.close()
         files[RESIDENT_FILE] = _entry(out / RESIDENT_FILE, digest)
 
-        size = bundle_bytes(args, dtype)
         layers, offset, digest = [], 0, hashlib.sha256()
         with open(out / FFN_FILE, "wb") as f:
             for i in range(args.num_hidden_layers):
-                parts = [
-                    source.tensor(n).T if t else source.tensor(n)
-                    for n, t in ffn_parts(args, i)
-                ]
-                # bundled: (n_ffn, n_parts, d_model)
-                # separate: (n_parts, n_ffn, d_model)
+                # bundled: (n_ffn, n_parts, part bytes)
+                # separate: (n_parts, n_ffn, part bytes)
+                parts = _part_bytes(source, args, i, dtype, q)
                 axis = 1 if arrangement == "bundled" else 0
-                bundles = encode(np.stack(parts, axis=axis), dtype)
+                bundles = np.stack(parts, axis=axis)
                 data = bundles.tobytes() + bytes(
                     align_up(bundles.nbytes) - bundles.nbytes
                 )
@@ -233,6 +322,7 @@ def _write_layout(
         "version": VERSION,
         "model_args": args.to_dict(),
         "dtype": dtype,
+        **({"quantization": q.record()} if q else {}),
         "resident": RESIDENT_FILE,
         "ffn": {
             "file": FFN_FILE,
@@ -251,6 +341,28 @@ def _write_layout(
         "verified": {"by": "conversion", "at": verified_now()},
     }
     write_manifest(out, manifest)
+
+
+def _itemsize(kind: str) -> int:
+    return np.dtype(encode(np.zeros(1), kind).dtype).itemsize
+
+
+def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
+    """Each bundle part of `layer` as bytes, (n_ffn, part bytes) uint8: rows of
+    gate/up (fc1), columns of down (fc2), stored as `dtype` (quantized: each row's
+    fields, packed integers, scales, biases)."""
+    parts = []
+    for name, transposed in ffn_parts(args, layer):
+        if q is None:
+            values = source.tensor(name)
+            values = encode(values.T if transposed else values, dtype)
+            parts.append(values.view(np.uint8).reshape(len(values), -1))
+            continue
+        fields = q.matrix(name, q.bits, transposed)
+        parts.append(
+            np.concatenate([f.view(np.uint8).reshape(len(f), -1) for f in fields], 1)
+        )
+    return parts
 
 
 def _entry(path: Path, digest) -> dict:

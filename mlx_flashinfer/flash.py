@@ -50,7 +50,6 @@ import numpy as np
 from .flash_reader import FlashReader
 from .memory import MemoryPlan
 from .model import ffn_forward
-from .safetensors_stream import STORAGE
 from .window import LayerWindow
 
 
@@ -134,12 +133,12 @@ class ReadCosts:
         return wanted * ratio < neurons
 
 
-def bundle_parts(backend, raw: np.ndarray, dtype: str, parts: int, d: int) -> list:
-    """Stored bundles (the bytes of n whole bundles) -> one (n, d) `linear`-ready
-    array per bundle part, at the stored dtype (`weight_view`: NumPy computes on
-    `raw` where it is, MLX copies each part in)."""
-    values = raw.view(STORAGE[dtype]).reshape(-1, parts, d)
-    return [backend.weight_view(values[:, p]) for p in range(parts)]
+def bundle_pieces(backend, layout, raw: np.ndarray) -> list:
+    """Stored bundles (the bytes of n whole bundles, (n, bundle_bytes) uint8) -> one
+    backend array per piece (each part's fields: its (n, d) values, or its packed
+    integers, scales and biases), at the stored dtype (`weight_view`: NumPy computes
+    on `raw` where it is, MLX copies each piece in)."""
+    return [backend.weight_view(v) for v in layout.split_fields(raw)]
 
 
 class TokenCounters:
@@ -215,12 +214,11 @@ class FlashFFN(TokenCounters):
     ):
         self.backend = backend
         self.args = layout.args
-        self.dtype = layout.dtype
+        self.layout = layout
         self.predictor = predictor
         self.plan = plan
         self.k = window
-        d, parts = self.args.hidden_size, len(layout.bundle_parts)
-        self.parts = parts
+        parts = len(layout.bundle_parts)
         options = {} if threads is None else {"threads": threads}
         # Decoding computes on one thread and leaves the other cores to the reader
         # threads; a prompt computes on all of them (its reads are few and large).
@@ -232,6 +230,7 @@ class FlashFFN(TokenCounters):
             parts=parts,
             separate=layout.arrangement == "separate",
             staging_bytes=plan.io_buffer // (2 if plan.lookahead else 1),
+            fields=layout.field_bytes,
             **options,
         )
         self.reader = FlashReader(
@@ -243,15 +242,17 @@ class FlashFFN(TokenCounters):
                 "reading through the page cache (dropped after each read)",
                 stacklevel=3,
             )
-        # One preallocated (capacity, d_model) matrix per bundle part and layer, not one
-        # (capacity, bundle) matrix: matmuls over column slices of the latter cost 10x
-        # on MLX's CPU backend (measured), while each part alone is contiguous.
+        # One preallocated (capacity, values) matrix per piece of a bundle (a part,
+        # or a quantized part's packed integers, scales, biases) and layer, not one
+        # (capacity, bundle) matrix: matmuls over column slices of the latter cost
+        # 10x on MLX's CPU backend (measured), while each piece alone is contiguous.
+        pieces = [(dtype, n) for _ in range(parts) for _, dtype, n in layout.fields]
         self.caches = [
-            [backend.zeros((cap, d), self.dtype) for _ in range(parts)]
+            [backend.zeros((cap, n), dtype) for dtype, n in pieces]
             for cap in plan.capacity
         ]
         self.scratch = [
-            backend.zeros((plan.scratch_rows, d), self.dtype) for _ in range(parts)
+            backend.zeros((plan.scratch_rows, n), dtype) for dtype, n in pieces
         ]
         self._views = [[backend.host_view(m) for m in layer] for layer in self.caches]
         self._scratch_views = [backend.host_view(m) for m in self.scratch]
@@ -350,11 +351,11 @@ class FlashFFN(TokenCounters):
                 if ready < len(loads):
                     self._read(layer, loads[ready:], [b[ready:] for b in block])
         else:
-            for p in range(self.parts) if len(plan.move_src) else ():
+            for p in range(len(cache)) if len(plan.move_src) else ():
                 cache[p] = B.move_rows(cache[p], plan.move_src, plan.move_dst)
             if len(loads):
                 rows = self._read_rows(layer, loads)
-                for p in range(self.parts):
+                for p in range(len(cache)):
                     cache[p] = B.write_rows(cache[p], plan.load_slots, rows[p])
         # predictor time counts as compute; bookkeeping and row moves as memory
         # management, the reads (landing in the rows included) as I/O
@@ -449,7 +450,7 @@ class FlashFFN(TokenCounters):
                 self.observer(layer, h, ids, rows)
             slots = window.slot_of[ids]
             keep = np.flatnonzero(slots >= 0)
-            for p in range(self.parts) if len(keep) else ():
+            for p in range(len(cache)) if len(keep) else ():
                 if self.landing == "in place":
                     views[p][slots[keep]] = self._scratch_views[p][keep]
                 else:
@@ -484,9 +485,9 @@ class FlashFFN(TokenCounters):
         fetched=None,
         ready: int = 0,
     ):
-        """Bundles of `ids` (at most scratch_rows of them) as one backend (n, d_model)
-        array per part: the scratch rows, or copies where rows cannot land in
-        place. The first `ready` of `ids` were read ahead and land from `fetched`."""
+        """Bundles of `ids` (at most scratch_rows of them) as one backend array per
+        piece: the scratch rows, or copies where rows cannot land in place. The
+        first `ready` of `ids` were read ahead and land from `fetched`."""
         n = len(ids)
         if self.landing == "in place":
             rows = [v[:n] for v in self._scratch_views]
@@ -496,8 +497,7 @@ class FlashFFN(TokenCounters):
                 self._read(layer, ids[ready:], [r[ready:] for r in rows], whole_range)
             return [m[:n] for m in self.scratch]
         raw = self._read(layer, ids, None, whole_range)
-        d = self.args.hidden_size
-        return bundle_parts(self.backend, raw, self.dtype, self.parts, d)
+        return bundle_pieces(self.backend, self.layout, raw)
 
     def _read(self, layer: int, ids: np.ndarray, into, whole_range: bool = False):
         """`reader.read` (or `read_range`) of `ids` into `into`, counted."""
@@ -520,11 +520,12 @@ class FlashFFN(TokenCounters):
         return raw
 
     def _ffn(self, layer: int, h, rows: list, ids: np.ndarray):
-        """FFN contribution of the neurons `ids`, whose bundle parts are `rows`."""
+        """FFN contribution of the neurons `ids`, whose bundle pieces are `rows`."""
         B = self.backend
         if len(ids) == 0:
             return B.zeros((h.shape[0], self.args.hidden_size))
-        *inputs, output = rows  # gate/up (OPT: fc1) rows, then down (fc2) columns
+        # gate/up (OPT: fc1) rows, then down (fc2) columns
+        *inputs, output = self.layout.join_fields(rows)
         weights = [B.rows_weight(r) for r in inputs] + [B.columns_weight(output)]
         bias = self.fc1_bias[layer]
         bias = None if bias is None else B.take_rows(bias, ids)

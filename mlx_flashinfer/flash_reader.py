@@ -214,8 +214,11 @@ class FlashReader:
         max_gap_bytes: gaps up to this size between wanted bundles are read through.
         mode: "auto", "direct", "nocache" or "buffered" (see `open_uncached`).
         chunk_bytes: long runs are split into reads of this size, over the threads.
-        parts: pieces a bundle splits into (its parts: gate, up, down), the unit of
-            `into`.
+        parts: the parts a bundle splits into (gate, up, down), all of one size.
+        fields: bytes of the fields each part splits into, in order (a quantized
+            part: packed integers, scales, biases; default: the part whole). The
+            pieces of a bundle, the unit of `into`, are its parts' fields,
+            part-major.
         separate: the parts of a layer lie in separate regions (the unbundled
             arrangement of the paper's ablation), not side by side in each bundle.
         staging_bytes: size of the staging buffer (default: `staging_size`).
@@ -233,6 +236,7 @@ class FlashReader:
         parts: int = 1,
         separate: bool = False,
         staging_bytes: int | None = None,
+        fields: tuple[int, ...] | None = None,
     ):
         if not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 256:
             raise ValueError(f"threads must be 1..256, got {threads}")
@@ -250,7 +254,16 @@ class FlashReader:
         self.layers = list(layers)
         self.bundle_bytes = bundle_bytes
         self.parts = parts
-        self.piece_bytes = bundle_bytes // parts
+        self.part_bytes = bundle_bytes // parts
+        fields = tuple(fields or (self.part_bytes,))
+        if sum(fields) != self.part_bytes or min(fields) < 1:
+            raise ValueError(
+                f"fields {fields} do not split a part of {self.part_bytes}"
+            )
+        # (offset in the part, bytes) of each piece of a part
+        offsets = np.cumsum((0,) + fields[:-1]).tolist()
+        self.fields = list(zip(offsets, fields, strict=True))
+        self.pieces = parts * len(self.fields)
         self.regions = parts if separate else 1  # file regions per layer
         self.threads = threads
         self.max_gap_bytes = max_gap_bytes
@@ -287,9 +300,9 @@ class FlashReader:
         Args:
             layer: the layer.
             ids: sorted unique neuron ids.
-            into: optional, one array per part of shape (len(ids), ...) whose rows
-                are contiguous and `piece_bytes` long (any dtype, any row stride):
-                piece p of neuron ids[i] is written to into[p][i].
+            into: optional, one array per piece (see `fields`) of shape (len(ids),
+                ...) whose rows are contiguous and as long as the piece (any dtype,
+                any row stride): piece p of neuron ids[i] is written to into[p][i].
 
         Returns:
             `into`, or without it uint8 rows (len(ids), bundle_bytes), a view valid
@@ -305,13 +318,16 @@ class FlashReader:
                     (max(n, 2 * len(self._out)), self.bundle_bytes), np.uint8
                 )
             out = self._out[:n]
-            piece = self.piece_bytes
-            dest = [out[:, p * piece : (p + 1) * piece] for p in range(self.parts)]
+            dest = [
+                out[:, p * self.part_bytes + at : p * self.part_bytes + at + size]
+                for p in range(self.parts)
+                for at, size in self.fields
+            ]
         else:
             dest = [np.asarray(d) for d in into]
-            if len(dest) != self.parts or any(len(d) != n for d in dest):
+            if len(dest) != self.pieces or any(len(d) != n for d in dest):
                 raise ValueError(
-                    f"into must be {self.parts} arrays of {n} rows, got "
+                    f"into must be {self.pieces} arrays of {n} rows, got "
                     f"{[len(d) for d in dest]}"
                 )
         reads = got = 0
@@ -377,7 +393,7 @@ class FlashReader:
 
         Returns (starts, first, last, run_lo, run_hi): each piece's file offset, the
         first and last piece of each run, and each run's aligned byte range."""
-        region = extent.neurons * self.piece_bytes
+        region = extent.neurons * self.part_bytes
         size = self.bundle_bytes // self.regions  # bytes of one piece on disk
         # On disk, in file order: one piece per neuron (bundled), or per part and
         # neuron, part-major (separate).
@@ -430,15 +446,25 @@ class FlashReader:
         for j0, j1, at, r, g in self._rounds(extent, ids):
             reads, got = reads + r, got + g
             for p in range(self.parts):
-                if self.regions > 1:  # pieces of part p are j in [p n, (p + 1) n)
+                rows = dest[p * len(self.fields) : (p + 1) * len(self.fields)]
+                if self.regions > 1:  # file pieces of part p: j in [p n, (p + 1) n)
                     a, b = max(j0, p * n), min(j1, (p + 1) * n)
                     if a < b:
-                        self._gather(
-                            at[a - j0 : b - j0], dest[p][a - p * n : b - p * n]
+                        self._gather_fields(
+                            at[a - j0 : b - j0],
+                            [d[a - p * n : b - p * n] for d in rows],
                         )
                 else:
-                    self._gather(at + p * self.piece_bytes, dest[p][j0:j1])
+                    self._gather_fields(
+                        at + p * self.part_bytes, [d[j0:j1] for d in rows]
+                    )
         return reads, got
+
+    def _gather_fields(self, offsets, rows: list) -> None:
+        """Copy the fields of the parts at staging byte `offsets` into `rows` (one
+        uint8 array per field)."""
+        for (at, size), dest in zip(self.fields, rows, strict=True):
+            self._gather(offsets + at, dest, size)
 
     def _fitting(self, extent: LayerExtent, ids) -> np.ndarray:
         """The longest prefix of `ids` whose runs fit the staging buffer at once
@@ -456,12 +482,10 @@ class FlashReader:
             good, bad = (mid, bad) if fits(mid) else (good, mid)
         return ids[:good]
 
-    def _gather(self, offsets, rows) -> None:
-        """Copy the pieces at staging byte `offsets` into `rows` (uint8, one piece
-        each)."""
+    def _gather(self, offsets, rows, piece: int) -> None:
+        """Copy the `piece` bytes at each staging byte offset into `rows` (uint8)."""
         if not len(offsets):
             return
-        piece = self.piece_bytes
         # 8-byte words where offsets allow: about twice as fast as bytes
         word = next(
             w
@@ -538,7 +562,7 @@ class Fetched:
         self.seconds = seconds  # the fetch's wall time
 
     def take(self, ids: np.ndarray, into: list) -> list:
-        """Copy piece p of neuron ids[i] to into[p][i] (rows as for `read`)."""
+        """Copy piece p of neuron ids[i] to into[p][i] (pieces as for `read`)."""
         r = self.reader
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not len(ids):
@@ -546,10 +570,12 @@ class Fetched:
         where = np.searchsorted(self.ids, ids)
         if where[-1] >= len(self.ids) or np.any(self.ids[where] != ids):
             raise ValueError("take: some ids were not fetched")
+        fields = len(r.fields)
         for p in range(r.parts):
             if r.regions > 1:
                 offsets = self._at[p, where]
             else:
-                offsets = self._at[0, where] + p * r.piece_bytes
-            r._gather(offsets, _bytes_of(np.asarray(into[p])))
+                offsets = self._at[0, where] + p * r.part_bytes
+            rows = into[p * fields : (p + 1) * fields]
+            r._gather_fields(offsets, [_bytes_of(np.asarray(d)) for d in rows])
         return into

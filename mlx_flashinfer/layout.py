@@ -1,4 +1,4 @@
-"""The flash layout v1: one converted model directory, read by both backends.
+"""The flash layout (version 2): one converted model directory, read by both backends.
 
     manifest.json          format, version, model args, dtype, bundle spec, layer
                            offsets, every file's size and sha256, tokenizer info
@@ -12,6 +12,14 @@
 
 A Llama-family bundle is [gate row i, up row i, down column i], an OPT bundle
 [fc1 row i, fc2 column i]: (n_parts, d_model) values, so one read brings a whole neuron.
+
+Quantized layouts (dtype "q4", "q8"; version 2) store each part of a bundle as its
+fields [packed integers, float16 scales, float16 biases] of the d_model values
+(quantize.py: MLX's format), so a read still brings a whole neuron with its scales.
+Resident matrices are quantized too (X.weight packed, X.scales, X.biases in
+resident.safetensors, MLX's names); norms and biases stay float32. The manifest's
+"quantization" records bits, group size and the bits of each quantized tensor.
+Version-1 layouts (float dtypes only) open unchanged.
 """
 
 from __future__ import annotations
@@ -26,24 +34,46 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
+from .quantize import QUANTIZED_DTYPES, Quantized, check_format, dequantize, row_bytes
 from .safetensors_stream import STORAGE, decode, read_header, read_tensor
 
 FORMAT = "mlx-flashinfer-layout"
-VERSION = 1
+VERSION = 2
+READS_VERSIONS = (1, 2)  # version 1: the same without quantized dtypes
 LAYER_ALIGNMENT = 4096
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
 FFN_FILE = "ffn.bin"
 PREDICTOR_FILE = "predictor.safetensors"
-DTYPES = tuple(STORAGE)
+FLOAT_DTYPES = ("float16", "float32", "bfloat16")
+DTYPES = FLOAT_DTYPES + tuple(QUANTIZED_DTYPES)
 ARRANGEMENTS = ("bundled", "separate")
 _REQUIRED = ("format", "version", "model_args", "dtype", "ffn", "resident", "files")
 _REQUIRED_FFN = ("file", "bundle_parts", "bundle_bytes", "layer_alignment", "layers")
 
 
-def bundle_bytes(args: ModelArgs, dtype: str) -> int:
-    """Bytes of one neuron's bundle: (n_parts, d_model) values of `dtype`."""
-    return len(args.bundle_parts) * args.hidden_size * np.dtype(STORAGE[dtype]).itemsize
+def bundle_bytes(args: ModelArgs, dtype: str, group_size: int | None = None) -> int:
+    """Bytes of one neuron's bundle: (n_parts, d_model) values of `dtype` (quantized:
+    each part's packed integers, scales and biases)."""
+    return len(args.bundle_parts) * part_fields(args.hidden_size, dtype, group_size)[1]
+
+
+def part_fields(
+    d: int, dtype: str, group_size: int | None = None
+) -> tuple[list[tuple[str, str, int]], int]:
+    """The fields one bundle part (d values) is stored as: [(name, storage dtype,
+    values)], and the part's bytes. A float part is one field; a quantized part is
+    packed uint32 words, then float16 scales and biases."""
+    if dtype in QUANTIZED_DTYPES:
+        bits = QUANTIZED_DTYPES[dtype]
+        groups = d // group_size
+        fields = [
+            ("packed", "uint32", d * bits // 32),
+            ("scales", "float16", groups),
+            ("biases", "float16", groups),
+        ]
+        return fields, row_bytes(d, bits, group_size)
+    return [("values", dtype, d)], d * np.dtype(STORAGE[dtype]).itemsize
 
 
 def align_up(n: int, alignment: int = LAYER_ALIGNMENT) -> int:
@@ -107,6 +137,10 @@ class Layout:
         self.manifest = manifest
         self.args = ModelArgs.from_dict(manifest["model_args"])
         self.dtype: str = manifest["dtype"]
+        # quantized layouts: {"bits", "group_size", "tensors": {name: bits}}
+        self.quantization: dict | None = manifest.get("quantization")
+        # what floats are held as: scales, predictors (norms and biases: float32)
+        self.float_dtype = "float16" if self.quantization else self.dtype
         ffn = manifest["ffn"]
         self.bundle_parts: tuple[str, ...] = tuple(ffn["bundle_parts"])
         self.bundle_bytes: int = ffn["bundle_bytes"]
@@ -116,6 +150,38 @@ class Layout:
         self.layers = [LayerExtent(e["offset"], e["neurons"]) for e in ffn["layers"]]
         self.ffn_path = path / ffn["file"]
         self.resident_path = path / manifest["resident"]
+        group = self.quantization["group_size"] if self.quantization else None
+        self.fields, self.part_bytes = part_fields(
+            self.args.hidden_size, self.dtype, group
+        )
+
+    @property
+    def field_bytes(self) -> tuple[int, ...]:
+        """Bytes of each field of a bundle part (FlashReader's `fields`)."""
+        return tuple(n * np.dtype(STORAGE[t]).itemsize for _, t, n in self.fields)
+
+    def join_fields(self, pieces: list) -> list:
+        """Arrays of each piece of a set of bundles (parts' fields, part-major, of
+        either backend) -> one weight per part: the array itself, or a `Quantized`
+        of its packed integers, scales and biases."""
+        if not self.quantization:
+            return list(pieces)
+        q = self.quantization
+        return [
+            Quantized(*pieces[i : i + 3], q["bits"], q["group_size"])
+            for i in range(0, len(pieces), 3)
+        ]
+
+    def split_fields(self, raw: np.ndarray) -> list[np.ndarray]:
+        """Bundles as bytes (n, bundle_bytes) uint8 -> a view of each piece: (n,
+        values) of its storage dtype, rows contiguous, row stride bundle_bytes."""
+        views, offset = [], 0
+        for _ in self.bundle_parts:
+            for _, dtype, n in self.fields:
+                size = n * np.dtype(STORAGE[dtype]).itemsize
+                views.append(raw[:, offset : offset + size].view(STORAGE[dtype]))
+                offset += size
+        return views
 
     @classmethod
     def open(cls, path: str | Path) -> Layout:
@@ -251,6 +317,25 @@ class Layout:
             raw = raw.reshape(parts, extent.neurons, -1).transpose(1, 0, 2)
         return raw.reshape(extent.neurons, parts, self.args.hidden_size)
 
+    def read_parts(self, layer: int) -> list:
+        """Every bundle of `layer` as stored, one weight per part: (n, d_model) of
+        the storage dtype (see `read_stored`), or a `Quantized` of (n, d_model)
+        whose arrays are views into the layer's bytes."""
+        if not self.quantization:
+            stored = self.read_stored(layer)
+            return [stored[:, p] for p in range(stored.shape[1])]
+        extent = self.layers[layer]
+        parts = len(self.bundle_parts)
+        size = extent.neurons * self.bundle_bytes
+        with open(self.ffn_path, "rb") as f:
+            f.seek(extent.offset)
+            raw = np.frombuffer(f.read(size), dtype=np.uint8)
+        if raw.nbytes != size:
+            raise ValueError(f"{self.ffn_path}: truncated while reading layer {layer}")
+        if self.arrangement == "separate":  # (parts, n, part) -> (n, parts, part)
+            raw = raw.reshape(parts, extent.neurons, -1).transpose(1, 0, 2).copy()
+        return self.join_fields(self.split_fields(raw.reshape(extent.neurons, -1)))
+
     def resident_tensors(self) -> dict[str, np.ndarray]:
         """Every resident tensor as float32 NumPy (the dense reference path)."""
         return dict(self.iter_resident())
@@ -258,10 +343,35 @@ class Layout:
     def iter_resident(self, stored: bool = False):
         """(name, NumPy array) of each resident tensor, one at a time, so a caller
         converting them (to MLX, say) never holds two copies of them all: float32,
-        or with `stored` in the layout's storage form (see `read_stored`)."""
+        or with `stored` in the layout's storage form (see `read_stored`; a
+        quantized matrix as one `Quantized` under its weight's name)."""
         header, start = read_header(self.resident_path)
+        quantized = (self.quantization or {}).get("tensors", {})
         for name, info in header.items():
-            tensor = read_tensor(self.resident_path, info, start, stored=stored)
+            if name.endswith((".scales", ".biases")):
+                continue  # read with their weight
+            tensor = read_tensor(self.resident_path, info, start, stored=True)
+            if name in quantized:
+                base = name.removesuffix(".weight")
+                tensor = Quantized(
+                    tensor,
+                    *(
+                        read_tensor(self.resident_path, header[base + k], start, True)
+                        for k in (".scales", ".biases")
+                    ),
+                    quantized[name],
+                    self.quantization["group_size"],
+                )
+                if not stored:
+                    tensor = dequantize(
+                        tensor.packed,
+                        tensor.scales,
+                        tensor.biases,
+                        tensor.bits,
+                        tensor.group_size,
+                    )
+            elif not stored:
+                tensor = read_tensor(self.resident_path, info, start)
             yield name, tensor if stored else tensor.astype(np.float32)
 
     def update_manifest(self, changes: dict) -> None:
@@ -273,10 +383,11 @@ class Layout:
 def _check_manifest(manifest: dict, where: Path) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{where}: not an {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READS_VERSIONS:
         raise ValueError(
             f"{where}: layout version {manifest.get('version')!r} is not supported "
-            f"(this mlx-flashinfer reads version {VERSION}); re-convert the model"
+            f"(this mlx-flashinfer reads versions "
+            f"{', '.join(map(str, READS_VERSIONS))}); re-convert the model"
         )
     missing = [k for k in _REQUIRED if k not in manifest]
     missing += [f"ffn.{k}" for k in _REQUIRED_FFN if k not in manifest.get("ffn", {})]
@@ -291,12 +402,30 @@ def _check_manifest(manifest: dict, where: Path) -> None:
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: bad model_args ({err})") from None
     ffn = manifest["ffn"]
+    group = _check_quantization(manifest, args, where)
     if (
-        ffn["bundle_bytes"] != bundle_bytes(args, manifest["dtype"])
+        ffn["bundle_bytes"] != bundle_bytes(args, manifest["dtype"], group)
         or len(ffn["layers"]) != args.num_hidden_layers
     ):
         raise ValueError(f"{where}: ffn bundle spec does not match the model args")
     _check_digest(manifest, where)
+
+
+def _check_quantization(manifest: dict, args: ModelArgs, where: Path) -> int | None:
+    """The group size of a quantized layout (None for a float one), its record
+    checked against the dtype and the model's width."""
+    dtype, q = manifest["dtype"], manifest.get("quantization")
+    if dtype not in QUANTIZED_DTYPES:
+        if q:
+            raise ValueError(f"{where}: quantization recorded for a {dtype} layout")
+        return None
+    if not isinstance(q, dict) or q.get("bits") != QUANTIZED_DTYPES[dtype]:
+        raise ValueError(f"{where}: a {dtype} layout without its quantization record")
+    try:
+        check_format(q["bits"], q["group_size"], args.hidden_size, "d_model")
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"{where}: bad quantization record ({err})") from None
+    return q["group_size"]
 
 
 def _check_digest(manifest: dict, where: Path) -> None:

@@ -8,8 +8,12 @@ matrix products.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
+
+from .quantize import Quantized
 
 name = "mlx"
 
@@ -23,22 +27,33 @@ def to_numpy(x) -> np.ndarray:
     return np.array(x.astype(mx.float32), copy=False)
 
 
-HELD = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+HELD = {
+    "float32": mx.float32,
+    "float16": mx.float16,
+    "bfloat16": mx.bfloat16,
+    "uint32": mx.uint32,  # packed integers of quantized rows
+}
 
 
 def weight(values) -> mx.array:
     """A (out, in) matrix held for `linear`, in the form it is stored (float16,
-    bfloat16 given as its uint16 bits, float32); other floats become float32.
+    bfloat16 given as its uint16 bits, float32; a `Quantized` of NumPy arrays as
+    one of MLX arrays); other floats become float32.
 
     Held as (out, in), as mlx-lm does. (Float32 weights were once held transposed,
     for MLX's Linux CPU BLAS: x @ w 1.8x faster than x @ w.T at 4096 x 4096; at 16
     bits x @ w.T is the faster one there too, 22 against 26 ms for float16.)"""
+    if isinstance(values, Quantized):
+        return replace(
+            values,
+            **{k: weight(getattr(values, k)) for k in ("packed", "scales", "biases")},
+        )
     # contiguous first: MLX copies a strided view's whole underlying buffer
     # (measured: part 0 of (n, 3, d) bundles held all three parts)
     values = np.ascontiguousarray(values)
     if values.dtype == np.uint16:
         out = mx.array(values).view(mx.bfloat16)
-    elif values.dtype in (np.float16, np.float32):
+    elif values.dtype in (np.float16, np.float32, np.uint32):
         out = mx.array(values)
     else:
         out = mx.array(values.astype(np.float32))
@@ -53,11 +68,17 @@ def weight_view(values) -> mx.array:
 
 def weight_rows(w, ids) -> mx.array:
     """Rows `ids` of a matrix held by `weight`, as float32 (embedding lookup)."""
-    return w[mx.array(np.asarray(ids, dtype=np.int32))].astype(mx.float32)
+    ids = mx.array(np.asarray(ids, dtype=np.int32))
+    if isinstance(w, Quantized):
+        rows = [a[ids] for a in (w.packed, w.scales, w.biases)]
+        values = mx.dequantize(*rows, group_size=w.group_size, bits=w.bits)
+        return values.astype(mx.float32)
+    return w[ids].astype(mx.float32)
 
 
 def zeros(shape: tuple[int, ...], dtype: str = "float32") -> mx.array:
-    """A preallocated array of a layout dtype ("float32", "float16", "bfloat16")."""
+    """A preallocated array of a storage dtype ("float32", "float16", "bfloat16",
+    "uint32")."""
     out = mx.zeros(shape, dtype=HELD[dtype])
     mx.eval(out)  # a real buffer now, so later row writes can update it in place
     return out
@@ -74,7 +95,8 @@ def host_view(a) -> np.ndarray | None:
     them again.
     """
     mx.eval(a)
-    kind = {mx.float32: np.float32, mx.float16: np.float16}.get(a.dtype, np.uint16)
+    kinds = {mx.float32: np.float32, mx.float16: np.float16, mx.uint32: np.uint32}
+    kind = kinds.get(a.dtype, np.uint16)
     if a.size == 0:
         return np.zeros(a.shape, kind)  # nothing to share
     try:
@@ -108,7 +130,19 @@ def take_rows(table, ids) -> mx.array:
 def linear(x, w, bias=None):
     """x @ w.T (+ bias), float32, for x (T, in) and a weight w (out, in) held by
     `weight` (or a view of cached rows); at 16 bits x is cast to w's dtype, as
-    MLX multiplies like with like (a float32 x would make it widen all of w)."""
+    MLX multiplies like with like (a float32 x would make it widen all of w). A
+    `Quantized` w is multiplied packed (`mx.quantized_matmul`), never widened."""
+    if isinstance(w, Quantized):
+        y = mx.quantized_matmul(
+            x.astype(w.scales.dtype),
+            w.packed,
+            w.scales,
+            w.biases,
+            transpose=w.transpose,
+            group_size=w.group_size,
+            bits=w.bits,
+        ).astype(mx.float32)
+        return y if bias is None else y + bias
     if w.dtype == mx.float32:
         return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
     y = (x.astype(w.dtype) @ w.T).astype(mx.float32)
@@ -195,4 +229,6 @@ def rows_weight(rows):
 
 def columns_weight(columns):
     """(n, d) neuron columns (down/fc2) as a `linear` weight mapping n -> d (a view)."""
+    if isinstance(columns, Quantized):
+        return replace(columns, transpose=False)
     return columns.T

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .args import ModelArgs
+from .quantize import Quantized, dequantize
 from .safetensors_stream import decode
 
 PREFILL_CHUNK = (
@@ -103,12 +104,10 @@ class DenseFFN:
         self.args = layout.args
         self.layers = []
         for i in range(self.args.num_hidden_layers):
-            bundles = layout.read_stored(i)  # (n_ffn, n_parts, d_model)
+            parts = layout.read_parts(i)  # each (n_ffn, d_model)
             if widen:
-                bundles = decode(bundles, layout.dtype).astype(np.float32)
-            self.layers.append(
-                [backend.weight(bundles[:, p]) for p in range(bundles.shape[1])]
-            )
+                parts = [_widened(p, layout.dtype) for p in parts]
+            self.layers.append([backend.weight(p) for p in parts])
         self.fc1_bias = [
             resident.get(f"layers.{i}.fc1.bias")
             for i in range(self.args.num_hidden_layers)
@@ -143,13 +142,23 @@ class DenseFFN:
         )
 
 
+def _widened(part, dtype: str) -> np.ndarray:
+    """Stored values (or a NumPy `Quantized`) as float32."""
+    if isinstance(part, Quantized):
+        q = part
+        return dequantize(q.packed, q.scales, q.biases, q.bits, q.group_size)
+    return decode(part, dtype).astype(np.float32)
+
+
 def prepare_weights(backend, resident) -> dict:
     """Resident NumPy tensors (a dict, or (name, array) pairs from
     `Layout.iter_resident`, which never holds them all twice) -> backend arrays:
     matrices through `backend.weight`, held as given (stored form, or float32);
     vectors (norms, biases: always float32) as plain arrays."""
     return {
-        name: backend.weight(value) if value.ndim == 2 else backend.array(value)
+        name: backend.weight(value)
+        if isinstance(value, Quantized) or value.ndim == 2
+        else backend.array(value)
         for name, value in (
             resident.items() if isinstance(resident, dict) else resident
         )

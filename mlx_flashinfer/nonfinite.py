@@ -41,6 +41,10 @@ def check_weights(values: np.ndarray, where: str) -> None:
     Raises:
         NonFiniteError: naming `where`.
     """
+    if hasattr(values, "scales"):  # quantized: its integers are always finite
+        check_weights(values.scales, where)
+        check_weights(values.biases, where)
+        return
     flat = values.reshape(-1)
     # in blocks: a whole-tensor mask is a transient of half its size (206 MB for
     # OPT-6.7B's embedding), above the memory plan at load

@@ -84,7 +84,7 @@ class GatePredictor:
             trained.get("silu_thresholds") or [None] * self.args.num_hidden_layers
         )
         self.gates = [  # held as stored, like every weight
-            backend.weight(_finite(layout.read_stored(i)[:, 0], layout, i, "gate"))
+            backend.weight(_finite(layout.read_parts(i)[0], layout, i, "gate"))
             for i in range(self.args.num_hidden_layers)
         ]
         self.bias = [
@@ -106,7 +106,7 @@ class GatePredictor:
         return activation_mask(self.args, gate, None, self.silu_thresholds, layer)
 
 
-def _finite(rows: np.ndarray, layout: Layout, layer: int, part: str) -> np.ndarray:
+def _finite(rows, layout: Layout, layer: int, part: str):
     check_weights(rows, f"{layout.ffn_path}: layer {layer}'s {part} rows")
     return rows
 
@@ -131,7 +131,7 @@ class OraclePredictor:
         self.ups = None
         if self.args.hidden_act == "drelu":
             self.ups = [
-                backend.weight(_finite(layout.read_stored(i)[:, 1], layout, i, "up"))
+                backend.weight(_finite(layout.read_parts(i)[1], layout, i, "up"))
                 for i in range(self.args.num_hidden_layers)
             ]
 
@@ -149,15 +149,10 @@ class OraclePredictor:
 def predictor_nbytes(name: str, layout: Layout) -> int:
     """DRAM bytes the named predictor holds (counted in the memory budget), at the
     layout's dtype like every weight."""
-    itemsize = np.dtype(STORAGE[layout.dtype]).itemsize
+    itemsize = np.dtype(STORAGE[layout.float_dtype]).itemsize
     if name == "gate":  # OPT's fc1 bias is a resident weight, counted there
         args = layout.args
-        return (
-            args.num_hidden_layers
-            * args.intermediate_size
-            * args.hidden_size
-            * itemsize
-        )
+        return args.num_hidden_layers * args.intermediate_size * layout.part_bytes
     if name in ("oracle", "all"):
         return 0
     if name == "lowrank":
@@ -210,7 +205,7 @@ def make_predictor(
             layout.path / section["file"],
             threshold=threshold,
             trained_threshold=section["threshold"],
-            dtype=layout.dtype,
+            dtype=layout.float_dtype,
         )
     if name == "all":
         return AllPredictor(layout.args)

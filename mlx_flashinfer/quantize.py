@@ -33,13 +33,18 @@ QUANTIZED_DTYPES = {"q4": 4, "q8": 8}  # layout dtype -> bits
 class Quantized:
     """A quantized (rows, k) matrix as the backends hold it: `packed` uint32 (rows,
     k * bits / 32), `scales` and `biases` float16 (rows, k / group_size); arrays of
-    either backend (NumPy views may have any row stride, rows contiguous)."""
+    either backend (NumPy views may have any row stride, rows contiguous).
+
+    As a `linear` weight it maps k -> rows (x @ W.T, the rows are the outputs), or
+    with `transpose` False rows -> k (x @ W: the FFN's down columns, one row per
+    neuron): `mx.quantized_matmul`'s argument of that name."""
 
     packed: Any
     scales: Any
     biases: Any
     bits: int
     group_size: int
+    transpose: bool = True
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -71,7 +76,7 @@ def row_bytes(k: int, bits: int, group_size: int) -> int:
 
 
 def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """Integers in [0, 2**bits) of shape (..., k) -> uint32 words (..., k * bits / 32)."""
+    """Integers in [0, 2**bits), (..., k) -> uint32 words (..., k * bits / 32)."""
     per_word = 32 // bits
     q = np.asarray(q, dtype=np.uint32)
     lanes = q.reshape(*q.shape[:-1], q.shape[-1] // per_word, per_word)
@@ -95,7 +100,7 @@ def quantize(
     bias and (max - min) / (2**bits - 1) its scale, both rounded to float16 first so
     the integers are chosen for the values that will be stored. Non-finite weights
     are the caller's to refuse (nonfinite.py)."""
-    w = np.asarray(w, dtype=np.float32)
+    w = np.ascontiguousarray(w, dtype=np.float32)
     check_format(bits, group_size, w.shape[-1])
     groups = w.reshape(*w.shape[:-1], w.shape[-1] // group_size, group_size)
     low, high = groups.min(axis=-1), groups.max(axis=-1)
@@ -106,11 +111,15 @@ def quantize(
     step = np.where(scales == 0, np.float32(1), scales.astype(np.float32))[..., None]
     q = np.rint((groups - biases.astype(np.float32)[..., None]) / step)
     q = np.clip(q, 0, levels).reshape(w.shape)
-    return pack(q, bits), scales, biases
+    return pack(q, bits), np.ascontiguousarray(scales), np.ascontiguousarray(biases)
 
 
 def dequantize(
-    packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int
+    packed: np.ndarray,
+    scales: np.ndarray,
+    biases: np.ndarray,
+    bits: int,
+    group_size: int,
 ) -> np.ndarray:
     """(packed, scales, biases) -> float32 values (the reference the kernels and
     tests compare against)."""
@@ -121,7 +130,7 @@ def dequantize(
     return (groups * s + b).reshape(q.shape)
 
 
-# -- GGUF blocks ------------------------------------------------------------------------
+# -- GGUF blocks -----------------------------------------------------------------------
 GGUF_BLOCK = 32
 GGUF_TYPES = {  # type name -> (bits, bytes per block)
     "Q4_0": (4, 18),

@@ -17,9 +17,20 @@ from pathlib import Path
 
 import numpy as np
 
-# Storage dtypes: bfloat16 is kept as raw uint16 words and widened to float32 on decode.
-STORAGE = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
-SAFETENSORS_NAMES = {"float16": "F16", "float32": "F32", "bfloat16": "BF16"}
+# Storage dtypes: bfloat16 is kept as raw uint16 words and widened to float32 on decode;
+# uint32 holds the packed integers of quantized matrices (quantize.py).
+STORAGE = {
+    "float16": np.float16,
+    "float32": np.float32,
+    "bfloat16": np.uint16,
+    "uint32": np.uint32,
+}
+SAFETENSORS_NAMES = {
+    "float16": "F16",
+    "float32": "F32",
+    "bfloat16": "BF16",
+    "uint32": "U32",
+}
 _SOURCE_DTYPES = {
     "F16": np.float16,
     "F32": np.float32,
@@ -27,6 +38,7 @@ _SOURCE_DTYPES = {
     "BF16": np.uint16,
     "I64": np.int64,
     "I32": np.int32,
+    "U32": np.uint32,
     "U8": np.uint8,
     "BOOL": np.bool_,
 }

@@ -65,7 +65,12 @@ def edit_manifest(layout: Path, change) -> None:
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda m: m.update(version=2), "layout version 2 is not supported"),
+        (lambda m: m.update(version=3), "layout version 3 is not supported"),
+        (lambda m: m.update(dtype="q4"), "q4 layout without its quantization"),
+        (
+            lambda m: m.update(quantization={"bits": 4, "group_size": 32}),
+            "quantization recorded for a float",
+        ),
         (lambda m: m.update(format="something-else"), "not an mlx-flashinfer-layout"),
         (lambda m: m.pop("model_args"), "lacks model_args"),
         (lambda m: m["ffn"].pop("layers"), "lacks ffn.layers"),

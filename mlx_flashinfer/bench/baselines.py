@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from ..flash import TokenCounters, bundle_parts
+from ..flash import TokenCounters, bundle_pieces
 from ..model import ffn_forward
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # stored bytes computed at a time
@@ -61,7 +61,6 @@ class _ChunkedFFN(TokenCounters):
         self.backend = backend
         self.layout = layout
         self.args = layout.args
-        self.parts = len(layout.bundle_parts)
         self.chunk_rows = chunk_bytes // layout.bundle_bytes
         layers = range(self.args.num_hidden_layers)
         self.fc1_bias = [weights.get(f"layers.{i}.fc1.bias") for i in layers]
@@ -76,9 +75,8 @@ class _ChunkedFFN(TokenCounters):
         B = self.backend
         out = None
         for ids, raw in self._chunks(layer):
-            *inputs, output = bundle_parts(
-                B, raw, self.layout.dtype, self.parts, self.args.hidden_size
-            )
+            pieces = bundle_pieces(B, self.layout, raw.reshape(len(ids), -1))
+            *inputs, output = self.layout.join_fields(pieces)
             parts = [B.rows_weight(r) for r in inputs] + [B.columns_weight(output)]
             bias = self.fc1_bias[layer]
             bias = None if bias is None else B.take_rows(bias, ids)

@@ -107,6 +107,7 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
                 layout.bundle_bytes,
                 threads=old.threads,
                 parts=old.parts,
+                fields=layout.field_bytes,
                 separate=old.regions > 1,
                 staging_bytes=old.staging_bytes,
             )
