@@ -246,7 +246,7 @@ class FlashFFN(TokenCounters):
         # or a quantized part's packed integers, scales, biases) and layer, not one
         # (capacity, bundle) matrix: matmuls over column slices of the latter cost
         # 10x on MLX's CPU backend (measured), while each piece alone is contiguous.
-        pieces = [(dtype, n) for _ in range(parts) for _, dtype, n in layout.fields]
+        pieces = [(dtype, n) for part in layout.fields for _, dtype, n in part]
         self.caches = [
             [backend.zeros((cap, n), dtype) for dtype, n in pieces]
             for cap in plan.capacity

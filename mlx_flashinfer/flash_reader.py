@@ -56,13 +56,14 @@ _F_NOCACHE = 48  # macOS <sys/fcntl.h>; Python's fcntl module may lack the name
 def staging_size(
     layers: list[LayerExtent],
     bundle_bytes: int,
-    regions: int = 1,
+    largest_piece: int | None = None,
     cap: int = DEFAULT_STAGING,
 ) -> int:
     """Bytes of a reader's staging buffer: `cap`, or a whole layer's bundles when
-    that is less (reads of sparse sets fit it too, in rounds), but at least one
-    piece's aligned read; whole pages."""
-    piece = bundle_bytes // regions + 2 * MAX_ALIGN
+    that is less (reads of sparse sets fit it too, in rounds), but at least the
+    aligned read of the largest file piece (a bundle, or in the separate
+    arrangement a part); whole pages."""
+    piece = (largest_piece or bundle_bytes) + 2 * MAX_ALIGN
     layer = max((e.neurons for e in layers), default=1) * bundle_bytes
     size = max(min(cap, layer + 2 * MAX_ALIGN), piece)
     return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
@@ -214,11 +215,11 @@ class FlashReader:
         max_gap_bytes: gaps up to this size between wanted bundles are read through.
         mode: "auto", "direct", "nocache" or "buffered" (see `open_uncached`).
         chunk_bytes: long runs are split into reads of this size, over the threads.
-        parts: the parts a bundle splits into (gate, up, down), all of one size.
-        fields: bytes of the fields each part splits into, in order (a quantized
-            part: packed integers, scales, biases; default: the part whole). The
-            pieces of a bundle, the unit of `into`, are its parts' fields,
-            part-major.
+        parts: the parts a bundle splits into (gate, up, down).
+        fields: per part, the bytes of the fields it splits into, in order (a
+            quantized part: packed integers, scales, biases; default: parts of
+            equal size, each whole). The pieces of a bundle, the unit of `into`,
+            are its parts' fields, part-major.
         separate: the parts of a layer lie in separate regions (the unbundled
             arrangement of the paper's ablation), not side by side in each bundle.
         staging_bytes: size of the staging buffer (default: `staging_size`).
@@ -236,13 +237,13 @@ class FlashReader:
         parts: int = 1,
         separate: bool = False,
         staging_bytes: int | None = None,
-        fields: tuple[int, ...] | None = None,
+        fields: list[tuple[int, ...]] | None = None,
     ):
         if not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 256:
             raise ValueError(f"threads must be 1..256, got {threads}")
         if not isinstance(max_gap_bytes, (int, np.integer)) or max_gap_bytes < 0:
             raise ValueError(f"max_gap_bytes must be >= 0, got {max_gap_bytes}")
-        if parts < 1 or bundle_bytes % parts:
+        if parts < 1 or (fields is None and bundle_bytes % parts):
             raise ValueError(
                 f"bundle_bytes {bundle_bytes} not divisible in {parts} parts"
             )
@@ -250,28 +251,33 @@ class FlashReader:
             raise ValueError(
                 f"bad bundle_bytes {bundle_bytes} or chunk_bytes {chunk_bytes}"
             )
+        fields = [tuple(f) for f in fields or [(bundle_bytes // parts,)] * parts]
+        if len(fields) != parts or sum(map(sum, fields)) != bundle_bytes:
+            raise ValueError(f"fields {fields} do not split a bundle of {bundle_bytes}")
         self.path = str(path)
         self.layers = list(layers)
         self.bundle_bytes = bundle_bytes
         self.parts = parts
-        self.part_bytes = bundle_bytes // parts
-        fields = tuple(fields or (self.part_bytes,))
-        if sum(fields) != self.part_bytes or min(fields) < 1:
-            raise ValueError(
-                f"fields {fields} do not split a part of {self.part_bytes}"
-            )
-        # (offset in the part, bytes) of each piece of a part
-        offsets = np.cumsum((0,) + fields[:-1]).tolist()
-        self.fields = list(zip(offsets, fields, strict=True))
-        self.pieces = parts * len(self.fields)
+        self.part_bytes = [sum(f) for f in fields]
+        self.part_offsets = np.cumsum([0] + self.part_bytes[:-1]).tolist()
+        # per part, (offset in the part, bytes) of each of its fields; the pieces
+        # of part p are into[first_piece[p] : first_piece[p] + len(fields[p])]
+        self.fields = [
+            list(zip(np.cumsum((0,) + f[:-1]).tolist(), f, strict=True)) for f in fields
+        ]
+        self.first_piece = np.cumsum([0] + [len(f) for f in fields]).tolist()
+        self.pieces = self.first_piece[-1]
         self.regions = parts if separate else 1  # file regions per layer
+        # bytes of each region's pieces on disk: a bundle, or one part (separate)
+        self.region_bytes = self.part_bytes if separate else [bundle_bytes]
         self.threads = threads
         self.max_gap_bytes = max_gap_bytes
         self.chunk_bytes = chunk_bytes
         self.stats = ReadStats()
-        smallest = bundle_bytes // self.regions + 2 * MAX_ALIGN  # one piece's read
+        largest = max(self.region_bytes)
+        smallest = largest + 2 * MAX_ALIGN  # one piece's read
         if staging_bytes is None:
-            staging_bytes = staging_size(layers, bundle_bytes, self.regions)
+            staging_bytes = staging_size(layers, bundle_bytes, largest)
         elif staging_bytes < smallest:
             raise ValueError(
                 f"staging_bytes {staging_bytes} cannot hold one piece's read "
@@ -319,9 +325,9 @@ class FlashReader:
                 )
             out = self._out[:n]
             dest = [
-                out[:, p * self.part_bytes + at : p * self.part_bytes + at + size]
-                for p in range(self.parts)
-                for at, size in self.fields
+                out[:, start + at : start + at + size]
+                for start, fields in zip(self.part_offsets, self.fields, strict=True)
+                for at, size in fields
             ]
         else:
             dest = [np.asarray(d) for d in into]
@@ -393,13 +399,18 @@ class FlashReader:
 
         Returns (starts, first, last, run_lo, run_hi): each piece's file offset, the
         first and last piece of each run, and each run's aligned byte range."""
-        region = extent.neurons * self.part_bytes
-        size = self.bundle_bytes // self.regions  # bytes of one piece on disk
         # On disk, in file order: one piece per neuron (bundled), or per part and
-        # neuron, part-major (separate).
-        starts = np.concatenate(
-            [extent.offset + r * region + ids * size for r in range(self.regions)]
+        # neuron, part-major (separate: region r holds every neuron's part r).
+        region_start = extent.offset + extent.neurons * np.cumsum(
+            [0] + self.region_bytes[:-1]
         )
+        starts = np.concatenate(
+            [
+                a + ids * size
+                for a, size in zip(region_start, self.region_bytes, strict=True)
+            ]
+        )
+        size = np.repeat(self.region_bytes, len(ids))  # of each file piece
         lo, hi = self._align_down(starts), self._align_up(starts + size)
         # A new run begins where the (aligned) gap to the previous piece is too big
         # to read through; aligned ranges that touch or overlap always merge.
@@ -409,7 +420,7 @@ class FlashReader:
         # Runs longer than the staging buffer are cut at piece boundaries (streaming
         # a whole layer, say): a cut starts where a piece ends `most` bytes further,
         # so it spans less than `most` + one aligned piece.
-        most = max(1, len(self._staging) - size - 2 * self._align)
+        most = max(1, len(self._staging) - max(self.region_bytes) - 2 * self._align)
         run_lo = lo[np.maximum.accumulate(np.where(new_run, np.arange(len(lo)), 0))]
         cut = (hi - run_lo) // most
         new_run[1:] |= cut[1:] != cut[:-1]
@@ -446,24 +457,25 @@ class FlashReader:
         for j0, j1, at, r, g in self._rounds(extent, ids):
             reads, got = reads + r, got + g
             for p in range(self.parts):
-                rows = dest[p * len(self.fields) : (p + 1) * len(self.fields)]
+                rows = dest[self.first_piece[p] : self.first_piece[p + 1]]
                 if self.regions > 1:  # file pieces of part p: j in [p n, (p + 1) n)
                     a, b = max(j0, p * n), min(j1, (p + 1) * n)
                     if a < b:
                         self._gather_fields(
+                            p,
                             at[a - j0 : b - j0],
                             [d[a - p * n : b - p * n] for d in rows],
                         )
                 else:
                     self._gather_fields(
-                        at + p * self.part_bytes, [d[j0:j1] for d in rows]
+                        p, at + self.part_offsets[p], [d[j0:j1] for d in rows]
                     )
         return reads, got
 
-    def _gather_fields(self, offsets, rows: list) -> None:
-        """Copy the fields of the parts at staging byte `offsets` into `rows` (one
-        uint8 array per field)."""
-        for (at, size), dest in zip(self.fields, rows, strict=True):
+    def _gather_fields(self, part: int, offsets, rows: list) -> None:
+        """Copy the fields of `part` whose first byte sits at staging `offsets` into
+        `rows` (one uint8 array per field)."""
+        for (at, size), dest in zip(self.fields[part], rows, strict=True):
             self._gather(offsets + at, dest, size)
 
     def _fitting(self, extent: LayerExtent, ids) -> np.ndarray:
@@ -570,12 +582,11 @@ class Fetched:
         where = np.searchsorted(self.ids, ids)
         if where[-1] >= len(self.ids) or np.any(self.ids[where] != ids):
             raise ValueError("take: some ids were not fetched")
-        fields = len(r.fields)
         for p in range(r.parts):
             if r.regions > 1:
                 offsets = self._at[p, where]
             else:
-                offsets = self._at[0, where] + p * r.part_bytes
-            rows = into[p * fields : (p + 1) * fields]
-            r._gather_fields(offsets, [_bytes_of(np.asarray(d)) for d in rows])
+                offsets = self._at[0, where] + r.part_offsets[p]
+            rows = into[r.first_piece[p] : r.first_piece[p + 1]]
+            r._gather_fields(p, offsets, [_bytes_of(np.asarray(d)) for d in rows])
         return into

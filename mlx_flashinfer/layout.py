@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
-from .quantize import QUANTIZED_DTYPES, Quantized, check_format, dequantize, row_bytes
+from .quantize import BITS, QUANTIZED_DTYPES, Quantized, check_format, dequantize
 from .safetensors_stream import STORAGE, decode, read_header, read_tensor
 
 FORMAT = "mlx-flashinfer-layout"
@@ -52,28 +52,44 @@ _REQUIRED = ("format", "version", "model_args", "dtype", "ffn", "resident", "fil
 _REQUIRED_FFN = ("file", "bundle_parts", "bundle_bytes", "layer_alignment", "layers")
 
 
-def bundle_bytes(args: ModelArgs, dtype: str, group_size: int | None = None) -> int:
+def bundle_bytes(
+    args: ModelArgs,
+    dtype: str,
+    group_size: int | None = None,
+    part_bits: list[int] | None = None,
+) -> int:
     """Bytes of one neuron's bundle: (n_parts, d_model) values of `dtype` (quantized:
-    each part's packed integers, scales and biases)."""
-    return len(args.bundle_parts) * part_fields(args.hidden_size, dtype, group_size)[1]
+    each part's packed integers, scales and biases, at its bits)."""
+    fields = bundle_fields(args, dtype, group_size, part_bits)
+    return sum(_bytes_of_fields(f) for f in fields)
 
 
-def part_fields(
-    d: int, dtype: str, group_size: int | None = None
-) -> tuple[list[tuple[str, str, int]], int]:
-    """The fields one bundle part (d values) is stored as: [(name, storage dtype,
-    values)], and the part's bytes. A float part is one field; a quantized part is
-    packed uint32 words, then float16 scales and biases."""
-    if dtype in QUANTIZED_DTYPES:
-        bits = QUANTIZED_DTYPES[dtype]
-        groups = d // group_size
-        fields = [
+def bundle_fields(
+    args: ModelArgs,
+    dtype: str,
+    group_size: int | None = None,
+    part_bits: list[int] | None = None,
+) -> list[list[tuple[str, str, int]]]:
+    """Per bundle part, the fields it is stored as: [(name, storage dtype, values)].
+    A float part is one field; a quantized part is packed uint32 words, then
+    float16 scales and biases (`part_bits`: each part's bits, default the dtype's)."""
+    d, parts = args.hidden_size, len(args.bundle_parts)
+    if dtype not in QUANTIZED_DTYPES:
+        return [[("values", dtype, d)] for _ in range(parts)]
+    part_bits = part_bits or [QUANTIZED_DTYPES[dtype]] * parts
+    groups = d // group_size
+    return [
+        [
             ("packed", "uint32", d * bits // 32),
             ("scales", "float16", groups),
             ("biases", "float16", groups),
         ]
-        return fields, row_bytes(d, bits, group_size)
-    return [("values", dtype, d)], d * np.dtype(STORAGE[dtype]).itemsize
+        for bits in part_bits
+    ]
+
+
+def _bytes_of_fields(fields: list[tuple[str, str, int]]) -> int:
+    return sum(n * np.dtype(STORAGE[t]).itemsize for _, t, n in fields)
 
 
 def align_up(n: int, alignment: int = LAYER_ALIGNMENT) -> int:
@@ -150,15 +166,22 @@ class Layout:
         self.layers = [LayerExtent(e["offset"], e["neurons"]) for e in ffn["layers"]]
         self.ffn_path = path / ffn["file"]
         self.resident_path = path / manifest["resident"]
-        group = self.quantization["group_size"] if self.quantization else None
-        self.fields, self.part_bytes = part_fields(
-            self.args.hidden_size, self.dtype, group
+        q = self.quantization or {}
+        # quantized: each part's bits (a q4 layout may keep down columns at 8)
+        self.part_bits: list[int] | None = q.get("part_bits")
+        self.fields = bundle_fields(
+            self.args, self.dtype, q.get("group_size"), self.part_bits
         )
+        self.part_bytes = [_bytes_of_fields(f) for f in self.fields]
 
     @property
-    def field_bytes(self) -> tuple[int, ...]:
-        """Bytes of each field of a bundle part (FlashReader's `fields`)."""
-        return tuple(n * np.dtype(STORAGE[t]).itemsize for _, t, n in self.fields)
+    def field_bytes(self) -> list[tuple[int, ...]]:
+        """Per bundle part, the bytes of each of its fields (FlashReader's
+        `fields`)."""
+        return [
+            tuple(n * np.dtype(STORAGE[t]).itemsize for _, t, n in part)
+            for part in self.fields
+        ]
 
     def join_fields(self, pieces: list) -> list:
         """Arrays of each piece of a set of bundles (parts' fields, part-major, of
@@ -166,18 +189,18 @@ class Layout:
         of its packed integers, scales and biases."""
         if not self.quantization:
             return list(pieces)
-        q = self.quantization
+        group = self.quantization["group_size"]
         return [
-            Quantized(*pieces[i : i + 3], q["bits"], q["group_size"])
-            for i in range(0, len(pieces), 3)
+            Quantized(*pieces[3 * p : 3 * p + 3], bits, group)
+            for p, bits in enumerate(self.part_bits)
         ]
 
     def split_fields(self, raw: np.ndarray) -> list[np.ndarray]:
         """Bundles as bytes (n, bundle_bytes) uint8 -> a view of each piece: (n,
         values) of its storage dtype, rows contiguous, row stride bundle_bytes."""
         views, offset = [], 0
-        for _ in self.bundle_parts:
-            for _, dtype, n in self.fields:
+        for part in self.fields:
+            for _, dtype, n in part:
                 size = n * np.dtype(STORAGE[dtype]).itemsize
                 views.append(raw[:, offset : offset + size].view(STORAGE[dtype]))
                 offset += size
@@ -325,15 +348,15 @@ class Layout:
             stored = self.read_stored(layer)
             return [stored[:, p] for p in range(stored.shape[1])]
         extent = self.layers[layer]
-        parts = len(self.bundle_parts)
         size = extent.neurons * self.bundle_bytes
         with open(self.ffn_path, "rb") as f:
             f.seek(extent.offset)
             raw = np.frombuffer(f.read(size), dtype=np.uint8)
         if raw.nbytes != size:
             raise ValueError(f"{self.ffn_path}: truncated while reading layer {layer}")
-        if self.arrangement == "separate":  # (parts, n, part) -> (n, parts, part)
-            raw = raw.reshape(parts, extent.neurons, -1).transpose(1, 0, 2).copy()
+        if self.arrangement == "separate":  # part regions -> (n, bundle) rows
+            regions = np.split(raw, np.cumsum(self.part_bytes)[:-1] * extent.neurons)
+            raw = np.concatenate([r.reshape(extent.neurons, -1) for r in regions], 1)
         return self.join_fields(self.split_fields(raw.reshape(extent.neurons, -1)))
 
     def resident_tensors(self) -> dict[str, np.ndarray]:
@@ -402,30 +425,35 @@ def _check_manifest(manifest: dict, where: Path) -> None:
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: bad model_args ({err})") from None
     ffn = manifest["ffn"]
-    group = _check_quantization(manifest, args, where)
+    group, part_bits = _check_quantization(manifest, args, where)
     if (
-        ffn["bundle_bytes"] != bundle_bytes(args, manifest["dtype"], group)
+        ffn["bundle_bytes"] != bundle_bytes(args, manifest["dtype"], group, part_bits)
         or len(ffn["layers"]) != args.num_hidden_layers
     ):
         raise ValueError(f"{where}: ffn bundle spec does not match the model args")
     _check_digest(manifest, where)
 
 
-def _check_quantization(manifest: dict, args: ModelArgs, where: Path) -> int | None:
-    """The group size of a quantized layout (None for a float one), its record
-    checked against the dtype and the model's width."""
+def _check_quantization(
+    manifest: dict, args: ModelArgs, where: Path
+) -> tuple[int | None, list[int] | None]:
+    """The group size and part bits of a quantized layout (None for a float one),
+    its record checked against the dtype and the model's width."""
     dtype, q = manifest["dtype"], manifest.get("quantization")
     if dtype not in QUANTIZED_DTYPES:
         if q:
             raise ValueError(f"{where}: quantization recorded for a {dtype} layout")
-        return None
+        return None, None
     if not isinstance(q, dict) or q.get("bits") != QUANTIZED_DTYPES[dtype]:
         raise ValueError(f"{where}: a {dtype} layout without its quantization record")
     try:
         check_format(q["bits"], q["group_size"], args.hidden_size, "d_model")
-    except (ValueError, KeyError) as err:
+        part_bits = q["part_bits"]
+        if len(part_bits) != len(args.bundle_parts) or set(part_bits) - set(BITS):
+            raise ValueError(f"part bits {part_bits}")
+    except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{where}: bad quantization record ({err})") from None
-    return q["group_size"]
+    return q["group_size"], part_bits
 
 
 def _check_digest(manifest: dict, where: Path) -> None:

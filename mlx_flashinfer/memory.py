@@ -46,8 +46,9 @@ def model_bytes(layout: Layout) -> tuple[int, int]:
 def io_buffer_bytes(layout: Layout, lookahead: bool = False) -> int:
     """The flash reader's staging buffer for this layout (see `staging_size`); with
     `lookahead`, twice that: a second reader's buffer keeps the reads ahead."""
-    regions = len(layout.bundle_parts) if layout.arrangement == "separate" else 1
-    one = staging_size(layout.layers, layout.bundle_bytes, regions)
+    separate = layout.arrangement == "separate"
+    largest = max(layout.part_bytes) if separate else layout.bundle_bytes
+    one = staging_size(layout.layers, layout.bundle_bytes, largest)
     return 2 * one if lookahead else one
 
 

@@ -152,7 +152,7 @@ def predictor_nbytes(name: str, layout: Layout) -> int:
     itemsize = np.dtype(STORAGE[layout.float_dtype]).itemsize
     if name == "gate":  # OPT's fc1 bias is a resident weight, counted there
         args = layout.args
-        return args.num_hidden_layers * args.intermediate_size * layout.part_bytes
+        return args.num_hidden_layers * args.intermediate_size * layout.part_bytes[0]
     if name in ("oracle", "all"):
         return 0
     if name == "lowrank":

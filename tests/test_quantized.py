@@ -131,17 +131,20 @@ def test_a_gguf_converts_to_q4_taking_its_blocks_unchanged(tmp_path):
     for layer in range(config["num_hidden_layers"]):
         parts, expected = lay.read_parts(layer), ref.read_parts(layer)
         for p, (q, f) in enumerate(zip(parts, expected, strict=True)):
-            got = dequantize(q.packed, q.scales, q.biases, 4, 32)
+            got = dequantize(q.packed, q.scales, q.biases, q.bits, 32)
             if p < 2:  # gate, up rows: the blocks themselves
                 assert np.array_equal(got, f)
-            else:  # down columns: one more 4-bit rounding
+            else:  # down columns: one more rounding, at 8 bits by default
+                assert q.bits == 8
                 step = np.repeat(q.scales.astype(np.float32), 32, axis=1)
                 assert np.all(np.abs(got - f) <= 0.51 * step + 1e-3 * np.abs(f))
 
 
-def layout_of(family: str, act: str, dtype: str) -> Path:
+def layout_of(
+    family: str, act: str, dtype: str, down_bits=None, arrangement="bundled"
+) -> Path:
     """A tiny layout with d_model 64 (groups of 32 and 64 divide it), built once."""
-    key = (family, act, dtype)
+    key = (family, act, dtype, down_bits, arrangement)
     if key not in _LAYOUTS:
         sizes = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
         sizes["ffn_dim" if family == "opt" else "intermediate_size"] = 96
@@ -154,7 +157,13 @@ def layout_of(family: str, act: str, dtype: str) -> Path:
         src = write_hf_checkpoint(tmp / "src", config, random_weights(config, seed=7))
         group = 32 if dtype.startswith("q") else None
         _LAYOUTS[key] = convert(
-            src, tmp / "layout", dtype=dtype, group_size=group, progress=False
+            src,
+            tmp / "layout",
+            dtype=dtype,
+            group_size=group,
+            down_bits=down_bits,
+            arrangement=arrangement,
+            progress=False,
         )
     return _LAYOUTS[key]
 
@@ -166,7 +175,11 @@ def budget_for(layout: Path, predictor: str, rows: int) -> int:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", ["q4", "q8"])
+@pytest.mark.parametrize(
+    "dtype,down_bits,arrangement",
+    [("q4", None, "bundled"), ("q8", None, "bundled"), ("q4", 4, "bundled")]
+    + [("q4", None, "separate")],  # parts of unequal size in their own regions
+)
 @settings(max_examples=8, deadline=None)
 @given(
     model=st.sampled_from([("opt", "relu"), ("llama", "relu"), ("llama", "relu2")]),
@@ -177,15 +190,15 @@ def budget_for(layout: Path, predictor: str, rows: int) -> int:
     data=st.data(),
 )
 def test_flash_equals_dense_at_the_same_quantized_layout(
-    backend, dtype, model, rows, window, predictor, tokens, data
+    backend, dtype, down_bits, arrangement, model, rows, window, predictor, tokens, data
 ):
     """Quantization changes the model, not the flash path: ReLU-family flash logits
     equal dense ones up to the order of float32 sums (NumPy), or the float16
     rounding of each product's output that MLX's quantized matmul makes, once per
     piece summed (the bound of test_precision at 16 bits)."""
-    layout = layout_of(*model, dtype)
+    layout = layout_of(*model, dtype, down_bits, arrangement)
     prefill = data.draw(st.integers(1, len(tokens)), label="prefill")
-    dense, _ = load(layout, backend=backend)
+    dense, _ = load(layout_of(*model, dtype, down_bits), backend=backend)
     flash, _ = load(
         layout,
         backend=backend,
@@ -218,11 +231,13 @@ def test_quantized_weights_are_held_packed_and_counted(backend, dtype):
     assert isinstance(model.w["layers.0.self_attn.q_proj.weight"], Quantized)
     dense, _ = load(layout, backend=backend)
     assert sum(dense.held_bytes().values()) == sum(model_bytes(lay))
-    # bytes per value: bits / 8, plus a float16 scale and bias per 32 values;
-    # float16 takes 2
+    # bytes per value: bits / 8 (down columns: 8 bits by default), plus a float16
+    # scale and bias per 32 values; float16 takes 2
     f16 = Layout.open(layout_of("llama", "relu", "float16"))
     bits = {"q4": 4, "q8": 8}[dtype]
-    assert lay.bundle_bytes / f16.bundle_bytes == (bits / 8 + 4 / 32) / 2
+    assert lay.part_bits == [bits, bits, 8]
+    per_value = sum(b / 8 + 4 / 32 for b in lay.part_bits) / 3
+    assert lay.bundle_bytes / f16.bundle_bytes == per_value / 2
 
 
 @pytest.mark.skipif(not has_mlx(), reason="needs MLX")

@@ -5,7 +5,8 @@ produced).
     python tools/synth.py DST [--shape opt-1.3b|opt-6.7b|opt-125m|opt-tiny|
                                        llama2-7b-relu|llama-tiny]
         [--layers N] [--hidden N] [--neurons N] [--heads N]   custom sizes
-        [--dtype float16] [--arrangement bundled|separate] [--seed 0] [--force]
+        [--dtype float16|bfloat16|float32|q8|q4] [--group-size 32|64|128]
+        [--down-bits 4|8] [--arrangement bundled|separate] [--seed 0] [--force]
 
 --layers/--hidden/--neurons/--heads replace those sizes of --shape (custom models).
 """
@@ -46,6 +47,8 @@ def main() -> int:
     parser.add_argument("--shape", choices=[*SHAPES, *LLAMA_SHAPES], default="opt-1.3b")
     parser.add_argument("--dtype", choices=DTYPES, default="float16")
     parser.add_argument("--arrangement", choices=ARRANGEMENTS, default="bundled")
+    parser.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None)
+    parser.add_argument("--down-bits", type=int, choices=(4, 8), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
     for flag in ("--layers", "--hidden", "--neurons", "--heads"):
@@ -62,6 +65,8 @@ def main() -> int:
             opts.seed,
             force=opts.force,
             progress=sys.stderr.isatty(),
+            group_size=opts.group_size,
+            down_bits=opts.down_bits,
         )
     except (ValueError, FileExistsError) as err:
         print(f"synth: error: {err}", file=sys.stderr)

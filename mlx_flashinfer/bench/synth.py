@@ -29,6 +29,8 @@ def write_synthetic(
     structure: Structure | None = None,
     force: bool = False,
     progress: bool = True,
+    group_size: int | None = None,
+    down_bits: int | None = None,
 ) -> Path:
     """Write a synthetic sparse model (OPT or Llama-FATReLU) as a layout, with its
     predictor.
@@ -40,7 +42,8 @@ def write_synthetic(
             (hidden_size, ffn_dim (OPT) or intermediate_size (Llama),
             num_hidden_layers, num_attention_heads, vocab_size,
             max_position_embeddings).
-        dtype, arrangement, force, progress: as for `convert`.
+        dtype, arrangement, force, progress, group_size, down_bits: as for
+            `convert`.
         seed: every weight follows from it (same seed, same model).
         structure: the activation structure (module docstring); default `Structure()`.
 
@@ -66,7 +69,9 @@ def write_synthetic(
         source = SyntheticLlama(shape, structure, seed)
     else:
         source = SyntheticOPT(shape, structure or Structure(), seed)
-    write_layout(source, dst, dtype, progress, arrangement, force)
+    write_layout(
+        source, dst, dtype, progress, arrangement, force, group_size, down_bits
+    )
     A_list, B_list, reports = source.predictor()
     store_predictor(
         Layout.open(dst),
