@@ -43,6 +43,18 @@ def model_bytes(layout: Layout) -> tuple[int, int]:
     return resident, layout.ffn_bytes
 
 
+def held_as(layout: Layout) -> str:
+    """What the weights are held as: the layout's storage, never widened."""
+    q = layout.quantization
+    if not q:
+        return f"{layout.dtype} (as stored; norms and biases float32)"
+    bits = "/".join(map(str, layout.part_bits))
+    return (
+        f"{layout.dtype}, packed as stored (FFN parts at {bits} bits, groups of "
+        f"{q['group_size']} with float16 scales and biases; norms and biases float32)"
+    )
+
+
 def io_buffer_bytes(layout: Layout, lookahead: bool = False) -> int:
     """The flash reader's staging buffer for this layout (see `staging_size`); with
     `lookahead`, twice that: a second reader's buffer keeps the reads ahead."""
@@ -92,7 +104,7 @@ class MemoryPlan:
     io_buffer: int  # the flash readers' staging buffers
     kv_cache: int  # at max_context (float32 keys and values)
     max_context: int
-    dtype: str = "float16"  # the layout's, held as stored
+    dtype: str = "float16"  # what weights are held as (`held_as`): as stored
     lookahead: bool = False  # reads ahead: half of io_buffer is the prefetch buffer
     neurons: int = 0  # FFN neurons per layer (for the window's bookkeeping)
 
@@ -133,7 +145,7 @@ class MemoryPlan:
         caps = f"{low}" if low == high else f"{low}-{high}"
         return [
             ("budget", format_bytes(self.budget)),
-            ("held as", f"{self.dtype} (as stored; norms and biases float32)"),
+            ("held as", self.dtype),
             ("resident", format_bytes(self.resident)),
             ("predictor", format_bytes(self.predictor)),
             (
@@ -286,7 +298,7 @@ def plan_memory(
         io_buffer=io_buffer,
         kv_cache=kv_cache,
         max_context=max_context,
-        dtype=layout.dtype,
+        dtype=held_as(layout),
         lookahead=lookahead,
         neurons=neurons,
     )
