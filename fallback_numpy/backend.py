@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from mlx_flashinfer.quantize import Quantized, dequantize
+from mlx_flashinfer.quantize import Quantized
 
 from . import kernels
 
@@ -62,12 +62,12 @@ def weight_view(values) -> np.ndarray:
 
 
 def weight_rows(w, ids) -> np.ndarray:
-    """Rows `ids` of a matrix held by `weight`, as float32 (embedding lookup)."""
+    """Rows `ids` of a matrix held by `weight` or of a Quantized one, as float32
+    (embedding lookup)."""
     ids = np.asarray(ids)
     if isinstance(w, Quantized):
-        return dequantize(
-            w.packed[ids], w.scales[ids], w.biases[ids], w.bits, w.group_size
-        )
+        rows = (w.packed[ids], w.scales[ids], w.biases[ids])
+        return kernels.dequantize(Quantized(*rows, w.bits, w.group_size))
     return kernels.widen(w[ids])
 
 
@@ -96,11 +96,11 @@ def take_rows(table, ids) -> np.ndarray:
 def linear(x, w, bias=None):
     """x @ w.T (+ bias), float32, for x (T, in) and a weight w (out, in): a matrix
     held by `weight`, or the transposed view of (in, out) columns (see
-    `columns_weight`), which the kernels read as they are stored."""
+    `columns_weight`), which the kernels read as they are stored; or a Quantized
+    matrix, (out, in) rows if w.transpose else (in, out) rows, read packed."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    if isinstance(w, Quantized):  # TODO(qkernels): packed kernels
-        values = dequantize(w.packed, w.scales, w.biases, w.bits, w.group_size)
-        y = x @ (values.T if w.transpose else values)
+    if isinstance(w, Quantized):
+        y = kernels.qmatmul_t(x, w) if w.transpose else kernels.qmatmul(x, w)
         return y if bias is None else y + bias
     rows = w.strides[-1] == w.itemsize or w.shape[-1] == 1
     if w.dtype == np.float32 and (rows or np.count_nonzero(x) > x.size // 4):

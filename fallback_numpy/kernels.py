@@ -10,6 +10,10 @@ Small T (decode) runs compiled loops (numba, `_kernels_jit.py`) that read each w
 once and widen it in registers, on a few worker threads (`_workers.py`); large T
 (prefill) widens blocks of rows into a reused float32 buffer and hands each block to
 NumPy's BLAS. This module chooses the path and checks the arguments.
+
+Quantized weights (`mlx_flashinfer.quantize.Quantized`: 4- or 8-bit integers, a
+float16 scale and bias per group) go the same two ways: `qmatmul_t(x, q)`,
+`qmatmul(x, q)` and `dequantize(q)`, with the loops of `_qkernels_jit.py`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from itertools import pairwise
 
 import numpy as np
 
+from mlx_flashinfer.quantize import Quantized, check_format
+
 from . import _kernels_jit as jit
+from . import _qkernels_jit as qjit
 from . import _workers
 
 # Dispatch, chosen with `python benchmarks/kernels.py --sweep --threads 1` (AMD EPYC
@@ -34,6 +41,9 @@ from . import _workers
 # model's) up to the same number of nonzeros per active row whatever T is.
 DOT_ROWS_MAX_T = 8
 SUM_ROWS_MAX_TERMS = 6
+# The same for quantized weights (qmatmul_t, qmatmul), same sweep with --quantized:
+QDOT_ROWS_MAX_T = 8
+QSUM_ROWS_MAX_TERMS = 6
 
 # Bytes of the float32 block that the large-T paths widen and hand to BLAS (same
 # sweep, float16, ms per matrix for 0.5 / 1 / 2 / 4 / 8 MB: T=16 10.1 / 8.6 / 8.0 /
@@ -198,6 +208,196 @@ def widen(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def qmatmul_t(x: np.ndarray, q: Quantized, out: np.ndarray | None = None) -> np.ndarray:
+    """x @ dequantize(q).T in float32, reading q's packed integers where they are.
+
+    Per group of q's rows, scale * (x . q) + bias * sum(x): the loops unpack and
+    multiply integers, the sums of x are taken once per call.
+
+    Args:
+        x: (T, k) float32.
+        q: a quantized (n, k) matrix: packed uint32 (n, k * bits / 32), scales and
+            biases float16 (n, k / group_size), NumPy arrays whose rows are
+            contiguous with any row stride (views into interleaved bundles work).
+            q.transpose is the caller's business (backend.linear).
+        out: optional (T, n) float32 C-contiguous array to write into.
+
+    Returns:
+        (T, n) float32: out if given.
+
+    Raises:
+        ValueError: a format, dtype, shape or layout outside the above.
+    """
+    views, n, k = _quantized(q)
+    x = _activations(x, k, "k = q.shape[1]")
+    out = _output(out, (x.shape[0], n), x, q.packed, q.scales, q.biases)
+    if out.size == 0 or k == 0:
+        out.fill(0)
+        return out
+    lanes, per_group = 32 // q.bits, q.group_size * q.bits // 32
+    x_fields = _buffer("x_fields", x.shape[0], k)
+    x_sums = _buffer("x_sums", x.shape[0], k // q.group_size)
+    qjit.fields_and_sums(x, lanes, q.group_size, x_fields, x_sums)
+    if x.shape[0] <= QDOT_ROWS_MAX_T:
+        parts = _ranges(n, _part_count(_quantized_bytes(q, n)))
+        jobs = [
+            (x_fields, x_sums, views, q.bits, per_group, lo, hi, out)
+            for lo, hi in parts
+        ]
+        _workers.run(qjit.dot_rows, jobs, _threads)
+        return out
+    # rows dequantized in field order, as x_fields: the dot products are the same
+    block = _buffer("block", _block_rows(n, k), k)
+    with _quiet():
+        for j0 in range(0, n, len(block)):
+            rows = np.arange(j0, min(n, j0 + len(block)))
+            qjit.dequantize_rows(views, rows, q.bits, per_group, 0, len(rows), block)
+            np.matmul(x_fields, block[: len(rows)].T, out=out[:, j0 : j0 + len(rows)])
+    return out
+
+
+def qmatmul(x: np.ndarray, q: Quantized, out: np.ndarray | None = None) -> np.ndarray:
+    """x @ dequantize(q) in float32, skipping the rows of q where x is exactly 0 (a
+    ReLU model's down projection over neuron rows).
+
+    Args:
+        x: (T, n) float32, often mostly zeros.
+        q: a quantized (n, k) matrix, as for `qmatmul_t`.
+        out: optional (T, k) float32 C-contiguous array to write into.
+
+    Returns:
+        (T, k) float32: out if given.
+
+    Raises:
+        ValueError: a format, dtype, shape or layout outside the above.
+    """
+    views, n, k = _quantized(q)
+    x = _activations(x, n, "n = q.shape[0]")
+    out = _output(out, (x.shape[0], k), x, q.packed, q.scales, q.biases)
+    if out.size == 0 or n == 0:
+        out.fill(0)
+        return out
+    lanes, per_group = 32 // q.bits, q.group_size * q.bits // 32
+    T, groups = x.shape[0], k // q.group_size
+    rows, terms = jit.nonzero_columns(x)
+    if len(rows) == 0:
+        out.fill(0)
+        return out
+    if terms <= QSUM_ROWS_MAX_TERMS * len(rows):
+        fields, biases = _qsum_rows(x, views, rows, q, k)
+        qjit.from_fields(fields, biases, lanes, q.group_size, out)
+        return out
+    block = _buffer("block", _block_rows(len(rows), k), k)
+    partial = _buffer("partial", T, k)
+    fields = _buffer("fields", T, k)
+    fields.fill(0)
+    dense = len(rows) == n  # then rows[a:b] == a..b-1: x columns by slicing
+    with _quiet():
+        for r0 in range(0, len(rows), len(block)):
+            part = rows[r0 : r0 + len(block)]
+            qjit.dequantize_rows(views, part, q.bits, per_group, 0, len(part), block)
+            xs = x[:, r0 : r0 + len(part)] if dense else x[:, part]
+            np.matmul(xs, block[: len(part)], out=partial)
+            fields += partial
+    no_biases = np.zeros((T, groups), np.float32)  # the blocks carry them
+    qjit.from_fields(fields, no_biases, lanes, q.group_size, out)
+    return out
+
+
+def dequantize(q: Quantized, out: np.ndarray | None = None) -> np.ndarray:
+    """The float32 values scale * q + bias of a quantized matrix, equal to
+    `mlx_flashinfer.quantize.dequantize`'s (embedding rows, tests).
+
+    Args:
+        q: a quantized (n, k) matrix, as for `qmatmul_t`.
+        out: optional (n, k) float32 C-contiguous array to write into.
+
+    Returns:
+        (n, k) float32: out if given.
+
+    Raises:
+        ValueError: a format, dtype, shape or layout outside the above.
+    """
+    views, n, k = _quantized(q)
+    out = _output(out, (n, k), q.packed, q.scales, q.biases)
+    if out.size == 0:
+        return out
+    lanes, per_group = 32 // q.bits, q.group_size * q.bits // 32
+    fields = np.empty((n, k), np.float32)
+    rows = np.arange(n)
+    parts = _ranges(n, _part_count(_quantized_bytes(q, n)))
+    jobs = [(views, rows, q.bits, per_group, lo, hi, fields) for lo, hi in parts]
+    _workers.run(qjit.dequantize_rows, jobs, _threads)
+    no_biases = np.zeros((n, 1), np.float32)  # one "group" of k, nothing to add
+    qjit.from_fields(fields, no_biases, lanes, k, out)
+    return out
+
+
+def _qsum_rows(x, views, rows, q, k) -> tuple[np.ndarray, np.ndarray]:
+    """sum over j in rows, x[t, j] != 0, of x[t, j] * scale_j * q_j (field order)
+    and of x[t, j] * bias_j (per group), as `_sum_rows` cuts the work: ranges of
+    rows by size alone, each into its own buffers, added up in range order."""
+    T, groups = x.shape[0], k // q.group_size
+    work = _quantized_bytes(q, len(rows))
+    count = 1 if work < PARALLEL_MIN_BYTES else -(-work // PART_BYTES)
+    parts = _ranges(len(rows), min(count, SUM_PARTS_MAX))
+    sums = _buffer("sums", len(parts) * T, k).reshape(len(parts), T, k)
+    biases = _buffer("bias_sums", len(parts) * T, groups).reshape(len(parts), T, -1)
+    sums.fill(0)
+    biases.fill(0)
+    per_group = q.group_size * q.bits // 32
+    jobs = [
+        (x, views, rows[lo:hi], q.bits, per_group, sums[p], biases[p])
+        for p, (lo, hi) in enumerate(parts)
+    ]
+    _workers.run(qjit.sum_rows, jobs, _threads)
+    if len(parts) == 1:
+        return sums[0], biases[0]
+    with _quiet():
+        return sums.sum(axis=0), biases.sum(axis=0)
+
+
+def _quantized(q: Quantized) -> tuple[tuple, int, int]:
+    """q's arrays as the loops take them, (packed, its row stride, scales (int16
+    bits), row stride, biases, row stride), and q's shape (n, k); ValueError naming
+    the first field that does not fit."""
+    if not isinstance(q, Quantized):
+        raise ValueError(f"q must be a Quantized matrix, got {type(q).__name__}")
+    packed, scales, biases = q.packed, q.scales, q.biases
+    if not isinstance(packed, np.ndarray) or packed.ndim != 2:
+        raise ValueError(
+            f"q.packed must be a 2-D NumPy array, got {type(packed).__name__} of "
+            f"shape {np.shape(packed)}"
+        )
+    if packed.dtype != np.uint32:
+        raise ValueError(f"q.packed must be uint32 words, got {packed.dtype}")
+    n, k = packed.shape[0], packed.shape[1] * 32 // q.bits if q.bits in (4, 8) else 0
+    check_format(q.bits, q.group_size, k, "q's rows")
+    for name, part in (("scales", scales), ("biases", biases)):
+        if not isinstance(part, np.ndarray) or part.dtype != np.float16:
+            raise ValueError(
+                f"q.{name} must be a float16 NumPy array, got "
+                f"{getattr(part, 'dtype', type(part).__name__)}"
+            )
+        if part.shape != (n, k // q.group_size):
+            raise ValueError(
+                f"q.{name} must have shape (n, k / group_size) = "
+                f"{(n, k // q.group_size)} for packed {packed.shape} at {q.bits} "
+                f"bits, got {part.shape}"
+            )
+    views = (
+        *_flat_rows(packed, np.uint32, "q.packed"),
+        *_flat_rows(scales, np.int16, "q.scales"),
+        *_flat_rows(biases, np.int16, "q.biases"),
+    )
+    return views, n, k
+
+
+def _quantized_bytes(q: Quantized, rows: int) -> int:
+    """Bytes of `rows` of q's rows: packed integers, scales and biases."""
+    return rows * (q.packed.shape[1] * 4 + 4 * q.scales.shape[1])
+
+
 def _part_count(work_bytes: int) -> int:
     """1 for a job under PARALLEL_MIN_BYTES or on one thread, else parts of about
     PART_BYTES, at least one per thread."""
@@ -256,19 +456,27 @@ def _weight_bits(w: np.ndarray) -> tuple[np.ndarray, int]:
         raise ValueError(
             f"w.dtype must be float32, float16 or uint16 (bfloat16 bits), got {w.dtype}"
         )
-    n, k = w.shape
-    size = w.itemsize
-    row_stride = w.strides[0] // size if n > 1 else k
-    rows_contiguous = k < 2 or w.strides[1] == size
-    rows_apart = n < 2 or (w.strides[0] % size == 0 and row_stride >= k)
-    if w.size and not (rows_contiguous and rows_apart):
+    return _flat_rows(w, _BITS_DTYPE[w.dtype], "w")
+
+
+def _flat_rows(a: np.ndarray, dtype, name: str) -> tuple[np.ndarray, int]:
+    """A read-only 1-D view of a 2-D array's rows as `dtype` (same itemsize) and the
+    row stride in elements, or ValueError if its rows are not contiguous or
+    overlap."""
+    n, k = a.shape
+    size = a.itemsize
+    row_stride = a.strides[0] // size if n > 1 else k
+    rows_contiguous = k < 2 or a.strides[1] == size
+    rows_apart = n < 2 or (a.strides[0] % size == 0 and row_stride >= k)
+    if a.size and not (rows_contiguous and rows_apart):
         raise ValueError(
-            f"w's rows must be contiguous and not overlap: strides {w.strides} for "
-            f"shape {w.shape} and itemsize {size} (pass np.ascontiguousarray(w))"
+            f"{name}'s rows must be contiguous and not overlap: strides {a.strides} "
+            f"for shape {a.shape} and itemsize {size} "
+            f"(pass np.ascontiguousarray({name}))"
         )
     span = (n - 1) * row_stride + k if n and k else 0
     flat = np.lib.stride_tricks.as_strided(
-        w.view(_BITS_DTYPE[w.dtype]), shape=(span,), strides=(size,), writeable=False
+        a.view(dtype), shape=(span,), strides=(size,), writeable=False
     )
     return flat, row_stride
 
