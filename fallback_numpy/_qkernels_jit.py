@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 from mlx_flashinfer.quantize import BITS, GROUP_SIZES
 
-from ._kernels_jit import _FAST, HARDWARE_FLOAT16, _compiled, widened
+from ._kernels_jit import HARDWARE_FLOAT16, _compiled
 
 BLOCK = 16  # words per vector block
 FORMATS = [(bits, size * bits // 32) for bits in BITS for size in GROUP_SIZES]
@@ -143,12 +143,24 @@ def _group_values(builder, halves, w0, words_per_group: int, lanes):
     )
 
 
-def _over_blocks(builder, nw, bits, words_per_group, body) -> None:
-    """body(bits, words_per_group, w0, lanes) for each block of 16 words of a row of
-    nw, with the row's format as Python ints: the vector code needs them as
-    constants, so each format of quantize.py gets its own loop, chosen by a switch
-    on the run-time values (i64). lanes is None for full blocks, the i1 vector of
-    the words that exist for a last partial one."""
+def _over_blocks(builder, count, body) -> None:
+    """body(start, lanes) for each block of 16 of `count` elements (i64): lanes is
+    None for full blocks, the i1 vector of the elements that exist for a last
+    partial one."""
+    full = builder.udiv(count, _I64(BLOCK))
+    with cgutils.for_range(builder, full) as loop:
+        body(builder.mul(loop.index, _I64(BLOCK)), None)
+    start = builder.mul(full, _I64(BLOCK))
+    left = builder.sub(count, start)
+    with builder.if_then(builder.icmp_signed(">", left, _I64(0)), likely=False):
+        lane_ids = _constant_vector(_I64, range(BLOCK))
+        body(start, builder.icmp_signed("<", lane_ids, _splat(builder, left)))
+
+
+def _per_format(builder, bits, words_per_group, body) -> None:
+    """body(bits, words_per_group) with the format as Python ints, for the format of
+    the run-time values (i64): the vector code needs them as constants, so each
+    format of quantize.py gets its own code, chosen by a switch."""
     key = builder.add(builder.mul(bits, _I64(1000)), words_per_group)
     end = builder.append_basic_block("format.end")
     switch = builder.switch(key, end)  # another format: nothing (kernels.py checks)
@@ -156,25 +168,9 @@ def _over_blocks(builder, nw, bits, words_per_group, body) -> None:
         case = builder.append_basic_block(f"format.{b}.{per_group}")
         switch.add_case(_I64(b * 1000 + per_group), case)
         builder.position_at_end(case)
-        full = builder.udiv(nw, _I64(BLOCK))
-        with cgutils.for_range(builder, full) as loop:
-            body(b, per_group, builder.mul(loop.index, _I64(BLOCK)), None)
-        w0 = builder.mul(full, _I64(BLOCK))
-        left = builder.sub(nw, w0)
-        with builder.if_then(builder.icmp_signed(">", left, _I64(0)), likely=False):
-            lane_ids = _constant_vector(_I64, range(BLOCK))
-            lanes = builder.icmp_signed("<", lane_ids, _splat(builder, left))
-            body(b, per_group, w0, lanes)
+        body(b, per_group)
         builder.branch(end)
     builder.position_at_end(end)
-
-
-def _format(context, builder, sig, args, first: int) -> tuple:
-    """The (bits, words per group) arguments at args[first:first + 2] as i64."""
-    return tuple(
-        context.cast(builder, args[i], sig.args[i], types.int64)
-        for i in (first, first + 1)
-    )
 
 
 def _sum_lanes(builder, vector):
@@ -188,170 +184,252 @@ def _sum_lanes(builder, vector):
     return builder.extract_element(vector, _I32(0))
 
 
-def _data(context, builder, array_type, value):
-    return context.make_array(array_type)(context, builder, value).data
+class _Rows:
+    """Element pointers into the rows of a 2-D array (any row stride) or of a flat
+    1-D view with a row stride in elements (the quantized arrays), in IR."""
+
+    def __init__(self, context, builder, array_type, value, stride=None):
+        self.builder = builder
+        array = context.make_array(array_type)(context, builder, value)
+        self.data = array.data
+        self.shape = array.shape
+        self.stride = stride  # elements, for flat views
+        if stride is None:  # bytes, from the array
+            self.stride_bytes = builder.extract_value(array.strides, 0)
+
+    def row(self, index):
+        builder = self.builder
+        if self.stride is not None:
+            return builder.gep(self.data, [builder.mul(index, self.stride)])
+        raw = builder.bitcast(self.data, ir.IntType(8).as_pointer())
+        raw = builder.gep(raw, [builder.mul(index, self.stride_bytes)])
+        return builder.bitcast(raw, self.data.type)
+
+
+def _quantized_rows(context, builder, tuple_type, value):
+    """(packed, scales, biases) _Rows of the tuple kernels.py passes: flat views
+    (uint32, int16, int16), each followed by its row stride."""
+    parts = [builder.extract_value(value, i) for i in range(6)]
+    return [
+        _Rows(context, builder, tuple_type[i], parts[i], parts[i + 1])
+        for i in (0, 2, 4)
+    ]
 
 
 def _integers(*values) -> bool:
     return all(isinstance(value, types.Integer) for value in values)
 
 
+def _ints(builder, value, count: int):
+    return [builder.extract_value(value, i) for i in range(count)]
+
+
 @intrinsic
-def _row_dots(typingctx, x_rows, words, scales, bits, words_per_group):
-    """For each of T rows of x in field order (a UniTuple of 1-D float32 arrays):
-    sum over groups g of scale_g * sum_{j in g} x[j] * q[j], over one quantized row
-    (words: its nw uint32 words; scales: its float16 scales as int16). Returns a
-    UniTuple of T float32. The q are unpacked once for all T."""
-    if not (isinstance(x_rows, types.UniTuple) and _integers(bits, words_per_group)):
+def _row_dots(
+    typingctx, x_fields, x_sums, ts, quantized, j, bits, words_per_group, out
+):
+    """out[t, j] = x[t] . dequantized row j of `quantized` for each t in the tuple
+    ts: per group, scale * sum(x * q) + bias * sum(x), with x_fields (T, k) in field
+    order and x_sums (T, groups). The q are unpacked once for all t."""
+    if not (isinstance(ts, types.UniTuple) and _integers(j, bits, words_per_group)):
         return None
-    count = x_rows.count
-    signature = types.UniTuple(types.float32, count)(
-        x_rows, words, scales, bits, words_per_group
+    count = ts.count
+    signature = types.none(
+        x_fields, x_sums, ts, quantized, j, bits, words_per_group, out
     )
 
     def codegen(context, builder, sig, args):
-        x_type, words_type, scales_type = sig.args[:3]
-        xs = [
-            _data(context, builder, x_type.dtype, builder.extract_value(args[0], t))
-            for t in range(count)
-        ]
-        source = context.make_array(words_type)(context, builder, args[1])
-        nw = builder.extract_value(source.shape, 0)
-        halves = _data(context, builder, scales_type, args[2])
+        rows = _ints(builder, args[2], count)
+        x_rows = _Rows(context, builder, sig.args[0], args[0])
+        xs = [x_rows.row(t) for t in rows]
+        sum_rows = _Rows(context, builder, sig.args[1], args[1])
+        sums_of_x = [sum_rows.row(t) for t in rows]
+        packed, scales, biases = _quantized_rows(context, builder, sig.args[3], args[3])
+        source, halves, bias_halves = (a.row(args[4]) for a in (packed, scales, biases))
+        k = builder.extract_value(x_rows.shape, 1)
         zero = ir.Constant(_vector(_F32), None)
-        sums = [cgutils.alloca_once_value(builder, zero) for _ in range(count)]
+        totals = [cgutils.alloca_once_value(builder, zero) for _ in range(count)]
 
-        def block(b, per_group, w0, lanes):
-            packed = _load(builder, source.data, w0, BLOCK, lanes)
-            scale = _group_values(builder, halves, w0, per_group, lanes)
-            parts = [None] * count
-            for field in range(32 // b):
-                q = _field(builder, packed, b, field)
-                at = builder.add(builder.mul(_I64(field), nw), w0)
+        def for_format(b, per_group):
+            def block(w0, lanes):
+                words = _load(builder, source, w0, BLOCK, lanes)
+                scale = _group_values(builder, halves, w0, per_group, lanes)
+                parts = [None] * count
+                for field in range(32 // b):
+                    q = _field(builder, words, b, field)
+                    at = builder.add(builder.mul(_I64(field), nw), w0)
+                    for t in range(count):
+                        x = _load(builder, xs[t], at, BLOCK, lanes)
+                        term = builder.fmul(x, q, flags=_FLAGS)
+                        if parts[t] is not None:
+                            term = builder.fadd(parts[t], term, flags=_FLAGS)
+                        parts[t] = term
                 for t in range(count):
-                    term = builder.fmul(
-                        _load(builder, xs[t], at, BLOCK, lanes), q, flags=_FLAGS
-                    )
-                    parts[t] = (
-                        term
-                        if parts[t] is None
-                        else builder.fadd(parts[t], term, flags=_FLAGS)
-                    )
-            for t in range(count):
-                scaled = builder.fmul(scale, parts[t], flags=_FLAGS)
-                total = builder.fadd(builder.load(sums[t]), scaled, flags=_FLAGS)
-                builder.store(total, sums[t])
+                    scaled = builder.fmul(scale, parts[t], flags=_FLAGS)
+                    total = builder.fadd(builder.load(totals[t]), scaled, flags=_FLAGS)
+                    builder.store(total, totals[t])
 
-        _over_blocks(builder, nw, *_format(context, builder, sig, args, 3), block)
-        totals = [_sum_lanes(builder, builder.load(s)) for s in sums]
-        return context.make_tuple(builder, sig.return_type, totals)
+            nw = builder.udiv(k, _I64(32 // b))
+            _over_blocks(builder, nw, block)
+
+        _per_format(builder, *_format(context, builder, sig, args, 5), for_format)
+
+        def bias_block(g0, lanes):
+            bias = floats_from_halves(
+                builder, _load(builder, bias_halves, g0, BLOCK, lanes)
+            )
+            for t in range(count):
+                x_sum = _load(builder, sums_of_x[t], g0, BLOCK, lanes)
+                term = builder.fmul(bias, x_sum, flags=_FLAGS)
+                total = builder.fadd(builder.load(totals[t]), term, flags=_FLAGS)
+                builder.store(total, totals[t])
+
+        _over_blocks(builder, builder.extract_value(sum_rows.shape, 1), bias_block)
+        out_rows = _Rows(context, builder, sig.args[7], args[7])
+        for t in range(count):
+            dst = builder.gep(out_rows.row(rows[t]), [args[4]])
+            builder.store(_sum_lanes(builder, builder.load(totals[t])), dst)
+        return context.get_dummy_value()
 
     return signature, codegen
 
 
 @intrinsic
-def _rows_add(typingctx, coefficients, words, scales, outs, bits, words_per_group):
-    """outs[u] += sum over rows r of coefficients[r * U + u] * scale_r * q_r: R
-    quantized rows (UniTuples of their words and int16 scales) into U float32 rows
-    in field order (a UniTuple), biases left out. Each q is unpacked once for all
-    U outputs, each output loaded and stored once for all R rows."""
+def _rows_add(
+    typingctx, coefficients, quantized, js, bits, words_per_group, out, ts, bias_sums
+):
+    """For R rows js of `quantized` and U rows ts of out (T, k) in field order and
+    of bias_sums (T, groups): out[t_u] += sum_r coefficients[r * U + u] * scale_r *
+    q_r and bias_sums[t_u] += sum_r coefficients[r * U + u] * bias_r. Each q is
+    unpacked once for all U outputs, each output loaded and stored once for all R
+    rows."""
     if not (
-        isinstance(words, types.UniTuple)
-        and isinstance(outs, types.UniTuple)
+        isinstance(js, types.UniTuple)
+        and isinstance(ts, types.UniTuple)
         and _integers(bits, words_per_group)
     ):
         return None
-    rows, targets = words.count, outs.count
-    signature = types.none(coefficients, words, scales, outs, bits, words_per_group)
+    rows, targets = js.count, ts.count
+    signature = types.none(
+        coefficients, quantized, js, bits, words_per_group, out, ts, bias_sums
+    )
 
     def codegen(context, builder, sig, args):
-        _, words_type, scales_type, outs_type = sig.args[:4]
-        coefficient = [builder.extract_value(args[0], i) for i in range(rows * targets)]
-        sources = [
-            context.make_array(words_type.dtype)(
-                context, builder, builder.extract_value(args[1], r)
-            )
-            for r in range(rows)
-        ]
-        nw = builder.extract_value(sources[0].shape, 0)
-        halves = [
-            _data(
-                context, builder, scales_type.dtype, builder.extract_value(args[2], r)
-            )
-            for r in range(rows)
-        ]
-        dsts = [
-            _data(context, builder, outs_type.dtype, builder.extract_value(args[3], u))
-            for u in range(targets)
-        ]
+        weight = _ints(builder, args[0], rows * targets)
+        js = _ints(builder, args[2], rows)
+        packed, scales, biases = _quantized_rows(context, builder, sig.args[1], args[1])
+        sources = [packed.row(j) for j in js]
+        halves = [scales.row(j) for j in js]
+        bias_halves = [biases.row(j) for j in js]
+        ts = _ints(builder, args[6], targets)
+        out_rows = _Rows(context, builder, sig.args[5], args[5])
+        dsts = [out_rows.row(t) for t in ts]
+        sum_rows = _Rows(context, builder, sig.args[7], args[7])
+        bias_dsts = [sum_rows.row(t) for t in ts]
+        k = builder.extract_value(out_rows.shape, 1)
 
-        def block(b, per_group, w0, lanes):
-            packed, weight = [], []
-            for r in range(rows):
-                packed.append(_load(builder, sources[r].data, w0, BLOCK, lanes))
-                scale = _group_values(builder, halves[r], w0, per_group, lanes)
-                weight.append(
-                    [
-                        builder.fmul(
-                            _splat(builder, coefficient[r * targets + u]),
-                            scale,
-                            flags=_FLAGS,
-                        )
-                        for u in range(targets)
-                    ]
-                )
-            for field in range(32 // b):
-                qs = [_field(builder, packed[r], b, field) for r in range(rows)]
-                at = builder.add(builder.mul(_I64(field), nw), w0)
-                for u in range(targets):
-                    total = _load(builder, dsts[u], at, BLOCK, lanes)
-                    for r in range(rows):
-                        term = builder.fmul(weight[r][u], qs[r], flags=_FLAGS)
-                        total = builder.fadd(total, term, flags=_FLAGS)
-                    _store(builder, total, dsts[u], at, lanes)
+        def for_format(b, per_group):
+            def block(w0, lanes):
+                words, factors = [], []
+                for r in range(rows):
+                    words.append(_load(builder, sources[r], w0, BLOCK, lanes))
+                    scale = _group_values(builder, halves[r], w0, per_group, lanes)
+                    factors.append(
+                        [
+                            builder.fmul(
+                                _splat(builder, weight[r * targets + u]),
+                                scale,
+                                flags=_FLAGS,
+                            )
+                            for u in range(targets)
+                        ]
+                    )
+                for field in range(32 // b):
+                    qs = [_field(builder, words[r], b, field) for r in range(rows)]
+                    at = builder.add(builder.mul(_I64(field), nw), w0)
+                    for u in range(targets):
+                        total = _load(builder, dsts[u], at, BLOCK, lanes)
+                        for r in range(rows):
+                            term = builder.fmul(factors[r][u], qs[r], flags=_FLAGS)
+                            total = builder.fadd(total, term, flags=_FLAGS)
+                        _store(builder, total, dsts[u], at, lanes)
 
-        _over_blocks(builder, nw, *_format(context, builder, sig, args, 4), block)
+            nw = builder.udiv(k, _I64(32 // b))
+            _over_blocks(builder, nw, block)
+
+        _per_format(builder, *_format(context, builder, sig, args, 3), for_format)
+
+        def bias_block(g0, lanes):
+            bias = [
+                floats_from_halves(builder, _load(builder, h, g0, BLOCK, lanes))
+                for h in bias_halves
+            ]
+            for u in range(targets):
+                total = _load(builder, bias_dsts[u], g0, BLOCK, lanes)
+                for r in range(rows):
+                    factor = _splat(builder, weight[r * targets + u])
+                    term = builder.fmul(factor, bias[r], flags=_FLAGS)
+                    total = builder.fadd(total, term, flags=_FLAGS)
+                _store(builder, total, bias_dsts[u], g0, lanes)
+
+        _over_blocks(builder, builder.extract_value(sum_rows.shape, 1), bias_block)
         return context.get_dummy_value()
 
     return signature, codegen
 
 
 @intrinsic
-def _dequantize_row(typingctx, words, scales, biases, out, bits, words_per_group):
-    """out (float32, field order) = scale * q + bias of one quantized row, rounded
-    as NumPy rounds it (a product, then a sum: no fused multiply-add), so that the
+def _dequantize_row(typingctx, quantized, j, bits, words_per_group, out, r):
+    """out[r] (field order) = scale * q + bias of row j of `quantized`, rounded as
+    NumPy rounds it (a product, then a sum: no fused multiply-add), so that the
     values equal `quantize.dequantize`'s exactly."""
-    if not _integers(bits, words_per_group):
+    if not _integers(j, bits, words_per_group, r):
         return None
-    signature = types.none(words, scales, biases, out, bits, words_per_group)
+    signature = types.none(quantized, j, bits, words_per_group, out, r)
 
     def codegen(context, builder, sig, args):
-        source = context.make_array(sig.args[0])(context, builder, args[0])
-        nw = builder.extract_value(source.shape, 0)
-        scale_halves = _data(context, builder, sig.args[1], args[1])
-        bias_halves = _data(context, builder, sig.args[2], args[2])
-        dst = _data(context, builder, sig.args[3], args[3])
+        packed, scales, biases = _quantized_rows(context, builder, sig.args[0], args[0])
+        source, scale_halves, bias_halves = (
+            a.row(args[1]) for a in (packed, scales, biases)
+        )
+        out_rows = _Rows(context, builder, sig.args[4], args[4])
+        dst = out_rows.row(args[5])
+        k = builder.extract_value(out_rows.shape, 1)
 
-        def block(b, per_group, w0, lanes):
-            packed = _load(builder, source.data, w0, BLOCK, lanes)
-            scale = _group_values(builder, scale_halves, w0, per_group, lanes)
-            bias = _group_values(builder, bias_halves, w0, per_group, lanes)
-            for field in range(32 // b):
-                q = _field(builder, packed, b, field)
-                value = builder.fadd(builder.fmul(q, scale), bias)
-                at = builder.add(builder.mul(_I64(field), nw), w0)
-                _store(builder, value, dst, at, lanes)
+        def for_format(b, per_group):
+            def block(w0, lanes):
+                words = _load(builder, source, w0, BLOCK, lanes)
+                scale = _group_values(builder, scale_halves, w0, per_group, lanes)
+                bias = _group_values(builder, bias_halves, w0, per_group, lanes)
+                for field in range(32 // b):
+                    q = _field(builder, words, b, field)
+                    value = builder.fadd(builder.fmul(q, scale), bias)
+                    at = builder.add(builder.mul(_I64(field), nw), w0)
+                    _store(builder, value, dst, at, lanes)
 
-        _over_blocks(builder, nw, *_format(context, builder, sig, args, 4), block)
+            nw = builder.udiv(k, _I64(32 // b))
+            _over_blocks(builder, nw, block)
+
+        _per_format(builder, *_format(context, builder, sig, args, 2), for_format)
         return context.get_dummy_value()
 
     return signature, codegen
 
 
+def _format(context, builder, sig, args, first: int) -> tuple:
+    """The (bits, words per group) arguments at args[first:first + 2] as i64."""
+    return tuple(
+        context.cast(builder, args[i], sig.args[i], types.int64)
+        for i in (first, first + 1)
+    )
+
+
 # -- the kernels that kernels.py calls, each on one part (a range of rows) --------
+# quantized: (packed, its row stride, scales, row stride, biases, row stride), flat
+# 1-D views (uint32, int16 = float16 bits, int16) with row strides in elements.
 
 
-@_compiled(fastmath=_FAST)
+@_compiled()
 def fields_and_sums(x, lanes, group_size, x_fields, x_sums):
     """x (T, k) -> x_fields (T, k) in field order (`lanes` fields per word) and
     x_sums (T, k / group_size), the sum of each group of x."""
@@ -368,72 +446,35 @@ def fields_and_sums(x, lanes, group_size, x_fields, x_sums):
             x_sums[t, g] = total
 
 
-@_compiled(fastmath=_FAST)
-def _bias_dot(biases, sums):
-    """sum_g bias_g * sums[g] (float16 biases as int16 bits)."""
-    total = float32(0)
-    for g in range(sums.size):
-        total += widened(biases[g]) * sums[g]
-    return total
-
-
-@_compiled(fastmath=_FAST)
+@_compiled()
 def dot_rows(x_fields, x_sums, quantized, bits, words_per_group, lo, hi, out):
-    """out[t, j] = x[t] . dequantized row j, for rows lo <= j < hi: per group,
-    scale * (x . q) + bias * sum(x). quantized: (packed, scales, biases) flat 1-D
-    views (uint32, int16, int16) and their row strides in elements."""
-    packed, p_stride, scales, s_stride, biases, b_stride = quantized
+    """out[t, j] = x[t] . dequantized row j, for rows lo <= j < hi, up to four t
+    per pass over the row."""
     T = x_fields.shape[0]
-    nw = x_fields.shape[1] * bits // 32
-    groups = x_sums.shape[1]
     for j in range(lo, hi):
-        words = packed[j * p_stride : j * p_stride + nw]
-        s = scales[j * s_stride : j * s_stride + groups]
-        b = biases[j * b_stride : j * b_stride + groups]
         t = 0
         while T - t >= 4:
-            x4 = (x_fields[t], x_fields[t + 1], x_fields[t + 2], x_fields[t + 3])
-            d = _row_dots(x4, words, s, bits, words_per_group)
-            out[t, j] = d[0] + _bias_dot(b, x_sums[t])
-            out[t + 1, j] = d[1] + _bias_dot(b, x_sums[t + 1])
-            out[t + 2, j] = d[2] + _bias_dot(b, x_sums[t + 2])
-            out[t + 3, j] = d[3] + _bias_dot(b, x_sums[t + 3])
+            ts = (t, t + 1, t + 2, t + 3)
+            _row_dots(x_fields, x_sums, ts, quantized, j, bits, words_per_group, out)
             t += 4
         if T - t == 3:
-            x3 = (x_fields[t], x_fields[t + 1], x_fields[t + 2])
-            d = _row_dots(x3, words, s, bits, words_per_group)
-            out[t, j] = d[0] + _bias_dot(b, x_sums[t])
-            out[t + 1, j] = d[1] + _bias_dot(b, x_sums[t + 1])
-            out[t + 2, j] = d[2] + _bias_dot(b, x_sums[t + 2])
+            ts3 = (t, t + 1, t + 2)
+            _row_dots(x_fields, x_sums, ts3, quantized, j, bits, words_per_group, out)
         elif T - t == 2:
-            x2 = (x_fields[t], x_fields[t + 1])
-            d = _row_dots(x2, words, s, bits, words_per_group)
-            out[t, j] = d[0] + _bias_dot(b, x_sums[t])
-            out[t + 1, j] = d[1] + _bias_dot(b, x_sums[t + 1])
+            ts2 = (t, t + 1)
+            _row_dots(x_fields, x_sums, ts2, quantized, j, bits, words_per_group, out)
         elif T - t == 1:
-            d = _row_dots((x_fields[t],), words, s, bits, words_per_group)
-            out[t, j] = d[0] + _bias_dot(b, x_sums[t])
+            _row_dots(x_fields, x_sums, (t,), quantized, j, bits, words_per_group, out)
 
 
-@_compiled(fastmath=_FAST)
-def _add_biases(a, biases, sums):
-    """sums[g] += a * bias_g (float16 biases as int16 bits)."""
-    for g in range(sums.size):
-        sums[g] += a * widened(biases[g])
-
-
-@_compiled(fastmath=_FAST)
+@_compiled()
 def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
-    """out[t] += x[t, j] * scale_j * q_j (field order, per group) and bias_sums[t] +=
-    x[t, j] * bias_j (per group) for j in rows where x[t, j] != 0.
+    """out[t] += x[t, j] * scale_j * q_j (field order) and bias_sums[t] += x[t, j] *
+    bias_j (per group) for j in rows where x[t, j] != 0.
 
-    T = 1: four rows per pass over out, which is loaded and stored once for the
-    four. T > 1: each row unpacked once for up to four of the t where it is
-    nonzero."""
-    packed, p_stride, scales, s_stride, biases, b_stride = quantized
+    T = 1: four rows per pass over out, loaded and stored once for the four.
+    T > 1: each row unpacked once for up to four of the t where it is nonzero."""
     T = x.shape[0]
-    nw = out.shape[1] * bits // 32
-    groups = bias_sums.shape[1]
     terms = np.empty(max(T, rows.size), np.int64)
     if T == 1:
         count = 0
@@ -442,83 +483,62 @@ def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
                 terms[count] = rows[r]
                 count += 1
         i = 0
+        while count - i >= 4:
+            j0, j1, j2, j3 = terms[i], terms[i + 1], terms[i + 2], terms[i + 3]
+            _rows_add(
+                (x[0, j0], x[0, j1], x[0, j2], x[0, j3]),
+                quantized,
+                (j0, j1, j2, j3),
+                bits,
+                words_per_group,
+                out,
+                (0,),
+                bias_sums,
+            )
+            i += 4
         while i < count:
-            n = 4 if count - i >= 4 else 1
-            for j in terms[i : i + n]:
-                b = biases[j * b_stride : j * b_stride + groups]
-                _add_biases(x[0, j], b, bias_sums[0])
             j0 = terms[i]
-            w0 = packed[j0 * p_stride : j0 * p_stride + nw]
-            s0 = scales[j0 * s_stride : j0 * s_stride + groups]
-            if n == 1:
-                _rows_add((x[0, j0],), (w0,), (s0,), (out[0],), bits, words_per_group)
-            else:
-                j1, j2, j3 = terms[i + 1], terms[i + 2], terms[i + 3]
-                _rows_add(
-                    (x[0, j0], x[0, j1], x[0, j2], x[0, j3]),
-                    (
-                        w0,
-                        packed[j1 * p_stride : j1 * p_stride + nw],
-                        packed[j2 * p_stride : j2 * p_stride + nw],
-                        packed[j3 * p_stride : j3 * p_stride + nw],
-                    ),
-                    (
-                        s0,
-                        scales[j1 * s_stride : j1 * s_stride + groups],
-                        scales[j2 * s_stride : j2 * s_stride + groups],
-                        scales[j3 * s_stride : j3 * s_stride + groups],
-                    ),
-                    (out[0],),
-                    bits,
-                    words_per_group,
-                )
-            i += n
+            only = (x[0, j0],)
+            _rows_add(
+                only, quantized, (j0,), bits, words_per_group, out, (0,), bias_sums
+            )
+            i += 1
         return
     for r in range(rows.size):
         j = rows[r]
-        w = packed[j * p_stride : j * p_stride + nw]
-        s = scales[j * s_stride : j * s_stride + groups]
-        b = biases[j * b_stride : j * b_stride + groups]
         count = 0
         for t in range(T):
             if x[t, j] != 0:
                 terms[count] = t
                 count += 1
-                _add_biases(x[t, j], b, bias_sums[t])
         i = 0
         while count - i >= 4:
             t0, t1, t2, t3 = terms[i], terms[i + 1], terms[i + 2], terms[i + 3]
             _rows_add(
                 (x[t0, j], x[t1, j], x[t2, j], x[t3, j]),
-                (w,),
-                (s,),
-                (out[t0], out[t1], out[t2], out[t3]),
+                quantized,
+                (j,),
                 bits,
                 words_per_group,
+                out,
+                (t0, t1, t2, t3),
+                bias_sums,
             )
             i += 4
         while i < count:
             t0 = terms[i]
-            _rows_add((x[t0, j],), (w,), (s,), (out[t0],), bits, words_per_group)
+            only = (x[t0, j],)
+            _rows_add(
+                only, quantized, (j,), bits, words_per_group, out, (t0,), bias_sums
+            )
             i += 1
 
 
 @_compiled()
 def dequantize_rows(quantized, rows, bits, words_per_group, lo, hi, out):
     """out[r] = dequantized row rows[r] in field order, for lo <= r < hi."""
-    packed, p_stride, scales, s_stride, biases, b_stride = quantized
-    nw = out.shape[1] * bits // 32
-    groups = nw // words_per_group
     for r in range(lo, hi):
-        j = rows[r]
-        _dequantize_row(
-            packed[j * p_stride : j * p_stride + nw],
-            scales[j * s_stride : j * s_stride + groups],
-            biases[j * b_stride : j * b_stride + groups],
-            out[r],
-            bits,
-            words_per_group,
-        )
+        _dequantize_row(quantized, rows[r], bits, words_per_group, out, r)
 
 
 @_compiled()
