@@ -235,10 +235,12 @@ def qmatmul_t(x: np.ndarray, q: Quantized, out: np.ndarray | None = None) -> np.
         out.fill(0)
         return out
     lanes, per_group = 32 // q.bits, q.group_size * q.bits // 32
-    x_fields = _buffer("x_fields", x.shape[0], k)
-    x_sums = _buffer("x_sums", x.shape[0], k // q.group_size)
+    T = x.shape[0]
+    loops = T <= QDOT_ROWS_MAX_T
+    x_fields = _buffer("x_fields", T, _padded(k, lanes) if loops else k)
+    x_sums = _buffer("x_sums", T, k // q.group_size)
     qjit.fields_and_sums(x, lanes, q.group_size, x_fields, x_sums)
-    if x.shape[0] <= QDOT_ROWS_MAX_T:
+    if loops:
         parts = _ranges(n, _part_count(_quantized_bytes(q, n)))
         jobs = [
             (x_fields, x_sums, views, q.bits, per_group, lo, hi, out)
@@ -341,7 +343,8 @@ def _qsum_rows(x, views, rows, q, k) -> tuple[np.ndarray, np.ndarray]:
     work = _quantized_bytes(q, len(rows))
     count = 1 if work < PARALLEL_MIN_BYTES else -(-work // PART_BYTES)
     parts = _ranges(len(rows), min(count, SUM_PARTS_MAX))
-    sums = _buffer("sums", len(parts) * T, k).reshape(len(parts), T, k)
+    width = _padded(k, 32 // q.bits)
+    sums = _buffer("sums", len(parts) * T, width).reshape(len(parts), T, width)
     biases = _buffer("bias_sums", len(parts) * T, groups).reshape(len(parts), T, -1)
     sums.fill(0)
     biases.fill(0)
@@ -359,8 +362,8 @@ def _qsum_rows(x, views, rows, q, k) -> tuple[np.ndarray, np.ndarray]:
 
 def _quantized(q: Quantized) -> tuple[tuple, int, int]:
     """q's arrays as the loops take them, (packed, its row stride, scales (int16
-    bits), row stride, biases, row stride), and q's shape (n, k); ValueError naming
-    the first field that does not fit."""
+    bits), row stride, biases, row stride, words per row), and q's shape (n, k);
+    ValueError naming the first field that does not fit."""
     if not isinstance(q, Quantized):
         raise ValueError(f"q must be a Quantized matrix, got {type(q).__name__}")
     packed, scales, biases = q.packed, q.scales, q.biases
@@ -389,8 +392,15 @@ def _quantized(q: Quantized) -> tuple[tuple, int, int]:
         *_flat_rows(packed, np.uint32, "q.packed"),
         *_flat_rows(scales, np.int16, "q.scales"),
         *_flat_rows(biases, np.int16, "q.biases"),
+        packed.shape[1],
     )
     return views, n, k
+
+
+def _padded(k: int, lanes: int) -> int:
+    """Length of a row of k values in field order with qjit.FIELD_PAD values after
+    each of its `lanes` fields."""
+    return k + lanes * qjit.FIELD_PAD
 
 
 def _quantized_bytes(q: Quantized, rows: int) -> int:
