@@ -42,7 +42,8 @@ from . import _workers
 DOT_ROWS_MAX_T = 8
 SUM_ROWS_MAX_TERMS = 6
 # The same for quantized weights (qmatmul_t, qmatmul), from the same sweep with
-# --quantized (group size 64, q4 / q8, ms per matrix; a shared machine, load 6.5):
+# --quantized (ms per matrix, compiled loops vs dequantize-then-BLAS, q4 / q8 with
+# groups of 64; the machine shared, load 6.5):
 #   x @ w.T  T=4: 4.0 vs 8.4 / 5.9 vs 7.3   T=8: 8.0 vs 10.1 / 10.0 vs 9.4
 #            T=12: 12.1 vs 11.3 / 14.2 vs 11.0
 #   x @ w    T=4: 6.5 vs 8.6 / 7.6 vs 7.8   T=6: 8.6 vs 11.3 / 9.6 vs 10.3
