@@ -24,7 +24,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from mlx_flashinfer.quantize import Quantized, check_format
+from mlx_flashinfer.quantize import BITS, GROUP_SIZES, Quantized, check_format
 
 from . import _kernels_jit as jit
 from . import _qkernels_jit as qjit
@@ -252,7 +252,10 @@ def qmatmul_t(x: np.ndarray, q: Quantized, out: np.ndarray | None = None) -> np.
             (x_fields, x_sums, views, q.bits, per_group, lo, hi, out)
             for lo, hi in parts
         ]
-        _workers.run(qjit.dot_rows, jobs, _threads)
+        if len(jobs) == 1:  # the small matrices of small models: 1-2 us a call
+            qjit.dot_rows(*jobs[0])
+        else:
+            _workers.run(qjit.dot_rows, jobs, _threads)
         return out
     # rows dequantized in field order, as x_fields: the dot products are the same
     block = _buffer("block", _block_rows(n, k), k)
@@ -359,9 +362,10 @@ def _qsum_rows(x, views, rows, q, k) -> tuple[np.ndarray, np.ndarray]:
         (x, views, rows[lo:hi], q.bits, per_group, sums[p], biases[p])
         for p, (lo, hi) in enumerate(parts)
     ]
-    _workers.run(qjit.sum_rows, jobs, _threads)
     if len(parts) == 1:
+        qjit.sum_rows(*jobs[0])
         return sums[0], biases[0]
+    _workers.run(qjit.sum_rows, jobs, _threads)
     with _quiet():
         return sums.sum(axis=0), biases.sum(axis=0)
 
@@ -380,8 +384,9 @@ def _quantized(q: Quantized) -> tuple[tuple, int, int]:
         )
     if packed.dtype != np.uint32:
         raise ValueError(f"q.packed must be uint32 words, got {packed.dtype}")
-    n, k = packed.shape[0], packed.shape[1] * 32 // q.bits if q.bits in (4, 8) else 0
-    check_format(q.bits, q.group_size, k, "q's rows")
+    n, k = packed.shape[0], packed.shape[1] * 32 // q.bits if q.bits in BITS else 0
+    if q.bits not in BITS or q.group_size not in GROUP_SIZES or k % q.group_size:
+        check_format(q.bits, q.group_size, k, "q's rows")
     for name, part in (("scales", scales), ("biases", biases)):
         if not isinstance(part, np.ndarray) or part.dtype != np.float16:
             raise ValueError(
