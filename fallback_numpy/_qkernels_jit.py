@@ -100,6 +100,14 @@ def _store(builder, value, base, index, mask=None):
         _masked(builder, "store", value.type, [value, pointer, _I32(1), mask])
 
 
+def _prefetch(builder, base, index) -> None:
+    """Ask for the cache line of base[index] ahead of use (a hint: never faults)."""
+    pointer = builder.bitcast(builder.gep(base, [index]), ir.IntType(8).as_pointer())
+    fnty = ir.FunctionType(ir.VoidType(), [pointer.type, _I32, _I32, _I32])
+    function = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(function, [pointer, _I32(0), _I32(3), _I32(1)])  # read, keep, data
+
+
 def floats_from_halves(builder, halves, hardware: bool = HARDWARE_FLOAT16):
     """float16 bit patterns (an i16 vector) as float32: LLVM's half -> float where
     the CPU has an instruction for it, else from the bits as
@@ -254,12 +262,18 @@ def _row_dots(
             context, builder, sig.args[3], args[3]
         )
         source, halves, bias_halves = (a.row(args[4]) for a in (packed, scales, biases))
+        # the next row's words, a row ahead: the kernel computes more than it
+        # reads, and the hardware prefetcher alone left latency in its way (4096 x
+        # 4096 from memory, one thread, medians of 5 runs: q4 0.75 -> 0.68 ms, q8
+        # 0.97 -> 0.85 ms on a busy machine; 2 and 4 rows ahead did no better)
+        following = packed.row(builder.add(args[4], _I64(1)))
         row_length = builder.extract_value(x_rows.shape, 1)
         zero = ir.Constant(_vector(_F32), None)
         totals = [cgutils.alloca_once_value(builder, zero) for _ in range(count)]
 
         def for_format(b, per_group):
             def block(w0, lanes):
+                _prefetch(builder, following, w0)
                 words = _load(builder, source, w0, BLOCK, lanes)
                 scale = _group_values(builder, halves, w0, per_group, lanes)
                 parts = [None] * count
@@ -404,12 +418,14 @@ def _dequantize_row(typingctx, quantized, j, bits, words_per_group, out, r):
         source, scale_halves, bias_halves = (
             a.row(args[1]) for a in (packed, scales, biases)
         )
+        following = packed.row(builder.add(args[1], _I64(1)))
         out_rows = _Rows(context, builder, sig.args[4], args[4])
         dst = out_rows.row(args[5])
         row_length = builder.extract_value(out_rows.shape, 1)
 
         def for_format(b, per_group):
             def block(w0, lanes):
+                _prefetch(builder, following, w0)
                 words = _load(builder, source, w0, BLOCK, lanes)
                 scale = _group_values(builder, scale_halves, w0, per_group, lanes)
                 bias = _group_values(builder, bias_halves, w0, per_group, lanes)
