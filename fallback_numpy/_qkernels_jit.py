@@ -318,13 +318,23 @@ def _row_dots(
 
 @intrinsic
 def _rows_add(
-    typingctx, coefficients, quantized, js, bits, words_per_group, out, ts, bias_sums
+    typingctx,
+    coefficients,
+    quantized,
+    js,
+    following,
+    bits,
+    words_per_group,
+    out,
+    ts,
+    bias_sums,
 ):
     """For R rows js of `quantized` and U rows ts of out (T, k) in field order and
     of bias_sums (T, groups): out[t_u] += sum_r coefficients[r * U + u] * scale_r *
     q_r and bias_sums[t_u] += sum_r coefficients[r * U + u] * bias_r. Each q is
     unpacked once for all U outputs, each output loaded and stored once for all R
-    rows."""
+    rows. The R rows `following` (those of the caller's next pass) are prefetched
+    meanwhile."""
     if not (
         isinstance(js, types.UniTuple)
         and isinstance(ts, types.UniTuple)
@@ -333,7 +343,15 @@ def _rows_add(
         return None
     rows, targets = js.count, ts.count
     signature = types.none(
-        coefficients, quantized, js, bits, words_per_group, out, ts, bias_sums
+        coefficients,
+        quantized,
+        js,
+        following,
+        bits,
+        words_per_group,
+        out,
+        ts,
+        bias_sums,
     )
 
     def codegen(context, builder, sig, args):
@@ -345,10 +363,11 @@ def _rows_add(
         sources = [packed.row(j) for j in js]
         halves = [scales.row(j) for j in js]
         bias_halves = [biases.row(j) for j in js]
-        ts = _ints(builder, args[6], targets)
-        out_rows = _Rows(context, builder, sig.args[5], args[5])
+        ahead = [packed.row(j) for j in _ints(builder, args[3], rows)]
+        ts = _ints(builder, args[7], targets)
+        out_rows = _Rows(context, builder, sig.args[6], args[6])
         dsts = [out_rows.row(t) for t in ts]
-        sum_rows = _Rows(context, builder, sig.args[7], args[7])
+        sum_rows = _Rows(context, builder, sig.args[8], args[8])
         bias_dsts = [sum_rows.row(t) for t in ts]
         row_length = builder.extract_value(out_rows.shape, 1)
 
@@ -356,6 +375,7 @@ def _rows_add(
             def block(w0, lanes):
                 words, factors = [], []
                 for r in range(rows):
+                    _prefetch(builder, ahead[r], w0)
                     words.append(_load(builder, sources[r], w0, BLOCK, lanes))
                     scale = _group_values(builder, halves[r], w0, per_group, lanes)
                     factors.append(
@@ -381,7 +401,7 @@ def _rows_add(
             stride = builder.udiv(row_length, _I64(32 // b))
             _over_blocks(builder, nw, block)
 
-        _per_format(builder, *_format(context, builder, sig, args, 3), for_format)
+        _per_format(builder, *_format(context, builder, sig, args, 4), for_format)
 
         def bias_block(g0, lanes):
             bias = [
@@ -506,7 +526,10 @@ def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
     bias_j (per group) for j in rows where x[t, j] != 0.
 
     T = 1: four rows per pass over out, loaded and stored once for the four.
-    T > 1: each row unpacked once for up to four of the t where it is nonzero."""
+    T > 1: each row unpacked once for up to four of the t where it is nonzero. Each
+    pass prefetches the rows of the next one (11008 x 4096 from memory, T = 1, one
+    thread, dense x: q4 2.07 -> 1.07-1.26 ms, q8 2.95 -> 1.61-1.97 ms; 10% of x
+    nonzero: q4 0.33 -> 0.27 ms)."""
     T = x.shape[0]
     terms = np.empty(max(T, rows.size), np.int64)
     if T == 1:
@@ -515,6 +538,7 @@ def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
             if x[0, rows[r]] != 0:
                 terms[count] = rows[r]
                 count += 1
+        last = count - 1
         i = 0
         while count - i >= 4:
             j0, j1, j2, j3 = terms[i], terms[i + 1], terms[i + 2], terms[i + 3]
@@ -522,6 +546,12 @@ def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
                 (x[0, j0], x[0, j1], x[0, j2], x[0, j3]),
                 quantized,
                 (j0, j1, j2, j3),
+                (
+                    terms[min(i + 4, last)],
+                    terms[min(i + 5, last)],
+                    terms[min(i + 6, last)],
+                    terms[min(i + 7, last)],
+                ),
                 bits,
                 words_per_group,
                 out,
@@ -531,14 +561,23 @@ def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
             i += 4
         while i < count:
             j0 = terms[i]
-            only = (x[0, j0],)
+            ahead = (terms[min(i + 1, last)],)
             _rows_add(
-                only, quantized, (j0,), bits, words_per_group, out, (0,), bias_sums
+                (x[0, j0],),
+                quantized,
+                (j0,),
+                ahead,
+                bits,
+                words_per_group,
+                out,
+                (0,),
+                bias_sums,
             )
             i += 1
         return
     for r in range(rows.size):
         j = rows[r]
+        ahead = (rows[min(r + 1, rows.size - 1)],)
         count = 0
         for t in range(T):
             if x[t, j] != 0:
@@ -551,6 +590,7 @@ def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
                 (x[t0, j], x[t1, j], x[t2, j], x[t3, j]),
                 quantized,
                 (j,),
+                ahead,
                 bits,
                 words_per_group,
                 out,
@@ -560,9 +600,16 @@ def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
             i += 4
         while i < count:
             t0 = terms[i]
-            only = (x[t0, j],)
             _rows_add(
-                only, quantized, (j,), bits, words_per_group, out, (t0,), bias_sums
+                (x[t0, j],),
+                quantized,
+                (j,),
+                ahead,
+                bits,
+                words_per_group,
+                out,
+                (t0,),
+                bias_sums,
             )
             i += 1
 
