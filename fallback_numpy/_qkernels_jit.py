@@ -5,17 +5,18 @@ integers packed in uint32 words, with a float16 scale and bias per group
 Value j of a row is field j % L of word j // L (L = 32 / bits fields per word). The
 inner loops take 16 words at a time as one <16 x i32> vector: a shift, a mask and a
 conversion give field l of all 16, that is values l, l + L, l + 2L, ... So these
-loops see rows in *field order*, row[l * nw + w] = value w * L + l (nw words per
-row): `kernels.py` puts x in that order once per call, and dequantized rows come
-out in it; a permutation of the terms of a dot product changes nothing else.
+loops see rows in *field order*, row[l * stride + w] = value w * L + l for the nw
+words of a row (stride >= nw, see FIELD_PAD): `kernels.py` puts x in that order
+once per call, and dequantized rows come out in it; a permutation of the terms of a
+dot product changes nothing else.
 
 The inner loops are LLVM vector IR (numba intrinsics), not plain numba loops: LLVM's
 auto-vectorizer widened numba's uint32 arithmetic to 64-bit lanes, scattered the
-per-word scales with vscatter, or stayed scalar, depending on the group size (q8
-with groups of 64 ran 1.5 ms against 0.35 ms per 4096 x 4096 matrix written as
-below). Blocks of 16 words load with plain loads; only a row's last, partial block
-uses masked loads and stores (a row may end where its buffer ends; masked loads on
-every block ran 4-7x slower from memory here).
+per-word scales with vscatter, or stayed scalar, depending on the group size (one
+thread, rows in cache, q8 with groups of 64: 1.46 ms per 4096 x 4096 against 0.33
+ms written as below). Blocks of 16 words load with plain loads; only a row's last,
+partial block uses masked loads and stores (a row may end where its buffer ends;
+masked loads on every block ran 4-6x slower from memory here).
 
 Callers validate shapes and formats; these loops do not.
 """
@@ -40,7 +41,7 @@ FORMATS = [(bits, size * bits // 32) for bits in BITS for size in GROUP_SIZES]
 _F32 = ir.FloatType()
 _I64 = ir.IntType(64)
 _I32 = ir.IntType(32)
-_FLAGS = ("reassoc", "contract")  # as _FAST: any order, fused multiply-add
+_FLAGS = ("reassoc", "contract")  # as _kernels_jit._FAST: any order, fused FMA
 
 
 def _vector(element, count: int = BLOCK) -> ir.VectorType:
