@@ -68,15 +68,18 @@ def _shuffle(builder, vector, lanes):
 
 
 def _masked(builder, what: str, vector_type, arguments):
+    """A call of LLVM's llvm.masked.load (arguments: pointer, alignment, mask,
+    values of the masked lanes) or llvm.masked.store (value, pointer, alignment,
+    mask)."""
     element = vector_type.element
     suffix = "f32" if element == _F32 else f"i{element.width}"
     name = f"llvm.masked.{what}.v{vector_type.count}{suffix}.p0"
-    pointer = arguments[1] if what == "store" else arguments[0]
+    mask = ir.VectorType(ir.IntType(1), vector_type.count)
     if what == "load":
-        mask = ir.VectorType(ir.IntType(1), vector_type.count)
+        pointer = arguments[0]
         fnty = ir.FunctionType(vector_type, [pointer.type, _I32, mask, vector_type])
     else:
-        mask = ir.VectorType(ir.IntType(1), vector_type.count)
+        pointer = arguments[1]
         fnty = ir.FunctionType(ir.VoidType(), [vector_type, pointer.type, _I32, mask])
     function = cgutils.get_or_insert_function(builder.module, fnty, name)
     return builder.call(function, arguments)
