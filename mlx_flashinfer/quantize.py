@@ -90,7 +90,9 @@ def unpack(packed: np.ndarray, bits: int) -> np.ndarray:
     packed = np.asarray(packed, dtype=np.uint32)
     shifts = np.arange(per_word, dtype=np.uint32) * np.uint32(bits)
     lanes = (packed[..., None] >> shifts) & np.uint32((1 << bits) - 1)
-    return lanes.reshape(*packed.shape[:-1], -1).astype(np.uint8)
+    return lanes.reshape(*packed.shape[:-1], packed.shape[-1] * per_word).astype(
+        np.uint8
+    )
 
 
 def quantize(
@@ -124,7 +126,7 @@ def dequantize(
     """(packed, scales, biases) -> float32 values (the reference the kernels and
     tests compare against)."""
     q = unpack(packed, bits).astype(np.float32)
-    groups = q.reshape(*q.shape[:-1], -1, group_size)
+    groups = q.reshape(*q.shape[:-1], q.shape[-1] // group_size, group_size)
     s = np.asarray(scales, dtype=np.float32)[..., None]
     b = np.asarray(biases, dtype=np.float32)[..., None]
     return (groups * s + b).reshape(q.shape)

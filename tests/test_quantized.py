@@ -79,6 +79,12 @@ def test_quantize_is_within_half_a_step(bits, group, groups, rows, scale, seed):
     assert np.all(np.abs(got - w) <= bound)
 
 
+def test_an_empty_matrix_quantizes_to_empty_fields():
+    fields = quantize(np.zeros((0, 64), np.float32), 4, 32)
+    assert [f.shape for f in fields] == [(0, 8), (0, 2), (0, 2)]
+    assert dequantize(*fields, 4, 32).shape == (0, 64)
+
+
 @pytest.mark.parametrize("kind", sorted(GGUF_TYPES))
 @settings(max_examples=20, deadline=None)
 @given(rows=st.integers(1, 4), blocks=st.integers(1, 4), seed=st.integers(0, 2**31))
