@@ -1,4 +1,4 @@
-"""llama.cpp's perplexity of a text, scored exactly as `flashinfer perplexity` scores it:
+"""llama.cpp's perplexity of a text, scored as `flashinfer perplexity` scores it:
 the same token ids (our tokenizer of LAYOUT, converted from the same GGUF), the same
 non-overlapping chunks, every token of a chunk but its first scored from a fresh cache.
 
