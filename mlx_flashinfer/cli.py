@@ -18,6 +18,7 @@ from .bench.cli import add_bench_command
 from .layout import DTYPES, Layout
 from .memory import format_bytes
 from .predictors import PREDICTORS
+from .sparsity_report import predictor_table, sparsity_line
 
 # User mistakes print one line and exit 2; anything else is a bug and keeps its
 # traceback. OSError covers the disk's refusals too: read-only, full, busy.
@@ -122,7 +123,7 @@ def cmd_inspect(opts) -> int:
         )
     if layout.has_predictor and opts.verbose:
         print()
-        print_predictor_report(layout.manifest["predictor"])
+        print("\n".join(predictor_table(layout.manifest["predictor"])))
     if opts.budget:
         from .loader import default_predictor, make_plan
 
@@ -343,8 +344,9 @@ def cmd_verify(opts) -> int:
 
 
 def cmd_train_predictor(opts) -> int:
-    from .train_predictor import train_predictor
+    from .train_predictor import parse_max_loss, train_predictor
 
+    max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
     texts = [Path(f).read_text(encoding="utf-8") for f in opts.text or []]
     section = train_predictor(
         opts.model,
@@ -352,33 +354,20 @@ def cmd_train_predictor(opts) -> int:
         tokens=opts.tokens,
         rank=opts.rank,
         last_rank=opts.last_rank,
-        threshold=opts.threshold,
+        recall=opts.recall,
+        max_loss=max_loss,
         silu_sparsity=opts.sparsity,
         backend=opts.backend,
         memory_budget=opts.memory_budget,
         seed=opts.seed,
         progress=sys.stderr.isatty(),
     )
-    print_predictor_report(section)
+    print("\n".join(predictor_table(section)))
     print(
         f"trained on {section['tokens']} tokens ({section['source']}) in "
         f"{section['seconds']:.1f} s; stored in {Path(opts.model) / section['file']}"
     )
     return 0
-
-
-def print_predictor_report(section: dict) -> None:
-    """The per-layer recall/precision table of a trained predictor."""
-    print(
-        f"low-rank predictor, threshold {section['threshold']}, "
-        f"{format_bytes(section['nbytes'])} in DRAM"
-    )
-    print("layer  rank  recall  precision  predicted  truly active")
-    for i, r in enumerate(section["report"]):
-        print(
-            f"{i:>5}  {r['rank']:>4}  {r['recall']:>6.3f}  {r['precision']:>9.3f}  "
-            f"{r['predicted_fraction']:>9.1%}  {r['true_fraction']:>12.1%}"
-        )
 
 
 def make_sampling(opts) -> tuple:
@@ -625,10 +614,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text",
         action="append",
-        help="calibration text file "
-        "(repeatable; default: text sampled from the model itself)",
+        help="calibration text file (repeatable; default: chapters I-VI of Alice's "
+        "Adventures in Wonderland, shipped with the package)",
     )
-    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    p.add_argument(
+        "--tokens", type=int, default=4096, help="calibration tokens (default 4096)"
+    )
     p.add_argument("--rank", type=int, default=64, help="rank of every layer")
     p.add_argument(
         "--last-rank",
@@ -637,22 +628,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank of the last eighth of the layers (the most active)",
     )
     p.add_argument(
-        "--threshold",
+        "--recall",
         type=float,
-        default=0.5,
-        help="probability above which a neuron is predicted active",
+        default=0.99,
+        help="each layer's cut keeps this share of the neurons that matter, on "
+        "calibration text it did not train on (default 0.99)",
+    )
+    p.add_argument(
+        "--max-loss",
+        default=None,
+        metavar="PCT",
+        help="instead of --recall: choose each layer's cut so that perplexity on "
+        "calibration text rises by at most PCT percent (e.g. 3%%), skipping most "
+        "where layers tolerate it",
     )
     p.add_argument(
         "--sparsity",
         type=float,
         default=0.5,
-        help="SiLU models: fraction of neurons counted inactive (CATS)",
+        help="SiLU models: per token, the fraction of neurons counted as not "
+        "mattering (the smallest |silu(gate) x up|; default 0.5)",
     )
     p.add_argument("--backend", choices=BACKENDS, default=None)
     p.add_argument(
         "--memory-budget",
-        default="100%",
-        help="memory for the model while collecting (default 100%%)",
+        default=None,
+        help="refuse to start if calibration would hold more than this (bytes, "
+        "1.5GB or 50%%); it holds the resident weights, one FFN layer and the "
+        "calibration tokens' activations",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_train_predictor)

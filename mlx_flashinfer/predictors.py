@@ -193,8 +193,8 @@ def make_predictor(
 ):
     """Build a predictor by name ("lowrank", "gate", "oracle", "all").
 
-    `threshold` (lowrank only) overrides the trained probability cut: higher reads
-    fewer neurons, lower misses fewer.
+    `threshold` (lowrank only) overrides the trained cuts with one probability cut
+    for every layer: higher reads fewer neurons, lower misses fewer.
 
     Raises:
         ValueError: an unknown name, or lowrank asked of a layout without one.
@@ -211,6 +211,7 @@ def make_predictor(
             threshold=threshold,
             trained_threshold=section["threshold"],
             dtype=layout.dtype,
+            cuts=section.get("cuts"),
         )
     if name == "all":
         return AllPredictor(layout.args)
