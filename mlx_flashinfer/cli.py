@@ -185,6 +185,8 @@ def cmd_generate(opts) -> int:
     sampler, processors = make_sampling(opts)
     prompt = read_prompt(opts.prompt)
     model, tokenizer = load_model(opts)
+    if line := model_sparsity_line(opts, model):
+        print(line, file=sys.stderr)
     cache, system, ignore = open_prompt_cache(opts, model)
     if cache is not None:  # the cached prompt goes on with this one, as in mlx-lm
         prompt = cache.metadata.get("prompt", "") + prompt
@@ -229,6 +231,8 @@ def cmd_chat(opts) -> int:
     name = Path(opts.model).name if opts.model else "SmolLM2-135M-Instruct (default)"
     mode = "dense" if model.plan is None else f"flash, {opts.memory_budget} budget"
     print(f"chat with {name} ({model.backend.name} backend, {mode}); /help, q quits")
+    if line := model_sparsity_line(opts, model):
+        print(line)
     chat = Chat(
         model, tokenizer, opts.max_tokens, system, sampler, processors, None, cache
     )
@@ -313,8 +317,13 @@ def cmd_verify(opts) -> int:
     from .chat import prompt_ids, read_prompt
     from .loader import default_predictor, load
     from .models import resolve_model
-    from .verify import compare, report_lines
+    from .texts import verify_text
+    from .verify import compare, perplexities, perplexity_line, report_lines
 
+    if opts.perplexity_tokens < 0:
+        raise ValueError(
+            f"--perplexity-tokens must be >= 0, got {opts.perplexity_tokens}"
+        )
     prompt = read_prompt(opts.prompt)
     path = resolve_model(opts.model, opts.cache_dir)
     shared = {"backend": opts.backend, "max_context": opts.max_context}
@@ -340,6 +349,12 @@ def cmd_verify(opts) -> int:
         "dense tokens"
     )
     print("\n".join(report_lines(result, tokenizer, dense.args, layout.ffn_bytes)))
+    if line := sparsity_line(flash, layout):
+        print(line)
+    if opts.perplexity_tokens:
+        passage = tokenizer.encode(verify_text())[: opts.perplexity_tokens]
+        scores = perplexities(flash, dense, passage)
+        print(perplexity_line(*scores, "a passage calibration never saw (Alice IX)"))
     return 0
 
 
@@ -491,6 +506,15 @@ def add_cache_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def model_sparsity_line(opts, model) -> str | None:
+    """`sparsity_report.sparsity_line` of the model the options name."""
+    if model.plan is None:
+        return None
+    from .models import resolve_model
+
+    return sparsity_line(model, Layout.open(resolve_model(opts.model, opts.cache_dir)))
+
+
 def load_model(opts):
     from .loader import load
 
@@ -606,6 +630,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="flash against dense (flash budget: 100%%)")
     add_generation_options(p, max_tokens=32)
+    p.add_argument(
+        "--perplexity-tokens",
+        type=int,
+        default=128,
+        help="also score this many tokens of a built-in passage with both "
+        "(0: skip; default 128)",
+    )
     add_model_options(p)
     p.set_defaults(run=cmd_verify)
 
