@@ -104,6 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         layout = Path(tmp) / "layout"
         shutil.copytree(opts.model, layout)
+        max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
         if opts.use_trained:
             section = mlx_flashinfer.Layout.open(layout).manifest["predictor"]
         else:
@@ -112,7 +113,7 @@ def main() -> None:
                 tokens=opts.train_tokens,
                 rank=opts.rank,
                 recall=opts.recall,
-                max_loss=None if opts.max_loss is None else parse_max_loss(opts.max_loss),
+                max_loss=max_loss,
                 silu_sparsity=opts.sparsity,
                 progress=False,
             )

@@ -129,19 +129,19 @@ class LayerByLayer:
         return [self.model.embed(seq, 0) for seq in sequences]
 
     def load(self, layer: int) -> None:
-        """Read `layer`'s FFN from the layout, widened to float32; `down_norms` are
-        its down (fc2) columns' lengths."""
+        """Read `layer`'s FFN from the layout (held as stored, as decoding holds
+        it); `down_norms` are its down (fc2) columns' lengths."""
         self.ffn.parts = None  # the layer before goes first
         bundles = self.layout.read_stored(layer)  # (n_ffn, n_parts, d_model)
-        # float32: whole sequences through one layer are BLAS's case, where the
-        # 16-bit kernels serve decoding (NumPy, 256 tokens x SmolLM2's FFN: gate
-        # 9.6 against 13.2 ms; down, whose kernel looks for a ReLU's zeros, ~4x)
-        parts = [
-            decode(bundles[:, p], self.layout.dtype).astype(np.float32)
-            for p in range(bundles.shape[1])
-        ]
-        self.down_norms = np.linalg.norm(parts[-1], axis=1)
-        self.ffn.parts = [self.B.weight(p) for p in parts]
+        self.ffn.parts = [self.B.weight(bundles[:, p]) for p in range(bundles.shape[1])]
+        self.down_norms = np.concatenate(  # in slices: no float32 copy of it all
+            [
+                np.linalg.norm(
+                    decode(rows, self.layout.dtype).astype(np.float32), axis=1
+                )
+                for rows in np.array_split(bundles[:, -1], max(1, len(bundles) // 1024))
+            ]
+        )
 
     def run(self, layer: int, streams: list, keep=None, record=None):
         """Streams through `layer` (loaded).
@@ -172,21 +172,25 @@ class LayerByLayer:
         return self.B.to_numpy(self.model.head(x))
 
 
-def calibration_bytes(layout: Layout, tokens: int, tune_tokens: int) -> int:
-    """DRAM that a calibration holds at most: resident weights, one layer's FFN
-    (float32), per token its residual stream, FFN input and target set (float32,
-    float32, bool per neuron), and per tune token the gate and up pre-activations
-    and the activations (float32), all twice over while a layer's are assembled."""
+def calibration_bytes(
+    layout: Layout, tokens: int, tune_tokens: int, seq_len: int
+) -> int:
+    """DRAM that a calibration holds at most (weights and activations; the
+    interpreter and libraries aside, as in the flash memory plan): resident weights,
+    one layer's FFN as stored; per token its residual stream, FFN input and target
+    set (float32, float32, bool per neuron); per tune token the gate pre-activations
+    and activations (float32), all twice over while a layer's are assembled; and a
+    sequence's logits (float32, twice: scoring them)."""
     args = layout.args
     d, n = args.hidden_size, args.intermediate_size
     resident, _ = model_bytes(layout)
-    neurons = max(e.neurons for e in layout.layers)
-    layer = neurons * len(layout.bundle_parts) * d * 4  # widened to float32
-    return resident + layer + 2 * (tokens * (8 * d + n) + tune_tokens * 12 * n)
+    layer = max(e.neurons for e in layout.layers) * layout.bundle_bytes
+    activations = 2 * (tokens * (8 * d + n) + tune_tokens * 8 * n)
+    return resident + layer + activations + 2 * seq_len * args.vocab_size * 4
 
 
 def check_calibration_budget(
-    layout: Layout, tokens: int, tune_tokens: int, memory_budget
+    layout: Layout, tokens: int, tune_tokens: int, seq_len: int, memory_budget
 ) -> None:
     """Refuse a calibration that would hold more than `memory_budget` (bytes,
     "1.5GB" or "50%" of the weights as stored).
@@ -196,7 +200,7 @@ def check_calibration_budget(
     """
     resident, ffn = model_bytes(layout)
     budget = parse_budget(memory_budget, resident + ffn)
-    needed = calibration_bytes(layout, tokens, tune_tokens)
+    needed = calibration_bytes(layout, tokens, tune_tokens, seq_len)
     if needed > budget:
         raise ValueError(
             f"calibrating on {tokens} tokens holds {format_bytes(needed)} (resident "

@@ -180,7 +180,8 @@ def train_predictor(
     train, tune = split_sequences(len(sequences))
     tune_tokens = sum(len(sequences[j]) for j in tune)
     if memory_budget is not None:
-        check_calibration_budget(layout, total, tune_tokens, memory_budget)
+        longest = max(len(s) for s in sequences)
+        check_calibration_budget(layout, total, tune_tokens, longest, memory_budget)
     run = _Calibration(layout, sequences, tune, backend, max_loss is not None)
     A_list, B_list, reports, cuts, gate_cuts = [], [], [], [], []
     for layer in tqdm(
@@ -236,6 +237,11 @@ def train_predictor(
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
+
+
+def _exp(x: float) -> float:
+    """exp, inf past float range (a random synthetic model's perplexity can be)."""
+    return math.exp(x) if x < 709 else math.inf
 
 
 def _fit(report: dict) -> dict:
@@ -337,13 +343,11 @@ class _Calibration:
         return self._quality(self.nll(self.sparse))
 
     def _quality(self, nll: float) -> dict:
-        dense = math.exp(self.dense_nll / self.scored)
-        sparse = math.exp(nll / self.scored)
         return {
             "tokens": self.scored,
-            "dense_perplexity": dense,
-            "perplexity": sparse,
-            "loss": sparse / dense - 1.0,
+            "dense_perplexity": _exp(self.dense_nll / self.scored),
+            "perplexity": _exp(nll / self.scored),
+            "loss": _exp((nll - self.dense_nll) / self.scored) - 1.0,
         }
 
     def allocate(self, A_list, B_list, max_loss: float, progress: bool):
@@ -398,7 +402,11 @@ def store_predictor(layout: Layout, A_list, B_list, reports, settings: dict) -> 
             ),
             **settings,
             "report": [
-                {k: r[k] for k in (*REPORT_KEYS, "rank", "epochs", "fit_recall")}
+                {
+                    k: r[k]
+                    for k in (*REPORT_KEYS, "rank", "epochs", "fit_recall")
+                    if k in r  # synthetic predictors (bench/synth.py) fit nothing
+                }
                 for r in reports
             ],
         }

@@ -100,6 +100,10 @@ def test_bad_training_input(tmp_path):
     with pytest.raises(ValueError, match="rank 33 out of range: 1..32"):
         train_predictor(layout, texts=[calibration_text(500)], rank=33, progress=False)
     assert main(["train-predictor", str(layout), "--rank", "0"]) == 2
+    # calibration holds the resident weights, one FFN layer and the activations
+    with pytest.raises(ValueError, match=r"holds .* more than the budget of 1.0 KB"):
+        train_predictor(layout, memory_budget="1KB", rank=8, progress=False)
+    assert main(["train-predictor", str(layout), "--memory-budget", "1KB"]) == 2
 
 
 @pytest.mark.parametrize("where", ["training", "manifest"])
