@@ -1,15 +1,19 @@
 """Quality and bytes of the predictors: perplexity of held-out text through the sparse
 path, for dense, the gate predictor and the trained low-rank predictor.
 
-Trains the low-rank predictor on the first half of a text (CATS-calibrated active sets
-for SiLU models, so gate and low-rank predict at matched sparsity), then scores the
-start of the second half: each chunk's first `--prefill` tokens run as a prompt and
+The low-rank predictor is trained as `flashinfer train-predictor` trains it (by
+default on the package's calibration text, chapters I-VI of Alice; `--recall`,
+`--max-loss` as there), or taken as the layout has it (`--use-trained`). Scored: the
+start of the held-out part of Alice (chapters VII-XII, `texts.held_out_part` of
+`--text`, the whole book): each chunk's first `--prefill` tokens run as a prompt and
 every later token as its own decode step through the flash path (what the method
-really computes). Also reports the predictor's share of the decode time.
+really computes). Also reports the share of FFN neurons each decoded token skipped
+(predicted neither for it nor cached), the bytes read and the predictor's time.
 
     python benchmarks/predictor_quality.py --model LAYOUT --text alice.txt
         [--budget 100%] [--tokens 1024] [--context 256] [--prefill 32]
-        [--train-tokens 8192] [--rank 64] [--sparsity 0.5] [--out results.json]
+        [--train-tokens 8192] [--rank 64] [--recall 0.99 | --max-loss 3%]
+        [--use-trained] [--predictors gate lowrank] [--out results.json]
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from pathlib import Path
 
 import mlx_flashinfer
 from mlx_flashinfer.perplexity import perplexity
-from mlx_flashinfer.train_predictor import train_predictor
+from mlx_flashinfer.texts import held_out_part
+from mlx_flashinfer.train_predictor import parse_max_loss, train_predictor
 
 
 def score(layout, ids, opts, **flash) -> dict:
@@ -34,9 +39,12 @@ def score(layout, ids, opts, **flash) -> dict:
     if flash:
         stats = model.io_stats()["decode"]
         n = max(stats["tokens"], 1)
+        args = model.args
+        neurons = n * args.num_hidden_layers * args.intermediate_size
         result.update(
             bytes_per_token=stats["bytes_per_token"],
             ms_per_token=stats["ms_per_token"],
+            predicted_share=stats["neurons_predicted"] / neurons,
             predictor_share=stats["predictor_s"] / max(stats["total_s"], 1e-9),
             predictor_ms=1e3 * stats["predictor_s"] / n,
             predictor_mb=model.plan.predictor / 1e6,
@@ -60,7 +68,7 @@ def smallest_budget(layout, predictor: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--text", required=True)
+    parser.add_argument("--text", required=True, help="the whole of Alice (eBook #11)")
     parser.add_argument("--budget", default="100%")
     parser.add_argument("--window", type=int, default=4)
     parser.add_argument("--backend", default="numpy")
@@ -70,6 +78,19 @@ def main() -> None:
     parser.add_argument("--train-tokens", type=int, default=8192)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.5)
+    parser.add_argument("--recall", type=float, default=0.99)
+    parser.add_argument("--max-loss", default=None)
+    parser.add_argument(
+        "--use-trained",
+        action="store_true",
+        help="score the layout's own predictor (no training)",
+    )
+    parser.add_argument(
+        "--predictors",
+        nargs="+",
+        default=["gate", "lowrank"],
+        choices=["gate", "lowrank"],
+    )
     parser.add_argument(
         "--thresholds",
         type=float,
@@ -79,24 +100,28 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None)
     opts = parser.parse_args()
-    text = Path(opts.text).read_text(encoding="utf-8")
-    half = len(text) // 2
+    held_out = held_out_part(Path(opts.text).read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
         layout = Path(tmp) / "layout"
         shutil.copytree(opts.model, layout)
-        section = train_predictor(
-            layout,
-            texts=[text[:half]],
-            tokens=opts.train_tokens,
-            rank=opts.rank,
-            silu_sparsity=opts.sparsity,
-            progress=False,
-        )
+        max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
+        if opts.use_trained:
+            section = mlx_flashinfer.Layout.open(layout).manifest["predictor"]
+        else:
+            section = train_predictor(
+                layout,
+                tokens=opts.train_tokens,
+                rank=opts.rank,
+                recall=opts.recall,
+                max_loss=max_loss,
+                silu_sparsity=opts.sparsity,
+                progress=False,
+            )
         _, tok = mlx_flashinfer.load(layout, backend="numpy")
-        ids = tok.encode(text[half:])[: opts.tokens]
+        ids = tok.encode(held_out)[: opts.tokens]
         flash = {"memory_budget": opts.budget, "window": opts.window}
         rows = {"dense": score(layout, ids, opts)}
-        for name in ("gate", "lowrank"):
+        for name in opts.predictors:
             try:
                 rows[name] = score(layout, ids, opts, predictor=name, **flash)
             except ValueError as err:  # a budget too small for this predictor
@@ -111,35 +136,39 @@ def main() -> None:
     report = section["report"]
     recall = sum(r["recall"] for r in report) / len(report)
     predicted = sum(r["predicted_fraction"] for r in report) / len(report)
+    measured = section.get("quality") or {}
     print(
-        f"{opts.model}: predictor trained on {section['tokens']} tokens of the first "
-        f"half in {section['seconds']:.0f} s (rank {opts.rank}, mean held-out recall "
-        f"{recall:.3f}, predicts {predicted:.1%} of neurons); scored "
-        f"{rows['dense']['tokens']} tokens of the second half, chunks of "
-        f"{opts.context}, prefill {opts.prefill}, budget {opts.budget}, "
-        f"k={opts.window}, {opts.backend}\n"
+        f"{opts.model}: predictor trained on {section['tokens']} tokens "
+        f"({section['source']}) in {section['seconds']:.0f} s (rank {opts.rank}, "
+        f"mean tune-split recall {recall:.3f}, predicts {predicted:.1%} of neurons, "
+        f"calibration loss {measured.get('loss', float('nan')):+.1%}); scored "
+        f"{rows['dense']['tokens']} held-out tokens, chunks of {opts.context}, "
+        f"prefill {opts.prefill}, budget {opts.budget}, k={opts.window}, "
+        f"{opts.backend}\n"
     )
     print(
-        "| predictor | perplexity | MB read/token | ms/token | predictor MB | "
-        "predictor ms/token (share of decode) |"
+        "| predictor | perplexity | vs dense | FFN skipped (predicted) | "
+        "MB read/token | ms/token | predictor MB | predictor ms/token (share) |"
     )
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
+    dense = rows["dense"]["perplexity"]
     for name, r in rows.items():
         if "refused" in r:
-            print(f"| {name} | refused at {opts.budget}: needs {r['needs']} | | | | |")
+            print(f"| {name} | refused at {opts.budget}: needs {r['needs']} |||||||")
             continue
         if name == "dense":
-            print(f"| dense (all in DRAM) | {r['perplexity']:.3f} | 0 | | | |")
+            print(f"| dense (all in DRAM) | {r['perplexity']:.3f} | | 0 | 0 | | | |")
             continue
         print(
-            f"| {name} | {r['perplexity']:.3f} | {r['bytes_per_token'] / 1e6:.2f} | "
+            f"| {name} | {r['perplexity']:.3f} | {r['perplexity'] / dense - 1:+.1%} | "
+            f"{1 - r['predicted_share']:.1%} | {r['bytes_per_token'] / 1e6:.2f} | "
             f"{r['ms_per_token']:.0f} | {r['predictor_mb']:.1f} | "
             f"{r['predictor_ms']:.1f} ({r['predictor_share']:.1%}) |"
         )
     if opts.out:
         Path(opts.out).write_text(
             json.dumps(
-                {"options": vars(opts), "rows": rows, "report": report}, indent=1
+                {"options": vars(opts), "rows": rows, "predictor": section}, indent=1
             )
         )
 

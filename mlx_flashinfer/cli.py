@@ -18,6 +18,7 @@ from .bench.cli import add_bench_command
 from .layout import DTYPES, Layout
 from .memory import format_bytes
 from .predictors import PREDICTORS
+from .sparsity_report import predictor_table, sparsity_line
 
 # User mistakes print one line and exit 2; anything else is a bug and keeps its
 # traceback. OSError covers the disk's refusals too: read-only, full, busy.
@@ -152,7 +153,7 @@ def cmd_inspect(opts) -> int:
         )
     if layout.has_predictor and opts.verbose:
         print()
-        print_predictor_report(layout.manifest["predictor"])
+        print("\n".join(predictor_table(layout.manifest["predictor"])))
     if opts.budget:
         from .loader import default_predictor, make_plan
 
@@ -214,6 +215,8 @@ def cmd_generate(opts) -> int:
     sampler, processors = make_sampling(opts)
     prompt = read_prompt(opts.prompt)
     model, tokenizer = load_model(opts)
+    if line := model_sparsity_line(opts, model):
+        print(line, file=sys.stderr)
     cache, system, ignore = open_prompt_cache(opts, model)
     if cache is not None:  # the cached prompt goes on with this one, as in mlx-lm
         prompt = cache.metadata.get("prompt", "") + prompt
@@ -258,6 +261,8 @@ def cmd_chat(opts) -> int:
     name = Path(opts.model).name if opts.model else "SmolLM2-135M-Instruct (default)"
     mode = "dense" if model.plan is None else f"flash, {opts.memory_budget} budget"
     print(f"chat with {name} ({model.backend.name} backend, {mode}); /help, q quits")
+    if line := model_sparsity_line(opts, model):
+        print(line)
     chat = Chat(
         model, tokenizer, opts.max_tokens, system, sampler, processors, None, cache
     )
@@ -342,8 +347,13 @@ def cmd_verify(opts) -> int:
     from .chat import prompt_ids, read_prompt
     from .loader import default_predictor, load
     from .models import resolve_model
-    from .verify import compare, report_lines
+    from .texts import verify_text
+    from .verify import compare, perplexities, perplexity_line, report_lines
 
+    if opts.perplexity_tokens < 0:
+        raise ValueError(
+            f"--perplexity-tokens must be >= 0, got {opts.perplexity_tokens}"
+        )
     prompt = read_prompt(opts.prompt)
     path = resolve_model(opts.model, opts.cache_dir)
     shared = {"backend": opts.backend, "max_context": opts.max_context}
@@ -369,12 +379,19 @@ def cmd_verify(opts) -> int:
         "dense tokens"
     )
     print("\n".join(report_lines(result, tokenizer, dense.args, layout.ffn_bytes)))
+    if line := sparsity_line(flash, layout):
+        print(line)
+    if opts.perplexity_tokens:
+        passage = tokenizer.encode(verify_text())[: opts.perplexity_tokens]
+        scores = perplexities(flash, dense, passage)
+        print(perplexity_line(*scores, "a passage calibration never saw (Alice IX)"))
     return 0
 
 
 def cmd_train_predictor(opts) -> int:
-    from .train_predictor import train_predictor
+    from .train_predictor import parse_max_loss, train_predictor
 
+    max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
     texts = [Path(f).read_text(encoding="utf-8") for f in opts.text or []]
     section = train_predictor(
         opts.model,
@@ -382,33 +399,20 @@ def cmd_train_predictor(opts) -> int:
         tokens=opts.tokens,
         rank=opts.rank,
         last_rank=opts.last_rank,
-        threshold=opts.threshold,
+        recall=opts.recall,
+        max_loss=max_loss,
         silu_sparsity=opts.sparsity,
         backend=opts.backend,
         memory_budget=opts.memory_budget,
         seed=opts.seed,
         progress=sys.stderr.isatty(),
     )
-    print_predictor_report(section)
+    print("\n".join(predictor_table(section)))
     print(
         f"trained on {section['tokens']} tokens ({section['source']}) in "
         f"{section['seconds']:.1f} s; stored in {Path(opts.model) / section['file']}"
     )
     return 0
-
-
-def print_predictor_report(section: dict) -> None:
-    """The per-layer recall/precision table of a trained predictor."""
-    print(
-        f"low-rank predictor, threshold {section['threshold']}, "
-        f"{format_bytes(section['nbytes'])} in DRAM"
-    )
-    print("layer  rank  recall  precision  predicted  truly active")
-    for i, r in enumerate(section["report"]):
-        print(
-            f"{i:>5}  {r['rank']:>4}  {r['recall']:>6.3f}  {r['precision']:>9.3f}  "
-            f"{r['predicted_fraction']:>9.1%}  {r['true_fraction']:>12.1%}"
-        )
 
 
 def make_sampling(opts) -> tuple:
@@ -530,6 +534,15 @@ def add_cache_option(p: argparse.ArgumentParser) -> None:
         help="where checkpoints are converted on first use "
         "(default: $MLX_FLASHINFER_CACHE or ~/.cache/mlx-flashinfer)",
     )
+
+
+def model_sparsity_line(opts, model) -> str | None:
+    """`sparsity_report.sparsity_line` of the model the options name."""
+    if model.plan is None:
+        return None
+    from .models import resolve_model
+
+    return sparsity_line(model, Layout.open(resolve_model(opts.model, opts.cache_dir)))
 
 
 def load_model(opts):
@@ -669,6 +682,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="flash against dense (flash budget: 100%%)")
     add_generation_options(p, max_tokens=32)
+    p.add_argument(
+        "--perplexity-tokens",
+        type=int,
+        default=128,
+        help="also score this many tokens of a built-in passage with both "
+        "(0: skip; default 128)",
+    )
     add_model_options(p)
     p.set_defaults(run=cmd_verify)
 
@@ -677,10 +697,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--text",
         action="append",
-        help="calibration text file "
-        "(repeatable; default: text sampled from the model itself)",
+        help="calibration text file (repeatable; default: chapters I-VI of Alice's "
+        "Adventures in Wonderland, shipped with the package)",
     )
-    p.add_argument("--tokens", type=int, default=4096, help="calibration tokens")
+    p.add_argument(
+        "--tokens", type=int, default=4096, help="calibration tokens (default 4096)"
+    )
     p.add_argument("--rank", type=int, default=64, help="rank of every layer")
     p.add_argument(
         "--last-rank",
@@ -689,22 +711,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="rank of the last eighth of the layers (the most active)",
     )
     p.add_argument(
-        "--threshold",
+        "--recall",
         type=float,
-        default=0.5,
-        help="probability above which a neuron is predicted active",
+        default=0.99,
+        help="each layer's cut keeps this share of the neurons that matter, on "
+        "calibration text it did not train on (default 0.99)",
+    )
+    p.add_argument(
+        "--max-loss",
+        default=None,
+        metavar="PCT",
+        help="instead of --recall: choose each layer's cut so that perplexity on "
+        "calibration text rises by at most PCT percent (e.g. 3%%), skipping most "
+        "where layers tolerate it",
     )
     p.add_argument(
         "--sparsity",
         type=float,
         default=0.5,
-        help="SiLU models: fraction of neurons counted inactive (CATS)",
+        help="SiLU models: per token, the fraction of neurons counted as not "
+        "mattering (the smallest |silu(gate) x up|; default 0.5)",
     )
     p.add_argument("--backend", choices=BACKENDS, default=None)
     p.add_argument(
         "--memory-budget",
-        default="100%",
-        help="memory for the model while collecting (default 100%%)",
+        default=None,
+        help="refuse to start if calibration would hold more than this (bytes, "
+        "1.5GB or 50%%); it holds the resident weights, one FFN layer and the "
+        "calibration tokens' activations",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_train_predictor)

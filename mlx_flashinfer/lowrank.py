@@ -1,14 +1,18 @@
 """The trained low-rank activation predictor of the paper (section 3.1, "Predictor").
 
 Per layer, two bias-free linear maps d_model -> rank -> n_ffn and a sigmoid:
-p = sigmoid(B (A h)), neuron i predicted active when p_i > threshold. It is trained on
-the layer's FFN inputs and true active sets with a balanced binary cross-entropy and
-AdamW until held-out recall reaches 0.99 (the Deja Vu recipe the paper follows) and
-further epochs stop shrinking the predicted set. A and B stay in DRAM: a rank-r
+p = sigmoid(B (A h)), neuron i predicted active when p_i > threshold, or, once
+training has tuned a cut per layer on tokens it did not train on, when
+(B (A h))_i > cut. It is trained on the layer's FFN inputs and true active sets with
+a balanced binary cross-entropy and AdamW until held-out recall reaches 0.99 (the
+Deja Vu recipe the paper follows) and further epochs stop shrinking the predicted
+set. A and B stay in DRAM: a rank-r
 predictor costs r * (d_model + n_ffn) floats per layer instead of the gate's
 n_ffn * d_model.
 
 - `train_layer`: fit one layer (NumPy with hand-written gradients, or MLX).
+- `cut_for_recall`, `cut_report`: a layer's cut for a recall target, and what it
+  keeps.
 - `LowRankPredictor`: the predictor interface of `predictors.py` over trained A, B.
 - `save_predictor` / `load_predictor_arrays`: `predictor.safetensors`
   (`layers.{i}.A` (rank, d_model), `layers.{i}.B` (n_ffn, rank), float32).
@@ -147,14 +151,22 @@ def _make_mlx_epoch(A, B, lr, pos_weight):
 
 def _evaluate(A, B, X, Y, threshold: float, chunk: int = 4096) -> dict:
     """Recall, precision and active fractions of `logits > logit(threshold)` on X."""
-    cut = logit(threshold)
-    hits = predicted = true = 0
-    for start in range(0, len(X), chunk):
-        pred = (X[start : start + chunk] @ A.T) @ B.T > cut
-        y = Y[start : start + chunk]
-        hits += int(np.count_nonzero(pred & y))
-        predicted += int(np.count_nonzero(pred))
-        true += int(np.count_nonzero(y))
+    return cut_report(predictor_logits(A, B, X, chunk), Y, logit(threshold))
+
+
+def predictor_logits(A, B, X, chunk: int = 4096) -> np.ndarray:
+    """B (A h) for each row h of X: (N, n_ffn) float32."""
+    return np.concatenate(
+        [(X[s : s + chunk] @ A.T) @ B.T for s in range(0, max(len(X), 1), chunk)]
+    )
+
+
+def cut_report(z: np.ndarray, Y: np.ndarray, cut: float | None) -> dict:
+    """Recall, precision and active fractions of the set `z > cut` (None: every
+    neuron) against the true set Y, both (N, n_ffn)."""
+    pred = np.ones_like(Y) if cut is None else z > cut
+    hits = int(np.count_nonzero(pred & Y))
+    predicted, true = int(np.count_nonzero(pred)), int(np.count_nonzero(Y))
     size = max(Y.size, 1)
     return {
         "recall": hits / true if true else 1.0,
@@ -162,6 +174,25 @@ def _evaluate(A, B, X, Y, threshold: float, chunk: int = 4096) -> dict:
         "predicted_fraction": predicted / size,
         "true_fraction": true / size,
     }
+
+
+def cut_for_recall(z: np.ndarray, Y: np.ndarray, recall: float) -> float | None:
+    """The highest logit cut whose set `z > cut` holds at least `recall` of the true
+    set Y (both (N, n_ffn)): the fewest neurons read for that recall on these
+    tokens. None (every neuron) when Y is empty.
+
+    Raises:
+        ValueError: a recall outside (0, 1].
+    """
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must be in (0, 1], got {recall}")
+    positives = z[Y]
+    if positives.size == 0:
+        return None
+    # the k smallest positive logits may fall below the cut
+    k = int(math.floor((1.0 - recall) * positives.size + 1e-9))
+    kth = np.partition(positives, k)[k]
+    return float(np.nextafter(np.float32(kth), np.float32(-np.inf)))
 
 
 def train_layer(
@@ -302,8 +333,10 @@ def _progress(new: dict, old: dict) -> bool:
 class LowRankPredictor:
     """The trained low-rank predictor of every layer, held in DRAM as backend arrays.
 
-    A neuron is predicted active when B (A h) > logit(threshold): the same set as
-    sigmoid(B (A h)) > threshold, without computing the sigmoid.
+    A neuron is predicted active when B (A h) > cut, the layer's logit cut: the
+    same set as sigmoid(B (A h)) > threshold for cut = logit(threshold), without
+    computing the sigmoid. Cuts are per layer when training tuned them (to a recall
+    target or a quality target), else one threshold for all.
     """
 
     name = "lowrank"
@@ -317,25 +350,33 @@ class LowRankPredictor:
         threshold: float | None = None,
         trained_threshold: float = 0.5,
         dtype: str = "float32",
+        cuts: list[float | None] | None = None,
     ):
         """Args:
             backend: a Backend API module (`fallback_numpy.backend`, `mlx_backend`).
             A_list, B_list: per layer A (rank, d_model) and B (n_ffn, rank).
-            threshold: the probability cut; None means `trained_threshold`, the one
-                the predictor was trained (and its recall reported) at.
+            threshold: one probability cut for every layer, overriding `cuts`; None
+                means `cuts` when given, else `trained_threshold`.
             trained_threshold: the cut used in training (from the manifest's report).
             dtype: held as this layout dtype, like the model's weights (trained and
                 stored as float32).
+            cuts: per layer logit cut as tuned in training (None in the list: that
+                layer reads every neuron).
 
         Raises:
-            ValueError: a threshold outside (0, 1), or A/B shapes that do not chain.
+            ValueError: a threshold outside (0, 1), cuts not one per layer, or A/B
+                shapes that do not chain.
         """
-        threshold = trained_threshold if threshold is None else threshold
-        _check_probability("threshold", threshold)
         _check_shapes(A_list, B_list, "predictor")
+        if threshold is not None or cuts is None:
+            threshold = trained_threshold if threshold is None else threshold
+            _check_probability("threshold", threshold)
+            cuts = [logit(threshold)] * len(A_list)
+        elif len(cuts) != len(A_list):
+            raise ValueError(f"predictor: {len(cuts)} cuts for {len(A_list)} layers")
         self.backend = backend
-        self.threshold = threshold
-        self.cut = logit(threshold)
+        self.threshold = threshold  # None: per-layer cuts
+        self.cuts = [-math.inf if c is None else float(c) for c in cuts]
         self.A = [backend.weight(_stored(a, dtype)) for a in A_list]
         self.B = [backend.weight(_stored(b, dtype)) for b in B_list]
         self.nbytes = sum(int(m.nbytes) for m in self.A + self.B)
@@ -348,16 +389,20 @@ class LowRankPredictor:
         threshold: float | None = None,
         trained_threshold: float = 0.5,
         dtype: str = "float32",
+        cuts: list[float | None] | None = None,
     ) -> LowRankPredictor:
         """Load `predictor.safetensors` (see `load_predictor_arrays`)."""
         A_list, B_list = load_predictor_arrays(path, dtype)
-        return cls(backend, A_list, B_list, threshold, trained_threshold, dtype)
+        return cls(backend, A_list, B_list, threshold, trained_threshold, dtype, cuts)
+
+    def logits(self, layer: int, h) -> np.ndarray:
+        """B (A h) as float32 NumPy (T, n_ffn) for h (T, d_model)."""
+        be = self.backend
+        return be.to_numpy(be.linear(be.linear(h, self.A[layer]), self.B[layer]))
 
     def predict(self, layer: int, h) -> np.ndarray:
         """Bool (T, n_ffn) mask of the neurons predicted to fire for h (T, d_model)."""
-        be = self.backend
-        z = be.linear(be.linear(h, self.A[layer]), self.B[layer])
-        return be.to_numpy(z) > self.cut
+        return self.logits(layer, h) > self.cuts[layer]
 
 
 def _stored(values: np.ndarray, dtype: str) -> np.ndarray:

@@ -64,32 +64,42 @@ def kv_cache_bytes(args: ModelArgs, context: int) -> int:
     )
 
 
-def ffn_forward(backend, args: ModelArgs, h, parts, fc1_bias=None, fc2_bias=None):
+def ffn_activation(backend, args: ModelArgs, gate, up=None):
+    """The activations that multiply the down (OPT: fc2) columns, from the gate (OPT:
+    fc1 plus its bias) and up pre-activations, each (T, n)."""
+    B = backend
+    if args.family == "opt":
+        return B.relu(gate)
+    act = args.hidden_act
+    if act == "silu":
+        return B.silu(gate) * up
+    if act == "relu":
+        return B.relu(gate) * up
+    if act == "fatrelu":
+        return B.above(gate, args.activation_threshold) * up
+    if act == "relu2":
+        r = B.relu(gate)
+        return r * r * up
+    return B.relu(gate) * B.relu(up)  # drelu: ReLU on both branches (TurboSparse)
+
+
+def ffn_forward(
+    backend, args: ModelArgs, h, parts, fc1_bias=None, fc2_bias=None, keep=None
+):
     """The FFN over a set of neurons given as `linear` weights.
 
     Llama family: parts = (gate (n, d), up (n, d), down (d, n)); OPT: (fc1, fc2);
     down (fc2) is the `columns_weight` view of (n, d) columns.
     A neuron whose activation is zero adds exactly zero, so running over any superset of
     the active neurons gives the dense result for ReLU-family models (paper section
-    3.1).
+    3.1). `keep` (optional, a (T, n) backend array of 0 and 1) zeroes the neurons each
+    token skips: the sparse path computed densely, to calibrate thresholds.
     """
     B = backend
-    if args.family == "opt":
-        return B.linear(B.relu(B.linear(h, parts[0], fc1_bias)), parts[1], fc2_bias)
-    gate, up = B.linear(h, parts[0]), B.linear(h, parts[1])
-    act = args.hidden_act
-    if act == "silu":
-        a = B.silu(gate) * up
-    elif act == "relu":
-        a = B.relu(gate) * up
-    elif act == "fatrelu":
-        a = B.above(gate, args.activation_threshold) * up
-    elif act == "relu2":
-        r = B.relu(gate)
-        a = r * r * up
-    else:  # drelu: ReLU on both branches (TurboSparse)
-        a = B.relu(gate) * B.relu(up)
-    return B.linear(a, parts[2])
+    gate = B.linear(h, parts[0], fc1_bias)
+    up = None if args.family == "opt" else B.linear(h, parts[1])
+    a = ffn_activation(B, args, gate, up)
+    return B.linear(a if keep is None else a * keep, parts[-1], fc2_bias)
 
 
 class DenseFFN:
@@ -212,8 +222,17 @@ class Model:
                 f"context full: {offset + len(tokens)} tokens exceed the maximum of "
                 f"{self.max_context}"
             )
-        B, w, a = self.backend, self.w, self.args
         self.ffn.begin_token()
+        x = self.embed(tokens, offset)
+        for i in range(self.args.num_hidden_layers):
+            x = self.layer(i, x, cache[i], offset)
+        logits = self.head(x)
+        self.ffn.end_token(logits, len(tokens))
+        return logits
+
+    def embed(self, tokens: list[int], offset: int):
+        """The residual stream (T, d_model) entering the first layer."""
+        B, w, a = self.backend, self.w, self.args
         x = B.weight_rows(w["embed_tokens.weight"], tokens)
         if a.family == "opt":
             if a.word_embed_proj_dim:
@@ -222,8 +241,11 @@ class Model:
                 np.arange(offset, offset + len(tokens)) + 2
             )  # OPT's learned offset
             x = x + B.weight_rows(w["embed_positions.weight"], positions)
-        for i in range(a.num_hidden_layers):
-            x = self._layer(i, x, cache[i], offset)
+        return x
+
+    def head(self, x):
+        """Logits (T, vocab) of the residual stream leaving the last layer."""
+        B, w, a = self.backend, self.w, self.args
         if a.family == "llama":
             x = B.rms_norm(x, w["norm.weight"], a.norm_eps)
         else:
@@ -236,11 +258,10 @@ class Model:
         head = (
             w["embed_tokens.weight"] if a.tie_word_embeddings else w["lm_head.weight"]
         )
-        logits = B.linear(x, head)
-        self.ffn.end_token(logits, len(tokens))
-        return logits
+        return B.linear(x, head)
 
-    def _layer(self, i: int, x, cache: KVCache, offset: int):
+    def layer(self, i: int, x, cache: KVCache, offset: int):
+        """Layer i on the residual stream x (T, d_model) of positions offset, ..."""
         B, w, a, p = self.backend, self.w, self.args, f"layers.{i}."
         if a.family == "llama":
             h = B.rms_norm(x, w[p + "input_layernorm.weight"], a.norm_eps)

@@ -188,8 +188,8 @@ def make_predictor(
 ):
     """Build a predictor by name ("lowrank", "gate", "oracle", "all").
 
-    `threshold` (lowrank only) overrides the trained probability cut: higher reads
-    fewer neurons, lower misses fewer.
+    `threshold` (lowrank only) overrides the trained cuts with one probability cut
+    for every layer: higher reads fewer neurons, lower misses fewer.
 
     Raises:
         ValueError: an unknown name, or lowrank asked of a layout without one.
@@ -206,6 +206,7 @@ def make_predictor(
             threshold=threshold,
             trained_threshold=section["threshold"],
             dtype=layout.float_dtype,
+            cuts=section.get("cuts"),
         )
     if name == "all":
         return AllPredictor(layout.args)

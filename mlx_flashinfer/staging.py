@@ -92,14 +92,6 @@ def clear_stale(parent: Path, dst_name: str | None = None) -> None:
             _remove_unheld_lock(entry)
 
 
-def clear_dead_temp(folder: Path, prefix: str) -> None:
-    """Remove the `folder`/PREFIX-PID-* directories of processes no longer running."""
-    for entry in folder.glob(f"{prefix}-*"):
-        pid = entry.name[len(prefix) + 1 :].split("-")[0]
-        if pid.isdigit() and not pid_alive(int(pid)):
-            _remove(entry)
-
-
 def publish(new: Path, dst: Path, replace: bool = False) -> None:
     """Rename the finished directory `new` to `dst`.
 

@@ -1,124 +1,63 @@
-"""Train a layout's low-rank predictor: collect activations, fit, store, report.
+"""Train a layout's low-rank predictor: calibrate, fit, choose each layer's cut, store.
 
-The model runs from its layout in flash mode (memory bounded by a budget; the model
-never has to fit). Each calibration sequence runs as a prompt, which streams every
-layer's FFN; on the way we record per layer the FFN input h (the normed attention
-output, paper section 3.1) and the true active set: activation non-zero for ReLU-family
-models, above a per-layer threshold calibrated to a target sparsity for SiLU models
-(CATS). Samples go to temporary memory-mapped files, then each layer is fitted
-(`lowrank.train_layer`).
+Calibration text (chapters I-VI of Alice, shipped with the package, unless texts are
+given: no model sampling) runs through the model one layer at a time
+(`calibrate.LayerByLayer`: each layer's FFN is read once). Per layer:
+  - each token's target set: the neurons that fire (ReLU family); for SiLU models
+    the neurons outside the `silu_sparsity` fraction with the smallest
+    |silu(gate) x up| (`contribution_mask`);
+  - the predictor trains on 4 of every 5 sequences (`lowrank.train_layer`);
+  - its cut is chosen on the 5th, the tune split it never trained on: the highest
+    cut that keeps `recall` of the target set (Deja Vu and the paper aim at 0.99);
+  - a few tune sequences run on with the layer computed over the kept neurons only,
+    which measures what the cuts cost in perplexity (`quality.py`).
+With `max_loss`, the cuts are chosen instead for that loss, per layer
+(`quality.allocate`, TEAL-like).
 
-The predictor file is written under a new name and the manifest is switched to it last,
-atomically: an interrupted run leaves the layout as it was.
+The predictor file is written under a new name and the manifest is switched to it
+last, atomically: an interrupted run leaves the layout as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import math
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
+from . import quality
+from .calibrate import (
+    LayerByLayer,
+    calibration_sequences,
+    check_calibration_budget,
+    split_sequences,
+)
 from .layout import Layout
-from .lowrank import save_predictor, train_layer
+from .loader import load_tokenizer
+from .lowrank import (
+    LowRankPredictor,
+    cut_for_recall,
+    cut_report,
+    predictor_logits,
+    save_predictor,
+    train_layer,
+)
 from .predictors import activation_mask, silu_magnitude
-from .staging import clear_dead_temp
+from .texts import CALIBRATION_FILE, calibration_text
 
-TEMP_PREFIX = "flashinfer-train"  # activations while training: TMPDIR/PREFIX-PID-*
-
-GENERIC_PROMPTS = [
-    "Once upon a time",
-    "The history of science shows that",
-    "Here is a simple recipe for dinner:",
-    "In today's news,",
-    "def main():",
-    "Dear friend, I am writing to tell you",
-    "The most important thing to know about the ocean is",
-    "Q: Why is the sky blue?\nA:",
-]
-MIN_TOKENS = 128  # below this no layer can be fitted and checked on a held-out split
-
-
-class ActivationRecorder:
-    """Collects (h, true active set) per layer from the flash FFN's prefill stream.
-
-    FlashFFN calls it with each streamed chunk of a layer's neurons; the chunk's gate
-    (OPT: fc1) pre-activations decide which neurons fire. Rows of h are stored as
-    float16 and masks as packed bits, in memory-mapped files under `folder`.
-    """
-
-    def __init__(
-        self,
-        backend,
-        args,
-        fc1_bias: list,
-        folder: Path,
-        capacity: int,
-        silu_sparsity: float,
-    ):
-        self.backend, self.args = backend, args
-        self.fc1_bias = fc1_bias
-        self.silu_sparsity = silu_sparsity
-        self.silu_thresholds: list[float | None] = [None] * args.num_hidden_layers
-        n, d = args.intermediate_size, args.hidden_size
-        layers = range(args.num_hidden_layers)
-        self.inputs = [
-            np.lib.format.open_memmap(
-                folder / f"h{i}.npy", "w+", np.float16, (capacity, d)
-            )
-            for i in layers
-        ]
-        self.masks = [
-            np.lib.format.open_memmap(
-                folder / f"m{i}.npy", "w+", np.uint8, (capacity, (n + 7) // 8)
-            )
-            for i in layers
-        ]
-        self.count = [0] * args.num_hidden_layers
-        self._gate: dict[int, list] = {}
-        self._up: dict[int, list] = {}
-
-    def __call__(self, layer: int, h, ids: np.ndarray, rows: list) -> None:
-        B, args = self.backend, self.args
-        bias = self.fc1_bias[layer]
-        bias = None if bias is None else B.take_rows(bias, ids)
-        gate = B.to_numpy(B.linear(h, B.rows_weight(rows[0]), bias))
-        self._gate.setdefault(layer, []).append(gate)
-        if args.hidden_act in ("drelu", "silu"):
-            self._up.setdefault(layer, []).append(
-                B.to_numpy(B.linear(h, B.rows_weight(rows[1])))
-            )
-        if ids[-1] == args.intermediate_size - 1:  # the layer's last chunk
-            self._finish(layer, B.to_numpy(h))
-
-    def _finish(self, layer: int, h: np.ndarray) -> None:
-        gate = np.concatenate(self._gate.pop(layer), axis=1)
-        up = np.concatenate(self._up.pop(layer), axis=1) if layer in self._up else None
-        if self.args.hidden_act == "silu" and self.silu_thresholds[layer] is None:
-            self.silu_thresholds[layer] = float(
-                np.quantile(silu_magnitude(gate), self.silu_sparsity)
-            )
-        if self.args.hidden_act == "silu":
-            mask = contribution_mask(gate, up, self.silu_sparsity)
-        else:
-            mask = activation_mask(self.args, gate, up, self.silu_thresholds, layer)
-        start = self.count[layer]
-        stop = min(start + len(h), len(self.inputs[layer]))
-        self.inputs[layer][start:stop] = h[: stop - start]
-        self.masks[layer][start:stop] = np.packbits(mask[: stop - start], axis=1)
-        self.count[layer] = stop
-
-    def layer_data(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.count[layer]
-        X = np.asarray(self.inputs[layer][:n], dtype=np.float32)
-        Y = np.unpackbits(
-            self.masks[layer][:n], axis=1, count=self.args.intermediate_size
-        ).astype(bool)
-        return X, Y
+DEFAULT_RECALL = 0.99
+# Calibration costs tokens x (forward + epochs x training step); training is the
+# larger part. Measured on the default model, tune-split recall of the target set
+# when 50% / 70% of neurons are predicted: 4096 tokens x 10 epochs 0.637/0.819
+# (layer 2), 0.654/0.822 (layer 15); 8192 x 5 (the same training work, twice the
+# forward) 0.642/0.823, 0.661/0.828; 8192 x 10 0.649/0.829, 0.665/0.831.
+DEFAULT_TOKENS = 4096
+DEFAULT_EPOCHS = 8
+QUALITY_SEQUENCES = 2  # tune sequences the loss is measured on (512 tokens)
+REPORT_KEYS = ("recall", "precision", "predicted_fraction", "true_fraction")
 
 
 def contribution_mask(gate: np.ndarray, up: np.ndarray, sparsity: float):
@@ -128,63 +67,16 @@ def contribution_mask(gate: np.ndarray, up: np.ndarray, sparsity: float):
     instead (CATS) loses far more (issue "Sparse SiLU models": +30.9% perplexity at
     50% against +3.1% for this set, on the default model)."""
     score = silu_magnitude(gate) * np.abs(up)
-    cut = np.quantile(score, sparsity, axis=1, keepdims=True)
+    k = int(round(sparsity * (score.shape[1] - 1)))  # np.quantile's rank, one partition
+    cut = np.partition(score, k, axis=1)[:, k : k + 1]
     return score > cut
 
 
-def calibration_sequences(
-    model,
-    tokenizer,
-    texts: list[str] | None,
-    tokens: int,
-    seq_len: int,
-    seed: int,
-    progress: bool,
-) -> list[list[int]]:
-    """Token sequences to calibrate on: the given texts, else text sampled from the
-    model itself from a few generic prompts (works for any model without a dataset).
-
-    Raises:
-        ValueError: the texts give fewer than MIN_TOKENS tokens.
-    """
-    from .generate import stream_generate
-
-    if texts:
-        ids = tokenizer.encode("\n\n".join(texts))[:tokens]
-        if len(ids) < MIN_TOKENS:
-            raise ValueError(
-                f"the text is too short to train on: {len(ids)} tokens, need at least "
-                f"{MIN_TOKENS}"
-            )
-        return [
-            ids[s : s + seq_len]
-            for s in range(0, len(ids), seq_len)
-            if len(ids[s : s + seq_len]) > 1
-        ]
-    sequences, total = [], 0
-    bar = tqdm(total=tokens, desc="sampling calibration text", disable=not progress)
-    per_prompt = max(MIN_TOKENS // 4, min(seq_len, -(-tokens // len(GENERIC_PROMPTS))))
-    for i in range(len(GENERIC_PROMPTS) * 8):
-        if total >= tokens:
-            break
-        prompt = tokenizer.encode(GENERIC_PROMPTS[i % len(GENERIC_PROMPTS)])
-        out = [
-            r.token
-            for r in stream_generate(
-                model,
-                tokenizer,
-                prompt,
-                max_tokens=per_prompt,
-                temp=0.8,
-                top_p=0.95,
-                seed=seed + i,
-            )
-        ]
-        sequences.append(prompt + out)
-        total += len(prompt) + len(out)
-        bar.update(len(prompt) + len(out))
-    bar.close()
-    return sequences
+def target_mask(args, gate: np.ndarray, up, silu_sparsity: float) -> np.ndarray:
+    """The set the predictor learns (see the module docstring), bool (T, n)."""
+    if args.hidden_act == "silu":
+        return contribution_mask(gate, up, silu_sparsity)
+    return activation_mask(args, gate, up)
 
 
 def layer_ranks(layers: int, rank: int, last_rank: int | None) -> list[int]:
@@ -194,18 +86,43 @@ def layer_ranks(layers: int, rank: int, last_rank: int | None) -> list[int]:
     return [rank] * (layers - last) + [last_rank] * last
 
 
+def parse_max_loss(value: str | float) -> float:
+    """A loss target as a fraction: "3%" or "3" -> 0.03 (a bare number is percent).
+
+    Raises:
+        ValueError: not a number, or not above 0.
+    """
+    text = str(value).strip()
+    number = text[:-1].strip() if text.endswith("%") else text
+    try:
+        pct = float(number)
+    except ValueError:
+        raise ValueError(
+            f"bad --max-loss {value!r}: give a perplexity increase in percent, like "
+            "3% or 0.5"
+        ) from None
+    if not math.isfinite(pct) or pct <= 0:
+        raise ValueError(
+            f"--max-loss must be above 0%, got {value!r} (0% is the dense model: run "
+            "without --memory-budget)"
+        )
+    return pct / 100
+
+
 def train_predictor(
-    path: str | Path,
+    path,
     texts: list[str] | None = None,
-    tokens: int = 4096,
+    tokens: int = DEFAULT_TOKENS,
     rank: int = 64,
     last_rank: int | None = None,
-    threshold: float = 0.5,
+    recall: float = DEFAULT_RECALL,
+    max_loss: float | None = None,
     silu_sparsity: float = 0.5,
+    threshold: float = 0.5,
     backend: str | None = None,
-    memory_budget: str | int = "100%",
+    memory_budget: str | int | None = None,
     seq_len: int = 256,
-    epochs: int = 100,
+    epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
@@ -213,28 +130,35 @@ def train_predictor(
 
     Args:
         path: layout directory.
-        texts: calibration texts; None samples text from the model itself.
-        tokens: calibration tokens to collect.
+        texts: calibration texts; None: the shipped one (`texts.calibration_text`).
+        tokens: calibration tokens (the first ones of the text).
         rank, last_rank: predictor rank per layer; the last eighth of the layers gets
             `last_rank` when given.
-        threshold: probability above which a neuron is predicted active.
-        silu_sparsity: SiLU models only: fraction of neurons counted inactive per
-            token: the predictor learns the others by |silu(gate) x up|
-            (`contribution_mask`); the gate predictor's threshold on |silu(gate)|
-            (it cannot see up) is calibrated to the same fraction.
-        backend, memory_budget: how the model runs while collecting (flash mode).
+        recall: each layer's cut keeps this share of its target set on the tune
+            split.
+        max_loss: instead of `recall`, choose the cuts so that perplexity on
+            calibration text rises by at most this fraction (0.03: 3%).
+        silu_sparsity: SiLU models only: fraction of neurons outside the target
+            set per token (the smallest |silu(gate) x up|); the gate predictor's
+            cut on |silu(gate)| (it cannot see up) skips the same fraction.
+        threshold: the probability cut training watches its held-out recall at
+            (to stop); the cuts used are chosen afterwards.
+        backend: "numpy", "mlx" or None (as `load`).
+        memory_budget: refuse to start when calibration would hold more (bytes,
+            "1.5GB", "50%"); None: no check.
         seq_len: tokens per calibration sequence.
-        epochs: most epochs per layer (training stops earlier once held-out recall
-            reaches 0.99 and the predicted set stops shrinking).
+        epochs: most epochs per layer (training may stop earlier: see
+            `lowrank.train_layer`).
+        seed: initialisation and shuffling.
+        progress: show progress bars.
 
     Returns:
-        The manifest's new "predictor" section (report per layer, settings, timing).
+        The manifest's new "predictor" section: per-layer cuts and report, the
+        measured quality, settings and timing.
 
     Raises:
-        ValueError: a rank out of range, too little text, or a bad option.
+        ValueError: a rank, recall or max_loss out of range, or too little text.
     """
-    from .loader import load
-
     started = time.perf_counter()
     layout = Layout.open(path)
     args = layout.args
@@ -243,49 +167,56 @@ def train_predictor(
         raise ValueError(
             f"rank {max(ranks)} out of range: 1..{args.hidden_size} (d_model)"
         )
-    model, tokenizer = load(
-        path, backend=backend, memory_budget=memory_budget, predictor="all", window=1
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must be in (0, 1], got {recall}")
+    if max_loss is not None and not max_loss > 0:
+        raise ValueError(f"max_loss must be above 0, got {max_loss}")
+    tokenizer = load_tokenizer(layout)
+    seq_len = min(seq_len, args.max_position_embeddings)
+    sequences = calibration_sequences(
+        tokenizer, texts or [calibration_text()], tokens, seq_len
     )
-    seq_len = min(seq_len, model.max_context)
-    try:
-        sequences = calibration_sequences(
-            model, tokenizer, texts, tokens, seq_len, seed, progress
+    total = sum(len(s) for s in sequences)
+    train, tune = split_sequences(len(sequences))
+    tune_tokens = sum(len(sequences[j]) for j in tune)
+    if memory_budget is not None:
+        longest = max(len(s) for s in sequences)
+        check_calibration_budget(layout, total, tune_tokens, longest, memory_budget)
+    run = _Calibration(layout, sequences, tune, backend, max_loss is not None)
+    A_list, B_list, reports, cuts, gate_cuts = [], [], [], [], []
+    for layer in tqdm(
+        range(args.num_hidden_layers),
+        desc="calibrating and training layers",
+        disable=not progress,
+    ):
+        data = run.forward(
+            layer, lambda gate, up: target_mask(args, gate, up, silu_sparsity)
         )
-        # activations (100+ MB) of runs killed before cleaning up go first
-        clear_dead_temp(Path(tempfile.gettempdir()), TEMP_PREFIX)
-        prefix = f"{TEMP_PREFIX}-{os.getpid()}-"
-        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-            total = sum(len(s) for s in sequences)
-            recorder = ActivationRecorder(
-                model.backend, args, model.ffn.fc1_bias, Path(tmp), total, silu_sparsity
-            )
-            model.ffn.observer = recorder
-            for seq in tqdm(
-                sequences, desc="collecting activations", disable=not progress
-            ):
-                model.logits(seq if len(seq) > 1 else seq * 2)
-            model.ffn.observer = None
-            A_list, B_list, reports = [], [], []
-            for layer in tqdm(
-                range(args.num_hidden_layers),
-                desc="training layers",
-                disable=not progress,
-            ):
-                X, Y = recorder.layer_data(layer)
-                A, B, report = train_layer(
-                    X,
-                    Y,
-                    ranks[layer],
-                    epochs=epochs,
-                    threshold=threshold,
-                    seed=seed + layer,
-                )
-                A_list.append(A)
-                B_list.append(B)
-                reports.append(report)
-            silu_thresholds = recorder.silu_thresholds
-    finally:
-        model.ffn.close()
+        A, B, fit = train_layer(
+            data.fit_h,
+            data.fit_target,
+            ranks[layer],
+            epochs=epochs,
+            threshold=threshold,
+            seed=seed + layer,
+        )
+        z = predictor_logits(A, B, data.tune_h)
+        cut = cut_for_recall(z, data.tune_target, recall)
+        reports.append(
+            {**cut_report(z, data.tune_target, cut), "rank": ranks[layer], **_fit(fit)}
+        )
+        if args.hidden_act == "silu":  # the gate predictor's cut, on the tune split
+            magnitude = silu_magnitude(data.tune_gate)
+            gate_cuts.append(float(np.quantile(magnitude, silu_sparsity)))
+        run.sparse_forward(layer, A, B, cut, z, data)
+        A_list.append(A)
+        B_list.append(B)
+        cuts.append(cut)
+    measured = run.measured()
+    if max_loss is not None:
+        cuts, steps, measured = run.allocate(A_list, B_list, max_loss, progress)
+        for report, grid, g in zip(reports, run.grids, steps, strict=True):
+            report.update(grid.kept[g])
     return store_predictor(
         layout,
         A_list,
@@ -293,15 +224,162 @@ def train_predictor(
         reports,
         {
             "threshold": threshold,
+            "recall_target": None if max_loss is not None else recall,
+            "cuts": cuts,
+            "quality": measured,
             "ranks": ranks,
             "tokens": total,
+            "tune_tokens": tune_tokens,
             "epochs": epochs,
-            "source": "texts" if texts else "sampled from the model",
+            "source": "texts" if texts else f"shipped text ({CALIBRATION_FILE})",
             "silu_sparsity": silu_sparsity if args.hidden_act == "silu" else None,
-            "silu_thresholds": silu_thresholds if args.hidden_act == "silu" else None,
+            "silu_thresholds": gate_cuts or None,
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
+
+
+def _exp(x: float) -> float:
+    """exp, inf past float range (a random synthetic model's perplexity can be)."""
+    return math.exp(x) if x < 709 else math.inf
+
+
+def _fit(report: dict) -> dict:
+    return {"epochs": report["epochs"], "fit_recall": report["recall"]}
+
+
+@dataclass
+class _LayerData:
+    """One layer's calibration data: FFN inputs and target sets of the sequences
+    trained on (fit) and of those tuned on, with the tune tokens' gate (OPT: fc1)
+    pre-activations and activations (all NumPy, one row per token)."""
+
+    fit_h: np.ndarray
+    fit_target: np.ndarray
+    tune_h: np.ndarray
+    tune_target: np.ndarray
+    tune_gate: np.ndarray
+    tune_act: np.ndarray
+
+
+class _Calibration:
+    """The calibration's streams through `LayerByLayer`: every sequence dense (what
+    the predictor learns from) and a few tune sequences computed over the neurons
+    the cuts keep (what they cost); with `grids`, each layer's options for
+    `quality.allocate`."""
+
+    def __init__(self, layout, sequences, tune, backend, grids: bool):
+        self.args = layout.args
+        self.dtype = layout.dtype
+        self.sequences = sequences
+        self.tune = tune
+        longest = max(len(s) for s in sequences)
+        self.runner = LayerByLayer(layout, backend, max_context=longest)
+        self.streams = self.runner.embed(sequences)
+        self.quality = tune[:QUALITY_SEQUENCES]
+        self.sparse = [self.streams[j] for j in self.quality]
+        self.grids: list[quality.LayerGrid] | None = [] if grids else None
+
+    def forward(self, layer: int, target) -> _LayerData:
+        """Every sequence through `layer`, dense, recording its data; `target`:
+        (gate, up) -> bool (T, n) target set."""
+        self.runner.load(layer)
+        tune = set(self.tune)
+        index = iter(range(len(self.streams)))
+
+        def record(h, gate, up, act):
+            tuned = next(index) in tune
+            return tuned, h, target(gate, up), *((gate, act) if tuned else (None,) * 2)
+
+        self.streams, records = self.runner.run(layer, self.streams, record=record)
+        fit = [r for r in records if not r[0]]
+        tuned = [r for r in records if r[0]]
+        return _LayerData(
+            *(np.concatenate([r[i] for r in fit]) for i in (1, 2)),
+            *(np.concatenate([r[i] for r in tuned]) for i in (1, 2, 3, 4)),
+        )
+
+    def keep(self, A, B, cut):
+        """h -> the neurons a predictor with this cut keeps, computed as at run
+        time (at the layout's dtype)."""
+        predictor = LowRankPredictor(
+            self.runner.B, [A], [B], dtype=self.dtype, cuts=[cut]
+        )
+        return lambda h: predictor.predict(0, h)
+
+    def sparse_forward(self, layer, A, B, cut, z, data: _LayerData) -> None:
+        """The quality streams through `layer` over the neurons the cut keeps; with
+        grids, the layer's options too."""
+        self.sparse = self.runner.run(layer, self.sparse, keep=self.keep(A, B, cut))
+        if self.grids is not None:
+            B_ = self.runner.B
+            out_norms = np.concatenate(
+                [
+                    np.linalg.norm(B_.to_numpy(self.streams[j]), axis=1)
+                    for j in self.tune
+                ]
+            )
+            self.grids.append(
+                quality.layer_grid(
+                    z,
+                    data.tune_target,
+                    data.tune_act,
+                    self.runner.down_norms,
+                    out_norms,
+                )
+            )
+
+    def nll(self, streams) -> float:
+        """Summed NLL (nats) of the quality sequences from their final streams."""
+        return sum(
+            quality.sequence_nll(self.runner.head(x), self.sequences[j])
+            for x, j in zip(streams, self.quality, strict=True)
+        )
+
+    def measured(self) -> dict:
+        """Dense and sparse perplexity of the quality sequences, and the loss."""
+        self.scored = sum(len(self.sequences[j]) - 1 for j in self.quality)
+        self.dense_nll = self.nll([self.streams[j] for j in self.quality])
+        return self._quality(self.nll(self.sparse))
+
+    def _quality(self, nll: float) -> dict:
+        return {
+            "tokens": self.scored,
+            "dense_perplexity": _exp(self.dense_nll / self.scored),
+            "perplexity": _exp(nll / self.scored),
+            "loss": _exp((nll - self.dense_nll) / self.scored) - 1.0,
+        }
+
+    def allocate(self, A_list, B_list, max_loss: float, progress: bool):
+        """Per-layer cuts for `max_loss` (`quality.allocate`); returns (cuts, GRID
+        index per layer, measured quality with "max_loss", "met", "passes")."""
+        layers = self.args.num_hidden_layers
+        path = quality.greedy_path(self.grids)
+        bar = tqdm(desc="measuring loss (passes)", disable=not progress)
+        results = {}  # per-layer GRID indices -> measured quality
+
+        def measure(steps: list[int]) -> float:
+            nll = self._sparse_pass(A_list, B_list, self._cuts(steps))
+            results[tuple(steps)] = self._quality(nll)
+            bar.update()
+            return results[tuple(steps)]["loss"]
+
+        result = quality.allocate(path, layers, max_loss, measure)
+        bar.close()
+        measured = results.get(tuple(result.steps)) or self._quality(self.dense_nll)
+        measured.update(max_loss=max_loss, met=result.met, passes=len(results))
+        return self._cuts(result.steps), result.steps, measured
+
+    def _cuts(self, steps: list[int]) -> list:
+        return [g.cuts[i] for g, i in zip(self.grids, steps, strict=True)]
+
+    def _sparse_pass(self, A_list, B_list, cuts) -> float:
+        """NLL of the quality sequences with every layer sparse at `cuts`."""
+        streams = self.runner.embed([self.sequences[j] for j in self.quality])
+        for layer, (A, B, cut) in enumerate(zip(A_list, B_list, cuts, strict=True)):
+            self.runner.load(layer)
+            streams = self.runner.run(layer, streams, keep=self.keep(A, B, cut))
+        return self.nll(streams)
 
 
 def store_predictor(layout: Layout, A_list, B_list, reports, settings: dict) -> dict:
@@ -326,14 +404,8 @@ def store_predictor(layout: Layout, A_list, B_list, reports, settings: dict) -> 
             "report": [
                 {
                     k: r[k]
-                    for k in (
-                        "recall",
-                        "precision",
-                        "predicted_fraction",
-                        "true_fraction",
-                        "rank",
-                        "epochs",
-                    )
+                    for k in (*REPORT_KEYS, "rank", "epochs", "fit_recall")
+                    if k in r  # synthetic predictors (bench/synth.py) fit nothing
                 }
                 for r in reports
             ],

@@ -4,6 +4,8 @@ setup.
 The dense model decodes greedily; then both models are teacher-forced on those tokens,
 so every position is compared at the same context and one early difference does not
 shift all later ones. Each compared step runs through the flash path as a decode step.
+Beside it, both score a short passage that calibration never sees (`perplexities`):
+agreeing tokens can hide a loss that perplexity shows.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import numpy as np
 
 from .generate import generate_step
 from .memory import format_bytes
+from .perplexity import perplexity
+
+PERPLEXITY_PREFILL = 16  # tokens of the passage run as a prompt; the rest decode
 
 
 @dataclass
@@ -142,3 +147,29 @@ def report_lines(result: Comparison, tokenizer, args, ffn_bytes: int) -> list[st
             "neurons left out are small, not zero, so logits differ and tokens may too"
         )
     return lines
+
+
+def perplexities(flash, dense, ids: list[int]) -> tuple[dict, dict]:
+    """Perplexity of `ids` (one chunk, its first PERPLEXITY_PREFILL tokens as a
+    prompt, every later token a decode step) by the flash and the dense model.
+
+    Raises:
+        ValueError: fewer than PERPLEXITY_PREFILL + 2 tokens.
+    """
+    ids = ids[: min(flash.max_context, dense.max_context)]
+    if len(ids) < PERPLEXITY_PREFILL + 2:
+        raise ValueError(
+            f"{len(ids)} tokens are too few to score: need {PERPLEXITY_PREFILL + 2}"
+        )
+    score = {"context": len(ids), "prefill": PERPLEXITY_PREFILL}
+    return perplexity(flash, ids, **score), perplexity(dense, ids, **score)
+
+
+def perplexity_line(flash: dict, dense: dict, what: str) -> str:
+    """The perplexities of `perplexities` in one line."""
+    change = flash["perplexity"] / dense["perplexity"] - 1
+    return (
+        f"perplexity of {what} ({dense['tokens']} tokens scored, decode steps after "
+        f"{PERPLEXITY_PREFILL}): dense {dense['perplexity']:.3f}, flash "
+        f"{flash['perplexity']:.3f} ({change:+.1%})"
+    )

@@ -3,10 +3,12 @@
 import importlib
 import io
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tiny_models import random_weights, tiny_config, write_gguf, write_hf_checkpoint
 
@@ -16,6 +18,9 @@ from mlx_flashinfer.chat import HELP, Chat
 from mlx_flashinfer.cli import main
 from mlx_flashinfer.generate import GenerationResponse
 from mlx_flashinfer.models import CACHE_ENV, cache_root, resolve_model
+from mlx_flashinfer.perplexity import perplexity
+from mlx_flashinfer.texts import verify_text
+from mlx_flashinfer.train_predictor import train_predictor
 
 # the package exports the function `convert`, which hides the module of that name
 convert_module = importlib.import_module("mlx_flashinfer.convert")
@@ -350,6 +355,56 @@ def test_verify_says_silu_sparsity_is_approximate(checkpoints, capsys):
     assert status == 0 and "the sparsity is approximate" in out
 
 
+def sparsity_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("sparse FFN")]
+
+
+def test_flash_silu_says_its_sparsity_and_calibrated_loss(
+    checkpoints, tmp_path, capsys
+):
+    """generate, chat and verify on a SiLU model in flash mode say in one line how
+    much the predictor skips and what that costs as calibrated; verify scores the
+    built-in passage with both models. Dense runs and ReLU models say nothing."""
+    layout = Path(shutil.copytree(checkpoints["silu"], tmp_path / "silu"))
+    generate = ["generate", "--model", layout, "-p", "alice", "-m", 2]
+    _, _, err = run([*generate, *FLASH], capsys)
+    (line,) = sparsity_lines(err)
+    assert "gate predictor skips about 50%" in line and "not calibrated" in line
+    assert not sparsity_lines("".join(run(generate, capsys)[1:]))  # dense
+    relu = ["generate", "--model", checkpoints["relu"], "-p", "alice", "-m", 2]
+    assert not sparsity_lines("".join(run([*relu, *FLASH], capsys)[1:]))
+
+    section = train_predictor(layout, tokens=400, rank=4, progress=False)
+    skipped = 1 - np.mean([r["predicted_fraction"] for r in section["report"]])
+    loss = section["quality"]["loss"]
+    expected = (
+        f"skips {skipped:.0%} of neurons per token; calibrated perplexity {loss:+.1%}"
+    )
+    _, _, err = run([*generate, *FLASH], capsys)
+    assert expected in sparsity_lines(err)[0]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("builtins.input", scripted(["q"]))
+        _, out, _ = run(["chat", "--model", layout, *FLASH], capsys)
+    assert expected in sparsity_lines(out)[0]
+
+    argv = ["verify", "--model", layout, "-p", "alice", "-m", 3, *FLASH]
+    status, out, _ = run([*argv, "--perplexity-tokens", 40], capsys)
+    assert status == 0 and expected in sparsity_lines(out)[0]
+    (scored,) = [line for line in out.splitlines() if line.startswith("perplexity of")]
+    dense, flash = (
+        float(scored.split(f"{who} ")[1].split()[0].rstrip(","))
+        for who in ("dense", "flash")
+    )
+    model, tokenizer = load(layout)
+    ids = tokenizer.encode(verify_text())[:40]
+    assert dense == pytest.approx(
+        perplexity(model, ids, 40, prefill=16)["perplexity"], abs=1e-3
+    )
+    assert flash > 0 and "(39 tokens scored" in scored
+    status, out, _ = run([*argv, "--perplexity-tokens", 0], capsys)
+    assert status == 0 and "perplexity of" not in out
+
+
 # -- bad input: one line on stderr, exit 2, no traceback ------------------------------
 
 FLASH = ["--memory-budget", "200%"]
@@ -366,6 +421,7 @@ BAD = {  # argv (--model: a tiny layout unless given), what the line must say
     ),
     "budget unreadable": (["chat", "--memory-budget", "lots"], "bad memory budget"),
     "verify budget": (["verify", "-p", "a", "--memory-budget", "1KB"], "too small"),
+    "verify scores": (["verify", "-p", "a", "--perplexity-tokens", -1], ">= 0"),
     "bad window": (["generate", "-p", "a", *FLASH, "--window", -1], "window -1"),
     "bad threads": (["generate", "-p", "a", *FLASH, "--threads", -2], "threads"),
     "prompt too long": (["generate", "-p", "alice " * 70], "exceed the model's"),

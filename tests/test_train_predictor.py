@@ -1,7 +1,7 @@
 """Training the low-rank predictor of a layout, end to end, and using it."""
 
 import json
-import tempfile
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,10 @@ def test_bad_training_input(tmp_path):
     with pytest.raises(ValueError, match="rank 33 out of range: 1..32"):
         train_predictor(layout, texts=[calibration_text(500)], rank=33, progress=False)
     assert main(["train-predictor", str(layout), "--rank", "0"]) == 2
+    # calibration holds the resident weights, one FFN layer and the activations
+    with pytest.raises(ValueError, match=r"holds .* more than the budget of 1.0 KB"):
+        train_predictor(layout, memory_budget="1KB", rank=8, progress=False)
+    assert main(["train-predictor", str(layout), "--memory-budget", "1KB"]) == 2
 
 
 @pytest.mark.parametrize("where", ["training", "manifest"])
@@ -123,11 +127,74 @@ def test_interrupted_training_leaves_the_layout_as_it_was(tmp_path, monkeypatch,
     assert json.loads(after["manifest.json"])["predictor"] is None
 
 
-def test_sampled_calibration_text_when_none_is_given():
-    with tempfile.TemporaryDirectory() as tmp:
-        layout = predictable_opt(Path(tmp))
-        section = train_predictor(layout, tokens=200, rank=4, progress=False)
-    assert section["source"] == "sampled from the model" and section["tokens"] >= 200
+@pytest.fixture(scope="module")
+def silu_layout(tmp_path_factory) -> Path:
+    config = tiny_config("llama", "silu", hidden_size=32, intermediate_size=64)
+    folder = tmp_path_factory.mktemp("silu")
+    src = write_hf_checkpoint(folder / "src", config, random_weights(config, seed=3))
+    return convert(src, folder / "layout", dtype="float32", progress=False)
+
+
+def test_default_calibration_is_the_shipped_text_and_cuts_keep_the_recall(
+    silu_layout, tmp_path
+):
+    layout = Path(shutil.copytree(silu_layout, tmp_path / "layout"))
+    section = train_predictor(layout, tokens=600, rank=8, recall=0.9, progress=False)
+    assert section["source"] == "shipped text (alice_ch01-06.txt)"
+    assert section["tokens"] == 600 and 0 < section["tune_tokens"] < 600
+    assert len(section["cuts"]) == 2 and section["recall_target"] == 0.9
+    for layer in section["report"]:  # on the tune split, which chose the cut
+        assert layer["recall"] >= 0.9 and 0 < layer["predicted_fraction"] <= 1
+    measured = section["quality"]
+    assert measured["dense_perplexity"] > 1 and measured["tokens"] > 0
+    assert measured["loss"] == pytest.approx(
+        measured["perplexity"] / measured["dense_perplexity"] - 1
+    )
+    # the flash model predicts with the stored cuts
+    model, _ = load(layout, memory_budget="100%", predictor="lowrank")
+    assert model.ffn.predictor.cuts == section["cuts"]
+
+
+def test_a_loss_target_is_met_on_calibration_text(silu_layout, tmp_path):
+    layout = Path(shutil.copytree(silu_layout, tmp_path / "layout"))
+    section = train_predictor(layout, tokens=600, rank=8, max_loss=0.05, progress=False)
+    measured = section["quality"]
+    assert measured["met"] and measured["loss"] <= 0.05
+    assert measured["max_loss"] == 0.05 and section["recall_target"] is None
+    skipped = [1 - r["predicted_fraction"] for r in section["report"]]
+    assert any(s > 0 for s in skipped)  # it did skip something
+    looser = train_predictor(layout, tokens=600, rank=8, max_loss=0.5, progress=False)
+    assert sum(1 - r["predicted_fraction"] for r in looser["report"]) >= sum(skipped)
+
+
+def test_a_loss_target_that_cannot_be_met_says_so(
+    silu_layout, tmp_path, capsys, monkeypatch
+):
+    """On this random model skipping neurons can even lower perplexity; here each
+    layer that skips anything costs 0.1 nats per token more than measured, so
+    a 0.5% target cannot be met: the best reached is stored and said to be short."""
+    layout = Path(shutil.copytree(silu_layout, tmp_path / "layout"))
+    measured_pass = training._Calibration._sparse_pass
+
+    def costlier(self, A_list, B_list, cuts):
+        skipping = sum(cut is not None for cut in cuts)
+        return measured_pass(self, A_list, B_list, cuts) + 0.1 * self.scored * skipping
+
+    monkeypatch.setattr(training._Calibration, "_sparse_pass", costlier)
+    argv = ["train-predictor", str(layout), "--tokens", "600", "--rank", "8"]
+    assert main([*argv, "--max-loss", "0.5%"]) == 0
+    assert "--max-loss 0.50%: NOT met" in capsys.readouterr().out
+    section = Layout.open(layout).manifest["predictor"]
+    measured = section["quality"]
+    assert not measured["met"] and measured["loss"] > 0.005
+    assert sum(cut is not None for cut in section["cuts"]) == 1  # the first step
+
+
+@pytest.mark.parametrize("value", ["0", "0%", "-3%", "abc", "3%%", "nan", "inf"])
+def test_bad_max_loss_values_exit_2_with_one_line(silu_layout, value, capsys):
+    assert main(["train-predictor", str(silu_layout), f"--max-loss={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--max-loss" in err and len(err.splitlines()) == 1
 
 
 @settings(max_examples=50, deadline=None)

@@ -1,0 +1,209 @@
+"""Calibration text through the model one layer at a time: what each layer's FFN sees.
+
+Layer-outer order: every calibration sequence passes layer l before layer l+1 starts,
+so each layer's FFN is read from the layout once in all, not once per sequence (as
+running the sequences as prompts in flash mode would), and memory holds the resident
+weights, one layer's FFN and the calibration tokens' residual streams
+(tokens x d_model floats). A model that does not fit in memory is calibrated for the
+price of reading it once. Each sequence runs as one prompt from position 0, exactly
+as a whole forward pass would compute it.
+
+- `calibration_sequences`: text -> token sequences; `split_sequences`: train / tune.
+- `LayerByLayer`: the model with one layer's FFN in memory, run a layer at a time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import get_backend
+from .layout import Layout
+from .memory import format_bytes, model_bytes, parse_budget
+from .model import KVCache, Model, ffn_activation, prepare_weights
+from .safetensors_stream import decode
+
+MIN_TOKENS = 128  # below this no layer can be fitted and checked on a held-out split
+TUNE_EVERY = 5  # every 5th sequence is tuned on, not trained on: 20%
+
+
+def calibration_sequences(
+    tokenizer, texts: list[str], tokens: int, seq_len: int
+) -> list[list[int]]:
+    """The first `tokens` tokens of the texts (joined by blank lines), cut into
+    sequences of `seq_len` (a last shorter one kept if it has 2 tokens or more);
+    shorter sequences when that would give fewer than TUNE_EVERY of them, so that
+    one at least is held out to tune on.
+
+    Raises:
+        ValueError: the texts give fewer than MIN_TOKENS tokens.
+    """
+    ids = tokenizer.encode("\n\n".join(texts))[:tokens]
+    if len(ids) < MIN_TOKENS:
+        raise ValueError(
+            f"the text is too short to train on: {len(ids)} tokens, need at least "
+            f"{MIN_TOKENS}"
+        )
+    seq_len = min(seq_len, len(ids) // TUNE_EVERY)
+    return [
+        ids[s : s + seq_len]
+        for s in range(0, len(ids), seq_len)
+        if len(ids[s : s + seq_len]) > 1
+    ]
+
+
+def split_sequences(count: int) -> tuple[list[int], list[int]]:
+    """Indices of the sequences to train on and to tune thresholds on: every
+    TUNE_EVERY-th sequence is tuned on (interleaved, so both splits span the whole
+    text), the rest trained on; at least one of each.
+
+    Raises:
+        ValueError: fewer than 2 sequences.
+    """
+    if count < 2:
+        raise ValueError(
+            f"{count} calibration sequence is too few: need 2 (one to train on, one "
+            "to tune on); give more tokens or a shorter sequence length"
+        )
+    tune = list(range(TUNE_EVERY - 1, count, TUNE_EVERY)) or [count - 1]
+    chosen = set(tune)
+    return [i for i in range(count) if i not in chosen], tune
+
+
+class _OneLayerFFN:
+    """The FFN of the layer `LayerByLayer` holds; hands what it computes to a
+    `record` callable when given, skips the neurons `keep` drops when given."""
+
+    def __init__(self, backend, args, resident: dict):
+        self.backend, self.args, self.resident = backend, args, resident
+        self.parts: list | None = None
+        self.record = None  # (h, gate, up, act) as NumPy -> anything, kept in records
+        self.records: list = []
+        self.keep = None  # h -> (T, n_ffn) bool mask of the neurons kept
+
+    def __call__(self, layer: int, h):
+        B, r, args = self.backend, self.resident, self.args
+        fc1_bias = r.get(f"layers.{layer}.fc1.bias")
+        *inputs, output = self.parts
+        gate = B.linear(h, B.rows_weight(inputs[0]), fc1_bias)
+        up = B.linear(h, B.rows_weight(inputs[1])) if len(inputs) > 1 else None
+        a = ffn_activation(B, args, gate, up)
+        if self.record is not None:
+            numpy = [None if v is None else B.to_numpy(v) for v in (h, gate, up, a)]
+            self.records.append(self.record(*numpy))
+        if self.keep is not None:
+            a = a * B.array(self.keep(h).astype(np.float32))
+        down = B.columns_weight(output)
+        return B.linear(a, down, r.get(f"layers.{layer}.fc2.bias"))
+
+    # hooks Model calls on its FFN
+    def new_sequence(self) -> None:
+        pass
+
+    def begin_token(self) -> None:
+        pass
+
+    def end_token(self, logits, prompt_tokens: int) -> None:
+        pass
+
+
+class LayerByLayer:
+    """The model with one layer's FFN in memory at a time, run on whole sequences
+    (each a prompt from position 0), one layer at a time.
+
+    `embed` gives the residual streams of token sequences; `load(i)` reads layer
+    i's FFN (and drops the one before); `run(i, streams)` moves streams through
+    layer i, optionally recording what its FFN computes or skipping neurons; `head`
+    gives logits. Streams are backend arrays, one per sequence.
+    """
+
+    def __init__(self, layout: Layout, backend: str | None = None, max_context=None):
+        self.layout, self.args = layout, layout.args
+        self.B = get_backend(backend)
+        resident = prepare_weights(self.B, layout.iter_resident(stored=True))
+        self.ffn = _OneLayerFFN(self.B, self.args, resident)
+        context = max_context or self.args.max_position_embeddings
+        self.model = Model(self.args, self.B, resident, self.ffn, context)
+        self.down_norms: np.ndarray | None = None
+
+    def embed(self, sequences: list[list[int]]) -> list:
+        return [self.model.embed(seq, 0) for seq in sequences]
+
+    def load(self, layer: int) -> None:
+        """Read `layer`'s FFN from the layout (held as stored, as decoding holds
+        it); `down_norms` are its down (fc2) columns' lengths."""
+        self.ffn.parts = None  # the layer before goes first
+        bundles = self.layout.read_stored(layer)  # (n_ffn, n_parts, d_model)
+        self.ffn.parts = [self.B.weight(bundles[:, p]) for p in range(bundles.shape[1])]
+        self.down_norms = np.concatenate(  # in slices: no float32 copy of it all
+            [
+                np.linalg.norm(
+                    decode(rows, self.layout.dtype).astype(np.float32), axis=1
+                )
+                for rows in np.array_split(bundles[:, -1], max(1, len(bundles) // 1024))
+            ]
+        )
+
+    def run(self, layer: int, streams: list, keep=None, record=None):
+        """Streams through `layer` (loaded).
+
+        Args:
+            keep: h -> (T, n_ffn) bool mask of the neurons each token keeps (the
+                others are skipped).
+            record: (h, gate, up, act) -> anything, called per stream with the
+                FFN's input, pre-activations (gate: OPT's fc1 plus its bias; up:
+                None for OPT) and activations, float32 NumPy (T, ...).
+
+        Returns:
+            The streams leaving the layer; with `record`, also the list of what it
+            returned, one per stream.
+        """
+        a = self.args
+        self.ffn.keep, self.ffn.record, self.ffn.records = keep, record, []
+        out = []
+        for x in streams:
+            cache = KVCache(self.B, a.num_key_value_heads, a.head_dim, x.shape[0])
+            out.append(self.model.layer(layer, x, cache, 0))
+        records = self.ffn.records
+        self.ffn.keep, self.ffn.record, self.ffn.records = None, None, []
+        return out if record is None else (out, records)
+
+    def head(self, x) -> np.ndarray:
+        """float32 logits (T, vocab) of a stream leaving the last layer."""
+        return self.B.to_numpy(self.model.head(x))
+
+
+def calibration_bytes(
+    layout: Layout, tokens: int, tune_tokens: int, seq_len: int
+) -> int:
+    """DRAM that a calibration holds at most (weights and activations; the
+    interpreter and libraries aside, as in the flash memory plan): resident weights,
+    one layer's FFN as stored; per token its residual stream, FFN input and target
+    set (float32, float32, bool per neuron); per tune token the gate pre-activations
+    and activations (float32), all twice over while a layer's are assembled; and a
+    sequence's logits (float32, twice: scoring them)."""
+    args = layout.args
+    d, n = args.hidden_size, args.intermediate_size
+    resident, _ = model_bytes(layout)
+    layer = max(e.neurons for e in layout.layers) * layout.bundle_bytes
+    activations = 2 * (tokens * (8 * d + n) + tune_tokens * 8 * n)
+    return resident + layer + activations + 2 * seq_len * args.vocab_size * 4
+
+
+def check_calibration_budget(
+    layout: Layout, tokens: int, tune_tokens: int, seq_len: int, memory_budget
+) -> None:
+    """Refuse a calibration that would hold more than `memory_budget` (bytes,
+    "1.5GB" or "50%" of the weights as stored).
+
+    Raises:
+        ValueError: naming what it holds and the budget.
+    """
+    resident, ffn = model_bytes(layout)
+    budget = parse_budget(memory_budget, resident + ffn)
+    needed = calibration_bytes(layout, tokens, tune_tokens, seq_len)
+    if needed > budget:
+        raise ValueError(
+            f"calibrating on {tokens} tokens holds {format_bytes(needed)} (resident "
+            "weights, one FFN layer, the tokens' activations): more than the budget "
+            f"of {format_bytes(budget)}; give fewer tokens"
+        )

@@ -1,0 +1,100 @@
+"""What a user is told about the predictor's sparsity and what it costs: the trained
+predictor's table (`train-predictor`, `inspect -v`) and, for models whose sparsity is
+approximate (SiLU), the one line `generate`, `chat` and `verify` print in flash mode.
+Figures come from the manifest, as measured when the predictor was trained."""
+
+from __future__ import annotations
+
+from .memory import format_bytes
+
+
+def skipped_share(section: dict) -> float:
+    """Mean share of FFN neurons per token the trained cuts skip (tune split)."""
+    report = section["report"]
+    return 1.0 - sum(r["predicted_fraction"] for r in report) / len(report)
+
+
+def predictor_table(section: dict) -> list[str]:
+    """The per-layer table of a trained predictor and the quality it measured."""
+    if section.get("recall_target"):
+        how = f"cuts tuned to recall {section['recall_target']}"
+    elif section.get("cuts"):
+        how = "cuts chosen for a loss target"
+    else:
+        how = f"threshold {section['threshold']}"
+    lines = [
+        f"low-rank predictor, {how}, {format_bytes(section['nbytes'])} in DRAM",
+        "layer  rank  recall  precision  predicted  skipped  target set",
+    ]
+    for i, r in enumerate(section["report"]):
+        lines.append(
+            f"{i:>5}  {r['rank']:>4}  {r['recall']:>6.3f}  {r['precision']:>9.3f}  "
+            f"{r['predicted_fraction']:>9.1%}  {1 - r['predicted_fraction']:>7.1%}  "
+            f"{r['true_fraction']:>10.1%}"
+        )
+    return lines + quality_lines(section)
+
+
+def quality_lines(section: dict) -> list[str]:
+    """What the stored cuts skip and cost, as measured when training (none for a
+    predictor trained before this was measured)."""
+    measured = section.get("quality")
+    if not measured:
+        return []
+    lines = [
+        f"skips {skipped_share(section):.1%} of FFN neurons per token on average; "
+        f"perplexity {measured['dense_perplexity']:.3f} dense -> "
+        f"{measured['perplexity']:.3f} ({measured['loss']:+.1%}) on "
+        f"{measured['tokens']} calibration tokens it did not train on"
+    ]
+    if measured.get("max_loss") is not None:
+        if measured["met"]:
+            verdict = "met"
+        else:
+            verdict = (
+                "NOT met: skipping any neuron costs more; stored the best reached "
+                "(the cheapest single step)"
+            )
+        lines.append(
+            f"--max-loss {measured['max_loss']:.2%}: {verdict} "
+            f"({measured['passes']} passes over the calibration tokens)"
+        )
+    return lines
+
+
+def sparsity_line(model, layout) -> str | None:
+    """One line on a flash model whose sparsity is approximate (not ReLU family):
+    how much of the FFN its predictor skips and the calibrated perplexity loss;
+    None for dense models and exact (ReLU-family) setups."""
+    if model.plan is None or layout.args.is_relu_family:
+        return None
+    predictor = model.ffn.predictor
+    act = layout.args.hidden_act
+    if predictor.name == "gate":
+        share = predictor.silu_sparsity
+        return (
+            f"sparse FFN ({act}, approximate): gate predictor skips about {share:.0%} "
+            "of neurons per token by |silu(gate)| (it cannot see up); its loss is not "
+            "calibrated: `flashinfer verify` measures it"
+        )
+    if predictor.name != "lowrank":
+        return None
+    section = layout.manifest.get("predictor") or {}
+    measured = section.get("quality")
+    if not measured:
+        return (
+            f"sparse FFN ({act}, approximate): low-rank predictor trained without a "
+            "calibrated loss; retrain (`flashinfer train-predictor DIR`) to know it"
+        )
+    if predictor.threshold is not None:
+        return (
+            f"sparse FFN ({act}, approximate): low-rank predictor at threshold "
+            f"{predictor.threshold}, not its trained cuts; calibrated at those: skips "
+            f"{skipped_share(section):.0%}, perplexity {measured['loss']:+.1%}"
+        )
+    return (
+        f"sparse FFN ({act}, approximate): low-rank predictor skips "
+        f"{skipped_share(section):.0%} of neurons per token; calibrated perplexity "
+        f"{measured['loss']:+.1%} against dense (predicted neurons only; a roomier "
+        "cache loses less)"
+    )
