@@ -20,7 +20,17 @@ from .backends import get_backend
 from .layout import Layout
 from .memory import format_bytes, model_bytes, parse_budget
 from .model import KVCache, Model, ffn_activation, prepare_weights
+from .quantize import Quantized, dequantize
 from .safetensors_stream import decode
+
+
+def _rows_float32(part, dtype: str, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a stored part (array or NumPy `Quantized`) as float32."""
+    if isinstance(part, Quantized):
+        fields = (part.packed[lo:hi], part.scales[lo:hi], part.biases[lo:hi])
+        return dequantize(*fields, part.bits, part.group_size)
+    return decode(part[lo:hi], dtype).astype(np.float32)
+
 
 MIN_TOKENS = 128  # below this no layer can be fitted and checked on a held-out split
 TUNE_EVERY = 5  # every 5th sequence is tuned on, not trained on: 20%
@@ -132,14 +142,15 @@ class LayerByLayer:
         """Read `layer`'s FFN from the layout (held as stored, as decoding holds
         it); `down_norms` are its down (fc2) columns' lengths."""
         self.ffn.parts = None  # the layer before goes first
-        bundles = self.layout.read_stored(layer)  # (n_ffn, n_parts, d_model)
-        self.ffn.parts = [self.B.weight(bundles[:, p]) for p in range(bundles.shape[1])]
+        parts = self.layout.read_parts(layer)  # each (n_ffn, d_model), as stored
+        self.ffn.parts = [self.B.weight(p) for p in parts]
+        n, down = self.args.intermediate_size, parts[-1]
         self.down_norms = np.concatenate(  # in slices: no float32 copy of it all
             [
                 np.linalg.norm(
-                    decode(rows, self.layout.dtype).astype(np.float32), axis=1
+                    _rows_float32(down, self.layout.dtype, lo, lo + 1024), axis=1
                 )
-                for rows in np.array_split(bundles[:, -1], max(1, len(bundles) // 1024))
+                for lo in range(0, n, 1024)
             ]
         )
 

@@ -270,7 +270,7 @@ class _Calibration:
 
     def __init__(self, layout, sequences, tune, backend, grids: bool):
         self.args = layout.args
-        self.dtype = layout.dtype
+        self.dtype = layout.float_dtype  # what the predictor is held as
         self.sequences = sequences
         self.tune = tune
         longest = max(len(s) for s in sequences)
