@@ -1,0 +1,83 @@
+"""What a perfect ranking of neurons would cost: the perplexity loss on the calibration
+sequences that `train-predictor` measures its cuts on, with every layer computed over,
+per token, the neurons with the largest |activation| x |down column| (the oracle) at
+one sparsity for all layers. Compare with the calibrated loss of a trained predictor.
+
+    python benchmarks/oracle_loss.py --model LAYOUT [--sparsity 0.2 0.3 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import numpy as np
+
+from mlx_flashinfer.calibrate import (
+    LayerByLayer,
+    calibration_sequences,
+    split_sequences,
+)
+from mlx_flashinfer.layout import Layout
+from mlx_flashinfer.loader import load_tokenizer
+from mlx_flashinfer.model import ffn_activation
+from mlx_flashinfer.quality import sequence_nll
+from mlx_flashinfer.texts import calibration_text
+from mlx_flashinfer.train_predictor import DEFAULT_TOKENS, QUALITY_SEQUENCES
+
+
+def oracle_keep(runner: LayerByLayer, args, sparsity: float):
+    """h -> per token, the neurons outside the `sparsity` share with the smallest
+    |activation| x |down column| of the loaded layer."""
+    B = runner.B
+    gate_w, up_w = runner.ffn.parts[0], runner.ffn.parts[1]
+    norms = runner.down_norms
+
+    def keep(h):
+        gate = B.to_numpy(B.linear(h, gate_w))
+        up = B.to_numpy(B.linear(h, up_w))
+        score = np.abs(ffn_activation(B, args, gate, up)) * norms
+        k = int(round(sparsity * (score.shape[1] - 1)))
+        return score > np.partition(score, k, axis=1)[:, k : k + 1]
+
+    return keep
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a Llama-family layout")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.2, 0.3, 0.5])
+    parser.add_argument("--backend", default="numpy")
+    opts = parser.parse_args()
+    layout = Layout.open(opts.model)
+    args = layout.args
+    if args.family == "opt":
+        parser.error("the oracle here needs a gate and an up branch (Llama family)")
+    sequences = calibration_sequences(
+        load_tokenizer(layout), [calibration_text()], DEFAULT_TOKENS, 256
+    )
+    _, tune = split_sequences(len(sequences))
+    ids = [sequences[j] for j in tune[:QUALITY_SEQUENCES]]  # as train-predictor
+    runner = LayerByLayer(layout, opts.backend, max_context=256)
+
+    def nll(sparsity: float) -> float:
+        streams = runner.embed(ids)
+        for layer in range(args.num_hidden_layers):
+            runner.load(layer)
+            keep = oracle_keep(runner, args, sparsity) if sparsity else None
+            streams = runner.run(layer, streams, keep=keep)
+        return sum(
+            sequence_nll(runner.head(x), s) for x, s in zip(streams, ids, strict=True)
+        )
+
+    scored = sum(len(s) - 1 for s in ids)
+    dense = nll(0.0)
+    dense_ppl = math.exp(dense / scored)
+    print(f"{opts.model}: {scored} calibration tokens, dense {dense_ppl:.3f}")
+    for sparsity in opts.sparsity:
+        loss = math.exp((nll(sparsity) - dense) / scored) - 1
+        print(f"oracle, {sparsity:.0%} skipped in every layer: loss {loss:+.1%}")
+
+
+if __name__ == "__main__":
+    main()
