@@ -172,14 +172,11 @@ def write_layout(
     and replaces a layout only with `force`."""
     quantization = None
     if dtype in QUANTIZED_DTYPES:
+        bits = QUANTIZED_DTYPES[dtype]
         group_size = group_size or getattr(source, "group_size", DEFAULT_GROUP_SIZE)
         check_format(
-            QUANTIZED_DTYPES[dtype],
-            group_size,
-            source.args.hidden_size,
-            "the model's width (d_model)",
+            bits, group_size, source.args.hidden_size, "the model's width (d_model)"
         )
-        bits = QUANTIZED_DTYPES[dtype]
         quantization = Quantization(source, bits, group_size, down_bits or 8)
     target = Path(os.path.abspath(dst))  # "." and ".." have no name to stage beside
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -232,10 +229,11 @@ class Quantization:
 
     def matrix(self, name: str, bits: int, transposed: bool = False):
         """(packed, scales, biases) of the source tensor `name` (its transpose)."""
-        if not transposed and self.native_bits(name) == bits:
+        native = self.native_bits(name)
+        if not transposed and native == bits:
             self.exact.append(name)
             return self.source.native_quantized(name)
-        if self.native_bits(name):
+        if native:
             self.requantized.append(name)
         values = self.source.tensor(name)
         return quantize(values.T if transposed else values, bits, self.group_size)
@@ -274,9 +272,10 @@ def _write_layout(
             resident[base + ".biases"] = ("float16", (shape[0], groups))
             total += shape[0] * row_bytes(shape[1], bits, q.group_size)
         else:
-            kind = "float32" if len(shape) == 1 else (q and "float16") or dtype
+            # vectors float32; a matrix the groups do not divide float16 if quantized
+            kind = "float32" if len(shape) == 1 else "float16" if q else dtype
             resident[name] = (kind, shape)
-            total += int(np.prod(shape)) * (4 if len(shape) == 1 else _itemsize(kind))
+            total += int(np.prod(shape)) * _itemsize(kind)
     size = bundle_bytes(args, dtype, q and q.group_size, q and q.part_bits)
     total += args.num_hidden_layers * args.intermediate_size * size
     files = {}

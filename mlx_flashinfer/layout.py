@@ -29,6 +29,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -198,11 +199,18 @@ class Layout:
     def split_fields(self, raw: np.ndarray) -> list[np.ndarray]:
         """Bundles as bytes (n, bundle_bytes) uint8 -> a view of each piece: (n,
         values) of its storage dtype, rows contiguous, row stride bundle_bytes."""
-        views, offset = [], 0
-        for part in self.fields:
-            for _, dtype, n in part:
+        starts = np.cumsum([0] + self.part_bytes).tolist()
+        return self._field_views([raw[:, a:b] for a, b in pairwise(starts)])
+
+    def _field_views(self, parts: list[np.ndarray]) -> list[np.ndarray]:
+        """Each part's bytes (n, part bytes) uint8 -> a view of each of its fields,
+        part-major."""
+        views = []
+        for rows, fields in zip(parts, self.fields, strict=True):
+            offset = 0
+            for _, dtype, n in fields:
                 size = n * np.dtype(STORAGE[dtype]).itemsize
-                views.append(raw[:, offset : offset + size].view(STORAGE[dtype]))
+                views.append(rows[:, offset : offset + size].view(STORAGE[dtype]))
                 offset += size
         return views
 
@@ -323,41 +331,23 @@ class Layout:
             ).astype(np.float32, copy=False)
         return decode(raw[0], self.dtype).astype(np.float32, copy=False).reshape(shape)
 
-    def read_stored(self, layer: int) -> np.ndarray:
-        """Every bundle of `layer` as stored: (n, n_parts, d_model) of the layout's
-        storage dtype (float16, float32, or bfloat16 as uint16 bits), what the
-        backends hold in DRAM."""
-        extent = self.layers[layer]
-        parts = len(self.bundle_parts)
-        regions = parts if self.arrangement == "separate" else 1
-        size = extent.neurons * self.bundle_bytes
-        with open(self.ffn_path, "rb") as f:
-            f.seek(extent.offset)
-            raw = np.frombuffer(f.read(size), dtype=STORAGE[self.dtype])
-        if raw.nbytes != size:
-            raise ValueError(f"{self.ffn_path}: truncated while reading layer {layer}")
-        if regions > 1:  # (parts, n, d) regions -> (n, parts, d) bundles
-            raw = raw.reshape(parts, extent.neurons, -1).transpose(1, 0, 2)
-        return raw.reshape(extent.neurons, parts, self.args.hidden_size)
-
     def read_parts(self, layer: int) -> list:
-        """Every bundle of `layer` as stored, one weight per part: (n, d_model) of
-        the storage dtype (see `read_stored`), or a `Quantized` of (n, d_model)
-        whose arrays are views into the layer's bytes."""
-        if not self.quantization:
-            stored = self.read_stored(layer)
-            return [stored[:, p] for p in range(stored.shape[1])]
+        """Every bundle of `layer` as stored, one weight per part, viewing the bytes
+        read: (n, d_model) of the storage dtype (float16, float32, or bfloat16 as
+        uint16 bits), or a `Quantized` of (n, d_model); what the backends hold."""
         extent = self.layers[layer]
-        size = extent.neurons * self.bundle_bytes
+        n, size = extent.neurons, extent.neurons * self.bundle_bytes
         with open(self.ffn_path, "rb") as f:
             f.seek(extent.offset)
             raw = np.frombuffer(f.read(size), dtype=np.uint8)
         if raw.nbytes != size:
             raise ValueError(f"{self.ffn_path}: truncated while reading layer {layer}")
-        if self.arrangement == "separate":  # part regions -> (n, bundle) rows
-            regions = np.split(raw, np.cumsum(self.part_bytes)[:-1] * extent.neurons)
-            raw = np.concatenate([r.reshape(extent.neurons, -1) for r in regions], 1)
-        return self.join_fields(self.split_fields(raw.reshape(extent.neurons, -1)))
+        if self.arrangement == "separate":  # one region per part, part after part
+            regions = np.split(raw, np.cumsum(self.part_bytes)[:-1] * n)
+            return self.join_fields(
+                self._field_views([r.reshape(n, -1) for r in regions])
+            )
+        return self.join_fields(self.split_fields(raw.reshape(n, -1)))
 
     def resident_tensors(self) -> dict[str, np.ndarray]:
         """Every resident tensor as float32 NumPy (the dense reference path)."""
@@ -366,7 +356,7 @@ class Layout:
     def iter_resident(self, stored: bool = False):
         """(name, NumPy array) of each resident tensor, one at a time, so a caller
         converting them (to MLX, say) never holds two copies of them all: float32,
-        or with `stored` in the layout's storage form (see `read_stored`; a
+        or with `stored` in the layout's storage form (see `read_parts`; a
         quantized matrix as one `Quantized` under its weight's name)."""
         header, start = read_header(self.resident_path)
         quantized = (self.quantization or {}).get("tensors", {})
