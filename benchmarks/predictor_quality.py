@@ -1,7 +1,7 @@
 """Quality and bytes of the predictors: perplexity of held-out text through the sparse
-path, for dense, the gate predictor and the trained low-rank predictor.
+path, for dense, the gate predictor and the trained predictor (low-bit or low-rank).
 
-The low-rank predictor is trained as `flashinfer train-predictor` trains it (by
+The predictor is trained as `flashinfer train-predictor` trains it (by
 default on the package's calibration text, chapters I-VI of Alice; `--recall`,
 `--max-loss` as there), or taken as the layout has it (`--use-trained`). Scored: the
 start of the held-out part of Alice (chapters VII-XII, `texts.held_out_part` of
@@ -12,8 +12,9 @@ really computes). Also reports the share of FFN neurons each decoded token skipp
 
     python benchmarks/predictor_quality.py --model LAYOUT --text alice.txt
         [--budget 100%] [--tokens 1024] [--context 256] [--prefill 32]
-        [--train-tokens 8192] [--rank 64] [--recall 0.99 | --max-loss 3%]
-        [--use-trained] [--predictors gate lowrank] [--out results.json]
+        [--train-tokens 8192] [--kind lowbit|lowrank] [--rank 64]
+        [--recall 0.99 | --max-loss 3%] [--use-trained] [--predictors gate lowbit]
+        [--out results.json]
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--prefill", type=int, default=32)
     parser.add_argument("--train-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--kind", choices=["lowbit", "lowrank"], default=None, help="as train-predictor"
+    )
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--recall", type=float, default=0.99)
@@ -88,8 +92,9 @@ def main() -> None:
     parser.add_argument(
         "--predictors",
         nargs="+",
-        default=["gate", "lowrank"],
-        choices=["gate", "lowrank"],
+        default=None,
+        choices=["gate", "lowrank", "lowbit"],
+        help="default: gate and the trained one",
     )
     parser.add_argument(
         "--thresholds",
@@ -111,6 +116,7 @@ def main() -> None:
             section = train_predictor(
                 layout,
                 tokens=opts.train_tokens,
+                kind=opts.kind,
                 rank=opts.rank,
                 recall=opts.recall,
                 max_loss=max_loss,
@@ -121,7 +127,8 @@ def main() -> None:
         ids = tok.encode(held_out)[: opts.tokens]
         flash = {"memory_budget": opts.budget, "window": opts.window}
         rows = {"dense": score(layout, ids, opts)}
-        for name in opts.predictors:
+        kind = section.get("kind", "lowrank")
+        for name in opts.predictors or ["gate", kind]:
             try:
                 rows[name] = score(layout, ids, opts, predictor=name, **flash)
             except ValueError as err:  # a budget too small for this predictor
@@ -139,7 +146,8 @@ def main() -> None:
     measured = section.get("quality") or {}
     print(
         f"{opts.model}: predictor trained on {section['tokens']} tokens "
-        f"({section['source']}) in {section['seconds']:.0f} s (rank {opts.rank}, "
+        f"({section['source']}) in {section['seconds']:.0f} s ({kind}"
+        f"{f' rank {opts.rank}' if kind == 'lowrank' else ''}, "
         f"mean tune-split recall {recall:.3f}, predicts {predicted:.1%} of neurons, "
         f"calibration loss {measured.get('loss', float('nan')):+.1%}); scored "
         f"{rows['dense']['tokens']} held-out tokens, chunks of {opts.context}, "

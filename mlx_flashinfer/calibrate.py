@@ -20,17 +20,7 @@ from .backends import get_backend
 from .layout import Layout
 from .memory import format_bytes, model_bytes, parse_budget
 from .model import KVCache, Model, ffn_activation, prepare_weights
-from .quantize import Quantized, dequantize
-from .safetensors_stream import decode
-
-
-def _rows_float32(part, dtype: str, lo: int, hi: int) -> np.ndarray:
-    """Rows [lo, hi) of a stored part (array or NumPy `Quantized`) as float32."""
-    if isinstance(part, Quantized):
-        fields = (part.packed[lo:hi], part.scales[lo:hi], part.biases[lo:hi])
-        return dequantize(*fields, part.bits, part.group_size)
-    return decode(part[lo:hi], dtype).astype(np.float32)
-
+from .quantize import row_norms
 
 MIN_TOKENS = 128  # below this no layer can be fitted and checked on a held-out split
 TUNE_EVERY = 5  # every 5th sequence is tuned on, not trained on: 20%
@@ -134,25 +124,20 @@ class LayerByLayer:
         context = max_context or self.args.max_position_embeddings
         self.model = Model(self.args, self.B, resident, self.ffn, context)
         self.down_norms: np.ndarray | None = None
+        self.stored: list | None = None
 
     def embed(self, sequences: list[list[int]]) -> list:
         return [self.model.embed(seq, 0) for seq in sequences]
 
     def load(self, layer: int) -> None:
         """Read `layer`'s FFN from the layout (held as stored, as decoding holds
-        it); `down_norms` are its down (fc2) columns' lengths."""
-        self.ffn.parts = None  # the layer before goes first
+        it; `stored`: the parts as read); `down_norms` are its down (fc2) columns'
+        lengths."""
+        self.ffn.parts = self.stored = None  # the layer before goes first
         parts = self.layout.read_parts(layer)  # each (n_ffn, d_model), as stored
+        self.stored = parts  # NumPy, for what is built from the rows (lowbit.py)
         self.ffn.parts = [self.B.weight(p) for p in parts]
-        n, down = self.args.intermediate_size, parts[-1]
-        self.down_norms = np.concatenate(  # in slices: no float32 copy of it all
-            [
-                np.linalg.norm(
-                    _rows_float32(down, self.layout.dtype, lo, lo + 1024), axis=1
-                )
-                for lo in range(0, n, 1024)
-            ]
-        )
+        self.down_norms = row_norms(parts[-1], self.layout.dtype)
 
     def run(self, layer: int, streams: list, keep=None, record=None):
         """Streams through `layer` (loaded).

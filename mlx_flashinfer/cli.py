@@ -17,7 +17,7 @@ from .backends import BACKENDS
 from .bench.cli import add_bench_command
 from .layout import DTYPES, Layout
 from .memory import format_bytes
-from .predictors import PREDICTORS
+from .predictors import PREDICTORS, trained_kind
 from .sparsity_report import predictor_table, sparsity_line
 
 # User mistakes print one line and exit 2; anything else is a bug and keeps its
@@ -133,7 +133,7 @@ def cmd_inspect(opts) -> int:
             "ffn",
             f"{format_bytes(layout.ffn_bytes)} ({100 * layout.ffn_bytes / total:.0f}%)",
         ),
-        ("predictor", "present" if layout.has_predictor else "none"),
+        ("predictor", trained_kind(layout) or "none"),
         (
             "tokenizer",
             f"{tok.get('file', 'none')}, chat template: "
@@ -392,12 +392,18 @@ def cmd_train_predictor(opts) -> int:
     from .train_predictor import parse_max_loss, train_predictor
 
     max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
+    kind = opts.kind
+    if (opts.rank, opts.last_rank) != (None, None):  # a rank asks for low rank
+        if kind == "lowbit":
+            raise ValueError("--rank and --last-rank apply to --kind lowrank only")
+        kind = "lowrank"
     texts = [Path(f).read_text(encoding="utf-8") for f in opts.text or []]
     section = train_predictor(
         opts.model,
         texts=texts or None,
         tokens=opts.tokens,
-        rank=opts.rank,
+        kind=kind,
+        rank=64 if opts.rank is None else opts.rank,
         last_rank=opts.last_rank,
         recall=opts.recall,
         max_loss=max_loss,
@@ -502,7 +508,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--predictor",
         choices=PREDICTORS,
         default=None,
-        help="neuron predictor (flash mode; default lowrank when trained, else gate)",
+        help="neuron predictor (flash mode; default: the trained one, else gate)",
     )
     p.add_argument(
         "--predictor-threshold",
@@ -692,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(p)
     p.set_defaults(run=cmd_verify)
 
-    p = sub.add_parser("train-predictor", help="train the low-rank neuron predictor")
+    p = sub.add_parser("train-predictor", help="train the neuron predictor")
     p.add_argument("model", help="layout directory")
     p.add_argument(
         "--text",
@@ -703,12 +709,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokens", type=int, default=4096, help="calibration tokens (default 4096)"
     )
-    p.add_argument("--rank", type=int, default=64, help="rank of every layer")
+    p.add_argument(
+        "--kind",
+        choices=("lowbit", "lowrank"),
+        default=None,
+        help="lowbit: 4-bit copies of gate and up, which rank a SiLU model's neurons "
+        "well (default for SiLU models; ~19%% of a float16 FFN in DRAM); lowrank: "
+        "the paper's small trained predictor (default for ReLU-family models)",
+    )
+    p.add_argument(
+        "--rank", type=int, default=None, help="lowrank: rank of every layer (64)"
+    )
     p.add_argument(
         "--last-rank",
         type=int,
         default=None,
-        help="rank of the last eighth of the layers (the most active)",
+        help="lowrank: rank of the last eighth of the layers (the most active)",
     )
     p.add_argument(
         "--recall",

@@ -11,7 +11,7 @@ from .memory import MemoryPlan, layer_demand, plan_memory
 from .model import DenseFFN, Model, kv_cache_bytes, prepare_weights
 from .models import resolve_model
 from .nonfinite import check_weights
-from .predictors import make_predictor, predictor_nbytes
+from .predictors import make_predictor, predictor_nbytes, trained_kind
 from .tokenizer import Tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -28,8 +28,8 @@ MAX_WINDOW = 256
 
 
 def default_predictor(layout: Layout) -> str:
-    """The trained low-rank predictor when the layout has one, else the gate."""
-    return "lowrank" if layout.has_predictor else "gate"
+    """The trained predictor when the layout has one, else the gate."""
+    return trained_kind(layout) or "gate"
 
 
 def load_tokenizer(layout: Layout) -> Tokenizer:
@@ -134,8 +134,8 @@ def load(
             weights + predictor + neuron caches + scratch + read buffer. Default
             "50%" when dense=False.
         window: k, tokens whose neurons stay cached (flash mode); 0 = no reuse.
-        predictor: "lowrank" (default when trained), "gate" (default otherwise),
-            "oracle" or "all" (flash mode).
+        predictor: the trained one ("lowrank" or "lowbit", default when trained),
+            "gate" (default otherwise), "oracle" or "all" (flash mode).
         threads: flash reader threads (default: measured best for this kind of disk).
         max_context: tokens the KV cache may hold (default: the model's limit or 4096,
             whichever is smaller).

@@ -14,7 +14,7 @@ n_ffn * d_model.
 - `cut_for_recall`, `cut_report`: a layer's cut for a recall target, and what it
   keeps.
 - `LowRankPredictor`: the predictor interface of `predictors.py` over trained A, B.
-- `save_predictor` / `load_predictor_arrays`: `predictor.safetensors`
+- `predictor_tensors`, `save_predictor` / `load_predictor_arrays`: the file
   (`layers.{i}.A` (rank, d_model), `layers.{i}.B` (n_ffn, rank), float32).
 """
 
@@ -421,20 +421,32 @@ def _check_shapes(A_list, B_list, where) -> None:
             )
 
 
+def predictor_tensors(
+    A_list: list[np.ndarray], B_list: list[np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The tensors of a predictor file: `layers.{i}.A` and `layers.{i}.B` (float32).
+
+    Raises:
+        ValueError: lists of different lengths or shapes that do not chain.
+    """
+    _check_shapes(A_list, B_list, "predictor")
+    tensors = {}
+    for i, (a, b) in enumerate(zip(A_list, B_list, strict=True)):
+        tensors[f"layers.{i}.A"] = np.ascontiguousarray(a, dtype=np.float32)
+        tensors[f"layers.{i}.B"] = np.ascontiguousarray(b, dtype=np.float32)
+    return tensors
+
+
 def save_predictor(
     path: Path, A_list: list[np.ndarray], B_list: list[np.ndarray]
 ) -> None:
-    """Write `layers.{i}.A` and `layers.{i}.B` (float32) as safetensors, atomically.
+    """Write `predictor_tensors` as safetensors, atomically.
 
     Raises:
         ValueError: lists of different lengths or shapes that do not chain.
     """
     path = Path(path)
-    _check_shapes(A_list, B_list, str(path))
-    tensors = {}
-    for i, (a, b) in enumerate(zip(A_list, B_list, strict=True)):
-        tensors[f"layers.{i}.A"] = np.ascontiguousarray(a, dtype=np.float32)
-        tensors[f"layers.{i}.B"] = np.ascontiguousarray(b, dtype=np.float32)
+    tensors = predictor_tensors(A_list, B_list)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, path)

@@ -208,13 +208,15 @@ def share_rows(rows: int, demand: list[float], cap: int) -> list[int]:
 def layer_demand(layout: Layout, predictor: str) -> list[float] | None:
     """Each layer's share of neurons needed per token, as the predictor's report in
     the manifest measured it (on calibration text, or simulated for a synthetic
-    model): what the trained predictor selects for "lowrank", the truly active
+    model): what the trained predictor selects ("lowrank", "lowbit"), the truly active
     neurons for "gate" and "oracle". None (equal shares) without a report, or for
     "all", which needs every neuron everywhere."""
     report = (layout.manifest.get("predictor") or {}).get("report") or []
-    key = {"lowrank": "predicted_fraction", "gate": "true_fraction"}.get(
-        "gate" if predictor == "oracle" else predictor
-    )
+    key = {
+        "lowrank": "predicted_fraction",
+        "lowbit": "predicted_fraction",
+        "gate": "true_fraction",
+    }.get("gate" if predictor == "oracle" else predictor)
     if key is None or len(report) != layout.args.num_hidden_layers:
         return None
     values = [r.get(key) for r in report]

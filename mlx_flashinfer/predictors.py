@@ -10,6 +10,10 @@ the memory budget) and `exact` (full recall guaranteed for ReLU-family models).
   approximate.
 - `oracle`: the true active set (tests and upper bounds).
 - `lowrank`: the trained predictor of the paper (`lowrank.py`, `train_predictor.py`).
+- `lowbit`: 4-bit copies of gate and up scoring each neuron's contribution
+  (`lowbit.py`): for SiLU models, where the low-rank one ranks too poorly.
+`train-predictor` stores one of the last two (the manifest's "predictor" section
+names its kind).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from .layout import Layout
 from .nonfinite import check_weights
 from .safetensors_stream import STORAGE, read_header
 
-PREDICTORS = ("lowrank", "gate", "oracle", "all")
+PREDICTORS = ("lowrank", "lowbit", "gate", "oracle", "all")
+TRAINED = ("lowrank", "lowbit")  # kinds train-predictor stores
 DEFAULT_SILU_SPARSITY = 0.5  # CATS-style: half the neurons of a SiLU model skipped
 
 
@@ -156,24 +161,41 @@ def predictor_nbytes(name: str, layout: Layout) -> int:
     if name in ("oracle", "all"):
         return 0
     if name == "lowrank":
-        header, _ = read_header(layout.path / trained_predictor(layout)["file"])
+        header, _ = read_header(layout.path / trained_predictor(layout, name)["file"])
         return sum(int(np.prod(t["shape"])) for t in header.values()) * itemsize
+    if name == "lowbit":  # held as stored: packed rows, float16 scales, float32 norms
+        header, _ = read_header(layout.path / trained_predictor(layout, name)["file"])
+        return sum(t["data_offsets"][1] - t["data_offsets"][0] for t in header.values())
     raise ValueError(
         f"unknown predictor {name!r}: expected one of {', '.join(PREDICTORS)}"
     )
 
 
-def trained_predictor(layout: Layout) -> dict:
-    """The manifest's predictor section.
+def trained_kind(layout: Layout) -> str | None:
+    """The kind of the layout's trained predictor ("lowrank", "lowbit"), None
+    without one."""
+    section = layout.manifest.get("predictor")
+    return section.get("kind", "lowrank") if section else None
+
+
+def trained_predictor(layout: Layout, kind: str = "lowrank") -> dict:
+    """The manifest's predictor section, which must be of `kind`.
 
     Raises:
-        ValueError: the layout has none (the message says how to train one).
+        ValueError: the layout has none, or one of another kind (the message says
+            how to train one).
     """
     section = layout.manifest.get("predictor")
     if not section:
         raise ValueError(
             f"{layout.path} has no trained predictor: train one with "
             f"`flashinfer train-predictor {layout.path}`, or pick --predictor gate/all"
+        )
+    if trained_kind(layout) != kind:
+        raise ValueError(
+            f"{layout.path}'s trained predictor is {trained_kind(layout)}, not {kind}: "
+            f"use --predictor {trained_kind(layout)}, or train one with "
+            f"`flashinfer train-predictor {layout.path} --kind {kind}`"
         )
     return section
 
@@ -186,20 +208,20 @@ def make_predictor(
     silu_sparsity: float = DEFAULT_SILU_SPARSITY,
     threshold: float | None = None,
 ):
-    """Build a predictor by name ("lowrank", "gate", "oracle", "all").
+    """Build a predictor by name ("lowrank", "lowbit", "gate", "oracle", "all").
 
     `threshold` (lowrank only) overrides the trained cuts with one probability cut
     for every layer: higher reads fewer neurons, lower misses fewer.
 
     Raises:
-        ValueError: an unknown name, or lowrank asked of a layout without one.
+        ValueError: an unknown name, or a trained kind the layout does not have.
     """
     if threshold is not None and name != "lowrank":
         raise ValueError("a predictor threshold applies to the lowrank predictor only")
     if name == "lowrank":
         from .lowrank import LowRankPredictor
 
-        section = trained_predictor(layout)
+        section = trained_predictor(layout, name)
         return LowRankPredictor.from_file(
             backend,
             layout.path / section["file"],
@@ -208,6 +230,14 @@ def make_predictor(
             dtype=layout.float_dtype,
             cuts=section.get("cuts"),
         )
+    if name == "lowbit":
+        from .lowbit import LowBitPredictor, load_predictor_arrays
+
+        section = trained_predictor(layout, name)
+        rows, norms = load_predictor_arrays(
+            layout.path / section["file"], section["group_size"]
+        )
+        return LowBitPredictor(backend, rows, norms, section["cuts"])
     if name == "all":
         return AllPredictor(layout.args)
     if name == "gate":

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from .safetensors_stream import decode
+
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 64
@@ -130,6 +132,27 @@ def dequantize(
     s = np.asarray(scales, dtype=np.float32)[..., None]
     b = np.asarray(biases, dtype=np.float32)[..., None]
     return (groups * s + b).reshape(q.shape)
+
+
+def rows_float32(part, dtype: str, lo: int, hi: int) -> np.ndarray:
+    """Rows [lo, hi) of a stored matrix (a NumPy array in `dtype`'s storage form,
+    or a NumPy `Quantized`) as float32."""
+    if isinstance(part, Quantized):
+        fields = (part.packed[lo:hi], part.scales[lo:hi], part.biases[lo:hi])
+        return dequantize(*fields, part.bits, part.group_size)
+    return decode(part[lo:hi], dtype).astype(np.float32)
+
+
+def row_norms(part, dtype: str, block: int = 1024) -> np.ndarray:
+    """Each row's length, float32 (rows,), widened `block` rows at a time (never a
+    float32 copy of the whole matrix)."""
+    rows = part.shape[0]
+    return np.concatenate(
+        [
+            np.linalg.norm(rows_float32(part, dtype, lo, lo + block), axis=1)
+            for lo in range(0, rows, block)
+        ]
+    ).astype(np.float32)
 
 
 # -- GGUF blocks -----------------------------------------------------------------------

@@ -22,13 +22,17 @@ def predictor_table(section: dict) -> list[str]:
         how = "cuts chosen for a loss target"
     else:
         how = f"threshold {section['threshold']}"
+    lowbit = section.get("kind") == "lowbit"
+    name = "low-bit predictor (4-bit gate and up)" if lowbit else "low-rank predictor"
+    column = "bits" if lowbit else "rank"
     lines = [
-        f"low-rank predictor, {how}, {format_bytes(section['nbytes'])} in DRAM",
-        "layer  rank  recall  precision  predicted  skipped  target set",
+        f"{name}, {how}, {format_bytes(section['nbytes'])} in DRAM",
+        f"layer  {column}  recall  precision  predicted  skipped  target set",
     ]
     for i, r in enumerate(section["report"]):
         lines.append(
-            f"{i:>5}  {r['rank']:>4}  {r['recall']:>6.3f}  {r['precision']:>9.3f}  "
+            f"{i:>5}  {r.get(column, '-'):>4}  {r['recall']:>6.3f}  "
+            f"{r['precision']:>9.3f}  "
             f"{r['predicted_fraction']:>9.1%}  {1 - r['predicted_fraction']:>7.1%}  "
             f"{r['true_fraction']:>10.1%}"
         )
@@ -77,13 +81,14 @@ def sparsity_line(model, layout) -> str | None:
             "of neurons per token by |silu(gate)| (it cannot see up); its loss is not "
             "calibrated: `flashinfer verify` measures it"
         )
-    if predictor.name != "lowrank":
+    if predictor.name not in ("lowrank", "lowbit"):
         return None
+    name = {"lowrank": "low-rank", "lowbit": "low-bit"}[predictor.name]
     section = layout.manifest.get("predictor") or {}
     measured = section.get("quality")
     if not measured:
         return (
-            f"sparse FFN ({act}, approximate): low-rank predictor trained without a "
+            f"sparse FFN ({act}, approximate): {name} predictor trained without a "
             "calibrated loss; retrain (`flashinfer train-predictor DIR`) to know it"
         )
     if predictor.threshold is not None:
@@ -93,7 +98,7 @@ def sparsity_line(model, layout) -> str | None:
             f"{skipped_share(section):.0%}, perplexity {measured['loss']:+.1%}"
         )
     return (
-        f"sparse FFN ({act}, approximate): low-rank predictor skips "
+        f"sparse FFN ({act}, approximate): {name} predictor skips "
         f"{skipped_share(section):.0%} of neurons per token; calibrated perplexity "
         f"{measured['loss']:+.1%} against dense (predicted neurons only; a roomier "
         "cache loses less)"

@@ -1,4 +1,8 @@
-"""Train a layout's low-rank predictor: calibrate, fit, choose each layer's cut, store.
+"""Train a layout's predictor: calibrate, fit, choose each layer's cut, store.
+
+Two kinds: `lowrank` (the paper's, `lowrank.py`), trained per layer, and `lowbit`
+(`lowbit.py`: 4-bit copies of gate and up, nothing to fit), the default for SiLU
+models, where a low-rank map ranks neurons too poorly to skip many.
 
 Calibration text (chapters I-VI of Alice, shipped with the package, unless texts are
 given: no model sampling) runs through the model one layer at a time
@@ -6,7 +10,8 @@ given: no model sampling) runs through the model one layer at a time
   - each token's target set: the neurons that fire (ReLU family); for SiLU models
     the neurons outside the `silu_sparsity` fraction with the smallest
     |silu(gate) x up| (`contribution_mask`);
-  - the predictor trains on 4 of every 5 sequences (`lowrank.train_layer`);
+  - a low-rank predictor trains on 4 of every 5 sequences (`lowrank.train_layer`);
+    a low-bit one is the layer's gate and up rows at 4 bits;
   - its cut is chosen on the 5th, the tune split it never trained on: the highest
     cut that keeps `recall` of the target set (Deja Vu and the paper aim at 0.99);
   - a few tune sequences run on with the layer computed over the kept neurons only,
@@ -26,9 +31,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from safetensors.numpy import save_file
 from tqdm import tqdm
 
-from . import quality
+from . import lowbit, quality
 from .calibrate import (
     LayerByLayer,
     calibration_sequences,
@@ -37,15 +43,16 @@ from .calibrate import (
 )
 from .layout import Layout
 from .loader import load_tokenizer
+from .lowbit import LowBitPredictor
 from .lowrank import (
     LowRankPredictor,
     cut_for_recall,
     cut_report,
-    predictor_logits,
-    save_predictor,
+    predictor_tensors,
     train_layer,
 )
-from .predictors import activation_mask, silu_magnitude
+from .predictors import TRAINED, activation_mask, silu_magnitude
+from .safetensors_stream import STORAGE
 from .texts import CALIBRATION_FILE, calibration_text
 
 DEFAULT_RECALL = 0.99
@@ -86,6 +93,15 @@ def layer_ranks(layers: int, rank: int, last_rank: int | None) -> list[int]:
     return [rank] * (layers - last) + [last_rank] * last
 
 
+def default_kind(args) -> str:
+    """lowbit for SiLU models (it keeps their quality: `lowbit.py`) whose rows it can
+    group (d_model a multiple of 32); lowrank (the paper's, small) otherwise, and for
+    the ReLU family, whose sparsity it predicts well."""
+    if args.is_relu_family or args.hidden_size % min(lowbit.GROUP_SIZES):
+        return "lowrank"
+    return "lowbit"
+
+
 def parse_max_loss(value: str | float) -> float:
     """A loss target as a fraction: "3%" or "3" -> 0.03 (a bare number is percent).
 
@@ -113,6 +129,7 @@ def train_predictor(
     path,
     texts: list[str] | None = None,
     tokens: int = DEFAULT_TOKENS,
+    kind: str | None = None,
     rank: int = 64,
     last_rank: int | None = None,
     recall: float = DEFAULT_RECALL,
@@ -126,14 +143,15 @@ def train_predictor(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Train and store the low-rank predictor of the layout at `path`.
+    """Train and store the predictor of the layout at `path`.
 
     Args:
         path: layout directory.
         texts: calibration texts; None: the shipped one (`texts.calibration_text`).
         tokens: calibration tokens (the first ones of the text).
-        rank, last_rank: predictor rank per layer; the last eighth of the layers gets
-            `last_rank` when given.
+        kind: "lowrank" or "lowbit"; None: `default_kind`.
+        rank, last_rank: low-rank predictor's rank per layer; the last eighth of the
+            layers gets `last_rank` when given.
         recall: each layer's cut keeps this share of its target set on the tune
             split.
         max_loss: instead of `recall`, choose the cuts so that perplexity on
@@ -157,11 +175,22 @@ def train_predictor(
         measured quality, settings and timing.
 
     Raises:
-        ValueError: a rank, recall or max_loss out of range, or too little text.
+        ValueError: an unknown kind, a rank, recall or max_loss out of range, or
+            too little text.
     """
     started = time.perf_counter()
     layout = Layout.open(path)
     args = layout.args
+    kind = kind or default_kind(args)
+    if kind not in TRAINED:
+        raise ValueError(f"unknown predictor kind {kind!r}: {' or '.join(TRAINED)}")
+    if kind == "lowbit":
+        if args.family == "opt":
+            raise ValueError(
+                "the low-bit predictor scores gate and up; OPT has no up branch: "
+                "use --kind lowrank"
+            )
+        lowbit.group_size_for(args.hidden_size)
     ranks = layer_ranks(args.num_hidden_layers, rank, last_rank)
     if not all(1 <= r <= args.hidden_size for r in ranks):
         raise ValueError(
@@ -182,55 +211,65 @@ def train_predictor(
     if memory_budget is not None:
         longest = max(len(s) for s in sequences)
         check_calibration_budget(layout, total, tune_tokens, longest, memory_budget)
-    run = _Calibration(layout, sequences, tune, backend, max_loss is not None)
-    A_list, B_list, reports, cuts, gate_cuts = [], [], [], [], []
+    run = _Calibration(layout, kind, sequences, tune, backend, max_loss is not None)
+    weights, reports, cuts, gate_cuts = [], [], [], []
     for layer in tqdm(
         range(args.num_hidden_layers),
-        desc="calibrating and training layers",
+        desc="calibrating and training layers" if kind == "lowrank" else "calibrating",
         disable=not progress,
     ):
         data = run.forward(
             layer, lambda gate, up: target_mask(args, gate, up, silu_sparsity)
         )
-        A, B, fit = train_layer(
-            data.fit_h,
-            data.fit_target,
-            ranks[layer],
-            epochs=epochs,
-            threshold=threshold,
-            seed=seed + layer,
-        )
-        z = predictor_logits(A, B, data.tune_h)
+        if kind == "lowrank":
+            A, B, fit = train_layer(
+                data.fit_h,
+                data.fit_target,
+                ranks[layer],
+                epochs=epochs,
+                threshold=threshold,
+                seed=seed + layer,
+            )
+            layer_weights, about = (A, B), {"rank": ranks[layer], **_fit(fit)}
+        else:
+            layer_weights = lowbit.layer_rows(run.runner.stored, layout.dtype)
+            about = {"bits": lowbit.BITS}
+        z = run.scores(layer_weights, data.tune_h)
         cut = cut_for_recall(z, data.tune_target, recall)
-        reports.append(
-            {**cut_report(z, data.tune_target, cut), "rank": ranks[layer], **_fit(fit)}
-        )
+        reports.append({**cut_report(z, data.tune_target, cut), **about})
         if args.hidden_act == "silu":  # the gate predictor's cut, on the tune split
             magnitude = silu_magnitude(data.tune_gate)
             gate_cuts.append(float(np.quantile(magnitude, silu_sparsity)))
-        run.sparse_forward(layer, A, B, cut, z, data)
-        A_list.append(A)
-        B_list.append(B)
+        run.sparse_forward(layer, layer_weights, cut, z, data)
+        weights.append(layer_weights)
         cuts.append(cut)
     measured = run.measured()
     if max_loss is not None:
-        cuts, steps, measured = run.allocate(A_list, B_list, max_loss, progress)
+        cuts, steps, measured = run.allocate(weights, max_loss, progress)
         for report, grid, g in zip(reports, run.grids, steps, strict=True):
             report.update(grid.kept[g])
+    if kind == "lowrank":
+        tensors = predictor_tensors(*zip(*weights, strict=True))
+        held = sum(a.size + b.size for a, b in weights) * _itemsize(layout)
+        about = {"threshold": threshold, "ranks": ranks, "epochs": epochs}
+    else:
+        tensors = lowbit.predictor_tensors(*zip(*weights, strict=True))
+        held = sum(t.nbytes for t in tensors.values())
+        group_size = weights[0][0].group_size
+        about = {"bits": lowbit.BITS, "group_size": group_size, "threshold": None}
     return store_predictor(
         layout,
-        A_list,
-        B_list,
+        tensors,
         reports,
         {
-            "threshold": threshold,
+            "kind": kind,
+            "nbytes": held,
+            **about,
             "recall_target": None if max_loss is not None else recall,
             "cuts": cuts,
             "quality": measured,
-            "ranks": ranks,
             "tokens": total,
             "tune_tokens": tune_tokens,
-            "epochs": epochs,
             "source": "texts" if texts else f"shipped text ({CALIBRATION_FILE})",
             "silu_sparsity": silu_sparsity if args.hidden_act == "silu" else None,
             "silu_thresholds": gate_cuts or None,
@@ -242,6 +281,11 @@ def train_predictor(
 def _exp(x: float) -> float:
     """exp, inf past float range (a random synthetic model's perplexity can be)."""
     return math.exp(x) if x < 709 else math.inf
+
+
+def _itemsize(layout: Layout) -> int:
+    """Bytes per value of a low-rank predictor as held (the layout's float dtype)."""
+    return np.dtype(STORAGE[layout.float_dtype]).itemsize
 
 
 def _fit(report: dict) -> dict:
@@ -268,8 +312,9 @@ class _Calibration:
     the cuts keep (what they cost); with `grids`, each layer's options for
     `quality.allocate`."""
 
-    def __init__(self, layout, sequences, tune, backend, grids: bool):
+    def __init__(self, layout, kind, sequences, tune, backend, grids: bool):
         self.args = layout.args
+        self.kind = kind
         self.dtype = layout.float_dtype  # what the predictor is held as
         self.sequences = sequences
         self.tune = tune
@@ -299,18 +344,33 @@ class _Calibration:
             *(np.concatenate([r[i] for r in tuned]) for i in (1, 2, 3, 4)),
         )
 
-    def keep(self, A, B, cut):
-        """h -> the neurons a predictor with this cut keeps, computed as at run
-        time (at the layout's dtype)."""
-        predictor = LowRankPredictor(
-            self.runner.B, [A], [B], dtype=self.dtype, cuts=[cut]
-        )
+    def predictor(self, weights, cut=None):
+        """One layer's predictor from its weights ((A, B) or (rows, down norms)),
+        held and computed as at run time (at the layout's dtype)."""
+        first, second = weights
+        if self.kind == "lowrank":
+            return LowRankPredictor(
+                self.runner.B, [first], [second], dtype=self.dtype, cuts=[cut]
+            )
+        return LowBitPredictor(self.runner.B, [first], [second], [cut])
+
+    def scores(self, weights, h: np.ndarray) -> np.ndarray:
+        """The predictor's scores (low-rank: logits) of FFN inputs h, NumPy (T, n):
+        a neuron is kept when its score is above the layer's cut."""
+        predictor, B = self.predictor(weights), self.runner.B
+        if self.kind == "lowrank":
+            return predictor.logits(0, B.array(h))
+        return predictor.scores(0, B.array(h))
+
+    def keep(self, weights, cut):
+        """h -> the neurons a predictor with this cut keeps."""
+        predictor = self.predictor(weights, cut)
         return lambda h: predictor.predict(0, h)
 
-    def sparse_forward(self, layer, A, B, cut, z, data: _LayerData) -> None:
+    def sparse_forward(self, layer, weights, cut, z, data: _LayerData) -> None:
         """The quality streams through `layer` over the neurons the cut keeps; with
         grids, the layer's options too."""
-        self.sparse = self.runner.run(layer, self.sparse, keep=self.keep(A, B, cut))
+        self.sparse = self.runner.run(layer, self.sparse, keep=self.keep(weights, cut))
         if self.grids is not None:
             B_ = self.runner.B
             out_norms = np.concatenate(
@@ -350,7 +410,7 @@ class _Calibration:
             "loss": _exp((nll - self.dense_nll) / self.scored) - 1.0,
         }
 
-    def allocate(self, A_list, B_list, max_loss: float, progress: bool):
+    def allocate(self, weights: list, max_loss: float, progress: bool):
         """Per-layer cuts for `max_loss` (`quality.allocate`); returns (cuts, GRID
         index per layer, measured quality with "max_loss", "met", "passes")."""
         layers = self.args.num_hidden_layers
@@ -359,7 +419,7 @@ class _Calibration:
         results = {}  # per-layer GRID indices -> measured quality
 
         def measure(steps: list[int]) -> float:
-            nll = self._sparse_pass(A_list, B_list, self._cuts(steps))
+            nll = self._sparse_pass(weights, self._cuts(steps))
             results[tuple(steps)] = self._quality(nll)
             bar.update()
             return results[tuple(steps)]["loss"]
@@ -373,19 +433,20 @@ class _Calibration:
     def _cuts(self, steps: list[int]) -> list:
         return [g.cuts[i] for g, i in zip(self.grids, steps, strict=True)]
 
-    def _sparse_pass(self, A_list, B_list, cuts) -> float:
+    def _sparse_pass(self, weights: list, cuts) -> float:
         """NLL of the quality sequences with every layer sparse at `cuts`."""
         streams = self.runner.embed([self.sequences[j] for j in self.quality])
-        for layer, (A, B, cut) in enumerate(zip(A_list, B_list, cuts, strict=True)):
+        for layer, (w, cut) in enumerate(zip(weights, cuts, strict=True)):
             self.runner.load(layer)
-            streams = self.runner.run(layer, streams, keep=self.keep(A, B, cut))
+            streams = self.runner.run(layer, streams, keep=self.keep(w, cut))
         return self.nll(streams)
 
 
-def store_predictor(layout: Layout, A_list, B_list, reports, settings: dict) -> dict:
-    """Write the predictor under a fresh name, then switch the manifest to it."""
+def store_predictor(layout: Layout, tensors: dict, reports, settings: dict) -> dict:
+    """Write the predictor's tensors under a fresh name, then switch the manifest to
+    it; `settings` (with "kind" and "nbytes", the bytes held) go into its section."""
     tmp = layout.path / ".predictor.new"
-    save_predictor(tmp, A_list, B_list)
+    save_file(tensors, str(tmp))
     digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     name = f"predictor-{digest[:12]}.safetensors"
     old = (layout.manifest.get("predictor") or {}).get("file")
@@ -395,16 +456,12 @@ def store_predictor(layout: Layout, A_list, B_list, reports, settings: dict) -> 
         files.pop(old, None)
         files[name] = {"size": (layout.path / name).stat().st_size, "sha256": digest}
         section = {
-            "kind": "lowrank",
             "file": name,
-            "nbytes": sum(
-                4 * (a.size + b.size) for a, b in zip(A_list, B_list, strict=True)
-            ),
             **settings,
             "report": [
                 {
                     k: r[k]
-                    for k in (*REPORT_KEYS, "rank", "epochs", "fit_recall")
+                    for k in (*REPORT_KEYS, "rank", "bits", "epochs", "fit_recall")
                     if k in r  # synthetic predictors (bench/synth.py) fit nothing
                 }
                 for r in reports

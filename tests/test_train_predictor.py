@@ -139,7 +139,9 @@ def test_default_calibration_is_the_shipped_text_and_cuts_keep_the_recall(
     silu_layout, tmp_path
 ):
     layout = Path(shutil.copytree(silu_layout, tmp_path / "layout"))
-    section = train_predictor(layout, tokens=600, rank=8, recall=0.9, progress=False)
+    section = train_predictor(
+        layout, tokens=600, kind="lowrank", rank=8, recall=0.9, progress=False
+    )
     assert section["source"] == "shipped text (alice_ch01-06.txt)"
     assert section["tokens"] == 600 and 0 < section["tune_tokens"] < 600
     assert len(section["cuts"]) == 2 and section["recall_target"] == 0.9
@@ -157,13 +159,17 @@ def test_default_calibration_is_the_shipped_text_and_cuts_keep_the_recall(
 
 def test_a_loss_target_is_met_on_calibration_text(silu_layout, tmp_path):
     layout = Path(shutil.copytree(silu_layout, tmp_path / "layout"))
-    section = train_predictor(layout, tokens=600, rank=8, max_loss=0.05, progress=False)
+    section = train_predictor(
+        layout, tokens=600, kind="lowrank", rank=8, max_loss=0.05, progress=False
+    )
     measured = section["quality"]
     assert measured["met"] and measured["loss"] <= 0.05
     assert measured["max_loss"] == 0.05 and section["recall_target"] is None
     skipped = [1 - r["predicted_fraction"] for r in section["report"]]
     assert any(s > 0 for s in skipped)  # it did skip something
-    looser = train_predictor(layout, tokens=600, rank=8, max_loss=0.5, progress=False)
+    looser = train_predictor(
+        layout, tokens=600, kind="lowrank", rank=8, max_loss=0.5, progress=False
+    )
     assert sum(1 - r["predicted_fraction"] for r in looser["report"]) >= sum(skipped)
 
 
@@ -176,9 +182,9 @@ def test_a_loss_target_that_cannot_be_met_says_so(
     layout = Path(shutil.copytree(silu_layout, tmp_path / "layout"))
     measured_pass = training._Calibration._sparse_pass
 
-    def costlier(self, A_list, B_list, cuts):
+    def costlier(self, weights, cuts):
         skipping = sum(cut is not None for cut in cuts)
-        return measured_pass(self, A_list, B_list, cuts) + 0.1 * self.scored * skipping
+        return measured_pass(self, weights, cuts) + 0.1 * self.scored * skipping
 
     monkeypatch.setattr(training._Calibration, "_sparse_pass", costlier)
     argv = ["train-predictor", str(layout), "--tokens", "600", "--rank", "8"]

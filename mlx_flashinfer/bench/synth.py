@@ -11,8 +11,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
+
 from ..convert import _check_destination, write_layout
 from ..layout import Layout
+from ..lowrank import predictor_tensors
+from ..safetensors_stream import STORAGE
 from ..train_predictor import store_predictor
 from .synth_llama import LLAMA_SHAPES, SyntheticLlama
 from .synth_opt import SHAPES, Structure, SyntheticOPT
@@ -73,12 +77,16 @@ def write_synthetic(
         source, dst, dtype, progress, arrangement, force, group_size, down_bits
     )
     A_list, B_list, reports = source.predictor()
+    layout = Layout.open(dst)
+    itemsize = np.dtype(STORAGE[layout.float_dtype]).itemsize
+    values = sum(a.size + b.size for a, b in zip(A_list, B_list, strict=True))
     store_predictor(
-        Layout.open(dst),
-        A_list,
-        B_list,
+        layout,
+        predictor_tensors(A_list, B_list),
         reports,
         {
+            "kind": "lowrank",
+            "nbytes": values * itemsize,
             "threshold": source.predictor_threshold,
             "ranks": [source.j0 + 1] * source.args.num_hidden_layers,
             "tokens": 0,

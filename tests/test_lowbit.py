@@ -1,0 +1,193 @@
+"""The low-bit predictor: 4-bit copies of gate and up that score each SiLU neuron's
+contribution (lowbit.py), trained and used end to end."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoint
+
+from mlx_flashinfer import Layout, convert, load, lowbit
+from mlx_flashinfer.cli import main
+from mlx_flashinfer.predictors import predictor_nbytes
+from mlx_flashinfer.quantize import dequantize, rows_float32
+from mlx_flashinfer.train_predictor import train_predictor
+
+BACKENDS = ["numpy", "mlx"] if has_mlx() else ["numpy"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    config = tiny_config("llama", "silu", hidden_size=64, intermediate_size=96)
+    folder = tmp_path_factory.mktemp("lowbit")
+    return write_hf_checkpoint(folder / "src", config, random_weights(config, seed=7))
+
+
+@pytest.fixture(scope="module")
+def layouts(source, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("layouts")
+    return {
+        dtype: convert(source, folder / dtype, dtype=dtype, progress=False)
+        for dtype in ("float32", "float16", "q4")
+    }
+
+
+@pytest.fixture(scope="module")
+def trained(layouts, tmp_path_factory) -> Path:
+    layout = Path(
+        shutil.copytree(layouts["float16"], tmp_path_factory.mktemp("t") / "l")
+    )
+    train_predictor(layout, tokens=600, progress=False)  # SiLU: lowbit by default
+    return layout
+
+
+def stored_float(layout: Layout, layer: int) -> list[np.ndarray]:
+    parts = layout.read_parts(layer)
+    return [rows_float32(p, layout.dtype, 0, p.shape[0]) for p in parts]
+
+
+def test_rows_stored_at_4_bits_are_taken_unchanged(layouts):
+    layout = Layout.open(layouts["q4"])
+    parts = layout.read_parts(1)
+    rows, norms = lowbit.layer_rows(parts, layout.dtype)
+    gate, up, down = parts
+    assert (rows.bits, rows.group_size) == (4, gate.group_size)
+    for field in ("packed", "scales", "biases"):
+        expected = np.concatenate([getattr(gate, field), getattr(up, field)])
+        np.testing.assert_array_equal(getattr(rows, field), expected)
+    down_rows = stored_float(layout, 1)[2]
+    np.testing.assert_allclose(norms, np.linalg.norm(down_rows, axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_float_rows_are_quantized_within_half_a_step(layouts, dtype):
+    layout = Layout.open(layouts[dtype])
+    rows, norms = lowbit.layer_rows(layout.read_parts(0), layout.dtype)
+    gate, up, down = stored_float(layout, 0)
+    assert rows.shape == (2 * gate.shape[0], gate.shape[1]) and rows.group_size == 64
+    values = dequantize(rows.packed, rows.scales, rows.biases, 4, 64)
+    # half a step of each group, plus the float16 rounding of its scale and bias
+    step = np.repeat(rows.scales.astype(np.float32), 64, axis=1)
+    bound = 0.5 * step + 2e-3 * np.abs(np.concatenate([gate, up])) + 1e-6
+    assert np.all(
+        np.abs(values - np.concatenate([gate, up])) <= bound + 8 * step / 2**10
+    )
+    np.testing.assert_allclose(norms, np.linalg.norm(down, axis=1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scores_are_silu_gate_times_up_times_down_of_the_4_bit_rows(layouts, backend):
+    layout = Layout.open(layouts["float32"])
+    rows, norms = lowbit.layer_rows(layout.read_parts(0), layout.dtype)
+    predictor = lowbit.LowBitPredictor(
+        load(layouts["float32"], backend=backend)[0].backend, [rows], [norms], [None]
+    )
+    h = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float32)
+    q = dequantize(rows.packed, rows.scales, rows.biases, 4, 64).astype(np.float64)
+    y = h.astype(np.float64) @ q.T
+    g, u = y[:, :96], y[:, 96:]
+    expected = np.abs(g / (1 + np.exp(-g)) * u) * norms
+    scores = predictor.scores(0, predictor.backend.array(h))
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5 * expected.max())
+    assert predictor.predict(0, predictor.backend.array(h)).all()  # no cut: all
+
+
+def test_4_bit_scores_rank_neurons_like_the_exact_contribution(layouts):
+    """What the predictor exists for: per token, the half of the neurons it ranks
+    highest is (nearly) the half that adds most to the FFN output."""
+    layout = Layout.open(layouts["float32"])
+    gate, up, down = stored_float(layout, 0)
+    rows, norms = lowbit.layer_rows(layout.read_parts(0), layout.dtype)
+    import fallback_numpy.backend as numpy_backend
+
+    predictor = lowbit.LowBitPredictor(numpy_backend, [rows], [norms], [None])
+    h = np.random.default_rng(2).standard_normal((64, 64)).astype(np.float32)
+    g, u = h @ gate.T, h @ up.T
+    exact = np.abs(g / (1 + np.exp(-g)) * u) * norms
+    scores = predictor.scores(0, h)
+    top = lambda s: s >= np.median(s, axis=1, keepdims=True)  # noqa: E731
+    overlap = (top(exact) & top(scores)).sum() / top(exact).sum()
+    assert overlap > 0.85
+    # and the contribution it keeps is almost all the oracle keeps
+    assert (exact * top(scores)).sum() > 0.97 * (exact * top(exact)).sum()
+
+
+def test_lowbit_is_trained_by_default_for_silu_and_counted_in_the_plan(trained):
+    layout = Layout.open(trained)
+    section = layout.manifest["predictor"]
+    assert section["kind"] == "lowbit" and section["bits"] == 4
+    assert section["group_size"] == 64 and section["recall_target"] == 0.99
+    for report in section["report"]:
+        assert report["recall"] >= 0.99 and report["bits"] == 4
+    layout.verify()  # the predictor file is in the checksums
+    assert section["nbytes"] == predictor_nbytes("lowbit", layout)
+    for backend in BACKENDS:
+        model, _ = load(trained, backend=backend, memory_budget="100%")
+        assert model.ffn.predictor.name == "lowbit"  # the trained one by default
+        assert model.held_bytes()["predictor"] == model.plan.predictor
+        assert model.plan.predictor == section["nbytes"]
+        assert model.ffn.predictor.cuts == section["cuts"]
+        assert np.isfinite(model.logits([1, 5, 9, 3, 22], prefill=2)).all()
+
+
+def test_both_backends_predict_the_same_neurons(trained):
+    if not has_mlx():
+        pytest.skip("mlx is not installed")
+    h = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float32)
+    masks, scores = {}, {}
+    for backend in BACKENDS:
+        model, _ = load(trained, backend=backend, memory_budget="100%")
+        p, B = model.ffn.predictor, model.backend
+        masks[backend] = p.predict(0, B.array(h))
+        scores[backend] = p.scores(0, B.array(h))
+    np.testing.assert_allclose(scores["mlx"], scores["numpy"], rtol=1e-4, atol=1e-5)
+    near = np.isclose(scores["numpy"], model.ffn.predictor.cuts[0], rtol=1e-3)
+    assert np.array_equal(masks["mlx"][~near], masks["numpy"][~near])
+
+
+def test_a_loss_target_skips_more_for_a_looser_target(layouts, tmp_path):
+    layout = Path(shutil.copytree(layouts["float16"], tmp_path / "l"))
+    tight = train_predictor(layout, tokens=600, max_loss=0.02, progress=False)
+    loose = train_predictor(layout, tokens=600, max_loss=0.3, progress=False)
+    assert tight["kind"] == loose["kind"] == "lowbit"
+    assert tight["quality"]["loss"] <= 0.02 or not tight["quality"]["met"]
+    skipped = [
+        sum(1 - r["predicted_fraction"] for r in s["report"]) for s in (tight, loose)
+    ]
+    assert skipped[1] >= skipped[0]
+
+
+def test_asking_for_the_kind_not_trained_says_which_is(trained):
+    with pytest.raises(ValueError, match="trained predictor is lowbit, not lowrank"):
+        load(trained, memory_budget="100%", predictor="lowrank")
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(trained),
+                "--memory-budget",
+                "100%",
+                "--predictor",
+                "lowrank",
+                "--prompt",
+                "hi",
+            ]
+        )
+        == 2
+    )
+
+
+def test_bad_lowbit_requests_exit_2_with_one_line(trained, tmp_path, capsys):
+    argv = ["train-predictor", str(trained), "--kind", "lowbit", "--rank", "8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--rank" in err and len(err.splitlines()) == 1
+    config = tiny_config("opt", hidden_size=32, ffn_dim=64, word_embed_proj_dim=32)
+    src = write_hf_checkpoint(tmp_path / "opt", config, random_weights(config))
+    opt = convert(src, tmp_path / "opt-layout", dtype="float32", progress=False)
+    assert main(["train-predictor", str(opt), "--kind", "lowbit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no up branch" in err and len(err.splitlines()) == 1
+    assert Layout.open(opt).manifest["predictor"] is None  # nothing written
