@@ -169,37 +169,46 @@ class LayerByLayer:
 
 
 def calibration_bytes(
-    layout: Layout, tokens: int, tune_tokens: int, seq_len: int
+    layout: Layout, tokens: int, tune_tokens: int, seq_len: int, predictor: int = 0
 ) -> int:
     """DRAM that a calibration holds at most (weights and activations; the
     interpreter and libraries aside, as in the flash memory plan): resident weights,
     one layer's FFN as stored; per token its residual stream, FFN input and target
     set (float32, float32, bool per neuron); per tune token the gate pre-activations
-    and activations (float32), all twice over while a layer's are assembled; and a
-    sequence's logits (float32, twice: scoring them)."""
+    and activations (float32), all twice over while a layer's are assembled; a
+    sequence's logits (float32, twice: scoring them); and `predictor`, the bytes of
+    the predictor being made (all layers' are kept until it is stored)."""
     args = layout.args
     d, n = args.hidden_size, args.intermediate_size
     resident, _ = model_bytes(layout)
     layer = max(e.neurons for e in layout.layers) * layout.bundle_bytes
     activations = 2 * (tokens * (8 * d + n) + tune_tokens * 8 * n)
-    return resident + layer + activations + 2 * seq_len * args.vocab_size * 4
+    logits = 2 * seq_len * args.vocab_size * 4
+    return resident + layer + activations + logits + predictor
 
 
 def check_calibration_budget(
-    layout: Layout, tokens: int, tune_tokens: int, seq_len: int, memory_budget
+    layout: Layout,
+    tokens: int,
+    tune_tokens: int,
+    seq_len: int,
+    memory_budget,
+    predictor: int = 0,
 ) -> None:
     """Refuse a calibration that would hold more than `memory_budget` (bytes,
-    "1.5GB" or "50%" of the weights as stored).
+    "1.5GB" or "50%" of the weights as stored); `predictor` as for
+    `calibration_bytes`.
 
     Raises:
         ValueError: naming what it holds and the budget.
     """
     resident, ffn = model_bytes(layout)
     budget = parse_budget(memory_budget, resident + ffn)
-    needed = calibration_bytes(layout, tokens, tune_tokens, seq_len)
+    needed = calibration_bytes(layout, tokens, tune_tokens, seq_len, predictor)
     if needed > budget:
         raise ValueError(
             f"calibrating on {tokens} tokens holds {format_bytes(needed)} (resident "
-            "weights, one FFN layer, the tokens' activations): more than the budget "
-            f"of {format_bytes(budget)}; give fewer tokens"
+            "weights, one FFN layer, the tokens' activations"
+            + (", the predictor" if predictor else "")
+            + f"): more than the budget of {format_bytes(budget)}; give fewer tokens"
         )

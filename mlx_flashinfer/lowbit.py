@@ -13,16 +13,17 @@ stored at 4 bits lends them unchanged (its scores are exact).
 
 Why not the low-rank predictor for these models: measured on the default model
 (SmolLM2-135M), 2040 held-out tokens, each layer keeping per token the half of its
-neurons with the highest score, perplexity against dense: this predictor +2.0%
-(+2.8% with one cut per layer); 3-bit copies +5.7%, 2-bit +18.4%; the trained
-rank-64 low-rank predictor +153%, reduced-rank regressions of gate and up (rank 64
-/ 128) +92% / +36%; the gate alone (|silu(g)|, CATS) +32%; the oracle (exact
-scores) +2.4%. Skipping neurons of a SiLU model costs quality in proportion to what
-is skipped, so the ranking must see up as well as gate, and a rank of 64 out of 576
-does not. The price is memory: 4.5 bits per gate and up weight (groups of 64),
-about 19% of a float16 FFN.
+neurons with the highest score, perplexity against dense
+(`benchmarks/predictor_ranking.py`): this predictor +2.0% (+2.8% with one cut per
+layer); 3-bit copies +5.7%, 2-bit +25%; the trained rank-64 low-rank predictor
++153%, reduced-rank regressions of gate and up (rank 64 / 128) +92% / +36%; the gate
+alone (|silu(g)|, CATS) +32%; the oracle (exact scores) +2.4%. Skipping neurons of a
+SiLU model costs quality in proportion to what is skipped, so the ranking must see up
+as well as gate, and a rank of 64 out of 576 does not. The price is memory: 4.5 bits
+per gate and up weight (groups of 64), about 19% of a float16 FFN.
 
-- `layer_rows`: one layer's stacked 4-bit gate and up rows and down column lengths.
+- `layer_rows`: one layer's stacked 4-bit gate and up rows and down column lengths;
+  `predictor_bytes`: what all layers' hold.
 - `LowBitPredictor`: the predictor interface of `predictors.py`.
 - `predictor_tensors` / `load_predictor_arrays`: its `predictor-*.safetensors` file
   (`layers.{i}.weight` uint32, `.scales`, `.biases` float16, `.down_norms` float32).
@@ -58,6 +59,18 @@ def group_size_for(d_model: int) -> int:
         f"the low-bit predictor needs d_model divisible by 32, got {d_model}: "
         "train a low-rank one (--kind lowrank)"
     )
+
+
+def predictor_bytes(layout) -> int:
+    """The bytes a low-bit predictor of `layout` holds (as `layer_rows` makes it)."""
+    args = layout.args
+    n, d = args.intermediate_size, args.hidden_size
+    if (layout.part_bits or [])[:2] == [BITS, BITS]:  # taken as stored
+        group = layout.quantization["group_size"]
+    else:
+        group = group_size_for(d)
+    row = d * BITS // 8 + 2 * 2 * (d // group)  # packed, float16 scale and bias
+    return args.num_hidden_layers * n * (2 * row + 4)  # gate, up; a float32 norm
 
 
 def layer_rows(parts: list, dtype: str) -> tuple[Quantized, np.ndarray]:

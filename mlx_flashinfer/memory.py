@@ -281,7 +281,8 @@ def plan_memory(
             f"{format_bytes(needed)}, "
             f"{needed - amount} bytes more"
             + (
-                "; a smaller predictor (flashinfer train-predictor) also helps"
+                "; a smaller predictor also helps (the low-rank one: `flashinfer "
+                "train-predictor DIR --kind lowrank [--rank R]`)"
                 if predictor_bytes
                 else ""
             )

@@ -210,7 +210,10 @@ def train_predictor(
     tune_tokens = sum(len(sequences[j]) for j in tune)
     if memory_budget is not None:
         longest = max(len(s) for s in sequences)
-        check_calibration_budget(layout, total, tune_tokens, longest, memory_budget)
+        held = lowbit.predictor_bytes(layout) if kind == "lowbit" else 0
+        check_calibration_budget(
+            layout, total, tune_tokens, longest, memory_budget, held
+        )
     run = _Calibration(layout, kind, sequences, tune, backend, max_loss is not None)
     weights, reports, cuts, gate_cuts = [], [], [], []
     for layer in tqdm(

@@ -191,3 +191,27 @@ def test_bad_lowbit_requests_exit_2_with_one_line(trained, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no up branch" in err and len(err.splitlines()) == 1
     assert Layout.open(opt).manifest["predictor"] is None  # nothing written
+
+
+def test_generate_says_what_the_low_bit_predictor_skips_and_costs(trained, capsys):
+    section = Layout.open(trained).manifest["predictor"]
+    skipped = 1 - np.mean([r["predicted_fraction"] for r in section["report"]])
+    argv = ["generate", "--model", str(trained), "--memory-budget", "100%"]
+    assert main([*argv, "--prompt", "alice", "--max-tokens", "2"]) == 0
+    captured = capsys.readouterr()
+    (line,) = [
+        x for x in (captured.out + captured.err).splitlines() if "sparse FFN" in x
+    ]
+    assert f"low-bit predictor skips {skipped:.0%} of neurons per token" in line
+    assert f"calibrated perplexity {section['quality']['loss']:+.1%}" in line
+
+
+@pytest.mark.parametrize("dtype", ["float16", "q4"])
+def test_calibration_counts_the_predictor_it_makes(layouts, dtype, tmp_path):
+    layout = Layout.open(layouts[dtype])
+    rows = [lowbit.layer_rows(layout.read_parts(i), layout.dtype) for i in range(2)]
+    held = sum(q.nbytes + norms.nbytes for q, norms in rows)
+    assert lowbit.predictor_bytes(layout) == held
+    copy = Path(shutil.copytree(layouts[dtype], tmp_path / "l"))
+    with pytest.raises(ValueError, match="the predictor\\): more than the budget"):
+        train_predictor(copy, tokens=600, memory_budget="1KB", progress=False)

@@ -7,8 +7,8 @@ Rows (the paper's Tables 2 and 3), every one decoding the same teacher-forced to
 - hybrid: predictor "all", window k, at a budget whose cache holds exactly half of
   each layer's neurons (and whose scratch the other half): the cached half stays,
   the other half is read each token.
-- +predictor: the predictor (lowrank when trained, else gate when the budget holds
-  it, else oracle), window 0, on the unbundled layout, at the budget.
+- +predictor: the predictor (the trained one when there is one, else gate when the
+  budget holds it, else oracle), window 0, on the unbundled layout, at the budget.
 - +windowing: the same with window k.
 - all: the same on the bundled layout, i.e. "+bundling". The paper lists
   "+bundling" (Table 2) and "all" (Table 3) apart; here both are this one
@@ -46,7 +46,7 @@ from ..memory import (
     plan_memory,
 )
 from ..model import kv_cache_bytes
-from ..predictors import predictor_nbytes
+from ..predictors import predictor_nbytes, trained_kind
 from ..safetensors_stream import read_header
 from .baselines import DEFAULT_CHUNK_BYTES
 
@@ -133,9 +133,10 @@ def check_hybrid(plan: MemoryPlan, neurons: int) -> None:
 
 
 def pick_predictor(layout: Layout, budget: int, max_context: int) -> str:
-    """lowrank when trained; else gate when the budget holds it; else oracle."""
+    """The trained one (lowrank, lowbit) when there is one; else gate when the budget
+    holds it; else oracle."""
     if layout.has_predictor:
-        return "lowrank"
+        return trained_kind(layout)
     try:
         plan_memory(
             layout,
