@@ -22,6 +22,7 @@ import numpy as np
 
 from .args import ModelArgs
 from .layout import Layout
+from .lowbit import GROUP_SIZES
 from .nonfinite import check_weights
 from .safetensors_stream import STORAGE, read_header
 
@@ -149,6 +150,16 @@ class OraclePredictor:
             B = self.gate.backend
             up = B.to_numpy(B.linear(h, self.ups[layer]))
         return activation_mask(self.args, gate, up)
+
+
+def default_kind(args: ModelArgs) -> str:
+    """The kind `train-predictor` makes by default: lowbit for SiLU models (it keeps
+    their quality: `lowbit.py`) whose rows it can group (d_model a multiple of 32);
+    lowrank (the paper's, small) otherwise, and for the ReLU family, whose sparsity
+    it predicts well."""
+    if args.is_relu_family or args.hidden_size % min(GROUP_SIZES):
+        return "lowrank"
+    return "lowbit"
 
 
 def predictor_nbytes(name: str, layout: Layout) -> int:

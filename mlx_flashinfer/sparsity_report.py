@@ -6,6 +6,9 @@ Figures come from the manifest, as measured when the predictor was trained."""
 from __future__ import annotations
 
 from .memory import format_bytes
+from .predictors import default_kind
+
+NAMES = {"lowrank": "low-rank", "lowbit": "low-bit"}
 
 
 def skipped_share(section: dict) -> float:
@@ -79,11 +82,13 @@ def sparsity_line(model, layout) -> str | None:
         return (
             f"sparse FFN ({act}, approximate): gate predictor skips about {share:.0%} "
             "of neurons per token by |silu(gate)| (it cannot see up); its loss is not "
-            "calibrated: `flashinfer verify` measures it"
+            "calibrated: `flashinfer verify` measures it; `flashinfer train-predictor "
+            f"{layout.path}` makes a {NAMES[default_kind(layout.args)]} predictor "
+            "with a calibrated loss"
         )
     if predictor.name not in ("lowrank", "lowbit"):
         return None
-    name = {"lowrank": "low-rank", "lowbit": "low-bit"}[predictor.name]
+    name = NAMES[predictor.name]
     section = layout.manifest.get("predictor") or {}
     measured = section.get("quality")
     if not measured:

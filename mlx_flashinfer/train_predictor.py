@@ -51,7 +51,7 @@ from .lowrank import (
     predictor_tensors,
     train_layer,
 )
-from .predictors import TRAINED, activation_mask, silu_magnitude
+from .predictors import TRAINED, activation_mask, default_kind, silu_magnitude
 from .safetensors_stream import STORAGE
 from .texts import CALIBRATION_FILE, calibration_text
 
@@ -91,15 +91,6 @@ def layer_ranks(layers: int, rank: int, last_rank: int | None) -> list[int]:
     for the first 28 layers and 1024 for the last 4, which are the most active)."""
     last = max(1, layers // 8) if last_rank else 0
     return [rank] * (layers - last) + [last_rank] * last
-
-
-def default_kind(args) -> str:
-    """lowbit for SiLU models (it keeps their quality: `lowbit.py`) whose rows it can
-    group (d_model a multiple of 32); lowrank (the paper's, small) otherwise, and for
-    the ReLU family, whose sparsity it predicts well."""
-    if args.is_relu_family or args.hidden_size % min(lowbit.GROUP_SIZES):
-        return "lowrank"
-    return "lowbit"
 
 
 def parse_max_loss(value: str | float) -> float:
