@@ -215,3 +215,23 @@ def test_calibration_counts_the_predictor_it_makes(layouts, dtype, tmp_path):
     copy = Path(shutil.copytree(layouts[dtype], tmp_path / "l"))
     with pytest.raises(ValueError, match="the predictor\\): more than the budget"):
         train_predictor(copy, tokens=600, memory_budget="1KB", progress=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_with_every_neuron_kept_the_flash_path_equals_dense(trained, backend):
+    """The plumbing from the low-bit scores to the FFN: with no cut, every neuron is
+    read and computed, and the flash logits are the dense ones; with the trained
+    cuts fewer neurons are read and the logits move, but not far."""
+    ids = [1, 5, 9, 3, 22, 17, 4, 30]
+    dense = load(trained, backend=backend)[0].logits(ids, prefill=2)
+    model, _ = load(trained, backend=backend, memory_budget="100%", window=0)
+    cuts = list(model.ffn.predictor.cuts)
+    model.ffn.predictor.cuts = [-np.inf] * len(cuts)
+    scale = np.abs(dense).max()
+    tol = 1e-4 if backend == "numpy" else 5e-2  # MLX: float16 products
+    assert np.abs(model.logits(ids, prefill=2) - dense).max() <= tol * scale
+    everything = model.io_stats()["decode"]["neurons_predicted"]
+    model.ffn.predictor.cuts = cuts
+    sparse = model.logits(ids, prefill=2)
+    assert model.io_stats()["decode"]["neurons_predicted"] - everything < everything
+    assert np.abs(sparse - dense).max() < 0.5 * scale
