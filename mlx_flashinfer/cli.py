@@ -389,6 +389,7 @@ def cmd_verify(opts) -> int:
 
 
 def cmd_train_predictor(opts) -> int:
+    from .models import resolve_model
     from .train_predictor import parse_max_loss, train_predictor
 
     max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
@@ -398,8 +399,9 @@ def cmd_train_predictor(opts) -> int:
             raise ValueError("--rank and --last-rank apply to --kind lowrank only")
         kind = "lowrank"
     texts = [Path(f).read_text(encoding="utf-8") for f in opts.text or []]
+    path = resolve_model(opts.model)  # "default": the embedded model's cached layout
     section = train_predictor(
-        opts.model,
+        path,
         texts=texts or None,
         tokens=opts.tokens,
         kind=kind,
@@ -416,7 +418,7 @@ def cmd_train_predictor(opts) -> int:
     print("\n".join(predictor_table(section)))
     print(
         f"trained on {section['tokens']} tokens ({section['source']}) in "
-        f"{section['seconds']:.1f} s; stored in {Path(opts.model) / section['file']}"
+        f"{section['seconds']:.1f} s; stored in {Path(path) / section['file']}"
     )
     return 0
 
@@ -699,7 +701,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("train-predictor", help="train the neuron predictor")
-    p.add_argument("model", help="layout directory")
+    p.add_argument(
+        "model", help="layout directory, or default (the embedded model's layout)"
+    )
     p.add_argument(
         "--text",
         action="append",

@@ -54,7 +54,8 @@ def resolve_model(
         ValueError: the path is neither a layout nor a supported checkpoint.
     """
     # "default" is always the embedded model; a folder of that name is "./default"
-    if spec is None or str(spec) == "default":
+    embedded = spec is None or str(spec) == "default"
+    if embedded:
         from .default_model import default_gguf_path
 
         source = default_gguf_path()
@@ -75,7 +76,7 @@ def resolve_model(
     dst = cache_root(cache_dir) / cache_name(source)
     if (dst / MANIFEST).is_file():
         return dst
-    return _convert_once(source, dst, progress)
+    return _convert_once(source, dst, progress, with_predictor=embedded)
 
 
 def cache_name(source: Path) -> str:
@@ -95,9 +96,12 @@ def cache_name(source: Path) -> str:
     return f"{stem}-{digest[:12]}"
 
 
-def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
+def _convert_once(
+    source: Path, dst: Path, progress: bool, with_predictor: bool = False
+) -> Path:
     """Convert under a lock, so a second process waits for the first and then uses its
-    result instead of converting again."""
+    result instead of converting again; `with_predictor`: then make its predictor
+    (`train-predictor` with its defaults; the embedded model's takes about 10 s)."""
     from .checkpoints import open_checkpoint
     from .convert import convert
 
@@ -126,4 +130,25 @@ def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
             if (dst / MANIFEST).is_file():  # lost a rename race without flock
                 return dst
             raise
+        if with_predictor:
+            _make_predictor(dst, progress)
     return dst
+
+
+def _make_predictor(layout: Path, progress: bool) -> None:
+    """The embedded model's predictor, made once with the cache's layout, so that its
+    flash mode skips neurons by a calibrated predictor (a SiLU model's untrained
+    `gate` predictor changes its answers). A failure leaves the layout as converted
+    (training stores its predictor atomically) and says how to retry."""
+    from .train_predictor import train_predictor
+
+    if progress:
+        print("making its neuron predictor (first use)", file=sys.stderr)
+    try:
+        train_predictor(layout, progress=progress)
+    except (ValueError, OSError, MemoryError) as err:
+        print(
+            f"warning: no predictor made ({err}); `flashinfer train-predictor "
+            f"{layout}` retries",
+            file=sys.stderr,
+        )

@@ -6,10 +6,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoint
+from tiny_models import (
+    has_mlx,
+    random_weights,
+    tiny_config,
+    write_gguf,
+    write_hf_checkpoint,
+)
 
 from mlx_flashinfer import Layout, convert, load, lowbit
 from mlx_flashinfer.cli import main
+from mlx_flashinfer.models import CACHE_ENV, resolve_model
 from mlx_flashinfer.predictors import predictor_nbytes
 from mlx_flashinfer.quantize import dequantize, rows_float32
 from mlx_flashinfer.train_predictor import train_predictor
@@ -235,3 +242,36 @@ def test_with_every_neuron_kept_the_flash_path_equals_dense(trained, backend):
     sparse = model.logits(ids, prefill=2)
     assert model.io_stats()["decode"]["neurons_predicted"] - everything < everything
     assert np.abs(sparse - dense).max() < 0.5 * scale
+
+
+def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, capsys):
+    """First use of the default model converts it into the cache and makes its
+    predictor (a SiLU model: low-bit), so flash mode is calibrated from the start;
+    a training that fails leaves the converted layout and says how to retry."""
+    config = tiny_config(
+        "llama", "silu", hidden_size=64, intermediate_size=96, vocab_size=300
+    )
+    gguf = write_gguf(tmp_path / "tiny.gguf", config, random_weights(config))
+    monkeypatch.setattr("mlx_flashinfer.default_model.default_gguf_path", lambda: gguf)
+    layout = Layout.open(resolve_model(None, tmp_path / "cache", progress=False))
+    assert layout.manifest["predictor"]["kind"] == "lowbit"
+    assert layout.manifest["predictor"]["recall_target"] == 0.99
+    layout.verify()
+    # "default" names that layout to train-predictor too
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    assert main(["train-predictor", "default", "--max-loss", "5%"]) == 0
+    retrained = Layout.open(layout.path).manifest["predictor"]
+    assert retrained["quality"]["max_loss"] == 0.05
+
+    def fail(*args, **kwargs):
+        raise MemoryError("out of memory")
+
+    monkeypatch.setattr("mlx_flashinfer.train_predictor.train_predictor", fail)
+    layout = Layout.open(resolve_model(None, tmp_path / "other", progress=False))
+    assert layout.manifest["predictor"] is None
+    err = capsys.readouterr().err
+    assert "no predictor made (out of memory)" in err and "train-predictor" in err
+    # a layout or a checkpoint the user names is converted as it is, no predictor
+    src = write_gguf(tmp_path / "named.gguf", config, random_weights(config))
+    named = Layout.open(resolve_model(src, tmp_path / "cache", progress=False))
+    assert named.manifest["predictor"] is None
