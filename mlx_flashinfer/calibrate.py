@@ -211,4 +211,10 @@ def check_calibration_budget(
             "weights, one FFN layer, the tokens' activations"
             + (", the predictor" if predictor else "")
             + f"): more than the budget of {format_bytes(budget)}; give fewer tokens"
+            + (
+                f", or make a smaller predictor (this one holds "
+                f"{format_bytes(predictor)}; --kind lowrank is smaller)"
+                if predictor
+                else ""
+            )
         )

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from . import lowbit, quality
@@ -52,7 +51,7 @@ from .lowrank import (
     train_layer,
 )
 from .predictors import TRAINED, activation_mask, default_kind, silu_magnitude
-from .safetensors_stream import STORAGE
+from .safetensors_stream import STORAGE, StreamingWriter
 from .texts import CALIBRATION_FILE, calibration_text
 
 DEFAULT_RECALL = 0.99
@@ -436,12 +435,31 @@ class _Calibration:
         return self.nll(streams)
 
 
+_DTYPE_NAMES = {np.dtype(v): k for k, v in STORAGE.items() if k != "bfloat16"}
+
+
+def _write_tensors(path, tensors: dict) -> str:
+    """Write safetensors tensor by tensor (a low-bit predictor is hundreds of MB at
+    1B parameters: safetensors' save_file builds the whole file in memory first);
+    returns the file's sha256."""
+    digest = hashlib.sha256()
+    specs = {k: (_DTYPE_NAMES[v.dtype], v.shape) for k, v in tensors.items()}
+    writer = StreamingWriter(path, specs, hasher=digest)
+    for name, value in tensors.items():
+        writer.write(name, value)
+    writer.close()
+    return digest.hexdigest()
+
+
 def store_predictor(layout: Layout, tensors: dict, reports, settings: dict) -> dict:
     """Write the predictor's tensors under a fresh name, then switch the manifest to
     it; `settings` (with "kind" and "nbytes", the bytes held) go into its section."""
     tmp = layout.path / ".predictor.new"
-    save_file(tensors, str(tmp))
-    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    try:
+        digest = _write_tensors(tmp, tensors)
+    except BaseException:  # a disk full or an interrupt leaves nothing behind
+        tmp.unlink(missing_ok=True)
+        raise
     name = f"predictor-{digest[:12]}.safetensors"
     old = (layout.manifest.get("predictor") or {}).get("file")
     try:
