@@ -175,10 +175,10 @@ def train_predictor(
     if kind not in TRAINED:
         raise ValueError(f"unknown predictor kind {kind!r}: {' or '.join(TRAINED)}")
     if kind == "lowbit":
-        if args.family == "opt":
+        if args.is_relu_family:  # its score is |silu(gate) x up|
             raise ValueError(
-                "the low-bit predictor scores gate and up; OPT has no up branch: "
-                "use --kind lowrank"
+                f"the low-bit predictor is for SiLU models, this one is "
+                f"{args.hidden_act}: use --kind lowrank, or the exact --predictor gate"
             )
         lowbit.group_size_for(args.hidden_size)
     ranks = layer_ranks(args.num_hidden_layers, rank, last_rank)
@@ -464,8 +464,12 @@ def store_predictor(layout: Layout, tensors: dict, reports, settings: dict) -> d
     old = (layout.manifest.get("predictor") or {}).get("file")
     try:
         tmp.rename(layout.path / name)
-        files = dict(layout.manifest["files"])
-        files.pop(old, None)
+        # every other predictor file goes below: the manifest lists none of them
+        files = {
+            f: v
+            for f, v in layout.manifest["files"].items()
+            if not f.startswith("predictor-")
+        }
         files[name] = {"size": (layout.path / name).stat().st_size, "sha256": digest}
         section = {
             "file": name,

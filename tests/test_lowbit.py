@@ -196,7 +196,7 @@ def test_bad_lowbit_requests_exit_2_with_one_line(trained, tmp_path, capsys):
     opt = convert(src, tmp_path / "opt-layout", dtype="float32", progress=False)
     assert main(["train-predictor", str(opt), "--kind", "lowbit"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "no up branch" in err and len(err.splitlines()) == 1
+    assert "for SiLU models, this one is relu" in err and len(err.splitlines()) == 1
     assert Layout.open(opt).manifest["predictor"] is None  # nothing written
 
 
@@ -275,3 +275,17 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
     src = write_gguf(tmp_path / "named.gguf", config, random_weights(config))
     named = Layout.open(resolve_model(src, tmp_path / "cache", progress=False))
     assert named.manifest["predictor"] is None
+
+
+def test_retraining_leaves_one_predictor_file_listed_and_present(layouts, tmp_path):
+    layout_dir = Path(shutil.copytree(layouts["float16"], tmp_path / "l"))
+    train_predictor(layout_dir, tokens=600, progress=False)
+    train_predictor(layout_dir, tokens=600, kind="lowrank", rank=4, progress=False)
+    # a section cleared by hand, its file still listed: the next run tidies both
+    Layout.open(layout_dir).update_manifest({"predictor": None})
+    train_predictor(layout_dir, tokens=600, progress=False)
+    layout = Layout.open(layout_dir)
+    listed = [f for f in layout.manifest["files"] if f.startswith("predictor-")]
+    on_disk = [p.name for p in layout_dir.glob("predictor-*")]
+    assert listed == on_disk == [layout.manifest["predictor"]["file"]]
+    layout.verify()
