@@ -719,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="lowbit: 4-bit copies of gate and up, which rank a SiLU model's neurons "
         "well (default for SiLU models; ~19%% of a float16 FFN in DRAM); lowrank: "
-        "the paper's small trained predictor (default for ReLU-family models)",
+        "the paper's small trained predictor (ReLU-family models' only kind)",
     )
     p.add_argument(
         "--rank", type=int, default=None, help="lowrank: rank of every layer (64)"
