@@ -10,8 +10,8 @@ products that fall into float32's subnormal range.
 import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
+import kernel_tuning
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -81,35 +81,10 @@ def assert_close(got: np.ndarray, products: np.ndarray) -> None:
     assert np.all(err <= bound), f"error {err.max()} over bound {bound[err.argmax()]}"
 
 
-@contextmanager
 def tuned(block_rows: int | None, k: int, threads: int, path: str = "auto"):
-    """Blocks of `block_rows` rows of width k in the large-T paths (None: as
-    configured), every job split among `threads`, and `path` "loops" or "blas" for
-    every T ("auto": as configured), so that tiny matrices take the paths that big
-    ones do."""
-    names = (
-        "BLOCK_BYTES",
-        "PARALLEL_MIN_BYTES",
-        "DOT_ROWS_MAX_T",
-        "SUM_ROWS_MAX_TERMS",
-    )
-    saved = {name: getattr(kernels, name) for name in names}
-    threads_before = kernels.get_threads()
-    try:
-        if block_rows is not None:
-            kernels.BLOCK_BYTES = block_rows * 4 * k
-        kernels.PARALLEL_MIN_BYTES = 0
-        kernels.PART_BYTES = 64  # many parts, whatever the size
-        kernels.SUM_PARTS_MAX = 5
-        if path != "auto":
-            limit = 1 << 30 if path == "loops" else 0
-            kernels.DOT_ROWS_MAX_T = kernels.SUM_ROWS_MAX_TERMS = limit
-        kernels.set_threads(threads)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(kernels, name, value)
-        kernels.set_threads(threads_before)
+    """`kernel_tuning.tuned` with these kernels' path limits."""
+    limits = ("DOT_ROWS_MAX_T", "SUM_ROWS_MAX_TERMS")
+    return kernel_tuning.tuned(block_rows, k, threads, path, limits)
 
 
 def batch_sizes():

@@ -13,8 +13,7 @@ reference's own float32 weights and the products and sums per group, plus m * 2*
 for products in float32's subnormal range.
 """
 
-from contextlib import contextmanager
-
+import kernel_tuning
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -79,37 +78,10 @@ def assert_within_bound(got, x, weights, magnitude, transposed: bool) -> None:
     assert np.all(err <= bound), f"error {err.max()} over bound {bound[err.argmax()]}"
 
 
-@contextmanager
 def tuned(block_rows: int | None, k: int, threads: int, path: str = "auto"):
-    """Blocks of `block_rows` rows of width k in the large-T paths (None: as
-    configured), every job cut in many parts shared by `threads`, and `path`
-    "loops" or "blas" for every T ("auto": as configured), so that tiny matrices
-    take the paths that big ones do."""
-    names = (
-        "BLOCK_BYTES",
-        "PARALLEL_MIN_BYTES",
-        "PART_BYTES",
-        "SUM_PARTS_MAX",
-        "QDOT_ROWS_MAX_T",
-        "QSUM_ROWS_MAX_TERMS",
-    )
-    saved = {name: getattr(kernels, name) for name in names}
-    threads_before = kernels.get_threads()
-    try:
-        if block_rows is not None:
-            kernels.BLOCK_BYTES = block_rows * 4 * k
-        kernels.PARALLEL_MIN_BYTES = 0
-        kernels.PART_BYTES = 64
-        kernels.SUM_PARTS_MAX = 5
-        if path != "auto":
-            limit = 1 << 30 if path == "loops" else 0
-            kernels.QDOT_ROWS_MAX_T = kernels.QSUM_ROWS_MAX_TERMS = limit
-        kernels.set_threads(threads)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(kernels, name, value)
-        kernels.set_threads(threads_before)
+    """`kernel_tuning.tuned` with these kernels' path limits."""
+    limits = ("QDOT_ROWS_MAX_T", "QSUM_ROWS_MAX_TERMS")
+    return kernel_tuning.tuned(block_rows, k, threads, path, limits)
 
 
 formats = st.sampled_from(FORMATS)
