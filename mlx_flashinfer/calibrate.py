@@ -19,7 +19,14 @@ import numpy as np
 from .backends import get_backend
 from .layout import Layout
 from .memory import format_bytes, model_bytes, parse_budget
-from .model import KVCache, Model, ffn_activation, prepare_weights
+from .model import (
+    KVCache,
+    Model,
+    UncountedFFN,
+    ffn_activation,
+    ffn_pre_activations,
+    prepare_weights,
+)
 from .quantize import row_norms
 
 MIN_TOKENS = 128  # below this no layer can be fitted and checked on a held-out split
@@ -69,7 +76,7 @@ def split_sequences(count: int) -> tuple[list[int], list[int]]:
     return [i for i in range(count) if i not in chosen], tune
 
 
-class _OneLayerFFN:
+class _OneLayerFFN(UncountedFFN):
     """The FFN of the layer `LayerByLayer` holds; hands what it computes to a
     `record` callable when given, skips the neurons `keep` drops when given."""
 
@@ -82,10 +89,10 @@ class _OneLayerFFN:
 
     def __call__(self, layer: int, h):
         B, r, args = self.backend, self.resident, self.args
-        fc1_bias = r.get(f"layers.{layer}.fc1.bias")
         *inputs, output = self.parts
-        gate = B.linear(h, B.rows_weight(inputs[0]), fc1_bias)
-        up = B.linear(h, B.rows_weight(inputs[1])) if len(inputs) > 1 else None
+        rows = [B.rows_weight(p) for p in inputs]
+        fc1_bias = r.get(f"layers.{layer}.fc1.bias")
+        gate, up = ffn_pre_activations(B, args, h, rows, fc1_bias)
         a = ffn_activation(B, args, gate, up)
         if self.record is not None:
             numpy = [None if v is None else B.to_numpy(v) for v in (h, gate, up, a)]
@@ -94,16 +101,6 @@ class _OneLayerFFN:
             a = a * B.array(self.keep(h).astype(np.float32))
         down = B.columns_weight(output)
         return B.linear(a, down, r.get(f"layers.{layer}.fc2.bias"))
-
-    # hooks Model calls on its FFN
-    def new_sequence(self) -> None:
-        pass
-
-    def begin_token(self) -> None:
-        pass
-
-    def end_token(self, logits, prompt_tokens: int) -> None:
-        pass
 
 
 class LayerByLayer:

@@ -83,26 +83,46 @@ def ffn_activation(backend, args: ModelArgs, gate, up=None):
     return B.relu(gate) * B.relu(up)  # drelu: ReLU on both branches (TurboSparse)
 
 
-def ffn_forward(
-    backend, args: ModelArgs, h, parts, fc1_bias=None, fc2_bias=None, keep=None
-):
+def ffn_pre_activations(backend, args: ModelArgs, h, parts, fc1_bias=None):
+    """gate (OPT: fc1 plus its bias) and up (OPT: None) pre-activations of h, (T, n)
+    each, over the gate/up rows of `parts` (as for `ffn_forward`)."""
+    gate = backend.linear(h, parts[0], fc1_bias)
+    up = None if args.family == "opt" else backend.linear(h, parts[1])
+    return gate, up
+
+
+def ffn_forward(backend, args: ModelArgs, h, parts, fc1_bias=None, fc2_bias=None):
     """The FFN over a set of neurons given as `linear` weights.
 
     Llama family: parts = (gate (n, d), up (n, d), down (d, n)); OPT: (fc1, fc2);
     down (fc2) is the `columns_weight` view of (n, d) columns.
     A neuron whose activation is zero adds exactly zero, so running over any superset of
     the active neurons gives the dense result for ReLU-family models (paper section
-    3.1). `keep` (optional, a (T, n) backend array of 0 and 1) zeroes the neurons each
-    token skips: the sparse path computed densely, to calibrate thresholds.
+    3.1).
     """
-    B = backend
-    gate = B.linear(h, parts[0], fc1_bias)
-    up = None if args.family == "opt" else B.linear(h, parts[1])
-    a = ffn_activation(B, args, gate, up)
-    return B.linear(a if keep is None else a * keep, parts[-1], fc2_bias)
+    gate, up = ffn_pre_activations(backend, args, h, parts, fc1_bias)
+    a = ffn_activation(backend, args, gate, up)
+    return backend.linear(a, parts[-1], fc2_bias)
 
 
-class DenseFFN:
+class UncountedFFN:
+    """The hooks Model calls on its FFN (the flash FFN counts reads per token with
+    them), for an FFN whose weights are all in memory: nothing to count."""
+
+    def new_sequence(self) -> None:
+        pass
+
+    def begin_token(self) -> None:
+        pass
+
+    def end_token(self, logits, prompt_tokens: int) -> None:
+        pass
+
+    def io_stats(self) -> dict:
+        return {"bytes_read": 0, "reads": 0, "tokens": 0}
+
+
+class DenseFFN(UncountedFFN):
     """Every FFN weight in memory: the reference the sparse path is proved against.
 
     Held as stored (or widened to float32 with `widen`, the reference that 16-bit
@@ -129,19 +149,6 @@ class DenseFFN:
 
     def held_bytes(self) -> dict:
         return {"ffn": sum(int(w.nbytes) for parts in self.layers for w in parts)}
-
-    # the flash FFN's hooks; nothing to count when every weight is in memory
-    def new_sequence(self) -> None:
-        pass
-
-    def begin_token(self) -> None:
-        pass
-
-    def end_token(self, logits, prompt_tokens: int) -> None:
-        pass
-
-    def io_stats(self) -> dict:
-        return {"bytes_read": 0, "reads": 0, "tokens": 0}
 
     def __call__(self, layer: int, h):
         B = self.backend
