@@ -38,7 +38,7 @@ import numpy as np
 from safetensors import safe_open
 
 from .nonfinite import check_weights
-from .quantize import Quantized, quantize, row_norms, rows_float32
+from .quantize import Quantized, quantize, row_bytes, row_norms, rows_float32
 
 BITS = 4
 GROUP_SIZES = (64, 32)  # the first dividing d_model
@@ -69,7 +69,7 @@ def predictor_bytes(layout) -> int:
         group = layout.quantization["group_size"]
     else:
         group = group_size_for(d)
-    row = d * BITS // 8 + 2 * 2 * (d // group)  # packed, float16 scale and bias
+    row = row_bytes(d, BITS, group)
     return args.num_hidden_layers * n * (2 * row + 4)  # gate, up; a float32 norm
 
 

@@ -437,6 +437,13 @@ def predictor_tensors(
     return tensors
 
 
+def held_bytes(A_list, B_list, dtype: str) -> int:
+    """DRAM a predictor of these matrices holds at layout dtype `dtype` (it is held
+    as the model's weights are)."""
+    values = sum(a.size + b.size for a, b in zip(A_list, B_list, strict=True))
+    return values * np.dtype(STORAGE[dtype]).itemsize
+
+
 def save_predictor(
     path: Path, A_list: list[np.ndarray], B_list: list[np.ndarray]
 ) -> None:

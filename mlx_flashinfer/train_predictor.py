@@ -47,6 +47,7 @@ from .lowrank import (
     LowRankPredictor,
     cut_for_recall,
     cut_report,
+    held_bytes,
     predictor_tensors,
     train_layer,
 )
@@ -227,13 +228,14 @@ def train_predictor(
         else:
             layer_weights = lowbit.layer_rows(run.runner.stored, layout.dtype)
             about = {"bits": lowbit.BITS}
-        z = run.scores(layer_weights, data.tune_h)
+        predictor = run.predictor(layer_weights)  # as held at run time
+        z = run.scores(predictor, run.runner.B.array(data.tune_h))
         cut = cut_for_recall(z, data.tune_target, recall)
         reports.append({**cut_report(z, data.tune_target, cut), **about})
         if args.hidden_act == "silu":  # the gate predictor's cut, on the tune split
             magnitude = silu_magnitude(data.tune_gate)
             gate_cuts.append(float(np.quantile(magnitude, silu_sparsity)))
-        run.sparse_forward(layer, layer_weights, cut, z, data)
+        run.sparse_forward(layer, predictor, cut, z, data)
         weights.append(layer_weights)
         cuts.append(cut)
     measured = run.measured()
@@ -243,7 +245,7 @@ def train_predictor(
             report.update(grid.kept[g])
     if kind == "lowrank":
         tensors = predictor_tensors(*zip(*weights, strict=True))
-        held = sum(a.size + b.size for a, b in weights) * _itemsize(layout)
+        held = held_bytes(*zip(*weights, strict=True), layout.float_dtype)
         about = {"threshold": threshold, "ranks": ranks, "epochs": epochs}
     else:
         tensors = lowbit.predictor_tensors(*zip(*weights, strict=True))
@@ -274,11 +276,6 @@ def train_predictor(
 def _exp(x: float) -> float:
     """exp, inf past float range (a random synthetic model's perplexity can be)."""
     return math.exp(x) if x < 709 else math.inf
-
-
-def _itemsize(layout: Layout) -> int:
-    """Bytes per value of a low-rank predictor as held (the layout's float dtype)."""
-    return np.dtype(STORAGE[layout.float_dtype]).itemsize
 
 
 def _fit(report: dict) -> dict:
@@ -337,33 +334,33 @@ class _Calibration:
             *(np.concatenate([r[i] for r in tuned]) for i in (1, 2, 3, 4)),
         )
 
-    def predictor(self, weights, cut=None):
+    def predictor(self, weights):
         """One layer's predictor from its weights ((A, B) or (rows, down norms)),
         held and computed as at run time (at the layout's dtype)."""
         first, second = weights
         if self.kind == "lowrank":
             return LowRankPredictor(
-                self.runner.B, [first], [second], dtype=self.dtype, cuts=[cut]
+                self.runner.B, [first], [second], dtype=self.dtype, cuts=[None]
             )
-        return LowBitPredictor(self.runner.B, [first], [second], [cut])
+        return LowBitPredictor(self.runner.B, [first], [second], [None])
 
-    def scores(self, weights, h: np.ndarray) -> np.ndarray:
-        """The predictor's scores (low-rank: logits) of FFN inputs h, NumPy (T, n):
-        a neuron is kept when its score is above the layer's cut."""
-        predictor, B = self.predictor(weights), self.runner.B
+    def scores(self, predictor, h) -> np.ndarray:
+        """The predictor's scores (low-rank: logits) of FFN inputs h (backend array),
+        NumPy (T, n): a neuron is kept when its score is above the layer's cut."""
         if self.kind == "lowrank":
-            return predictor.logits(0, B.array(h))
-        return predictor.scores(0, B.array(h))
+            return predictor.logits(0, h)
+        return predictor.scores(0, h)
 
-    def keep(self, weights, cut):
-        """h -> the neurons a predictor with this cut keeps."""
-        predictor = self.predictor(weights, cut)
-        return lambda h: predictor.predict(0, h)
+    def keep(self, predictor, cut):
+        """h -> the neurons the cut keeps (None: every one), as `predict` decides."""
+        bound = -math.inf if cut is None else cut
+        return lambda h: self.scores(predictor, h) > bound
 
-    def sparse_forward(self, layer, weights, cut, z, data: _LayerData) -> None:
+    def sparse_forward(self, layer, predictor, cut, z, data: _LayerData) -> None:
         """The quality streams through `layer` over the neurons the cut keeps; with
         grids, the layer's options too."""
-        self.sparse = self.runner.run(layer, self.sparse, keep=self.keep(weights, cut))
+        keep = self.keep(predictor, cut)
+        self.sparse = self.runner.run(layer, self.sparse, keep=keep)
         if self.grids is not None:
             B_ = self.runner.B
             out_norms = np.concatenate(
@@ -431,7 +428,8 @@ class _Calibration:
         streams = self.runner.embed([self.sequences[j] for j in self.quality])
         for layer, (w, cut) in enumerate(zip(weights, cuts, strict=True)):
             self.runner.load(layer)
-            streams = self.runner.run(layer, streams, keep=self.keep(w, cut))
+            keep = self.keep(self.predictor(w), cut)
+            streams = self.runner.run(layer, streams, keep=keep)
         return self.nll(streams)
 
 

@@ -11,12 +11,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
-
 from ..convert import _check_destination, write_layout
 from ..layout import Layout
-from ..lowrank import predictor_tensors
-from ..safetensors_stream import STORAGE
+from ..lowrank import held_bytes, predictor_tensors
 from ..train_predictor import store_predictor
 from .synth_llama import LLAMA_SHAPES, SyntheticLlama
 from .synth_opt import SHAPES, Structure, SyntheticOPT
@@ -78,15 +75,13 @@ def write_synthetic(
     )
     A_list, B_list, reports = source.predictor()
     layout = Layout.open(dst)
-    itemsize = np.dtype(STORAGE[layout.float_dtype]).itemsize
-    values = sum(a.size + b.size for a, b in zip(A_list, B_list, strict=True))
     store_predictor(
         layout,
         predictor_tensors(A_list, B_list),
         reports,
         {
             "kind": "lowrank",
-            "nbytes": values * itemsize,
+            "nbytes": held_bytes(A_list, B_list, layout.float_dtype),
             "threshold": source.predictor_threshold,
             "ranks": [source.j0 + 1] * source.args.num_hidden_layers,
             "tokens": 0,
