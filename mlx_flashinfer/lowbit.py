@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from .model import silu_magnitude
 from .nonfinite import check_weights
 from .quantize import Quantized, quantize, row_bytes, row_norms, rows_float32
 
@@ -115,8 +116,7 @@ def _q(part: Quantized) -> tuple:
 def contribution_scores(y: np.ndarray, down_norms: np.ndarray) -> np.ndarray:
     """|silu(g) x u| x |down| from y = (g | u), (T, 2 n) -> (T, n) float32."""
     n = down_norms.shape[0]
-    g, u = y[:, :n], y[:, n:]
-    return np.abs(g * (0.5 + 0.5 * np.tanh(0.5 * g)) * u) * down_norms
+    return silu_magnitude(y[:, :n]) * np.abs(y[:, n:]) * down_norms
 
 
 class LowBitPredictor:

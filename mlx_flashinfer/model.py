@@ -64,6 +64,12 @@ def kv_cache_bytes(args: ModelArgs, context: int) -> int:
     )
 
 
+def silu_magnitude(gate: np.ndarray) -> np.ndarray:
+    """|silu(gate)| of NumPy pre-activations: what CATS thresholds, and with |up|
+    the size of a SiLU neuron's activation."""
+    return np.abs(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)))
+
+
 def ffn_activation(backend, args: ModelArgs, gate, up=None):
     """The activations that multiply the down (OPT: fc2) columns, from the gate (OPT:
     fc1 plus its bias) and up pre-activations, each (T, n)."""

@@ -23,17 +23,13 @@ import numpy as np
 from .args import ModelArgs
 from .layout import Layout
 from .lowbit import GROUP_SIZES
+from .model import silu_magnitude
 from .nonfinite import check_weights
 from .safetensors_stream import STORAGE, read_header
 
 PREDICTORS = ("lowrank", "lowbit", "gate", "oracle", "all")
 TRAINED = ("lowrank", "lowbit")  # kinds train-predictor stores
 DEFAULT_SILU_SPARSITY = 0.5  # CATS-style: half the neurons of a SiLU model skipped
-
-
-def silu_magnitude(gate: np.ndarray) -> np.ndarray:
-    """|silu(gate)|, the quantity CATS thresholds."""
-    return np.abs(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)))
 
 
 def activation_mask(args: ModelArgs, gate, up=None, silu_thresholds=None, layer=0):
