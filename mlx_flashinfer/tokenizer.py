@@ -159,3 +159,18 @@ class StreamingDetokenizer:
         new = text[len(self.text) :]
         self.text = text
         return new
+
+
+def load_tokenizer(layout) -> Tokenizer:
+    """A layout's tokenizer, parsed with its chat template.
+
+    Args:
+        layout: an open `Layout`.
+
+    Raises:
+        ValueError: either does not parse (the layout was damaged after conversion).
+    """
+    try:
+        return Tokenizer(layout.path, layout.manifest["tokenizer"])
+    except ValueError as err:
+        raise ValueError(f"{err}; re-convert the model") from None

@@ -41,7 +41,6 @@ from .calibrate import (
     split_sequences,
 )
 from .layout import Layout
-from .loader import load_tokenizer
 from .lowbit import LowBitPredictor
 from .lowrank import (
     LowRankPredictor,
@@ -54,6 +53,7 @@ from .lowrank import (
 from .predictors import TRAINED, activation_mask, default_kind, silu_magnitude
 from .safetensors_stream import STORAGE, StreamingWriter
 from .texts import CALIBRATION_FILE, calibration_text
+from .tokenizer import load_tokenizer
 
 DEFAULT_RECALL = 0.99
 # Calibration costs tokens x (forward + epochs x training step); training is the

@@ -17,7 +17,8 @@ from mlx_flashinfer import convert, load
 from mlx_flashinfer.chat import HELP, Chat
 from mlx_flashinfer.cli import main
 from mlx_flashinfer.generate import GenerationResponse
-from mlx_flashinfer.models import CACHE_ENV, cache_root, resolve_model
+from mlx_flashinfer.loader import resolve_model
+from mlx_flashinfer.models import CACHE_ENV, cache_root
 from mlx_flashinfer.perplexity import perplexity
 from mlx_flashinfer.texts import verify_text
 from mlx_flashinfer.train_predictor import train_predictor

@@ -17,7 +17,8 @@ from tiny_models import (
 import fallback_numpy.backend as numpy_backend
 from mlx_flashinfer import Layout, convert, load, lowbit
 from mlx_flashinfer.cli import main
-from mlx_flashinfer.models import CACHE_ENV, resolve_model
+from mlx_flashinfer.loader import resolve_model
+from mlx_flashinfer.models import CACHE_ENV
 from mlx_flashinfer.predictors import predictor_nbytes
 from mlx_flashinfer.quantize import dequantize, rows_float32
 from mlx_flashinfer.train_predictor import train_predictor
@@ -273,6 +274,20 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
     assert layout.manifest["predictor"] is None
     err = capsys.readouterr().err
     assert "no predictor made (out of memory)" in err and "train-predictor" in err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # a first run cut during training (Ctrl-C): the next run makes the predictor
+    monkeypatch.setattr("mlx_flashinfer.train_predictor.train_predictor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_model(None, tmp_path / "cut", progress=False)
+    cut = Layout.open(next((tmp_path / "cut").glob("*/manifest.json")).parent)
+    assert cut.manifest["predictor"] is None
+    monkeypatch.undo()
+    monkeypatch.setattr("mlx_flashinfer.default_model.default_gguf_path", lambda: gguf)
+    layout = Layout.open(resolve_model(None, tmp_path / "cut", progress=False))
+    assert layout.manifest["predictor"]["kind"] == "lowbit"
     # a layout or a checkpoint the user names is converted as it is, no predictor
     src = write_gguf(tmp_path / "named.gguf", config, random_weights(config))
     named = Layout.open(resolve_model(src, tmp_path / "cache", progress=False))

@@ -14,7 +14,7 @@ import pytest
 from tiny_models import random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert
-from mlx_flashinfer.models import resolve_model
+from mlx_flashinfer.loader import resolve_model
 from mlx_flashinfer.staging import clear_stale, locked, pid_alive
 
 

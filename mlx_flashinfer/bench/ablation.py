@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..layout import Layout
+from ..loader import resolve_model
 from ..memory import model_bytes
-from ..models import resolve_model
 from .configs import (
     BASE_OVERHEAD,
     TITLES,
