@@ -49,7 +49,7 @@ from numba import njit
 from threadpoolctl import threadpool_info, threadpool_limits
 
 from fallback_numpy import kernels
-from mlx_flashinfer.quantize import QUANTIZED_DTYPES, Quantized, quantize
+from mlx_flashinfer.formats.quantize import QUANTIZED_DTYPES, Quantized, quantize
 
 KINDS = ("float32", "float16", "bfloat16", "q8", "q4")
 GROUP_SIZE = 64  # of the quantized kinds (--group-size)

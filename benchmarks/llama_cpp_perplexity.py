@@ -51,9 +51,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--llama-python", default=sys.executable)
     opts = parser.parse_args()
-    from mlx_flashinfer.default_model import default_gguf_path
-    from mlx_flashinfer.layout import Layout
-    from mlx_flashinfer.tokenizer import load_tokenizer
+    from mlx_flashinfer.formats.default_model import default_gguf_path
+    from mlx_flashinfer.formats.layout import Layout
+    from mlx_flashinfer.formats.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(Layout.open(opts.layout))
     with open(opts.text, encoding="utf-8") as f:

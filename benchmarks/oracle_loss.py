@@ -18,11 +18,11 @@ from mlx_flashinfer.calibrate import (
     calibration_sequences,
     split_sequences,
 )
-from mlx_flashinfer.layout import Layout
+from mlx_flashinfer.formats.layout import Layout
+from mlx_flashinfer.formats.tokenizer import load_tokenizer
 from mlx_flashinfer.model import ffn_activation
 from mlx_flashinfer.quality import sequence_nll
 from mlx_flashinfer.texts import calibration_text
-from mlx_flashinfer.tokenizer import load_tokenizer
 from mlx_flashinfer.train_predictor import DEFAULT_TOKENS, QUALITY_SEQUENCES
 
 

@@ -31,12 +31,12 @@ from mlx_flashinfer.calibrate import (
     calibration_sequences,
     split_sequences,
 )
-from mlx_flashinfer.layout import Layout
+from mlx_flashinfer.formats.layout import Layout
+from mlx_flashinfer.formats.quantize import rows_float32
+from mlx_flashinfer.formats.tokenizer import load_tokenizer
 from mlx_flashinfer.lowrank import train_layer
 from mlx_flashinfer.quality import sequence_nll
-from mlx_flashinfer.quantize import rows_float32
 from mlx_flashinfer.texts import calibration_text, held_out_part
-from mlx_flashinfer.tokenizer import load_tokenizer
 from mlx_flashinfer.train_predictor import DEFAULT_EPOCHS, contribution_mask
 
 

@@ -97,7 +97,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     gguf = opts.gguf
     if gguf is None:
-        from mlx_flashinfer.default_model import default_gguf_path
+        from mlx_flashinfer.formats.default_model import default_gguf_path
 
         gguf = str(default_gguf_path())
     command = [opts.llama_python, "-c", LLAMA_CPP, gguf, str(opts.threads)]

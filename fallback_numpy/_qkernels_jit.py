@@ -27,9 +27,8 @@ from numba import float32, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from mlx_flashinfer.quantize import BITS, GROUP_SIZES
-
-from ._kernels_jit import HARDWARE_FLOAT16, _compiled
+from fallback_numpy._kernels_jit import HARDWARE_FLOAT16, _compiled
+from mlx_flashinfer.formats.quantize import BITS, GROUP_SIZES
 
 BLOCK = 16  # words per vector block
 # Values of padding after each field of a row in field order that the loops read or

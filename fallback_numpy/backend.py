@@ -16,9 +16,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from mlx_flashinfer.quantize import Quantized
-
-from . import kernels
+from fallback_numpy import kernels
+from mlx_flashinfer.formats.quantize import Quantized
 
 name = "numpy"
 # what each storage dtype is held as: bfloat16 as its bits (NumPy has no bfloat16);

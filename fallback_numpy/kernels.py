@@ -11,7 +11,7 @@ once and widen it in registers, on a few worker threads (`_workers.py`); large T
 (prefill) widens blocks of rows into a reused float32 buffer and hands each block to
 NumPy's BLAS. This module chooses the path and checks the arguments.
 
-Quantized weights (`mlx_flashinfer.quantize.Quantized`: 4- or 8-bit integers, a
+Quantized weights (`mlx_flashinfer.formats.quantize.Quantized`: 4- or 8-bit integers, a
 float16 scale and bias per group) go the same two ways: `qmatmul_t(x, q)`,
 `qmatmul(x, q)` and `dequantize(q)`, with the loops of `_qkernels_jit.py`.
 """
@@ -24,11 +24,10 @@ from itertools import pairwise
 
 import numpy as np
 
-from mlx_flashinfer.quantize import BITS, GROUP_SIZES, Quantized, check_format
-
-from . import _kernels_jit as jit
-from . import _qkernels_jit as qjit
-from . import _workers
+from fallback_numpy import _kernels_jit as jit
+from fallback_numpy import _qkernels_jit as qjit
+from fallback_numpy import _workers
+from mlx_flashinfer.formats.quantize import BITS, GROUP_SIZES, Quantized, check_format
 
 # Dispatch, chosen with `python benchmarks/kernels.py --sweep --threads 1` (AMD EPYC
 # Zen 5, 4096 x 4096 weights cycled over 0.5 GB; ms per matrix, compiled loops vs
@@ -317,7 +316,7 @@ def qmatmul(x: np.ndarray, q: Quantized, out: np.ndarray | None = None) -> np.nd
 
 def dequantize(q: Quantized, out: np.ndarray | None = None) -> np.ndarray:
     """The float32 values scale * q + bias of a quantized matrix, equal to
-    `mlx_flashinfer.quantize.dequantize`'s (embedding rows, tests).
+    `mlx_flashinfer.formats.quantize.dequantize`'s (embedding rows, tests).
 
     Args:
         q: a quantized (n, k) matrix, as for `qmatmul_t`.

@@ -5,9 +5,9 @@ The method of "LLM in a flash" (Alizadeh et al., Apple, 2023/2024), on MLX (Appl
 silicon) with a NumPy fallback for every other platform.
 """
 
-from .convert import convert
+from .formats.convert import convert
+from .formats.layout import Layout
 from .generate import generate, make_sampler, stream_generate
-from .layout import Layout
 from .loader import load
 from .prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
 

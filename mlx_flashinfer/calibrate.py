@@ -17,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import get_backend
-from .layout import Layout
+from .formats.layout import Layout
+from .formats.quantize import row_norms
 from .memory import format_bytes, model_bytes, parse_budget
 from .model import (
     KVCache,
@@ -27,7 +28,6 @@ from .model import (
     ffn_pre_activations,
     prepare_weights,
 )
-from .quantize import row_norms
 
 MIN_TOKENS = 128  # below this no layer can be fitted and checked on a held-out split
 TUNE_EVERY = 5  # every 5th sequence is tuned on, not trained on: 20%

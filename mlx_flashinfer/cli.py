@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .backends import BACKENDS
 from .bench.cli import add_bench_command
-from .layout import DTYPES, Layout
+from .formats.layout import DTYPES, Layout
 from .memory import format_bytes
 from .predictors import PREDICTORS, trained_kind
 from .sparsity_report import predictor_table, sparsity_line
@@ -56,8 +56,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_convert(opts) -> int:
-    from .convert import convert
-    from .default_model import default_gguf_path
+    from .formats.convert import convert
+    from .formats.default_model import default_gguf_path
 
     src = opts.src
     if src == "default":  # a folder named so is "./default"
@@ -96,8 +96,8 @@ def quantization_summary(layout: Layout) -> str:
 
 
 def cmd_inspect(opts) -> int:
+    from .formats.tokenizer import load_tokenizer
     from .loader import resolve_model
-    from .tokenizer import load_tokenizer
 
     layout = Layout.open(resolve_model(opts.model, opts.cache_dir))
     load_tokenizer(layout)  # parses, with its chat template

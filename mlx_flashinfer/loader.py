@@ -8,14 +8,14 @@ import sys
 from pathlib import Path
 
 from .backends import get_backend
-from .layout import Layout
+from .formats.layout import Layout
+from .formats.model_cache import cached_layout, is_embedded
+from .formats.staging import lock_path, locked
+from .formats.tokenizer import load_tokenizer
 from .memory import MemoryPlan, layer_demand, plan_memory
 from .model import DenseFFN, Model, kv_cache_bytes, prepare_weights
-from .models import cached_layout, is_embedded
 from .nonfinite import check_weights
 from .predictors import make_predictor, predictor_nbytes, trained_kind
-from .staging import lock_path, locked
-from .tokenizer import load_tokenizer
 
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_BUDGET = "50%"

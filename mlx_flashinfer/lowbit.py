@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
+from .formats.quantize import Quantized, quantize, row_bytes, row_norms, rows_float32
 from .model import silu_magnitude
 from .nonfinite import check_weights
-from .quantize import Quantized, quantize, row_bytes, row_norms, rows_float32
 
 BITS = 4
 GROUP_SIZES = (64, 32)  # the first dividing d_model

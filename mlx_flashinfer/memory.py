@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 
 from .flash_reader import staging_size
-from .layout import Layout
-from .safetensors_stream import read_header
+from .formats.layout import Layout
+from .formats.safetensors_stream import read_header
 from .window import SLOT_BYTES, LayerWindow
 
 _UNITS = {

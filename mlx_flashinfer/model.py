@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .args import ModelArgs
-from .quantize import Quantized, dequantize
-from .safetensors_stream import decode
+from .formats.args import ModelArgs
+from .formats.quantize import Quantized, dequantize
+from .formats.safetensors_stream import decode
 
 PREFILL_CHUNK = (
     512  # long prompts run in chunks: attention scores stay (chunk x context)

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .args import ModelArgs
-from .layout import Layout
+from .formats.args import ModelArgs
+from .formats.layout import Layout
+from .formats.safetensors_stream import STORAGE, read_header
 from .lowbit import GROUP_SIZES
 from .model import silu_magnitude
 from .nonfinite import check_weights
-from .safetensors_stream import STORAGE, read_header
 
 PREDICTORS = ("lowrank", "lowbit", "gate", "oracle", "all")
 TRAINED = ("lowrank", "lowbit")  # kinds train-predictor stores

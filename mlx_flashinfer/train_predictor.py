@@ -40,7 +40,9 @@ from .calibrate import (
     check_calibration_budget,
     split_sequences,
 )
-from .layout import Layout
+from .formats.layout import Layout
+from .formats.safetensors_stream import STORAGE, StreamingWriter
+from .formats.tokenizer import load_tokenizer
 from .lowbit import LowBitPredictor
 from .lowrank import (
     LowRankPredictor,
@@ -51,9 +53,7 @@ from .lowrank import (
     train_layer,
 )
 from .predictors import TRAINED, activation_mask, default_kind, silu_magnitude
-from .safetensors_stream import STORAGE, StreamingWriter
 from .texts import CALIBRATION_FILE, calibration_text
-from .tokenizer import load_tokenizer
 
 DEFAULT_RECALL = 0.99
 # Calibration costs tokens x (forward + epochs x training step); training is the

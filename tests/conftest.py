@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mlx_flashinfer import convert
-from mlx_flashinfer.default_model import default_gguf_path
-from mlx_flashinfer.models import CACHE_ENV
+from mlx_flashinfer.formats.default_model import default_gguf_path
+from mlx_flashinfer.formats.model_cache import CACHE_ENV
 
 _SESSION_DIRS: list[str] = []
 

@@ -16,15 +16,15 @@ import mlx_flashinfer.chat as chat_module
 from mlx_flashinfer import convert, load
 from mlx_flashinfer.chat import HELP, Chat
 from mlx_flashinfer.cli import main
+from mlx_flashinfer.formats.model_cache import CACHE_ENV, cache_root
 from mlx_flashinfer.generate import GenerationResponse
 from mlx_flashinfer.loader import resolve_model
-from mlx_flashinfer.models import CACHE_ENV, cache_root
 from mlx_flashinfer.perplexity import perplexity
 from mlx_flashinfer.texts import verify_text
 from mlx_flashinfer.train_predictor import train_predictor
 
 # the package exports the function `convert`, which hides the module of that name
-convert_module = importlib.import_module("mlx_flashinfer.convert")
+convert_module = importlib.import_module("mlx_flashinfer.formats.convert")
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 

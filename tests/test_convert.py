@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from tiny_models import random_weights, tiny_config, write_gguf, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert
-from mlx_flashinfer.args import ModelArgs
 from mlx_flashinfer.cli import main
-from mlx_flashinfer.safetensors_stream import decode, decode_into, encode
+from mlx_flashinfer.formats.args import ModelArgs
+from mlx_flashinfer.formats.safetensors_stream import decode, decode_into, encode
 
 Q = gguf.GGMLQuantizationType
 
@@ -316,7 +316,7 @@ def test_bad_sources_give_clear_errors(tmp_path):
 def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
     config = tiny_config("llama")
     src = write_hf_checkpoint(tmp_path / "s", config, random_weights(config))
-    from mlx_flashinfer import checkpoints
+    from mlx_flashinfer.formats import checkpoints
 
     original, calls = checkpoints.HFCheckpoint.tensor, []
 

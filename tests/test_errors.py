@@ -17,15 +17,16 @@ import numpy as np
 import pytest
 from tiny_models import random_weights, tiny_config, write_gguf, write_hf_checkpoint
 
-from mlx_flashinfer import Layout, convert, generate, load, staging
+from mlx_flashinfer import Layout, convert, generate, load
 from mlx_flashinfer.cli import main
+from mlx_flashinfer.formats import staging
+from mlx_flashinfer.formats.layout import MANIFEST, write_manifest
+from mlx_flashinfer.formats.safetensors_stream import read_header
 from mlx_flashinfer.generate import context_full, stream_generate
-from mlx_flashinfer.layout import MANIFEST, write_manifest
 from mlx_flashinfer.nonfinite import NonFiniteError
-from mlx_flashinfer.safetensors_stream import read_header
 
 # the package exports the function `convert`, which hides the module of that name
-convert_module = importlib.import_module("mlx_flashinfer.convert")
+convert_module = importlib.import_module("mlx_flashinfer.formats.convert")
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 
 
@@ -491,7 +492,8 @@ def test_default_is_the_embedded_model_even_beside_a_folder_so_named(
     sources, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setattr(
-        "mlx_flashinfer.default_model.default_gguf_path", lambda: sources["gguf"]
+        "mlx_flashinfer.formats.default_model.default_gguf_path",
+        lambda: sources["gguf"],
     )
     monkeypatch.chdir(tmp_path)
     (tmp_path / "default").mkdir()

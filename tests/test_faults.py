@@ -32,7 +32,7 @@ from tiny_models import (
 )
 
 from mlx_flashinfer import Layout, convert
-from mlx_flashinfer.layout import MANIFEST
+from mlx_flashinfer.formats.layout import MANIFEST
 
 SEED = int(os.environ.get("FAULTS_SEED", time.time_ns() % 100_000))
 KILLS = 3  # per operation: each costs two subprocesses
@@ -201,7 +201,7 @@ def test_a_killed_first_use_leaves_the_cache_usable(medium, rng, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_convert_of_the_default_model(rng, tmp_path):
-    from mlx_flashinfer.default_model import default_gguf_path
+    from mlx_flashinfer.formats.default_model import default_gguf_path
 
     try:
         gguf = default_gguf_path()

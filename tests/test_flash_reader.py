@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mlx_flashinfer.flash_reader import FlashReader, open_uncached
-from mlx_flashinfer.layout import LayerExtent, align_up
+from mlx_flashinfer.formats.layout import LayerExtent, align_up
 
 
 def write_ffn(path: Path, neurons: list[int], bundle_bytes: int, seed: int = 0):

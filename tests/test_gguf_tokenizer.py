@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from mlx_flashinfer.gguf_tokenizer import tokenizer_json_from_gguf
+from mlx_flashinfer.formats.gguf_tokenizer import tokenizer_json_from_gguf
 
 DATA_DIR = Path(__file__).parents[1] / ".." / "shared" / "data"
 ALICE = DATA_DIR / "alice_in_wonderland.txt"

@@ -12,7 +12,7 @@ from tiny_models import random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert
 from mlx_flashinfer.cli import main
-from mlx_flashinfer.layout import MANIFEST
+from mlx_flashinfer.formats.layout import MANIFEST
 
 
 @pytest.fixture(scope="module")

@@ -17,10 +17,10 @@ from tiny_models import (
 import fallback_numpy.backend as numpy_backend
 from mlx_flashinfer import Layout, convert, load, lowbit
 from mlx_flashinfer.cli import main
+from mlx_flashinfer.formats.model_cache import CACHE_ENV
+from mlx_flashinfer.formats.quantize import dequantize, rows_float32
 from mlx_flashinfer.loader import resolve_model
-from mlx_flashinfer.models import CACHE_ENV
 from mlx_flashinfer.predictors import predictor_nbytes
-from mlx_flashinfer.quantize import dequantize, rows_float32
 from mlx_flashinfer.train_predictor import train_predictor
 
 BACKENDS = ["numpy", "mlx"] if has_mlx() else ["numpy"]
@@ -255,7 +255,9 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
         "llama", "silu", hidden_size=64, intermediate_size=96, vocab_size=300
     )
     gguf = write_gguf(tmp_path / "tiny.gguf", config, random_weights(config))
-    monkeypatch.setattr("mlx_flashinfer.default_model.default_gguf_path", lambda: gguf)
+    monkeypatch.setattr(
+        "mlx_flashinfer.formats.default_model.default_gguf_path", lambda: gguf
+    )
     layout = Layout.open(resolve_model(None, tmp_path / "cache", progress=False))
     assert layout.manifest["predictor"]["kind"] == "lowbit"
     assert layout.manifest["predictor"]["recall_target"] == 0.99
@@ -285,7 +287,9 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
     cut = Layout.open(next((tmp_path / "cut").glob("*/manifest.json")).parent)
     assert cut.manifest["predictor"] is None
     monkeypatch.undo()
-    monkeypatch.setattr("mlx_flashinfer.default_model.default_gguf_path", lambda: gguf)
+    monkeypatch.setattr(
+        "mlx_flashinfer.formats.default_model.default_gguf_path", lambda: gguf
+    )
     layout = Layout.open(resolve_model(None, tmp_path / "cut", progress=False))
     assert layout.manifest["predictor"]["kind"] == "lowbit"
     # a layout or a checkpoint the user names is converted as it is, no predictor

@@ -205,7 +205,7 @@ def test_default_model_at_16_bits_matches_its_float32_reference(
     NumPy meets it (1e-4 measured); MLX rounds every 16-bit product's output to
     16 bits, the logits too (half a unit in the last place is 0.016 at this model's
     logits of 16-38), and reaches 0.077 (mean 0.011): held to 4 eps max|logit|."""
-    from mlx_flashinfer.tokenizer import Tokenizer
+    from mlx_flashinfer.formats.tokenizer import Tokenizer
 
     layout = Layout.open(default_layout)
     tokenizer = Tokenizer(layout.path, layout.manifest["tokenizer"])

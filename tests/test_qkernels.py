@@ -23,7 +23,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from fallback_numpy import _qkernels_jit, backend, kernels
-from mlx_flashinfer.quantize import Quantized, dequantize, quantize, unpack
+from mlx_flashinfer.formats.quantize import Quantized, dequantize, quantize, unpack
 
 EPS32 = float(np.finfo(np.float32).eps)
 TINY32 = 2.0**-149

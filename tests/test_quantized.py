@@ -19,9 +19,7 @@ from tiny_models import (
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.backends import get_backend
 from mlx_flashinfer.cli import main
-from mlx_flashinfer.memory import SLOT_BYTES, model_bytes, plan_floor
-from mlx_flashinfer.predictors import predictor_nbytes
-from mlx_flashinfer.quantize import (
+from mlx_flashinfer.formats.quantize import (
     GGUF_TYPES,
     Quantized,
     dequantize,
@@ -30,6 +28,8 @@ from mlx_flashinfer.quantize import (
     quantize,
     unpack,
 )
+from mlx_flashinfer.memory import SLOT_BYTES, model_bytes, plan_floor
+from mlx_flashinfer.predictors import predictor_nbytes
 
 BACKENDS = ["numpy"] + (["mlx"] if has_mlx() else [])
 _LAYOUTS: dict = {}
@@ -316,7 +316,7 @@ def test_version_1_layouts_still_open(tmp_path):
     import json
     import shutil
 
-    from mlx_flashinfer.layout import MANIFEST, write_manifest
+    from mlx_flashinfer.formats.layout import MANIFEST, write_manifest
 
     layout = shutil.copytree(layout_of("llama", "relu", "float16"), tmp_path / "v1")
     manifest = json.loads((layout / MANIFEST).read_text())

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_flashinfer.default_model import default_gguf_path
-from mlx_flashinfer.models import CACHE_ENV, cache_name
+from mlx_flashinfer.formats.default_model import default_gguf_path
+from mlx_flashinfer.formats.model_cache import CACHE_ENV, cache_name
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -14,8 +14,8 @@ import pytest
 from tiny_models import random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert
+from mlx_flashinfer.formats.staging import clear_stale, locked, pid_alive
 from mlx_flashinfer.loader import resolve_model
-from mlx_flashinfer.staging import clear_stale, locked, pid_alive
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import sys
 import time
 
 from mlx_flashinfer.bench.synth import LLAMA_SHAPES, SHAPES, write_synthetic
-from mlx_flashinfer.layout import ARRANGEMENTS, DTYPES
+from mlx_flashinfer.formats.layout import ARRANGEMENTS, DTYPES
 
 
 def positive(text: str) -> int:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..layout import Layout
+from ..formats.layout import Layout
 from ..loader import resolve_model
 from ..memory import model_bytes
 from .configs import (

@@ -35,7 +35,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..layout import Layout
+from ..formats.layout import Layout
+from ..formats.safetensors_stream import read_header
 from ..memory import (
     SLOT_BYTES,
     MemoryPlan,
@@ -47,7 +48,6 @@ from ..memory import (
 )
 from ..model import kv_cache_bytes
 from ..predictors import predictor_nbytes, trained_kind
-from ..safetensors_stream import read_header
 from .baselines import DEFAULT_CHUNK_BYTES
 
 ABLATION_ROWS = (
@@ -162,7 +162,7 @@ def sequence_tokens(
     if text is None:
         rng = np.random.default_rng(seed)
         return rng.integers(0, layout.args.vocab_size, count).tolist()
-    from ..tokenizer import Tokenizer
+    from ..formats.tokenizer import Tokenizer
 
     ids = Tokenizer(layout.path, layout.manifest["tokenizer"]).encode(text)
     if len(ids) < count:

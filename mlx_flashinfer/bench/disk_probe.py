@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..flash_reader import FlashReader, open_uncached
-from ..layout import LayerExtent, align_up
+from ..formats.layout import LayerExtent, align_up
 
 KIB = 1024
 SIZES = tuple(4 * KIB << k for k in range(9))  # 4 KiB ... 1 MiB

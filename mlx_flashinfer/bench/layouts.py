@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..layout import FFN_FILE, MANIFEST, Layout, sha256_file, write_manifest
-from ..models import cache_root
+from ..formats.layout import FFN_FILE, MANIFEST, Layout, sha256_file, write_manifest
+from ..formats.model_cache import cache_root
 
 _KEEP = {FFN_FILE, MANIFEST}
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..convert import _check_destination, write_layout
-from ..layout import Layout
+from ..formats.convert import _check_destination, write_layout
+from ..formats.layout import Layout
 from ..lowrank import held_bytes, predictor_tensors
 from ..train_predictor import store_predictor
 from .synth_llama import LLAMA_SHAPES, SyntheticLlama

@@ -27,8 +27,8 @@ import math
 
 import numpy as np
 
-from ..args import ModelArgs
-from ..checkpoints import expected_shapes
+from ..formats.args import ModelArgs
+from ..formats.checkpoints import expected_shapes
 from .synth_opt import Structure, SyntheticOPT, calibrate_drift, simulate
 
 LLAMA_SHAPES = {

@@ -44,8 +44,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-from ..args import ModelArgs
-from ..checkpoints import expected_shapes
+from ..formats.args import ModelArgs
+from ..formats.checkpoints import expected_shapes
 
 SHAPES = {
     "opt-tiny": dict(

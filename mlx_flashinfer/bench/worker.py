@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backends import get_backend
-from ..layout import Layout
+from ..formats.layout import Layout
 from ..model import DenseFFN, Model, prepare_weights
 from ..predictors import make_predictor
 from .baselines import MmapFFN, StreamFFN
