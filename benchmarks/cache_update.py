@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from mlx_flashinfer.backends import get_backend
+from mlx_flashinfer.model.backends import get_backend
 
 
 def measure(B, capacity: int, width: int, tokens: int, rng) -> tuple[float, float]:

@@ -20,7 +20,7 @@ from mlx_flashinfer.calibrate import (
 )
 from mlx_flashinfer.formats.layout import Layout
 from mlx_flashinfer.formats.tokenizer import load_tokenizer
-from mlx_flashinfer.model import ffn_activation
+from mlx_flashinfer.model.transformer import ffn_activation
 from mlx_flashinfer.quality import sequence_nll
 from mlx_flashinfer.texts import calibration_text
 from mlx_flashinfer.train_predictor import DEFAULT_TOKENS, QUALITY_SEQUENCES

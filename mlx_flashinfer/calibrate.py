@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backends import get_backend
 from .formats.layout import Layout
 from .formats.quantize import row_norms
 from .memory import format_bytes, model_bytes, parse_budget
-from .model import (
+from .model.backends import get_backend
+from .model.transformer import (
     KVCache,
     Model,
     UncountedFFN,

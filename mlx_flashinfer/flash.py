@@ -49,7 +49,7 @@ import numpy as np
 
 from .flash_reader import FlashReader
 from .memory import MemoryPlan
-from .model import ffn_forward
+from .model.transformer import ffn_forward
 from .window import LayerWindow
 
 

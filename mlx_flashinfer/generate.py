@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .nonfinite import check_logits
+from .model.nonfinite import check_logits
 from .prompt_cache import PromptCache
 
 Sampler = Callable[[np.ndarray], int]

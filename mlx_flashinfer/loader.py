@@ -7,14 +7,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .backends import get_backend
 from .formats.layout import Layout
 from .formats.model_cache import cached_layout, is_embedded
 from .formats.staging import lock_path, locked
 from .formats.tokenizer import load_tokenizer
 from .memory import MemoryPlan, layer_demand, plan_memory
-from .model import DenseFFN, Model, kv_cache_bytes, prepare_weights
-from .nonfinite import check_weights
+from .model.backends import get_backend
+from .model.nonfinite import check_weights
+from .model.transformer import DenseFFN, Model, kv_cache_bytes, prepare_weights
 from .predictors import make_predictor, predictor_nbytes, trained_kind
 
 DEFAULT_MAX_CONTEXT = 4096

@@ -8,7 +8,7 @@ import math
 import numpy as np
 from tqdm import tqdm
 
-from .nonfinite import check_logits
+from .model.nonfinite import check_logits
 
 
 def perplexity(

@@ -24,8 +24,8 @@ from .formats.args import ModelArgs
 from .formats.layout import Layout
 from .formats.safetensors_stream import STORAGE, read_header
 from .lowbit import GROUP_SIZES
-from .model import silu_magnitude
-from .nonfinite import check_weights
+from .model.nonfinite import check_weights
+from .model.transformer import silu_magnitude
 
 PREDICTORS = ("lowrank", "lowbit", "gate", "oracle", "all")
 TRAINED = ("lowrank", "lowbit")  # kinds train-predictor stores

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import PREFILL_CHUNK, KVCache
+from .model.transformer import PREFILL_CHUNK, KVCache
 
 FORMAT = "mlx-flashinfer-prompt-cache"
 VERSION = "1"

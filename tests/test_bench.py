@@ -11,7 +11,6 @@ import pytest
 from tiny_models import random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert
-from mlx_flashinfer.backends import get_backend
 from mlx_flashinfer.bench.ablation import prepare, run_bench
 from mlx_flashinfer.bench.baselines import MmapFFN, StreamFFN
 from mlx_flashinfer.bench.cgroup import find_memory_cgroup
@@ -20,7 +19,8 @@ from mlx_flashinfer.bench.layouts import unbundled_layout
 from mlx_flashinfer.bench.report import compare, markdown
 from mlx_flashinfer.bench.runner import run_inline, run_isolated
 from mlx_flashinfer.cli import main
-from mlx_flashinfer.model import DenseFFN, Model, prepare_weights
+from mlx_flashinfer.model.backends import get_backend
+from mlx_flashinfer.model.transformer import DenseFFN, Model, prepare_weights
 
 BACKENDS = ["numpy"]
 try:

@@ -23,7 +23,7 @@ from mlx_flashinfer.formats import staging
 from mlx_flashinfer.formats.layout import MANIFEST, write_manifest
 from mlx_flashinfer.formats.safetensors_stream import read_header
 from mlx_flashinfer.generate import context_full, stream_generate
-from mlx_flashinfer.nonfinite import NonFiniteError
+from mlx_flashinfer.model.nonfinite import NonFiniteError
 
 # the package exports the function `convert`, which hides the module of that name
 convert_module = importlib.import_module("mlx_flashinfer.formats.convert")

@@ -90,7 +90,7 @@ def random_predictor_arrays(layers=2, d=24, n=40, rank=6, seed=0):
 
 @needs_mlx
 def test_numpy_and_mlx_predict_the_same_set():
-    from mlx_flashinfer import mlx_backend
+    from mlx_flashinfer.model import mlx_backend
 
     A_list, B_list = random_predictor_arrays()
     h = np.random.default_rng(1).standard_normal((7, 24)).astype(np.float32)

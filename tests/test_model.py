@@ -8,7 +8,8 @@ import pytest
 from tiny_models import has_mlx, random_weights, tiny_model_configs, write_hf_checkpoint
 
 import mlx_flashinfer
-from mlx_flashinfer import convert, load, model
+from mlx_flashinfer import convert, load
+from mlx_flashinfer.model import transformer as model
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +117,8 @@ def test_missing_mlx_gives_the_pip_command(monkeypatch, tiny_layouts):
     # None in sys.modules makes `import mlx.core` raise ImportError, as if not installed
     monkeypatch.setitem(sys.modules, "mlx", None)
     monkeypatch.setitem(sys.modules, "mlx.core", None)
-    monkeypatch.delitem(sys.modules, "mlx_flashinfer.mlx_backend", raising=False)
-    monkeypatch.delattr(mlx_flashinfer, "mlx_backend", raising=False)
+    monkeypatch.delitem(sys.modules, "mlx_flashinfer.model.mlx_backend", raising=False)
+    monkeypatch.delattr(mlx_flashinfer.model, "mlx_backend", raising=False)
     with pytest.raises(ImportError, match=r'pip install "mlx-flashinfer\[mlx\]"'):
         load(tiny_layouts["llama-relu"], backend="mlx")
 

@@ -17,7 +17,6 @@ from tiny_models import (
 )
 
 from mlx_flashinfer import Layout, convert, load
-from mlx_flashinfer.backends import get_backend
 from mlx_flashinfer.cli import main
 from mlx_flashinfer.formats.quantize import (
     GGUF_TYPES,
@@ -29,6 +28,7 @@ from mlx_flashinfer.formats.quantize import (
     unpack,
 )
 from mlx_flashinfer.memory import SLOT_BYTES, model_bytes, plan_floor
+from mlx_flashinfer.model.backends import get_backend
 from mlx_flashinfer.predictors import predictor_nbytes
 
 BACKENDS = ["numpy"] + (["mlx"] if has_mlx() else [])

@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 
 def has_mlx() -> bool:
     """Whether the MLX backend can be used here (tests skip its cases otherwise)."""
-    from mlx_flashinfer.backends import get_backend
+    from mlx_flashinfer.model.backends import get_backend
 
     try:
         get_backend("mlx")

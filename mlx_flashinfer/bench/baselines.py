@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from ..flash import TokenCounters, bundle_pieces
-from ..model import ffn_forward
+from ..model.transformer import ffn_forward
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # stored bytes computed at a time
 PROC_IO = "/proc/self/io"

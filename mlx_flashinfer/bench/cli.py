@@ -12,7 +12,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from ..backends import BACKENDS
+from ..model.backends import BACKENDS
 from ..predictors import PREDICTORS
 from .configs import ROWS
 
@@ -106,7 +106,7 @@ def cmd_compare(opts) -> int:
 
 def available_backends(names: list[str]) -> list[str]:
     """The asked backends that import here (a missing MLX is skipped with a note)."""
-    from ..backends import get_backend
+    from ..model.backends import get_backend
 
     kept = []
     for name in dict.fromkeys(names):

@@ -46,7 +46,7 @@ from ..memory import (
     plan_floor,
     plan_memory,
 )
-from ..model import kv_cache_bytes
+from ..model.transformer import kv_cache_bytes
 from ..predictors import predictor_nbytes, trained_kind
 from .baselines import DEFAULT_CHUNK_BYTES
 

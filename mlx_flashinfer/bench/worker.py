@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backends import get_backend
 from ..formats.layout import Layout
-from ..model import DenseFFN, Model, prepare_weights
+from ..model.backends import get_backend
+from ..model.transformer import DenseFFN, Model, prepare_weights
 from ..predictors import make_predictor
 from .baselines import MmapFFN, StreamFFN
 from .cgroup import evict

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats.args import ModelArgs
-from .formats.quantize import Quantized, dequantize
-from .formats.safetensors_stream import decode
+from ..formats.args import ModelArgs
+from ..formats.quantize import Quantized, dequantize
+from ..formats.safetensors_stream import decode
 
 PREFILL_CHUNK = (
     512  # long prompts run in chunks: attention scores stay (chunk x context)
@@ -194,7 +194,7 @@ class Model:
     Args:
         args: the model's shape.
         backend: a Backend API module (`fallback_numpy.backend`,
-            `mlx_flashinfer.mlx_backend`).
+            `mlx_flashinfer.model.mlx_backend`).
         weights: resident tensors by canonical name, from `prepare_weights`.
         ffn: callable (layer, h) -> FFN output, e.g. `DenseFFN`.
         max_context: tokens the KV cache may hold.

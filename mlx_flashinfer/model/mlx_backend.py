@@ -13,7 +13,7 @@ from dataclasses import replace
 import mlx.core as mx
 import numpy as np
 
-from .formats.quantize import Quantized
+from ..formats.quantize import Quantized
 
 name = "mlx"
 
