@@ -20,7 +20,7 @@ from collections import deque
 from pathlib import Path
 
 import mlx_flashinfer
-from mlx_flashinfer.flash_reader import DEFAULT_THREADS
+from mlx_flashinfer.flash.reader import DEFAULT_THREADS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from disk_probe import throughput_at  # noqa: E402

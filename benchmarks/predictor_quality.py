@@ -56,8 +56,8 @@ def score(layout, ids, opts, **flash) -> dict:
 
 def smallest_budget(layout, predictor: str) -> str:
     """The smallest budget (% of the weights as stored) that holds the predictor."""
+    from mlx_flashinfer.flash.memory import SLOT_BYTES, model_bytes, plan_floor
     from mlx_flashinfer.formats.layout import Layout
-    from mlx_flashinfer.memory import SLOT_BYTES, model_bytes, plan_floor
     from mlx_flashinfer.predictors import predictor_nbytes
 
     lay = Layout.open(layout)

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .flash.memory import format_bytes, model_bytes, parse_budget
 from .formats.layout import Layout
 from .formats.quantize import row_norms
-from .memory import format_bytes, model_bytes, parse_budget
 from .model.backends import get_backend
 from .model.transformer import (
     KVCache,

@@ -12,8 +12,8 @@ import warnings
 from collections.abc import Callable
 from typing import TextIO
 
+from .flash.memory import format_bytes
 from .generate import GenerationResponse, context_full, stream_generate
-from .memory import format_bytes
 from .prompt_cache import PromptCache, make_prompt_cache
 
 HELP = """commands:

@@ -14,8 +14,8 @@ import warnings
 from pathlib import Path
 
 from .bench.cli import add_bench_command
+from .flash.memory import format_bytes
 from .formats.layout import DTYPES, Layout
-from .memory import format_bytes
 from .model.backends import BACKENDS
 from .predictors import PREDICTORS, trained_kind
 from .sparsity_report import predictor_table, sparsity_line

@@ -7,11 +7,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .flash.memory import MemoryPlan, layer_demand, plan_memory
 from .formats.layout import Layout
 from .formats.model_cache import cached_layout, is_embedded
 from .formats.staging import lock_path, locked
 from .formats.tokenizer import load_tokenizer
-from .memory import MemoryPlan, layer_demand, plan_memory
 from .model.backends import get_backend
 from .model.nonfinite import check_weights
 from .model.transformer import DenseFFN, Model, kv_cache_bytes, prepare_weights
@@ -219,7 +219,7 @@ def load(
     if dense:
         ffn = DenseFFN(B, layout, weights)
     else:
-        from .flash import FlashFFN
+        from .flash.ffn import FlashFFN
 
         name = predictor or default_predictor(layout)
         budget = DEFAULT_BUDGET if memory_budget is None else memory_budget

@@ -5,7 +5,7 @@ Figures come from the manifest, as measured when the predictor was trained."""
 
 from __future__ import annotations
 
-from .memory import format_bytes
+from .flash.memory import format_bytes
 from .predictors import default_kind
 
 NAMES = {"lowrank": "low-rank", "lowbit": "low-bit"}

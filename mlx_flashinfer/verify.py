@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .flash.memory import format_bytes
 from .generate import generate_step
-from .memory import format_bytes
 from .perplexity import perplexity
 
 PERPLEXITY_PREFILL = 16  # tokens of the passage run as a prompt; the rest decode

@@ -11,8 +11,7 @@ from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoin
 
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.bench.synth import write_synthetic
-from mlx_flashinfer.loader import make_plan
-from mlx_flashinfer.memory import (
+from mlx_flashinfer.flash.memory import (
     SLOT_BYTES,
     io_buffer_bytes,
     layer_demand,
@@ -21,6 +20,7 @@ from mlx_flashinfer.memory import (
     plan_floor,
     share_rows,
 )
+from mlx_flashinfer.loader import make_plan
 from mlx_flashinfer.predictors import predictor_nbytes
 
 RELU_FAMILY = [("opt", "relu")] + [
@@ -205,7 +205,7 @@ def test_a_layout_shrunk_after_loading_is_a_clear_error(tmp_path):
 
 
 def test_no_o_direct_falls_back_and_says_so(monkeypatch):
-    from mlx_flashinfer import flash_reader
+    from mlx_flashinfer.flash import reader as flash_reader
 
     original = flash_reader.FlashReader.__init__
 

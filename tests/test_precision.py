@@ -12,7 +12,12 @@ from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoin
 
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.bench.synth import write_synthetic
-from mlx_flashinfer.memory import SLOT_BYTES, io_buffer_bytes, model_bytes, plan_floor
+from mlx_flashinfer.flash.memory import (
+    SLOT_BYTES,
+    io_buffer_bytes,
+    model_bytes,
+    plan_floor,
+)
 from mlx_flashinfer.model.backends import get_backend
 from mlx_flashinfer.model.transformer import DenseFFN, Model, prepare_weights
 from mlx_flashinfer.predictors import predictor_nbytes

@@ -18,6 +18,7 @@ from tiny_models import (
 
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.cli import main
+from mlx_flashinfer.flash.memory import SLOT_BYTES, model_bytes, plan_floor
 from mlx_flashinfer.formats.quantize import (
     GGUF_TYPES,
     Quantized,
@@ -27,7 +28,6 @@ from mlx_flashinfer.formats.quantize import (
     quantize,
     unpack,
 )
-from mlx_flashinfer.memory import SLOT_BYTES, model_bytes, plan_floor
 from mlx_flashinfer.model.backends import get_backend
 from mlx_flashinfer.predictors import predictor_nbytes
 

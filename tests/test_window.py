@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlx_flashinfer.window import LayerWindow
+from mlx_flashinfer.flash.window import LayerWindow
 
 
 @st.composite

@@ -13,9 +13,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..flash.memory import model_bytes
 from ..formats.layout import Layout
 from ..loader import resolve_model
-from ..memory import model_bytes
 from .configs import (
     BASE_OVERHEAD,
     TITLES,

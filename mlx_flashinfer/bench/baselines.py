@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from ..flash import TokenCounters, bundle_pieces
+from ..flash.ffn import TokenCounters, bundle_pieces
 from ..model.transformer import ffn_forward
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # stored bytes computed at a time

@@ -83,7 +83,7 @@ def load_result(path: str | Path) -> dict:
 
 def parse_limit(value: str | None) -> int | None:
     """--limit as bytes (a size, not a percentage)."""
-    from ..memory import parse_budget
+    from ..flash.memory import parse_budget
 
     if value is None:
         return None

@@ -35,9 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..formats.layout import Layout
-from ..formats.safetensors_stream import read_header
-from ..memory import (
+from ..flash.memory import (
     SLOT_BYTES,
     MemoryPlan,
     layer_demand,
@@ -46,6 +44,8 @@ from ..memory import (
     plan_floor,
     plan_memory,
 )
+from ..formats.layout import Layout
+from ..formats.safetensors_stream import read_header
 from ..model.transformer import kv_cache_bytes
 from ..predictors import predictor_nbytes, trained_kind
 from .baselines import DEFAULT_CHUNK_BYTES

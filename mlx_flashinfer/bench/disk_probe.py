@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..flash_reader import FlashReader, open_uncached
+from ..flash.reader import FlashReader, open_uncached
 from ..formats.layout import LayerExtent, align_up
 
 KIB = 1024

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..flash_reader import FlashReader
+from ..flash.reader import FlashReader
 
 
 class InMemoryReader(FlashReader):

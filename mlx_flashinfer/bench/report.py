@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..flash_reader import DEFAULT_THREADS
+from ..flash.reader import DEFAULT_THREADS
 from .disk_probe import throughput_at
 
 MB = 1e6

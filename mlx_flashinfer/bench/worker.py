@@ -90,7 +90,7 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
         ffn = StreamFFN(B, layout, weights, spec.chunk_bytes)
         info["io_source"] = ffn.io_source
     else:
-        from ..flash import FlashFFN
+        from ..flash.ffn import FlashFFN
 
         source = Layout.open(spec.predictor_layout or spec.layout)
         loaded.append(source.ffn_path)  # the gate predictor reads its rows from there

@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from .flash_reader import FlashReader
+from ..model.transformer import ffn_forward
 from .memory import MemoryPlan
-from .model.transformer import ffn_forward
+from .reader import FlashReader
 from .window import LayerWindow
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from .formats.layout import LayerExtent
+from ..formats.layout import LayerExtent
 
 # The defaults are measured on the project's dev VM (2 cores, flash-like virtio disk)
 # with `tools/disk_probe.py --reader`: random sorted ids of 3% / 10% of a layer per

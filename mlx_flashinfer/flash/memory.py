@@ -15,9 +15,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .flash_reader import staging_size
-from .formats.layout import Layout
-from .formats.safetensors_stream import read_header
+from ..formats.layout import Layout
+from ..formats.safetensors_stream import read_header
+from .reader import staging_size
 from .window import SLOT_BYTES, LayerWindow
 
 _UNITS = {
