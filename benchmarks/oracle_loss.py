@@ -13,17 +13,17 @@ import math
 
 import numpy as np
 
-from mlx_flashinfer.calibrate import (
+from mlx_flashinfer.formats.layout import Layout
+from mlx_flashinfer.formats.tokenizer import load_tokenizer
+from mlx_flashinfer.model.transformer import ffn_activation
+from mlx_flashinfer.predictors.calibrate import (
     LayerByLayer,
     calibration_sequences,
     split_sequences,
 )
-from mlx_flashinfer.formats.layout import Layout
-from mlx_flashinfer.formats.tokenizer import load_tokenizer
-from mlx_flashinfer.model.transformer import ffn_activation
-from mlx_flashinfer.quality import sequence_nll
-from mlx_flashinfer.texts import calibration_text
-from mlx_flashinfer.train_predictor import DEFAULT_TOKENS, QUALITY_SEQUENCES
+from mlx_flashinfer.predictors.quality import sequence_nll
+from mlx_flashinfer.predictors.texts import calibration_text
+from mlx_flashinfer.predictors.train import DEFAULT_TOKENS, QUALITY_SEQUENCES
 
 
 def oracle_keep(runner: LayerByLayer, args, sparsity: float):

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import mlx_flashinfer
 from mlx_flashinfer.perplexity import perplexity
-from mlx_flashinfer.texts import held_out_part
-from mlx_flashinfer.train_predictor import parse_max_loss, train_predictor
+from mlx_flashinfer.predictors.texts import held_out_part
+from mlx_flashinfer.predictors.train import parse_max_loss, train_predictor
 
 
 def score(layout, ids, opts, **flash) -> dict:
@@ -58,7 +58,7 @@ def smallest_budget(layout, predictor: str) -> str:
     """The smallest budget (% of the weights as stored) that holds the predictor."""
     from mlx_flashinfer.flash.memory import SLOT_BYTES, model_bytes, plan_floor
     from mlx_flashinfer.formats.layout import Layout
-    from mlx_flashinfer.predictors import predictor_nbytes
+    from mlx_flashinfer.predictors.kinds import predictor_nbytes
 
     lay = Layout.open(layout)
     resident, ffn = model_bytes(lay)

@@ -26,18 +26,18 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_flashinfer.calibrate import (
+from mlx_flashinfer.formats.layout import Layout
+from mlx_flashinfer.formats.quantize import rows_float32
+from mlx_flashinfer.formats.tokenizer import load_tokenizer
+from mlx_flashinfer.predictors.calibrate import (
     LayerByLayer,
     calibration_sequences,
     split_sequences,
 )
-from mlx_flashinfer.formats.layout import Layout
-from mlx_flashinfer.formats.quantize import rows_float32
-from mlx_flashinfer.formats.tokenizer import load_tokenizer
-from mlx_flashinfer.lowrank import train_layer
-from mlx_flashinfer.quality import sequence_nll
-from mlx_flashinfer.texts import calibration_text, held_out_part
-from mlx_flashinfer.train_predictor import DEFAULT_EPOCHS, contribution_mask
+from mlx_flashinfer.predictors.lowrank import train_layer
+from mlx_flashinfer.predictors.quality import sequence_nll
+from mlx_flashinfer.predictors.texts import calibration_text, held_out_part
+from mlx_flashinfer.predictors.train import DEFAULT_EPOCHS, contribution_mask
 
 
 def silu(x: np.ndarray) -> np.ndarray:

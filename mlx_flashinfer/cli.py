@@ -17,8 +17,8 @@ from .bench.cli import add_bench_command
 from .flash.memory import format_bytes
 from .formats.layout import DTYPES, Layout
 from .model.backends import BACKENDS
-from .predictors import PREDICTORS, trained_kind
-from .sparsity_report import predictor_table, sparsity_line
+from .predictors.kinds import PREDICTORS, trained_kind
+from .predictors.report import predictor_table, sparsity_line
 
 # User mistakes print one line and exit 2; anything else is a bug and keeps its
 # traceback. OSError covers the disk's refusals too: read-only, full, busy.
@@ -346,7 +346,7 @@ def cmd_serve(opts) -> int:
 def cmd_verify(opts) -> int:
     from .chat import prompt_ids, read_prompt
     from .loader import default_predictor, load, resolve_model
-    from .texts import verify_text
+    from .predictors.texts import verify_text
     from .verify import compare, perplexities, perplexity_line, report_lines
 
     if opts.perplexity_tokens < 0:
@@ -389,7 +389,7 @@ def cmd_verify(opts) -> int:
 
 def cmd_train_predictor(opts) -> int:
     from .loader import resolve_model
-    from .train_predictor import parse_max_loss, train_predictor
+    from .predictors.train import parse_max_loss, train_predictor
 
     max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
     kind = opts.kind

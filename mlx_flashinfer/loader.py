@@ -15,7 +15,7 @@ from .formats.tokenizer import load_tokenizer
 from .model.backends import get_backend
 from .model.nonfinite import check_weights
 from .model.transformer import DenseFFN, Model, kv_cache_bytes, prepare_weights
-from .predictors import make_predictor, predictor_nbytes, trained_kind
+from .predictors.kinds import make_predictor, predictor_nbytes, trained_kind
 
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_BUDGET = "50%"
@@ -73,7 +73,7 @@ def _make_default_predictor(layout: Path, progress: bool) -> None:
     interrupted before it finished makes it on the next run. A failure leaves the
     layout as converted (training stores its predictor atomically) and says how to
     retry."""
-    from .train_predictor import train_predictor
+    from .predictors.train import train_predictor
 
     if Layout.open(layout).has_predictor:
         return

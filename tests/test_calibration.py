@@ -9,14 +9,19 @@ from hypothesis import strategies as st
 from tiny_models import TOKENS, random_weights, tiny_config, write_hf_checkpoint
 
 from fallback_numpy import backend as numpy_backend
-from mlx_flashinfer import Layout, convert, load, quality, texts
-from mlx_flashinfer.calibrate import (
+from mlx_flashinfer import Layout, convert, load
+from mlx_flashinfer.predictors import quality, texts
+from mlx_flashinfer.predictors.calibrate import (
     TUNE_EVERY,
     LayerByLayer,
     calibration_sequences,
     split_sequences,
 )
-from mlx_flashinfer.lowrank import LowRankPredictor, cut_for_recall, cut_report
+from mlx_flashinfer.predictors.lowrank import (
+    LowRankPredictor,
+    cut_for_recall,
+    cut_report,
+)
 
 BOOK = DATA / "alice_in_wonderland.txt"
 

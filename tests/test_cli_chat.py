@@ -20,8 +20,8 @@ from mlx_flashinfer.formats.model_cache import CACHE_ENV, cache_root
 from mlx_flashinfer.generate import GenerationResponse
 from mlx_flashinfer.loader import resolve_model
 from mlx_flashinfer.perplexity import perplexity
-from mlx_flashinfer.texts import verify_text
-from mlx_flashinfer.train_predictor import train_predictor
+from mlx_flashinfer.predictors.texts import verify_text
+from mlx_flashinfer.predictors.train import train_predictor
 
 # the package exports the function `convert`, which hides the module of that name
 convert_module = importlib.import_module("mlx_flashinfer.formats.convert")

@@ -21,7 +21,7 @@ from mlx_flashinfer.flash.memory import (
     share_rows,
 )
 from mlx_flashinfer.loader import make_plan
-from mlx_flashinfer.predictors import predictor_nbytes
+from mlx_flashinfer.predictors.kinds import predictor_nbytes
 
 RELU_FAMILY = [("opt", "relu")] + [
     ("llama", a) for a in ("relu", "fatrelu", "relu2", "drelu")

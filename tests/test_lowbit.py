@@ -15,13 +15,14 @@ from tiny_models import (
 )
 
 import fallback_numpy.backend as numpy_backend
-from mlx_flashinfer import Layout, convert, load, lowbit
+from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.cli import main
 from mlx_flashinfer.formats.model_cache import CACHE_ENV
 from mlx_flashinfer.formats.quantize import dequantize, rows_float32
 from mlx_flashinfer.loader import resolve_model
-from mlx_flashinfer.predictors import predictor_nbytes
-from mlx_flashinfer.train_predictor import train_predictor
+from mlx_flashinfer.predictors import lowbit
+from mlx_flashinfer.predictors.kinds import predictor_nbytes
+from mlx_flashinfer.predictors.train import train_predictor
 
 BACKENDS = ["numpy", "mlx"] if has_mlx() else ["numpy"]
 
@@ -271,7 +272,7 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
     def fail(*args, **kwargs):
         raise MemoryError("out of memory")
 
-    monkeypatch.setattr("mlx_flashinfer.train_predictor.train_predictor", fail)
+    monkeypatch.setattr("mlx_flashinfer.predictors.train.train_predictor", fail)
     layout = Layout.open(resolve_model(None, tmp_path / "other", progress=False))
     assert layout.manifest["predictor"] is None
     err = capsys.readouterr().err
@@ -281,7 +282,7 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
         raise KeyboardInterrupt
 
     # a first run cut during training (Ctrl-C): the next run makes the predictor
-    monkeypatch.setattr("mlx_flashinfer.train_predictor.train_predictor", interrupted)
+    monkeypatch.setattr("mlx_flashinfer.predictors.train.train_predictor", interrupted)
     with pytest.raises(KeyboardInterrupt):
         resolve_model(None, tmp_path / "cut", progress=False)
     cut = Layout.open(next((tmp_path / "cut").glob("*/manifest.json")).parent)

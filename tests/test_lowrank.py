@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save_file
 
 from fallback_numpy import backend as numpy_backend
-from mlx_flashinfer.lowrank import (
+from mlx_flashinfer.predictors.lowrank import (
     LowRankPredictor,
     load_predictor_arrays,
     save_predictor,

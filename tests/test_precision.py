@@ -20,7 +20,7 @@ from mlx_flashinfer.flash.memory import (
 )
 from mlx_flashinfer.model.backends import get_backend
 from mlx_flashinfer.model.transformer import DenseFFN, Model, prepare_weights
-from mlx_flashinfer.predictors import predictor_nbytes
+from mlx_flashinfer.predictors.kinds import predictor_nbytes
 
 BACKENDS = ["numpy"] + (["mlx"] if has_mlx() else [])
 DTYPES = ["float16", "bfloat16", "float32"]

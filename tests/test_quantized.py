@@ -29,7 +29,7 @@ from mlx_flashinfer.formats.quantize import (
     unpack,
 )
 from mlx_flashinfer.model.backends import get_backend
-from mlx_flashinfer.predictors import predictor_nbytes
+from mlx_flashinfer.predictors.kinds import predictor_nbytes
 
 BACKENDS = ["numpy"] + (["mlx"] if has_mlx() else [])
 _LAYOUTS: dict = {}

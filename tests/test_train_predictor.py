@@ -11,10 +11,10 @@ from hypothesis import strategies as st
 from tiny_models import WORDS, has_mlx, random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert, load
-from mlx_flashinfer import train_predictor as training
 from mlx_flashinfer.cli import main
-from mlx_flashinfer.predictors import silu_magnitude
-from mlx_flashinfer.train_predictor import train_predictor
+from mlx_flashinfer.predictors import train as training
+from mlx_flashinfer.predictors.kinds import silu_magnitude
+from mlx_flashinfer.predictors.train import train_predictor
 
 
 def predictable_opt(folder: Path) -> Path:

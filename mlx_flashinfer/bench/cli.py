@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from ..model.backends import BACKENDS
-from ..predictors import PREDICTORS
+from ..predictors.kinds import PREDICTORS
 from .configs import ROWS
 
 

@@ -47,7 +47,7 @@ from ..flash.memory import (
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
 from ..model.transformer import kv_cache_bytes
-from ..predictors import predictor_nbytes, trained_kind
+from ..predictors.kinds import predictor_nbytes, trained_kind
 from .baselines import DEFAULT_CHUNK_BYTES
 
 ABLATION_ROWS = (

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from ..formats.convert import _check_destination, write_layout
 from ..formats.layout import Layout
-from ..lowrank import held_bytes, predictor_tensors
-from ..train_predictor import store_predictor
+from ..predictors.lowrank import held_bytes, predictor_tensors
+from ..predictors.train import store_predictor
 from .synth_llama import LLAMA_SHAPES, SyntheticLlama
 from .synth_opt import SHAPES, Structure, SyntheticOPT
 

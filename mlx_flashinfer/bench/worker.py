@@ -22,7 +22,7 @@ import numpy as np
 from ..formats.layout import Layout
 from ..model.backends import get_backend
 from ..model.transformer import DenseFFN, Model, prepare_weights
-from ..predictors import make_predictor
+from ..predictors.kinds import make_predictor
 from .baselines import MmapFFN, StreamFFN
 from .cgroup import evict
 from .configs import RunSpec, flash_plan

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .flash.memory import format_bytes, model_bytes, parse_budget
-from .formats.layout import Layout
-from .formats.quantize import row_norms
-from .model.backends import get_backend
-from .model.transformer import (
+from ..flash.memory import format_bytes, model_bytes, parse_budget
+from ..formats.layout import Layout
+from ..formats.quantize import row_norms
+from ..model.backends import get_backend
+from ..model.transformer import (
     KVCache,
     Model,
     UncountedFFN,

@@ -33,6 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
+from ..formats.layout import Layout
+from ..formats.safetensors_stream import STORAGE, StreamingWriter
+from ..formats.tokenizer import load_tokenizer
 from . import lowbit, quality
 from .calibrate import (
     LayerByLayer,
@@ -40,9 +43,7 @@ from .calibrate import (
     check_calibration_budget,
     split_sequences,
 )
-from .formats.layout import Layout
-from .formats.safetensors_stream import STORAGE, StreamingWriter
-from .formats.tokenizer import load_tokenizer
+from .kinds import TRAINED, activation_mask, default_kind, silu_magnitude
 from .lowbit import LowBitPredictor
 from .lowrank import (
     LowRankPredictor,
@@ -52,7 +53,6 @@ from .lowrank import (
     predictor_tensors,
     train_layer,
 )
-from .predictors import TRAINED, activation_mask, default_kind, silu_magnitude
 from .texts import CALIBRATION_FILE, calibration_text
 
 DEFAULT_RECALL = 0.99

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .formats.args import ModelArgs
-from .formats.layout import Layout
-from .formats.safetensors_stream import STORAGE, read_header
+from ..formats.args import ModelArgs
+from ..formats.layout import Layout
+from ..formats.safetensors_stream import STORAGE, read_header
+from ..model.nonfinite import check_weights
+from ..model.transformer import silu_magnitude
 from .lowbit import GROUP_SIZES
-from .model.nonfinite import check_weights
-from .model.transformer import silu_magnitude
 
 PREDICTORS = ("lowrank", "lowbit", "gate", "oracle", "all")
 TRAINED = ("lowrank", "lowbit")  # kinds train-predictor stores

@@ -5,8 +5,8 @@ Figures come from the manifest, as measured when the predictor was trained."""
 
 from __future__ import annotations
 
-from .flash.memory import format_bytes
-from .predictors import default_kind
+from ..flash.memory import format_bytes
+from .kinds import default_kind
 
 NAMES = {"lowrank": "low-rank", "lowbit": "low-bit"}
 

@@ -37,9 +37,9 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from .formats.quantize import Quantized, quantize, row_bytes, row_norms, rows_float32
-from .model.nonfinite import check_weights
-from .model.transformer import silu_magnitude
+from ..formats.quantize import Quantized, quantize, row_bytes, row_norms, rows_float32
+from ..model.nonfinite import check_weights
+from ..model.transformer import silu_magnitude
 
 BITS = 4
 GROUP_SIZES = (64, 32)  # the first dividing d_model

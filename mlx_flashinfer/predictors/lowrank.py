@@ -31,8 +31,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .formats.safetensors_stream import STORAGE, encode
-from .model.nonfinite import check_weights
+from ..formats.safetensors_stream import STORAGE, encode
+from ..model.nonfinite import check_weights
 
 TARGET_RECALL = 0.99  # Deja Vu: held-out recall to reach before stopping
 MIN_SHRINK = 0.02  # an epoch that shrinks the predicted set less made no progress
