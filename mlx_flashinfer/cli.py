@@ -318,7 +318,7 @@ def open_prompt_cache(opts, model) -> tuple:
 
 
 def cmd_serve(opts) -> int:
-    from .server import make_server
+    from .serve.server import make_server
 
     make_sampling(opts)  # the defaults' ranges, checked before the model loads
     model, tokenizer = load_model(opts)

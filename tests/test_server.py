@@ -20,7 +20,7 @@ from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoin
 from mlx_flashinfer import convert, load, stream_generate
 from mlx_flashinfer.chat import encode_chat
 from mlx_flashinfer.cli import main
-from mlx_flashinfer.server import make_server
+from mlx_flashinfer.serve.server import make_server
 
 openai = pytest.importorskip("openai")
 
@@ -501,7 +501,7 @@ def test_the_mlx_backend_serves_from_its_generation_thread(layout):
 
 
 def test_the_default_system_prompt_goes_before_chats_without_one(served):
-    from mlx_flashinfer import openai_api
+    from mlx_flashinfer.serve import openai_api
 
     model = served.server.worker.model
     defaults = SimpleNamespace(**vars(DEFAULTS) | {"system_prompt": "the queen"})

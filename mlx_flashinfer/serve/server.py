@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
+from ..chat import io_delta
+from ..generate import make_repetition_penalty, make_sampler, stream_generate
+from ..prompt_cache import make_prompt_cache
 from . import openai_api
-from .chat import io_delta
-from .generate import make_repetition_penalty, make_sampler, stream_generate
 from .openai_api import APIError, CompletionRequest
-from .prompt_cache import make_prompt_cache
 
 MAX_BODY = 16 << 20  # bytes; a longer body is refused (413)
 

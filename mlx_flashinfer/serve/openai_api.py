@@ -16,7 +16,7 @@ import math
 import uuid
 from dataclasses import dataclass
 
-from .chat import encode_chat
+from ..chat import encode_chat
 
 ROLES = ("system", "developer", "user", "assistant")
 
