@@ -12,12 +12,12 @@ import sys
 from functools import partial
 from pathlib import Path
 
+from ..bench.configs import ROWS
 from ..model.backends import BACKENDS
 from ..predictors.kinds import PREDICTORS
-from .configs import ROWS
 
 
-def add_bench_command(sub) -> None:
+def add_commands(sub) -> None:
     """Register `bench` on the `flashinfer` subparsers."""
     p = sub.add_parser(
         "bench",
@@ -70,7 +70,7 @@ def load_result(path: str | Path) -> dict:
     Raises:
         FileNotFoundError, ValueError: missing, or not a bench result.
     """
-    from .ablation import FORMAT
+    from ..bench.ablation import FORMAT
 
     try:
         data = json.loads(Path(path).read_text())
@@ -93,8 +93,8 @@ def parse_limit(value: str | None) -> int | None:
 
 
 def cmd_compare(opts) -> int:
-    from .plots import write_compare_plot
-    from .report import compare
+    from ..bench.plots import write_compare_plot
+    from ..bench.report import compare
 
     results = {name: load_result(name) for name in opts.compare}
     print(compare(results), end="")
@@ -123,12 +123,12 @@ def available_backends(names: list[str]) -> list[str]:
 def cmd_bench(opts) -> int:
     if opts.compare:
         return cmd_compare(opts)
-    from .ablation import layout_files, prepare, run_bench
-    from .cgroup import find_memory_cgroup
-    from .disk_probe import short_probe
-    from .plots import write_plots
-    from .report import markdown
-    from .runner import run_isolated
+    from ..bench.ablation import layout_files, prepare, run_bench
+    from ..bench.cgroup import find_memory_cgroup
+    from ..bench.disk_probe import short_probe
+    from ..bench.plots import write_plots
+    from ..bench.report import markdown
+    from ..bench.runner import run_isolated
 
     prepared = prepare(
         opts.model,

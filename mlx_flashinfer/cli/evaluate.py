@@ -1,0 +1,123 @@
+"""`flashinfer verify` and `flashinfer perplexity`: how flash compares to dense."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..flash.memory import format_bytes
+from ..formats.layout import Layout
+from ..predictors.report import sparsity_line
+from .options import (
+    add_generation_options,
+    add_model_options,
+    load_model,
+    lookahead_option,
+)
+
+
+def add_commands(sub) -> None:
+    """Register verify and perplexity."""
+    p = sub.add_parser("verify", help="flash against dense (flash budget: 100%%)")
+    add_generation_options(p, max_tokens=32)
+    p.add_argument(
+        "--perplexity-tokens",
+        type=int,
+        default=128,
+        help="also score this many tokens of a built-in passage with both "
+        "(0: skip; default 128)",
+    )
+    add_model_options(p)
+    p.set_defaults(run=cmd_verify)
+
+    p = sub.add_parser("perplexity", help="perplexity of a text file")
+    p.add_argument("--model", required=True, help="model spec, as for generate")
+    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument(
+        "--max-tokens", type=int, default=0, help="score only the first N tokens"
+    )
+    p.add_argument("--context", type=int, default=0, help="chunk length (default 512)")
+    p.add_argument(
+        "--prefill",
+        type=int,
+        default=0,
+        help="tokens of each chunk run as a prompt; the rest run one decode "
+        "step each, through the flash path (default: the whole chunk)",
+    )
+    add_model_options(p)
+    p.set_defaults(run=cmd_perplexity)
+
+
+def cmd_verify(opts) -> int:
+    from ..chat import prompt_ids, read_prompt
+    from ..loader import default_predictor, load, resolve_model
+    from ..predictors.texts import verify_text
+    from ..verify import compare, perplexities, perplexity_line, report_lines
+
+    if opts.perplexity_tokens < 0:
+        raise ValueError(
+            f"--perplexity-tokens must be >= 0, got {opts.perplexity_tokens}"
+        )
+    prompt = read_prompt(opts.prompt)
+    path = resolve_model(opts.model, opts.cache_dir)
+    shared = {"backend": opts.backend, "max_context": opts.max_context}
+    dense, tokenizer = load(path, dense=True, **shared)
+    budget = opts.memory_budget or "100%"  # the caches of a roomy plan: few overflows
+    flash, _ = load(
+        path,
+        memory_budget=budget,
+        window=opts.window,
+        predictor=opts.predictor,
+        threads=opts.threads,
+        predictor_threshold=opts.predictor_threshold,
+        **lookahead_option(opts),
+        **shared,
+    )
+    ids = prompt_ids(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
+    result = compare(flash, dense, ids, opts.max_tokens, tokenizer.eos_token_ids)
+    layout = Layout.open(path)
+    print(
+        f"verify: {result.steps} decode steps, flash (budget {budget}, window "
+        f"{opts.window}, predictor {opts.predictor or default_predictor(layout)}) "
+        f"against dense, {dense.backend.name} backend, greedy, teacher-forced on the "
+        "dense tokens"
+    )
+    print("\n".join(report_lines(result, tokenizer, dense.args, layout.ffn_bytes)))
+    if line := sparsity_line(flash, layout):
+        print(line)
+    if opts.perplexity_tokens:
+        passage = tokenizer.encode(verify_text())[: opts.perplexity_tokens]
+        scores = perplexities(flash, dense, passage)
+        print(perplexity_line(*scores, "a passage calibration never saw (Alice IX)"))
+    return 0
+
+
+def cmd_perplexity(opts) -> int:
+    from ..perplexity import perplexity
+
+    text = Path(opts.text).read_text(encoding="utf-8")
+    model, tokenizer = load_model(opts)
+    ids = tokenizer.encode(text)
+    if opts.max_tokens:
+        ids = ids[: opts.max_tokens]
+    context = opts.context or min(512, model.max_context)
+    started = time.perf_counter()
+    result = perplexity(
+        model, ids, context, prefill=opts.prefill, progress=sys.stderr.isatty()
+    )
+    seconds = time.perf_counter() - started
+    mode = "dense" if model.plan is None else f"flash, budget {opts.memory_budget}"
+    print(
+        f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
+        f"({result['chunks']} chunks of {context}; {model.backend.name} backend, "
+        f"{mode}) in {seconds:.1f} s ({result['tokens'] / seconds:.0f} tok/s)"
+    )
+    if model.plan is not None:
+        stats = model.io_stats()
+        print(
+            f"flash: {format_bytes(stats['bytes_read'])} read in {stats['reads']} "
+            "reads, "
+            f"hit rate {stats['hit_rate']:.1%}"
+        )
+    return 0

@@ -1,0 +1,210 @@
+"""`flashinfer convert` and `flashinfer inspect`: checkpoints into layouts, and what
+a layout holds and what a budget would plan."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from ..flash.memory import format_bytes
+from ..formats.layout import DTYPES, Layout
+from ..predictors.kinds import PREDICTORS, trained_kind
+from ..predictors.report import predictor_table
+from .options import (
+    add_cache_option,
+    lookahead_option,
+)
+
+
+def add_commands(sub) -> None:
+    """Register convert and inspect."""
+    p = sub.add_parser("convert", help="convert a Hugging Face dir or GGUF to a layout")
+    p.add_argument(
+        "src",
+        help="Hugging Face directory, .gguf file, or 'default' "
+        "(the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("dst", help="layout directory to create (new or empty)")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float16",
+        help="storage of weights: float16 (default), bfloat16, float32, or "
+        "quantized q8 / q4 (4-bit: about 3.6x smaller than float16)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=(32, 64, 128),
+        default=None,
+        help="q4/q8: values per scale and bias (default: the source's own blocks, "
+        "GGUF 32, else 64)",
+    )
+    p.add_argument(
+        "--down-bits",
+        type=int,
+        choices=(4, 8),
+        default=None,
+        help="q4/q8: bits of the FFN down columns (default 8: bundles quantize them "
+        "along d_model, where 4 bits cost the default model +7%% perplexity)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace DST if it is a layout; never a file, a directory holding "
+        "anything else, or one that is or contains SRC (the old layout goes only "
+        "once the new one is complete)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("inspect", help="describe a layout")
+    p.add_argument(
+        "model", help="layout directory (or any model spec: converted on first use)"
+    )
+    p.add_argument("--verify", action="store_true", help="check every file's sha256")
+    p.add_argument(
+        "--budget",
+        default=None,
+        help="show the memory plan for this budget (bytes, 1.5GB or 50%%)",
+    )
+    p.add_argument("--predictor", choices=PREDICTORS, default=None)
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument(
+        "--lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plan with reads ahead (a second read buffer)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the trained predictor's per-layer report",
+    )
+    add_cache_option(p)
+    p.set_defaults(run=cmd_inspect)
+
+
+def cmd_convert(opts) -> int:
+    from ..formats.convert import convert
+    from ..formats.default_model import default_gguf_path
+
+    src = opts.src
+    if src == "default":  # a folder named so is "./default"
+        src = default_gguf_path()
+    started = time.perf_counter()
+    out = convert(
+        src,
+        opts.dst,
+        dtype=opts.dtype,
+        force=opts.force,
+        progress=not opts.quiet,
+        group_size=opts.group_size,
+        down_bits=opts.down_bits,
+    )
+    print(f"converted {src} -> {out} in {time.perf_counter() - started:.1f} s")
+    if (layout := Layout.open(out)).quantization:
+        print(quantization_summary(layout))
+    return 0
+
+
+def quantization_summary(layout: Layout) -> str:
+    """One line on how a quantized layout was made from its source."""
+    q = layout.quantization
+    bits = sorted(set(q["tensors"].values()))
+    parts = "/".join(map(str, q["part_bits"]))
+    line = (
+        f"FFN bundles at {parts} bits ({', '.join(layout.bundle_parts)}), resident "
+        "matrices at "
+        f"{'/'.join(map(str, bits))} bits, groups of {q['group_size']}; "
+        f"{q['exact_from_source']} matrices taken from the source's blocks unchanged"
+    )
+    if q["requantized_from_source"]:
+        names = ", ".join(q["requantized_from_source"])
+        line += f"; rounded again (the source quantized them otherwise): {names}"
+    return line
+
+
+def cmd_inspect(opts) -> int:
+    from ..formats.tokenizer import load_tokenizer
+    from ..loader import resolve_model
+
+    layout = Layout.open(resolve_model(opts.model, opts.cache_dir))
+    load_tokenizer(layout)  # parses, with its chat template
+    args = layout.args
+    total = layout.resident_bytes + layout.ffn_bytes
+    act = args.hidden_act + ("" if args.is_relu_family else "; sparsity is approximate")
+    tok = layout.manifest.get("tokenizer") or {}
+    rows = [
+        ("path", str(layout.path)),
+        ("family", f"{args.family} ({act})"),
+        ("layers", args.num_hidden_layers),
+        ("d_model", args.hidden_size),
+        ("ffn neurons", f"{args.intermediate_size} per layer"),
+        (
+            "heads",
+            f"{args.num_attention_heads} ({args.num_key_value_heads} kv), "
+            f"head_dim {args.head_dim}",
+        ),
+        ("vocab", args.vocab_size),
+        ("dtype", layout.dtype),
+        *(
+            [("quantization", quantization_summary(layout))]
+            if layout.quantization
+            else []
+        ),
+        ("bundle", f"{layout.bundle_bytes} bytes ({', '.join(layout.bundle_parts)})"),
+        (
+            "resident",
+            f"{format_bytes(layout.resident_bytes)} "
+            f"({100 * layout.resident_bytes / total:.0f}%)",
+        ),
+        (
+            "ffn",
+            f"{format_bytes(layout.ffn_bytes)} ({100 * layout.ffn_bytes / total:.0f}%)",
+        ),
+        ("predictor", trained_kind(layout) or "none"),
+        (
+            "tokenizer",
+            f"{tok.get('file', 'none')}, chat template: "
+            f"{'yes' if tok.get('chat_template') else 'no'}",
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if opts.verify:
+        layout.verify(progress=sys.stderr.isatty())
+        print(f"{'checksums':<{width}}  ok ({len(layout.manifest['files'])} files)")
+    elif verified := layout.manifest.get("verified"):
+        print(
+            f"{'checksums':<{width}}  computed by the {verified['by']} at "
+            f"{verified['at']} (--verify checks them)"
+        )
+    if layout.has_predictor and opts.verbose:
+        print()
+        print("\n".join(predictor_table(layout.manifest["predictor"])))
+    if opts.budget:
+        from ..loader import default_predictor, make_plan
+
+        predictor = opts.predictor or default_predictor(layout)
+        plan = make_plan(
+            layout, opts.budget, predictor, opts.max_context, **lookahead_option(opts)
+        )
+        print(f"\nmemory plan for --budget {opts.budget} (predictor {predictor}):")
+        plan_rows = plan.rows(args.intermediate_size)
+        plan_width = max(len(k) for k, _ in plan_rows)
+        for key, value in plan_rows:
+            print(f"  {key:<{plan_width}}  {value}")
+        if len(set(plan.capacity)) > 1:
+            print(
+                "  cache rows per layer, sized by each layer's share of predicted "
+                "neurons (the predictor's report):"
+            )
+            if opts.verbose:
+                print("  " + " ".join(str(c) for c in plan.capacity))
+            else:
+                print("  (-v lists them)")
+    return 0

@@ -1,0 +1,163 @@
+"""Options several commands share (model, backend and budget, sampling, prompt
+cache) and what they turn into: a loaded model, a sampler."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..formats.layout import Layout
+from ..model.backends import BACKENDS
+from ..predictors.kinds import PREDICTORS
+from ..predictors.report import sparsity_line
+
+
+def make_sampling(opts) -> tuple:
+    """(sampler, logits processors) from the sampling options.
+
+    Raises:
+        ValueError: an option out of range.
+    """
+    from ..generate import make_repetition_penalty, make_sampler
+
+    for name in ("max_tokens", "repetition_context_size"):
+        if getattr(opts, name) < 1:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"{flag} must be >= 1, got {getattr(opts, name)}")
+    sampler = make_sampler(opts.temp, opts.top_p, opts.top_k, opts.min_p, opts.seed)
+    size, penalty = opts.repetition_context_size, opts.repetition_penalty
+    processors = [] if penalty is None else [make_repetition_penalty(penalty, size)]
+    return sampler, processors
+
+
+def add_generation_options(
+    p: argparse.ArgumentParser, max_tokens: int | None, prompt: bool = True
+) -> None:
+    """--model, the prompt and its length (none: no reply), named as mlx-lm
+    names them."""
+    p.add_argument(
+        "--model",
+        default=None,
+        help="layout directory, Hugging Face folder, .gguf file or 'default' "
+        "(default: the embedded SmolLM2-135M-Instruct; a folder named default: "
+        "./default)",
+    )
+    if prompt:
+        p.add_argument("-p", "--prompt", required=True, help="'-' reads stdin")
+        p.add_argument(
+            "--ignore-chat-template",
+            action="store_true",
+            help="use the raw prompt (with BOS as the model expects)",
+        )
+    if max_tokens is not None:
+        p.add_argument("-m", "--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--system-prompt", default=None)
+
+
+def add_prompt_cache_option(p: argparse.ArgumentParser, required: bool = False):
+    help = (
+        "the file to save the prompt cache in"
+        if required
+        else "start from a prompt cache saved by cache-prompt: its prompt is "
+        "prefilled already (generate: --prompt goes on from it; chat: its system "
+        "prompt)"
+    )
+    p.add_argument("--prompt-cache-file", required=required, default=None, help=help)
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temp", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no limit")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--repetition-context-size", type=int, default=20)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """Options choosing the backend and, for flash mode, the memory plan."""
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=None,
+        help="default: mlx on Apple silicon, else numpy",
+    )
+    p.add_argument(
+        "--memory-budget",
+        default=None,
+        help="run from flash within this budget: bytes, 1.5GB or 50%% "
+        "(default: dense, every weight in memory)",
+    )
+    p.add_argument(
+        "--window",
+        type=int,
+        default=4,
+        help="tokens whose neurons stay cached (flash mode; default 4)",
+    )
+    p.add_argument(
+        "--predictor",
+        choices=PREDICTORS,
+        default=None,
+        help="neuron predictor (flash mode; default: the trained one, else gate)",
+    )
+    p.add_argument(
+        "--predictor-threshold",
+        type=float,
+        default=None,
+        help="lowrank predictor's probability cut (default: as trained)",
+    )
+    p.add_argument("--threads", type=int, default=None, help="flash reader threads")
+    p.add_argument(
+        "--lookahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="flash mode: read each layer's guessed neurons while the layer before "
+        "computes (a second read buffer in the budget; the answer is the same)",
+    )
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        help="tokens the KV cache holds (default: model limit or 4096)",
+    )
+    add_cache_option(p)
+
+
+def add_cache_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where checkpoints are converted on first use "
+        "(default: $MLX_FLASHINFER_CACHE or ~/.cache/mlx-flashinfer)",
+    )
+
+
+def model_sparsity_line(opts, model) -> str | None:
+    """`sparsity_report.sparsity_line` of the model the options name."""
+    if model.plan is None:
+        return None
+    from ..loader import resolve_model
+
+    return sparsity_line(model, Layout.open(resolve_model(opts.model, opts.cache_dir)))
+
+
+def load_model(opts):
+    from ..loader import load
+
+    return load(
+        opts.model,
+        backend=opts.backend,
+        memory_budget=opts.memory_budget,
+        window=opts.window,
+        predictor=opts.predictor,
+        threads=opts.threads,
+        max_context=opts.max_context,
+        predictor_threshold=opts.predictor_threshold,
+        cache_dir=opts.cache_dir,
+        **lookahead_option(opts),
+    )
+
+
+def lookahead_option(opts) -> dict:
+    """`lookahead=` for load() when the user chose (else load's default)."""
+    return {} if opts.lookahead is None else {"lookahead": opts.lookahead}

@@ -1,0 +1,110 @@
+"""`flashinfer train-predictor`: a model's neuron predictor, calibrated on text."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..model.backends import BACKENDS
+from ..predictors.report import predictor_table
+
+
+def add_commands(sub) -> None:
+    """Register train-predictor."""
+    p = sub.add_parser("train-predictor", help="train the neuron predictor")
+    p.add_argument(
+        "model", help="layout directory, or default (the embedded model's layout)"
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        help="calibration text file (repeatable; default: chapters I-VI of Alice's "
+        "Adventures in Wonderland, shipped with the package)",
+    )
+    p.add_argument(
+        "--tokens", type=int, default=4096, help="calibration tokens (default 4096)"
+    )
+    p.add_argument(
+        "--kind",
+        choices=("lowbit", "lowrank"),
+        default=None,
+        help="lowbit: 4-bit copies of gate and up, which rank a SiLU model's neurons "
+        "well (default for SiLU models; ~19%% of a float16 FFN in DRAM); lowrank: "
+        "the paper's small trained predictor (ReLU-family models' only kind)",
+    )
+    p.add_argument(
+        "--rank", type=int, default=None, help="lowrank: rank of every layer (64)"
+    )
+    p.add_argument(
+        "--last-rank",
+        type=int,
+        default=None,
+        help="lowrank: rank of the last eighth of the layers (the most active)",
+    )
+    p.add_argument(
+        "--recall",
+        type=float,
+        default=0.99,
+        help="each layer's cut keeps this share of the neurons that matter, on "
+        "calibration text it did not train on (default 0.99)",
+    )
+    p.add_argument(
+        "--max-loss",
+        default=None,
+        metavar="PCT",
+        help="instead of --recall: choose each layer's cut so that perplexity on "
+        "calibration text rises by at most PCT percent (e.g. 3%%), skipping most "
+        "where layers tolerate it",
+    )
+    p.add_argument(
+        "--sparsity",
+        type=float,
+        default=0.5,
+        help="SiLU models: per token, the fraction of neurons counted as not "
+        "mattering (the smallest |silu(gate) x up|; default 0.5)",
+    )
+    p.add_argument("--backend", choices=BACKENDS, default=None)
+    p.add_argument(
+        "--memory-budget",
+        default=None,
+        help="refuse to start if calibration would hold more than this (bytes, "
+        "1.5GB or 50%%); it holds the resident weights, one FFN layer and the "
+        "calibration tokens' activations",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_train_predictor)
+
+
+def cmd_train_predictor(opts) -> int:
+    from ..loader import resolve_model
+    from ..predictors.train import parse_max_loss, train_predictor
+
+    max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
+    kind = opts.kind
+    if (opts.rank, opts.last_rank) != (None, None):  # a rank asks for low rank
+        if kind == "lowbit":
+            raise ValueError("--rank and --last-rank apply to --kind lowrank only")
+        kind = "lowrank"
+    texts = [Path(f).read_text(encoding="utf-8") for f in opts.text or []]
+    path = resolve_model(opts.model)  # "default": the embedded model's cached layout
+    section = train_predictor(
+        path,
+        texts=texts or None,
+        tokens=opts.tokens,
+        kind=kind,
+        rank=64 if opts.rank is None else opts.rank,
+        last_rank=opts.last_rank,
+        recall=opts.recall,
+        max_loss=max_loss,
+        silu_sparsity=opts.sparsity,
+        backend=opts.backend,
+        memory_budget=opts.memory_budget,
+        seed=opts.seed,
+        progress=sys.stderr.isatty(),
+    )
+    print("\n".join(predictor_table(section)))
+    print(
+        f"trained on {section['tokens']} tokens ({section['source']}) in "
+        f"{section['seconds']:.1f} s; stored in {Path(path) / section['file']}"
+    )
+    return 0
