@@ -55,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flashinfer", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for group in (layouts, predictor, generate, evaluate, serve, bench):
+    for group in (layouts, generate, serve, evaluate, predictor, bench):
         group.add_commands(sub)
     return parser
 
