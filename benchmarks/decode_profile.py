@@ -21,14 +21,14 @@ import mlx_flashinfer
 
 # (label, file name ending(s), function name) of the pieces reported
 PIECES = [
-    ("predictor", ("predictors.py", "lowrank.py"), "predict"),
+    ("predictor", ("predictors/kinds.py", "lowrank.py", "lowbit.py"), "predict"),
     ("window bookkeeping", "window.py", "step"),
-    ("flash reads", "flash_reader.py", "read"),
+    ("flash reads", "flash/reader.py", "read"),
     ("widening to float32", "safetensors_stream.py", "decode_into"),
     ("cache row moves", "backend.py", "move_rows"),
     ("cache row writes", "backend.py", "write_rows"),
-    ("FFN matmuls", "flash.py", "_ffn"),
-    ("flash FFN, all", "flash.py", "_decode"),
+    ("FFN matmuls", "flash/ffn.py", "_ffn"),
+    ("flash FFN, all", "flash/ffn.py", "_decode"),
 ]
 
 

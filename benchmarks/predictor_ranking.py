@@ -34,7 +34,7 @@ from mlx_flashinfer.predictors.calibrate import (
     calibration_sequences,
     split_sequences,
 )
-from mlx_flashinfer.predictors.lowrank import train_layer
+from mlx_flashinfer.predictors.lowrank_fit import train_layer
 from mlx_flashinfer.predictors.quality import sequence_nll
 from mlx_flashinfer.predictors.texts import calibration_text, held_out_part
 from mlx_flashinfer.predictors.train import DEFAULT_EPOCHS, contribution_mask

@@ -17,11 +17,8 @@ from mlx_flashinfer.predictors.calibrate import (
     calibration_sequences,
     split_sequences,
 )
-from mlx_flashinfer.predictors.lowrank import (
-    LowRankPredictor,
-    cut_for_recall,
-    cut_report,
-)
+from mlx_flashinfer.predictors.lowrank import LowRankPredictor
+from mlx_flashinfer.predictors.lowrank_fit import cut_for_recall, cut_report
 
 BOOK = DATA / "alice_in_wonderland.txt"
 

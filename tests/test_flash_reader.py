@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlx_flashinfer.flash.reader import FlashReader, open_uncached
+from mlx_flashinfer.flash.direct_io import open_uncached
+from mlx_flashinfer.flash.reader import FlashReader
 from mlx_flashinfer.formats.layout import LayerExtent, align_up
 
 

@@ -14,8 +14,8 @@ from mlx_flashinfer.predictors.lowrank import (
     LowRankPredictor,
     load_predictor_arrays,
     save_predictor,
-    train_layer,
 )
+from mlx_flashinfer.predictors.lowrank_fit import train_layer
 
 HAS_MLX = importlib.util.find_spec("mlx") is not None
 needs_mlx = pytest.mark.skipif(

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from ..flash.ffn import TokenCounters, bundle_pieces
+from ..flash.ffn import bundle_pieces
+from ..flash.stats import TokenCounters
 from ..model.transformer import ffn_forward
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # stored bytes computed at a time

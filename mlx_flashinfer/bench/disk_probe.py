@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..flash.reader import FlashReader, open_uncached
+from ..flash.direct_io import open_uncached
+from ..flash.reader import FlashReader
 from ..formats.layout import LayerExtent, align_up
 
 KIB = 1024

@@ -13,17 +13,16 @@ Backend-free: numpy and the standard library only.
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
 
 import numpy as np
 
 from ..formats.layout import LayerExtent
+from .direct_io import MAX_ALIGN, open_uncached
+from .stats import ReadStats
 
 # The defaults are measured on the project's dev VM (2 cores, flash-like virtio disk)
 # with `tools/disk_probe.py --reader`: random sorted ids of 3% / 10% of a layer per
@@ -44,13 +43,10 @@ DEFAULT_MAX_GAP = 16 * 1024
 # 1.4-1.9 GB/s with 1 MiB chunks, the disk's large-read rate; 256-512 KiB was as good
 # or up to 25% slower.
 DEFAULT_CHUNK = 1 << 20
-MODES = ("auto", "direct", "nocache", "buffered")
 # The staging buffer the disk reads into: large enough to keep every reader thread
 # busy with 1 MiB chunks (16 x 1 MiB), small beside any budget; a read needing more
 # goes in rounds.
 DEFAULT_STAGING = 16 << 20
-MAX_ALIGN = 4096  # the largest O_DIRECT alignment met (logical block size)
-_F_NOCACHE = 48  # macOS <sys/fcntl.h>; Python's fcntl module may lack the name
 
 
 def staging_size(
@@ -85,114 +81,6 @@ def _checked_ids(ids, extent: LayerExtent) -> np.ndarray:
     ):
         raise ValueError(f"ids must be sorted, unique and in [0, {extent.neurons})")
     return ids
-
-
-def open_uncached(path: str | os.PathLike, mode: str = "auto") -> tuple[int, str, int]:
-    """Open `path` read-only, bypassing the page cache as far as this system allows.
-
-    Returns (fd, mode, alignment): mode is "direct", "nocache" or "buffered", and
-    reads must start, end and land in memory on multiples of `alignment` bytes.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: an unknown mode, or an explicit mode this system cannot do.
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not one of {', '.join(MODES)}")
-    os.close(os.open(path, os.O_RDONLY))  # a missing file fails here, plainly
-    for candidate in ("direct", "nocache", "buffered"):
-        if mode in ("auto", candidate):
-            opened, reason = _OPENERS[candidate](path)
-            if opened is not None:
-                return opened[0], candidate, opened[1]
-    raise ValueError(f"{path}: mode {mode!r} is not available here ({reason})")
-
-
-def _open_direct(path) -> tuple[tuple[int, int] | None, str]:
-    if not hasattr(os, "O_DIRECT"):
-        return None, "no O_DIRECT on this platform"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError as err:
-        if err.errno != errno.EINVAL:
-            raise
-        return None, "the filesystem refuses O_DIRECT"
-    # Some filesystems accept the flag at open and fail the first read instead; the
-    # device's logical block size (512 or 4096) decides which alignment works.
-    buffer = mmap.mmap(-1, 8192)
-    for align in (512, 4096):
-        try:
-            with memoryview(buffer) as view:
-                os.preadv(fd, [view[align : 2 * align]], 0)
-            return (fd, align), ""
-        except OSError as err:
-            if err.errno != errno.EINVAL:
-                os.close(fd)
-                raise
-    os.close(fd)
-    return None, "O_DIRECT reads fail with EINVAL"
-
-
-def _open_nocache(path) -> tuple[tuple[int, int] | None, str]:
-    if sys.platform != "darwin":
-        return None, "F_NOCACHE is macOS only"
-    import fcntl
-
-    fd = os.open(path, os.O_RDONLY)
-    fcntl.fcntl(fd, getattr(fcntl, "F_NOCACHE", _F_NOCACHE), 1)
-    return (fd, 4096), ""  # page-aligned reads are the ones that skip the cache
-
-
-def _open_buffered(path) -> tuple[tuple[int, int] | None, str]:
-    return (os.open(path, os.O_RDONLY), 1), ""
-
-
-_OPENERS = {
-    "direct": _open_direct,
-    "nocache": _open_nocache,
-    "buffered": _open_buffered,
-}
-
-
-@dataclass
-class ReadTotals:
-    calls: int = 0  # read / read_range calls
-    reads: int = 0  # syscalls issued
-    bytes_read: int = 0  # what the disk delivered, with alignment and read-through gaps
-    bytes_useful: int = 0  # bundles asked for
-    seconds: float = 0.0  # wall time inside read / read_range
-
-    def add(self, reads: int, bytes_read: int, bytes_useful: int, seconds: float):
-        self.calls += 1
-        self.reads += reads
-        self.bytes_read += bytes_read
-        self.bytes_useful += bytes_useful
-        self.seconds += seconds
-
-    def as_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(ReadTotals)}
-
-
-@dataclass
-class ReadStats(ReadTotals):
-    """Running totals of a FlashReader, overall and per layer."""
-
-    per_layer: dict[int, ReadTotals] = field(default_factory=dict)
-
-    def record(self, layer: int, *counts) -> None:
-        self.add(*counts)
-        self.per_layer.setdefault(layer, ReadTotals()).add(*counts)
-
-    def snapshot(self) -> dict:
-        """The totals as a plain dict, with "per_layer": {layer: totals}."""
-        snap = self.as_dict()
-        snap["per_layer"] = {k: v.as_dict() for k, v in sorted(self.per_layer.items())}
-        return snap
-
-    def reset(self) -> None:
-        for f in fields(ReadTotals):
-            setattr(self, f.name, f.default)
-        self.per_layer.clear()
 
 
 class FlashReader:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .lowrank import cut_report
+from .lowrank_fit import cut_report
 
 GRID = np.round(np.arange(0.0, 0.91, 0.1), 2)  # sparsities a layer may take
 MAX_PASSES = 10  # model passes the bisection may take
@@ -49,7 +49,7 @@ def sequence_nll(logits: np.ndarray, ids: list[int]) -> float:
 @dataclass
 class LayerGrid:
     """One layer's options, measured on the tune tokens: for each sparsity of GRID,
-    the logit cut (None: every neuron), what it keeps (`lowrank.cut_report`:
+    the logit cut (None: every neuron), what it keeps (`lowrank_fit.cut_report`:
     recall of the target set, precision, predicted_fraction, true_fraction) and
     the residual error it leaves (see the module docstring)."""
 

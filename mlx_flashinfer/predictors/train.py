@@ -10,7 +10,7 @@ given: no model sampling) runs through the model one layer at a time
   - each token's target set: the neurons that fire (ReLU family); for SiLU models
     the neurons outside the `silu_sparsity` fraction with the smallest
     |silu(gate) x up| (`contribution_mask`);
-  - a low-rank predictor trains on 4 of every 5 sequences (`lowrank.train_layer`);
+  - a low-rank predictor trains on 4 of every 5 sequences (`lowrank_fit.train_layer`);
     a low-bit one is the layer's gate and up rows at 4 bits;
   - its cut is chosen on the 5th, the tune split it never trained on: the highest
     cut that keeps `recall` of the target set (Deja Vu and the paper aim at 0.99);
@@ -45,14 +45,8 @@ from .calibrate import (
 )
 from .kinds import TRAINED, activation_mask, default_kind, silu_magnitude
 from .lowbit import LowBitPredictor
-from .lowrank import (
-    LowRankPredictor,
-    cut_for_recall,
-    cut_report,
-    held_bytes,
-    predictor_tensors,
-    train_layer,
-)
+from .lowrank import LowRankPredictor, held_bytes, predictor_tensors
+from .lowrank_fit import cut_for_recall, cut_report, train_layer
 from .texts import CALIBRATION_FILE, calibration_text
 
 DEFAULT_RECALL = 0.99
@@ -157,7 +151,7 @@ def train_predictor(
             "1.5GB", "50%"); None: no check.
         seq_len: tokens per calibration sequence.
         epochs: most epochs per layer (training may stop earlier: see
-            `lowrank.train_layer`).
+            `lowrank_fit.train_layer`).
         seed: initialisation and shuffling.
         progress: show progress bars.
 
