@@ -1,6 +1,6 @@
 """The compiled loops behind `kernels.py`'s quantized matmuls: rows of 4- or 8-bit
 integers packed in uint32 words, with a float16 scale and bias per group
-(mlx_flashinfer/quantize.py), unpacked in registers and accumulated in float32.
+(mlx_flashinfer/formats/quantize.py), unpacked in registers and accumulated in float32.
 
 Value j of a row is field j % L of word j // L (L = 32 / bits fields per word). The
 inner loops take 16 words at a time as one <16 x i32> vector: a shift, a mask and a

@@ -6,7 +6,7 @@ float32), never widened whole: `linear` multiplies 16-bit matrices with the comp
 kernels of `fallback_numpy/kernels.py`, accumulating in float32. Activations are
 float32. A weight matrix is (out, in) as in the checkpoints and goes through `weight`
 once at load; `linear(x, w)` is x @ w.T. The MLX backend
-(`mlx_flashinfer/mlx_backend.py`) has the same names.
+(`mlx_flashinfer/model/mlx_backend.py`) has the same names.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from .predictors.kinds import make_predictor, predictor_nbytes, trained_kind
 DEFAULT_MAX_CONTEXT = 4096
 DEFAULT_BUDGET = "50%"
 DEFAULT_WINDOW = 4  # paper: k = 4-5 for OPT, 4 for Falcon, 2 for Llama 2
-# Reads ahead by default for ReLU-family models (flash.py). Measured here (AMD EPYC,
+# Reads ahead by default for ReLU-family models (flash/ffn.py). Measured here (AMD EPYC,
 # 2 cores, NumPy, 50% of the stored size, 24-32 decoded tokens, same process;
 # `python benchmarks/lookahead.py --model LAYOUT`):
 # OPT-6.7B-shaped 562-827 -> 459-536 ms per token; OPT-1.3B-shaped 229-253 ->

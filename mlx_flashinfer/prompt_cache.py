@@ -11,7 +11,7 @@ The flash windows (which neurons each layer keeps cached) live in the model, not
 here: there is one neuron cache per model. They follow the last prompt cache that
 ran; switching to another cache, or to one whose last token was interrupted, starts
 them afresh (a neuron cache is only a cache: for ReLU-family models any content
-gives the same output, see flash.py).
+gives the same output, see flash/ffn.py).
 """
 
 from __future__ import annotations

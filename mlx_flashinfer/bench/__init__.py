@@ -10,5 +10,5 @@ would run instead, each configuration in its own memory-limited process.
 - report.py    per-token metrics, markdown tables, cross-machine comparison
 - plots.py     PNGs (matplotlib optional)
 - machine.py   platform, CPU, RAM, GPU, package versions
-- cli.py       the `bench` subcommand
+The `bench` subcommand itself is `cli/bench.py`.
 """

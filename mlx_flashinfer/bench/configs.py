@@ -13,7 +13,7 @@ Rows (the paper's Tables 2 and 3), every one decoding the same teacher-forced to
 - all: the same on the bundled layout, i.e. "+bundling". The paper lists
   "+bundling" (Table 2) and "all" (Table 3) apart; here both are this one
   configuration, the full method at the budget, measured once.
-- +lookahead: "all" with reads ahead (flash.py): the next layer's guessed neurons
+- +lookahead: "all" with reads ahead (flash/ffn.py): the next layer's guessed neurons
   read while this layer computes, a second read buffer in the same budget.
 - compute-only: "all" with the FFN file copied into DRAM first, read by memcpy
   (bench/in_memory.py): the method's compute and memory management without I/O,

@@ -7,7 +7,8 @@ at the end, so readers never see half of one. The names used beside DST:
                             threads of one process never share one)
     .DST.writing-PID        the bench's unbundled copy in progress (bench/layouts.py)
     .DST.old-PID-X          the layout `--force` replaces, between its two renames
-    .DST.lock               first use's lock (models.py), held with flock
+    .DST.lock               first use's lock (model_cache.py; the default model's
+                            predictor: loader.py), held with flock
 
 Cleanups run in `finally` blocks, which kill -9 skips: a directory whose PID no
 longer runs is a leftover, and the next conversion removes it (an `.old` one whose

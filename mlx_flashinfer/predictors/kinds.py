@@ -9,7 +9,7 @@ the memory budget) and `exact` (full recall guaranteed for ReLU-family models).
   models it thresholds |silu(gate . h)| per layer at a calibrated value (CATS):
   approximate.
 - `oracle`: the true active set (tests and upper bounds).
-- `lowrank`: the trained predictor of the paper (`lowrank.py`, `train_predictor.py`).
+- `lowrank`: the trained predictor of the paper (`lowrank.py`, trained by `train.py`).
 - `lowbit`: 4-bit copies of gate and up scoring each neuron's contribution
   (`lowbit.py`): for SiLU models, where the low-rank one ranks too poorly.
 `train-predictor` stores one of the last two (the manifest's "predictor" section

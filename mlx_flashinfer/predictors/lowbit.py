@@ -24,7 +24,7 @@ per gate and up weight (groups of 64), about 19% of a float16 FFN.
 
 - `layer_rows`: one layer's stacked 4-bit gate and up rows and down column lengths;
   `predictor_bytes`: what all layers' hold.
-- `LowBitPredictor`: the predictor interface of `predictors.py`.
+- `LowBitPredictor`: the predictor interface of `kinds.py`.
 - `predictor_tensors` / `load_predictor_arrays`: its `predictor-*.safetensors` file
   (`layers.{i}.weight` uint32, `.scales`, `.biases` float16, `.down_norms` float32).
 """
