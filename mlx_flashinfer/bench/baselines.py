@@ -1,4 +1,5 @@
-"""What users run instead of flash inference, as FFNs with the interface of model/transformer.py.
+"""What users run instead of flash inference, as FFNs with the interface of
+`model/transformer.py`.
 
 - `MmapFFN`, OS paging (llama.cpp's way): ffn.bin is memory-mapped and every token
   computes each layer's whole FFN from the mapping, so the kernel pages the weights
