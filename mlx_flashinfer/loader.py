@@ -7,7 +7,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .flash.memory import MemoryPlan, layer_demand, plan_memory
+from .flash.memory import MemoryPlan, layer_demand, plan_memory, plan_streamed
 from .formats.layout import Layout
 from .formats.model_cache import cached_layout, is_embedded
 from .formats.staging import lock_path, locked
@@ -28,6 +28,7 @@ DEFAULT_WINDOW = 4  # paper: k = 4-5 for OPT, 4 for Falcon, 2 for Llama 2
 # guesses 73% right) 114-141 -> 193-215: off for SiLU models.
 DEFAULT_LOOKAHEAD = None  # None: on for the ReLU family, off otherwise
 MAX_WINDOW = 256
+PLACEMENTS = ("sparse", "streamed")
 
 
 def default_predictor(layout: Layout) -> str:
@@ -166,6 +167,7 @@ def load(
     predictor_threshold: float | None = None,
     cache_dir: str | Path | None = None,
     lookahead: bool | None = DEFAULT_LOOKAHEAD,
+    placement: str | None = None,
 ):
     """Load a model, dense (every weight in DRAM) or from flash.
 
@@ -195,6 +197,10 @@ def load(
             before computes (a second read buffer in the plan); the output is the
             same either way. Default: on for ReLU-family models, off for SiLU ones
             (measured: see DEFAULT_LOOKAHEAD).
+        placement: flash mode: "sparse" (neurons read when predicted, cached over
+            a window) or "streamed" (a share of every layer held, the rest read
+            every token ahead of compute: exact for any model, no predictor).
+            Default: sparse.
 
     Returns:
         (model, tokenizer). `model.plan` holds the memory plan in flash mode.
@@ -219,13 +225,31 @@ def load(
     if dense:
         ffn = DenseFFN(B, layout, weights)
     else:
-        from .flash.ffn import FlashFFN
-
-        name = predictor or default_predictor(layout)
         budget = DEFAULT_BUDGET if memory_budget is None else memory_budget
-        plan = make_plan(layout, budget, name, context, lookahead)
-        chosen = make_predictor(name, B, layout, weights, threshold=predictor_threshold)
-        ffn = FlashFFN(B, layout, weights, plan, chosen, window, threads)
+        placement = placement or "sparse"
+        if placement not in PLACEMENTS:
+            raise ValueError(
+                f"unknown placement {placement!r}: {' or '.join(PLACEMENTS)}"
+            )
+        if placement == "streamed":
+            from .flash.streamed import StreamedFFN
+
+            if predictor not in (None, "all"):
+                raise ValueError(
+                    "the streamed placement computes every neuron: no predictor"
+                )
+            kv_cache = kv_cache_bytes(layout.args, context)
+            plan = plan_streamed(layout, budget, kv_cache, context)
+            ffn = StreamedFFN(B, layout, weights, plan, threads)
+        else:
+            from .flash.ffn import FlashFFN
+
+            name = predictor or default_predictor(layout)
+            plan = make_plan(layout, budget, name, context, lookahead)
+            chosen = make_predictor(
+                name, B, layout, weights, threshold=predictor_threshold
+            )
+            ffn = FlashFFN(B, layout, weights, plan, chosen, window, threads)
     model = Model(layout.args, B, weights, ffn, context)
     model.plan = plan
     model.weights_id = layout.weights_id

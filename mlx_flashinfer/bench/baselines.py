@@ -28,9 +28,8 @@ import time
 
 import numpy as np
 
-from ..flash.ffn import bundle_pieces
+from ..flash.ffn import bundle_ffn, bundle_pieces
 from ..flash.stats import TokenCounters
-from ..model.transformer import ffn_forward
 
 DEFAULT_CHUNK_BYTES = 32 << 20  # stored bytes computed at a time
 PROC_IO = "/proc/self/io"
@@ -78,11 +77,7 @@ class _ChunkedFFN(TokenCounters):
         out = None
         for ids, raw in self._chunks(layer):
             pieces = bundle_pieces(B, self.layout, raw.reshape(len(ids), -1))
-            *inputs, output = self.layout.join_fields(pieces)
-            parts = [B.rows_weight(r) for r in inputs] + [B.columns_weight(output)]
-            bias = self.fc1_bias[layer]
-            bias = None if bias is None else B.take_rows(bias, ids)
-            part = ffn_forward(B, self.args, h, parts, bias)
+            part = bundle_ffn(B, self.layout, h, pieces, ids, self.fc1_bias[layer])
             out = part if out is None else out + part
             # MLX is lazy: evaluate now, or every chunk of every layer stays alive
             # until the token ends (the whole FFN copied in)

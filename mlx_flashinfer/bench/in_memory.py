@@ -18,10 +18,17 @@ class InMemoryReader(FlashReader):
         self.mode = "in memory"
         self._image = np.fromfile(path, dtype=np.uint8)
 
-    def _read_runs(self, lo, hi, pos) -> tuple[int, int]:
-        staging = np.frombuffer(self._staging, dtype=np.uint8)
+    def _read_runs(self, lo, hi, pos, buffer=None) -> tuple[int, int]:
+        staging = np.frombuffer(
+            self._staging if buffer is None else buffer, dtype=np.uint8
+        )
         got = 0
-        for a, b, p in zip(lo.tolist(), hi.tolist(), pos.tolist(), strict=True):
+        for a, b, p in zip(
+            np.asarray(lo).tolist(),
+            np.asarray(hi).tolist(),
+            np.asarray(pos).tolist(),
+            strict=True,
+        ):
             b = min(b, len(self._image))  # aligned reads may ask past the end
             staging[p : p + b - a] = self._image[a:b]
             got += b - a

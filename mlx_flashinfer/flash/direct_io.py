@@ -1,5 +1,6 @@
 """Open a file so that its reads bypass the page cache: O_DIRECT on Linux (aligned
-reads into aligned memory), F_NOCACHE on macOS, plain buffered reads elsewhere.
+reads into aligned memory), F_NOCACHE on macOS, plain buffered reads elsewhere; and
+the size of the aligned staging buffer reads land in.
 
 Bypassing the cache keeps the measured I/O the disk's and the neuron cache in DRAM
 the only cache, so the memory budget stays honest (paper section 3).
@@ -11,6 +12,8 @@ import errno
 import mmap
 import os
 import sys
+
+from ..formats.layout import LayerExtent
 
 MODES = ("auto", "direct", "nocache", "buffered")
 MAX_ALIGN = 4096  # the largest O_DIRECT alignment met (logical block size)
@@ -82,3 +85,25 @@ _OPENERS = {
     "nocache": _open_nocache,
     "buffered": _open_buffered,
 }
+
+
+# The staging buffer the disk reads into: large enough to keep every reader thread
+# busy with 1 MiB chunks (16 x 1 MiB), small beside any budget; a read needing more
+# goes in rounds.
+DEFAULT_STAGING = 16 << 20
+
+
+def staging_size(
+    layers: list[LayerExtent],
+    bundle_bytes: int,
+    largest_piece: int | None = None,
+    cap: int = DEFAULT_STAGING,
+) -> int:
+    """Bytes of a reader's staging buffer: `cap`, or a whole layer's bundles when
+    that is less (reads of sparse sets fit it too, in rounds), but at least the
+    aligned read of the largest file piece (a bundle, or in the separate
+    arrangement a part); whole pages."""
+    piece = (largest_piece or bundle_bytes) + 2 * MAX_ALIGN
+    layer = max((e.neurons for e in layers), default=1) * bundle_bytes
+    size = max(min(cap, layer + 2 * MAX_ALIGN), piece)
+    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE

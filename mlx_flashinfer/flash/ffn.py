@@ -89,6 +89,20 @@ def bundle_pieces(backend, layout, raw: np.ndarray) -> list:
     return [backend.weight_view(v) for v in layout.split_fields(raw)]
 
 
+def bundle_ffn(backend, layout, h, pieces: list, ids: np.ndarray, fc1_bias=None):
+    """FFN contribution (T, d_model) of the neurons `ids`, whose bundle pieces are
+    `pieces` (backend arrays, as `bundle_pieces` or the cache rows give them);
+    `fc1_bias`: the layer's whole fc1 bias (OPT), taken at `ids`."""
+    if len(ids) == 0:
+        return backend.zeros((h.shape[0], layout.args.hidden_size))
+    # gate/up (OPT: fc1) rows, then down (fc2) columns
+    *inputs, output = layout.join_fields(pieces)
+    weights = [backend.rows_weight(r) for r in inputs]
+    weights.append(backend.columns_weight(output))
+    bias = None if fc1_bias is None else backend.take_rows(fc1_bias, ids)
+    return ffn_forward(backend, layout.args, h, weights, bias)
+
+
 class FlashFFN(TokenCounters):
     """The FFN of every layer, streamed from the layout's ffn.bin under a memory plan.
 
@@ -425,15 +439,7 @@ class FlashFFN(TokenCounters):
 
     def _ffn(self, layer: int, h, rows: list, ids: np.ndarray):
         """FFN contribution of the neurons `ids`, whose bundle pieces are `rows`."""
-        B = self.backend
-        if len(ids) == 0:
-            return B.zeros((h.shape[0], self.args.hidden_size))
-        # gate/up (OPT: fc1) rows, then down (fc2) columns
-        *inputs, output = self.layout.join_fields(rows)
-        weights = [B.rows_weight(r) for r in inputs] + [B.columns_weight(output)]
-        bias = self.fc1_bias[layer]
-        bias = None if bias is None else B.take_rows(bias, ids)
-        return ffn_forward(B, self.args, h, weights, bias)
+        return bundle_ffn(self.backend, self.layout, h, rows, ids, self.fc1_bias[layer])
 
     def close(self) -> None:
         if self.ahead is not None:

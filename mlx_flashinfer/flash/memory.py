@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
-from .reader import staging_size
+from .direct_io import MAX_ALIGN, staging_size
 from .window import SLOT_BYTES, LayerWindow
 
 _UNITS = {
@@ -107,6 +107,25 @@ class MemoryPlan:
     dtype: str = "float16"  # what weights are held as (`held_as`): as stored
     lookahead: bool = False  # reads ahead: half of io_buffer is the prefetch buffer
     neurons: int = 0  # FFN neurons per layer (for the window's bookkeeping)
+    # "sparse": neurons read when predicted, cached over a window (flash/ffn.py);
+    # "streamed": capacity rows per layer held, the rest read every token into a
+    # ring of ring_slots spans of chunk_rows bundles (flash/streamed.py)
+    placement: str = "sparse"
+    chunk_rows: int = 0
+    ring_slots: int = 0
+
+    @property
+    def slot_bytes(self) -> int:
+        return slot_bytes(self.chunk_rows, self.row_bytes)
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.ring_slots * self.slot_bytes
+
+    @property
+    def staging_bytes(self) -> int:
+        """The reader's own staging buffer (io_buffer without the ring)."""
+        return self.io_buffer - self.ring_bytes
 
     @property
     def cache_bytes(self) -> int:
@@ -119,6 +138,8 @@ class MemoryPlan:
     @property
     def window_bytes(self) -> int:
         """The window manager's bookkeeping arrays, per layer."""
+        if self.placement == "streamed":  # no window: every row serves every token
+            return 0
         n = self.neurons
         return sum(LayerWindow.bookkeeping_bytes(n, cap) for cap in self.capacity)
 
@@ -143,26 +164,49 @@ class MemoryPlan:
         share = 100 * sum(self.capacity) / (neurons * len(self.capacity))
         low, high = min(self.capacity), max(self.capacity)
         caps = f"{low}" if low == high else f"{low}-{high}"
+        if self.placement == "streamed":
+            streamed = 100 - share
+            middle = [
+                (
+                    "FFN held",
+                    f"{format_bytes(self.cache_bytes)} ({caps} of {neurons} neurons "
+                    f"per layer, {share:.1f}% of the FFN)",
+                ),
+                (
+                    "FFN streamed",
+                    f"{streamed:.1f}% of the FFN read every token, ahead of compute",
+                ),
+                (
+                    "read buffer",
+                    f"{format_bytes(self.io_buffer)} (a ring of {self.ring_slots} "
+                    f"spans of {self.chunk_rows} neurons)",
+                ),
+            ]
+        else:
+            middle = [
+                ("predictor", format_bytes(self.predictor)),
+                (
+                    "neuron cache",
+                    f"{format_bytes(self.cache_bytes)} ({caps} of {neurons} neurons "
+                    f"per layer, {share:.1f}% of the FFN)",
+                ),
+                (
+                    "scratch",
+                    f"{format_bytes(self.scratch_bytes)} ({self.scratch_rows} rows)",
+                ),
+                (
+                    "read buffer",
+                    format_bytes(self.io_buffer)
+                    + (" (half of it for reads ahead)" if self.lookahead else ""),
+                ),
+                ("window", format_bytes(self.window_bytes)),
+            ]
         return [
             ("budget", format_bytes(self.budget)),
+            ("placement", self.placement),
             ("held as", self.dtype),
             ("resident", format_bytes(self.resident)),
-            ("predictor", format_bytes(self.predictor)),
-            (
-                "neuron cache",
-                f"{format_bytes(self.cache_bytes)} ({caps} of {neurons} neurons "
-                f"per layer, {share:.1f}% of the FFN)",
-            ),
-            (
-                "scratch",
-                f"{format_bytes(self.scratch_bytes)} ({self.scratch_rows} rows)",
-            ),
-            (
-                "read buffer",
-                format_bytes(self.io_buffer)
-                + (" (half of it for reads ahead)" if self.lookahead else ""),
-            ),
-            ("window", format_bytes(self.window_bytes)),
+            *middle,
             ("weights total", f"{format_bytes(self.weights)} (<= budget)"),
             ("KV cache", f"{format_bytes(self.kv_cache)} at {self.max_context} tokens"),
             ("total", format_bytes(self.total)),
@@ -304,4 +348,80 @@ def plan_memory(
         dtype=held_as(layout),
         lookahead=lookahead,
         neurons=neurons,
+    )
+
+
+# The streamed placement's ring: spans of about 8 MiB (the disk's large-read rate is
+# reached from 1 MiB reads over 16 threads: disk probe), 8 slots, so the reads run up
+# to 64 MiB ahead: enough to cover the compute of a layer's held rows, when the disk
+# is idle otherwise (a 7B layer computes in ~20 ms, in which ~50 MB stream).
+STREAM_CHUNK_BYTES = 8 << 20
+STREAM_SLOTS = 8
+
+
+def slot_bytes(chunk_rows: int, row_bytes: int) -> int:
+    """A ring slot: a span of `chunk_rows` bundles with the alignment around it, in
+    whole aligned blocks (so every slot starts aligned for O_DIRECT)."""
+    return -(-(chunk_rows * row_bytes + 2 * MAX_ALIGN) // MAX_ALIGN) * MAX_ALIGN
+
+
+def plan_streamed(
+    layout: Layout,
+    budget: str | int,
+    kv_cache: int,
+    max_context: int,
+    chunk_bytes: int = STREAM_CHUNK_BYTES,
+    slots: int = STREAM_SLOTS,
+) -> MemoryPlan:
+    """A streamed plan (`flash/streamed.py`): resident weights, the reader's staging
+    buffer and the ring first; the rest of the budget holds the same share of every
+    layer's neurons, and the others are streamed every token.
+
+    Raises:
+        ValueError: the budget cannot hold the resident weights, the buffers and the
+            ring; the message gives the exact shortfall.
+    """
+    resident, ffn = model_bytes(layout)
+    amount = parse_budget(budget, resident + ffn)
+    args = layout.args
+    layers, neurons, row = (
+        args.num_hidden_layers,
+        args.intermediate_size,
+        layout.bundle_bytes,
+    )
+    staging = io_buffer_bytes(layout)
+    chunk_rows = max(1, min(neurons, chunk_bytes // row))
+    # at most half a token's spans: a deeper ring reads no sooner (and a small
+    # model's would outgrow its FFN)
+    slots = max(2, min(slots, layers * -(-neurons // chunk_rows) // 2))
+    ring = slots * slot_bytes(chunk_rows, row)
+    if amount >= resident + staging + layers * neurons * row:  # the FFN fits whole
+        capacity, chunk_rows, slots, ring = [neurons] * layers, 0, 0, 0
+    else:
+        floor = resident + staging + ring
+        if amount < floor:
+            raise ValueError(
+                f"memory budget {format_bytes(amount)} is too small to stream: "
+                f"resident weights {format_bytes(resident)} + read buffer "
+                f"{format_bytes(staging)} + the ring of {slots} spans "
+                f"{format_bytes(ring)} need {format_bytes(floor)}, "
+                f"{floor - amount} bytes more"
+            )
+        held = (amount - floor) // row
+        capacity = share_rows(held, [1.0] * layers, neurons)
+    return MemoryPlan(
+        budget=amount,
+        resident=resident,
+        predictor=0,
+        row_bytes=row,
+        capacity=capacity,
+        scratch_rows=0,
+        io_buffer=staging + ring,
+        kv_cache=kv_cache,
+        max_context=max_context,
+        dtype=held_as(layout),
+        neurons=neurons,
+        placement="streamed",
+        chunk_rows=chunk_rows,
+        ring_slots=slots,
     )

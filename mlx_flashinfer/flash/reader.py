@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..formats.layout import LayerExtent
-from .direct_io import MAX_ALIGN, open_uncached
+from .direct_io import MAX_ALIGN, open_uncached, staging_size
 from .stats import ReadStats
 
 # The defaults are measured on the project's dev VM (2 cores, flash-like virtio disk)
@@ -43,26 +43,6 @@ DEFAULT_MAX_GAP = 16 * 1024
 # 1.4-1.9 GB/s with 1 MiB chunks, the disk's large-read rate; 256-512 KiB was as good
 # or up to 25% slower.
 DEFAULT_CHUNK = 1 << 20
-# The staging buffer the disk reads into: large enough to keep every reader thread
-# busy with 1 MiB chunks (16 x 1 MiB), small beside any budget; a read needing more
-# goes in rounds.
-DEFAULT_STAGING = 16 << 20
-
-
-def staging_size(
-    layers: list[LayerExtent],
-    bundle_bytes: int,
-    largest_piece: int | None = None,
-    cap: int = DEFAULT_STAGING,
-) -> int:
-    """Bytes of a reader's staging buffer: `cap`, or a whole layer's bundles when
-    that is less (reads of sparse sets fit it too, in rounds), but at least the
-    aligned read of the largest file piece (a bundle, or in the separate
-    arrangement a part); whole pages."""
-    piece = (largest_piece or bundle_bytes) + 2 * MAX_ALIGN
-    layer = max((e.neurons for e in layers), default=1) * bundle_bytes
-    size = max(min(cap, layer + 2 * MAX_ALIGN), piece)
-    return -(-size // mmap.PAGESIZE) * mmap.PAGESIZE
 
 
 def _bytes_of(rows: np.ndarray) -> np.ndarray:
@@ -187,6 +167,11 @@ class FlashReader:
         self.staging_bytes = staging_bytes
         self._out = np.empty((0, bundle_bytes), np.uint8)
 
+    @property
+    def align(self) -> int:
+        """Reads start, end and land in memory on multiples of this (O_DIRECT)."""
+        return self._align
+
     # -- public -----------------------------------------------------------------------
     def read(self, layer: int, ids: np.ndarray, into: list | None = None):
         """Bundles `ids` (sorted, unique neuron ids) of `layer`.
@@ -252,6 +237,31 @@ class FlashReader:
         if not 0 <= start <= stop <= extent.neurons:
             raise ValueError(f"range [{start}, {stop}) not in [0, {extent.neurons}]")
         return self.read(layer, np.arange(start, stop), into)
+
+    def read_span(self, layer: int, start: int, stop: int, buffer, at: int):
+        """Bundles [start, stop) of `layer` as one span of file bytes, read straight
+        into `buffer` (page-aligned memory, e.g. an mmap) from byte `at`, in chunks
+        over the threads: no staging, no copy (the streamed placement's ring).
+        Returns (offset of bundle `start` in `buffer`, syscalls, bytes read);
+        ValueError for a separate arrangement, a range outside the layer, or a span
+        not aligned or past the buffer's end."""
+        began = time.perf_counter()
+        extent = self._extent(layer)
+        if self.regions > 1:
+            raise ValueError("read_span reads bundled layouts only")
+        if not 0 <= start < stop <= extent.neurons:
+            raise ValueError(f"range [{start}, {stop}) not in [0, {extent.neurons})")
+        first = extent.offset + start * self.bundle_bytes
+        lo = self._align_down(first)
+        hi = self._align_up(extent.offset + stop * self.bundle_bytes)
+        if at % self._align or at + (hi - lo) > len(buffer):
+            raise ValueError(
+                f"span of {hi - lo} bytes at {at} does not fit a buffer of "
+                f"{len(buffer)} aligned on {self._align}"
+            )
+        reads, got = self._read_runs([lo], [hi], [at], buffer)
+        self._finish(layer, reads, got, (stop - start) * self.bundle_bytes, began)
+        return at + first - lo, reads, got
 
     def close(self) -> None:
         """Release the file and the threads (idempotent)."""
@@ -398,28 +408,37 @@ class FlashReader:
         )
         rows.view(f"u{word}")[:] = pieces[offsets // word]
 
-    def _read_runs(self, lo, hi, pos) -> tuple[int, int]:
-        """Read file bytes [lo[i], hi[i]) to staging[pos[i]:] for every run, in
-        chunks over the thread pool; returns (syscalls, bytes read)."""
+    def _read_runs(self, lo, hi, pos, buffer=None) -> tuple[int, int]:
+        """Read file bytes [lo[i], hi[i]) to buffer[pos[i]:] (default: the staging
+        buffer) for every run, in chunks over the thread pool; returns (syscalls,
+        bytes read)."""
         chunks = [
             (offset, p + offset - a, min(self.chunk_bytes, b - offset))
-            for a, b, p in zip(lo.tolist(), hi.tolist(), pos.tolist(), strict=True)
+            for a, b, p in zip(
+                np.asarray(lo).tolist(),
+                np.asarray(hi).tolist(),
+                np.asarray(pos).tolist(),
+                strict=True,
+            )
             for offset in range(a, b, self.chunk_bytes)
         ]
+        buffer = self._staging if buffer is None else buffer
         workers = min(self.threads, len(chunks))
         if workers == 1:
-            return self._read_chunks(chunks)
+            return self._read_chunks(chunks, buffer)
         # One task per worker, taking every workers-th chunk: one future per chunk
         # measured 20-30% slower here (thousands of small reads/s on two cores).
         done = self._pool.map(
-            self._read_chunks, [chunks[w::workers] for w in range(workers)]
+            self._read_chunks,
+            [chunks[w::workers] for w in range(workers)],
+            [buffer] * workers,
         )
         counts = list(done)
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
-    def _read_chunks(self, chunks) -> tuple[int, int]:
+    def _read_chunks(self, chunks, buffer) -> tuple[int, int]:
         reads = got = 0
-        with memoryview(self._staging) as view:
+        with memoryview(buffer) as view:
             for offset, at, length in chunks:
                 # Near the end of the file an aligned read may ask past it.
                 need = min(length, self._size - offset)
