@@ -1,5 +1,5 @@
 """Measure this disk's random-read throughput by read size and thread count (the
-code lives in `mlx_flashinfer.disk_probe`).
+code lives in `mlx_flashinfer/bench/disk_probe.py`).
 
     python tools/disk_probe.py /work/probe --out probe.json [--keep]
     python tools/disk_probe.py /work/probe --reader --out reader.json
