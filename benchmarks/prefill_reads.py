@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 import mlx_flashinfer
-from mlx_flashinfer.bench.machine import machine_info
+from mlx_flashinfer.plan.host import machine_info
 
 
 def main() -> None:

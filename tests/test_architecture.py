@@ -100,6 +100,7 @@ def test_folders_import_only_down_the_data_path():
         "serve",
         "bench",
         "api",
+        "plan",
         "predictors",
         "flash",
         "model",

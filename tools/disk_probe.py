@@ -1,5 +1,5 @@
 """Measure this disk's random-read throughput by read size and thread count (the
-code lives in `mlx_flashinfer/bench/disk_probe.py`).
+code lives in `mlx_flashinfer/plan/disk.py` and `bench/reader_probe.py`).
 
     python tools/disk_probe.py /work/probe --out probe.json [--keep]
     python tools/disk_probe.py /work/probe --reader --out reader.json
@@ -11,10 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mlx_flashinfer.bench.disk_probe import (  # noqa: F401  (re-exported for scripts)
+from mlx_flashinfer.bench.reader_probe import reader_bench, reader_table
+from mlx_flashinfer.plan.disk import (  # noqa: F401  (re-exported for scripts)
     probe,
-    reader_bench,
-    reader_table,
     table,
     throughput_at,
 )

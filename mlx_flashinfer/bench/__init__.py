@@ -9,6 +9,5 @@ would run instead, each configuration in its own memory-limited process.
 - ablation.py  prepare the runs, run them, the result document
 - report.py    per-token metrics, markdown tables, cross-machine comparison
 - plots.py     PNGs (matplotlib optional)
-- machine.py   platform, CPU, RAM, GPU, package versions
 The `bench` subcommand itself is `cli/bench.py`.
 """

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..flash.memory import model_bytes
 from ..formats.layout import Layout
 from ..loader import resolve_model
+from ..plan.host import machine_info, ram_bytes
 from .configs import (
     BASE_OVERHEAD,
     TITLES,
@@ -25,7 +26,6 @@ from .configs import (
     sequence_tokens,
 )
 from .layouts import check_same_model, unbundled_layout
-from .machine import machine_info, ram_bytes
 from .report import row_metrics
 from .runner import Runner
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from ..flash.reader import DEFAULT_THREADS
-from .disk_probe import throughput_at
+from ..plan.disk import throughput_at
 
 MB = 1e6
 

@@ -11,7 +11,7 @@ import signal
 import sys
 import warnings
 
-from . import bench, evaluate, generate, layouts, predictor, serve
+from . import bench, evaluate, generate, layouts, plan, predictor, serve
 
 DESCRIPTION = (
     "Run a language model larger than memory: its feed-forward neurons read from "
@@ -55,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flashinfer", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for group in (layouts, generate, serve, evaluate, predictor, bench):
+    for group in (layouts, generate, serve, evaluate, predictor, plan, bench):
         group.add_commands(sub)
     return parser
 

@@ -125,10 +125,10 @@ def cmd_bench(opts) -> int:
         return cmd_compare(opts)
     from ..bench.ablation import layout_files, prepare, run_bench
     from ..bench.cgroup import find_memory_cgroup
-    from ..bench.disk_probe import short_probe
     from ..bench.plots import write_plots
     from ..bench.report import markdown
     from ..bench.runner import run_isolated
+    from ..plan.disk import short_probe
 
     prepared = prepare(
         opts.model,

@@ -164,3 +164,33 @@ class LayerWindow:
         self.slot_of[moved] = holes
         self.used = end
         return movers, holes
+
+
+WINDOW_GRID = (0, 1, 2, 4, 8)  # window lengths the statistics are kept for
+
+
+def window_reuse(masks: np.ndarray, ks=WINDOW_GRID) -> dict:
+    """What a window of k tokens would load and hold, over a sequence of predicted
+    sets (a layer's masks (T, neurons), in token order), with room for all: the
+    model statistics of the cost model (`plan/costs.py`).
+
+    Returns:
+        {"k": [...], "loaded": [fraction of the neurons read per token], "cached":
+        [fraction held per token: the union of the last k sets, this one's
+        included]}, from token max(ks) on (a full window).
+    """
+    masks = np.asarray(masks, dtype=bool)
+    tokens, neurons = masks.shape
+    start = min(max(ks), max(tokens - 1, 0))
+    loaded, cached = [], []
+    for k in ks:
+        new, held = [], []
+        for t in range(start, tokens):
+            before = (
+                masks[max(0, t - k) : t].any(axis=0) if k else np.zeros(neurons, bool)
+            )
+            new.append(np.count_nonzero(masks[t] & ~before))
+            held.append(np.count_nonzero(masks[t] | before))
+        loaded.append(float(np.mean(new)) / neurons if new else 0.0)
+        cached.append(float(np.mean(held)) / neurons if held else 0.0)
+    return {"k": list(ks), "loaded": loaded, "cached": cached}

@@ -3,19 +3,19 @@
 Flash is only fast with large and parallel reads (the paper needs 32 KiB+ reads and
 32 threads to approach its SSD's bandwidth). This probe writes a test file, then reads
 random aligned blocks from it with the page cache bypassed, for a fixed time per
-(read size, threads) cell, and reports MB/s. The result feeds the FlashReader defaults
-and the benchmarks, which set each configuration's I/O time next to
-bytes / `throughput_at(result, read size, threads)`. With --reader it measures
-FlashReader itself instead, on ffn.bin-like files and random sparse neuron sets.
+(read size, threads) cell, and reports MB/s: the disk curve of the cost model
+(`costs.py` turns bytes and read sizes into seconds through `throughput_at`), and of
+the benchmarks, which set each configuration's I/O time next to it.
 
     python tools/disk_probe.py /work/probe --out probe.json [--keep]
-    python tools/disk_probe.py /work/probe --reader --out reader.json
 
-`flashinfer bench` runs `short_probe` when no saved probe is given.
+`flashinfer probe` keeps a short one per machine (`machine.py`); `flashinfer bench`
+runs `short_probe` when no saved probe is given.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import mmap
 import os
@@ -26,8 +26,6 @@ from pathlib import Path
 import numpy as np
 
 from ..flash.direct_io import open_uncached
-from ..flash.reader import FlashReader
-from ..formats.layout import LayerExtent, align_up
 
 KIB = 1024
 SIZES = tuple(4 * KIB << k for k in range(9))  # 4 KiB ... 1 MiB
@@ -36,10 +34,11 @@ THREADS = (1, 2, 4, 8, 16, 32)
 # (16 reader threads; one for mmap faults and layer streaming), about 10 s.
 SHORT_SIZES = tuple(4 * KIB << k for k in range(0, 9, 2))  # 4, 16, 64, 256 KiB, 1 MiB
 SHORT_THREADS = (1, 4, 16)
+# Streaming a span (the streamed placement, mmap readahead): consecutive chunks of
+# these sizes, read by this many threads at once.
+SEQUENTIAL_SIZES = (1 << 20, 4 << 20)
+SEQUENTIAL_THREADS = (1, 16)
 FILE_NAME = "disk_probe.bin"
-# (layers, neurons, bundle bytes): the default model, and an OPT-6.7B layer shape
-# (4 of its 32 layers are enough to defeat caching).
-READER_SHAPES = {"smollm2": (30, 1536, 3456), "opt-6.7b": (4, 16384, 16384)}
 
 
 def probe(
@@ -50,12 +49,15 @@ def probe(
     file_bytes: int = 2 << 30,
     keep: bool = False,
     progress: bool = True,
+    sequential: bool = True,
 ) -> dict:
     """Random-read MB/s for every (read size, threads) cell, on a test file of
-    `file_bytes` created in directory `path` (default: the current directory).
+    `file_bytes` created in directory `path` (default: the current directory), and
+    (`sequential`) the rate of a span read in consecutive chunks over threads.
 
-    Returns {"mode", "file_bytes", "seconds", "sizes", "threads", "cells"}, each cell
-    {"read_size", "threads", "reads", "bytes", "seconds", "bytes_per_s"}.
+    Returns {"mode", "file_bytes", "seconds", "sizes", "threads", "cells",
+    "sequential"}, each cell {"read_size", "threads", "reads", "bytes", "seconds",
+    "bytes_per_s"}.
     """
     from tqdm import tqdm
 
@@ -69,11 +71,20 @@ def probe(
     if mode == "buffered":
         os.close(fd)
         raise ValueError(f"{directory}: cannot bypass the page cache here; use a disk")
-    cells = []
+    cells, streams = [], []
     try:
         grid = [(s, t) for s in sizes for t in threads]
-        for size, count in tqdm(grid, desc="probe", unit="cell", disable=not progress):
-            cells.append(_cell(fd, file_bytes, size, count, seconds))
+        # a span read as FlashReader streams one: consecutive chunks over threads
+        spans = [(s, t) for s in SEQUENTIAL_SIZES for t in SEQUENTIAL_THREADS]
+        spans = spans if sequential else []
+        total = len(grid) + len(spans)
+        with tqdm(total=total, desc="probe", unit="cell", disable=not progress) as bar:
+            for size, count in grid:
+                cells.append(_cell(fd, file_bytes, size, count, seconds))
+                bar.update()
+            for size, count in spans:
+                streams.append(_cell(fd, file_bytes, size, count, seconds, True))
+                bar.update()
     finally:
         os.close(fd)
         if not keep:
@@ -85,6 +96,7 @@ def probe(
         "sizes": list(sizes),
         "threads": list(threads),
         "cells": cells,
+        "sequential": streams,
     }
 
 
@@ -99,16 +111,19 @@ def short_probe(path: str | Path | None = None, progress: bool = True) -> dict:
     )
 
 
-def throughput_at(result: dict, read_size: float, threads: int) -> float:
+def throughput_at(
+    result: dict, read_size: float, threads: int, sequential: bool = False
+) -> float:
     """Bytes/s at `read_size` and `threads` (the nearest measured thread count),
     interpolated linearly on log2(read size). Below the smallest size the rate of
-    reads per second is taken as constant; above the largest, the throughput."""
-    counts = sorted({c["threads"] for c in result["cells"]})
+    reads per second is taken as constant; above the largest, the throughput.
+    `sequential`: of a stream of consecutive reads (where the probe measured one)."""
+    cells = result.get("sequential") if sequential else None
+    cells = cells or result["cells"]
+    counts = sorted({c["threads"] for c in cells})
     nearest = min(counts, key=lambda t: abs(math.log2(t) - math.log2(max(threads, 1))))
     row = sorted(
-        (c["read_size"], c["bytes_per_s"])
-        for c in result["cells"]
-        if c["threads"] == nearest
+        (c["read_size"], c["bytes_per_s"]) for c in cells if c["threads"] == nearest
     )
     sizes = np.array([s for s, _ in row], dtype=float)
     rates = np.array([r for _, r in row], dtype=float)
@@ -128,89 +143,6 @@ def table(result: dict) -> str:
         cells = " | ".join(f"{rate[size, t] / 1e6:.0f}" for t in result["threads"])
         lines.append(f"| {size // KIB} KiB | {cells} |")
     return "\n".join(lines)
-
-
-def reader_bench(
-    path: str | Path | None = None,
-    shapes: dict[str, tuple[int, int, int]] = READER_SHAPES,
-    threads: tuple[int, ...] = (1, 4, 8, 16, 32),
-    gaps: tuple[int, ...] = (0, 16 * KIB, 64 * KIB),
-    densities: tuple[float, ...] = (0.03, 0.10),
-    seconds: float = 1.5,
-    keep: bool = False,
-    progress: bool = True,
-) -> list[dict]:
-    """FlashReader on ffn.bin-like files: per "token", every layer reads a random
-    sorted `density` fraction of its bundles, for `seconds` per configuration."""
-    from tqdm import tqdm
-
-    directory = Path(path if path is not None else ".")
-    directory.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for name, (layers, neurons, size) in shapes.items():
-        extents = [
-            LayerExtent(i * align_up(neurons * size), neurons) for i in range(layers)
-        ]
-        file = directory / f"ffn_{name}.bin"
-        nbytes = layers * align_up(neurons * size)
-        if not (file.is_file() and file.stat().st_size == nbytes):
-            _write_test_file(file, nbytes, progress)
-        grid = [(d, t, g) for d in densities for t in threads for g in gaps]
-        for density, count, gap in tqdm(grid, desc=name, disable=not progress):
-            _drop_caches()
-            rng = np.random.default_rng(0)
-            k = max(1, round(density * neurons))
-            with FlashReader(file, extents, size, count, gap) as reader:
-                stop = time.perf_counter() + seconds
-                while time.perf_counter() < stop:
-                    for layer in range(layers):
-                        ids = np.sort(rng.choice(neurons, k, replace=False))
-                        reader.read(layer, ids)
-                s = reader.stats
-                rows.append(
-                    {
-                        "shape": name,
-                        "density": density,
-                        "threads": count,
-                        "max_gap": gap,
-                        "mode": reader.mode,
-                        "useful_bytes_per_s": s.bytes_useful / s.seconds,
-                        "disk_bytes_per_s": s.bytes_read / s.seconds,
-                        "mean_read_bytes": s.bytes_read / s.reads,
-                        "amplification": s.bytes_read / s.bytes_useful,
-                        "ms_per_layer": 1e3 * s.seconds / s.calls,
-                    }
-                )
-        if not keep:
-            file.unlink()
-    return rows
-
-
-def reader_table(rows: list[dict]) -> str:
-    """reader_bench rows as a markdown table."""
-    lines = [
-        "| shape | density | threads | max_gap | useful MB/s | disk MB/s | mean read "
-        "| read/useful | ms/layer |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['shape']} | {r['density']:.0%} | {r['threads']} | "
-            f"{r['max_gap'] // KIB} KiB | {r['useful_bytes_per_s'] / 1e6:.0f} | "
-            f"{r['disk_bytes_per_s'] / 1e6:.0f} | {r['mean_read_bytes'] / KIB:.1f} KiB "
-            f"| {r['amplification']:.2f} | {r['ms_per_layer']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def _drop_caches() -> None:
-    # Only buffered reads would hit the page cache; needs root, harmless otherwise.
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-    except OSError:
-        pass
 
 
 def _write_test_file(file: Path, nbytes: int, progress: bool) -> None:
@@ -237,19 +169,35 @@ def _write_test_file(file: Path, nbytes: int, progress: bool) -> None:
         os.fsync(f.fileno())
 
 
-def _cell(fd: int, file_bytes: int, size: int, threads: int, seconds: float) -> dict:
-    """`threads` threads each read random `size`-aligned blocks for `seconds`."""
+def _cell(
+    fd: int,
+    file_bytes: int,
+    size: int,
+    threads: int,
+    seconds: float,
+    sequential: bool = False,
+) -> dict:
+    """`threads` threads each read `size`-aligned blocks for `seconds`: at random
+    offsets, or (`sequential`) the next block of one stream through the file."""
     stop = time.perf_counter() + seconds
     totals = [0] * threads
+    blocks = file_bytes // size
+    start = int(np.random.default_rng((size, threads)).integers(0, blocks))
+    stream = itertools.count(start)  # next() is atomic under the GIL
 
     def worker(i: int) -> None:
         buffer = mmap.mmap(-1, size)
         rng = np.random.default_rng((size, threads, i))  # fresh offsets every cell
-        offsets = rng.integers(0, file_bytes // size, 1 << 16) * size
+        offsets = rng.integers(0, blocks, 1 << 16) * size
         n = 0
         with memoryview(buffer) as view:
             while time.perf_counter() < stop:
-                got = os.preadv(fd, [view], int(offsets[n % len(offsets)]))
+                at = (
+                    next(stream) % blocks * size
+                    if sequential
+                    else offsets[n % len(offsets)]
+                )
+                got = os.preadv(fd, [view], int(at))
                 totals[i] += got
                 n += 1
 

@@ -1,0 +1,247 @@
+"""`flashinfer probe` and `flashinfer plan`: this machine's curves, measured once
+and kept; and the plan a budget gives a model here, with what each token will
+cost."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from ..flash.memory import format_bytes, model_bytes, parse_budget
+from ..model.backends import BACKENDS
+from .options import add_cache_option
+
+
+def add_commands(sub) -> None:
+    """Register probe and plan."""
+    p = sub.add_parser(
+        "probe",
+        help="measure this machine (disk by read size and threads, memory, compute "
+        "per dtype) for the planner, and keep the result",
+    )
+    p.add_argument(
+        "--dir",
+        default=None,
+        help="a directory on the disk that holds the models (default: the cache "
+        "folder)",
+    )
+    p.add_argument("--backend", choices=BACKENDS, default=None)
+    p.add_argument("--out", default=None, help="also write the probe to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_cache_option(p)
+    p.set_defaults(run=cmd_probe)
+
+    p = sub.add_parser(
+        "plan",
+        help="the fastest plan for a model within a budget, and its predicted cost "
+        "per token against the alternatives and OS paging",
+    )
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="layout directory, checkpoint or 'default' (default: the embedded "
+        "SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--budget", default="50%", help="bytes, 1.5GB or 50%% (default)")
+    p.add_argument(
+        "--for",
+        dest="speed",
+        default=None,
+        metavar="RATE",
+        help="instead: the smallest budget that decodes this fast, e.g. 10tok/s",
+    )
+    p.add_argument(
+        "--max-loss",
+        default=None,
+        metavar="PCT",
+        help="the perplexity loss allowed (default: the trained predictor's own "
+        "calibrated loss; 0: exact plans only)",
+    )
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--backend", choices=BACKENDS, default=None)
+    p.add_argument(
+        "--probe",
+        default=None,
+        metavar="FILE",
+        help="a saved probe (default: this machine's, measured now if missing)",
+    )
+    add_cache_option(p)
+    p.set_defaults(run=cmd_plan)
+
+
+def cmd_probe(opts) -> int:
+    from ..formats.model_cache import cache_root
+    from ..plan.host import cpu_model
+    from ..plan.machine import machine_path, probe_machine, save_machine
+
+    directory = Path(opts.dir) if opts.dir else cache_root(opts.cache_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    print(
+        f"flashinfer probe: measuring {cpu_model()} and the disk of {directory}",
+        file=sys.stderr,
+    )
+    machine = probe_machine(directory, opts.backend, progress=not opts.quiet)
+    kept = save_machine(
+        machine, machine_path(directory, machine.backend, opts.cache_dir)
+    )
+    if opts.out:
+        save_machine(machine, opts.out)
+    print("\n".join(machine_lines(machine)))
+    print(f"kept in {kept} ({machine.seconds:.0f} s)")
+    return 0
+
+
+def machine_lines(machine) -> list[str]:
+    """A probe as a few lines: the disk's rates, memory, compute per dtype."""
+    from ..plan.disk import throughput_at
+
+    disk = machine.disk
+    lines = [f"{machine.cpu}, {machine.cores} cores, {machine.backend} backend"]
+    reads = ", ".join(
+        f"{size >> 10} KiB {throughput_at(disk, size, 16) / 1e6:.0f}"
+        for size in (4 << 10, 64 << 10, 1 << 20)
+    )
+    stream = throughput_at(disk, 1 << 20, 16, sequential=True)
+    lines.append(
+        f"disk ({disk['mode']}): random reads on 16 threads, MB/s: {reads}; a stream "
+        f"of 1 MiB reads {stream / 1e6:.0f} MB/s"
+    )
+    lines.append(f"memory: {machine.memory_bytes_per_s / 1e9:.1f} GB/s (copy)")
+    gemv = ", ".join(
+        f"{kind} {rates['1'] / 1e9:.1f} / {rates['all'] / 1e9:.1f}"
+        for kind, rates in machine.gemv.items()
+    )
+    lines.append(f"decode products, GB of weights/s on 1 / all threads: {gemv}")
+    lines.append(
+        f"a layer's small operations: {1e6 * machine.layer_s:.0f} us per token"
+    )
+    return lines
+
+
+def parse_rate(value: str) -> float:
+    """'10tok/s', '10' or '0.5 tok/s' -> tokens per second.
+
+    Raises:
+        ValueError: not a positive rate.
+    """
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(tok/s|tokens/s|t/s)?\s*", value)
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"--for takes a rate like 10tok/s, got {value!r}")
+    return float(match.group(1))
+
+
+def machine_for(layout_path: Path, opts):
+    """The probe to plan with: --probe, or this machine's kept one, measured now
+    (and kept) when there is none."""
+    from ..plan.machine import (
+        cached_machine,
+        load_machine,
+        machine_path,
+        probe_machine,
+        save_machine,
+    )
+
+    if opts.probe:
+        return load_machine(opts.probe)
+    machine = cached_machine(layout_path, opts.backend, opts.cache_dir)
+    if machine is None:
+        print(
+            "flashinfer plan: this machine is not probed yet: measuring it once "
+            "(about half a minute; `flashinfer probe` again re-measures)",
+            file=sys.stderr,
+        )
+        machine = probe_machine(layout_path, opts.backend, sys.stderr.isatty())
+        kept = machine_path(layout_path, machine.backend, opts.cache_dir)
+        save_machine(machine, kept)
+    return machine
+
+
+def cmd_plan(opts) -> int:
+    from ..formats.layout import Layout
+    from ..loader import check_max_context, resolve_model
+    from ..plan.planner import budget_for, choose
+    from ..predictors.train import parse_max_loss
+
+    max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
+    if opts.max_loss is not None and opts.max_loss.strip().rstrip("%") in ("0", "0.0"):
+        max_loss = 0.0
+    speed = parse_rate(opts.speed) if opts.speed else None
+    layout = Layout.open(resolve_model(opts.model, opts.cache_dir))
+    context = check_max_context(layout, opts.max_context)
+    machine = machine_for(layout.path, opts)
+    name = opts.model or "default"
+    whole = sum(model_bytes(layout))
+    if speed is not None:
+        found = budget_for(
+            layout, speed, machine, max_loss=max_loss, max_context=context
+        )
+        if found is None:
+            print(f"{name}: {speed:g} tok/s is out of reach here, even dense")
+            return 0
+        amount, choice = found
+        print(
+            f"{name} at {speed:g} tok/s needs a budget of {format_bytes(amount)} "
+            f"({100 * amount / whole:.0f}% of the model), {machine.backend} "
+            f"backend, {machine.cpu}:"
+        )
+    else:
+        amount = parse_budget(opts.budget, whole)
+        choice = choose(layout, amount, machine, max_loss=max_loss, max_context=context)
+        print(
+            f"plan for {name} at budget {opts.budget} ({format_bytes(amount)} of "
+            f"{format_bytes(whole)}), {machine.backend} backend, {machine.cpu}:"
+        )
+    print("\n".join(choice_lines(choice)))
+    return 0
+
+
+def choice_lines(choice, alternatives: int = 3) -> list[str]:
+    """The chosen plan, the next best ones, those over the allowed loss, and OS
+    paging, each with its predicted cost."""
+
+    def loss(c) -> str:
+        return "exact" if c.loss == 0 else f"perplexity {c.loss:+.1%}"
+
+    best = choice.best
+    lines = [f"  chosen   {best.name}: {best.cost.line()}, {loss(best)}"]
+    if best.cost.bytes_read:
+        lines.append(
+            f"           reads {format_bytes(best.cost.bytes_read)} per token"
+            + (
+                f" ({1e3 * best.cost.hidden_io_s:.0f} ms of them behind compute)"
+                if best.cost.hidden_io_s
+                else ""
+            )
+        )
+    if best.cost.note:
+        lines.append(f"           {best.cost.note}")
+    seen = {best.name}
+    for c in choice.others:
+        if len(seen) > alternatives or c.name in seen:
+            continue
+        seen.add(c.name)
+        lines.append(f"  then     {c.name}: {c.cost.line()}, {loss(c)}")
+    for c in choice.refused[:1]:
+        lines.append(
+            f"  faster but over the allowed loss ({choice.allowed_loss:.1%}): "
+            f"{c.name}: {c.cost.line()}, {loss(c)}"
+        )
+    if choice.paging is not None:
+        lines.append(
+            f"  OS paging (estimate): {choice.paging.line()}, re-reading "
+            f"{format_bytes(choice.paging.bytes_read)} per token"
+        )
+    if best.placement == "dense":
+        lines.append("  run it:  without --memory-budget (every weight fits)")
+        return lines
+    flags = []
+    for key, value in best.options().items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else f"--no-{key}")
+        else:
+            flags.append(f"{flag} {value}")
+    lines.append(f"  run it:  --memory-budget B {' '.join(flags)}")
+    return lines

@@ -1,0 +1,272 @@
+"""What one decoded token costs under a plan: the paper's three terms (loading from
+flash, managing memory in DRAM, computing; section 2, Table 3), with the overlap a
+placement has, predicted from the machine's curves (`machine.py`), the layout's
+bytes and the model's statistics (the predictor's report: the share of neurons
+predicted per layer and what a window of k tokens loads and holds).
+
+- compute: a decode step reads every weight it multiplies once, so its time is those
+  bytes / the GEMV rate of their dtype (one thread while flash reads run beside it,
+  every core otherwise; the caches' rate for small working sets), plus each layer's
+  small operations.
+- I/O: bytes / the disk's rate at the read size and parallelism the reads have.
+- memory: the window's bookkeeping and the rows moved or copied in.
+
+Every prediction states where its statistics came from; a measured run shows its
+own figures beside them (`flashinfer bench`: `predicted_ms`, `measured_ms`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..flash.memory import MemoryPlan, model_bytes
+from ..flash.reader import DEFAULT_CHUNK, DEFAULT_MAX_GAP, DEFAULT_THREADS
+from ..flash.window import WINDOW_GRID
+from ..formats.layout import Layout
+from ..formats.safetensors_stream import read_header
+from .disk import throughput_at
+from .machine import CACHED_BYTES, MEMORY_BYTES, Machine
+
+# The fixed costs a token pays per layer on the sparse path beyond its products,
+# measured here (NumPy, 2 cores): the window's bookkeeping and the reader's hand-off
+# to its threads, 40-60 us and 100-150 us a layer.
+WINDOW_STEP_S = 50e-6
+READ_CALL_S = 120e-6
+# Without window statistics (a predictor trained before they were kept): a window of
+# k >= 1 tokens loads a quarter of the predicted neurons (paper: OPT 10% -> 2.4%) and
+# holds twice them; said in the prediction's note.
+PRIOR_LOADED = 0.25
+PRIOR_CACHED = 2.0
+_DTYPE_KIND = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+@dataclass
+class TokenCost:
+    """Predicted seconds of one decoded token, by the paper's three terms."""
+
+    placement: str
+    io_s: float  # waiting for reads (what compute does not hide)
+    memory_s: float
+    compute_s: float
+    bytes_read: float = 0.0  # per token
+    read_size: float = 0.0  # mean bytes a read
+    hidden_io_s: float = 0.0  # reads that run behind compute
+    note: str = ""
+
+    @property
+    def total_s(self) -> float:
+        return self.io_s + self.memory_s + self.compute_s
+
+    def line(self) -> str:
+        """ "412 ms/token (I/O 105, memory 58, compute 249)"."""
+        return (
+            f"{1e3 * self.total_s:.0f} ms/token (I/O {1e3 * self.io_s:.0f}, memory "
+            f"{1e3 * self.memory_s:.0f}, compute {1e3 * self.compute_s:.0f})"
+        )
+
+
+def resident_products(layout: Layout) -> dict[str, int]:
+    """Bytes of the resident matrices a decode step multiplies (attention, the head),
+    by stored kind ("float16", "q4", ...): not the embedding table, of which a
+    token reads one row (unless it is the head too)."""
+    header, _ = read_header(layout.resident_path)
+    quantized = (layout.quantization or {}).get("tensors") or {}
+    tied = layout.args.tie_word_embeddings
+    out: dict[str, int] = {}
+    for name, info in header.items():
+        base = name.rsplit(".", 1)[0]
+        if base in ("embed_tokens", "embed_positions") and not (
+            tied and base == "embed_tokens"
+        ):
+            continue
+        nbytes = info["data_offsets"][1] - info["data_offsets"][0]
+        if base + ".weight" in quantized:  # its packed integers, scales, biases
+            kind = f"q{quantized[base + '.weight']}"
+        elif len(info["shape"]) == 2:
+            kind = _DTYPE_KIND.get(info["dtype"], "float32")
+        else:
+            continue  # norms and biases: counted in the layers' small operations
+        out[kind] = out.get(kind, 0) + nbytes
+    return out
+
+
+def ffn_kinds(layout: Layout) -> dict[str, int]:
+    """Bytes of one neuron's bundle, by the stored kind of each part."""
+    out: dict[str, int] = {}
+    bits = layout.part_bits if layout.quantization else None
+    for p, nbytes in enumerate(layout.part_bytes):
+        kind = f"q{bits[p]}" if bits else layout.dtype
+        out[kind] = out.get(kind, 0) + nbytes
+    return out
+
+
+def gemv_rate(machine: Machine, kind: str, threads: str, working_set: float) -> float:
+    """Weight bytes/s of a decode step's products of `kind`: the caches' rate for a
+    working set up to CACHED_BYTES, memory's from MEMORY_BYTES, between them
+    interpolated in log space."""
+    rates = machine.gemv.get(kind) or machine.gemv["float16"]
+    cached = rates.get(f"{threads} cached", rates[threads])
+    low, high = math.log(CACHED_BYTES), math.log(MEMORY_BYTES)
+    w = min(1.0, max(0.0, (math.log(max(working_set, 1)) - low) / (high - low)))
+    return math.exp((1 - w) * math.log(cached) + w * math.log(rates[threads]))
+
+
+def compute_seconds(
+    machine: Machine, layout: Layout, kinds: dict[str, float], threads: str
+) -> float:
+    """A token's products over `kinds` (bytes by stored kind), plus every layer's
+    small operations."""
+    working_set = sum(kinds.values())
+    products = sum(
+        nbytes / gemv_rate(machine, kind, threads, working_set)
+        for kind, nbytes in kinds.items()
+    )
+    return products + layout.args.num_hidden_layers * machine.layer_s
+
+
+def _add(a: dict, b: dict, scale: float = 1.0) -> dict:
+    out = dict(a)
+    for kind, nbytes in b.items():
+        out[kind] = out.get(kind, 0) + scale * nbytes
+    return out
+
+
+def dense_cost(layout: Layout, machine: Machine) -> TokenCost:
+    """Every weight in DRAM: products on every core, nothing read."""
+    ffn = layout.args.num_hidden_layers * layout.args.intermediate_size
+    kinds = _add(resident_products(layout), ffn_kinds(layout), ffn)
+    compute = compute_seconds(machine, layout, kinds, "all")
+    return TokenCost("dense", 0.0, 0.0, compute)
+
+
+def streamed_cost(layout: Layout, plan: MemoryPlan, machine: Machine) -> TokenCost:
+    """The streamed placement: every neuron computed on every core, the rows not
+    held read in spans of consecutive 1 MiB reads over the reader's threads, behind
+    compute (the ring runs ahead across layers and tokens): the token takes the
+    longer of the two. MLX copies each span in (memory)."""
+    args = layout.args
+    n, row = args.intermediate_size, layout.bundle_bytes
+    streamed = sum(n - held for held in plan.capacity) * row
+    ffn = args.num_hidden_layers * n
+    kinds = _add(resident_products(layout), ffn_kinds(layout), ffn)
+    compute = compute_seconds(machine, layout, kinds, "all")
+    rate = throughput_at(machine.disk, DEFAULT_CHUNK, DEFAULT_THREADS, sequential=True)
+    io = streamed / rate
+    memory = streamed / machine.memory_bytes_per_s if machine.backend == "mlx" else 0
+    hidden = min(io, compute + memory)
+    return TokenCost(
+        "streamed",
+        io - hidden,
+        memory,
+        compute,
+        bytes_read=streamed,
+        read_size=DEFAULT_CHUNK if streamed else 0,
+        hidden_io_s=hidden,
+    )
+
+
+def paging_cost(layout: Layout, budget: int, machine: Machine) -> TokenCost:
+    """OS paging (the FFN memory-mapped), for comparison: the page cache holds what
+    the budget leaves beside the resident weights; a token scans the whole FFN in
+    order, which an LRU cache smaller than the scan serves not at all, so every
+    byte is read again every token, by the faulting thread with the kernel's
+    readahead (a sequential stream), and compute waits for it."""
+    resident, ffn = model_bytes(layout)
+    room = max(budget - resident, 0)
+    missed = ffn if ffn > room else 0
+    rate = throughput_at(machine.disk, DEFAULT_CHUNK, 1, sequential=True)
+    compute = dense_cost(layout, machine).compute_s
+    return TokenCost(
+        "OS paging", missed / rate, 0.0, compute, bytes_read=missed, read_size=128 << 10
+    )
+
+
+def window_stats(layout: Layout, predictor: str, k: int) -> tuple[list, str]:
+    """Per layer (predicted, loaded, held) fractions of the neurons for a window of
+    k, from the predictor's report, and where they came from."""
+    args = layout.args
+    section = layout.manifest.get("predictor") or {}
+    report = section.get("report") or []
+    layers = args.num_hidden_layers
+    if predictor == "all":
+        return [(1.0, 1.0 if k == 0 else 0.0, 1.0)] * layers, "every neuron"
+    key = "true_fraction" if predictor in ("gate", "oracle") else "predicted_fraction"
+    if len(report) != layers or not all(key in r for r in report):
+        return [(1.0, 1.0, 1.0)] * layers, "no predictor report: every neuron"
+    stats, measured = [], True
+    for entry in report:
+        p = float(entry[key])
+        window = entry.get("window")
+        if window and predictor not in ("gate", "oracle"):
+            loaded = float(np.interp(k, window["k"], window["loaded"]))
+            held = float(np.interp(k, window["k"], window["cached"]))
+        else:
+            measured = False
+            loaded = p if k == 0 else p * PRIOR_LOADED
+            held = p if k == 0 else min(1.0, p * PRIOR_CACHED)
+        stats.append((p, loaded, held))
+    source = (
+        f"the predictor's report (windows of {', '.join(map(str, WINDOW_GRID))})"
+        if measured
+        else "the predictor's report, window reuse assumed (paper: a window loads a "
+        "quarter of the predicted neurons)"
+    )
+    return stats, source
+
+
+def sparse_cost(
+    layout: Layout,
+    plan: MemoryPlan,
+    machine: Machine,
+    predictor: str,
+    window: int,
+    predictor_bytes: int = 0,
+) -> TokenCost:
+    """The sparse placement (flash/ffn.py): per layer the predictor runs, the window
+    loads what it does not hold (fewer hits where the cache is smaller than the
+    window's union), the reader fetches those bundles (runs of neighbours merged
+    across small gaps), and the FFN computes over every held row; products on one
+    thread (the reader's threads take the other cores)."""
+    args = layout.args
+    n, row = args.intermediate_size, layout.bundle_bytes
+    stats, source = window_stats(layout, predictor, window)
+    align = 4096 if layout.quantization or row % 4096 else 512
+    gap = max(DEFAULT_MAX_GAP // row, 0)  # bundles a read runs through
+    bytes_read = rows = runs = loaded_total = 0.0
+    for (p, loaded, held), cap in zip(stats, plan.capacity, strict=True):
+        union = held * n
+        hit_share = min(1.0, cap / union) if union else 1.0
+        load = p * n - (p - loaded) * n * hit_share  # cached hits lost to a small cache
+        load = min(max(load, 0.0), p * n)
+        rows += min(cap, union) + max(0.0, p * n - cap)
+        q = load / n
+        layer_runs = load * (1 - q) ** (gap + 1) if load >= 1 else load
+        runs += layer_runs
+        loaded_total += load
+        bytes_read += load * row + layer_runs * align
+    read_size = bytes_read / runs if runs else 0.0
+    rate = throughput_at(machine.disk, max(read_size, 512), DEFAULT_THREADS)
+    layers = args.num_hidden_layers
+    io = bytes_read / rate + layers * READ_CALL_S if bytes_read else 0.0
+    kinds = _add(resident_products(layout), ffn_kinds(layout), rows)
+    if predictor_bytes:
+        kind = "q4" if predictor == "lowbit" else layout.dtype
+        kinds = _add(kinds, {kind: predictor_bytes})
+    compute = compute_seconds(machine, layout, kinds, "1")
+    memory = layers * WINDOW_STEP_S + loaded_total * row / machine.memory_bytes_per_s
+    hidden = 0.0
+    if plan.lookahead:  # the next layer's reads behind this layer's compute
+        hidden = min(io, compute) * 0.5
+    return TokenCost(
+        "sparse",
+        io - hidden,
+        memory,
+        compute,
+        bytes_read=bytes_read,
+        read_size=read_size,
+        hidden_io_s=hidden,
+        note=f"statistics: {source}",
+    )

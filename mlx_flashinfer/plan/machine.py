@@ -1,0 +1,281 @@
+"""This machine's curves, measured once and kept: the disk (random reads by size and
+threads, on the filesystem that holds the models: `disk.short_probe`), memory
+bandwidth, and the compute rates of the products a token runs (a decode step's GEMV
+and a prompt's GEMM, per stored dtype, on one thread and on all, for one backend),
+with the fixed cost of a layer's small operations.
+
+The cost model (`costs.py`) turns bytes into seconds with these: a decode step reads
+every weight it multiplies once, so its time is bytes / the GEMV rate of their dtype,
+and a flash read's time is bytes / the disk's rate at its read size.
+
+Kept in the cache folder as `machines/<host>-<backend>-dev<N>.json` (N: the disk's
+device number), measured by `flashinfer probe` in about half a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..formats.args import ModelArgs
+from ..formats.checkpoints import expected_shapes
+from ..formats.model_cache import cache_root
+from ..formats.quantize import QUANTIZED_DTYPES, Quantized
+from ..model.backends import default_backend_name, get_backend
+from ..model.transformer import Model, UncountedFFN, prepare_weights
+from .disk import short_probe
+from .host import cpu_model
+
+FORMAT = "mlx-flashinfer-machine"
+VERSION = 1
+DTYPES = ("float16", "bfloat16", "float32", "q4", "q8")
+SIDE = 2048  # GEMV matrices of SIDE x SIDE (8 MB at float16)
+# Matrices cycled: 1 GiB in all reads from memory on any CPU here (the Xeon's L3 is
+# 480 MiB), 32 MiB stays in most caches: a small model's decode step reads at the
+# second rate, a large one's at the first
+MEMORY_BYTES = 1 << 30
+CACHED_BYTES = 32 << 20
+PROMPT_TOKENS = 64  # the GEMM rate: a prompt chunk's product
+
+
+@dataclass
+class Machine:
+    """Measured rates of one machine, disk and backend (field order: as used)."""
+
+    backend: str
+    cpu: str
+    cores: int
+    disk: dict  # `disk.probe` result: cells of (read size, threads) -> bytes/s
+    memory_bytes_per_s: float  # a large copy's rate (bytes read + written / 2)
+    # dtype -> {"1": bytes/s on one thread, "all": on every core, and the same
+    # "1 cached", "all cached" for weights the CPU's caches hold}: weights a decode
+    # step's product reads per second
+    gemv: dict[str, dict[str, float]] = field(default_factory=dict)
+    # dtype -> weight bytes per second of a PROMPT_TOKENS-token product, all cores
+    gemm: dict[str, float] = field(default_factory=dict)
+    layer_s: float = 0.0  # a layer's small operations on one token (norms, RoPE, ...)
+    probed_at: str = ""
+    seconds: float = 0.0  # the probe's own time
+
+    def gemv_rate(self, dtype: str, threads: str = "1") -> float:
+        rates = self.gemv.get(dtype) or self.gemv["float16"]
+        return rates[threads]
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Machine:
+        if data.get("format") != FORMAT or data.get("version") != VERSION:
+            raise ValueError("not a machine probe of this version (`flashinfer probe`)")
+        names = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def machine_path(directory: str | Path, backend: str, cache_dir=None) -> Path:
+    """Where this machine's probe for the disk holding `directory` is kept."""
+    device = os.stat(directory).st_dev
+    host = socket.gethostname().split(".")[0] or "host"
+    return cache_root(cache_dir) / "machines" / f"{host}-{backend}-dev{device}.json"
+
+
+def load_machine(path: str | Path) -> Machine:
+    """A saved probe.
+
+    Raises:
+        FileNotFoundError, ValueError: missing, or not a probe.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not JSON ({err})") from None
+    try:
+        return Machine.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def cached_machine(directory, backend: str | None = None, cache_dir=None):
+    """This machine's kept probe for the disk of `directory`, or None."""
+    backend = backend or default_backend_name()
+    path = machine_path(directory, backend, cache_dir)
+    return load_machine(path) if path.is_file() else None
+
+
+def probe_machine(
+    directory: str | Path, backend: str | None = None, progress: bool = True
+) -> Machine:
+    """Measure the disk under `directory` and this backend's compute.
+
+    Raises:
+        ValueError: the directory's filesystem cannot bypass the page cache.
+        ImportError: MLX asked for but missing.
+    """
+    from tqdm import tqdm
+
+    began = time.perf_counter()
+    backend = backend or default_backend_name()
+    get_backend(backend)  # a missing MLX fails before the disk is written
+    disk = short_probe(directory, progress=progress)
+    compute = {}
+    for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
+        compute[dtype] = product_rates(backend, dtype)
+    return Machine(
+        backend=backend,
+        cpu=cpu_model(),
+        cores=os.cpu_count() or 1,
+        disk=disk,
+        memory_bytes_per_s=memory_rate(),
+        gemv={
+            d: {k: v for k, v in r.items() if k != "prompt"} for d, r in compute.items()
+        },
+        gemm={d: r["prompt"] for d, r in compute.items()},
+        layer_s=layer_overhead(backend),
+        probed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        seconds=time.perf_counter() - began,
+    )
+
+
+def save_machine(machine: Machine, path: str | Path) -> Path:
+    """Write a probe atomically (a temporary name, then a rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(machine.to_dict(), indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def memory_rate(nbytes: int = MEMORY_BYTES // 2, repeats: int = 2) -> float:
+    """Bytes per second of a large copy (each byte read and written once)."""
+    src = np.ones(nbytes, np.uint8)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        np.copyto(dst, src)
+    return 2 * nbytes * repeats / (time.perf_counter() - began)
+
+
+def stored_matrices(dtype: str, nbytes: int, rng) -> list:
+    """Random SIDE x SIDE matrices as a layout of `dtype` stores them, `nbytes` in
+    all: finite values from random bits (a real quantization of a gigabyte would
+    take longer than the whole probe)."""
+    if dtype in QUANTIZED_DTYPES:
+        bits = QUANTIZED_DTYPES[dtype]
+        words, groups = SIDE * bits // 32, SIDE // 64
+        one = SIDE * (words * 4 + 2 * groups * 2)
+        return [
+            Quantized(
+                rng.integers(0, 2**32, (SIDE, words), dtype=np.uint32),
+                _finite_half(rng, (SIDE, groups)),
+                _finite_half(rng, (SIDE, groups)),
+                bits,
+                64,
+            )
+            for _ in range(max(1, nbytes // one))
+        ]
+    if dtype == "float32":
+        size = SIDE * SIDE * 4
+        return [
+            (rng.integers(0, 2**32, (SIDE, SIDE), dtype=np.uint32) & 0xBF7FFFFF).view(
+                np.float32
+            )
+            for _ in range(max(1, nbytes // size))
+        ]
+    halves = [
+        _finite_half(rng, (SIDE, SIDE))
+        for _ in range(max(1, nbytes // (2 * SIDE * SIDE)))
+    ]
+    # bfloat16 travels as its uint16 bits; the same mask keeps it finite
+    return [h.view(np.uint16) if dtype == "bfloat16" else h for h in halves]
+
+
+def _finite_half(rng, shape) -> np.ndarray:
+    """Random float16 values below 2 in magnitude (exponent bits below the top)."""
+    bits = rng.integers(0, 2**16, shape, dtype=np.uint16) & np.uint16(0xBBFF)
+    return bits.view(np.float16)
+
+
+def product_rates(backend, dtype: str, seconds: float = 0.25) -> dict:
+    """Weight bytes per second of x @ W.T over matrices of `dtype`: one token on one
+    thread and on all, with the matrices in the CPU's caches (CACHED_BYTES in all)
+    and from memory (MEMORY_BYTES); PROMPT_TOKENS tokens on all threads."""
+    B = get_backend(backend)
+    rng = np.random.default_rng(0)
+    rates = {}
+    for size, cells in (
+        (MEMORY_BYTES, (("1", 1, 1), ("all", 1, None))),
+        (
+            CACHED_BYTES,
+            (
+                ("1 cached", 1, 1),
+                ("all cached", 1, None),
+                ("prompt", PROMPT_TOKENS, None),
+            ),
+        ),
+    ):
+        weights = [B.weight(w) for w in stored_matrices(dtype, size, rng)]
+        nbytes = sum(int(w.nbytes) for w in weights)
+        for name, tokens, threads in cells:
+            B.limit_compute_threads(threads)
+            x = B.array(rng.standard_normal((tokens, SIDE)).astype(np.float32))
+            B.synchronize(B.linear(x, weights[0]))
+            passes, began = 0, time.perf_counter()
+            while passes < 2 or time.perf_counter() - began < seconds:
+                for w in weights:
+                    B.synchronize(B.linear(x, w))
+                passes += 1
+            rates[name] = nbytes * passes / (time.perf_counter() - began)
+        del weights
+    B.limit_compute_threads(None)
+    return rates
+
+
+def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
+    """Seconds a decode step spends per layer outside its big products: a model of
+    small matrices whose FFN adds nothing, timed token by token."""
+    args = ModelArgs(
+        family="llama",
+        hidden_size=64,
+        num_hidden_layers=layers,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
+        max_position_embeddings=tokens + 8,
+    )
+    rng = np.random.default_rng(0)
+    shapes = {
+        name: shape
+        for name, shape in expected_shapes(args).items()
+        if ".mlp." not in name
+    }
+    values = {
+        name: rng.standard_normal(shape).astype(
+            np.float32 if len(shape) == 1 else np.float16
+        )
+        for name, shape in shapes.items()
+    }
+    B = get_backend(backend)
+
+    class NoFFN(UncountedFFN):
+        def __init__(self):
+            self.backend = B
+
+        def __call__(self, layer, h):
+            return B.zeros((h.shape[0], args.hidden_size))
+
+    model = Model(args, B, prepare_weights(B, values), NoFFN(), tokens + 8)
+    cache = model.make_cache()
+    B.synchronize(model([1], cache))
+    began = time.perf_counter()
+    for t in range(tokens):
+        B.synchronize(model([t % 64], cache))
+    return (time.perf_counter() - began) / tokens / layers

@@ -1,0 +1,209 @@
+"""The planner: every plan a budget allows, its predicted cost per token
+(`costs.py`), and the fastest whose quality loss the user allows (the paper's cost
+model guiding the choice, section 3).
+
+Candidates, each exact or with the loss calibration measured:
+- dense, when every weight fits;
+- streamed: an equal share of every layer held, the rest read every token ahead of
+  compute (exact for any activation);
+- sparse, for each predictor the layout can run (the trained one, with its
+  calibrated loss; the gate, exact for the ReLU family; all neurons, exact), each
+  window length of the statistics, reads ahead on and off.
+Allowed loss: exact only when the user allows none (`max_loss=0`) or no trained
+predictor exists; by default the trained predictor's own calibrated loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..flash.memory import (
+    MemoryPlan,
+    layer_demand,
+    model_bytes,
+    parse_budget,
+    plan_memory,
+    plan_streamed,
+)
+from ..formats.layout import Layout
+from ..model.transformer import kv_cache_bytes
+from ..predictors.kinds import predictor_nbytes, trained_kind
+from .costs import TokenCost, dense_cost, paging_cost, sparse_cost, streamed_cost
+from .machine import Machine
+
+WINDOWS = (4, 2, 1, 8)  # window lengths a sparse plan may take (ties: the first)
+
+
+@dataclass
+class Candidate:
+    """One plan the budget allows, with its predicted cost."""
+
+    placement: str  # "dense", "streamed" or "sparse"
+    cost: TokenCost
+    loss: float  # calibrated perplexity loss (0.0: exact)
+    plan: MemoryPlan | None = None
+    predictor: str | None = None
+    window: int | None = None
+    lookahead: bool = False
+
+    @property
+    def name(self) -> str:
+        if self.placement != "sparse":
+            return self.placement
+        ahead = ", reads ahead" if self.lookahead else ""
+        return f"sparse ({self.predictor}, window {self.window}{ahead})"
+
+    def options(self) -> dict:
+        """The `load` keywords that run this plan."""
+        if self.placement == "dense":
+            return {"dense": True}
+        if self.placement == "streamed":
+            return {"placement": "streamed"}
+        return {
+            "placement": "sparse",
+            "predictor": self.predictor,
+            "window": self.window,
+            "lookahead": self.lookahead,
+        }
+
+
+@dataclass
+class Choice:
+    """The planner's answer: the chosen plan, the others by predicted time, and OS
+    paging for comparison."""
+
+    best: Candidate
+    others: list[Candidate] = field(default_factory=list)
+    refused: list[Candidate] = field(default_factory=list)  # over the allowed loss
+    paging: TokenCost | None = None
+    allowed_loss: float = 0.0
+
+
+def calibrated_loss(layout: Layout, predictor: str) -> float | None:
+    """The trained predictor's calibrated perplexity loss; 0.0 for the exact ones
+    (all; the gate and oracle of a ReLU-family model); None when unmeasured."""
+    if predictor == "all":
+        return 0.0
+    if predictor in ("gate", "oracle"):
+        return 0.0 if layout.args.is_relu_family else None
+    section = layout.manifest.get("predictor") or {}
+    if section.get("kind") != predictor:
+        return None
+    return (section.get("quality") or {}).get("loss")
+
+
+def candidates(
+    layout: Layout, budget: int, machine: Machine, max_context: int
+) -> list[Candidate]:
+    """Every plan `budget` allows, with its predicted cost (unordered)."""
+    resident, ffn = model_bytes(layout)
+    kv_cache = kv_cache_bytes(layout.args, max_context)
+    found = []
+    if budget >= resident + ffn:
+        found.append(Candidate("dense", dense_cost(layout, machine), 0.0))
+    try:
+        plan = plan_streamed(layout, budget, kv_cache, max_context)
+        found.append(
+            Candidate("streamed", streamed_cost(layout, plan, machine), 0.0, plan)
+        )
+    except ValueError:
+        pass
+    predictors = ["all"]
+    if layout.args.is_relu_family:
+        predictors.append("gate")
+    if trained := trained_kind(layout):
+        predictors.append(trained)
+    for predictor in predictors:
+        loss = calibrated_loss(layout, predictor)
+        if loss is None:
+            continue
+        nbytes = predictor_nbytes(predictor, layout)
+        demand = layer_demand(layout, predictor)
+        for lookahead in (False, True):
+            try:
+                plan = plan_memory(
+                    layout, budget, nbytes, kv_cache, max_context, lookahead, demand
+                )
+            except ValueError:
+                continue
+            for window in WINDOWS if predictor != "all" else (1,):
+                cost = sparse_cost(layout, plan, machine, predictor, window, nbytes)
+                found.append(
+                    Candidate("sparse", cost, loss, plan, predictor, window, lookahead)
+                )
+    return found
+
+
+def choose(
+    layout: Layout,
+    budget: str | int,
+    machine: Machine,
+    *,
+    max_loss: float | None = None,
+    max_context: int = 4096,
+) -> Choice:
+    """The fastest plan within the allowed loss (`max_loss`; None: the trained
+    predictor's own calibrated loss, or exact when there is none).
+
+    Raises:
+        ValueError: the budget allows no plan (the message names the smallest
+            budget that does).
+    """
+    resident, ffn = model_bytes(layout)
+    amount = parse_budget(budget, resident + ffn)
+    if max_loss is None:
+        trained = trained_kind(layout)
+        max_loss = (calibrated_loss(layout, trained) or 0.0) if trained else 0.0
+    found = sorted(
+        candidates(layout, amount, machine, max_context), key=lambda c: c.cost.total_s
+    )
+    allowed = [c for c in found if c.loss <= max_loss + 1e-12]
+    if not allowed:
+        raise ValueError(
+            f"memory budget {budget} allows no plan: the resident weights alone are "
+            f"{resident} bytes; `flashinfer inspect MODEL --budget B` shows what a "
+            "plan needs"
+        )
+    return Choice(
+        best=allowed[0],
+        others=allowed[1:],
+        refused=[c for c in found if c not in allowed],
+        paging=paging_cost(layout, amount, machine),
+        allowed_loss=max_loss,
+    )
+
+
+def budget_for(
+    layout: Layout,
+    tokens_per_s: float,
+    machine: Machine,
+    *,
+    max_loss: float | None = None,
+    max_context: int = 4096,
+) -> tuple[int, Choice] | None:
+    """The smallest budget (to 1% of the model) whose best plan reaches
+    `tokens_per_s`, with that plan; None if even every weight in DRAM does not."""
+    resident, ffn = model_bytes(layout)
+    whole = resident + ffn
+
+    def fast_enough(amount: int) -> Choice | None:
+        try:
+            choice = choose(
+                layout, amount, machine, max_loss=max_loss, max_context=max_context
+            )
+        except ValueError:
+            return None
+        return choice if choice.best.cost.total_s <= 1 / tokens_per_s else None
+
+    top = fast_enough(whole)
+    if top is None:
+        return None
+    low, high = resident, whole  # not fast enough at low, fast enough at high
+    best = (high, top)
+    while high - low > whole // 100:
+        mid = (low + high) // 2
+        if (got := fast_enough(mid)) is not None:
+            high, best = mid, (mid, got)
+        else:
+            low = mid
+    return best

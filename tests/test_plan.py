@@ -1,0 +1,161 @@
+"""The cost model and the planner: predictions from a machine's curves, the choice
+within a budget and an allowed loss, and the commands that show them."""
+
+import json
+
+import numpy as np
+import pytest
+from test_flash import tiny_layout
+
+from mlx_flashinfer import Layout
+from mlx_flashinfer.cli import main
+from mlx_flashinfer.flash.memory import (
+    io_buffer_bytes,
+    model_bytes,
+    plan_streamed,
+    slot_bytes,
+)
+from mlx_flashinfer.flash.window import LayerWindow, window_reuse
+from mlx_flashinfer.plan import machine as machine_module
+from mlx_flashinfer.plan.costs import (
+    dense_cost,
+    paging_cost,
+    resident_products,
+    sparse_cost,
+    streamed_cost,
+)
+from mlx_flashinfer.plan.machine import Machine, load_machine, save_machine
+from mlx_flashinfer.plan.planner import budget_for, choose
+
+
+def fake_machine(disk_rate: float = 1e9, gemv: float = 4e9) -> Machine:
+    """Curves of a made-up machine: every read size and thread count reads at
+    `disk_rate`, every product at `gemv` bytes/s."""
+    cells = [
+        {"read_size": s, "threads": t, "bytes_per_s": disk_rate}
+        for s in (4096, 1 << 20)
+        for t in (1, 16)
+    ]
+    rates = {"1": gemv, "all": 2 * gemv, "1 cached": gemv, "all cached": 2 * gemv}
+    return Machine(
+        backend="numpy",
+        cpu="test",
+        cores=2,
+        disk={"mode": "direct", "cells": cells, "sequential": cells},
+        memory_bytes_per_s=10e9,
+        gemv={k: dict(rates) for k in ("float16", "float32", "bfloat16", "q4", "q8")},
+        gemm={},
+        layer_s=1e-5,
+    )
+
+
+def test_a_window_of_k_tokens_loads_what_the_last_k_did_not_use():
+    masks = np.zeros((6, 4), bool)
+    masks[:, 0] = True  # always on: loaded once, never again
+    masks[::2, 1] = True  # every other token
+    masks[5, 3] = True  # once, at the end
+    stats = window_reuse(masks, ks=(0, 1, 2))
+    # from token 2 on (a full window of 2): tokens 2..5 use {0,1}, {0}, {0,1}, {0,3}
+    assert stats["loaded"][0] == pytest.approx((2 + 1 + 2 + 2) / 4 / 4)
+    assert stats["loaded"][1] == pytest.approx((1 + 0 + 1 + 1) / 4 / 4)
+    assert stats["loaded"][2] == pytest.approx((0 + 0 + 0 + 1) / 4 / 4)
+    assert stats["cached"][2] == pytest.approx((2 + 2 + 2 + 3) / 4 / 4)
+    # the window manager with room for all loads the same
+    window = LayerWindow(4, 4, 1)
+    loads = [len(window.step(np.flatnonzero(m)).load_ids) for m in masks]
+    assert sum(loads[2:]) / 4 / 4 == pytest.approx(stats["loaded"][1])
+
+
+def test_the_three_terms_follow_the_curves():
+    layout = Layout.open(tiny_layout("llama", "silu", 2, 400, 12))
+    resident, ffn = model_bytes(layout)
+    machine = fake_machine(disk_rate=1e9, gemv=4e9)
+    dense = dense_cost(layout, machine)
+    products = sum(resident_products(layout).values()) + ffn
+    assert dense.io_s == 0
+    assert dense.compute_s == pytest.approx(products / 8e9 + 12 * 1e-5)
+    # streamed: the slower of reading the rows not held and computing them all
+    ring = 6 * slot_bytes(400, layout.bundle_bytes)  # a span a layer, 12 / 2 slots
+    floor = resident + io_buffer_bytes(layout) + ring
+    plan = plan_streamed(layout, floor + ffn // 4, 0, 64)
+    assert plan.ring_slots == 6 and 0 < plan.capacity[0] < 400
+    streamed = streamed_cost(layout, plan, machine)
+    held = sum(plan.capacity) * layout.bundle_bytes
+    assert streamed.bytes_read == ffn - held
+    assert streamed.total_s == pytest.approx(
+        max(streamed.bytes_read / 1e9, dense.compute_s)
+    )
+    slow_disk = streamed_cost(layout, plan, fake_machine(disk_rate=1e6))
+    assert slow_disk.io_s > 0 and slow_disk.total_s > streamed.total_s
+    # OS paging re-reads the whole FFN when it does not fit beside the resident part
+    assert paging_cost(layout, resident + ffn // 2, machine).bytes_read == ffn
+    assert paging_cost(layout, resident + ffn, machine).bytes_read == 0
+
+
+def test_a_smaller_cache_loads_more_and_a_faster_disk_reads_faster():
+    layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 3))
+    resident, ffn = model_bytes(layout)
+    machine = fake_machine()
+    from mlx_flashinfer.flash.memory import plan_floor
+    from mlx_flashinfer.loader import make_plan
+    from mlx_flashinfer.predictors.kinds import predictor_nbytes
+
+    floor = plan_floor(layout, predictor_nbytes("gate", layout))
+    roomy = make_plan(layout, floor + 2 * ffn, "gate", 64, lookahead=False)
+    tight = make_plan(layout, floor + ffn // 8, "gate", 64, lookahead=False)
+    a = sparse_cost(layout, roomy, machine, "gate", 4)
+    b = sparse_cost(layout, tight, machine, "gate", 4)
+    assert b.bytes_read >= a.bytes_read
+    fast = sparse_cost(layout, tight, fake_machine(disk_rate=1e10), "gate", 4)
+    assert fast.io_s < b.io_s
+
+
+def test_the_planner_picks_dense_when_all_fits_and_exact_plans_by_default():
+    layout = Layout.open(tiny_layout("llama", "silu", 2, 400, 3))
+    resident, ffn = model_bytes(layout)
+    machine = fake_machine()
+    assert choose(layout, resident + ffn, machine).best.placement == "dense"
+    # a SiLU model with no trained predictor: only exact plans are allowed
+    choice = choose(layout, resident + ffn // 2, machine)
+    assert choice.best.loss == 0 and choice.allowed_loss == 0
+    assert choice.best.placement in ("streamed", "sparse")
+    assert all(c.loss == 0 for c in choice.others)
+    times = [choice.best.cost.total_s] + [c.cost.total_s for c in choice.others]
+    assert times == sorted(times)
+    # a budget for a speed: the smallest that reaches it, and faster ones need more
+    slow = budget_for(layout, 1 / (2 * choice.best.cost.total_s), machine)
+    fast = budget_for(layout, 1 / dense_cost(layout, machine).total_s, machine)
+    assert slow is not None and fast is not None and slow[0] <= fast[0]
+
+
+def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
+    layout = tiny_layout("llama", "silu", 2, 400, 3)
+    probe = save_machine(fake_machine(), tmp_path / "probe.json")
+    assert load_machine(probe).cpu == "test"
+    assert main(["plan", str(layout), "--budget", "60%", "--probe", str(probe)]) == 0
+    out = capsys.readouterr().out
+    assert "chosen" in out and "ms/token" in out and "OS paging" in out
+    assert main(["plan", str(layout), "--for", "1tok/s", "--probe", str(probe)]) == 0
+    assert "needs a budget of" in capsys.readouterr().out
+    assert main(["plan", str(layout), "--for", "fast", "--probe", str(probe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "10tok/s" in err[0]
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+    assert main(["plan", str(layout), "--probe", str(tmp_path / "bad.json")]) == 2
+    assert "not a machine probe" in capsys.readouterr().err
+    # a real probe, made small: its result plans too
+    monkeypatch.setattr(machine_module, "DTYPES", ("float32",))
+    monkeypatch.setattr(machine_module, "MEMORY_BYTES", 1 << 24)
+    monkeypatch.setattr(
+        machine_module,
+        "short_probe",
+        lambda path, progress: fake_machine().disk,
+    )
+    monkeypatch.setenv("MLX_FLASHINFER_CACHE", str(tmp_path / "cache"))
+    assert main(["probe", "--backend", "numpy", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "kept in" in out and "float32" in out
+    kept = list((tmp_path / "cache" / "machines").glob("*-numpy-dev*.json"))
+    assert len(kept) == 1 and load_machine(kept[0]).gemv["float32"]["1"] > 0
+    assert main(["plan", str(layout), "--budget", "60%", "--backend", "numpy"]) == 0
+    assert "chosen" in capsys.readouterr().out
