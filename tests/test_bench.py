@@ -280,3 +280,51 @@ def test_compare_takes_results_with_different_rows(bench_result, tmp_path, capsy
     assert "few/numpy" in capsys.readouterr().out
     if importlib.util.find_spec("matplotlib"):
         assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_streamed_and_planned_rows_carry_the_cost_models_prediction(tmp_path):
+    from test_flash import tiny_layout
+    from test_plan import fake_machine
+
+    from mlx_flashinfer.flash.memory import io_buffer_bytes, model_bytes, slot_bytes
+
+    # a SiLU model streamed: exact all the same (12 layers: a ring of 6 one-layer
+    # spans, and a quarter of the FFN held)
+    layout = tiny_layout("llama", "silu", 2, 400, 12)
+    lay = Layout.open(layout)
+    resident, ffn = model_bytes(lay)
+    ring = 6 * slot_bytes(400, lay.bundle_bytes)
+    budget = resident + io_buffer_bytes(lay) + ring + ffn // 4
+    machines = {}
+    for backend in BACKENDS:
+        machines[backend] = fake_machine()
+        machines[backend].backend = backend
+    prepared = prepare(
+        str(layout),
+        budget=budget,
+        backends=tuple(BACKENDS),
+        rows=("dense", "streamed", "plan"),
+        prompt_tokens=4,
+        tokens=4,
+        window=1,
+        threads=1,
+        cache_dir=tmp_path / "cache",
+        machines=machines,
+    )
+    result = run_bench(
+        prepared, run_inline, PROBE, "in process", progress=False, machines=machines
+    )
+    for backend in BACKENDS:
+        rows = rows_of(result, backend)
+        assert not [r["error"] for r in rows.values() if "error" in r]
+        assert rows["streamed"]["argmax"] == rows["dense"]["argmax"]
+        streamed = rows["streamed"]["decode"]["bytes_useful"] / 4
+        assert streamed >= ffn // 2  # most of the FFN read every token
+        for row in rows.values():
+            m = row["metrics"]
+            assert m["predicted_ms"] > 0 and m["measured_ms"] == m["total_ms"]
+        assert rows["streamed"]["metrics"]["predicted_mb_per_token"] * 1e6 == (
+            pytest.approx(streamed)
+        )
+        assert rows["plan"]["spec"]["notes"][0].startswith("the planner chose")
+    assert set(result["machines"]) == set(BACKENDS)

@@ -26,6 +26,7 @@ from .configs import (
     sequence_tokens,
 )
 from .layouts import check_same_model, unbundled_layout
+from .predicted import predict, prediction_fields
 from .report import row_metrics
 from .runner import Runner
 
@@ -43,6 +44,11 @@ class Prepared:
     settings: dict
     skipped: list[str]
 
+    def layout_of(self, spec: RunSpec) -> Layout:
+        """The layout a spec reads its FFN from."""
+        other = self.unbundled
+        return other if other and spec.layout == str(other.path) else self.bundled
+
 
 def prepare(
     model: str | None,
@@ -59,6 +65,7 @@ def prepare(
     threads: int | None = None,
     limit: int | None = None,
     cache_dir: str | None = None,
+    machines: dict | None = None,
 ) -> Prepared:
     """Open the layouts (writing the unbundled copy if none is given), build every
     run and its memory limit.
@@ -69,13 +76,15 @@ def prepare(
         unbundled: the same model converted with arrangement "separate" (default:
             written into the cache folder on first use).
         budget: the memory budget of the flash rows (bytes, "1.5GB", "50%").
-        rows: configurations to run (default: all of configs.ROWS).
+        rows: configurations to run (default: all of configs.ROWS; "plan" only
+            with `machines`).
         text: the text whose tokens are the prompt and the decoded sequence
             (default: fixed pseudo-random token ids).
         slow_tokens: decoded tokens of the rows that read half the FFN or more
             (default: `tokens`).
         limit: one explicit memory limit in bytes for every row (default: per row,
             see configs.memory_limit).
+        machines: this machine's curves per backend, for the "plan" row.
 
     Raises:
         FileNotFoundError, ValueError: a missing layout, an unbundled layout of
@@ -84,7 +93,8 @@ def prepare(
     from .configs import ROWS
 
     bundled = Layout.open(resolve_model(model, cache_dir))
-    rows = tuple(rows or ROWS)
+    # the plan row, by default, only where this machine's curves are known
+    rows = tuple(rows or (r for r in ROWS if r != "plan" or machines))
     other = None
     if {"+predictor", "+windowing"} & set(rows):
         if unbundled is None:
@@ -95,6 +105,14 @@ def prepare(
     slow_tokens = slow_tokens or tokens
     count = prompt_tokens + max(tokens, slow_tokens)
     ids = sequence_tokens(bundled, text, count)
+    planned = None
+    if "plan" in rows and machines:
+        from ..plan.planner import choose
+
+        planned = {
+            backend: choose(bundled, budget, machine, max_context=count).best
+            for backend, machine in machines.items()
+        }
     specs = build_specs(
         bundled,
         other,
@@ -108,11 +126,12 @@ def prepare(
         window,
         predictor,
         threads,
+        planned,
     )
     skipped, kept = [], []
     ram = ram_bytes()
     for spec in specs:
-        layout = other if spec.layout == str(getattr(other, "path", "")) else bundled
+        layout = other if other and spec.layout == str(other.path) else bundled
         spec.limit = limit or memory_limit(spec, layout, bundled)
         if spec.kind == "dense" and ram and spec.limit > 0.8 * ram and not limit:
             skipped.append(f"{spec.backend} dense: needs {spec.limit} bytes of RAM")
@@ -174,11 +193,14 @@ def run_bench(
     probe: dict | None,
     limits: str,
     progress: bool = True,
+    machines: dict | None = None,
 ) -> dict:
     """Run every spec with `runner`; the result document (see `FORMAT`).
 
     Args:
         limits: how memory was limited, for the report (e.g. "cgroup v1").
+        machines: this machine's curves per backend (`plan.machine.Machine`): each
+            row then carries the cost model's prediction beside its measurement.
     """
     rows = []
     ffn = prepared.bundled.ffn_bytes
@@ -191,6 +213,12 @@ def run_bench(
         result["title"] = TITLES[spec.row]
         if "error" not in result:
             result["metrics"] = row_metrics(result, probe, ffn)
+            machine = (machines or {}).get(spec.backend)
+            if machine is not None:
+                layout = prepared.layout_of(spec)
+                cost = predict(spec, layout, prepared.bundled, machine)
+                measured = result["metrics"]["total_ms"]
+                result["metrics"].update(prediction_fields(cost, measured))
         rows.append(result)
         if progress:
             print(f"[{i + 1}/{len(prepared.specs)}] {_line(result)}", file=sys.stderr)
@@ -203,6 +231,7 @@ def run_bench(
         "model": model_facts(prepared.bundled),
         "settings": prepared.settings,
         "memory_limits": limits,
+        "machines": {b: m.to_dict() for b, m in (machines or {}).items()},
         "skipped": prepared.skipped,
         "rows": rows,
     }

@@ -21,6 +21,11 @@ Rows (the paper's Tables 2 and 3), every one decoding the same teacher-forced to
 - dense: every weight in DRAM (the ceiling), under its own, larger limit.
 - mmap, stream: OS paging and layer streaming (`baselines.py`) under the limit of
   the "all" row.
+- streamed: the streamed placement (flash/streamed.py) at the budget: an equal share
+  of every layer held, the rest read every token ahead of compute; exact for any
+  activation, no predictor.
+- plan: what the planner (plan/planner.py) chooses at the budget on this machine's
+  curves, run as that placement.
 
 Memory limit of a row: its budget (everything the memory plan bounds, the flash
 reader's buffer included) + the KV cache at the context the run needs + the process
@@ -43,6 +48,7 @@ from ..flash.memory import (
     parse_budget,
     plan_floor,
     plan_memory,
+    plan_streamed,
 )
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
@@ -60,9 +66,10 @@ ABLATION_ROWS = (
     "compute-only",
 )
 BASELINE_ROWS = ("dense", "mmap", "stream")
-ROWS = ABLATION_ROWS + BASELINE_ROWS
-# rows that read (at least) half the FFN every token: --slow-tokens shortens them
-SLOW_ROWS = ("naive", "hybrid", "mmap", "stream")
+PLANNED_ROWS = ("streamed", "plan")
+ROWS = ABLATION_ROWS + BASELINE_ROWS + PLANNED_ROWS
+# rows that read (about) half the FFN or more every token: --slow-tokens shortens them
+SLOW_ROWS = ("naive", "hybrid", "mmap", "stream", "streamed")
 TITLES = {
     "naive": "naive (every FFN weight read)",
     "hybrid": "hybrid (half the FFN cached)",
@@ -74,6 +81,8 @@ TITLES = {
     "dense": "dense, all in DRAM",
     "mmap": "OS paging (mmap, llama.cpp)",
     "stream": "layer streaming (AirLLM)",
+    "streamed": "streamed placement (exact, ahead of compute)",
+    "plan": "the planner's choice",
 }
 # Memory of a worker beyond its plan: the interpreter, NumPy, numba, the tokenizers
 # library (and the MLX runtime), plus `process_overhead`'s transient copies. The
@@ -86,7 +95,7 @@ class RunSpec:
     """What one worker process runs (JSON-able)."""
 
     row: str
-    kind: str  # "flash", "dense", "mmap" or "stream"
+    kind: str  # "flash", "streamed", "dense", "mmap" or "stream"
     backend: str
     layout: str  # the layout the FFN is read from
     prompt: list[int]
@@ -186,6 +195,12 @@ def flash_plan(spec: RunSpec, layout: Layout, source: Layout) -> MemoryPlan:
     )
 
 
+def streamed_plan(spec: RunSpec, layout: Layout) -> MemoryPlan:
+    """The plan of a streamed row (raises ValueError if the budget cannot hold it)."""
+    kv = kv_cache_bytes(layout.args, spec.max_context)
+    return plan_streamed(layout, spec.budget, kv, spec.max_context)
+
+
 def chunk_buffers(layout: Layout, rows: int, backend: str) -> int:
     """Memory beyond the budget while a baseline computes `rows` bundles at once:
     the stored bytes in its buffer (or mapping), and MLX's copy of them."""
@@ -213,6 +228,8 @@ def memory_limit(spec: RunSpec, layout: Layout, source: Layout) -> int:
     if spec.kind == "flash":
         image = layout.ffn_path.stat().st_size if spec.rows_in_dram else 0
         return flash_plan(spec, layout, source).budget + kv + overhead + image
+    if spec.kind == "streamed":
+        return streamed_plan(spec, layout).budget + kv + overhead
     if spec.kind == "dense":
         resident, ffn = model_bytes(layout)
         return resident + ffn + kv + overhead
@@ -234,12 +251,14 @@ def build_specs(
     window: int,
     predictor: str | None,
     threads: int | None,
+    planned: dict | None = None,
 ) -> list[RunSpec]:
     """One RunSpec per (backend, row), in table order, every plan checked.
 
     Args:
         tokens: the sequence; the first `prompt_tokens` are the prompt, the next
             `decode_tokens` (`slow_tokens` for SLOW_ROWS) are decoded.
+        planned: the "plan" row's choice per backend (`plan.planner.Candidate`).
 
     Raises:
         ValueError: a bad budget, window or row, or a budget a row cannot use.
@@ -284,6 +303,13 @@ def build_specs(
                 threads=threads,
                 max_context=context,
             )
+            if row == "plan":
+                if not planned or backend not in planned:
+                    raise ValueError("the plan row needs this machine's probe")
+                apply_choice(spec, planned[backend], bundled)
+            if row == "streamed":
+                spec.kind = "streamed"
+                streamed_plan(spec, bundled)  # refuses a budget too small
             if row in flash:
                 layout, spec.predictor, spec.window, spec.budget = flash[row]
                 spec.layout = str(layout.path)
@@ -294,3 +320,16 @@ def build_specs(
                     check_hybrid(plan, bundled.args.intermediate_size)
             specs.append(spec)
     return specs
+
+
+def apply_choice(spec: RunSpec, choice, layout: Layout) -> None:
+    """Make the "plan" row run the planner's choice (a `Candidate`)."""
+    spec.notes.append(f"the planner chose {choice.name}")
+    if choice.placement == "dense":
+        spec.kind = "dense"
+    elif choice.placement == "streamed":
+        spec.kind = "streamed"
+    else:
+        spec.kind, spec.predictor = "flash", choice.predictor
+        spec.window, spec.lookahead = choice.window, choice.lookahead
+        flash_plan(spec, layout, layout)

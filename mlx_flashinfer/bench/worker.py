@@ -25,7 +25,7 @@ from ..model.transformer import DenseFFN, Model, prepare_weights
 from ..predictors.kinds import make_predictor
 from .baselines import MmapFFN, StreamFFN
 from .cgroup import evict
-from .configs import RunSpec, flash_plan
+from .configs import RunSpec, flash_plan, streamed_plan
 
 
 class EvaluatedFFN:
@@ -89,6 +89,22 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
     elif spec.kind == "stream":
         ffn = StreamFFN(B, layout, weights, spec.chunk_bytes)
         info["io_source"] = ffn.io_source
+    elif spec.kind == "streamed":
+        from ..flash.streamed import StreamedFFN
+
+        plan = streamed_plan(spec, layout)
+        ffn = StreamedFFN(B, layout, weights, plan, spec.threads)
+        info.update(
+            plan=dict(plan.rows(args.intermediate_size)),
+            capacity=plan.capacity[0],
+            neurons=args.intermediate_size,
+            reader_mode=ffn.mode,
+            kv_cache=plan.kv_cache,
+            threads=ffn.reader.threads,
+            io_source="FlashReader counters (O_DIRECT spans into the ring)",
+        )
+        if B.name == "mlx":
+            ffn = EvaluatedFFN(ffn, B)
     else:
         from ..flash.ffn import FlashFFN
 

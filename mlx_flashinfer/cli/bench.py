@@ -128,13 +128,18 @@ def cmd_bench(opts) -> int:
     from ..bench.plots import write_plots
     from ..bench.report import markdown
     from ..bench.runner import run_isolated
-    from ..plan.disk import short_probe
 
+    backends = available_backends(opts.backends)
+    # the plan row needs the curves to choose; otherwise the model's and the
+    # options' errors come first
+    early = bool(opts.rows and "plan" in opts.rows)
+    given = load_probe(opts.probe) if opts.probe and early else None
+    machines = bench_machines(opts, backends, given) if early else None
     prepared = prepare(
         opts.model,
         unbundled=opts.unbundled,
         budget=opts.budget,
-        backends=available_backends(opts.backends),
+        backends=backends,
         rows=opts.rows,
         text=Path(opts.text).read_text(encoding="utf-8") if opts.text else None,
         prompt_tokens=opts.prompt_tokens,
@@ -145,10 +150,18 @@ def cmd_bench(opts) -> int:
         threads=opts.threads,
         limit=parse_limit(opts.limit),
         cache_dir=opts.cache_dir,
+        machines=machines,
     )
-    if opts.probe:
-        probe = load_probe(opts.probe)
+    if not early:
+        given = load_probe(opts.probe) if opts.probe else None
+        machines = bench_machines(opts, backends, given)
+    if given is not None:
+        probe = given.get("disk") or given
+    elif machines:
+        probe = next(iter(machines.values())).disk
     else:
+        from ..plan.disk import short_probe
+
         where = opts.probe_dir or prepared.bundled.path.parent
         print(f"flashinfer bench: probing the disk in {where}", file=sys.stderr)
         probe = short_probe(where, progress=not opts.quiet and sys.stderr.isatty())
@@ -166,7 +179,9 @@ def cmd_bench(opts) -> int:
         )
     files = layout_files(prepared.bundled, prepared.unbundled)
     runner = partial(run_isolated, cgroup=cgroup, files=files, drop_all=root)
-    result = run_bench(prepared, runner, probe, limits, progress=not opts.quiet)
+    result = run_bench(
+        prepared, runner, probe, limits, progress=not opts.quiet, machines=machines
+    )
     out = Path(opts.out or f"bench-{prepared.bundled.path.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
@@ -182,7 +197,8 @@ def cmd_bench(opts) -> int:
 
 
 def load_probe(path: str) -> dict:
-    """A saved disk probe (tools/disk_probe.py --out).
+    """A saved disk probe (tools/disk_probe.py --out) or machine probe
+    (`flashinfer probe --out`).
 
     Raises:
         FileNotFoundError, ValueError: missing, or not a probe.
@@ -191,6 +207,32 @@ def load_probe(path: str) -> dict:
         probe = json.loads(Path(path).read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not JSON ({err})") from None
-    if not isinstance(probe, dict) or not probe.get("cells"):
+    if not isinstance(probe, dict) or not (probe.get("disk") or probe).get("cells"):
         raise ValueError(f"{path}: not a disk probe (no cells)")
     return probe
+
+
+def bench_machines(opts, backends: list[str], given: dict | None) -> dict:
+    """This machine's curves per backend, for the predictions and the plan row: a
+    machine probe given with --probe (its backend), else the ones `flashinfer
+    probe` kept for the model's disk; none for a plain disk probe."""
+    from ..formats.model_cache import cache_root
+    from ..plan.machine import FORMAT, Machine, cached_machine
+
+    if given is not None:
+        if given.get("format") != FORMAT:
+            return {}
+        machine = Machine.from_dict(given)
+        return {machine.backend: machine} if machine.backend in backends else {}
+    where = Path(opts.probe_dir) if opts.probe_dir else cache_root(opts.cache_dir)
+    if not where.exists():
+        return {}
+    found = {b: cached_machine(where, b, opts.cache_dir) for b in backends}
+    missing = [b for b, m in found.items() if m is None]
+    if missing:
+        print(
+            f"flashinfer bench: no prediction for {', '.join(missing)}: "
+            f"`flashinfer probe --backend {missing[0]}` measures this machine",
+            file=sys.stderr,
+        )
+    return {b: m for b, m in found.items() if m is not None}

@@ -134,15 +134,18 @@ def _add(a: dict, b: dict, scale: float = 1.0) -> dict:
     return out
 
 
-def dense_cost(layout: Layout, machine: Machine) -> TokenCost:
-    """Every weight in DRAM: products on every core, nothing read."""
+def dense_cost(layout: Layout, machine: Machine, threads: str = "all") -> TokenCost:
+    """Every weight in DRAM: products on `threads` ("all" cores, or "1"), nothing
+    read."""
     ffn = layout.args.num_hidden_layers * layout.args.intermediate_size
     kinds = _add(resident_products(layout), ffn_kinds(layout), ffn)
-    compute = compute_seconds(machine, layout, kinds, "all")
+    compute = compute_seconds(machine, layout, kinds, threads)
     return TokenCost("dense", 0.0, 0.0, compute)
 
 
-def streamed_cost(layout: Layout, plan: MemoryPlan, machine: Machine) -> TokenCost:
+def streamed_cost(
+    layout: Layout, plan: MemoryPlan, machine: Machine, threads: str = "all"
+) -> TokenCost:
     """The streamed placement: every neuron computed on every core, the rows not
     held read in spans of consecutive 1 MiB reads over the reader's threads, behind
     compute (the ring runs ahead across layers and tokens): the token takes the
@@ -152,7 +155,7 @@ def streamed_cost(layout: Layout, plan: MemoryPlan, machine: Machine) -> TokenCo
     streamed = sum(n - held for held in plan.capacity) * row
     ffn = args.num_hidden_layers * n
     kinds = _add(resident_products(layout), ffn_kinds(layout), ffn)
-    compute = compute_seconds(machine, layout, kinds, "all")
+    compute = compute_seconds(machine, layout, kinds, threads)
     rate = throughput_at(machine.disk, DEFAULT_CHUNK, DEFAULT_THREADS, sequential=True)
     io = streamed / rate
     memory = streamed / machine.memory_bytes_per_s if machine.backend == "mlx" else 0
@@ -168,7 +171,9 @@ def streamed_cost(layout: Layout, plan: MemoryPlan, machine: Machine) -> TokenCo
     )
 
 
-def paging_cost(layout: Layout, budget: int, machine: Machine) -> TokenCost:
+def paging_cost(
+    layout: Layout, budget: int, machine: Machine, threads: str = "all"
+) -> TokenCost:
     """OS paging (the FFN memory-mapped), for comparison: the page cache holds what
     the budget leaves beside the resident weights; a token scans the whole FFN in
     order, which an LRU cache smaller than the scan serves not at all, so every
@@ -178,15 +183,34 @@ def paging_cost(layout: Layout, budget: int, machine: Machine) -> TokenCost:
     room = max(budget - resident, 0)
     missed = ffn if ffn > room else 0
     rate = throughput_at(machine.disk, DEFAULT_CHUNK, 1, sequential=True)
-    compute = dense_cost(layout, machine).compute_s
+    compute = dense_cost(layout, machine, threads).compute_s
     return TokenCost(
         "OS paging", missed / rate, 0.0, compute, bytes_read=missed, read_size=128 << 10
     )
 
 
+def layer_streaming_cost(
+    layout: Layout, machine: Machine, chunk_bytes: int, threads: str = "all"
+) -> TokenCost:
+    """Layer streaming (AirLLM's way, `bench/baselines.StreamFFN`), for comparison:
+    the whole FFN read every token in large sequential reads on one thread, then
+    computed: no overlap."""
+    _, ffn = model_bytes(layout)
+    rate = throughput_at(machine.disk, min(chunk_bytes, 4 << 20), 1, sequential=True)
+    compute = dense_cost(layout, machine, threads).compute_s
+    return TokenCost(
+        "layer streaming",
+        ffn / rate,
+        0.0,
+        compute,
+        bytes_read=ffn,
+        read_size=chunk_bytes,
+    )
+
+
 def window_stats(layout: Layout, predictor: str, k: int) -> tuple[list, str]:
     """Per layer (predicted, loaded, held) fractions of the neurons for a window of
-    k, from the predictor's report, and where they came from."""
+    k, from the predictor's report in `layout`, and where they came from."""
     args = layout.args
     section = layout.manifest.get("predictor") or {}
     report = section.get("report") or []
@@ -224,17 +248,24 @@ def sparse_cost(
     predictor: str,
     window: int,
     predictor_bytes: int = 0,
+    stats_layout: Layout | None = None,
 ) -> TokenCost:
     """The sparse placement (flash/ffn.py): per layer the predictor runs, the window
     loads what it does not hold (fewer hits where the cache is smaller than the
     window's union), the reader fetches those bundles (runs of neighbours merged
-    across small gaps), and the FFN computes over every held row; products on one
-    thread (the reader's threads take the other cores)."""
+    across small gaps; in a separate arrangement each part apart), and the FFN
+    computes over every held row; products on one thread (the reader's threads take
+    the other cores). `stats_layout`: where the predictor's report is (the bundled
+    twin of a separate layout)."""
     args = layout.args
     n, row = args.intermediate_size, layout.bundle_bytes
-    stats, source = window_stats(layout, predictor, window)
+    stats, source = window_stats(stats_layout or layout, predictor, window)
     align = 4096 if layout.quantization or row % 4096 else 512
-    gap = max(DEFAULT_MAX_GAP // row, 0)  # bundles a read runs through
+    if layout.arrangement == "separate":  # a read per part: as many, smaller
+        pieces, row = len(layout.part_bytes), row / len(layout.part_bytes)
+    else:
+        pieces = 1
+    gap = max(int(DEFAULT_MAX_GAP // row), 0)  # pieces a read runs through
     bytes_read = rows = runs = loaded_total = 0.0
     for (p, loaded, held), cap in zip(stats, plan.capacity, strict=True):
         union = held * n
@@ -243,10 +274,10 @@ def sparse_cost(
         load = min(max(load, 0.0), p * n)
         rows += min(cap, union) + max(0.0, p * n - cap)
         q = load / n
-        layer_runs = load * (1 - q) ** (gap + 1) if load >= 1 else load
+        layer_runs = pieces * (load * (1 - q) ** (gap + 1) if load >= 1 else load)
         runs += layer_runs
         loaded_total += load
-        bytes_read += load * row + layer_runs * align
+        bytes_read += pieces * load * row + layer_runs * align
     read_size = bytes_read / runs if runs else 0.0
     rate = throughput_at(machine.disk, max(read_size, 512), DEFAULT_THREADS)
     layers = args.num_hidden_layers
@@ -256,7 +287,8 @@ def sparse_cost(
         kind = "q4" if predictor == "lowbit" else layout.dtype
         kinds = _add(kinds, {kind: predictor_bytes})
     compute = compute_seconds(machine, layout, kinds, "1")
-    memory = layers * WINDOW_STEP_S + loaded_total * row / machine.memory_bytes_per_s
+    moved = loaded_total * layout.bundle_bytes  # rows landed, and as many moved
+    memory = layers * WINDOW_STEP_S + 2 * moved / machine.memory_bytes_per_s
     hidden = 0.0
     if plan.lookahead:  # the next layer's reads behind this layer's compute
         hidden = min(io, compute) * 0.5

@@ -1,0 +1,67 @@
+"""What the cost model (plan/costs.py) predicts for each bench row, set beside what
+the row measured: the validation of the model, row by row (`predicted_ms`,
+`measured_ms` in the result).
+
+Every row computes on one BLAS thread (worker.py), so every prediction uses the
+one-thread rates.
+"""
+
+from __future__ import annotations
+
+from ..flash.memory import model_bytes
+from ..formats.layout import Layout
+from ..plan.costs import (
+    TokenCost,
+    dense_cost,
+    layer_streaming_cost,
+    paging_cost,
+    sparse_cost,
+    streamed_cost,
+)
+from ..plan.machine import Machine
+from ..predictors.kinds import predictor_nbytes
+from .configs import RunSpec, flash_plan, streamed_plan
+
+THREADS = "1"
+
+
+def predict(spec: RunSpec, layout: Layout, source: Layout, machine: Machine):
+    """The predicted cost of one decoded token of `spec` (None for a row the model
+    does not cover)."""
+    if spec.kind == "dense":
+        return dense_cost(layout, machine, THREADS)
+    if spec.kind == "mmap":
+        return paging_cost(layout, spec.budget, machine, THREADS)
+    if spec.kind == "stream":
+        return layer_streaming_cost(layout, machine, spec.chunk_bytes, THREADS)
+    if spec.kind == "streamed":
+        return streamed_cost(layout, streamed_plan(spec, layout), machine, THREADS)
+    plan = flash_plan(spec, layout, source)
+    nbytes = predictor_nbytes(spec.predictor, source)
+    cost = sparse_cost(
+        layout, plan, machine, spec.predictor, spec.window, nbytes, source
+    )
+    if spec.rows_in_dram:  # the compute-only row: the reads are copies in memory
+        _, ffn = model_bytes(layout)
+        copy = cost.bytes_read / machine.memory_bytes_per_s
+        cost = TokenCost(
+            cost.placement, 0.0, cost.memory_s + copy, cost.compute_s, note=cost.note
+        )
+    return cost
+
+
+def prediction_fields(cost: TokenCost | None, measured_ms: float) -> dict:
+    """The prediction as the result stores it, beside the measurement."""
+    if cost is None:
+        return {"measured_ms": measured_ms}
+    predicted = 1e3 * cost.total_s
+    return {
+        "predicted_ms": predicted,
+        "measured_ms": measured_ms,
+        "predicted_over_measured": predicted / measured_ms if measured_ms else None,
+        "predicted_io_ms": 1e3 * cost.io_s,
+        "predicted_memory_ms": 1e3 * cost.memory_s,
+        "predicted_compute_ms": 1e3 * cost.compute_s,
+        "predicted_mb_per_token": cost.bytes_read / 1e6,
+        "prediction_note": cost.note,
+    }
