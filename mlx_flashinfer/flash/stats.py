@@ -46,10 +46,13 @@ class FlashStats:
         """The counters plus derived figures (per token where it makes sense)."""
         out = asdict(self)
         n = max(self.tokens, 1)
+        reading = self.io_s - self.ahead_wait_s + self.io_ahead_s
         out.update(
             bytes_per_token=self.bytes_read / n,
             mean_read_bytes=self.bytes_read / max(self.reads, 1),
-            gb_per_s=self.bytes_read / self.io_s / 1e9 if self.io_s else 0.0,
+            # the disk's rate while reading: reads ahead in the background count
+            # their own time, not the wait for them
+            gb_per_s=self.bytes_read / reading / 1e9 if reading > 0 else 0.0,
             hit_rate=self.neurons_hit / max(self.neurons_predicted, 1),
             # of the loads, the share read ahead; of the reads ahead, the share used
             ahead_coverage=self.ahead_used

@@ -245,7 +245,9 @@ class StreamedFFN(TokenCounters):
         for start in self.chunk_starts[layer]:
             began = time.perf_counter()
             chunk = self.ring.take(layer, start)
-            stats.io_s += time.perf_counter() - began  # waited for the disk
+            waited = time.perf_counter() - began  # the disk is behind compute
+            stats.io_s += waited
+            stats.ahead_wait_s += waited
             stop = chunk.stop
             span = (stop - start) * self.layout.bundle_bytes
             raw = self.ring.bytes[chunk.at : chunk.at + span]
