@@ -259,7 +259,9 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
     monkeypatch.setattr(
         "mlx_flashinfer.formats.default_model.default_gguf_path", lambda: gguf
     )
-    layout = Layout.open(resolve_model(None, tmp_path / "cache", progress=False))
+    layout = Layout.open(
+        resolve_model(None, cache_dir=tmp_path / "cache", progress=False)
+    )
     assert layout.manifest["predictor"]["kind"] == "lowbit"
     assert layout.manifest["predictor"]["recall_target"] == 0.99
     layout.verify()
@@ -273,7 +275,9 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
         raise MemoryError("out of memory")
 
     monkeypatch.setattr("mlx_flashinfer.predictors.train.train_predictor", fail)
-    layout = Layout.open(resolve_model(None, tmp_path / "other", progress=False))
+    layout = Layout.open(
+        resolve_model(None, cache_dir=tmp_path / "other", progress=False)
+    )
     assert layout.manifest["predictor"] is None
     err = capsys.readouterr().err
     assert "no predictor made (out of memory)" in err and "train-predictor" in err
@@ -284,18 +288,22 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
     # a first run cut during training (Ctrl-C): the next run makes the predictor
     monkeypatch.setattr("mlx_flashinfer.predictors.train.train_predictor", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        resolve_model(None, tmp_path / "cut", progress=False)
+        resolve_model(None, cache_dir=tmp_path / "cut", progress=False)
     cut = Layout.open(next((tmp_path / "cut").glob("*/manifest.json")).parent)
     assert cut.manifest["predictor"] is None
     monkeypatch.undo()
     monkeypatch.setattr(
         "mlx_flashinfer.formats.default_model.default_gguf_path", lambda: gguf
     )
-    layout = Layout.open(resolve_model(None, tmp_path / "cut", progress=False))
+    layout = Layout.open(
+        resolve_model(None, cache_dir=tmp_path / "cut", progress=False)
+    )
     assert layout.manifest["predictor"]["kind"] == "lowbit"
     # a layout or a checkpoint the user names is converted as it is, no predictor
     src = write_gguf(tmp_path / "named.gguf", config, random_weights(config))
-    named = Layout.open(resolve_model(src, tmp_path / "cache", progress=False))
+    named = Layout.open(
+        resolve_model(src, cache_dir=tmp_path / "cache", progress=False)
+    )
     assert named.manifest["predictor"] is None
 
 

@@ -83,7 +83,7 @@ def prepare(
     """
     from .configs import ROWS
 
-    bundled = Layout.open(resolve_model(model, cache_dir))
+    bundled = Layout.open(resolve_model(model, cache_dir=cache_dir))
     rows = tuple(rows or ROWS)
     other = None
     if {"+predictor", "+windowing"} & set(rows):

@@ -20,12 +20,11 @@ With `max_loss`, the cuts are chosen instead for that loss, per layer
 (`quality.allocate`, TEAL-like).
 
 The predictor file is written under a new name and the manifest is switched to it
-last, atomically: an interrupted run leaves the layout as it was.
+last, atomically (`store.py`): an interrupted run leaves the layout as it was.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -34,10 +33,10 @@ import numpy as np
 from tqdm import tqdm
 
 from ..formats.layout import Layout
-from ..formats.safetensors_stream import STORAGE, StreamingWriter
 from ..formats.tokenizer import load_tokenizer
 from . import lowbit, quality
 from .calibrate import (
+    MIN_TOKENS,
     LayerByLayer,
     calibration_sequences,
     check_calibration_budget,
@@ -53,6 +52,7 @@ from .lowrank import (
     predictor_tensors,
     train_layer,
 )
+from .store import check_writable, store_predictor
 from .texts import CALIBRATION_FILE, calibration_text
 
 DEFAULT_RECALL = 0.99
@@ -64,7 +64,6 @@ DEFAULT_RECALL = 0.99
 DEFAULT_TOKENS = 4096
 DEFAULT_EPOCHS = 8
 QUALITY_SEQUENCES = 2  # tune sequences the loss is measured on (512 tokens)
-REPORT_KEYS = ("recall", "precision", "predicted_fraction", "true_fraction")
 
 
 def contribution_mask(gate: np.ndarray, up: np.ndarray, sparsity: float):
@@ -118,12 +117,13 @@ def parse_max_loss(value: str | float) -> float:
 
 def train_predictor(
     path,
+    *,
     texts: list[str] | None = None,
     tokens: int = DEFAULT_TOKENS,
     kind: str | None = None,
     rank: int = 64,
     last_rank: int | None = None,
-    recall: float = DEFAULT_RECALL,
+    recall: float | None = None,
     max_loss: float | None = None,
     silu_sparsity: float = 0.5,
     threshold: float = 0.5,
@@ -144,12 +144,13 @@ def train_predictor(
         rank, last_rank: low-rank predictor's rank per layer; the last eighth of the
             layers gets `last_rank` when given.
         recall: each layer's cut keeps this share of its target set on the tune
-            split.
+            split (default DEFAULT_RECALL).
         max_loss: instead of `recall`, choose the cuts so that perplexity on
             calibration text rises by at most this fraction (0.03: 3%).
         silu_sparsity: SiLU models only: fraction of neurons outside the target
-            set per token (the smallest |silu(gate) x up|); the gate predictor's
-            cut on |silu(gate)| (it cannot see up) skips the same fraction.
+            set per token (the smallest |silu(gate) x up|), in (0, 1); the gate
+            predictor's cut on |silu(gate)| (it cannot see up) skips the same
+            fraction.
         threshold: the probability cut training watches its held-out recall at
             (to stop); the cuts used are chosen afterwards.
         backend: "numpy", "mlx" or None (as `load`).
@@ -166,8 +167,8 @@ def train_predictor(
         measured quality, settings and timing.
 
     Raises:
-        ValueError: an unknown kind, a rank, recall or max_loss out of range, or
-            too little text.
+        ValueError: an unknown kind; a rank, recall, max_loss, silu_sparsity or
+            tokens out of range; recall and max_loss both given; too little text.
     """
     started = time.perf_counter()
     layout = Layout.open(path)
@@ -187,10 +188,18 @@ def train_predictor(
         raise ValueError(
             f"rank {max(ranks)} out of range: 1..{args.hidden_size} (d_model)"
         )
+    if recall is not None and max_loss is not None:
+        raise ValueError("give recall or max_loss, not both: each chooses the cuts")
+    recall = DEFAULT_RECALL if recall is None else recall
     if not 0.0 < recall <= 1.0:
         raise ValueError(f"recall must be in (0, 1], got {recall}")
     if max_loss is not None and not max_loss > 0:
         raise ValueError(f"max_loss must be above 0, got {max_loss}")
+    if not 0.0 < silu_sparsity < 1.0:  # also refuses nan
+        raise ValueError(f"silu_sparsity must be in (0, 1), got {silu_sparsity}")
+    if tokens < MIN_TOKENS:
+        raise ValueError(f"tokens must be >= {MIN_TOKENS}, got {tokens}")
+    check_writable(layout)
     tokenizer = load_tokenizer(layout)
     seq_len = min(seq_len, args.max_position_embeddings)
     sequences = calibration_sequences(
@@ -252,25 +261,21 @@ def train_predictor(
         held = sum(t.nbytes for t in tensors.values())
         group_size = weights[0][0].group_size
         about = {"bits": lowbit.BITS, "group_size": group_size, "threshold": None}
-    return store_predictor(
-        layout,
-        tensors,
-        reports,
-        {
-            "kind": kind,
-            "nbytes": held,
-            **about,
-            "recall_target": None if max_loss is not None else recall,
-            "cuts": cuts,
-            "quality": measured,
-            "tokens": total,
-            "tune_tokens": tune_tokens,
-            "source": "texts" if texts else f"shipped text ({CALIBRATION_FILE})",
-            "silu_sparsity": silu_sparsity if args.hidden_act == "silu" else None,
-            "silu_thresholds": gate_cuts or None,
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-    )
+    settings = {
+        "kind": kind,
+        "nbytes": held,
+        **about,
+        "recall_target": None if max_loss is not None else recall,
+        "cuts": cuts,
+        "quality": measured,
+        "tokens": total,
+        "tune_tokens": tune_tokens,
+        "source": "texts" if texts else f"shipped text ({CALIBRATION_FILE})",
+        "silu_sparsity": silu_sparsity if args.hidden_act == "silu" else None,
+        "silu_thresholds": gate_cuts or None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    return store_predictor(layout, tensors, reports, settings)
 
 
 def _exp(x: float) -> float:
@@ -431,64 +436,3 @@ class _Calibration:
             keep = self.keep(self.predictor(w), cut)
             streams = self.runner.run(layer, streams, keep=keep)
         return self.nll(streams)
-
-
-_DTYPE_NAMES = {np.dtype(v): k for k, v in STORAGE.items() if k != "bfloat16"}
-
-
-def _write_tensors(path, tensors: dict) -> str:
-    """Write safetensors tensor by tensor (a low-bit predictor is hundreds of MB at
-    1B parameters: safetensors' save_file builds the whole file in memory first);
-    returns the file's sha256."""
-    digest = hashlib.sha256()
-    specs = {k: (_DTYPE_NAMES[v.dtype], v.shape) for k, v in tensors.items()}
-    writer = StreamingWriter(path, specs, hasher=digest)
-    for name, value in tensors.items():
-        writer.write(name, value)
-    writer.close()
-    return digest.hexdigest()
-
-
-def store_predictor(layout: Layout, tensors: dict, reports, settings: dict) -> dict:
-    """Write the predictor's tensors under a fresh name, then switch the manifest to
-    it; `settings` (with "kind" and "nbytes", the bytes held) go into its section."""
-    tmp = layout.path / ".predictor.new"
-    try:
-        digest = _write_tensors(tmp, tensors)
-    except BaseException:  # a disk full or an interrupt leaves nothing behind
-        tmp.unlink(missing_ok=True)
-        raise
-    name = f"predictor-{digest[:12]}.safetensors"
-    old = (layout.manifest.get("predictor") or {}).get("file")
-    try:
-        tmp.rename(layout.path / name)
-        # every other predictor file goes below: the manifest lists none of them
-        files = {
-            f: v
-            for f, v in layout.manifest["files"].items()
-            if not f.startswith("predictor-")
-        }
-        files[name] = {"size": (layout.path / name).stat().st_size, "sha256": digest}
-        section = {
-            "file": name,
-            **settings,
-            "report": [
-                {
-                    k: r[k]
-                    for k in (*REPORT_KEYS, "rank", "bits", "epochs", "fit_recall")
-                    if k in r  # synthetic predictors (bench/synth.py) fit nothing
-                }
-                for r in reports
-            ],
-        }
-        layout.update_manifest({"predictor": section, "files": files})
-    except BaseException:
-        if name != old:  # never delete the file the manifest still names
-            (layout.path / name).unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
-        raise
-    # older predictors, and those of runs killed before the manifest named them
-    for file in layout.path.glob("predictor-*.safetensors"):
-        if file.name != name:
-            file.unlink(missing_ok=True)
-    return section
