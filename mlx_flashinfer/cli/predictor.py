@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..model.backends import BACKENDS
 from ..predictors.calibrate import MIN_TOKENS
-from ..predictors.report import predictor_table
+from ..predictors.report import gate_comparison, predictor_table
 from ..predictors.train import DEFAULT_RECALL, DEFAULT_TOKENS
 from .options import at_least, fraction, read_text_file
 
@@ -84,6 +84,12 @@ def add_commands(sub) -> None:
         "calibration tokens' activations",
     )
     p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="store the new predictor even when the gate predictor costs less on "
+        "both counts (neurons read per token and DRAM held): it loses less quality",
+    )
     p.set_defaults(run=cmd_train_predictor)
 
 
@@ -101,6 +107,7 @@ def cmd_train_predictor(opts) -> int:
     path = resolve_model(opts.model)  # "default": the embedded model's cached layout
     section = train_predictor(
         path,
+        force=opts.force,
         texts=texts or None,
         tokens=opts.tokens,
         kind=kind,
@@ -115,6 +122,7 @@ def cmd_train_predictor(opts) -> int:
         progress=sys.stderr.isatty(),
     )
     print("\n".join(predictor_table(section)))
+    print(gate_comparison(section))
     print(
         f"trained on {section['tokens']} tokens ({section['source']}) in "
         f"{section['seconds']:.1f} s; stored in {Path(path) / section['file']}"

@@ -19,6 +19,12 @@ given: no model sampling) runs through the model one layer at a time
 With `max_loss`, the cuts are chosen instead for that loss, per layer
 (`quality.allocate`, TEAL-like).
 
+The gate predictor (what flash mode uses without a trained one) is measured on the
+same tune split: the neurons it predicts, the DRAM it holds and, for SiLU models, its
+loss. A new predictor that predicts more neurons per token and holds more DRAM than it
+reads more per token at any budget and fits fewer: it is not stored unless forced
+(`report.gate_dominates`; a q4 layout's low-bit predictor is such a case).
+
 The predictor file is written under a new name and the manifest is switched to it
 last, atomically (`store.py`): an interrupted run leaves the layout as it was.
 """
@@ -42,7 +48,13 @@ from .calibrate import (
     check_calibration_budget,
     split_sequences,
 )
-from .kinds import TRAINED, activation_mask, default_kind, silu_magnitude
+from .kinds import (
+    TRAINED,
+    activation_mask,
+    default_kind,
+    predictor_nbytes,
+    silu_magnitude,
+)
 from .lowbit import LowBitPredictor
 from .lowrank import (
     LowRankPredictor,
@@ -52,6 +64,7 @@ from .lowrank import (
     predictor_tensors,
     train_layer,
 )
+from .report import gate_dominates, not_stored_line
 from .store import check_writable, store_predictor
 from .texts import CALIBRATION_FILE, calibration_text
 
@@ -133,8 +146,10 @@ def train_predictor(
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
-    """Train and store the predictor of the layout at `path`.
+    """Train and store the predictor of the layout at `path`, unless it costs
+    more than the gate predictor (the one used without training) on both counts.
 
     Args:
         path: layout directory.
@@ -161,14 +176,19 @@ def train_predictor(
             `lowrank.train_layer`).
         seed: initialisation and shuffling.
         progress: show progress bars.
+        force: store the predictor even when it predicts more neurons per token
+            and holds more DRAM than the gate predictor (`gate_dominates`).
 
     Returns:
         The manifest's new "predictor" section: per-layer cuts and report, the
-        measured quality, settings and timing.
+        measured quality, the gate predictor's figures ("gate"), settings and
+        timing.
 
     Raises:
         ValueError: an unknown kind; a rank, recall, max_loss, silu_sparsity or
-            tokens out of range; recall and max_loss both given; too little text.
+            tokens out of range; recall and max_loss both given; too little text;
+            a predictor the gate predictor dominates, without `force` (the layout
+            is left as it was).
     """
     started = time.perf_counter()
     layout = Layout.open(path)
@@ -215,7 +235,7 @@ def train_predictor(
             layout, total, tune_tokens, longest, memory_budget, held
         )
     run = _Calibration(layout, kind, sequences, tune, backend, max_loss is not None)
-    weights, reports, cuts, gate_cuts = [], [], [], []
+    weights, reports, cuts, gate_cuts, gate_fractions = [], [], [], [], []
     for layer in tqdm(
         range(args.num_hidden_layers),
         desc="calibrating and training layers" if kind == "lowrank" else "calibrating",
@@ -244,6 +264,10 @@ def train_predictor(
         if args.hidden_act == "silu":  # the gate predictor's cut, on the tune split
             magnitude = silu_magnitude(data.tune_gate)
             gate_cuts.append(float(np.quantile(magnitude, silu_sparsity)))
+            gate_fractions.append(float(np.mean(magnitude > gate_cuts[-1])))
+            run.gate_sparse_forward(layer, gate_cuts[-1])
+        else:  # exact: what fires (drelu: as the gate sees it, without up)
+            gate_fractions.append(float(activation_mask(args, data.tune_gate).mean()))
         run.sparse_forward(layer, predictor, cut, z, data)
         weights.append(layer_weights)
         cuts.append(cut)
@@ -261,6 +285,12 @@ def train_predictor(
         held = sum(t.nbytes for t in tensors.values())
         group_size = weights[0][0].group_size
         about = {"bits": lowbit.BITS, "group_size": group_size, "threshold": None}
+    gate = {
+        "predicted_fraction": float(np.mean(gate_fractions)),
+        "nbytes": predictor_nbytes("gate", layout),
+        # the ReLU family's gate predictor is exact: it loses nothing
+        "loss": run.gate_loss() if args.hidden_act == "silu" else 0.0,
+    }
     settings = {
         "kind": kind,
         "nbytes": held,
@@ -268,6 +298,7 @@ def train_predictor(
         "recall_target": None if max_loss is not None else recall,
         "cuts": cuts,
         "quality": measured,
+        "gate": gate,
         "tokens": total,
         "tune_tokens": tune_tokens,
         "source": "texts" if texts else f"shipped text ({CALIBRATION_FILE})",
@@ -275,6 +306,8 @@ def train_predictor(
         "silu_thresholds": gate_cuts or None,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if not force and gate_dominates({**settings, "report": reports}):
+        raise ValueError(not_stored_line({**settings, "report": reports}, layout.path))
     return store_predictor(layout, tensors, reports, settings)
 
 
@@ -318,6 +351,7 @@ class _Calibration:
         self.streams = self.runner.embed(sequences)
         self.quality = tune[:QUALITY_SEQUENCES]
         self.sparse = [self.streams[j] for j in self.quality]
+        self.gate_sparse = list(self.sparse)  # the same tokens, the gate's cuts
         self.grids: list[quality.LayerGrid] | None = [] if grids else None
 
     def forward(self, layer: int, target) -> _LayerData:
@@ -383,6 +417,22 @@ class _Calibration:
                     out_norms,
                 )
             )
+
+    def gate_sparse_forward(self, layer: int, cut: float) -> None:
+        """The quality streams through `layer` over the neurons the gate predictor
+        keeps (SiLU: |silu(gate)| above `cut`): what running without a trained
+        predictor would cost, on the same tokens."""
+        ffn = self.runner.ffn
+
+        def keep(h):
+            return silu_magnitude(ffn.gate(layer, h)) > cut
+
+        self.gate_sparse = self.runner.run(layer, self.gate_sparse, keep=keep)
+
+    def gate_loss(self) -> float:
+        """The gate predictor's perplexity loss on the quality sequences (after
+        `measured`, which scores them dense)."""
+        return self._quality(self.nll(self.gate_sparse))["loss"]
 
     def nll(self, streams) -> float:
         """Summed NLL (nats) of the quality sequences from their final streams."""
