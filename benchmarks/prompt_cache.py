@@ -131,11 +131,18 @@ def main() -> None:
                 "budget": budget,
             }
             try:
-                model, tokenizer = load(opts.model, backend, budget, opts.predictor)
+                model, tokenizer = load(
+                    opts.model,
+                    backend=backend,
+                    memory_budget=budget,
+                    predictor=opts.predictor,
+                )
             except ValueError as err:  # the gate predictor's 53 MB do not fit 50%
                 print(f"{budget} with predictor {opts.predictor}: {err}; using 'all'")
                 row["refused"] = f"predictor {opts.predictor}: {err}"
-                model, tokenizer = load(opts.model, backend, budget, "all")
+                model, tokenizer = load(
+                    opts.model, backend=backend, memory_budget=budget, predictor="all"
+                )
             row["predictor"] = None if budget is None else model.ffn.predictor.name
             mlx_flashinfer.generate(model, tokenizer, "Hi", max_tokens=4)  # warm-up
             row |= measure(model, tokenizer, text, opts.repeats, opts.reply_tokens)

@@ -184,6 +184,7 @@ class Chat:
         self,
         model,
         tokenizer,
+        *,
         max_tokens: int = 256,
         system_prompt: str | None = None,
         sampler=None,

@@ -85,13 +85,14 @@ def make_repetition_penalty(penalty: float, context_size: int = 20):
 def generate_step(
     model,
     prompt_ids: list[int],
+    *,
     sampler: Sampler | None = None,
     logits_processors: list | None = None,
     max_tokens: int = 256,
     prompt_cache: PromptCache | None = None,
 ) -> Iterator[int]:
     """Yield generated token ids: prefill `prompt_ids`, then one decode step per
-    token.
+    token (`max_tokens` 0: the prefill alone, as `flashinfer cache-prompt` runs it).
 
     With a `prompt_cache` (`make_prompt_cache`), the prompt's prefix that the cache
     already holds is not run again, and the cache keeps this sequence for the next
@@ -162,6 +163,7 @@ def stream_generate(
     max_tokens: int = 256,
     sampler: Sampler | None = None,
     logits_processors: list | None = None,
+    *,
     stop: list[str] | None = None,
     prompt_cache: PromptCache | None = None,
     **sampler_args,
@@ -170,11 +172,32 @@ def stream_generate(
     ids), yielding a response per token; stops on EOS, a stop string, max_tokens or a
     full context.
 
-    `prompt_cache` (`make_prompt_cache(model)`) keeps the sequence for the next call:
-    pass the whole conversation each time, and only the tokens after the prefix it
-    shares with the cached ones are computed (see prompt_cache.py).
-    `sampler_args` (temp, top_p, top_k, min_p, seed) build a sampler when none is given.
+    Args:
+        model, tokenizer: from `load`.
+        prompt: text or token ids.
+        max_tokens: the longest reply, in tokens (>= 1).
+        sampler: from `make_sampler` (default: built from `sampler_args`, greedy
+            without them).
+        logits_processors: functions (tokens, logits) -> logits, applied in order.
+        stop: strings that end the reply (not included in it).
+        prompt_cache: `make_prompt_cache(model)`, kept for the next call: pass the
+            whole conversation each time, and only the tokens after the prefix it
+            shares with the cached ones are computed (see prompt_cache.py).
+        sampler_args: temp, top_p, top_k, min_p, seed, for `make_sampler`.
+
+    Returns:
+        An iterator of `GenerationResponse`, one per token.
+
+    Raises:
+        ValueError: max_tokens below 1, a bad prompt or token id, a cache of
+            another model, or non-finite logits (`NonFiniteError`).
     """
+    # max_tokens, sampler and logits_processors stay positional as in mlx-lm's
+    # stream_generate (max_tokens) and for serve/server.py's call
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int | np.integer):
+        raise ValueError(f"max_tokens must be an integer, got {max_tokens!r}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
     if isinstance(prompt, bytes | bytearray):
         raise ValueError("the prompt is bytes: give text (str) or a list of token ids")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -189,7 +212,12 @@ def stream_generate(
         prompt_cache = PromptCache(model)
     cached = prompt_cache.reusable(ids)
     steps = generate_step(
-        model, ids, sampler, logits_processors, max_tokens, prompt_cache
+        model,
+        ids,
+        sampler=sampler,
+        logits_processors=logits_processors,
+        max_tokens=max_tokens,
+        prompt_cache=prompt_cache,
     )
     for n, token in enumerate(steps, start=1):
         if n == 1:
@@ -258,11 +286,24 @@ def generate(
     model,
     tokenizer,
     prompt: str | list[int],
+    *,
     max_tokens: int = 256,
     verbose: bool = False,
     **kwargs,
 ) -> str:
-    """The generated text for `prompt` (see `stream_generate` for the arguments)."""
+    """The generated text for `prompt`.
+
+    Args:
+        model, tokenizer, prompt, max_tokens: as for `stream_generate`.
+        verbose: print the text as it comes, then speed and memory.
+        kwargs: the other options of `stream_generate` (sampler, stop, ...).
+
+    Returns:
+        The reply's text.
+
+    Raises:
+        ValueError: as `stream_generate` (max_tokens below 1 among them).
+    """
     text, last = "", None
     for last in stream_generate(
         model, tokenizer, prompt, max_tokens=max_tokens, **kwargs

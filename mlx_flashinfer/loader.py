@@ -38,6 +38,7 @@ def default_predictor(layout: Layout) -> str:
 
 def resolve_model(
     spec: str | Path | None = None,
+    *,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
@@ -62,7 +63,7 @@ def resolve_model(
             message gives the pip command).
         ValueError: the path is neither a layout nor a supported checkpoint.
     """
-    path = cached_layout(spec, cache_dir, progress)
+    path = cached_layout(spec, cache_dir=cache_dir, progress=progress)
     if is_embedded(spec):
         _make_default_predictor(path, progress)
     return path
@@ -157,6 +158,7 @@ def make_plan(
 
 def load(
     path: str | Path | None = None,
+    *,
     backend: str | None = None,
     dense: bool | None = None,
     memory_budget: str | int | None = None,
@@ -169,7 +171,8 @@ def load(
     lookahead: bool | None = DEFAULT_LOOKAHEAD,
     placement: str | None = None,
 ):
-    """Load a model, dense (every weight in DRAM) or from flash.
+    """Load a model, dense (every weight in DRAM) or from flash. Every option
+    after `path` is keyword-only: `load(path, memory_budget="50%")`.
 
     Args:
         path: a layout directory (see `convert`), a Hugging Face folder or a .gguf
@@ -210,7 +213,7 @@ def load(
             names the shortfall); ImportError: MLX asked for but missing.
     """
     B = get_backend(backend)
-    layout = Layout.open(resolve_model(path, cache_dir))
+    layout = Layout.open(resolve_model(path, cache_dir=cache_dir))
     context = check_max_context(layout, max_context)
     if dense is None:
         dense = memory_budget is None

@@ -12,27 +12,41 @@ from .model.nonfinite import check_logits
 
 
 def perplexity(
-    model, token_ids: list[int], context: int, prefill: int = 0, progress: bool = False
+    model,
+    token_ids: list[int],
+    context: int,
+    *,
+    prefill: int | None = None,
+    progress: bool = False,
 ) -> dict:
     """Perplexity of `token_ids` split into non-overlapping chunks of `context` tokens.
 
     Every token of a chunk but its first is scored given the tokens before it in the
     chunk, so each chunk starts from an empty cache (as llama.cpp's perplexity tool
-    does). With `prefill` > 0 only the first `prefill` tokens of a chunk run as a
-    prompt and the others as decode steps: the sparse path of a flash model is what
-    gets scored.
+    does). With `prefill` only the first `prefill` tokens of a chunk run as a prompt
+    and the others as decode steps: the sparse path of a flash model is what gets
+    scored.
+
+    Args:
+        model: from `load`.
+        token_ids: the text's tokens.
+        context: tokens per chunk, 2..the model's context.
+        prefill: tokens of each chunk run as a prompt, >= 1 (None: the whole chunk).
+        progress: show a progress bar.
 
     Returns:
         {"perplexity", "nll" (mean, nats), "tokens" (scored), "chunks"}
 
     Raises:
-        ValueError: fewer than 2 tokens, or a context out of range; NonFiniteError
-            (a ValueError) for inf or nan logits, naming the layer.
+        ValueError: fewer than 2 tokens, a context or prefill out of range;
+            NonFiniteError (a ValueError) for inf or nan logits, naming the layer.
     """
     if len(token_ids) < 2:
         raise ValueError("the text is too short: it needs at least 2 tokens")
     if not 2 <= context <= model.max_context:
         raise ValueError(f"context {context} out of range: 2..{model.max_context}")
+    if prefill is not None and prefill < 1:
+        raise ValueError(f"prefill must be >= 1 (or None: whole chunks), got {prefill}")
     total, scored = 0.0, 0
     chunks = [token_ids[s : s + context] for s in range(0, len(token_ids) - 1, context)]
     chunks = [c for c in chunks if len(c) > 1]

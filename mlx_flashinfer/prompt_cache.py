@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .formats.staging import write_file
 from .model.transformer import PREFILL_CHUNK, KVCache
 
 FORMAT = "mlx-flashinfer-prompt-cache"
@@ -119,18 +120,24 @@ def make_prompt_cache(model) -> PromptCache:
 
 
 def save_prompt_cache(
-    file: str | Path, cache: PromptCache, model, metadata: dict | None = None
+    file: str | Path, cache: PromptCache, model, *, metadata: dict | None = None
 ) -> None:
     """Write `cache` to a safetensors file: per layer its keys and values
     (kv_heads, tokens, head_dim) float32, and the token ids; `metadata` (str -> str)
     beside the format, version and the model's weights id. Written to a temporary
-    name and renamed: an interrupted save leaves no file that loads.
+    name and renamed: an interrupted save leaves no file that loads. A file already
+    at `file` is replaced only when it is a prompt cache.
 
     Raises:
         ValueError: an empty cache, or one of another model.
+        FileExistsError, IsADirectoryError, NotADirectoryError, FileNotFoundError:
+            `file` is something else than a prompt cache, or cannot be made (see
+            `check_cache_destination`).
+        OSError: the system refused the write (naming `file`).
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
+    file = check_cache_destination(file)
     cache.check_model(model)
     if not cache.tokens:
         raise ValueError("the prompt cache is empty: nothing to save")
@@ -143,13 +150,91 @@ def save_prompt_cache(
             tensors[f"layers.{i}.{name}"] = np.ascontiguousarray(held)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta |= {"format": FORMAT, "version": VERSION, "weights_id": model.weights_id}
+    data = save(tensors, metadata=meta)
+    check_cache_destination(file)  # again: it may have changed during the prefill
+    # written by Python, not safetensors' save_file: its errors are not OSErrors and
+    # name its own temporary file
+    write_file(file, data)
+
+
+def cache_metadata(file: str | Path) -> dict[str, str]:
+    """The metadata of a prompt cache file (what `save_prompt_cache` stored, with
+    the format, version and weights id), read from its header alone.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a prompt cache file, or one of another version.
+    """
+    from safetensors import safe_open
+
     file = Path(file)
-    temporary = file.with_name(f".{file.name}.{os.getpid()}.tmp")
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no such prompt cache file")
     try:
-        save_file(tensors, str(temporary), metadata=meta)
-        os.replace(temporary, file)
-    finally:
-        temporary.unlink(missing_ok=True)
+        with safe_open(str(file), framework="numpy") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{file}: not a prompt cache file ({err})") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{file}: not a prompt cache (no {FORMAT} header)")
+    if meta.get("version") != VERSION:
+        raise ValueError(
+            f"{file}: prompt cache version {meta.get('version')!r}, this version "
+            f"reads {VERSION}: make it again with flashinfer cache-prompt"
+        )
+    return meta
+
+
+def _read_tensors(file: Path) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f"{file}: not a prompt cache file ({err})") from None
+
+
+def is_prompt_cache(file: str | Path) -> bool:
+    """Whether `file` is a prompt cache (its safetensors header says so)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="numpy") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # safetensors raises its own error types
+        return False
+
+
+def check_cache_destination(file: str | Path) -> Path:
+    """`file` as a Path, when `save_prompt_cache` may write it: a new file in an
+    existing folder, or a prompt cache (replaced). Cheap: callers check before a
+    long prefill.
+
+    Raises:
+        IsADirectoryError: `file` is a folder.
+        FileExistsError: `file` is a file but not a prompt cache (never replaced).
+        NotADirectoryError: a folder on the way is a file.
+        FileNotFoundError: its folder does not exist.
+    """
+    file = Path(file)
+    for parent in reversed(file.parents):
+        if os.path.lexists(parent) and not parent.is_dir():
+            raise NotADirectoryError(
+                f"{file}: {parent} is a file, not a folder; choose another file"
+            )
+    if not file.parent.is_dir():
+        raise FileNotFoundError(f"{file}: no folder {file.parent}; make it first")
+    if file.is_dir():
+        raise IsADirectoryError(
+            f"{file}: is a folder; give a file name for the prompt cache"
+        )
+    if os.path.lexists(file) and not is_prompt_cache(file):
+        raise FileExistsError(
+            f"{file}: exists and is not a prompt cache, so it is not replaced; "
+            "choose another file"
+        )
+    return file
 
 
 def load_prompt_cache(file: str | Path, model) -> PromptCache:
@@ -161,26 +246,9 @@ def load_prompt_cache(file: str | Path, model) -> PromptCache:
         ValueError: not a prompt cache file, or one made for another model (other
             weights or shapes), or longer than the model's context.
     """
-    from safetensors import safe_open
-
     file = Path(file)
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: no such prompt cache file")
-    try:
-        with safe_open(str(file), framework="numpy") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"{file}: not a prompt cache (no {FORMAT} header)")
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except ValueError:
-        raise
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"{file}: not a prompt cache file ({err})") from None
-    if meta.get("version") != VERSION:
-        raise ValueError(
-            f"{file}: prompt cache version {meta.get('version')!r}, this version "
-            f"reads {VERSION}: make it again with flashinfer cache-prompt"
-        )
+    meta = cache_metadata(file)
+    tensors = _read_tensors(file)
     if meta.get("weights_id") != model.weights_id:
         made_for = meta.get("model") or meta.get("weights_id")
         raise ValueError(

@@ -61,7 +61,11 @@ def tiny_opt(
             weights[name][list(live)] = 0.0
     src = write_hf_checkpoint(path / "src", config, weights)
     return convert(
-        src, path / arrangement, "float32", progress=False, arrangement=arrangement
+        src,
+        path / arrangement,
+        dtype="float32",
+        progress=False,
+        arrangement=arrangement,
     )
 
 

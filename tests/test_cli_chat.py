@@ -414,7 +414,7 @@ BAD = {  # argv (--model: a tiny layout unless given), what the line must say
     "unknown predictor": (["chat", "--predictor", "psychic"], "invalid choice"),
     "not a number": (["generate", "-p", "a", "--top-p", "most"], "invalid float"),
     "bad sampling": (["generate", "-p", "a", "--temp", "-1"], "bad sampling"),
-    "no tokens": (["generate", "-p", "a", "--max-tokens", "0"], "--max-tokens must"),
+    "no tokens": (["generate", "-p", "a", "--max-tokens", "0"], "--max-tokens: must"),
     "bad penalty": (["generate", "-p", "a", "--repetition-penalty", "0"], "penalty"),
     "budget too small": (
         ["generate", "-p", "a", "--memory-budget", "1KB"],

@@ -17,11 +17,17 @@ from tiny_models import (
 import fallback_numpy.backend as numpy_backend
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.cli import main
+from mlx_flashinfer.flash.memory import format_bytes
 from mlx_flashinfer.formats.model_cache import CACHE_ENV
 from mlx_flashinfer.formats.quantize import dequantize, rows_float32
 from mlx_flashinfer.loader import resolve_model
 from mlx_flashinfer.predictors import lowbit
 from mlx_flashinfer.predictors.kinds import predictor_nbytes
+from mlx_flashinfer.predictors.report import (
+    gate_comparison,
+    gate_dominates,
+    skipped_share,
+)
 from mlx_flashinfer.predictors.train import train_predictor
 
 BACKENDS = ["numpy", "mlx"] if has_mlx() else ["numpy"]
@@ -259,7 +265,9 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
     monkeypatch.setattr(
         "mlx_flashinfer.formats.default_model.default_gguf_path", lambda: gguf
     )
-    layout = Layout.open(resolve_model(None, tmp_path / "cache", progress=False))
+    layout = Layout.open(
+        resolve_model(None, cache_dir=tmp_path / "cache", progress=False)
+    )
     assert layout.manifest["predictor"]["kind"] == "lowbit"
     assert layout.manifest["predictor"]["recall_target"] == 0.99
     layout.verify()
@@ -273,7 +281,9 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
         raise MemoryError("out of memory")
 
     monkeypatch.setattr("mlx_flashinfer.predictors.train.train_predictor", fail)
-    layout = Layout.open(resolve_model(None, tmp_path / "other", progress=False))
+    layout = Layout.open(
+        resolve_model(None, cache_dir=tmp_path / "other", progress=False)
+    )
     assert layout.manifest["predictor"] is None
     err = capsys.readouterr().err
     assert "no predictor made (out of memory)" in err and "train-predictor" in err
@@ -284,18 +294,22 @@ def test_the_embedded_model_comes_with_its_predictor(tmp_path, monkeypatch, caps
     # a first run cut during training (Ctrl-C): the next run makes the predictor
     monkeypatch.setattr("mlx_flashinfer.predictors.train.train_predictor", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        resolve_model(None, tmp_path / "cut", progress=False)
+        resolve_model(None, cache_dir=tmp_path / "cut", progress=False)
     cut = Layout.open(next((tmp_path / "cut").glob("*/manifest.json")).parent)
     assert cut.manifest["predictor"] is None
     monkeypatch.undo()
     monkeypatch.setattr(
         "mlx_flashinfer.formats.default_model.default_gguf_path", lambda: gguf
     )
-    layout = Layout.open(resolve_model(None, tmp_path / "cut", progress=False))
+    layout = Layout.open(
+        resolve_model(None, cache_dir=tmp_path / "cut", progress=False)
+    )
     assert layout.manifest["predictor"]["kind"] == "lowbit"
     # a layout or a checkpoint the user names is converted as it is, no predictor
     src = write_gguf(tmp_path / "named.gguf", config, random_weights(config))
-    named = Layout.open(resolve_model(src, tmp_path / "cache", progress=False))
+    named = Layout.open(
+        resolve_model(src, cache_dir=tmp_path / "cache", progress=False)
+    )
     assert named.manifest["predictor"] is None
 
 
@@ -311,3 +325,61 @@ def test_retraining_leaves_one_predictor_file_listed_and_present(layouts, tmp_pa
     on_disk = [p.name for p in layout_dir.glob("predictor-*")]
     assert listed == on_disk == [layout.manifest["predictor"]["file"]]
     layout.verify()
+
+
+# -- against the gate predictor (flash mode's without a trained one) -------------------
+
+
+def test_a_predictor_the_gate_predictor_beats_on_both_counts_is_not_stored(
+    layouts, tmp_path, capsys
+):
+    """A q4 layout's low-bit predictor copies its 4-bit gate and up rows: twice the
+    gate predictor's DRAM, and it predicts more neurons than the gate's half: flash
+    mode reads more with it at any budget. It is measured, refused (the layout
+    left as it was), and stored only with --force."""
+    layout = Path(shutil.copytree(layouts["q4"], tmp_path / "q4"))
+    before = {p.name: p.read_bytes() for p in layout.iterdir()}
+    forced = Path(shutil.copytree(layouts["q4"], tmp_path / "forced"))
+    section = train_predictor(forced, tokens=600, progress=False, force=True)
+    gate, predicted = section["gate"], 1 - skipped_share(section)
+    assert gate["nbytes"] == predictor_nbytes("gate", Layout.open(forced))
+    assert section["nbytes"] > gate["nbytes"] and predicted > gate["predicted_fraction"]
+    assert gate_dominates(section)
+    with pytest.raises(ValueError, match="is not stored"):
+        train_predictor(layout, tokens=600, progress=False)
+    assert {p.name: p.read_bytes() for p in layout.iterdir()} == before
+    assert main(["train-predictor", str(layout), "--tokens", "600"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force stores it" in err
+    assert f"predicts {predicted:.1%} of neurons per token" in err
+    assert f"the gate predictor {gate['predicted_fraction']:.1%}" in err
+    assert {p.name: p.read_bytes() for p in layout.iterdir()} == before
+    assert main(["train-predictor", str(layout), "--tokens", "600", "--force"]) == 0
+    assert Layout.open(layout).manifest["predictor"]["kind"] == "lowbit"
+
+
+def test_the_gate_predictor_is_measured_on_the_same_tokens(trained, capsys):
+    """The float16 layout's low-bit predictor holds less than the gate rows: stored,
+    with the comparison printed. The gate predictor's share is its calibrated cut
+    (half the neurons); its loss, measured over the same tokens, is above the
+    trained one's."""
+    section = Layout.open(trained).manifest["predictor"]
+    gate = section["gate"]
+    assert not gate_dominates(section) and section["nbytes"] < gate["nbytes"]
+    neurons = Layout.open(trained).args.intermediate_size
+    assert abs(gate["predicted_fraction"] - 0.5) <= 1 / neurons
+    assert gate["loss"] > section["quality"]["loss"]
+    line = gate_comparison(section)
+    assert f"(gate {gate['predicted_fraction']:.1%})" in line
+    assert f"(gate {format_bytes(gate['nbytes'])})" in line
+
+
+def test_a_relu_models_gate_predictor_is_exact(tmp_path):
+    config = tiny_config("llama", "relu", hidden_size=64, intermediate_size=96)
+    src = write_hf_checkpoint(tmp_path / "src", config, random_weights(config))
+    layout = convert(src, tmp_path / "relu", dtype="float32", progress=False)
+    section = train_predictor(layout, tokens=600, rank=8, progress=False)
+    true_fraction = np.mean([r["true_fraction"] for r in section["report"]])
+    assert section["gate"]["loss"] == 0.0
+    assert section["gate"]["predicted_fraction"] == pytest.approx(true_fraction)
+    assert "(gate exact)" in gate_comparison(section)

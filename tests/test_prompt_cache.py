@@ -192,7 +192,7 @@ def test_a_saved_cache_loads_back_exactly(layouts, tmp_path, backend):
     model, tokenizer = load(layouts["llama-silu"], backend="numpy")
     cache = make_prompt_cache(model)
     first, _, _ = run(model, tokenizer, TURN, cache)
-    save_prompt_cache(tmp_path / "c.safetensors", cache, model, {"note": "hi"})
+    save_prompt_cache(tmp_path / "c.safetensors", cache, model, metadata={"note": "hi"})
     # another process, maybe another backend: the same weights
     other, _ = load(layouts["llama-silu"], backend=backend)
     loaded = load_prompt_cache(tmp_path / "c.safetensors", other)
@@ -219,7 +219,7 @@ def test_bad_cache_files_are_refused(layouts, tmp_path):
     cache = make_prompt_cache(model)
     run(model, tokenizer, TURN, cache)
     file = tmp_path / "relu.safetensors"
-    save_prompt_cache(file, cache, model, {"model": "relu"})
+    save_prompt_cache(file, cache, model, metadata={"model": "relu"})
     other, _ = load(layouts["llama-silu"])
     with pytest.raises(ValueError, match=r"a prompt cache of another model \(relu\)"):
         load_prompt_cache(file, other)

@@ -92,7 +92,7 @@ def prepare(
     """
     from .configs import ROWS
 
-    bundled = Layout.open(resolve_model(model, cache_dir))
+    bundled = Layout.open(resolve_model(model, cache_dir=cache_dir))
     # the plan row, by default, only where this machine's curves are known
     rows = tuple(rows or (r for r in ROWS if r != "plan" or machines))
     other = None

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..formats.convert import _check_destination, write_layout
 from ..formats.layout import Layout
 from ..predictors.lowrank import held_bytes, predictor_tensors
-from ..predictors.train import store_predictor
+from ..predictors.store import store_predictor
 from .synth_llama import LLAMA_SHAPES, SyntheticLlama
 from .synth_opt import SHAPES, Structure, SyntheticOPT
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 from ..flash.memory import format_bytes
 from ..formats.layout import Layout
@@ -12,8 +11,10 @@ from ..predictors.report import sparsity_line
 from .options import (
     add_generation_options,
     add_model_options,
+    at_least,
     load_model,
     lookahead_option,
+    read_text_file,
 )
 
 
@@ -23,7 +24,7 @@ def add_commands(sub) -> None:
     add_generation_options(p, max_tokens=32)
     p.add_argument(
         "--perplexity-tokens",
-        type=int,
+        type=at_least(0),
         default=128,
         help="also score this many tokens of a built-in passage with both "
         "(0: skip; default 128)",
@@ -33,15 +34,23 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("perplexity", help="perplexity of a text file")
     p.add_argument("--model", required=True, help="model spec, as for generate")
-    p.add_argument("--text", required=True, help="UTF-8 text file")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file")
     p.add_argument(
-        "--max-tokens", type=int, default=0, help="score only the first N tokens"
+        "--max-tokens",
+        type=at_least(1),
+        default=None,
+        help="score only the first N tokens (default: all)",
     )
-    p.add_argument("--context", type=int, default=0, help="chunk length (default 512)")
+    p.add_argument(
+        "--context",
+        type=at_least(2),
+        default=None,
+        help="chunk length (default 512, or the --max-context if smaller)",
+    )
     p.add_argument(
         "--prefill",
-        type=int,
-        default=0,
+        type=at_least(1),
+        default=None,
         help="tokens of each chunk run as a prompt; the rest run one decode "
         "step each, through the flash path (default: the whole chunk)",
     )
@@ -55,12 +64,8 @@ def cmd_verify(opts) -> int:
     from ..predictors.texts import verify_text
     from ..verify import compare, perplexities, perplexity_line, report_lines
 
-    if opts.perplexity_tokens < 0:
-        raise ValueError(
-            f"--perplexity-tokens must be >= 0, got {opts.perplexity_tokens}"
-        )
     prompt = read_prompt(opts.prompt)
-    path = resolve_model(opts.model, opts.cache_dir)
+    path = resolve_model(opts.model, cache_dir=opts.cache_dir)
     shared = {"backend": opts.backend, "max_context": opts.max_context}
     dense, tokenizer = load(path, dense=True, **shared)
     budget = opts.memory_budget or "100%"  # the caches of a roomy plan: few overflows
@@ -96,11 +101,9 @@ def cmd_verify(opts) -> int:
 def cmd_perplexity(opts) -> int:
     from ..perplexity import perplexity
 
-    text = Path(opts.text).read_text(encoding="utf-8")
+    text = read_text_file(opts.text, "--text")
     model, tokenizer = load_model(opts)
-    ids = tokenizer.encode(text)
-    if opts.max_tokens:
-        ids = ids[: opts.max_tokens]
+    ids = tokenizer.encode(text)[: opts.max_tokens]
     context = opts.context or min(512, model.max_context)
     started = time.perf_counter()
     result = perplexity(
@@ -108,9 +111,10 @@ def cmd_perplexity(opts) -> int:
     )
     seconds = time.perf_counter() - started
     mode = "dense" if model.plan is None else f"flash, budget {opts.memory_budget}"
+    chunks = f"{result['chunks']} chunk{'s' * (result['chunks'] != 1)}"
     print(
         f"perplexity {result['perplexity']:.4f} over {result['tokens']} tokens "
-        f"({result['chunks']} chunks of {context}; {model.backend.name} backend, "
+        f"({chunks} of {context}; {model.backend.name} backend, "
         f"{mode}) in {seconds:.1f} s ({result['tokens'] / seconds:.0f} tok/s)"
     )
     if model.plan is not None:

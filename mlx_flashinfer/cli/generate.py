@@ -56,24 +56,33 @@ def cmd_generate(opts) -> int:
 
     sampler, processors = make_sampling(opts)
     prompt = read_prompt(opts.prompt)
+    system, ignore = prompt_cache_settings(opts)
     model, tokenizer = load_model(opts)
-    if line := model_sparsity_line(opts, model):
-        print(line, file=sys.stderr)
-    cache, system, ignore = open_prompt_cache(opts, model)
+    cache = open_prompt_cache(opts, model)
     if cache is not None:  # the cached prompt goes on with this one, as in mlx-lm
         prompt = cache.metadata.get("prompt", "") + prompt
-    ids = prompt_ids(tokenizer, prompt, system, ignore)
+    ids = model.check_tokens(prompt_ids(tokenizer, prompt, system, ignore))
+    # printed once the prompt has run, so that an error before it is the only line
+    notice = model_sparsity_line(opts, model)
     before, last = model.io_stats(), None
-    for last in stream_generate(
-        model,
-        tokenizer,
-        ids,
-        opts.max_tokens,
-        sampler,
-        processors,
-        prompt_cache=cache,
-    ):
-        print(last.text, end="", flush=True)
+    try:
+        for last in stream_generate(
+            model,
+            tokenizer,
+            ids,
+            max_tokens=opts.max_tokens,
+            sampler=sampler,
+            logits_processors=processors,
+            prompt_cache=cache,
+        ):
+            if notice:
+                print(notice, file=sys.stderr)
+                notice = None
+            print(last.text, end="", flush=True)
+    except KeyboardInterrupt:
+        if last is not None:  # end the partial reply's line before "interrupted"
+            print(flush=True)
+        raise
     print()
     if last is not None and context_full(model, last):
         limit = model.args.max_position_embeddings
@@ -96,8 +105,9 @@ def cmd_chat(opts) -> int:
     from ..chat import Chat
 
     sampler, processors = make_sampling(opts)
+    system, _ = prompt_cache_settings(opts)
     model, tokenizer = load_model(opts)
-    cache, system, _ = open_prompt_cache(opts, model)
+    cache = open_prompt_cache(opts, model)
     if hasattr(sys.stdin, "reconfigure"):  # bad bytes reach Chat, which says so
         sys.stdin.reconfigure(errors="surrogateescape")
     name = Path(opts.model).name if opts.model else "SmolLM2-135M-Instruct (default)"
@@ -106,7 +116,13 @@ def cmd_chat(opts) -> int:
     if line := model_sparsity_line(opts, model):
         print(line)
     chat = Chat(
-        model, tokenizer, opts.max_tokens, system, sampler, processors, None, cache
+        model,
+        tokenizer,
+        max_tokens=opts.max_tokens,
+        system_prompt=system,
+        sampler=sampler,
+        logits_processors=processors,
+        prompt_cache=cache,
     )
     chat.run(input)
     return 0
@@ -115,8 +131,13 @@ def cmd_chat(opts) -> int:
 def cmd_cache_prompt(opts) -> int:
     from ..chat import prefix_ids, read_prompt
     from ..generate import generate_step
-    from ..prompt_cache import make_prompt_cache, save_prompt_cache
+    from ..prompt_cache import (
+        check_cache_destination,
+        make_prompt_cache,
+        save_prompt_cache,
+    )
 
+    check_cache_destination(opts.prompt_cache_file)  # before a long prefill
     prompt = read_prompt(opts.prompt)
     model, tokenizer = load_model(opts)
     ignore = opts.ignore_chat_template or tokenizer.chat_template is None
@@ -132,7 +153,7 @@ def cmd_cache_prompt(opts) -> int:
         "system_prompt": opts.system_prompt or "",
         "chat_template": "no" if ignore else "yes",
     }
-    save_prompt_cache(opts.prompt_cache_file, cache, model, metadata)
+    save_prompt_cache(opts.prompt_cache_file, cache, model, metadata=metadata)
     size = Path(opts.prompt_cache_file).stat().st_size
     print(
         f"cached {len(ids)} prompt tokens in {seconds:.1f} s "
@@ -142,18 +163,49 @@ def cmd_cache_prompt(opts) -> int:
     return 0
 
 
-def open_prompt_cache(opts, model) -> tuple:
-    """(prompt cache or None, system prompt, ignore the chat template) from
-    --prompt-cache-file and the options: the file's system prompt and template
-    choice unless given again."""
+def prompt_cache_settings(opts) -> tuple[str | None, bool]:
+    """(system prompt, ignore the chat template) for a prompt: with
+    --prompt-cache-file, those the file was made with unless given again.
+
+    Raises:
+        FileNotFoundError, ValueError: not a prompt cache file (`cache_metadata`);
+            --system-prompt or --ignore-chat-template other than the file's (the
+            cache would be computed again, not reused: said rather than done
+            quietly).
+    """
+    ignore = getattr(opts, "ignore_chat_template", False)
     if not opts.prompt_cache_file:
-        return None, opts.system_prompt, getattr(opts, "ignore_chat_template", False)
+        return opts.system_prompt, ignore
+    from ..prompt_cache import cache_metadata
+
+    file = opts.prompt_cache_file
+    metadata = cache_metadata(file)
+    cached = metadata.get("system_prompt") or None
+    if opts.system_prompt is not None and (opts.system_prompt or None) != cached:
+        made = f"system prompt {cached!r}" if cached else "no system prompt"
+        raise ValueError(
+            f"{file} was made with {made}: another --system-prompt would compute "
+            "the whole prompt again; drop --system-prompt (the file's is used), or "
+            "make a cache with it: flashinfer cache-prompt --system-prompt ..."
+        )
+    templated = metadata.get("chat_template") != "no"
+    if ignore and templated:
+        raise ValueError(
+            f"{file} was made through the chat template: --ignore-chat-template "
+            "would compute the whole prompt again; drop it, or make a cache with "
+            "it: flashinfer cache-prompt --ignore-chat-template ..."
+        )
+    return cached, not templated
+
+
+def open_prompt_cache(opts, model):
+    """The prompt cache --prompt-cache-file names, for `model` (None without one).
+
+    Raises:
+        ValueError: a damaged file, or one of another model.
+    """
+    if not opts.prompt_cache_file:
+        return None
     from ..prompt_cache import load_prompt_cache
 
-    cache = load_prompt_cache(opts.prompt_cache_file, model)
-    metadata = cache.metadata
-    system = opts.system_prompt
-    if system is None:
-        system = metadata.get("system_prompt") or None
-    ignore = getattr(opts, "ignore_chat_template", False)
-    return cache, system, ignore or metadata.get("chat_template") == "no"
+    return load_prompt_cache(opts.prompt_cache_file, model)

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from ..flash.memory import format_bytes
+from ..flash.memory import format_bytes, model_bytes
 from ..formats.layout import DTYPES, Layout
 from ..predictors.kinds import PREDICTORS, trained_kind
 from ..predictors.report import predictor_table
@@ -89,11 +89,8 @@ def add_commands(sub) -> None:
 
 def cmd_convert(opts) -> int:
     from ..formats.convert import convert
-    from ..formats.default_model import default_gguf_path
 
-    src = opts.src
-    if src == "default":  # a folder named so is "./default"
-        src = default_gguf_path()
+    src = opts.src  # "default": the embedded model (a folder named so: ./default)
     started = time.perf_counter()
     out = convert(
         src,
@@ -131,10 +128,20 @@ def cmd_inspect(opts) -> int:
     from ..formats.tokenizer import load_tokenizer
     from ..loader import resolve_model
 
-    layout = Layout.open(resolve_model(opts.model, opts.cache_dir))
+    layout = Layout.open(resolve_model(opts.model, cache_dir=opts.cache_dir))
     load_tokenizer(layout)  # parses, with its chat template
     args = layout.args
-    total = layout.resident_bytes + layout.ffn_bytes
+    plan = predictor = None
+    if opts.budget:  # before any output: a budget too small is the only line
+        from ..loader import default_predictor, make_plan
+
+        predictor = opts.predictor or default_predictor(layout)
+        plan = make_plan(
+            layout, opts.budget, predictor, opts.max_context, **lookahead_option(opts)
+        )
+    # the tensors' bytes, as the plan counts them (the file adds its header)
+    resident, ffn = model_bytes(layout)
+    total = resident + ffn
     act = args.hidden_act + ("" if args.is_relu_family else "; sparsity is approximate")
     tok = layout.manifest.get("tokenizer") or {}
     rows = [
@@ -156,15 +163,8 @@ def cmd_inspect(opts) -> int:
             else []
         ),
         ("bundle", f"{layout.bundle_bytes} bytes ({', '.join(layout.bundle_parts)})"),
-        (
-            "resident",
-            f"{format_bytes(layout.resident_bytes)} "
-            f"({100 * layout.resident_bytes / total:.0f}%)",
-        ),
-        (
-            "ffn",
-            f"{format_bytes(layout.ffn_bytes)} ({100 * layout.ffn_bytes / total:.0f}%)",
-        ),
+        ("resident", f"{format_bytes(resident)} ({100 * resident / total:.0f}%)"),
+        ("ffn", f"{format_bytes(ffn)} ({100 * ffn / total:.0f}%)"),
         ("predictor", trained_kind(layout) or "none"),
         (
             "tokenizer",
@@ -186,13 +186,7 @@ def cmd_inspect(opts) -> int:
     if layout.has_predictor and opts.verbose:
         print()
         print("\n".join(predictor_table(layout.manifest["predictor"])))
-    if opts.budget:
-        from ..loader import default_predictor, make_plan
-
-        predictor = opts.predictor or default_predictor(layout)
-        plan = make_plan(
-            layout, opts.budget, predictor, opts.max_context, **lookahead_option(opts)
-        )
+    if plan is not None:
         print(f"\nmemory plan for --budget {opts.budget} (predictor {predictor}):")
         plan_rows = plan.rows(args.intermediate_size)
         plan_width = max(len(k) for k, _ in plan_rows)

@@ -4,11 +4,65 @@ cache) and what they turn into: a loaded model, a sampler."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..formats.layout import Layout
 from ..model.backends import BACKENDS
 from ..predictors.kinds import PREDICTORS
 from ..predictors.report import sparsity_line
+
+
+def at_least(low: int):
+    """An argparse `type`: an integer >= `low`. Checked while parsing, so the error
+    names the option and comes before anything is loaded or printed."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer, got {text!r}"
+            ) from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return integer
+
+
+def fraction(one_included: bool):
+    """An argparse `type`: a number above 0 and below 1 (or up to 1)."""
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected a number, got {text!r}"
+            ) from None
+        if not (0 < value <= 1 if one_included else 0 < value < 1):  # refuses nan
+            top = "1]" if one_included else "1)"
+            raise argparse.ArgumentTypeError(f"must be in (0, {top}, got {text}")
+        return value
+
+    return number
+
+
+def read_text_file(path: str, option: str) -> str:
+    """The UTF-8 text of the file an option names.
+
+    Raises:
+        ValueError: not valid UTF-8 (the message names the file and the byte).
+        OSError: no such file, unreadable.
+    """
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{option} {path}: not valid UTF-8 text (byte 0x{data[err.start]:02x} at "
+            f"offset {err.start})"
+        ) from None
 
 
 def make_sampling(opts) -> tuple:
@@ -19,11 +73,9 @@ def make_sampling(opts) -> tuple:
     """
     from ..generate import make_repetition_penalty, make_sampler
 
-    for name in ("max_tokens", "repetition_context_size"):
-        if getattr(opts, name) < 1:
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"{flag} must be >= 1, got {getattr(opts, name)}")
-    sampler = make_sampler(opts.temp, opts.top_p, opts.top_k, opts.min_p, opts.seed)
+    sampler = make_sampler(
+        opts.temp, top_p=opts.top_p, top_k=opts.top_k, min_p=opts.min_p, seed=opts.seed
+    )
     size, penalty = opts.repetition_context_size, opts.repetition_penalty
     processors = [] if penalty is None else [make_repetition_penalty(penalty, size)]
     return sampler, processors
@@ -49,7 +101,13 @@ def add_generation_options(
             help="use the raw prompt (with BOS as the model expects)",
         )
     if max_tokens is not None:
-        p.add_argument("-m", "--max-tokens", type=int, default=max_tokens)
+        p.add_argument(
+            "-m",
+            "--max-tokens",
+            type=at_least(1),
+            default=max_tokens,
+            help=f"the longest reply, in tokens (default {max_tokens})",
+        )
     p.add_argument("--system-prompt", default=None)
 
 
@@ -69,9 +127,9 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: no limit")
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=at_least(0), default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--repetition-context-size", type=int, default=20)
+    p.add_argument("--repetition-context-size", type=at_least(1), default=20)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -138,7 +196,9 @@ def model_sparsity_line(opts, model) -> str | None:
         return None
     from ..loader import resolve_model
 
-    return sparsity_line(model, Layout.open(resolve_model(opts.model, opts.cache_dir)))
+    return sparsity_line(
+        model, Layout.open(resolve_model(opts.model, cache_dir=opts.cache_dir))
+    )
 
 
 def load_model(opts):

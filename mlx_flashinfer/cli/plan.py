@@ -168,7 +168,7 @@ def cmd_plan(opts) -> int:
     if opts.max_loss is not None and opts.max_loss.strip().rstrip("%") in ("0", "0.0"):
         max_loss = 0.0
     speed = parse_rate(opts.speed) if opts.speed else None
-    layout = Layout.open(resolve_model(opts.model, opts.cache_dir))
+    layout = Layout.open(resolve_model(opts.model, cache_dir=opts.cache_dir))
     context = check_max_context(layout, opts.max_context)
     machine = machine_for(layout.path, opts)
     name = opts.model or "default"

@@ -6,7 +6,10 @@ import sys
 from pathlib import Path
 
 from ..model.backends import BACKENDS
-from ..predictors.report import predictor_table
+from ..predictors.calibrate import MIN_TOKENS
+from ..predictors.report import gate_comparison, predictor_table
+from ..predictors.train import DEFAULT_RECALL, DEFAULT_TOKENS
+from .options import at_least, fraction, read_text_file
 
 
 def add_commands(sub) -> None:
@@ -18,11 +21,16 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--text",
         action="append",
-        help="calibration text file (repeatable; default: chapters I-VI of Alice's "
-        "Adventures in Wonderland, shipped with the package)",
+        metavar="FILE",
+        help="a UTF-8 calibration text file; give the option once per file: "
+        "--text a.txt --text b.txt (default: chapters I-VI of Alice's Adventures in "
+        "Wonderland, shipped with the package)",
     )
     p.add_argument(
-        "--tokens", type=int, default=4096, help="calibration tokens (default 4096)"
+        "--tokens",
+        type=at_least(MIN_TOKENS),
+        default=DEFAULT_TOKENS,
+        help=f"calibration tokens, at least {MIN_TOKENS} (default {DEFAULT_TOKENS})",
     )
     p.add_argument(
         "--kind",
@@ -33,22 +41,26 @@ def add_commands(sub) -> None:
         "the paper's small trained predictor (ReLU-family models' only kind)",
     )
     p.add_argument(
-        "--rank", type=int, default=None, help="lowrank: rank of every layer (64)"
+        "--rank",
+        type=at_least(1),
+        default=None,
+        help="lowrank: rank of every layer (64)",
     )
     p.add_argument(
         "--last-rank",
-        type=int,
+        type=at_least(1),
         default=None,
         help="lowrank: rank of the last eighth of the layers (the most active)",
     )
-    p.add_argument(
+    cuts = p.add_mutually_exclusive_group()
+    cuts.add_argument(
         "--recall",
-        type=float,
-        default=0.99,
+        type=fraction(one_included=True),
+        default=None,
         help="each layer's cut keeps this share of the neurons that matter, on "
-        "calibration text it did not train on (default 0.99)",
+        f"calibration text it did not train on (default {DEFAULT_RECALL})",
     )
-    p.add_argument(
+    cuts.add_argument(
         "--max-loss",
         default=None,
         metavar="PCT",
@@ -58,7 +70,7 @@ def add_commands(sub) -> None:
     )
     p.add_argument(
         "--sparsity",
-        type=float,
+        type=fraction(one_included=False),
         default=0.5,
         help="SiLU models: per token, the fraction of neurons counted as not "
         "mattering (the smallest |silu(gate) x up|; default 0.5)",
@@ -71,7 +83,13 @@ def add_commands(sub) -> None:
         "1.5GB or 50%%); it holds the resident weights, one FFN layer and the "
         "calibration tokens' activations",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="store the new predictor even when the gate predictor costs less on "
+        "both counts (neurons read per token and DRAM held): it loses less quality",
+    )
     p.set_defaults(run=cmd_train_predictor)
 
 
@@ -85,10 +103,11 @@ def cmd_train_predictor(opts) -> int:
         if kind == "lowbit":
             raise ValueError("--rank and --last-rank apply to --kind lowrank only")
         kind = "lowrank"
-    texts = [Path(f).read_text(encoding="utf-8") for f in opts.text or []]
+    texts = [read_text_file(f, "--text") for f in opts.text or []]
     path = resolve_model(opts.model)  # "default": the embedded model's cached layout
     section = train_predictor(
         path,
+        force=opts.force,
         texts=texts or None,
         tokens=opts.tokens,
         kind=kind,
@@ -103,6 +122,7 @@ def cmd_train_predictor(opts) -> int:
         progress=sys.stderr.isatty(),
     )
     print("\n".join(predictor_table(section)))
+    print(gate_comparison(section))
     print(
         f"trained on {section['tokens']} tokens ({section['source']}) in "
         f"{section['seconds']:.1f} s; stored in {Path(path) / section['file']}"

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
+from .layout import MANIFEST
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
 
@@ -439,6 +440,12 @@ def open_checkpoint(src: str | Path) -> HFCheckpoint | GGUFCheckpoint:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
+        if (path / MANIFEST).is_file():
+            raise ValueError(
+                f"{path}: already a layout (converted): use it as it is "
+                f"(--model {path}); convert takes a Hugging Face folder or a .gguf "
+                "file"
+            )
         return HFCheckpoint(path)
     with open(path, "rb") as f:
         magic = f.read(4)

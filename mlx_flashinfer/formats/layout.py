@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass
 from itertools import pairwise
@@ -37,6 +36,7 @@ import numpy as np
 from .args import ModelArgs
 from .quantize import BITS, QUANTIZED_DTYPES, Quantized, check_format, dequantize
 from .safetensors_stream import STORAGE, decode, read_header, read_tensor
+from .staging import write_file
 
 FORMAT = "mlx-flashinfer-layout"
 VERSION = 2
@@ -108,9 +108,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON under a temporary name and rename it, so readers never see half a
     file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_file(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 def manifest_digest(manifest: dict) -> str:

@@ -39,6 +39,7 @@ def is_embedded(spec: str | Path | None) -> bool:
 
 def cached_layout(
     spec: str | Path | None = None,
+    *,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> Path:

@@ -9,6 +9,8 @@ at the end, so readers never see half of one. The names used beside DST:
     .DST.old-PID-X          the layout `--force` replaces, between its two renames
     .DST.lock               first use's lock (model_cache.py; the default model's
                             predictor: loader.py), held with flock
+    .NAME.PID-X.tmp         a file being written whole (`write_file`: prompt caches,
+                            manifests)
 
 Cleanups run in `finally` blocks, which kill -9 skips: a directory whose PID no
 longer runs is a leftover, and the next conversion removes it (an `.old` one whose
@@ -42,6 +44,31 @@ def staging_path(dst: Path) -> Path:
     write it into (made by the caller inside its cleanup's reach)."""
     # not tempfile.mkdtemp: its mode 0700 would stay on the published layout
     return dst.parent / f".{dst.name}.converting-{os.getpid()}-{_unique()}"
+
+
+def write_file(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all: into a temporary file beside it,
+    renamed over it at the end.
+
+    Raises:
+        OSError: the system's refusal (read-only, full disk), naming `path`: the user
+            chose that name, not the temporary one. No temporary file is left.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{_unique()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is not None and os.fsdecode(err.filename) == str(tmp):
+            err.filename = str(path)
+        raise
+    finally:
+        # on a read-only disk even unlinking a missing file fails (EROFS): that
+        # error must not replace the one that matters
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def _unique() -> str:

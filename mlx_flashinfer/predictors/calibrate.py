@@ -102,6 +102,13 @@ class _OneLayerFFN(UncountedFFN):
         down = B.columns_weight(output)
         return B.linear(a, down, r.get(f"layers.{layer}.fc2.bias"))
 
+    def gate(self, layer: int, h) -> np.ndarray:
+        """The gate (OPT: fc1 plus its bias) pre-activations of h, NumPy (T, n):
+        what the gate predictor thresholds."""
+        B = self.backend
+        bias = self.resident.get(f"layers.{layer}.fc1.bias")
+        return B.to_numpy(B.linear(h, B.rows_weight(self.parts[0]), bias))
+
 
 class LayerByLayer:
     """The model with one layer's FFN in memory at a time, run on whole sequences

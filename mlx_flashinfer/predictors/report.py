@@ -69,6 +69,54 @@ def quality_lines(section: dict) -> list[str]:
     return lines
 
 
+def gate_dominates(section: dict) -> bool:
+    """Whether the gate predictor (flash mode's without a trained one) costs less
+    than the trained predictor of `section` on both counts: it predicts fewer
+    neurons per token and holds less DRAM. Then the trained one reads more per
+    token at any budget (more neurons wanted, less room to cache them) and fits
+    fewer budgets; it can only lose less quality."""
+    gate = section["gate"]
+    predicted = 1.0 - skipped_share(section)
+    return predicted > gate["predicted_fraction"] and section["nbytes"] > gate["nbytes"]
+
+
+def gate_comparison(section: dict) -> str:
+    """One line: the trained predictor of `section` against the gate predictor, as
+    measured on the tune split (none for a predictor trained before this was)."""
+    gate = section.get("gate")
+    if not gate:
+        return ""
+    line = (
+        f"against the gate predictor (flash mode's without one): predicts "
+        f"{1.0 - skipped_share(section):.1%} of neurons per token (gate "
+        f"{gate['predicted_fraction']:.1%}), holds {format_bytes(section['nbytes'])}"
+        f" (gate {format_bytes(gate['nbytes'])})"
+    )
+    if measured := section.get("quality"):
+        gate_loss = "exact" if gate["loss"] == 0 else f"{gate['loss']:+.1%}"
+        line += f", perplexity {measured['loss']:+.1%} (gate {gate_loss})"
+    return line
+
+
+def not_stored_line(section: dict, layout) -> str:
+    """Why a predictor the gate predictor dominates (`gate_dominates`) is not
+    stored, and what to do."""
+    gate, name = section["gate"], NAMES[section["kind"]]
+    smaller = (
+        " --kind lowrank makes a smaller one;" if section["kind"] != "lowrank" else ""
+    )
+    return (
+        f"{layout}: the new {name} predictor is not stored: it predicts "
+        f"{1.0 - skipped_share(section):.1%} of neurons per token and holds "
+        f"{format_bytes(section['nbytes'])}, the gate predictor "
+        f"{gate['predicted_fraction']:.1%} and {format_bytes(gate['nbytes'])}, so "
+        "flash mode would read more per token and fit fewer budgets with it; it "
+        f"loses less (perplexity {section['quality']['loss']:+.1%}, gate "
+        f"{gate['loss']:+.1%}):{smaller} --force stores it; the layout keeps "
+        "its predictor"
+    )
+
+
 def sparsity_line(model, layout) -> str | None:
     """One line on a flash model whose sparsity is approximate (not ReLU family):
     how much of the FFN its predictor skips and the calibrated perplexity loss;

@@ -19,13 +19,18 @@ given: no model sampling) runs through the model one layer at a time
 With `max_loss`, the cuts are chosen instead for that loss, per layer
 (`quality.allocate`, TEAL-like).
 
+The gate predictor (what flash mode uses without a trained one) is measured on the
+same tune split: the neurons it predicts, the DRAM it holds and, for SiLU models, its
+loss. A new predictor that predicts more neurons per token and holds more DRAM than it
+reads more per token at any budget and fits fewer: it is not stored unless forced
+(`report.gate_dominates`; a q4 layout's low-bit predictor is such a case).
+
 The predictor file is written under a new name and the manifest is switched to it
-last, atomically: an interrupted run leaves the layout as it was.
+last, atomically (`store.py`): an interrupted run leaves the layout as it was.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -34,19 +39,27 @@ import numpy as np
 from tqdm import tqdm
 
 from ..formats.layout import Layout
-from ..formats.safetensors_stream import STORAGE, StreamingWriter
 from ..formats.tokenizer import load_tokenizer
 from . import lowbit, quality
 from .calibrate import (
+    MIN_TOKENS,
     LayerByLayer,
     calibration_sequences,
     check_calibration_budget,
     split_sequences,
 )
-from .kinds import TRAINED, activation_mask, default_kind, silu_magnitude
+from .kinds import (
+    TRAINED,
+    activation_mask,
+    default_kind,
+    predictor_nbytes,
+    silu_magnitude,
+)
 from .lowbit import LowBitPredictor
 from .lowrank import LowRankPredictor, held_bytes, predictor_tensors
 from .lowrank_fit import cut_for_recall, cut_report, train_layer
+from .report import gate_dominates, not_stored_line
+from .store import check_writable, store_predictor
 from .texts import CALIBRATION_FILE, calibration_text
 
 DEFAULT_RECALL = 0.99
@@ -58,7 +71,6 @@ DEFAULT_RECALL = 0.99
 DEFAULT_TOKENS = 4096
 DEFAULT_EPOCHS = 8
 QUALITY_SEQUENCES = 2  # tune sequences the loss is measured on (512 tokens)
-REPORT_KEYS = ("recall", "precision", "predicted_fraction", "true_fraction")
 
 
 def contribution_mask(gate: np.ndarray, up: np.ndarray, sparsity: float):
@@ -112,12 +124,13 @@ def parse_max_loss(value: str | float) -> float:
 
 def train_predictor(
     path,
+    *,
     texts: list[str] | None = None,
     tokens: int = DEFAULT_TOKENS,
     kind: str | None = None,
     rank: int = 64,
     last_rank: int | None = None,
-    recall: float = DEFAULT_RECALL,
+    recall: float | None = None,
     max_loss: float | None = None,
     silu_sparsity: float = 0.5,
     threshold: float = 0.5,
@@ -127,8 +140,10 @@ def train_predictor(
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
-    """Train and store the predictor of the layout at `path`.
+    """Train and store the predictor of the layout at `path`, unless it costs
+    more than the gate predictor (the one used without training) on both counts.
 
     Args:
         path: layout directory.
@@ -138,12 +153,13 @@ def train_predictor(
         rank, last_rank: low-rank predictor's rank per layer; the last eighth of the
             layers gets `last_rank` when given.
         recall: each layer's cut keeps this share of its target set on the tune
-            split.
+            split (default DEFAULT_RECALL).
         max_loss: instead of `recall`, choose the cuts so that perplexity on
             calibration text rises by at most this fraction (0.03: 3%).
         silu_sparsity: SiLU models only: fraction of neurons outside the target
-            set per token (the smallest |silu(gate) x up|); the gate predictor's
-            cut on |silu(gate)| (it cannot see up) skips the same fraction.
+            set per token (the smallest |silu(gate) x up|), in (0, 1); the gate
+            predictor's cut on |silu(gate)| (it cannot see up) skips the same
+            fraction.
         threshold: the probability cut training watches its held-out recall at
             (to stop); the cuts used are chosen afterwards.
         backend: "numpy", "mlx" or None (as `load`).
@@ -154,14 +170,19 @@ def train_predictor(
             `lowrank_fit.train_layer`).
         seed: initialisation and shuffling.
         progress: show progress bars.
+        force: store the predictor even when it predicts more neurons per token
+            and holds more DRAM than the gate predictor (`gate_dominates`).
 
     Returns:
         The manifest's new "predictor" section: per-layer cuts and report, the
-        measured quality, settings and timing.
+        measured quality, the gate predictor's figures ("gate"), settings and
+        timing.
 
     Raises:
-        ValueError: an unknown kind, a rank, recall or max_loss out of range, or
-            too little text.
+        ValueError: an unknown kind; a rank, recall, max_loss, silu_sparsity or
+            tokens out of range; recall and max_loss both given; too little text;
+            a predictor the gate predictor dominates, without `force` (the layout
+            is left as it was).
     """
     started = time.perf_counter()
     layout = Layout.open(path)
@@ -181,10 +202,18 @@ def train_predictor(
         raise ValueError(
             f"rank {max(ranks)} out of range: 1..{args.hidden_size} (d_model)"
         )
+    if recall is not None and max_loss is not None:
+        raise ValueError("give recall or max_loss, not both: each chooses the cuts")
+    recall = DEFAULT_RECALL if recall is None else recall
     if not 0.0 < recall <= 1.0:
         raise ValueError(f"recall must be in (0, 1], got {recall}")
     if max_loss is not None and not max_loss > 0:
         raise ValueError(f"max_loss must be above 0, got {max_loss}")
+    if not 0.0 < silu_sparsity < 1.0:  # also refuses nan
+        raise ValueError(f"silu_sparsity must be in (0, 1), got {silu_sparsity}")
+    if tokens < MIN_TOKENS:
+        raise ValueError(f"tokens must be >= {MIN_TOKENS}, got {tokens}")
+    check_writable(layout)
     tokenizer = load_tokenizer(layout)
     seq_len = min(seq_len, args.max_position_embeddings)
     sequences = calibration_sequences(
@@ -200,7 +229,7 @@ def train_predictor(
             layout, total, tune_tokens, longest, memory_budget, held
         )
     run = _Calibration(layout, kind, sequences, tune, backend, max_loss is not None)
-    weights, reports, cuts, gate_cuts = [], [], [], []
+    weights, reports, cuts, gate_cuts, gate_fractions = [], [], [], [], []
     for layer in tqdm(
         range(args.num_hidden_layers),
         desc="calibrating and training layers" if kind == "lowrank" else "calibrating",
@@ -229,6 +258,10 @@ def train_predictor(
         if args.hidden_act == "silu":  # the gate predictor's cut, on the tune split
             magnitude = silu_magnitude(data.tune_gate)
             gate_cuts.append(float(np.quantile(magnitude, silu_sparsity)))
+            gate_fractions.append(float(np.mean(magnitude > gate_cuts[-1])))
+            run.gate_sparse_forward(layer, gate_cuts[-1])
+        else:  # exact: what fires (drelu: as the gate sees it, without up)
+            gate_fractions.append(float(activation_mask(args, data.tune_gate).mean()))
         run.sparse_forward(layer, predictor, cut, z, data)
         weights.append(layer_weights)
         cuts.append(cut)
@@ -246,25 +279,30 @@ def train_predictor(
         held = sum(t.nbytes for t in tensors.values())
         group_size = weights[0][0].group_size
         about = {"bits": lowbit.BITS, "group_size": group_size, "threshold": None}
-    return store_predictor(
-        layout,
-        tensors,
-        reports,
-        {
-            "kind": kind,
-            "nbytes": held,
-            **about,
-            "recall_target": None if max_loss is not None else recall,
-            "cuts": cuts,
-            "quality": measured,
-            "tokens": total,
-            "tune_tokens": tune_tokens,
-            "source": "texts" if texts else f"shipped text ({CALIBRATION_FILE})",
-            "silu_sparsity": silu_sparsity if args.hidden_act == "silu" else None,
-            "silu_thresholds": gate_cuts or None,
-            "seconds": round(time.perf_counter() - started, 1),
-        },
-    )
+    gate = {
+        "predicted_fraction": float(np.mean(gate_fractions)),
+        "nbytes": predictor_nbytes("gate", layout),
+        # the ReLU family's gate predictor is exact: it loses nothing
+        "loss": run.gate_loss() if args.hidden_act == "silu" else 0.0,
+    }
+    settings = {
+        "kind": kind,
+        "nbytes": held,
+        **about,
+        "recall_target": None if max_loss is not None else recall,
+        "cuts": cuts,
+        "quality": measured,
+        "gate": gate,
+        "tokens": total,
+        "tune_tokens": tune_tokens,
+        "source": "texts" if texts else f"shipped text ({CALIBRATION_FILE})",
+        "silu_sparsity": silu_sparsity if args.hidden_act == "silu" else None,
+        "silu_thresholds": gate_cuts or None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if not force and gate_dominates({**settings, "report": reports}):
+        raise ValueError(not_stored_line({**settings, "report": reports}, layout.path))
+    return store_predictor(layout, tensors, reports, settings)
 
 
 def _exp(x: float) -> float:
@@ -307,6 +345,7 @@ class _Calibration:
         self.streams = self.runner.embed(sequences)
         self.quality = tune[:QUALITY_SEQUENCES]
         self.sparse = [self.streams[j] for j in self.quality]
+        self.gate_sparse = list(self.sparse)  # the same tokens, the gate's cuts
         self.grids: list[quality.LayerGrid] | None = [] if grids else None
 
     def forward(self, layer: int, target) -> _LayerData:
@@ -373,6 +412,22 @@ class _Calibration:
                 )
             )
 
+    def gate_sparse_forward(self, layer: int, cut: float) -> None:
+        """The quality streams through `layer` over the neurons the gate predictor
+        keeps (SiLU: |silu(gate)| above `cut`): what running without a trained
+        predictor would cost, on the same tokens."""
+        ffn = self.runner.ffn
+
+        def keep(h):
+            return silu_magnitude(ffn.gate(layer, h)) > cut
+
+        self.gate_sparse = self.runner.run(layer, self.gate_sparse, keep=keep)
+
+    def gate_loss(self) -> float:
+        """The gate predictor's perplexity loss on the quality sequences (after
+        `measured`, which scores them dense)."""
+        return self._quality(self.nll(self.gate_sparse))["loss"]
+
     def nll(self, streams) -> float:
         """Summed NLL (nats) of the quality sequences from their final streams."""
         return sum(
@@ -425,64 +480,3 @@ class _Calibration:
             keep = self.keep(self.predictor(w), cut)
             streams = self.runner.run(layer, streams, keep=keep)
         return self.nll(streams)
-
-
-_DTYPE_NAMES = {np.dtype(v): k for k, v in STORAGE.items() if k != "bfloat16"}
-
-
-def _write_tensors(path, tensors: dict) -> str:
-    """Write safetensors tensor by tensor (a low-bit predictor is hundreds of MB at
-    1B parameters: safetensors' save_file builds the whole file in memory first);
-    returns the file's sha256."""
-    digest = hashlib.sha256()
-    specs = {k: (_DTYPE_NAMES[v.dtype], v.shape) for k, v in tensors.items()}
-    writer = StreamingWriter(path, specs, hasher=digest)
-    for name, value in tensors.items():
-        writer.write(name, value)
-    writer.close()
-    return digest.hexdigest()
-
-
-def store_predictor(layout: Layout, tensors: dict, reports, settings: dict) -> dict:
-    """Write the predictor's tensors under a fresh name, then switch the manifest to
-    it; `settings` (with "kind" and "nbytes", the bytes held) go into its section."""
-    tmp = layout.path / ".predictor.new"
-    try:
-        digest = _write_tensors(tmp, tensors)
-    except BaseException:  # a disk full or an interrupt leaves nothing behind
-        tmp.unlink(missing_ok=True)
-        raise
-    name = f"predictor-{digest[:12]}.safetensors"
-    old = (layout.manifest.get("predictor") or {}).get("file")
-    try:
-        tmp.rename(layout.path / name)
-        # every other predictor file goes below: the manifest lists none of them
-        files = {
-            f: v
-            for f, v in layout.manifest["files"].items()
-            if not f.startswith("predictor-")
-        }
-        files[name] = {"size": (layout.path / name).stat().st_size, "sha256": digest}
-        section = {
-            "file": name,
-            **settings,
-            "report": [
-                {
-                    k: r[k]
-                    for k in (*REPORT_KEYS, "rank", "bits", "epochs", "fit_recall")
-                    if k in r  # synthetic predictors (bench/synth.py) fit nothing
-                }
-                for r in reports
-            ],
-        }
-        layout.update_manifest({"predictor": section, "files": files})
-    except BaseException:
-        if name != old:  # never delete the file the manifest still names
-            (layout.path / name).unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
-        raise
-    # older predictors, and those of runs killed before the manifest named them
-    for file in layout.path.glob("predictor-*.safetensors"):
-        if file.name != name:
-            file.unlink(missing_ok=True)
-    return section
