@@ -135,10 +135,14 @@ class LRUPromptCache:
     or so, and comparing token lists costs microseconds next to a prefill).
 
     `fetch` gives the cache a prompt should run with, `insert` keeps it afterwards.
-    A cache whose tokens all begin the prompt (the conversation goes on) is used in
-    place; one that shares only a part (another conversation after the same system
-    prompt, or a reply that tokenizes differently once in the template) gives a
-    copy of that part, so the conversation it holds keeps its own tokens.
+    The kept cache sharing the longest prefix with the prompt is used in place
+    (trimmed to that prefix) when it would lose fewer tokens than it keeps: the
+    conversation goes on, its last reply tokenized a little differently once in
+    the chat template (SmolLM2: 444 of 451 tokens shared). When it would lose more
+    (another conversation, sharing only a system prompt), the shared part is
+    copied and the other conversation keeps its tokens; copying always instead
+    would leave a stale branch behind at every turn, and one conversation would
+    fill the LRU with them.
 
     Attributes:
         max_size: caches kept at most (0: none).
@@ -169,19 +173,20 @@ class LRUPromptCache:
 
     def fetch(self, model, ids: list[int]) -> PromptCache:
         """The cache to generate the prompt `ids` with: the kept cache sharing the
-        longest prefix with it (taken out until `insert`), a copy of that prefix,
-        or a new cache when none shares a token. Ties go to a cache usable in
-        place, then to the most recently used."""
-        best, best_key = None, (0, False)
+        longest prefix with it (taken out until `insert`; `prepare` trims it), a
+        copy of that prefix when the cache would lose more than it keeps, or a new
+        cache when none shares a token. Ties go to the cache losing the fewest
+        tokens, then to the most recently used."""
+        best, best_key = None, (0, 0)
         for cache in reversed(self._caches):
             common = cache.reusable(ids)
-            key = (common, common == len(cache))
-            if key > best_key:
+            key = (common, common - len(cache))  # longest shared, then least lost
+            if common and (best is None or key > best_key):
                 best, best_key = cache, key
         if best is None:
             return PromptCache(model)
-        common, in_place = best_key
-        if not in_place:
+        common, lost = best_key[0], -best_key[1]
+        if lost > common:
             return best.copy(model, common)
         self._caches.remove(best)
         return best

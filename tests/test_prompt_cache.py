@@ -186,6 +186,13 @@ def test_any_sequence_of_prompts_through_one_cache_equals_fresh_runs(layouts, pr
         previous, held = ids + tokens, ids + tokens[:-1]  # the last one never ran
 
 
+def shared_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 @settings(
     max_examples=30,
     deadline=None,
@@ -208,9 +215,10 @@ def test_any_prompts_through_an_lru_equal_fresh_runs(
     layouts, prompts, size, caches_of_bytes
 ):
     """Each prompt goes on from one of the earlier ones (a prefix of it and new
-    tokens). The LRU reuses the kept cache sharing the longest prefix, leaves the
-    others as they were, keeps the one used as the most recent, holds both bounds;
-    and the tokens are those of a fresh run."""
+    tokens). The LRU reuses the kept cache sharing the longest prefix, changes no
+    other, trims none that would lose more tokens than it keeps, keeps the one used
+    as the most recent, holds both bounds; and the tokens are those of a fresh
+    run."""
     model, tokenizer = load(layouts["llama-silu"], backend="numpy")
     one = kv_cache_bytes(model.args, KVCache.step)  # a cache of up to 256 tokens
     max_bytes = None if caches_of_bytes is None else caches_of_bytes * one
@@ -227,15 +235,38 @@ def test_any_prompts_through_an_lru_equal_fresh_runs(
         assert tokens == fresh_tokens
         np.testing.assert_allclose(logits, fresh_logits, atol=1e-4)
         assert last.cached_tokens == longest
-        for kept in lru.caches:  # only a cache that wholly begins ids goes on
-            held = before.get(id(kept))
+        for kept in lru.caches:  # a cache changes only when it loses less than
+            held = before.get(id(kept))  # it keeps (its conversation goes on)
             if held is not None and kept.tokens != held:
-                assert held == ids[: len(held)] and len(held) < len(ids)
+                shared = shared_prefix(held, ids[:-1])
+                assert kept is cache and len(held) - shared <= shared
         assert len(lru) <= size
         assert max_bytes is None or lru.nbytes <= max_bytes
         if size and max_bytes is None:
             assert lru.caches[-1] is cache
         history.append(ids + tokens)
+
+
+def test_a_conversation_going_on_leaves_no_stale_branch(layouts):
+    """Each turn, the reply's last token comes back another way (as a reply that
+    tokenizes differently once in the chat template): the cache is trimmed by that
+    token and goes on, one cache for the conversation. Another conversation sharing
+    only its first token gets a copy of it and leaves the first one whole."""
+    model, tokenizer = load(layouts["llama-silu"], backend="numpy")
+    lru = LRUPromptCache(10)
+    ids = list(TURN)
+    for _ in range(4):
+        cache = lru.fetch(model, ids)
+        tokens, _, last = run(model, tokenizer, ids, cache, max_tokens=3)
+        lru.insert(cache)
+        held = list(cache.tokens)
+        ids = ids + tokens[:1] + [11, 12, 13, 14]
+    assert len(lru) == 1 and last.cached_tokens > len(TURN)
+    other = [TURN[0], 30, 31, 32]
+    cache = lru.fetch(model, other)
+    run(model, tokenizer, other, cache, max_tokens=3)
+    lru.insert(cache)
+    assert len(lru) == 2 and lru.caches[0].tokens == held
 
 
 def test_lru_bounds_below_zero_are_refused():
