@@ -30,6 +30,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--prompt-cache-size",
         type=_count,
+        metavar="N",
         default=10,
         help="conversations whose prompt caches are kept, the least recently used "
         "dropped first (default 10; 0: none)",
@@ -37,6 +38,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--prompt-cache-bytes",
         type=_size,
+        metavar="BYTES",
         default=None,
         help="their keys and values at most: bytes or a size like 500MB (default: "
         "no bound beyond --prompt-cache-size; the start line gives the most they "
