@@ -137,12 +137,12 @@ class LRUPromptCache:
     `fetch` gives the cache a prompt should run with, `insert` keeps it afterwards.
     The kept cache sharing the longest prefix with the prompt is used in place
     (trimmed to that prefix) when it would lose fewer tokens than it keeps: the
-    conversation goes on, its last reply tokenized a little differently once in
-    the chat template (SmolLM2: 444 of 451 tokens shared). When it would lose more
-    (another conversation, sharing only a system prompt), the shared part is
-    copied and the other conversation keeps its tokens; copying always instead
-    would leave a stale branch behind at every turn, and one conversation would
-    fill the LRU with them.
+    conversation goes on, whole (SmolLM2's chat template gives back the 444 tokens
+    of its first turn) or with a few tokens that come back otherwise (a reply the
+    client edited, or one that tokenizes differently once in the template). When
+    it would lose more (another conversation, sharing only a system prompt), the
+    shared part is copied and the other conversation keeps its tokens; copying
+    whenever a token differs would leave a stale branch behind at such turns.
 
     Attributes:
         max_size: caches kept at most (0: none).
