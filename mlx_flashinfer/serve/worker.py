@@ -21,7 +21,7 @@ from ..prompt_cache import LRUPromptCache
 from .openai_api import APIError, CompletionRequest
 
 
-def stopping_error(generated: int | None = None) -> APIError:
+def _stopping_error(generated: int | None = None) -> APIError:
     cut = (
         "before this request started"
         if generated is None
@@ -76,11 +76,13 @@ class Worker:
         self.thread.start()
 
     def submit(self, request: CompletionRequest) -> Job:
+        """Queue `request`; its job's events say how it goes (at once "error"
+        when the server is stopping)."""
         with self._submit_lock:
             self._submitted += 1
             job = Job(request, self._submitted)
             if self._stopping.is_set():
-                job.events.put(("error", stopping_error()))
+                job.events.put(("error", _stopping_error()))
             else:
                 self.jobs.put(job)
         return job
@@ -96,7 +98,7 @@ class Worker:
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
             if job.cancelled.is_set() or self._stopping.is_set():
-                job.events.put(("error", stopping_error()))
+                job.events.put(("error", _stopping_error()))
                 continue
             try:
                 self._generate(job)
@@ -146,7 +148,7 @@ class Worker:
             state = last.finish_reason
         else:
             generated = 0 if last is None else last.generation_tokens
-            job.events.put(("error", stopping_error(generated)))
+            job.events.put(("error", _stopping_error(generated)))
             state = "cancelled" if job.cancelled.is_set() else "cut: the server stops"
         if last is not None:
             self.log(
