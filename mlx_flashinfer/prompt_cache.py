@@ -1,6 +1,7 @@
 """The prompt cache: a conversation's KV caches and the token ids they hold, kept
 between generations (mlx-lm's `make_prompt_cache`), saved to and loaded from
-safetensors (`save_prompt_cache`, `load_prompt_cache`).
+safetensors (`save_prompt_cache`, `load_prompt_cache`); and `LRUPromptCache`, the
+caches of several conversations a server keeps (mlx_lm.server's name).
 
 Unlike mlx-lm, where the caller passes only the tokens after the cached ones, a
 prompt here is always the whole sequence: the cache finds the prefix it already
@@ -76,6 +77,16 @@ class PromptCache:
             layer.offset = min(layer.offset, n)
         del self.tokens[n:]
 
+    def copy(self, model, n: int) -> PromptCache:
+        """A new cache holding this one's first `n` tokens (their keys and values
+        copied; this one is left as it is)."""
+        cache = PromptCache(model)
+        if n:
+            for mine, theirs in zip(self.layers, cache.layers, strict=True):
+                theirs.update_and_fetch(mine.keys[:, :n], mine.values[:, :n])
+        cache.tokens = self.tokens[:n]
+        return cache
+
     def check_model(self, model) -> None:
         """Raises ValueError when the cache was made for another model."""
         if (
@@ -117,6 +128,97 @@ class PromptCache:
 def make_prompt_cache(model) -> PromptCache:
     """An empty prompt cache for `model` (mlx-lm's name)."""
     return PromptCache(model)
+
+
+class LRUPromptCache:
+    """The prompt caches of several conversations, the least recently used dropped
+    first (mlx_lm.server's `LRUPromptCache`, without its trie: a server keeps ten
+    or so, and comparing token lists costs microseconds next to a prefill).
+
+    `fetch` gives the cache a prompt should run with, `insert` keeps it afterwards.
+    The kept cache sharing the longest prefix with the prompt is used in place
+    (trimmed to that prefix) when it would lose fewer tokens than it keeps: the
+    conversation goes on, whole (SmolLM2's chat template gives back the 444 tokens
+    of its first turn) or with a few tokens that come back otherwise (a reply the
+    client edited, or one that tokenizes differently once in the template). When
+    it would lose more (another conversation, sharing only a system prompt), the
+    shared part is copied and the other conversation keeps its tokens; copying
+    whenever a token differs would leave a stale branch behind at such turns.
+
+    Attributes:
+        max_size: caches kept at most (0: none).
+        max_bytes: their keys and values at most, in bytes (`PromptCache.nbytes`,
+            what their arrays hold); None: no bound beyond max_size.
+    """
+
+    def __init__(self, max_size: int = 10, max_bytes: int | None = None):
+        if max_size < 0 or (max_bytes is not None and max_bytes < 0):
+            raise ValueError(
+                f"the prompt cache bounds must be >= 0, got {max_size} caches and "
+                f"{max_bytes} bytes"
+            )
+        self.max_size, self.max_bytes = max_size, max_bytes
+        self._caches: list[PromptCache] = []  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(cache.nbytes for cache in self._caches)
+
+    @property
+    def caches(self) -> list[PromptCache]:
+        """The caches kept, least recently used first (do not change the list)."""
+        return self._caches
+
+    def fetch(self, model, ids: list[int]) -> PromptCache:
+        """The cache to generate the prompt `ids` with: the kept cache sharing the
+        longest prefix with it (taken out until `insert`; `prepare` trims it), a
+        copy of that prefix when the cache would lose more than it keeps, or a new
+        cache when none shares a token. Ties go to the cache losing the fewest
+        tokens, then to the most recently used."""
+        best, best_key = None, (0, 0)
+        for cache in reversed(self._caches):
+            common = cache.reusable(ids)
+            key = (common, common - len(cache))  # longest shared, then least lost
+            if common and (best is None or key > best_key):
+                best, best_key = cache, key
+        if best is None:
+            return PromptCache(model)
+        common, lost = best_key[0], -best_key[1]
+        if lost > common:
+            return best.copy(model, common)
+        self._caches.remove(best)
+        return best
+
+    def insert(self, cache: PromptCache) -> None:
+        """Keep `cache` as the most recently used; drop the caches it supersedes
+        (whose tokens begin its own), then the least recently used until both
+        bounds hold (`cache` too, when it alone is over `max_bytes`)."""
+        tokens = cache.tokens
+        self._caches = [
+            kept
+            for kept in self._caches
+            if kept is not cache and kept.tokens != tokens[: len(kept.tokens)]
+        ]
+        self._caches.append(cache)
+        while self._caches and (
+            len(self._caches) > self.max_size
+            or (self.max_bytes is not None and self.nbytes > self.max_bytes)
+        ):
+            del self._caches[0]
+
+    def stats(self) -> dict:
+        """What is kept and its bounds, for /health: conversations, their tokens
+        and bytes."""
+        return {
+            "conversations": len(self._caches),
+            "tokens": [len(cache) for cache in self._caches],
+            "bytes": self.nbytes,
+            "max_conversations": self.max_size,
+            "max_bytes": self.max_bytes,
+        }
 
 
 def save_prompt_cache(

@@ -10,7 +10,9 @@ from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoin
 from mlx_flashinfer import convert, load, stream_generate
 from mlx_flashinfer.chat import Chat
 from mlx_flashinfer.cli import main
+from mlx_flashinfer.model.transformer import KVCache, kv_cache_bytes
 from mlx_flashinfer.prompt_cache import (
+    LRUPromptCache,
     load_prompt_cache,
     make_prompt_cache,
     save_prompt_cache,
@@ -182,6 +184,96 @@ def test_any_sequence_of_prompts_through_one_cache_equals_fresh_runs(layouts, pr
             common += 1
         assert last.cached_tokens == common
         previous, held = ids + tokens, ids + tokens[:-1]  # the last one never ran
+
+
+def shared_prefix(a: list, b: list) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    prompts=st.lists(
+        st.tuples(
+            st.integers(0, 5),  # which earlier conversation it goes on from
+            st.integers(0, 14),  # how much of it it keeps
+            st.lists(st.integers(3, 39), max_size=6),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    size=st.integers(0, 3),
+    caches_of_bytes=st.sampled_from([None, 0, 1, 2]),
+)
+def test_any_prompts_through_an_lru_equal_fresh_runs(
+    layouts, prompts, size, caches_of_bytes
+):
+    """Each prompt goes on from one of the earlier ones (a prefix of it and new
+    tokens). The LRU reuses the kept cache sharing the longest prefix, changes no
+    other, trims none that would lose more tokens than it keeps, keeps the one used
+    as the most recent, holds both bounds; and the tokens are those of a fresh
+    run."""
+    model, tokenizer = load(layouts["llama-silu"], backend="numpy")
+    one = kv_cache_bytes(model.args, KVCache.step)  # a cache of up to 256 tokens
+    max_bytes = None if caches_of_bytes is None else caches_of_bytes * one
+    lru = LRUPromptCache(size, max_bytes)
+    history = [[1]]
+    for which, keep, extra in prompts:
+        ids = history[which % len(history)][:keep] + extra or [1]
+        longest = max((kept.reusable(ids) for kept in lru.caches), default=0)
+        before = {id(kept): list(kept.tokens) for kept in lru.caches}
+        cache = lru.fetch(model, ids)
+        tokens, logits, last = run(model, tokenizer, ids, cache, max_tokens=3)
+        lru.insert(cache)
+        fresh_tokens, fresh_logits, _ = run(model, tokenizer, ids, max_tokens=3)
+        assert tokens == fresh_tokens
+        np.testing.assert_allclose(logits, fresh_logits, atol=1e-4)
+        assert last.cached_tokens == longest
+        for kept in lru.caches:  # a cache changes only when it loses less than
+            held = before.get(id(kept))  # it keeps (its conversation goes on)
+            if held is not None and kept.tokens != held:
+                shared = shared_prefix(held, ids[:-1])
+                assert kept is cache and len(held) - shared <= shared
+        assert len(lru) <= size
+        assert max_bytes is None or lru.nbytes <= max_bytes
+        if size and max_bytes is None:
+            assert lru.caches[-1] is cache
+        history.append(ids + tokens)
+
+
+def test_a_conversation_going_on_leaves_no_stale_branch(layouts):
+    """Each turn, the reply's last token comes back another way (as a reply that
+    tokenizes differently once in the chat template): the cache is trimmed by that
+    token and goes on, one cache for the conversation. Another conversation sharing
+    only its first token gets a copy of it and leaves the first one whole."""
+    model, tokenizer = load(layouts["llama-silu"], backend="numpy")
+    lru = LRUPromptCache(10)
+    ids = list(TURN)
+    for _ in range(4):
+        cache = lru.fetch(model, ids)
+        tokens, _, last = run(model, tokenizer, ids, cache, max_tokens=3)
+        lru.insert(cache)
+        held = list(cache.tokens)
+        ids = ids + tokens[:1] + [11, 12, 13, 14]
+    assert len(lru) == 1 and last.cached_tokens > len(TURN)
+    other = [TURN[0], 30, 31, 32]
+    cache = lru.fetch(model, other)
+    run(model, tokenizer, other, cache, max_tokens=3)
+    lru.insert(cache)
+    assert len(lru) == 2 and lru.caches[0].tokens == held
+
+
+def test_lru_bounds_below_zero_are_refused():
+    with pytest.raises(ValueError, match=">= 0"):
+        LRUPromptCache(-1)
+    with pytest.raises(ValueError, match=">= 0"):
+        LRUPromptCache(3, -5)
 
 
 # -- files ---------------------------------------------------------------------------

@@ -1,88 +1,48 @@
 """`flashinfer serve` through the official `openai` client and raw HTTP: answers equal
 in-process generation, bad input is refused OpenAI's way and the server goes on,
-requests are served in arrival order, a client that leaves stops its generation,
-and signals stop the server cleanly."""
+requests are served in arrival order, a client that leaves stops its generation.
+(HTTP framing and how streams end: test_server_http.py; conversations and their
+prompt caches: test_server_prompt_caches.py; the command: test_server_cli.py.)"""
 
-import http.client
 import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from types import SimpleNamespace
 
 import pytest
-from tiny_models import has_mlx, random_weights, tiny_config, write_hf_checkpoint
-
-from mlx_flashinfer import convert, load, stream_generate
-from mlx_flashinfer.chat import encode_chat
-from mlx_flashinfer.cli import main
-from mlx_flashinfer.serve.server import make_server
-
-openai = pytest.importorskip("openai")
-
-TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
-DEFAULTS = SimpleNamespace(
-    max_tokens=8,
-    temp=0.0,
-    top_p=1.0,
-    top_k=0,
-    min_p=0.0,
-    repetition_penalty=None,
-    repetition_context_size=20,
-    system_prompt=None,
-    seed=None,
+from serving import (
+    DEFAULTS,
+    SlowFFN,
+    chat,
+    chat_ids,
+    in_process,
+    openai,
+    raw,
+    serving,
+    tiny_layout,
 )
+from tiny_models import has_mlx
+
+from mlx_flashinfer import load, stream_generate
+from mlx_flashinfer.chat import encode_chat
+from mlx_flashinfer.serve.server import make_server
 
 
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    config = tiny_config("llama", "relu", max_position_embeddings=96)
-    src = write_hf_checkpoint(
-        tmp / "src", config, random_weights(config), chat_template=TEMPLATE
-    )
-    return convert(src, tmp / "tiny", dtype="float32", progress=False)
+    return tiny_layout(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def served(layout):
-    """A flash-mode server on a free port, in this process; its log lines kept."""
-    model, tokenizer = load(layout, memory_budget="200%", predictor="gate")
-    lines = []
-    server = make_server(
-        model, tokenizer, "tiny", "127.0.0.1", 0, DEFAULTS, lines.append
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    port = server.server_address[1]
-    client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0
-    )
-    yield SimpleNamespace(
-        server=server, port=port, client=client, lines=lines, tokenizer=tokenizer
-    )
-    server.shutdown()
-    server.stop()
+    with serving(layout) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
 def reference(layout):
-    """The same model, in process: what the server's answers must equal."""
-    model, tokenizer = load(layout, memory_budget="200%", predictor="gate")
-
-    def answer(ids, max_tokens=DEFAULTS.max_tokens, **kwargs):
-        responses = list(stream_generate(model, tokenizer, ids, max_tokens, **kwargs))
-        return "".join(r.text for r in responses), responses[-1]
-
-    return answer
-
-
-def chat_ids(served, messages):
-    return encode_chat(served.tokenizer, messages)
+    return in_process(layout)
 
 
 def test_chat_completion_equals_in_process_generation(served, reference):
@@ -182,7 +142,39 @@ def test_models_and_health(served):
     assert served.client.models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):
         served.client.models.retrieve("gpt-4")
-    assert raw(served, "GET", "/health") == (200, {"status": "ok"})
+    status, health = raw(served, "GET", "/health")
+    assert status == 200 and health["status"] == "ok"
+    # what the prompt caches hold: the bytes of their arrays, as they are
+    kept = served.server.worker.caches.caches
+    arrays = sum(
+        layer.keys.nbytes + layer.values.nbytes
+        for cache in kept
+        for layer in cache.layers
+        if layer.keys is not None
+    )
+    stats = health["prompt_cache"]
+    assert stats["bytes"] == arrays and stats["tokens"] == [len(c) for c in kept]
+    assert stats["conversations"] == len(kept) <= stats["max_conversations"] == 10
+
+
+def test_created_is_when_the_response_was_made(served):
+    while int(time.time()) <= served.server.created:  # the server's second is over
+        time.sleep(0.05)
+    before = int(time.time())
+    messages = [{"role": "user", "content": "alice"}]
+    whole = served.client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=3
+    )
+    chunks = list(
+        served.client.completions.create(
+            model="tiny", prompt="alice", max_tokens=3, stream=True
+        )
+    )
+    after = int(time.time())
+    assert before <= whole.created <= after
+    assert {c.created for c in chunks} == {chunks[0].created}  # one per reply
+    assert before <= chunks[0].created <= after
+    assert served.server.created < before  # not the server's start
 
 
 def test_an_unknown_model_is_refused_by_the_client(served):
@@ -194,25 +186,6 @@ def test_an_unknown_model_is_refused_by_the_client(served):
 
 
 # -- bad input: 4xx, OpenAI's error JSON, and the server goes on ---------------------
-
-
-def raw(served, method: str, path: str, body=None, headers=None):
-    """(status, JSON body) of one raw HTTP request."""
-    connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=30)
-    data = body if isinstance(body, bytes) or body is None else json.dumps(body)
-    if isinstance(data, str):
-        data = data.encode()
-    connection.request(method, path, body=data, headers=headers or {})
-    response = connection.getresponse()
-    payload = response.read()
-    connection.close()
-    return response.status, json.loads(payload)
-
-
-def chat(**fields):
-    return {"model": "tiny", "messages": [{"role": "user", "content": "alice"}]} | (
-        fields
-    )
 
 
 BAD = {  # path, body, status, param, words of the message
@@ -304,37 +277,7 @@ def test_bad_input_is_refused_and_the_server_goes_on(served, case):
     assert good == 200 and answer["usage"]["completion_tokens"] >= 1
 
 
-def test_http_level_mistakes(served):
-    assert raw(served, "GET", "/nowhere")[0] == 404
-    assert raw(served, "DELETE", "/v1/models")[0] == 405
-    connection = socket.create_connection(("127.0.0.1", served.port))
-    connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\r\n")
-    reply = b""
-    while chunk := connection.recv(65536):  # HTTP/1.0: the server closes at the end
-        reply += chunk
-    reply = reply.decode()
-    connection.close()
-    assert reply.startswith("HTTP/1.0 411") and '"error"' in reply
-
-
 # -- clients that leave, many clients -----------------------------------------------
-
-
-class SlowFFN:
-    """The model's FFN, 20 ms slower per layer: a reply takes seconds, not
-    milliseconds; counts decoded tokens."""
-
-    def __init__(self, ffn, delay: float = 0.02):
-        self.ffn, self.tokens, self.delay = ffn, 0, delay
-
-    def __getattr__(self, name):
-        return getattr(self.ffn, name)
-
-    def __call__(self, layer, h):
-        if layer == 0 and h.shape[0] == 1:
-            self.tokens += 1
-        time.sleep(self.delay)
-        return self.ffn(layer, h)
 
 
 def test_a_client_leaving_mid_stream_stops_its_generation(served):
@@ -410,64 +353,6 @@ def test_concurrent_clients_are_served_one_at_a_time_in_arrival_order(served):
     assert done == numbers
     waits = [answer["flashinfer"]["queued_s"] for _, answer in results]
     assert max(waits) > 0.05  # some did wait for others
-
-
-# -- the command line: signals, bad options ------------------------------------------
-
-
-def start_server(layout, *extra):
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlx_flashinfer",
-            "serve",
-            "--model",
-            str(layout),
-            "--port",
-            "0",
-            *extra,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = process.stderr.readline()
-    assert "http://127.0.0.1:" in line, line
-    port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
-    return process, port
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_stops_the_server_cleanly(layout, signum):
-    process, port = start_server(layout, "--memory-budget", "200%")
-    try:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        connection.request(
-            "POST",
-            "/v1/completions",
-            body=json.dumps({"prompt": "alice", "max_tokens": 3}),
-        )
-        assert connection.getresponse().status == 200
-        os.kill(process.pid, signum)
-        status = process.wait(timeout=30)
-        rest = process.stderr.read()
-    finally:
-        process.kill()
-    assert status == 0, rest
-    assert "Traceback" not in rest and rest.rstrip().endswith(
-        "flashinfer serve: stopped"
-    )
-
-
-def test_a_busy_port_is_one_line_and_exit_2(layout, capsys):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        status = main(["serve", "--model", str(layout), "--port", str(port)])
-    err = capsys.readouterr().err
-    assert status == 2 and err.count("\n") == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in err
 
 
 @pytest.mark.skipif(not has_mlx(), reason="mlx is not installed")

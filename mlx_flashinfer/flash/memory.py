@@ -64,6 +64,22 @@ def io_buffer_bytes(layout: Layout, lookahead: bool = False) -> int:
     return 2 * one if lookahead else one
 
 
+def parse_size(value: str) -> int:
+    """Bytes of a size given as bytes or "1.5GB" / "800MiB" (1 MB = 10**6 bytes, as
+    `format_bytes` prints them).
+
+    Raises:
+        ValueError: not a size.
+    """
+    text = value.strip().lower().replace(" ", "")
+    match = re.fullmatch(r"([0-9]*\.?[0-9]+)([kmgt]i?b|b)?", text)
+    if not match:
+        raise ValueError(
+            f"bad size {value!r}: use bytes or a size like 1.5GB or 800MiB"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
 def parse_budget(value: str | int | float, whole_model: int) -> int:
     """Bytes of a budget given as bytes, "1.5GB" / "800MiB", or "50%" of `whole_model`.
 

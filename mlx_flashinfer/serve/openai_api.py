@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -61,10 +62,12 @@ class CompletionRequest:
     stream: bool
     include_usage: bool  # stream: a last chunk with the usage
     id: str = ""
+    created: int = 0  # Unix seconds: when the request came (every chunk has it)
 
     def __post_init__(self):
         prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
 
 
 def parse_body(raw: bytes) -> dict:
@@ -293,7 +296,6 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 def completion(
     request: CompletionRequest,
     model_id: str,
-    created: int,
     text: str,
     finish_reason: str | None,
     usage_: dict,
@@ -313,7 +315,7 @@ def completion(
     return {
         "id": request.id,
         "object": obj,
-        "created": created,
+        "created": request.created,
         "model": model_id,
         "choices": [choice],
         "usage": usage_,
@@ -329,7 +331,6 @@ def _text_choice(text: str | None, finish_reason: str | None) -> dict:
 def chunk(
     request: CompletionRequest,
     model_id: str,
-    created: int,
     text: str | None,
     finish_reason: str | None = None,
     role: bool = False,
@@ -345,7 +346,7 @@ def chunk(
     return {
         "id": request.id,
         "object": obj,
-        "created": created,
+        "created": request.created,
         "model": model_id,
         "choices": [] if text is None and not role else [choice],
     }
