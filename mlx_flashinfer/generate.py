@@ -22,6 +22,7 @@ Sampler = Callable[[np.ndarray], int]
 
 
 def make_sampler(
+    *,
     temp: float = 0.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -160,10 +161,10 @@ def stream_generate(
     model,
     tokenizer,
     prompt: str | list[int],
+    *,
     max_tokens: int = 256,
     sampler: Sampler | None = None,
     logits_processors: list | None = None,
-    *,
     stop: list[str] | None = None,
     prompt_cache: PromptCache | None = None,
     **sampler_args,

@@ -89,7 +89,9 @@ def in_process(layout):
     model, tokenizer = load(layout, memory_budget="200%", predictor="gate")
 
     def answer(ids, max_tokens=DEFAULTS.max_tokens, **kwargs):
-        responses = list(stream_generate(model, tokenizer, ids, max_tokens, **kwargs))
+        responses = list(
+            stream_generate(model, tokenizer, ids, max_tokens=max_tokens, **kwargs)
+        )
         return "".join(r.text for r in responses), responses[-1]
 
     return answer

@@ -22,18 +22,10 @@ ESSENTIAL = {
     mlx_flashinfer.make_prompt_cache: ["model"],
     mlx_flashinfer.save_prompt_cache: ["file", "cache", "model"],
     mlx_flashinfer.load_prompt_cache: ["file", "model"],
-    # as mlx-lm's stream_generate: max_tokens after the prompt; sampler and
-    # logits_processors too, for serve/server.py's call (not edited here)
-    mlx_flashinfer.stream_generate: [
-        "model",
-        "tokenizer",
-        "prompt",
-        "max_tokens",
-        "sampler",
-        "logits_processors",
-    ],
-    # mlx-lm's make_sampler takes its options positionally too
-    mlx_flashinfer.make_sampler: ["temp", "top_p", "top_k", "min_p", "seed"],
+    mlx_flashinfer.stream_generate: ["model", "tokenizer", "prompt"],
+    # keyword-only: its options' order is not mlx-lm's, so a call by position
+    # would pass them wrong
+    mlx_flashinfer.make_sampler: [],
     generate_step: ["model", "prompt_ids"],
     resolve_model: ["spec"],
     train_predictor: ["path"],

@@ -395,7 +395,9 @@ def test_a_chat_turn_computes_only_its_own_tokens(layouts):
     from mlx_flashinfer.chat import encode_chat
 
     ids = encode_chat(tokenizer, chat.history[:-1])
-    fresh = "".join(r.text for r in stream_generate(model, tokenizer, ids, 4))
+    fresh = "".join(
+        r.text for r in stream_generate(model, tokenizer, ids, max_tokens=4)
+    )
     assert chat.history[-1]["content"] == fresh
 
 

@@ -381,7 +381,9 @@ def test_the_mlx_backend_serves_from_its_generation_thread(layout):
         server.stop()
     dense, _ = load(layout, backend="numpy")
     ids = encode_chat(tokenizer, messages)
-    expected = "".join(r.text for r in stream_generate(dense, tokenizer, ids, 6))
+    expected = "".join(
+        r.text for r in stream_generate(dense, tokenizer, ids, max_tokens=6)
+    )
     assert text == [expected, expected]
 
 

@@ -74,7 +74,11 @@ def make_sampling(opts) -> tuple:
     from ..generate import make_repetition_penalty, make_sampler
 
     sampler = make_sampler(
-        opts.temp, top_p=opts.top_p, top_k=opts.top_k, min_p=opts.min_p, seed=opts.seed
+        temp=opts.temp,
+        top_p=opts.top_p,
+        top_k=opts.top_k,
+        min_p=opts.min_p,
+        seed=opts.seed,
     )
     size, penalty = opts.repetition_context_size, opts.repetition_penalty
     processors = [] if penalty is None else [make_repetition_penalty(penalty, size)]

@@ -111,7 +111,11 @@ class Worker:
         request, d = job.request, self.defaults
         seed = d.seed if request.seed is None else request.seed
         sampler = make_sampler(
-            request.temperature, request.top_p, d.top_k, d.min_p, seed
+            temp=request.temperature,
+            top_p=request.top_p,
+            top_k=d.top_k,
+            min_p=d.min_p,
+            seed=seed,
         )
         processors = []
         if d.repetition_penalty is not None:
@@ -124,9 +128,9 @@ class Worker:
                 self.model,
                 self.tokenizer,
                 request.ids,
-                request.max_tokens,
-                sampler,
-                processors,
+                max_tokens=request.max_tokens,
+                sampler=sampler,
+                logits_processors=processors,
                 stop=request.stop,
                 prompt_cache=cache,
             ):
