@@ -28,7 +28,7 @@ DEFAULT_WINDOW = 4  # paper: k = 4-5 for OPT, 4 for Falcon, 2 for Llama 2
 # guesses 73% right) 114-141 -> 193-215: off for SiLU models.
 DEFAULT_LOOKAHEAD = None  # None: on for the ReLU family, off otherwise
 MAX_WINDOW = 256
-PLACEMENTS = ("sparse", "streamed")
+PLACEMENTS = ("sparse", "streamed", "auto")
 
 
 def default_predictor(layout: Layout) -> str:
@@ -156,13 +156,22 @@ def make_plan(
     return plan(False)
 
 
+def planned_options(layout, budget, backend, context: int, cache_dir) -> dict:
+    """The `load` options of the planner's choice for this budget (`plan/`)."""
+    from .plan.machine import machine_here
+    from .plan.planner import choose
+
+    machine = machine_here(layout.path, backend, cache_dir)
+    return choose(layout, budget, machine, max_context=context).best.options()
+
+
 def load(
     path: str | Path | None = None,
     *,
     backend: str | None = None,
     dense: bool | None = None,
     memory_budget: str | int | None = None,
-    window: int = DEFAULT_WINDOW,
+    window: int | None = None,
     predictor: str | None = None,
     threads: int | None = None,
     max_context: int | None = None,
@@ -186,7 +195,8 @@ def load(
             as stored (weights are held at the layout's dtype). Bounds resident
             weights + predictor + neuron caches + scratch + read buffer. Default
             "50%" when dense=False.
-        window: k, tokens whose neurons stay cached (flash mode); 0 = no reuse.
+        window: k, tokens whose neurons stay cached (flash mode); 0 = no reuse;
+            None: DEFAULT_WINDOW (or the planner's choice with placement "auto").
         predictor: the trained one ("lowrank" or "lowbit", default when trained),
             "gate" (default otherwise), "oracle" or "all" (flash mode).
         threads: flash reader threads (default: measured best for this kind of disk).
@@ -202,7 +212,10 @@ def load(
             (measured: see DEFAULT_LOOKAHEAD).
         placement: flash mode: "sparse" (neurons read when predicted, cached over
             a window) or "streamed" (a share of every layer held, the rest read
-            every token ahead of compute: exact for any model, no predictor).
+            every token ahead of compute: exact for any model, no predictor), or
+            "auto": the planner's fastest plan on this machine's curves within the
+            trained predictor's calibrated loss (`flashinfer plan` shows it; the
+            machine is probed once, on first use); options given explicitly win.
             Default: sparse.
 
     Returns:
@@ -219,8 +232,23 @@ def load(
         dense = memory_budget is None
     if dense and memory_budget is not None:
         raise ValueError("memory_budget applies to flash mode: drop dense=True")
-    if not 0 <= window <= MAX_WINDOW:
+    if window is not None and not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
+    placement = placement or "sparse"
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}: {', '.join(PLACEMENTS)}")
+    if placement == "streamed" and predictor not in (None, "all"):
+        raise ValueError("the streamed placement computes every neuron: no predictor")
+    budget = DEFAULT_BUDGET if memory_budget is None else memory_budget
+    if placement == "auto" and not dense:
+        chosen = planned_options(layout, budget, B.name, context, cache_dir)
+        dense = chosen.pop("dense", False)
+        placement = chosen.pop("placement", "sparse")
+        predictor = predictor or chosen.get("predictor")
+        window = chosen["window"] if window is None and "window" in chosen else window
+        if lookahead is None:
+            lookahead = chosen.get("lookahead")
+    window = DEFAULT_WINDOW if window is None else window
     # before the weights: a broken tokenizer or chat template fails in no time
     tokenizer = load_tokenizer(layout)
     weights = prepare_weights(B, _finite(layout.iter_resident(stored=True), layout))
@@ -228,19 +256,9 @@ def load(
     if dense:
         ffn = DenseFFN(B, layout, weights)
     else:
-        budget = DEFAULT_BUDGET if memory_budget is None else memory_budget
-        placement = placement or "sparse"
-        if placement not in PLACEMENTS:
-            raise ValueError(
-                f"unknown placement {placement!r}: {' or '.join(PLACEMENTS)}"
-            )
         if placement == "streamed":
             from .flash.streamed import StreamedFFN
 
-            if predictor not in (None, "all"):
-                raise ValueError(
-                    "the streamed placement computes every neuron: no predictor"
-                )
             kv_cache = kv_cache_bytes(layout.args, context)
             plan = plan_streamed(layout, budget, kv_cache, context)
             ffn = StreamedFFN(B, layout, weights, plan, threads)

@@ -159,3 +159,40 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     assert len(kept) == 1 and load_machine(kept[0]).gemv["float32"]["1"] > 0
     assert main(["plan", str(layout), "--budget", "60%", "--backend", "numpy"]) == 0
     assert "chosen" in capsys.readouterr().out
+
+
+def test_load_auto_runs_the_planners_choice_and_explicit_options_win(tmp_path):
+    from mlx_flashinfer import load
+    from mlx_flashinfer.plan.machine import machine_path
+
+    layout = tiny_layout("llama", "silu", 2, 400, 12)
+    lay = Layout.open(layout)
+    resident, ffn = model_bytes(lay)
+    ring = 6 * slot_bytes(400, lay.bundle_bytes)
+    budget = resident + io_buffer_bytes(lay) + ring + ffn // 4
+    machine = fake_machine()
+    save_machine(machine, machine_path(layout, "numpy", tmp_path))
+    best = choose(lay, budget, machine, max_context=64).best
+    model, _ = load(
+        layout,
+        backend="numpy",
+        memory_budget=budget,
+        placement="auto",
+        cache_dir=tmp_path,
+        max_context=64,
+    )
+    assert model.plan.placement == best.placement
+    dense, _ = load(layout, backend="numpy")
+    tokens = [1, 2, 3, 4, 5]
+    got, expected = model.logits(tokens, prefill=3), dense.logits(tokens, prefill=3)
+    assert np.abs(got - expected).max() <= 1e-5  # the choice is exact: no loss allowed
+    model.ffn.close()
+    # with room for every weight the planner runs it dense
+    roomy, _ = load(
+        layout,
+        backend="numpy",
+        memory_budget="200%",
+        placement="auto",
+        cache_dir=tmp_path,
+    )
+    assert roomy.plan is None

@@ -60,7 +60,7 @@ def add_commands(sub) -> None:
 
 def cmd_verify(opts) -> int:
     from ..chat import prompt_ids, read_prompt
-    from ..loader import default_predictor, load, resolve_model
+    from ..loader import load, resolve_model
     from ..predictors.texts import verify_text
     from ..verify import compare, perplexities, perplexity_line, report_lines
 
@@ -76,17 +76,23 @@ def cmd_verify(opts) -> int:
         predictor=opts.predictor,
         threads=opts.threads,
         predictor_threshold=opts.predictor_threshold,
+        placement=opts.placement,
         **lookahead_option(opts),
         **shared,
     )
     ids = prompt_ids(tokenizer, prompt, opts.system_prompt, opts.ignore_chat_template)
     result = compare(flash, dense, ids, opts.max_tokens, tokenizer.eos_token_ids)
     layout = Layout.open(path)
+    if flash.plan is not None and flash.plan.placement == "streamed":
+        how = f"budget {budget}, streamed"
+    elif flash.plan is not None:
+        predictor = flash.ffn.predictor.name
+        how = f"budget {budget}, window {flash.ffn.k}, predictor {predictor}"
+    else:
+        how = f"budget {budget}: the planner chose dense"
     print(
-        f"verify: {result.steps} decode steps, flash (budget {budget}, window "
-        f"{opts.window}, predictor {opts.predictor or default_predictor(layout)}) "
-        f"against dense, {dense.backend.name} backend, greedy, teacher-forced on the "
-        "dense tokens"
+        f"verify: {result.steps} decode steps, flash ({how}) against dense, "
+        f"{dense.backend.name} backend, greedy, teacher-forced on the dense tokens"
     )
     print("\n".join(report_lines(result, tokenizer, dense.args, layout.ffn_bytes)))
     if line := sparsity_line(flash, layout):

@@ -201,4 +201,21 @@ def cmd_inspect(opts) -> int:
                 print("  " + " ".join(str(c) for c in plan.capacity))
             else:
                 print("  (-v lists them)")
+        if line := planner_line(layout, opts):
+            print(line)
     return 0
+
+
+def planner_line(layout, opts) -> str | None:
+    """The planner's choice at --budget and its predicted cost, when this machine is
+    probed already (inspect never probes: `flashinfer plan` does)."""
+    from ..loader import check_max_context
+    from ..plan.machine import cached_machine
+    from ..plan.planner import choose
+
+    machine = cached_machine(layout.path, None, opts.cache_dir)
+    if machine is None:
+        return "  (`flashinfer plan` predicts what each placement costs here)"
+    context = check_max_context(layout, opts.max_context)
+    best = choose(layout, opts.budget, machine, max_context=context).best
+    return f"\nthe planner's choice here: {best.name}: {best.cost.line()}"

@@ -153,7 +153,7 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--window",
         type=int,
-        default=4,
+        default=None,
         help="tokens whose neurons stay cached (flash mode; default 4)",
     )
     p.add_argument(
@@ -167,6 +167,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="lowrank predictor's probability cut (default: as trained)",
+    )
+    p.add_argument(
+        "--placement",
+        choices=("sparse", "streamed", "auto"),
+        default=None,
+        help="flash mode: sparse (default: predicted neurons, cached over a window), "
+        "streamed (a share of every layer held, the rest read every token ahead of "
+        "compute: exact for any model) or auto (the planner's choice: `flashinfer "
+        "plan` shows it)",
     )
     p.add_argument("--threads", type=int, default=None, help="flash reader threads")
     p.add_argument(
@@ -218,6 +227,7 @@ def load_model(opts):
         max_context=opts.max_context,
         predictor_threshold=opts.predictor_threshold,
         cache_dir=opts.cache_dir,
+        placement=opts.placement,
         **lookahead_option(opts),
     )
 

@@ -135,27 +135,13 @@ def parse_rate(value: str) -> float:
 def machine_for(layout_path: Path, opts):
     """The probe to plan with: --probe, or this machine's kept one, measured now
     (and kept) when there is none."""
-    from ..plan.machine import (
-        cached_machine,
-        load_machine,
-        machine_path,
-        probe_machine,
-        save_machine,
-    )
+    from ..plan.machine import load_machine, machine_here
 
     if opts.probe:
         return load_machine(opts.probe)
-    machine = cached_machine(layout_path, opts.backend, opts.cache_dir)
-    if machine is None:
-        print(
-            "flashinfer plan: this machine is not probed yet: measuring it once "
-            "(about half a minute; `flashinfer probe` again re-measures)",
-            file=sys.stderr,
-        )
-        machine = probe_machine(layout_path, opts.backend, sys.stderr.isatty())
-        kept = machine_path(layout_path, machine.backend, opts.cache_dir)
-        save_machine(machine, kept)
-    return machine
+    return machine_here(
+        layout_path, opts.backend, opts.cache_dir, progress=sys.stderr.isatty()
+    )
 
 
 def cmd_plan(opts) -> int:

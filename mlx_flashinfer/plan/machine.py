@@ -279,3 +279,26 @@ def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
     for t in range(tokens):
         B.synchronize(model([t % 64], cache))
     return (time.perf_counter() - began) / tokens / layers
+
+
+def machine_here(
+    directory: str | Path,
+    backend: str | None = None,
+    cache_dir=None,
+    progress: bool = True,
+) -> Machine:
+    """This machine's kept probe for the disk of `directory`, measured now (and kept)
+    when there is none, with a line on stderr saying so."""
+    import sys
+
+    backend = backend or default_backend_name()
+    machine = cached_machine(directory, backend, cache_dir)
+    if machine is None:
+        print(
+            "flashinfer: this machine is not probed yet: measuring it once for the "
+            "planner (about half a minute; `flashinfer probe` re-measures)",
+            file=sys.stderr,
+        )
+        machine = probe_machine(directory, backend, progress)
+        save_machine(machine, machine_path(directory, backend, cache_dir))
+    return machine
