@@ -196,3 +196,24 @@ def test_load_auto_runs_the_planners_choice_and_explicit_options_win(tmp_path):
         cache_dir=tmp_path,
     )
     assert roomy.plan is None
+
+
+def test_a_trained_predictor_reports_what_windows_load_and_the_costs_use_it(tmp_path):
+    import shutil
+
+    from mlx_flashinfer.plan.costs import window_stats
+    from mlx_flashinfer.predictors.train import train_predictor
+
+    path = shutil.copytree(tiny_layout("llama", "relu", 2, 48, 2), tmp_path / "l")
+    train_predictor(path, tokens=600, kind="lowrank", rank=4, progress=False)
+    layout = Layout.open(path)
+    for entry in layout.manifest["predictor"]["report"]:
+        window = entry["window"]
+        assert window["k"][0] == 0
+        assert window["loaded"] == sorted(window["loaded"], reverse=True)
+        assert window["cached"] == sorted(window["cached"])
+        assert window["loaded"][0] == pytest.approx(window["cached"][0])
+        assert 0 < window["cached"][-1] <= 1
+    stats, source = window_stats(layout, "lowrank", 4)
+    assert "the predictor's report" in source and "assumed" not in source
+    assert all(loaded <= held for _, loaded, held in stats)

@@ -44,6 +44,7 @@ from statistics import NormalDist
 
 import numpy as np
 
+from ..flash.window import window_reuse
 from ..formats.args import ModelArgs
 from ..formats.checkpoints import expected_shapes
 
@@ -342,6 +343,7 @@ def simulate(
             "precision": hits / max(np.count_nonzero(predicted), 1),
             "predicted_fraction": float(predicted.mean()),
             "true_fraction": float(active.mean()),
+            "window": window_reuse(predicted),
             "rank": model.j0 + 1,
             "epochs": 0,
         },

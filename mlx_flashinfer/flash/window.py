@@ -182,15 +182,21 @@ def window_reuse(masks: np.ndarray, ks=WINDOW_GRID) -> dict:
     masks = np.asarray(masks, dtype=bool)
     tokens, neurons = masks.shape
     start = min(max(ks), max(tokens - 1, 0))
-    loaded, cached = [], []
-    for k in ks:
-        new, held = [], []
-        for t in range(start, tokens):
-            before = (
-                masks[max(0, t - k) : t].any(axis=0) if k else np.zeros(neurons, bool)
-            )
-            new.append(np.count_nonzero(masks[t] & ~before))
-            held.append(np.count_nonzero(masks[t] | before))
-        loaded.append(float(np.mean(new)) / neurons if new else 0.0)
-        cached.append(float(np.mean(held)) / neurons if held else 0.0)
-    return {"k": list(ks), "loaded": loaded, "cached": cached}
+    last = np.full(neurons, -(1 << 40), dtype=np.int64)  # token each was last used
+    loaded = np.zeros(len(ks))
+    cached = np.zeros(len(ks))
+    for t in range(tokens):
+        used = masks[t]
+        if t >= start:
+            age = t - last
+            for i, k in enumerate(ks):
+                before = age <= k  # used by one of the k tokens before this one
+                loaded[i] += np.count_nonzero(used & ~before)
+                cached[i] += np.count_nonzero(used | before)
+        last[used] = t
+    counted = max(tokens - start, 1) * neurons
+    return {
+        "k": list(ks),
+        "loaded": (loaded / counted).tolist(),
+        "cached": (cached / counted).tolist(),
+    }

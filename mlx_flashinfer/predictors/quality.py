@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..flash.window import window_reuse
 from .lowrank_fit import cut_report
 
 GRID = np.round(np.arange(0.0, 0.91, 0.1), 2)  # sparsities a layer may take
@@ -66,9 +67,15 @@ def layer_grid(z, target, act, down_norms, out_norms) -> LayerGrid:
     cuts = [None] + [float(c) for c in np.quantile(z, GRID[1:])]
     kept, error = [], []
     for cut in cuts:
-        kept.append(cut_report(z, target, cut))
+        kept.append({**cut_report(z, target, cut), "window": predicted_window(z, cut)})
         error.append(0.0 if cut is None else float(weight[z <= cut].sum()) / len(z))
     return LayerGrid(cuts, kept, error)
+
+
+def predicted_window(z: np.ndarray, cut: float | None) -> dict:
+    """What windows of the tune tokens' predicted sets (z > cut; None: every neuron)
+    load and hold (`window.window_reuse`): the cost model's statistics."""
+    return window_reuse(z > cut if cut is not None else np.ones(z.shape, bool))
 
 
 def greedy_path(grids: list[LayerGrid]) -> list[int]:

@@ -71,7 +71,14 @@ def store_predictor(layout: Layout, tensors: dict, reports, settings: dict) -> d
             "report": [
                 {
                     k: r[k]
-                    for k in (*REPORT_KEYS, "rank", "bits", "epochs", "fit_recall")
+                    for k in (
+                        *REPORT_KEYS,
+                        "window",
+                        "rank",
+                        "bits",
+                        "epochs",
+                        "fit_recall",
+                    )
                     if k in r  # synthetic predictors (bench/synth.py) fit nothing
                 }
                 for r in reports

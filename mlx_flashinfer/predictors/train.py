@@ -254,7 +254,9 @@ def train_predictor(
         predictor = run.predictor(layer_weights)  # as held at run time
         z = run.scores(predictor, run.runner.B.array(data.tune_h))
         cut = cut_for_recall(z, data.tune_target, recall)
-        reports.append({**cut_report(z, data.tune_target, cut), **about})
+        report = cut_report(z, data.tune_target, cut)
+        window = quality.predicted_window(z, cut)
+        reports.append({**report, "window": window, **about})
         if args.hidden_act == "silu":  # the gate predictor's cut, on the tune split
             magnitude = silu_magnitude(data.tune_gate)
             gate_cuts.append(float(np.quantile(magnitude, silu_sparsity)))
