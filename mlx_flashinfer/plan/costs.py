@@ -260,7 +260,9 @@ def sparse_cost(
     args = layout.args
     n, row = args.intermediate_size, layout.bundle_bytes
     stats, source = window_stats(stats_layout or layout, predictor, window)
-    align = 4096 if layout.quantization or row % 4096 else 512
+    # O_DIRECT reads start and end on the device's blocks (512 B here; macOS's
+    # F_NOCACHE on pages): a run reads about one block more than it needs
+    align = 4096 if machine.disk.get("mode") == "nocache" else 512
     if layout.arrangement == "separate":  # a read per part: as many, smaller
         pieces, row = len(layout.part_bytes), row / len(layout.part_bytes)
     else:
