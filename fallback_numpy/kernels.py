@@ -26,6 +26,7 @@ import numpy as np
 
 from fallback_numpy import _kernels_jit as jit
 from fallback_numpy import _qkernels_jit as qjit
+from fallback_numpy import _qsums_jit as qsums
 from fallback_numpy import _workers
 from mlx_flashinfer.formats.quantize import BITS, GROUP_SIZES, Quantized, check_format
 
@@ -362,9 +363,9 @@ def _qsum_rows(x, views, rows, q, k) -> tuple[np.ndarray, np.ndarray]:
         for p, (lo, hi) in enumerate(parts)
     ]
     if len(parts) == 1:
-        qjit.sum_rows(*jobs[0])
+        qsums.sum_rows(*jobs[0])
         return sums[0], biases[0]
-    _workers.run(qjit.sum_rows, jobs, _threads)
+    _workers.run(qsums.sum_rows, jobs, _threads)
     with _quiet():
         return sums.sum(axis=0), biases.sum(axis=0)
 
