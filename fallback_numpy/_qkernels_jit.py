@@ -20,7 +20,7 @@ from numba import float32, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from fallback_numpy._kernels_jit import _compiled
+from fallback_numpy._kernels_jit import compiled
 from fallback_numpy._qvector_ir import (
     BLOCK,
     F32,
@@ -178,7 +178,7 @@ def _dequantize_row(typingctx, quantized, j, bits, words_per_group, out, r):
 # field (see there).
 
 
-@_compiled()
+@compiled()
 def fields_and_sums(x, lanes, group_size, x_fields, x_sums):
     """x (T, k) -> x_fields (T, lanes * stride) in field order, field l of row t at
     x_fields[t, l * stride : l * stride + k / lanes] (the rest is padding), and
@@ -197,7 +197,7 @@ def fields_and_sums(x, lanes, group_size, x_fields, x_sums):
             x_sums[t, g] = total
 
 
-@_compiled()
+@compiled()
 def dot_rows(x_fields, x_sums, quantized, bits, words_per_group, lo, hi, out):
     """out[t, j] = x[t] . dequantized row j, for rows lo <= j < hi, up to four t
     per pass over the row."""
@@ -218,14 +218,14 @@ def dot_rows(x_fields, x_sums, quantized, bits, words_per_group, lo, hi, out):
             _row_dots(x_fields, x_sums, (t,), quantized, j, bits, words_per_group, out)
 
 
-@_compiled()
-def dequantize_rows(quantized, rows, bits, words_per_group, lo, hi, out):
+@compiled()
+def dequantize_rows(quantized, bits, words_per_group, rows, lo, hi, out):
     """out[r] = dequantized row rows[r] in field order, for lo <= r < hi."""
     for r in range(lo, hi):
         _dequantize_row(quantized, rows[r], bits, words_per_group, out, r)
 
 
-@_compiled()
+@compiled()
 def from_fields(fields, biases, lanes, group_size, out):
     """out[t, w * lanes + l] = fields[t, l * stride + w] + biases[t, (w * lanes + l)
     // group_size]: rows in field order (stride = fields.shape[1] / lanes) back in

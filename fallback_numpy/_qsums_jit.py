@@ -11,7 +11,7 @@ import numpy as np
 from numba import types
 from numba.extending import intrinsic
 
-from fallback_numpy._kernels_jit import _compiled
+from fallback_numpy._kernels_jit import compiled, nonzero_terms
 from fallback_numpy._qvector_ir import (
     BLOCK,
     FLAGS,
@@ -139,8 +139,8 @@ def _rows_add(
     return signature, codegen
 
 
-@_compiled()
-def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
+@compiled()
+def sum_rows(x, quantized, bits, words_per_group, rows, out, bias_sums):
     """out[t] += x[t, j] * scale_j * q_j (field order) and bias_sums[t] += x[t, j] *
     bias_j (per group) for j in rows where x[t, j] != 0.
 
@@ -197,11 +197,7 @@ def sum_rows(x, quantized, rows, bits, words_per_group, out, bias_sums):
     for r in range(rows.size):
         j = rows[r]
         ahead = (rows[min(r + 1, rows.size - 1)],)
-        count = 0
-        for t in range(T):
-            if x[t, j] != 0:
-                terms[count] = t
-                count += 1
+        count = nonzero_terms(x, j, terms)
         i = 0
         while count - i >= 4:
             t0, t1, t2, t3 = terms[i], terms[i + 1], terms[i + 2], terms[i + 3]
