@@ -35,20 +35,11 @@ from fallback_numpy._qvector_ir import (
 
 @intrinsic
 def _rows_add(
-    typingctx,
-    coefficients,
-    quantized,
-    js,
-    following,
-    bits,
-    words_per_group,
-    out,
-    ts,
-    bias_sums,
+    typingctx, factors, quantized, js, following, bits, words_per_group, out, ts, sums
 ):
     """For R rows js of `quantized` and U rows ts of out (T, k) in field order and
-    of bias_sums (T, groups): out[t_u] += sum_r coefficients[r * U + u] * scale_r *
-    q_r and bias_sums[t_u] += sum_r coefficients[r * U + u] * bias_r. Each q is
+    of sums (T, groups) of bias terms: out[t_u] += sum_r factors[r * U + u] *
+    scale_r * q_r and sums[t_u] += sum_r factors[r * U + u] * bias_r. Each q is
     unpacked once for all U outputs, each output loaded and stored once for all R
     rows. The R rows `following` (those of the caller's next pass) are prefetched
     meanwhile."""
@@ -60,15 +51,7 @@ def _rows_add(
         return None
     rows, targets = js.count, ts.count
     signature = types.none(
-        coefficients,
-        quantized,
-        js,
-        following,
-        bits,
-        words_per_group,
-        out,
-        ts,
-        bias_sums,
+        factors, quantized, js, following, bits, words_per_group, out, ts, sums
     )
 
     def codegen(context, builder, sig, args):
