@@ -32,10 +32,11 @@ import numpy as np
 from fallback_numpy import _workers
 from fallback_numpy._kernels_jit import nonzero_columns
 
-# Bytes of the float32 block that the large-T paths widen and hand to BLAS
-# (`python benchmarks/kernels.py --sweep`, float16, ms per matrix for 0.5 / 1 / 2 /
-# 4 / 8 MB: T=16 10.1 / 8.6 / 8.0 / 7.9 / 8.0, T=128 42.1 / 39.3 / 38.7 / 38.4 /
-# 39.7, T=512 174 / 164 / 153 / 148 / 144).
+# Bytes of the float32 block that the large-T paths widen and hand to BLAS (the sweep
+# behind kernels.py's thresholds, `python benchmarks/kernels.py --sweep --threads 1`
+# on AMD EPYC Zen 5: float16 4096 x 4096, ms per matrix for 0.5 / 1 / 2 / 4 / 8 MB:
+# T=16 10.1 / 8.6 / 8.0 / 7.9 / 8.0, T=128 42.1 / 39.3 / 38.7 / 38.4 / 39.7, T=512
+# 174 / 164 / 153 / 148 / 144).
 BLOCK_BYTES = 4 << 20
 
 # Jobs that read fewer weight bytes run on the calling thread alone, larger ones in
