@@ -16,8 +16,9 @@ bandwidth). Per thread count (kernels.set_threads and the BLAS limit alike):
 - prefill, x @ w.T and x @ w at T = 16, 128, 512: tokens/s relative to NumPy's
   float32 BLAS (target: >= 80%);
 - with --sweep instead: both paths of each function over T, and the widened block
-  size, which is how kernels.py's thresholds were chosen (--quantized: the paths
-  of qmatmul_t and qmatmul, for QDOT_ROWS_MAX_T and QSUM_ROWS_MAX_TERMS).
+  size, which is how the thresholds of kernels.py and the block size of _dispatch.py
+  were chosen (--quantized: the paths of qmatmul_t and qmatmul, for QDOT_ROWS_MAX_T
+  and QSUM_ROWS_MAX_TERMS).
 
 Quantized kinds q8 and q4 (group size --group-size, default 64) run beside the
 16-bit ones, through qmatmul_t / qmatmul; their GB/s count all the bytes they read
@@ -48,7 +49,7 @@ import numpy as np
 from numba import njit
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from fallback_numpy import kernels
+from fallback_numpy import _dispatch, kernels
 from mlx_flashinfer.formats.quantize import QUANTIZED_DTYPES, Quantized, quantize
 
 KINDS = ("float32", "float16", "bfloat16", "q8", "q4")
@@ -306,12 +307,12 @@ def _on_path(function, path: str):
 
 def _with_block(megabytes: float):
     def run(x, w):
-        saved = kernels.BLOCK_BYTES
-        kernels.BLOCK_BYTES = int(megabytes * (1 << 20))
+        saved = _dispatch.BLOCK_BYTES
+        _dispatch.BLOCK_BYTES = int(megabytes * (1 << 20))
         try:
             return kernels.matmul_t(x, w)
         finally:
-            kernels.BLOCK_BYTES = saved
+            _dispatch.BLOCK_BYTES = saved
 
     return run
 

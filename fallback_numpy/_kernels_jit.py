@@ -1,12 +1,13 @@
-"""The compiled loops behind `kernels.py` (numba): widen 16-bit weights in registers
-(bfloat16 by a shift, float16 by the CPU's conversion instruction where LLVM has one,
-else from its bits) and accumulate in float32.
+"""The compiled loops of `kernels.py`'s 16-bit family (numba): widen 16-bit weights
+in registers (bfloat16 by a shift, float16 by the CPU's conversion instruction where
+LLVM has one, else from its bits) and accumulate in float32. Also what every family
+shares: `compiled`, and the nonzero columns of x that the dispatcher's x @ w reads.
 
-Each loop takes the weights as a read-only 1-D array `flat` whose dtype names the
-kind: uint16 = bfloat16 bits, int16 = float16 bits, float32 = plain values; row j is
-flat[j * row_stride : j * row_stride + k]. Each does one part (a range of rows or
-columns) so that threads can share the work. Callers validate shapes; these loops do
-not.
+Each loop takes the weights as (flat, row_stride, k) after x: a read-only 1-D array
+`flat` whose dtype names the kind (uint16 = bfloat16 bits, int16 = float16 bits,
+float32 = plain values), row j being flat[j * row_stride : j * row_stride + k]. Each
+does one part (a range of rows) so that threads can share the work. Callers validate
+shapes; these loops do not.
 """
 
 import platform
@@ -22,8 +23,8 @@ from numba.extending import intrinsic, overload
 _FAST = {"reassoc", "contract"}
 
 
-def _compiled(**options):
-    """njit without the GIL (the worker threads of `kernels.py` run these side by
+def compiled(**options):
+    """njit without the GIL (the worker threads of `_workers.py` run these side by
     side) and with an on-disk cache, or without one where numba finds no writable
     place for it (next to the package, else the user's cache dir or
     NUMBA_CACHE_DIR): there numba refuses cache=True outright."""
@@ -124,7 +125,7 @@ def _widened(stored):
     return None
 
 
-@_compiled(fastmath=_FAST)
+@compiled(fastmath=_FAST)
 def dot_rows(x, flat, row_stride, k, lo, hi, out):
     """out[t, j] = dot(x[t], w[j]) for all t and rows lo <= j < hi: each weight row
     streams from memory once, for up to four rows of x at a time (later groups find
@@ -196,7 +197,7 @@ def _dot4(x0, x1, x2, x3, src, sums):
     sums[3] = a3
 
 
-@_compiled()
+@compiled()
 def nonzero_columns(x):
     """Indices j where some x[t, j] != 0 (nan counts as nonzero), and how many
     entries of x are nonzero."""
@@ -216,11 +217,22 @@ def nonzero_columns(x):
     return found[:columns], entries
 
 
-@_compiled(fastmath=_FAST)
-def sum_rows(x, flat, row_stride, rows, k, c0, c1, out):
-    """out[t, c0:c1] += x[t, j] * w[j, c0:c1] for j in rows where x[t, j] != 0."""
+@njit
+def nonzero_terms(x, j, terms):
+    """terms[:count] = the t where x[t, j] != 0, in order; returns count."""
+    count = 0
+    for t in range(x.shape[0]):
+        if x[t, j] != 0:
+            terms[count] = t
+            count += 1
+    return count
+
+
+@compiled(fastmath=_FAST)
+def sum_rows(x, flat, row_stride, k, rows, out):
+    """out[t] += x[t, j] * w[j] for j in rows where x[t, j] != 0."""
     if x.shape[0] == 1:
-        _sum_rows_one(x[0], flat, row_stride, rows, c0, c1, out[0, c0:c1])
+        _sum_rows_one(x[0], flat, row_stride, k, rows, out[0])
         return
     # Each row widened in the pass that adds it to up to four outputs (the rows of x
     # where it is nonzero), not widened into a scratch row first: 11008 x 4096
@@ -228,27 +240,23 @@ def sum_rows(x, flat, row_stride, rows, k, c0, c1, out):
     terms = np.empty(x.shape[0], np.int64)
     for r in range(rows.size):
         j = rows[r]
-        src = flat[j * row_stride + c0 : j * row_stride + c1]
-        count = 0
-        for t in range(x.shape[0]):
-            if x[t, j] != 0:
-                terms[count] = t
-                count += 1
+        src = flat[j * row_stride : j * row_stride + k]
+        count = nonzero_terms(x, j, terms)
         g = 0
         while count - g >= 4:
             t0, t1, t2, t3 = terms[g], terms[g + 1], terms[g + 2], terms[g + 3]
             _add4(
                 (x[t0, j], x[t1, j], x[t2, j], x[t3, j]),
                 src,
-                out[t0, c0:c1],
-                out[t1, c0:c1],
-                out[t2, c0:c1],
-                out[t3, c0:c1],
+                out[t0],
+                out[t1],
+                out[t2],
+                out[t3],
             )
             g += 4
         while g < count:
             t0 = terms[g]
-            _add1(x[t0, j], src, out[t0, c0:c1])
+            _add1(x[t0, j], src, out[t0])
             g += 1
 
 
@@ -270,15 +278,14 @@ def _add4(a, src, d0, d1, d2, d3):
 
 
 @njit(fastmath=_FAST)
-def _sum_rows_one(x, flat, row_stride, rows, c0, c1, dst):
-    """dst += x[j] * w[j, c0:c1] over j in rows with x[j] != 0.
+def _sum_rows_one(x, flat, row_stride, k, rows, dst):
+    """dst += x[j] * w[j] over j in rows with x[j] != 0.
 
     Four scattered rows per pass over dst: four streams from memory at once and one
     load and store of dst per four rows. Adjacent 16-bit rows go one at a time, one
     long stream (11008 x 4096, one thread, ms by rows per pass 1 / 4: float32 dense
     7.9 / 5.0, float16 dense 3.0 / 3.9, float16 10% 0.86 / 0.43, 3% 0.23 / 0.12).
     """
-    m = c1 - c0
     nonzero = np.empty(rows.size, np.int64)
     count = 0
     for r in range(rows.size):
@@ -290,18 +297,18 @@ def _sum_rows_one(x, flat, row_stride, rows, c0, c1, dst):
         j0 = nonzero[r]
         if count - r < 4 or flat.itemsize == 2 and nonzero[r + 3] - j0 == 3:
             a0 = x[j0]
-            s0 = flat[j0 * row_stride + c0 : j0 * row_stride + c1]
-            for i in range(m):
+            s0 = flat[j0 * row_stride : j0 * row_stride + k]
+            for i in range(k):
                 dst[i] += a0 * widened(s0[i])
             r += 1
             continue
         j1, j2, j3 = nonzero[r + 1], nonzero[r + 2], nonzero[r + 3]
         a0, a1, a2, a3 = x[j0], x[j1], x[j2], x[j3]
-        s0 = flat[j0 * row_stride + c0 : j0 * row_stride + c1]
-        s1 = flat[j1 * row_stride + c0 : j1 * row_stride + c1]
-        s2 = flat[j2 * row_stride + c0 : j2 * row_stride + c1]
-        s3 = flat[j3 * row_stride + c0 : j3 * row_stride + c1]
-        for i in range(m):
+        s0 = flat[j0 * row_stride : j0 * row_stride + k]
+        s1 = flat[j1 * row_stride : j1 * row_stride + k]
+        s2 = flat[j2 * row_stride : j2 * row_stride + k]
+        s3 = flat[j3 * row_stride : j3 * row_stride + k]
+        for i in range(k):
             dst[i] += (
                 a0 * widened(s0[i])
                 + a1 * widened(s1[i])
@@ -311,8 +318,8 @@ def _sum_rows_one(x, flat, row_stride, rows, c0, c1, dst):
         r += 4
 
 
-@_compiled()
-def widen_rows(flat, row_stride, rows, k, lo, hi, out):
+@compiled()
+def widen_rows(flat, row_stride, k, rows, lo, hi, out):
     """out[r] = float32 of w[rows[r]] for lo <= r < hi; returns how many of those
     values are inf or nan."""
     nonfinite = 0

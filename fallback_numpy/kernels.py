@@ -1,33 +1,44 @@
-"""Matmuls over weights kept at their stored precision: float16 or bfloat16 (passed
-as uint16 bit patterns) or float32, always accumulated in float32.
+"""Matmuls over weights kept at their stored precision, accumulated in float32: float16
+or bfloat16 (passed as uint16 bit patterns) or float32 rows, and quantized rows
+(`mlx_flashinfer.formats.quantize.Quantized`: 4- or 8-bit integers, a float16 scale
+and bias per group).
 
 `matmul_t(x, w)` is x @ w.T (projections whose weight rows are the outputs);
 `matmul(x, w)` is x @ w (the FFN down projection over neuron rows, skipping the zeros
-of x); `widen(w)` is the exact float32 copy. A weight may be a strided view of stored
-bundles: its rows must be contiguous, the row stride is free.
+of x); `widen(w)` is the exact float32 copy. `qmatmul_t(x, q)`, `qmatmul(x, q)` and
+`dequantize(q)` are the same for quantized weights. A weight may be a strided view of
+stored bundles: its rows must be contiguous, the row stride is free.
 
-Small T (decode) runs compiled loops (numba, `_kernels_jit.py`) that read each weight
-once and widen it in registers, on a few worker threads (`_workers.py`); large T
-(prefill) widens blocks of rows into a reused float32 buffer and hands each block to
-NumPy's BLAS. This module chooses the path and checks the arguments.
-
-Quantized weights (`mlx_flashinfer.formats.quantize.Quantized`: 4- or 8-bit integers, a
-float16 scale and bias per group) go the same two ways: `qmatmul_t(x, q)`,
-`qmatmul(x, q)` and `dequantize(q)`, with the loops of `_qkernels_jit.py`.
+Small T (decode) runs compiled loops (numba) that read each weight once and widen or
+unpack it in registers, on a few worker threads (`_workers.py`); large T (prefill)
+widens blocks of rows into a reused float32 buffer and hands each block to NumPy's
+BLAS. One dispatcher (`_dispatch.py`) chooses the path and cuts the work for both
+kinds of weights; this module holds what differs, a `Family` each: the checks and
+views of the weights, the thresholds between the paths, and the loops (16-bit:
+`_kernels_jit.py`; quantized: `_qkernels_jit.py`, `_qsums_jit.py`).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-from itertools import pairwise
-
 import numpy as np
 
+from fallback_numpy import _dispatch
 from fallback_numpy import _kernels_jit as jit
 from fallback_numpy import _qkernels_jit as qjit
-from fallback_numpy import _workers
+from fallback_numpy import _qsums_jit as qsums
+from fallback_numpy._dispatch import Family, Weights, buffer, get_threads, set_threads
 from mlx_flashinfer.formats.quantize import BITS, GROUP_SIZES, Quantized, check_format
+
+__all__ = [
+    "dequantize",
+    "get_threads",
+    "matmul",
+    "matmul_t",
+    "qmatmul",
+    "qmatmul_t",
+    "set_threads",
+    "widen",
+]
 
 # Dispatch, chosen with `python benchmarks/kernels.py --sweep --threads 1` (AMD EPYC
 # Zen 5, 4096 x 4096 weights cycled over 0.5 GB; ms per matrix, compiled loops vs
@@ -50,57 +61,6 @@ SUM_ROWS_MAX_TERMS = 6
 QDOT_ROWS_MAX_T = 8
 QSUM_ROWS_MAX_TERMS = 6
 
-# Bytes of the float32 block that the large-T paths widen and hand to BLAS (same
-# sweep, float16, ms per matrix for 0.5 / 1 / 2 / 4 / 8 MB: T=16 10.1 / 8.6 / 8.0 /
-# 7.9 / 8.0, T=128 42.1 / 39.3 / 38.7 / 38.4 / 39.7, T=512 174 / 164 / 153 / 148 /
-# 144).
-BLOCK_BYTES = 4 << 20
-
-# Jobs that read fewer weight bytes run on the calling thread alone, larger ones in
-# parts of about PART_BYTES shared by the threads. Waking a worker takes 40-55 us
-# here, what one core needs for ~2 MB: float16 GEMV, us per matrix on 1 / 2 threads,
-# 2 MB 73 / 92, 4 MB 148 / 171, 8 MB 257 / 226, 16 MB 571 / 433.
-PARALLEL_MIN_BYTES = 8 << 20
-PART_BYTES = 4 << 20
-SUM_PARTS_MAX = 8  # x @ w: each part sums into its own (T, k) buffer
-
-_BITS_DTYPE = {  # the kernels tell the kinds apart by the dtype of the bits view
-    np.dtype(np.uint16): np.dtype(np.uint16),  # bfloat16 bit patterns
-    np.dtype(np.float16): np.dtype(np.int16),  # float16, as its bits
-    np.dtype(np.float32): np.dtype(np.float32),
-}
-
-_threads = (
-    len(os.sched_getaffinity(0))
-    if hasattr(os, "sched_getaffinity")
-    else (os.cpu_count() or 1)
-)
-
-
-def set_threads(n: int) -> None:
-    """Set how many threads the compiled kernels use (the caller and n - 1 workers).
-
-    BLAS calls of the large-T paths follow the BLAS limit (threadpoolctl) instead.
-    Keep BLAS on one thread while decoding: OpenBLAS's idle threads spin for a while
-    after each call and take the cores from these workers (x @ w, T=4, 2 threads:
-    16.9 ms beside 2 BLAS threads, 9.2 ms beside 1).
-
-    Args:
-        n: threads, at least 1 (default: the cores this process may use).
-
-    Raises:
-        ValueError: n below 1.
-    """
-    global _threads
-    if int(n) < 1:
-        raise ValueError(f"threads must be at least 1, got {n}")
-    _threads = int(n)
-
-
-def get_threads() -> int:
-    """The compiled kernels' thread count (see `set_threads`)."""
-    return _threads
-
 
 def matmul_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """x @ w.T in float32, for w stored as float32, float16 or bfloat16.
@@ -117,31 +77,7 @@ def matmul_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.
     Raises:
         ValueError: a dtype, shape or layout outside the above.
     """
-    bits, row_stride = _weight_bits(w)
-    n, k = w.shape
-    x = _activations(x, k, "k = w.shape[1]")
-    out = _output(out, (x.shape[0], n), x, w)
-    if w.dtype == np.float32:
-        with _quiet():
-            return np.matmul(x, w.T, out=out)
-    if out.size == 0 or k == 0:
-        out.fill(0)
-        return out
-    if x.shape[0] <= DOT_ROWS_MAX_T:
-        parts = _ranges(n, _part_count(w.itemsize * n * k))
-        jobs = [(x, bits, row_stride, k, lo, hi, out) for lo, hi in parts]
-        _workers.run(jit.dot_rows, jobs, _threads)
-        return out
-    # Blocks widen on this thread alone while BLAS uses its threads: 2 threads,
-    # float16 4096 x 4096 at T=16, 5.4 ms against 5.8 ms with the widening split too
-    # (float32 BLAS: 5.1 ms); fewer hand-offs between the two thread pools.
-    block = _buffer("block", _block_rows(n, k), k)
-    with _quiet():
-        for j0 in range(0, n, len(block)):
-            rows = np.arange(j0, min(n, j0 + len(block)))
-            jit.widen_rows(bits, row_stride, rows, k, 0, len(rows), block)
-            np.matmul(x, block[: len(rows)].T, out=out[:, j0 : j0 + len(rows)])
-    return out
+    return _dispatch.matmul_t(FLOAT_ROWS, x, w, out, DOT_ROWS_MAX_T)
 
 
 def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -164,31 +100,7 @@ def matmul(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.nd
     Raises:
         ValueError: a dtype, shape or layout outside the above.
     """
-    bits, row_stride = _weight_bits(w)
-    n, k = w.shape
-    x = _activations(x, n, "n = w.shape[0]")
-    out = _output(out, (x.shape[0], k), x, w)
-    out.fill(0)
-    if out.size == 0 or n == 0:
-        return out
-    rows, terms = jit.nonzero_columns(x)
-    if terms <= SUM_ROWS_MAX_TERMS * len(rows):
-        _sum_rows(x, bits, row_stride, rows, k, out)
-        return out
-    block = _buffer("block", _block_rows(len(rows), k), k)
-    partial = _buffer("partial", x.shape[0], k)
-    dense = len(rows) == n  # then rows[a:b] == a..b-1: x columns by slicing
-    with _quiet():
-        for r0 in range(0, len(rows), len(block)):
-            part = rows[r0 : r0 + len(block)]
-            if jit.widen_rows(bits, row_stride, part, k, 0, len(part), block):
-                # inf/nan weights: BLAS would turn their zero x terms into nan
-                _sum_rows(x, bits, row_stride, part, k, out)
-                continue
-            xs = x[:, r0 : r0 + len(part)] if dense else x[:, part]
-            np.matmul(xs, block[: len(part)], out=partial)
-            out += partial
-    return out
+    return _dispatch.matmul(FLOAT_ROWS, x, w, out, SUM_ROWS_MAX_TERMS)
 
 
 def widen(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -206,11 +118,7 @@ def widen(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     Raises:
         ValueError: a dtype, shape or layout outside the above.
     """
-    bits, row_stride = _weight_bits(w)
-    out = _output(out, w.shape, w)
-    if out.size:
-        _widen_rows(bits, row_stride, np.arange(w.shape[0]), w.shape[1], out)
-    return out
+    return _dispatch.widen(FLOAT_ROWS, w, out)
 
 
 def qmatmul_t(x: np.ndarray, q: Quantized, out: np.ndarray | None = None) -> np.ndarray:
@@ -233,37 +141,7 @@ def qmatmul_t(x: np.ndarray, q: Quantized, out: np.ndarray | None = None) -> np.
     Raises:
         ValueError: a format, dtype, shape or layout outside the above.
     """
-    views, n, k = _quantized(q)
-    x = _activations(x, k, "k = q.shape[1]")
-    out = _output(out, (x.shape[0], n), x, q.packed, q.scales, q.biases)
-    if out.size == 0 or k == 0:
-        out.fill(0)
-        return out
-    lanes, per_group = 32 // q.bits, q.group_size * q.bits // 32
-    T = x.shape[0]
-    loops = T <= QDOT_ROWS_MAX_T
-    x_fields = _buffer("x_fields", T, _padded(k, lanes) if loops else k)
-    x_sums = _buffer("x_sums", T, k // q.group_size)
-    qjit.fields_and_sums(x, lanes, q.group_size, x_fields, x_sums)
-    if loops:
-        parts = _ranges(n, _part_count(_quantized_bytes(q, n)))
-        jobs = [
-            (x_fields, x_sums, views, q.bits, per_group, lo, hi, out)
-            for lo, hi in parts
-        ]
-        if len(jobs) == 1:  # the small matrices of small models: 1-2 us a call
-            qjit.dot_rows(*jobs[0])
-        else:
-            _workers.run(qjit.dot_rows, jobs, _threads)
-        return out
-    # rows dequantized in field order, as x_fields: the dot products are the same
-    block = _buffer("block", _block_rows(n, k), k)
-    with _quiet():
-        for j0 in range(0, n, len(block)):
-            rows = np.arange(j0, min(n, j0 + len(block)))
-            qjit.dequantize_rows(views, rows, q.bits, per_group, 0, len(rows), block)
-            np.matmul(x_fields, block[: len(rows)].T, out=out[:, j0 : j0 + len(rows)])
-    return out
+    return _dispatch.matmul_t(QUANTIZED_ROWS, x, q, out, QDOT_ROWS_MAX_T)
 
 
 def qmatmul(x: np.ndarray, q: Quantized, out: np.ndarray | None = None) -> np.ndarray:
@@ -281,37 +159,7 @@ def qmatmul(x: np.ndarray, q: Quantized, out: np.ndarray | None = None) -> np.nd
     Raises:
         ValueError: a format, dtype, shape or layout outside the above.
     """
-    views, n, k = _quantized(q)
-    x = _activations(x, n, "n = q.shape[0]")
-    out = _output(out, (x.shape[0], k), x, q.packed, q.scales, q.biases)
-    if out.size == 0 or n == 0:
-        out.fill(0)
-        return out
-    lanes, per_group = 32 // q.bits, q.group_size * q.bits // 32
-    T, groups = x.shape[0], k // q.group_size
-    rows, terms = jit.nonzero_columns(x)
-    if len(rows) == 0:
-        out.fill(0)
-        return out
-    if terms <= QSUM_ROWS_MAX_TERMS * len(rows):
-        fields, biases = _qsum_rows(x, views, rows, q, k)
-        qjit.from_fields(fields, biases, lanes, q.group_size, out)
-        return out
-    block = _buffer("block", _block_rows(len(rows), k), k)
-    partial = _buffer("partial", T, k)
-    fields = _buffer("fields", T, k)
-    fields.fill(0)
-    dense = len(rows) == n  # then rows[a:b] == a..b-1: x columns by slicing
-    with _quiet():
-        for r0 in range(0, len(rows), len(block)):
-            part = rows[r0 : r0 + len(block)]
-            qjit.dequantize_rows(views, part, q.bits, per_group, 0, len(part), block)
-            xs = x[:, r0 : r0 + len(part)] if dense else x[:, part]
-            np.matmul(xs, block[: len(part)], out=partial)
-            fields += partial
-    no_biases = np.zeros((T, groups), np.float32)  # the blocks carry them
-    qjit.from_fields(fields, no_biases, lanes, q.group_size, out)
-    return out
+    return _dispatch.matmul(QUANTIZED_ROWS, x, q, out, QSUM_ROWS_MAX_TERMS)
 
 
 def dequantize(q: Quantized, out: np.ndarray | None = None) -> np.ndarray:
@@ -328,51 +176,64 @@ def dequantize(q: Quantized, out: np.ndarray | None = None) -> np.ndarray:
     Raises:
         ValueError: a format, dtype, shape or layout outside the above.
     """
-    views, n, k = _quantized(q)
-    out = _output(out, (n, k), q.packed, q.scales, q.biases)
-    if out.size == 0:
-        return out
-    lanes, per_group = 32 // q.bits, q.group_size * q.bits // 32
-    fields = np.empty((n, k), np.float32)
-    rows = np.arange(n)
-    parts = _ranges(n, _part_count(_quantized_bytes(q, n)))
-    jobs = [(views, rows, q.bits, per_group, lo, hi, fields) for lo, hi in parts]
-    _workers.run(qjit.dequantize_rows, jobs, _threads)
-    no_biases = np.zeros((n, 1), np.float32)  # one "group" of k, nothing to add
-    qjit.from_fields(fields, no_biases, lanes, k, out)
-    return out
+    return _dispatch.widen(QUANTIZED_ROWS, q, out)
 
 
-def _qsum_rows(x, views, rows, q, k) -> tuple[np.ndarray, np.ndarray]:
-    """sum over j in rows, x[t, j] != 0, of x[t, j] * scale_j * q_j (field order)
-    and of x[t, j] * bias_j (per group), as `_sum_rows` cuts the work: ranges of
-    rows by size alone, each into its own buffers, added up in range order."""
-    T, groups = x.shape[0], k // q.group_size
-    work = _quantized_bytes(q, len(rows))
-    count = 1 if work < PARALLEL_MIN_BYTES else -(-work // PART_BYTES)
-    parts = _ranges(len(rows), min(count, SUM_PARTS_MAX))
-    width = _padded(k, 32 // q.bits)
-    sums = _buffer("sums", len(parts) * T, width).reshape(len(parts), T, width)
-    biases = _buffer("bias_sums", len(parts) * T, groups).reshape(len(parts), T, -1)
-    sums.fill(0)
-    biases.fill(0)
-    per_group = q.group_size * q.bits // 32
-    jobs = [
-        (x, views, rows[lo:hi], q.bits, per_group, sums[p], biases[p])
-        for p, (lo, hi) in enumerate(parts)
-    ]
-    if len(parts) == 1:
-        qjit.sum_rows(*jobs[0])
-        return sums[0], biases[0]
-    _workers.run(qjit.sum_rows, jobs, _threads)
-    with _quiet():
-        return sums.sum(axis=0), biases.sum(axis=0)
+# -- float32, float16 and bfloat16 rows ------------------------------------------
+
+_BITS_DTYPE = {  # the loops tell the kinds apart by the dtype of the bits view
+    np.dtype(np.uint16): np.dtype(np.uint16),  # bfloat16 bit patterns
+    np.dtype(np.float16): np.dtype(np.int16),  # float16, as its bits
+    np.dtype(np.float32): np.dtype(np.float32),
+}
 
 
-def _quantized(q: Quantized) -> tuple[tuple, int, int]:
-    """q's arrays as the loops take them, (packed, its row stride, scales (int16
-    bits), row stride, biases, row stride, words per row), and q's shape (n, k);
-    ValueError naming the first field that does not fit."""
+def _float_rows(w: np.ndarray) -> Weights:
+    """w as the loops of `_kernels_jit.py` take it: a read-only 1-D view over its
+    rows, as the dtype they dispatch on, its row stride in elements (row j is
+    flat[j * stride : j * stride + k]) and k."""
+    if not isinstance(w, np.ndarray) or w.ndim != 2:
+        raise ValueError(f"w must be a 2-D NumPy array, got {type(w).__name__}")
+    if w.dtype not in _BITS_DTYPE:
+        raise ValueError(
+            f"w.dtype must be float32, float16 or uint16 (bfloat16 bits), got {w.dtype}"
+        )
+    flat, row_stride = _flat_rows(w, _BITS_DTYPE[w.dtype], "w")
+    n, k = w.shape
+    return Weights(  # by position: keywords cost 0.4 us a call
+        (flat, row_stride, k),  # args
+        n,
+        k,
+        w.itemsize * k,  # row_bytes
+        (w,),  # arrays
+        (k,),  # sum_widths
+        w,  # stored
+        w if w.dtype == np.float32 else None,  # blas_ready
+    )
+
+
+def _x_as_given(x: np.ndarray, weights: Weights, loops: bool) -> tuple[np.ndarray]:
+    return (x,)
+
+
+FLOAT_ROWS = Family(
+    name="w",
+    view=_float_rows,
+    dot_inputs=_x_as_given,
+    dot_rows=jit.dot_rows,
+    widen_rows=jit.widen_rows,
+    sum_rows=jit.sum_rows,
+    reorder=None,
+)
+
+
+# -- quantized rows ----------------------------------------------------------------
+
+
+def _quantized_rows(q: Quantized) -> Weights:
+    """q's arrays as the loops of `_qkernels_jit.py` take them, ((packed, its row
+    stride, scales (int16 bits), row stride, biases, row stride, words per row),
+    bits, words per group); ValueError naming the first field that does not fit."""
     if not isinstance(q, Quantized):
         raise ValueError(f"q must be a Quantized matrix, got {type(q).__name__}")
     packed, scales, biases = q.packed, q.scales, q.biases
@@ -404,7 +265,40 @@ def _quantized(q: Quantized) -> tuple[tuple, int, int]:
         *_flat_rows(biases, np.int16, "q.biases"),
         packed.shape[1],
     )
-    return views, n, k
+    groups = k // q.group_size
+    return Weights(  # by position, as in _float_rows
+        (views, q.bits, q.group_size * q.bits // 32),  # args
+        n,
+        k,
+        packed.shape[1] * 4 + 4 * groups,  # row_bytes
+        (packed, scales, biases),  # arrays
+        # sum_widths: the sums in field order, padded, and the bias terms per group
+        (k + 32 // q.bits * qjit.FIELD_PAD, groups),
+        q,  # stored
+    )
+
+
+def _x_in_field_order(x: np.ndarray, weights: Weights, loops: bool) -> tuple:
+    """x in field order (padded for the loops, see qjit.FIELD_PAD), as the loops read
+    q's rows and BLAS gets them dequantized (the dot products are the same), and the
+    sums of x per group (what the biases multiply)."""
+    q, T, k = weights.stored, len(x), weights.k
+    lanes = 32 // q.bits
+    x_fields = buffer("x_fields", T, _padded(k, lanes) if loops else k)
+    x_sums = buffer("x_sums", T, k // q.group_size)
+    qjit.fields_and_sums(x, lanes, q.group_size, x_fields, x_sums)
+    return x_fields, x_sums
+
+
+def _from_field_order(sums: tuple, out: np.ndarray, q: Quantized) -> None:
+    """out from rows in field order and, from the sum loops, the terms of the biases
+    per group (BLAS blocks and dequantized rows carry their biases already)."""
+    if len(sums) == 2:
+        fields, bias_sums = sums
+        qjit.from_fields(fields, bias_sums, 32 // q.bits, q.group_size, out)
+        return
+    no_biases = np.zeros((len(out), 1), np.float32)  # one "group" of k: nothing
+    qjit.from_fields(sums[0], no_biases, 32 // q.bits, out.shape[1], out)
 
 
 def _padded(k: int, lanes: int) -> int:
@@ -413,70 +307,15 @@ def _padded(k: int, lanes: int) -> int:
     return k + lanes * qjit.FIELD_PAD
 
 
-def _quantized_bytes(q: Quantized, rows: int) -> int:
-    """Bytes of `rows` of q's rows: packed integers, scales and biases."""
-    return rows * (q.packed.shape[1] * 4 + 4 * q.scales.shape[1])
-
-
-def _part_count(work_bytes: int) -> int:
-    """1 for a job under PARALLEL_MIN_BYTES or on one thread, else parts of about
-    PART_BYTES, at least one per thread."""
-    if _threads == 1 or work_bytes < PARALLEL_MIN_BYTES:
-        return 1
-    return max(_threads, -(-work_bytes // PART_BYTES))
-
-
-def _ranges(length: int, count: int, align: int = 1) -> list[tuple[int, int]]:
-    """range(length) cut into up to `count` [lo, hi) ranges, bounds on multiples of
-    `align`."""
-    count = max(1, min(count, length // align))
-    bounds = [length * p // count // align * align for p in range(count)] + [length]
-    return [(lo, hi) for lo, hi in pairwise(bounds) if hi > lo]
-
-
-def _widen_rows(bits, row_stride, rows, k, out) -> int:
-    """out[r] = w[rows[r]] as float32; how many values are inf or nan."""
-    parts = _ranges(len(rows), _part_count(bits.itemsize * len(rows) * k))
-    jobs = [(bits, row_stride, rows, k, lo, hi, out) for lo, hi in parts]
-    return sum(_workers.run(jit.widen_rows, jobs, _threads))
-
-
-def _sum_rows(x, bits, row_stride, rows, k, out) -> None:
-    """out[t] += x[t, j] * w[j] for j in rows where x[t, j] != 0.
-
-    The threads take ranges of rows, each row read whole in one stream, into a
-    (T, k) buffer per range, added up in range order: the ranges depend on the size
-    only, so the result does not depend on the thread count. (Ranges of columns
-    instead cut every row in pieces: dense float16 at T=1 on 2 threads, 11008 x
-    4096, ran 3.9 ms against 2.8 ms on one.)
-    """
-    work = bits.itemsize * len(rows) * k
-    count = 1 if work < PARALLEL_MIN_BYTES else -(-work // PART_BYTES)
-    parts = _ranges(len(rows), min(count, SUM_PARTS_MAX))
-    if len(parts) == 1:
-        jit.sum_rows(x, bits, row_stride, rows, k, 0, k, out)
-        return
-    sums = _buffer("sums", len(parts) * len(x), k).reshape(len(parts), len(x), k)
-    sums.fill(0)
-    jobs = [
-        (x, bits, row_stride, rows[lo:hi], k, 0, k, sums[p])
-        for p, (lo, hi) in enumerate(parts)
-    ]
-    _workers.run(jit.sum_rows, jobs, _threads)
-    with _quiet():
-        out += sums.sum(axis=0)
-
-
-def _weight_bits(w: np.ndarray) -> tuple[np.ndarray, int]:
-    """A read-only 1-D view over w's rows, as the dtype the kernels dispatch on, and
-    the row stride in elements: row j is flat[j * stride : j * stride + k]."""
-    if not isinstance(w, np.ndarray) or w.ndim != 2:
-        raise ValueError(f"w must be a 2-D NumPy array, got {type(w).__name__}")
-    if w.dtype not in _BITS_DTYPE:
-        raise ValueError(
-            f"w.dtype must be float32, float16 or uint16 (bfloat16 bits), got {w.dtype}"
-        )
-    return _flat_rows(w, _BITS_DTYPE[w.dtype], "w")
+QUANTIZED_ROWS = Family(
+    name="q",
+    view=_quantized_rows,
+    dot_inputs=_x_in_field_order,
+    dot_rows=qjit.dot_rows,
+    widen_rows=qjit.dequantize_rows,
+    sum_rows=qsums.sum_rows,
+    reorder=_from_field_order,
+)
 
 
 def _flat_rows(a: np.ndarray, dtype, name: str) -> tuple[np.ndarray, int]:
@@ -503,60 +342,3 @@ def _flat_rows(a: np.ndarray, dtype, name: str) -> tuple[np.ndarray, int]:
         a.view(dtype), shape=(span,), strides=(size,), writeable=False
     )
     return flat, row_stride
-
-
-def _activations(x: np.ndarray, width: int, what: str) -> np.ndarray:
-    """x as a read-only C-contiguous (T, width) float32 array (read-only so that the
-    kernels compile one signature whatever the caller's flags)."""
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2:
-        raise ValueError(
-            f"x must be a 2-D float32 NumPy array, got "
-            f"{getattr(x, 'dtype', type(x).__name__)} of shape {np.shape(x)}"
-        )
-    if x.shape[1] != width:
-        raise ValueError(f"x.shape[1] must be {what} = {width}, got {x.shape}")
-    x = np.ascontiguousarray(x).view()
-    x.flags.writeable = False
-    return x
-
-
-def _output(out: np.ndarray | None, shape: tuple[int, int], *inputs) -> np.ndarray:
-    if out is None:
-        return np.empty(shape, np.float32)
-    if any(np.may_share_memory(out, given) for given in inputs):
-        raise ValueError("out must not overlap the inputs")
-    if (
-        not isinstance(out, np.ndarray)
-        or out.dtype != np.float32
-        or out.shape != tuple(shape)
-        or not out.flags.c_contiguous
-        or not out.flags.writeable
-    ):
-        raise ValueError(
-            f"out must be a writable C-contiguous float32 array of shape "
-            f"{tuple(shape)}, got {getattr(out, 'dtype', None)} {np.shape(out)}"
-        )
-    return out
-
-
-def _quiet() -> np.errstate:
-    """No warnings for inf/nan results: BLAS paths as quiet as the compiled loops."""
-    return np.errstate(invalid="ignore", over="ignore")
-
-
-_buffers = threading.local()  # per calling thread: reused float32 arrays by name
-
-
-def _block_rows(rows: int, k: int) -> int:
-    """Rows of the large-T paths' widened block: those that fill BLOCK_BYTES, at most
-    `rows`, at least 1."""
-    return max(1, min(rows, BLOCK_BYTES // (4 * k)))
-
-
-def _buffer(name: str, rows: int, k: int) -> np.ndarray:
-    """A reused (rows, k) float32 array, grown when too small, kept per thread."""
-    kept = _buffers.__dict__.get(name)
-    if kept is None or kept.size < rows * k:
-        kept = np.empty(rows * k, np.float32)
-        setattr(_buffers, name, kept)
-    return kept[: rows * k].reshape(rows, k)

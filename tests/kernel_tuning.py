@@ -1,9 +1,10 @@
-"""Test helper: the NumPy kernels' tuning constants set so that tiny matrices take
-the paths big ones do, and put back afterwards."""
+"""Test helper: the NumPy kernels' tuning constants (the dispatcher's and the
+families' path limits) set so that tiny matrices take the paths big ones do, and put
+back afterwards."""
 
 from contextlib import contextmanager
 
-from fallback_numpy import kernels
+from fallback_numpy import _dispatch, kernels
 
 
 @contextmanager
@@ -20,14 +21,15 @@ def tuned(
     `path_limits` (the T and terms limits of the loops); every constant touched is
     restored on exit."""
     names = ("BLOCK_BYTES", "PARALLEL_MIN_BYTES", "PART_BYTES", "SUM_PARTS_MAX")
-    saved = {name: getattr(kernels, name) for name in (*names, *path_limits)}
+    saved = {name: getattr(_dispatch, name) for name in names}
+    saved_limits = {name: getattr(kernels, name) for name in path_limits}
     threads_before = kernels.get_threads()
     try:
         if block_rows is not None:
-            kernels.BLOCK_BYTES = block_rows * 4 * k
-        kernels.PARALLEL_MIN_BYTES = 0
-        kernels.PART_BYTES = 64  # many parts, whatever the size
-        kernels.SUM_PARTS_MAX = 5
+            _dispatch.BLOCK_BYTES = block_rows * 4 * k
+        _dispatch.PARALLEL_MIN_BYTES = 0
+        _dispatch.PART_BYTES = 64  # many parts, whatever the size
+        _dispatch.SUM_PARTS_MAX = 5
         if path != "auto":
             limit = 1 << 30 if path == "loops" else 0
             for name in path_limits:
@@ -36,5 +38,7 @@ def tuned(
         yield
     finally:
         for name, value in saved.items():
+            setattr(_dispatch, name, value)
+        for name, value in saved_limits.items():
             setattr(kernels, name, value)
         kernels.set_threads(threads_before)

@@ -22,7 +22,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from fallback_numpy import _qkernels_jit, backend, kernels
+from fallback_numpy import _qvector_ir, backend, kernels
 from mlx_flashinfer.formats.quantize import Quantized, dequantize, quantize, unpack
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -304,7 +304,7 @@ def _decode_in_software(typingctx, halves, out):
         dst = context.make_array(signature.args[1])(context, builder, args[1]).data
         vector = ir.VectorType(ir.IntType(16), 16)
         pointer = builder.bitcast(source, vector.as_pointer())
-        floats = _qkernels_jit.floats_from_halves(
+        floats = _qvector_ir.floats_from_halves(
             builder, builder.load(pointer, align=1), hardware=False
         )
         target = builder.bitcast(dst, floats.type.as_pointer())
