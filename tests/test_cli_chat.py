@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import run
 from tiny_models import random_weights, tiny_config, write_gguf, write_hf_checkpoint
 
 import mlx_flashinfer.chat as chat_module
 from mlx_flashinfer import convert, load
 from mlx_flashinfer.chat import HELP, Chat
-from mlx_flashinfer.cli import main
 from mlx_flashinfer.formats.model_cache import CACHE_ENV, cache_root
 from mlx_flashinfer.generate import GenerationResponse
 from mlx_flashinfer.loader import resolve_model
@@ -52,16 +52,6 @@ def checkpoints(tmp_path_factory) -> dict:
     plain = write_hf_checkpoint(tmp / "plain-src", config, random_weights(config))
     out["plain"] = convert(plain, tmp / "plain", dtype="float32", progress=False)
     return out
-
-
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    """main(argv) -> (exit status, stdout, stderr); argparse errors exit too."""
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def scripted(lines: list):

@@ -8,10 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_checks import assert_refused, run
 from tiny_models import random_weights, tiny_config, write_hf_checkpoint
 
 from mlx_flashinfer import convert, generate, load, stream_generate
-from mlx_flashinfer.cli import build_parser, main
+from mlx_flashinfer.cli import build_parser
 from mlx_flashinfer.flash.memory import format_bytes, model_bytes
 from mlx_flashinfer.formats.layout import Layout
 from mlx_flashinfer.perplexity import perplexity
@@ -39,23 +40,6 @@ def layouts(tmp_path_factory) -> dict:
     out["bad text"] = tmp / "bad.txt"
     out["bad text"].write_bytes(b"alice \xff\xfe said")
     return out
-
-
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse's refusals, --help, --version
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_refused(argv: list, says: str, capsys) -> str:
-    status, _, err = run(argv, capsys)
-    assert status == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert says in err, err
-    return err
 
 
 # -- options out of range: the option named, before anything runs --------------------

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_checks import assert_refused, run, snapshot
 from tiny_models import random_weights, tiny_config, write_gguf, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert, generate, load
-from mlx_flashinfer.cli import main
 from mlx_flashinfer.formats import staging
 from mlx_flashinfer.formats.layout import MANIFEST, write_manifest
 from mlx_flashinfer.formats.safetensors_stream import read_header
@@ -42,32 +42,6 @@ def sources(tmp_path_factory) -> dict:
     gguf = write_gguf(tmp / "tiny.gguf", config, random_weights(config))
     layout = convert(hf, tmp / "layout", dtype="float32", progress=False)
     return {"hf": hf, "gguf": gguf, "layout": layout}
-
-
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse's refusals
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_refused(argv: list, says: str, capsys) -> str:
-    """`flashinfer ARGV` exits 2 with exactly one line on stderr, saying `says`."""
-    status, _, err = run(argv, capsys)
-    assert status == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert says in err, err
-    return err
-
-
-def snapshot(folder: Path) -> dict:
-    """Every file under `folder` (names and bytes): to show nothing changed."""
-    return {
-        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
-        for p in sorted(folder.rglob("*"))
-    }
 
 
 # -- convert --force -------------------------------------------------------------------

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cli_checks import assert_refused, run, snapshot
 from tiny_models import random_weights, tiny_config, write_gguf, write_hf_checkpoint
 
 from mlx_flashinfer import Layout, convert, load, make_prompt_cache, save_prompt_cache
@@ -32,31 +33,6 @@ def sources(tmp_path_factory) -> dict:
     )
     layout = convert(hf, tmp / "layout", dtype="float16", progress=False)
     return {"gguf": gguf, "layout": layout}
-
-
-def run(argv: list, capsys) -> tuple[int, str, str]:
-    try:
-        status = main([str(a) for a in argv])
-    except SystemExit as exit_:  # argparse's refusals
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def assert_refused(argv: list, says: str, capsys) -> str:
-    """`flashinfer ARGV` exits 2 with exactly one line on stderr, saying `says`."""
-    status, _, err = run(argv, capsys)
-    assert status == 2, err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert says in err, err
-    return err
-
-
-def snapshot(folder: Path) -> dict:
-    return {
-        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
-        for p in sorted(folder.rglob("*"))
-    }
 
 
 def cache_prompt(layout, file, *more) -> list:
