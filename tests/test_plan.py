@@ -149,7 +149,7 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
         machine_module,
         "short_probe",
-        lambda path, progress: fake_machine().disk,
+        lambda path, progress, keep: fake_machine().disk,
     )
     monkeypatch.setenv("MLX_FLASHINFER_CACHE", str(tmp_path / "cache"))
     assert main(["probe", "--backend", "numpy", "--quiet"]) == 0
@@ -217,3 +217,13 @@ def test_a_trained_predictor_reports_what_windows_load_and_the_costs_use_it(tmp_
     stats, source = window_stats(layout, "lowrank", 4)
     assert "the predictor's report" in source and "assumed" not in source
     assert all(loaded <= held for _, loaded, held in stats)
+
+
+def test_the_disk_is_measured_beside_compute(tmp_path):
+    from mlx_flashinfer.plan.disk import stream_beside
+
+    file = tmp_path / "f.bin"
+    file.write_bytes(np.random.default_rng(0).bytes(8 << 20))
+    calls = []
+    rate = stream_beside(file, lambda: calls.append(1), seconds=0.2, size=1 << 20)
+    assert rate > 0 and calls

@@ -40,6 +40,12 @@ READ_CALL_S = 120e-6
 # holds twice them; said in the prediction's note.
 PRIOR_LOADED = 0.25
 PRIOR_CACHED = 2.0
+# OS paging's cost beyond the reads: a fault per 4 KiB page and the reclaim of the
+# page cache at the memory limit, per GB paged in. Measured once (Intel Xeon, 2
+# cores, 2026-12-06: Llama-2-7B-shaped SiLU layout at 50%, 8.54 GB paged per token:
+# compute 1870 ms beside the faults against 1239 ms dense, reads at the probe's
+# rate) and held to the other budgets' runs (docs/planner.md).
+PAGING_S_PER_GB = 0.075
 _DTYPE_KIND = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
@@ -146,18 +152,22 @@ def dense_cost(layout: Layout, machine: Machine, threads: str = "all") -> TokenC
 def streamed_cost(
     layout: Layout, plan: MemoryPlan, machine: Machine, threads: str = "all"
 ) -> TokenCost:
-    """The streamed placement: every neuron computed on every core, the rows not
-    held read in spans of consecutive 1 MiB reads over the reader's threads, behind
-    compute (the ring runs ahead across layers and tokens): the token takes the
-    longer of the two. MLX copies each span in (memory)."""
+    """The streamed placement: every neuron computed, the rows not held read in
+    spans, each in one large read, behind compute (the ring runs ahead across layers
+    and tokens): the token takes the longer of the two. MLX copies each span in
+    (memory)."""
     args = layout.args
     n, row = args.intermediate_size, layout.bundle_bytes
     streamed = sum(n - held for held in plan.capacity) * row
     ffn = args.num_hidden_layers * n
     kinds = _add(resident_products(layout), ffn_kinds(layout), ffn)
     compute = compute_seconds(machine, layout, kinds, threads)
-    rate = throughput_at(machine.disk, DEFAULT_CHUNK, DEFAULT_THREADS, sequential=True)
-    io = streamed / rate
+    # a span read whole, one request at a time (flash/streamed.py)
+    span = plan.chunk_rows * row
+    # the reads run beside compute: the disk's rate then, where the probe has it
+    busy = machine.disk.get("beside_compute")
+    rate = busy["bytes_per_s"] if busy else throughput_at(machine.disk, span, 1, True)
+    io = streamed / rate if streamed else 0.0
     memory = streamed / machine.memory_bytes_per_s if machine.backend == "mlx" else 0
     hidden = min(io, compute + memory)
     return TokenCost(
@@ -166,7 +176,7 @@ def streamed_cost(
         memory,
         compute,
         bytes_read=streamed,
-        read_size=DEFAULT_CHUNK if streamed else 0,
+        read_size=span if streamed else 0,
         hidden_io_s=hidden,
     )
 
@@ -184,8 +194,9 @@ def paging_cost(
     missed = ffn if ffn > room else 0
     rate = throughput_at(machine.disk, DEFAULT_CHUNK, 1, sequential=True)
     compute = dense_cost(layout, machine, threads).compute_s
+    faults = missed / 1e9 * PAGING_S_PER_GB  # memory management: the kernel's
     return TokenCost(
-        "OS paging", missed / rate, 0.0, compute, bytes_read=missed, read_size=128 << 10
+        "OS paging", missed / rate, faults, compute, missed, read_size=DEFAULT_CHUNK
     )
 
 

@@ -29,7 +29,7 @@ from ..formats.model_cache import cache_root
 from ..formats.quantize import QUANTIZED_DTYPES, Quantized
 from ..model.backends import default_backend_name, get_backend
 from ..model.transformer import Model, UncountedFFN, prepare_weights
-from .disk import short_probe
+from .disk import FILE_NAME, short_probe, stream_beside
 from .host import cpu_model
 
 FORMAT = "mlx-flashinfer-machine"
@@ -42,6 +42,7 @@ SIDE = 2048  # GEMV matrices of SIDE x SIDE (8 MB at float16)
 MEMORY_BYTES = 1 << 30
 CACHED_BYTES = 32 << 20
 PROMPT_TOKENS = 64  # the GEMM rate: a prompt chunk's product
+BUSY_READ = 8 << 20  # the streamed placement's span (flash/memory.STREAM_CHUNK_BYTES)
 
 
 @dataclass
@@ -122,7 +123,13 @@ def probe_machine(
     began = time.perf_counter()
     backend = backend or default_backend_name()
     get_backend(backend)  # a missing MLX fails before the disk is written
-    disk = short_probe(directory, progress=progress)
+    disk = short_probe(directory, progress=progress, keep=True)
+    test_file = Path(directory) / FILE_NAME
+    try:
+        if test_file.is_file():
+            disk["beside_compute"] = busy_disk(test_file, backend)
+    finally:
+        test_file.unlink(missing_ok=True)
     compute = {}
     for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
         compute[dtype] = product_rates(backend, dtype)
@@ -140,6 +147,26 @@ def probe_machine(
         probed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         seconds=time.perf_counter() - began,
     )
+
+
+def busy_disk(file: Path, backend: str) -> dict:
+    """The streamed placement's reads beside a decode step's products (float16, one
+    thread): {"read_size", "bytes_per_s"}."""
+    B = get_backend(backend)
+    rng = np.random.default_rng(1)
+    weights = [B.weight(w) for w in stored_matrices("float16", CACHED_BYTES, rng)]
+    x = B.array(rng.standard_normal((1, SIDE)).astype(np.float32))
+    B.limit_compute_threads(1)
+
+    def work() -> None:
+        for w in weights:
+            B.synchronize(B.linear(x, w))
+
+    try:
+        rate = stream_beside(file, work, size=BUSY_READ)
+    finally:
+        B.limit_compute_threads(None)
+    return {"read_size": BUSY_READ, "bytes_per_s": rate}
 
 
 def save_machine(machine: Machine, path: str | Path) -> Path:
