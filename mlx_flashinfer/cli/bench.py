@@ -157,14 +157,18 @@ def cmd_bench(opts) -> int:
         machines = bench_machines(opts, backends, given)
     if given is not None:
         probe = given.get("disk") or given
-    elif machines:
-        probe = next(iter(machines.values())).disk
     else:
-        from ..plan.disk import short_probe
+        # the disk now, beside the run: a virtual disk's rate moves by half from one
+        # quarter of an hour to the next (measured here), so the kept probe's disk
+        # would predict another hour's runs
+        from ..plan.machine import probe_disk
 
         where = opts.probe_dir or prepared.bundled.path.parent
         print(f"flashinfer bench: probing the disk in {where}", file=sys.stderr)
-        probe = short_probe(where, progress=not opts.quiet and sys.stderr.isatty())
+        bar = not opts.quiet and sys.stderr.isatty()
+        probe = probe_disk(where, backends[0], progress=bar)
+        for machine in (machines or {}).values():
+            machine.disk = probe
     cgroup = "unlimited (--no-limit)" if opts.no_limit else find_memory_cgroup()
     root = hasattr(os, "geteuid") and os.geteuid() == 0
     if isinstance(cgroup, str):

@@ -123,13 +123,7 @@ def probe_machine(
     began = time.perf_counter()
     backend = backend or default_backend_name()
     get_backend(backend)  # a missing MLX fails before the disk is written
-    disk = short_probe(directory, progress=progress, keep=True)
-    test_file = Path(directory) / FILE_NAME
-    try:
-        if test_file.is_file():
-            disk["beside_compute"] = busy_disk(test_file, backend)
-    finally:
-        test_file.unlink(missing_ok=True)
+    disk = probe_disk(directory, backend, progress)
     compute = {}
     for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
         compute[dtype] = product_rates(backend, dtype)
@@ -147,6 +141,23 @@ def probe_machine(
         probed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         seconds=time.perf_counter() - began,
     )
+
+
+def probe_disk(directory: str | Path, backend: str, progress: bool = True) -> dict:
+    """The disk's curves (`disk.short_probe`) and its rate beside compute
+    (`busy_disk`), on a test file in `directory` (removed after).
+
+    Raises:
+        ValueError: the directory's filesystem cannot bypass the page cache.
+    """
+    disk = short_probe(directory, progress=progress, keep=True)
+    test_file = Path(directory) / FILE_NAME
+    try:
+        if test_file.is_file():
+            disk["beside_compute"] = busy_disk(test_file, backend)
+    finally:
+        test_file.unlink(missing_ok=True)
+    return disk
 
 
 def busy_disk(file: Path, backend: str) -> dict:
