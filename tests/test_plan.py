@@ -92,6 +92,43 @@ def test_the_three_terms_follow_the_curves():
     assert paging_cost(layout, resident + ffn, machine).bytes_read == 0
 
 
+@pytest.mark.parametrize("placement", ["streamed", "sparse", "sparse ahead", "paging"])
+def test_a_cost_at_another_disk_rate_is_the_cost_on_that_disk(placement):
+    # TokenCost.at_disk_rate (the validation's prediction at a row's own disk rate)
+    # keeps each placement's overlap: the same as predicting on a machine whose
+    # disk reads at that rate
+    layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 4))
+    resident, ffn = model_bytes(layout)
+    from mlx_flashinfer.flash.memory import plan_floor
+    from mlx_flashinfer.loader import make_plan
+    from mlx_flashinfer.predictors.kinds import predictor_nbytes
+
+    def cost(machine):
+        if placement == "streamed":
+            ring = 2 * slot_bytes(400, layout.bundle_bytes)
+            floor = resident + io_buffer_bytes(layout) + ring
+            plan = plan_streamed(layout, floor + ffn // 4, 0, 64)
+            return streamed_cost(layout, plan, machine)
+        if placement == "paging":
+            return paging_cost(layout, resident + ffn // 2, machine)
+        floor = plan_floor(layout, predictor_nbytes("gate", layout))
+        ahead = placement == "sparse ahead"
+        budget = floor + io_buffer_bytes(layout) + ffn // 4
+        plan = make_plan(layout, budget, "gate", 64, lookahead=ahead)
+        assert plan.lookahead == ahead
+        return sparse_cost(layout, plan, machine, "gate", 4)
+
+    base = cost(fake_machine(disk_rate=1e9))
+    assert base.bytes_read > 0
+    for rate in (1e6, 3e8, 1e9, 1e11):
+        other = cost(fake_machine(disk_rate=rate))
+        # the rate the reads get at their size (small reads: below the curve's)
+        reads = other.io_s + other.hidden_io_s - other.io_fixed_s
+        moved = base.at_disk_rate(other.bytes_read / reads)
+        assert moved.total_s == pytest.approx(other.total_s, rel=1e-9)
+        assert moved.hidden_io_s == pytest.approx(other.hidden_io_s, rel=1e-9)
+
+
 def test_a_smaller_cache_loads_more_and_a_faster_disk_reads_faster():
     layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 3))
     resident, ffn = model_bytes(layout)

@@ -50,12 +50,24 @@ def predict(spec: RunSpec, layout: Layout, source: Layout, machine: Machine):
     return cost
 
 
-def prediction_fields(cost: TokenCost | None, measured_ms: float) -> dict:
-    """The prediction as the result stores it, beside the measurement."""
+def prediction_fields(
+    cost: TokenCost | None, measured_ms: float, disk_gb_per_s: float | None = None
+) -> dict:
+    """The prediction as the result stores it, beside the measurement; with the
+    rate the row's reads got (`disk_gb_per_s`), also the prediction at that rate
+    (`predicted_at_disk_ms`): the model's own error, without the disk's drift
+    between the probe and the row."""
     if cost is None:
         return {"measured_ms": measured_ms}
     predicted = 1e3 * cost.total_s
+    at_disk = None
+    if disk_gb_per_s and cost.bytes_read:
+        at_disk = 1e3 * cost.at_disk_rate(1e9 * disk_gb_per_s).total_s
+    elif not cost.bytes_read:
+        at_disk = predicted
     return {
+        "predicted_at_disk_ms": at_disk,
+        "at_disk_over_measured": at_disk / measured_ms if at_disk else None,
         "predicted_ms": predicted,
         "measured_ms": measured_ms,
         "predicted_over_measured": predicted / measured_ms if measured_ms else None,
@@ -65,3 +77,26 @@ def prediction_fields(cost: TokenCost | None, measured_ms: float) -> dict:
         "predicted_mb_per_token": cost.bytes_read / 1e6,
         "prediction_note": cost.note,
     }
+
+
+def repredict(result: dict) -> None:
+    """Set every row's prediction again with today's cost model, from the curves the
+    result kept (`machines`) and its layouts (which must still be on disk): how an
+    improved model does on measurements already made."""
+    machines = {b: Machine.from_dict(d) for b, d in result.get("machines", {}).items()}
+    layouts: dict[str, Layout] = {}
+
+    def opened(path: str) -> Layout:
+        if path not in layouts:
+            layouts[path] = Layout.open(path)
+        return layouts[path]
+
+    for row in result["rows"]:
+        m, info = row.get("metrics"), row.get("spec")
+        machine = machines.get(row["backend"])
+        if not m or not info or machine is None:
+            continue
+        spec = RunSpec.from_dict({**info, "prompt": [], "targets": []})
+        source = opened(spec.predictor_layout or spec.layout)
+        cost = predict(spec, opened(spec.layout), source, machine)
+        m.update(prediction_fields(cost, m["total_ms"], m.get("gb_per_s")))

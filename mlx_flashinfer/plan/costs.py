@@ -18,7 +18,7 @@ own figures beside them (`flashinfer bench`: `predicted_ms`, `measured_ms`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -61,10 +61,23 @@ class TokenCost:
     read_size: float = 0.0  # mean bytes a read
     hidden_io_s: float = 0.0  # reads that run behind compute
     note: str = ""
+    # how the reads overlap compute: hidden = min(overlap x reads, overlap_cap_s);
+    # io_fixed_s: the reads' cost that does not scale with the disk's rate
+    overlap: float = 0.0
+    overlap_cap_s: float = 0.0
+    io_fixed_s: float = 0.0
 
     @property
     def total_s(self) -> float:
         return self.io_s + self.memory_s + self.compute_s
+
+    def at_disk_rate(self, bytes_per_s: float) -> TokenCost:
+        """The same token with the disk at `bytes_per_s`, the overlap kept: what the
+        model predicts given the rate a run's reads actually got (a validation
+        that separates the model's error from the disk's drift)."""
+        reads = self.io_fixed_s + self.bytes_read / bytes_per_s
+        hidden = min(self.overlap * reads, self.overlap_cap_s)
+        return replace(self, io_s=reads - hidden, hidden_io_s=hidden)
 
     def line(self) -> str:
         """ "412 ms/token (I/O 105, memory 58, compute 249)"."""
@@ -178,6 +191,8 @@ def streamed_cost(
         bytes_read=streamed,
         read_size=span if streamed else 0,
         hidden_io_s=hidden,
+        overlap=1.0,
+        overlap_cap_s=compute + memory,
     )
 
 
@@ -302,9 +317,8 @@ def sparse_cost(
     compute = compute_seconds(machine, layout, kinds, "1")
     moved = loaded_total * layout.bundle_bytes  # rows landed, and as many moved
     memory = layers * WINDOW_STEP_S + 2 * moved / machine.memory_bytes_per_s
-    hidden = 0.0
-    if plan.lookahead:  # the next layer's reads behind this layer's compute
-        hidden = min(io, compute) * 0.5
+    overlap = 0.5 if plan.lookahead else 0.0  # the next layer's reads behind
+    hidden = overlap * min(io, compute)  # this layer's compute
     return TokenCost(
         "sparse",
         io - hidden,
@@ -314,4 +328,7 @@ def sparse_cost(
         read_size=read_size,
         hidden_io_s=hidden,
         note=f"statistics: {source}",
+        overlap=overlap,
+        overlap_cap_s=overlap * compute,
+        io_fixed_s=layers * READ_CALL_S if bytes_read else 0.0,
     )
