@@ -31,9 +31,9 @@ def _mark(ratio: float | None) -> str:
 
 def table(paths: list[Path], again: bool = False) -> str:
     lines = [
-        "| model | budget | backend | row | measured ms | disk GB/s | predicted ms (I/O, "
-        "memory, compute) | predicted / measured | at the row's disk rate: ms | "
-        "/ measured |",
+        "| model | budget | backend | row | measured ms | disk GB/s | predicted ms "
+        "(I/O, memory, compute) | predicted / measured | at the row's disk rate: "
+        "ms | / measured |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for path in paths:
@@ -51,10 +51,10 @@ def table(paths: list[Path], again: bool = False) -> str:
                 f"{m['predicted_memory_ms']:.0f}, {m['predicted_compute_ms']:.0f})"
             )
             at_disk = m.get("predicted_at_disk_ms")
-            rate = m.get("gb_per_s")
+            rate = f"{m['gb_per_s']:.2f}" if m.get("gb_per_s") else "-"
             lines.append(
                 f"| {model} | {budget} | {row['backend']} | {row['row']} | "
-                f"{m['measured_ms']:.0f} | {f'{rate:.2f}' if rate else '-'} | {terms} | "
+                f"{m['measured_ms']:.0f} | {rate} | {terms} | "
                 f"{_mark(m['predicted_over_measured'])} | "
                 f"{f'{at_disk:.0f}' if at_disk else '-'} | "
                 f"{_mark(m.get('at_disk_over_measured'))} |"
