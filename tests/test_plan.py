@@ -172,8 +172,18 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     assert main(["plan", str(layout), "--budget", "60%", "--probe", str(probe)]) == 0
     out = capsys.readouterr().out
     assert "chosen" in out and "ms/token" in out and "OS paging" in out
+    run = [line for line in out.splitlines() if "run it:" in line]
+    assert run and "--memory-budget 60% " in run[0]
     assert main(["plan", str(layout), "--for", "1tok/s", "--probe", str(probe)]) == 0
-    assert "needs a budget of" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "needs a budget of" in out
+    # the budget it prints, planned again, gives the same choice
+    given = next(line for line in out.splitlines() if "run it:" in line).split()
+    budget = given[given.index("--memory-budget") + 1]
+    assert budget.endswith("KB")  # 245.2 KB model
+    chosen = next(line for line in out.splitlines() if "chosen" in line)
+    assert main(["plan", str(layout), "--budget", budget, "--probe", str(probe)]) == 0
+    assert chosen.split(":")[0] in capsys.readouterr().out
     assert main(["plan", str(layout), "--for", "fast", "--probe", str(probe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "10tok/s" in err[0]

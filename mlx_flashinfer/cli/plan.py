@@ -179,13 +179,26 @@ def cmd_plan(opts) -> int:
             f"plan for {name} at budget {opts.budget} ({format_bytes(amount)} of "
             f"{format_bytes(whole)}), {machine.backend} backend, {machine.cpu}:"
         )
-    print("\n".join(choice_lines(choice)))
+    budget = opts.budget if speed is None else rounded_up(amount)
+    print("\n".join(choice_lines(choice, budget=budget)))
     return 0
 
 
-def choice_lines(choice, alternatives: int = 3) -> list[str]:
+def rounded_up(amount: int) -> str:
+    """A budget as a size to type, rounded up (by under 1%): never less than
+    `amount`."""
+    import math
+
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if amount >= size:
+            return f"{math.ceil(100 * amount / size) / 100:g}{unit}"
+    return str(amount)
+
+
+def choice_lines(choice, alternatives: int = 3, *, budget: str = "B") -> list[str]:
     """The chosen plan, the next best ones, those over the allowed loss, and OS
-    paging, each with its predicted cost."""
+    paging, each with its predicted cost; the options that run the choice at
+    `budget`."""
 
     def loss(c) -> str:
         return "exact" if c.loss == 0 else f"perplexity {c.loss:+.1%}"
@@ -229,5 +242,5 @@ def choice_lines(choice, alternatives: int = 3) -> list[str]:
             flags.append(flag if value else f"--no-{key}")
         else:
             flags.append(f"{flag} {value}")
-    lines.append(f"  run it:  --memory-budget B {' '.join(flags)}")
+    lines.append(f"  run it:  --memory-budget {budget} {' '.join(flags)}")
     return lines
