@@ -129,6 +129,19 @@ def test_a_cost_at_another_disk_rate_is_the_cost_on_that_disk(placement):
         assert moved.hidden_io_s == pytest.approx(other.hidden_io_s, rel=1e-9)
 
 
+def test_the_down_product_runs_at_the_columns_rate():
+    # down (fc2) multiplies neuron columns, at the probe's "<dtype> columns" rate
+    # where it has one (MLX's CPU float16: a third of the rows' rate), else the rows'
+    layout = Layout.open(tiny_layout("llama", "silu", 2, 400, 3))
+    ffn = 3 * 400 * layout.part_bytes[-1]  # every layer's down columns
+    rows = fake_machine(gemv=4e9)
+    slow = fake_machine(gemv=4e9)
+    kind = layout.dtype  # float32 here
+    slow.gemv[f"{kind} columns"] = {k: v / 3 for k, v in slow.gemv[kind].items()}
+    extra = dense_cost(layout, slow).compute_s - dense_cost(layout, rows).compute_s
+    assert extra == pytest.approx(ffn / (8e9 / 3) - ffn / 8e9)
+
+
 def test_a_smaller_cache_loads_more_and_a_faster_disk_reads_faster():
     layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 3))
     resident, ffn = model_bytes(layout)
@@ -204,6 +217,7 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     assert "kept in" in out and "float32" in out
     kept = list((tmp_path / "cache" / "machines").glob("*-numpy-dev*.json"))
     assert len(kept) == 1 and load_machine(kept[0]).gemv["float32"]["1"] > 0
+    assert load_machine(kept[0]).gemv["float32 columns"]["all"] > 0
     assert main(["plan", str(layout), "--budget", "60%", "--backend", "numpy"]) == 0
     assert "chosen" in capsys.readouterr().out
 

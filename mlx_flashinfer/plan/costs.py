@@ -28,7 +28,7 @@ from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
 from .disk import throughput_at
-from .machine import CACHED_BYTES, MEMORY_BYTES, Machine
+from .machine import CACHED_BYTES, COLUMNS, MEMORY_BYTES, Machine
 
 # The fixed costs a token pays per layer on the sparse path beyond its products,
 # measured here (NumPy, 2 cores): the window's bookkeeping and the reader's hand-off
@@ -113,11 +113,15 @@ def resident_products(layout: Layout) -> dict[str, int]:
 
 
 def ffn_kinds(layout: Layout) -> dict[str, int]:
-    """Bytes of one neuron's bundle, by the stored kind of each part."""
+    """Bytes of one neuron's bundle, by the stored kind of each part; the last part
+    (down, fc2) is multiplied as columns ("float16 columns"), at its own rate."""
     out: dict[str, int] = {}
     bits = layout.part_bits if layout.quantization else None
+    last = len(layout.part_bytes) - 1
     for p, nbytes in enumerate(layout.part_bytes):
         kind = f"q{bits[p]}" if bits else layout.dtype
+        if p == last:
+            kind = f"{kind} {COLUMNS}"
         out[kind] = out.get(kind, 0) + nbytes
     return out
 
@@ -126,7 +130,9 @@ def gemv_rate(machine: Machine, kind: str, threads: str, working_set: float) -> 
     """Weight bytes/s of a decode step's products of `kind`: the caches' rate for a
     working set up to CACHED_BYTES, memory's from MEMORY_BYTES, between them
     interpolated in log space."""
-    rates = machine.gemv.get(kind) or machine.gemv["float16"]
+    # a probe made before the columns' rates were kept: the rows' rate
+    rates = machine.gemv.get(kind) or machine.gemv.get(kind.split()[0])
+    rates = rates or machine.gemv["float16"]
     cached = rates.get(f"{threads} cached", rates[threads])
     low, high = math.log(CACHED_BYTES), math.log(MEMORY_BYTES)
     w = min(1.0, max(0.0, (math.log(max(working_set, 1)) - low) / (high - low)))
