@@ -197,6 +197,16 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     chosen = next(line for line in out.splitlines() if "chosen" in line)
     assert main(["plan", str(layout), "--budget", budget, "--probe", str(probe)]) == 0
     assert chosen.split(":")[0] in capsys.readouterr().out
+    # a predictor named: its sparse plans only (the gate of a SiLU model: its loss
+    # never calibrated, the user's to allow)
+    gate = ["plan", str(layout), "--predictor", "gate", "--probe", str(probe)]
+    assert main(gate) == 2  # at 50% the gate's rows leave no room
+    assert "no sparse plan with the gate predictor" in capsys.readouterr().err
+    assert main([*gate, "--budget", "90%"]) == 0
+    out = capsys.readouterr().out
+    chosen = next(line for line in out.splitlines() if "chosen" in line)
+    assert "sparse (gate" in chosen and "loss not measured" in chosen
+    assert "streamed" not in out.split("OS paging")[0]
     assert main(["plan", str(layout), "--for", "fast", "--probe", str(probe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "10tok/s" in err[0]
@@ -257,6 +267,19 @@ def test_load_auto_runs_the_planners_choice_and_explicit_options_win(tmp_path):
         cache_dir=tmp_path,
     )
     assert roomy.plan is None
+    # a predictor named: the planner's fastest sparse plan of that predictor
+    named, _ = load(
+        layout,
+        backend="numpy",
+        memory_budget="90%",
+        placement="auto",
+        predictor="all",
+        cache_dir=tmp_path,
+        max_context=64,
+    )
+    assert named.plan.placement == "sparse"
+    assert named.ffn.predictor.__class__.__name__ == "AllPredictor"
+    named.ffn.close()
 
 
 def test_a_trained_predictor_reports_what_windows_load_and_the_costs_use_it(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..flash.memory import format_bytes, model_bytes, parse_budget
 from ..model.backends import BACKENDS
+from ..predictors.kinds import PREDICTORS
 from .options import add_cache_option
 
 
@@ -58,6 +59,12 @@ def add_commands(sub) -> None:
         metavar="PCT",
         help="the perplexity loss allowed (default: the trained predictor's own "
         "calibrated loss; 0: exact plans only)",
+    )
+    p.add_argument(
+        "--predictor",
+        choices=PREDICTORS,
+        default=None,
+        help="only the sparse plans of this predictor, whatever its loss",
     )
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--backend", choices=BACKENDS, default=None)
@@ -174,7 +181,14 @@ def cmd_plan(opts) -> int:
         )
     else:
         amount = parse_budget(opts.budget, whole)
-        choice = choose(layout, amount, machine, max_loss=max_loss, max_context=context)
+        choice = choose(
+            layout,
+            amount,
+            machine,
+            max_loss=max_loss,
+            max_context=context,
+            predictor=opts.predictor,
+        )
         print(
             f"plan for {name} at budget {opts.budget} ({format_bytes(amount)} of "
             f"{format_bytes(whole)}), {machine.backend} backend, {machine.cpu}:"
@@ -201,6 +215,8 @@ def choice_lines(choice, alternatives: int = 3, *, budget: str = "B") -> list[st
     `budget`."""
 
     def loss(c) -> str:
+        if c.loss != c.loss:  # NaN: a predictor the user named, never calibrated
+            return "loss not measured"
         return "exact" if c.loss == 0 else f"perplexity {c.loss:+.1%}"
 
     best = choice.best
