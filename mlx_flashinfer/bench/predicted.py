@@ -41,11 +41,15 @@ def predict(spec: RunSpec, layout: Layout, source: Layout, machine: Machine):
     cost = sparse_cost(
         layout, plan, machine, spec.predictor, spec.window, nbytes, source
     )
-    if spec.rows_in_dram:  # the compute-only row: the reads are copies in memory
-        _, ffn = model_bytes(layout)
+    if spec.rows_in_dram:  # the compute-only row: the reads are copies in memory,
+        # through the same reader (its handling of each read stays)
         copy = cost.bytes_read / machine.memory_bytes_per_s
         cost = TokenCost(
-            cost.placement, 0.0, cost.memory_s + copy, cost.compute_s, note=cost.note
+            cost.placement,
+            cost.io_fixed_s + copy,
+            cost.memory_s,
+            cost.compute_s,
+            note=cost.note,
         )
     return cost
 

@@ -35,6 +35,14 @@ from .machine import CACHED_BYTES, COLUMNS, MEMORY_BYTES, Machine
 # to its threads, 40-60 us and 100-150 us a layer.
 WINDOW_STEP_S = 50e-6
 READ_CALL_S = 120e-6
+# The reader's own work per read (a run of neighbouring bundles): planning it, the
+# call, landing its rows, on Python threads that share one interpreter lock, so it
+# adds to the disk's time rather than overlapping it. Measured once (Intel Xeon, 2
+# cores, NumPy, 2026-12-06): the compute-only row of a Llama-2-7B-shaped FATReLU
+# layout at 50% (benchmarks/results/plan_llama2-7b-relu_50.json), whose reads are
+# copies from DRAM, spent 819 ms on 42,832 reads per token, 62 ms of it the copies
+# at memory's rate: 18 us a read.
+READ_RUN_S = 18e-6
 # Without window statistics (a predictor trained before they were kept): a window of
 # k >= 1 tokens loads a quarter of the predicted neurons (paper: OPT 10% -> 2.4%) and
 # holds twice them; said in the prediction's note.
@@ -315,7 +323,8 @@ def sparse_cost(
     read_size = bytes_read / runs if runs else 0.0
     rate = throughput_at(machine.disk, max(read_size, 512), DEFAULT_THREADS)
     layers = args.num_hidden_layers
-    io = bytes_read / rate + layers * READ_CALL_S if bytes_read else 0.0
+    handling = layers * READ_CALL_S + runs * READ_RUN_S if bytes_read else 0.0
+    io = bytes_read / rate + handling
     kinds = _add(resident_products(layout), ffn_kinds(layout), rows)
     if predictor_bytes:
         kind = "q4" if predictor == "lowbit" else layout.dtype
@@ -336,5 +345,5 @@ def sparse_cost(
         note=f"statistics: {source}",
         overlap=overlap,
         overlap_cap_s=overlap * compute,
-        io_fixed_s=layers * READ_CALL_S if bytes_read else 0.0,
+        io_fixed_s=handling,
     )
