@@ -8,7 +8,6 @@ one-thread rates.
 
 from __future__ import annotations
 
-from ..flash.memory import model_bytes
 from ..formats.layout import Layout
 from ..plan.costs import (
     TokenCost,
