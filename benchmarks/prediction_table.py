@@ -9,7 +9,8 @@ token with the predicted terms, predicted / measured, and the same prediction at
 rate the row's reads actually got from the disk (the model's own error, without the
 disk's drift between the probe and the row), each marked within the issue's +-25% or
 not. `--repredict` predicts every row again with today's cost model, from the curves
-each result kept and its layouts (still on disk).
+each result kept and its layouts (still on disk); `--compute-from PROBE` (per backend)
+with a newer probe's compute rates.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 from pathlib import Path
 
 from mlx_flashinfer.bench.predicted import repredict
+from mlx_flashinfer.plan.machine import load_machine
 
 TOLERANCE = 0.25
 
@@ -29,7 +31,7 @@ def _mark(ratio: float | None) -> str:
     return f"{ratio:.2f}" + ("" if abs(ratio - 1) <= TOLERANCE else " **no**")
 
 
-def table(paths: list[Path], again: bool = False) -> str:
+def table(paths: list[Path], again: bool = False, compute: dict | None = None) -> str:
     lines = [
         "| model | budget | backend | row | measured ms | disk GB/s | predicted ms "
         "(I/O, memory, compute) | predicted / measured | at the row's disk rate: "
@@ -39,7 +41,7 @@ def table(paths: list[Path], again: bool = False) -> str:
     for path in paths:
         result = json.loads(path.read_text())
         if again:
-            repredict(result)
+            repredict(result, compute)
         model = result["model"]["name"]
         budget = result["settings"]["budget"]
         for row in result["rows"]:
@@ -69,8 +71,17 @@ def main() -> None:
     parser.add_argument(
         "--repredict", action="store_true", help="predict again with today's model"
     )
+    parser.add_argument(
+        "--compute-from",
+        action="append",
+        default=[],
+        metavar="PROBE",
+        help="a machine probe (flashinfer probe; repeat per backend) whose compute "
+        "rates replace the kept ones; each run's disk stays",
+    )
     opts = parser.parse_args()
-    text = table(opts.results, opts.repredict)
+    compute = {m.backend: m for m in map(load_machine, opts.compute_from)}
+    text = table(opts.results, opts.repredict or bool(compute), compute)
     print(text, end="")
     if opts.out:
         opts.out.write_text(text)

@@ -349,3 +349,13 @@ def test_streamed_and_planned_rows_carry_the_cost_models_prediction(tmp_path):
     for row, again in zip(result["rows"], kept["rows"], strict=True):
         for key in ("predicted_ms", "predicted_at_disk_ms", "predicted_io_ms"):
             assert again["metrics"][key] == pytest.approx(row["metrics"][key])
+    # with a faster machine's compute rates (the run's disk kept): less compute
+    faster = {}
+    for backend in BACKENDS:
+        faster[backend] = fake_machine(gemv=8e9)
+        faster[backend].backend = backend
+    repredict(kept, faster)
+    for row, again in zip(result["rows"], kept["rows"], strict=True):
+        m, n = row["metrics"], again["metrics"]
+        assert n["predicted_compute_ms"] < m["predicted_compute_ms"]
+        assert n["predicted_mb_per_token"] == pytest.approx(m["predicted_mb_per_token"])

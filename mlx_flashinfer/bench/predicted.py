@@ -8,6 +8,8 @@ one-thread rates.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..formats.layout import Layout
 from ..plan.costs import (
     TokenCost,
@@ -82,11 +84,15 @@ def prediction_fields(
     }
 
 
-def repredict(result: dict) -> None:
+def repredict(result: dict, compute: dict | None = None) -> None:
     """Set every row's prediction again with today's cost model, from the curves the
     result kept (`machines`) and its layouts (which must still be on disk): how an
-    improved model does on measurements already made."""
+    improved model does on measurements already made. `compute`: probes by backend
+    whose compute and memory rates replace the kept ones (the run's disk stays)."""
     machines = {b: Machine.from_dict(d) for b, d in result.get("machines", {}).items()}
+    for backend, probe in (compute or {}).items():
+        if backend in machines:
+            machines[backend] = replace(probe, disk=machines[backend].disk)
     layouts: dict[str, Layout] = {}
 
     def opened(path: str) -> Layout:
