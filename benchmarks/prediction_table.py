@@ -2,10 +2,15 @@
 results made on a probed machine (each row's `predicted_ms` beside `measured_ms`).
 
     python benchmarks/prediction_table.py benchmarks/results/plan_*.json [--out T.md]
+        [--repredict]
 
 Prints one markdown table: model, budget, backend, row, measured and predicted ms per
-token with the predicted terms, predicted / measured, and whether it is within the
-issue's +-25%.
+token with the predicted terms, predicted / measured, and the same prediction at the
+rate the row's reads actually got from the disk (the model's own error, without the
+disk's drift between the probe and the row), each marked within the issue's +-25% or
+not. `--repredict` predicts every row again with today's cost model, from the curves
+each result kept and its layouts (still on disk); `--compute-from PROBE` (per backend)
+with a newer probe's compute rates.
 """
 
 from __future__ import annotations
@@ -14,32 +19,47 @@ import argparse
 import json
 from pathlib import Path
 
+from mlx_flashinfer.bench.predicted import repredict
+from mlx_flashinfer.plan.machine import load_machine
+
 TOLERANCE = 0.25
 
 
-def table(paths: list[Path]) -> str:
+def _mark(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:.2f}" + ("" if abs(ratio - 1) <= TOLERANCE else " **no**")
+
+
+def table(paths: list[Path], again: bool = False, compute: dict | None = None) -> str:
     lines = [
-        "| model | budget | backend | row | measured ms | predicted ms (I/O, memory, "
-        "compute) | predicted / measured | within 25% |",
-        "|---|---|---|---|---:|---:|---:|---|",
+        "| model | budget | backend | row | measured ms | disk GB/s | predicted ms "
+        "(I/O, memory, compute) | predicted / measured | at the row's disk rate: "
+        "ms | / measured |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for path in paths:
         result = json.loads(path.read_text())
+        if again:
+            repredict(result, compute)
         model = result["model"]["name"]
         budget = result["settings"]["budget"]
         for row in result["rows"]:
             m = row.get("metrics") or {}
             if "predicted_ms" not in m:
                 continue
-            ratio = m["predicted_over_measured"]
             terms = (
                 f"{m['predicted_ms']:.0f} ({m['predicted_io_ms']:.0f}, "
                 f"{m['predicted_memory_ms']:.0f}, {m['predicted_compute_ms']:.0f})"
             )
-            ok = "yes" if abs(ratio - 1) <= TOLERANCE else "**no**"
+            at_disk = m.get("predicted_at_disk_ms")
+            rate = f"{m['gb_per_s']:.2f}" if m.get("gb_per_s") else "-"
             lines.append(
                 f"| {model} | {budget} | {row['backend']} | {row['row']} | "
-                f"{m['measured_ms']:.0f} | {terms} | {ratio:.2f} | {ok} |"
+                f"{m['measured_ms']:.0f} | {rate} | {terms} | "
+                f"{_mark(m['predicted_over_measured'])} | "
+                f"{f'{at_disk:.0f}' if at_disk else '-'} | "
+                f"{_mark(m.get('at_disk_over_measured'))} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -48,8 +68,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write it here")
+    parser.add_argument(
+        "--repredict", action="store_true", help="predict again with today's model"
+    )
+    parser.add_argument(
+        "--compute-from",
+        action="append",
+        default=[],
+        metavar="PROBE",
+        help="a machine probe (flashinfer probe; repeat per backend) whose compute "
+        "rates replace the kept ones; each run's disk stays",
+    )
     opts = parser.parse_args()
-    text = table(opts.results)
+    compute = {m.backend: m for m in map(load_machine, opts.compute_from)}
+    text = table(opts.results, opts.repredict or bool(compute), compute)
     print(text, end="")
     if opts.out:
         opts.out.write_text(text)

@@ -156,13 +156,17 @@ def make_plan(
     return plan(False)
 
 
-def planned_options(layout, budget, backend, context: int, cache_dir) -> dict:
-    """The `load` options of the planner's choice for this budget (`plan/`)."""
+def planned_options(
+    layout, budget, backend, context: int, cache_dir, predictor=None
+) -> dict:
+    """The `load` options of the planner's choice for this budget (`plan/`): with
+    a `predictor` named, its fastest sparse plan."""
     from .plan.machine import machine_here
     from .plan.planner import choose
 
     machine = machine_here(layout.path, backend, cache_dir)
-    return choose(layout, budget, machine, max_context=context).best.options()
+    best = choose(layout, budget, machine, max_context=context, predictor=predictor)
+    return best.best.options()
 
 
 def load(
@@ -241,7 +245,7 @@ def load(
         raise ValueError("the streamed placement computes every neuron: no predictor")
     budget = DEFAULT_BUDGET if memory_budget is None else memory_budget
     if placement == "auto" and not dense:
-        chosen = planned_options(layout, budget, B.name, context, cache_dir)
+        chosen = planned_options(layout, budget, B.name, context, cache_dir, predictor)
         dense = chosen.pop("dense", False)
         placement = chosen.pop("placement", "sparse")
         predictor = predictor or chosen.get("predictor")

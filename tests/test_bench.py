@@ -16,6 +16,7 @@ from mlx_flashinfer.bench.baselines import MmapFFN, StreamFFN
 from mlx_flashinfer.bench.cgroup import find_memory_cgroup
 from mlx_flashinfer.bench.configs import RunSpec
 from mlx_flashinfer.bench.layouts import unbundled_layout
+from mlx_flashinfer.bench.predicted import repredict
 from mlx_flashinfer.bench.report import compare, markdown
 from mlx_flashinfer.bench.runner import run_inline, run_isolated
 from mlx_flashinfer.cli import main
@@ -331,4 +332,30 @@ def test_streamed_and_planned_rows_carry_the_cost_models_prediction(tmp_path):
             pytest.approx(streamed)
         )
         assert rows["plan"]["spec"]["notes"][0].startswith("the planner chose")
+        # the prediction at the rate the streamed row's reads got
+        m = rows["streamed"]["metrics"]
+        assert m["gb_per_s"] > 0
+        assert m["at_disk_over_measured"] == pytest.approx(
+            m["predicted_at_disk_ms"] / m["measured_ms"]
+        )
     assert set(result["machines"]) == set(BACKENDS)
+    # predicted again from what the result kept (JSON round trip): the same
+    kept = json.loads(json.dumps(result))
+    for row in kept["rows"]:
+        row["metrics"] = {
+            k: v for k, v in row["metrics"].items() if not k.startswith("predicted")
+        }
+    repredict(kept)
+    for row, again in zip(result["rows"], kept["rows"], strict=True):
+        for key in ("predicted_ms", "predicted_at_disk_ms", "predicted_io_ms"):
+            assert again["metrics"][key] == pytest.approx(row["metrics"][key])
+    # with a faster machine's compute rates (the run's disk kept): less compute
+    faster = {}
+    for backend in BACKENDS:
+        faster[backend] = fake_machine(gemv=8e9)
+        faster[backend].backend = backend
+    repredict(kept, faster)
+    for row, again in zip(result["rows"], kept["rows"], strict=True):
+        m, n = row["metrics"], again["metrics"]
+        assert n["predicted_compute_ms"] < m["predicted_compute_ms"]
+        assert n["predicted_mb_per_token"] == pytest.approx(m["predicted_mb_per_token"])

@@ -92,6 +92,56 @@ def test_the_three_terms_follow_the_curves():
     assert paging_cost(layout, resident + ffn, machine).bytes_read == 0
 
 
+@pytest.mark.parametrize("placement", ["streamed", "sparse", "sparse ahead", "paging"])
+def test_a_cost_at_another_disk_rate_is_the_cost_on_that_disk(placement):
+    # TokenCost.at_disk_rate (the validation's prediction at a row's own disk rate)
+    # keeps each placement's overlap: the same as predicting on a machine whose
+    # disk reads at that rate
+    layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 4))
+    resident, ffn = model_bytes(layout)
+    from mlx_flashinfer.flash.memory import plan_floor
+    from mlx_flashinfer.loader import make_plan
+    from mlx_flashinfer.predictors.kinds import predictor_nbytes
+
+    def cost(machine):
+        if placement == "streamed":
+            ring = 2 * slot_bytes(400, layout.bundle_bytes)
+            floor = resident + io_buffer_bytes(layout) + ring
+            plan = plan_streamed(layout, floor + ffn // 4, 0, 64)
+            return streamed_cost(layout, plan, machine)
+        if placement == "paging":
+            return paging_cost(layout, resident + ffn // 2, machine)
+        floor = plan_floor(layout, predictor_nbytes("gate", layout))
+        ahead = placement == "sparse ahead"
+        budget = floor + io_buffer_bytes(layout) + ffn // 4
+        plan = make_plan(layout, budget, "gate", 64, lookahead=ahead)
+        assert plan.lookahead == ahead
+        return sparse_cost(layout, plan, machine, "gate", 4)
+
+    base = cost(fake_machine(disk_rate=1e9))
+    assert base.bytes_read > 0
+    for rate in (1e6, 3e8, 1e9, 1e11):
+        other = cost(fake_machine(disk_rate=rate))
+        # the rate the reads get at their size (small reads: below the curve's)
+        reads = other.io_s + other.hidden_io_s - other.io_fixed_s
+        moved = base.at_disk_rate(other.bytes_read / reads)
+        assert moved.total_s == pytest.approx(other.total_s, rel=1e-9)
+        assert moved.hidden_io_s == pytest.approx(other.hidden_io_s, rel=1e-9)
+
+
+def test_the_down_product_runs_at_the_columns_rate():
+    # down (fc2) multiplies neuron columns, at the probe's "<dtype> columns" rate
+    # where it has one (MLX's CPU float16: a third of the rows' rate), else the rows'
+    layout = Layout.open(tiny_layout("llama", "silu", 2, 400, 3))
+    ffn = 3 * 400 * layout.part_bytes[-1]  # every layer's down columns
+    rows = fake_machine(gemv=4e9)
+    slow = fake_machine(gemv=4e9)
+    kind = layout.dtype  # float32 here
+    slow.gemv[f"{kind} columns"] = {k: v / 3 for k, v in slow.gemv[kind].items()}
+    extra = dense_cost(layout, slow).compute_s - dense_cost(layout, rows).compute_s
+    assert extra == pytest.approx(ffn / (8e9 / 3) - ffn / 8e9)
+
+
 def test_a_smaller_cache_loads_more_and_a_faster_disk_reads_faster():
     layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 3))
     resident, ffn = model_bytes(layout)
@@ -135,8 +185,28 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     assert main(["plan", str(layout), "--budget", "60%", "--probe", str(probe)]) == 0
     out = capsys.readouterr().out
     assert "chosen" in out and "ms/token" in out and "OS paging" in out
+    run = [line for line in out.splitlines() if "run it:" in line]
+    assert run and "--memory-budget 60% " in run[0]
     assert main(["plan", str(layout), "--for", "1tok/s", "--probe", str(probe)]) == 0
-    assert "needs a budget of" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "needs a budget of" in out
+    # the budget it prints, planned again, gives the same choice
+    given = next(line for line in out.splitlines() if "run it:" in line).split()
+    budget = given[given.index("--memory-budget") + 1]
+    assert budget.endswith("KB")  # 245.2 KB model
+    chosen = next(line for line in out.splitlines() if "chosen" in line)
+    assert main(["plan", str(layout), "--budget", budget, "--probe", str(probe)]) == 0
+    assert chosen.split(":")[0] in capsys.readouterr().out
+    # a predictor named: its sparse plans only (the gate of a SiLU model: its loss
+    # never calibrated, the user's to allow)
+    gate = ["plan", str(layout), "--predictor", "gate", "--probe", str(probe)]
+    assert main(gate) == 2  # at 50% the gate's rows leave no room
+    assert "no sparse plan with the gate predictor" in capsys.readouterr().err
+    assert main([*gate, "--budget", "90%"]) == 0
+    out = capsys.readouterr().out
+    chosen = next(line for line in out.splitlines() if "chosen" in line)
+    assert "sparse (gate" in chosen and "loss not measured" in chosen
+    assert "streamed" not in out.split("OS paging")[0]
     assert main(["plan", str(layout), "--for", "fast", "--probe", str(probe)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "10tok/s" in err[0]
@@ -157,6 +227,7 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     assert "kept in" in out and "float32" in out
     kept = list((tmp_path / "cache" / "machines").glob("*-numpy-dev*.json"))
     assert len(kept) == 1 and load_machine(kept[0]).gemv["float32"]["1"] > 0
+    assert load_machine(kept[0]).gemv["float32 columns"]["all"] > 0
     assert main(["plan", str(layout), "--budget", "60%", "--backend", "numpy"]) == 0
     assert "chosen" in capsys.readouterr().out
 
@@ -196,6 +267,19 @@ def test_load_auto_runs_the_planners_choice_and_explicit_options_win(tmp_path):
         cache_dir=tmp_path,
     )
     assert roomy.plan is None
+    # a predictor named: the planner's fastest sparse plan of that predictor
+    named, _ = load(
+        layout,
+        backend="numpy",
+        memory_budget="90%",
+        placement="auto",
+        predictor="all",
+        cache_dir=tmp_path,
+        max_context=64,
+    )
+    assert named.plan.placement == "sparse"
+    assert named.ffn.predictor.__class__.__name__ == "AllPredictor"
+    named.ffn.close()
 
 
 def test_a_trained_predictor_reports_what_windows_load_and_the_costs_use_it(tmp_path):

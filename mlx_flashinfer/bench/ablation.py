@@ -217,8 +217,9 @@ def run_bench(
             if machine is not None:
                 layout = prepared.layout_of(spec)
                 cost = predict(spec, layout, prepared.bundled, machine)
-                measured = result["metrics"]["total_ms"]
-                result["metrics"].update(prediction_fields(cost, measured))
+                m = result["metrics"]
+                fields = prediction_fields(cost, m["total_ms"], m["gb_per_s"])
+                m.update(fields)
         rows.append(result)
         if progress:
             print(f"[{i + 1}/{len(prepared.specs)}] {_line(result)}", file=sys.stderr)

@@ -8,7 +8,8 @@ one-thread rates.
 
 from __future__ import annotations
 
-from ..flash.memory import model_bytes
+from dataclasses import replace
+
 from ..formats.layout import Layout
 from ..plan.costs import (
     TokenCost,
@@ -41,21 +42,37 @@ def predict(spec: RunSpec, layout: Layout, source: Layout, machine: Machine):
     cost = sparse_cost(
         layout, plan, machine, spec.predictor, spec.window, nbytes, source
     )
-    if spec.rows_in_dram:  # the compute-only row: the reads are copies in memory
-        _, ffn = model_bytes(layout)
+    if spec.rows_in_dram:  # the compute-only row: the reads are copies in memory,
+        # through the same reader (its handling of each read stays)
         copy = cost.bytes_read / machine.memory_bytes_per_s
         cost = TokenCost(
-            cost.placement, 0.0, cost.memory_s + copy, cost.compute_s, note=cost.note
+            cost.placement,
+            cost.io_fixed_s + copy,
+            cost.memory_s,
+            cost.compute_s,
+            note=cost.note,
         )
     return cost
 
 
-def prediction_fields(cost: TokenCost | None, measured_ms: float) -> dict:
-    """The prediction as the result stores it, beside the measurement."""
+def prediction_fields(
+    cost: TokenCost | None, measured_ms: float, disk_gb_per_s: float | None = None
+) -> dict:
+    """The prediction as the result stores it, beside the measurement; with the
+    rate the row's reads got (`disk_gb_per_s`), also the prediction at that rate
+    (`predicted_at_disk_ms`): the model's own error, without the disk's drift
+    between the probe and the row."""
     if cost is None:
         return {"measured_ms": measured_ms}
     predicted = 1e3 * cost.total_s
+    at_disk = None
+    if disk_gb_per_s and cost.bytes_read:
+        at_disk = 1e3 * cost.at_disk_rate(1e9 * disk_gb_per_s).total_s
+    elif not cost.bytes_read:
+        at_disk = predicted
     return {
+        "predicted_at_disk_ms": at_disk,
+        "at_disk_over_measured": at_disk / measured_ms if at_disk else None,
         "predicted_ms": predicted,
         "measured_ms": measured_ms,
         "predicted_over_measured": predicted / measured_ms if measured_ms else None,
@@ -65,3 +82,30 @@ def prediction_fields(cost: TokenCost | None, measured_ms: float) -> dict:
         "predicted_mb_per_token": cost.bytes_read / 1e6,
         "prediction_note": cost.note,
     }
+
+
+def repredict(result: dict, compute: dict | None = None) -> None:
+    """Set every row's prediction again with today's cost model, from the curves the
+    result kept (`machines`) and its layouts (which must still be on disk): how an
+    improved model does on measurements already made. `compute`: probes by backend
+    whose compute and memory rates replace the kept ones (the run's disk stays)."""
+    machines = {b: Machine.from_dict(d) for b, d in result.get("machines", {}).items()}
+    for backend, probe in (compute or {}).items():
+        if backend in machines:
+            machines[backend] = replace(probe, disk=machines[backend].disk)
+    layouts: dict[str, Layout] = {}
+
+    def opened(path: str) -> Layout:
+        if path not in layouts:
+            layouts[path] = Layout.open(path)
+        return layouts[path]
+
+    for row in result["rows"]:
+        m, info = row.get("metrics"), row.get("spec")
+        machine = machines.get(row["backend"])
+        if not m or not info or machine is None:
+            continue
+        spec = RunSpec.from_dict({**info, "prompt": [], "targets": []})
+        source = opened(spec.predictor_layout or spec.layout)
+        cost = predict(spec, opened(spec.layout), source, machine)
+        m.update(prediction_fields(cost, m["total_ms"], m.get("gb_per_s")))

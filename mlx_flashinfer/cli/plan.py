@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..flash.memory import format_bytes, model_bytes, parse_budget
 from ..model.backends import BACKENDS
+from ..predictors.kinds import PREDICTORS
 from .options import add_cache_option
 
 
@@ -58,6 +59,12 @@ def add_commands(sub) -> None:
         metavar="PCT",
         help="the perplexity loss allowed (default: the trained predictor's own "
         "calibrated loss; 0: exact plans only)",
+    )
+    p.add_argument(
+        "--predictor",
+        choices=PREDICTORS,
+        default=None,
+        help="only the sparse plans of this predictor, whatever its loss",
     )
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--backend", choices=BACKENDS, default=None)
@@ -174,20 +181,42 @@ def cmd_plan(opts) -> int:
         )
     else:
         amount = parse_budget(opts.budget, whole)
-        choice = choose(layout, amount, machine, max_loss=max_loss, max_context=context)
+        choice = choose(
+            layout,
+            amount,
+            machine,
+            max_loss=max_loss,
+            max_context=context,
+            predictor=opts.predictor,
+        )
         print(
             f"plan for {name} at budget {opts.budget} ({format_bytes(amount)} of "
             f"{format_bytes(whole)}), {machine.backend} backend, {machine.cpu}:"
         )
-    print("\n".join(choice_lines(choice)))
+    budget = opts.budget if speed is None else rounded_up(amount)
+    print("\n".join(choice_lines(choice, budget=budget)))
     return 0
 
 
-def choice_lines(choice, alternatives: int = 3) -> list[str]:
+def rounded_up(amount: int) -> str:
+    """A budget as a size to type, rounded up (by under 1%): never less than
+    `amount`."""
+    import math
+
+    for unit, size in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if amount >= size:
+            return f"{math.ceil(100 * amount / size) / 100:g}{unit}"
+    return str(amount)
+
+
+def choice_lines(choice, alternatives: int = 3, *, budget: str = "B") -> list[str]:
     """The chosen plan, the next best ones, those over the allowed loss, and OS
-    paging, each with its predicted cost."""
+    paging, each with its predicted cost; the options that run the choice at
+    `budget`."""
 
     def loss(c) -> str:
+        if c.loss != c.loss:  # NaN: a predictor the user named, never calibrated
+            return "loss not measured"
         return "exact" if c.loss == 0 else f"perplexity {c.loss:+.1%}"
 
     best = choice.best
@@ -229,5 +258,5 @@ def choice_lines(choice, alternatives: int = 3) -> list[str]:
             flags.append(flag if value else f"--no-{key}")
         else:
             flags.append(f"{flag} {value}")
-    lines.append(f"  run it:  --memory-budget B {' '.join(flags)}")
+    lines.append(f"  run it:  --memory-budget {budget} {' '.join(flags)}")
     return lines

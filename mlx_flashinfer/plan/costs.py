@@ -18,7 +18,7 @@ own figures beside them (`flashinfer bench`: `predicted_ms`, `measured_ms`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -28,13 +28,21 @@ from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
 from .disk import throughput_at
-from .machine import CACHED_BYTES, MEMORY_BYTES, Machine
+from .machine import CACHED_BYTES, COLUMNS, MEMORY_BYTES, Machine
 
 # The fixed costs a token pays per layer on the sparse path beyond its products,
 # measured here (NumPy, 2 cores): the window's bookkeeping and the reader's hand-off
 # to its threads, 40-60 us and 100-150 us a layer.
 WINDOW_STEP_S = 50e-6
 READ_CALL_S = 120e-6
+# The reader's own work per read (a run of neighbouring bundles): planning it, the
+# call, landing its rows, on Python threads that share one interpreter lock, so it
+# adds to the disk's time rather than overlapping it. Measured once (Intel Xeon, 2
+# cores, NumPy, 2026-12-06): the compute-only row of a Llama-2-7B-shaped FATReLU
+# layout at 50% (benchmarks/results/plan_llama2-7b-relu_50.json), whose reads are
+# copies from DRAM, spent 819 ms on 42,832 reads per token, 62 ms of it the copies
+# at memory's rate: 18 us a read.
+READ_RUN_S = 18e-6
 # Without window statistics (a predictor trained before they were kept): a window of
 # k >= 1 tokens loads a quarter of the predicted neurons (paper: OPT 10% -> 2.4%) and
 # holds twice them; said in the prediction's note.
@@ -61,10 +69,23 @@ class TokenCost:
     read_size: float = 0.0  # mean bytes a read
     hidden_io_s: float = 0.0  # reads that run behind compute
     note: str = ""
+    # how the reads overlap compute: hidden = min(overlap x reads, overlap_cap_s);
+    # io_fixed_s: the reads' cost that does not scale with the disk's rate
+    overlap: float = 0.0
+    overlap_cap_s: float = 0.0
+    io_fixed_s: float = 0.0
 
     @property
     def total_s(self) -> float:
         return self.io_s + self.memory_s + self.compute_s
+
+    def at_disk_rate(self, bytes_per_s: float) -> TokenCost:
+        """The same token with the disk at `bytes_per_s`, the overlap kept: what the
+        model predicts given the rate a run's reads actually got (a validation
+        that separates the model's error from the disk's drift)."""
+        reads = self.io_fixed_s + self.bytes_read / bytes_per_s
+        hidden = min(self.overlap * reads, self.overlap_cap_s)
+        return replace(self, io_s=reads - hidden, hidden_io_s=hidden)
 
     def line(self) -> str:
         """ "412 ms/token (I/O 105, memory 58, compute 249)"."""
@@ -100,11 +121,15 @@ def resident_products(layout: Layout) -> dict[str, int]:
 
 
 def ffn_kinds(layout: Layout) -> dict[str, int]:
-    """Bytes of one neuron's bundle, by the stored kind of each part."""
+    """Bytes of one neuron's bundle, by the stored kind of each part; the last part
+    (down, fc2) is multiplied as columns ("float16 columns"), at its own rate."""
     out: dict[str, int] = {}
     bits = layout.part_bits if layout.quantization else None
+    last = len(layout.part_bytes) - 1
     for p, nbytes in enumerate(layout.part_bytes):
         kind = f"q{bits[p]}" if bits else layout.dtype
+        if p == last:
+            kind = f"{kind} {COLUMNS}"
         out[kind] = out.get(kind, 0) + nbytes
     return out
 
@@ -113,7 +138,9 @@ def gemv_rate(machine: Machine, kind: str, threads: str, working_set: float) -> 
     """Weight bytes/s of a decode step's products of `kind`: the caches' rate for a
     working set up to CACHED_BYTES, memory's from MEMORY_BYTES, between them
     interpolated in log space."""
-    rates = machine.gemv.get(kind) or machine.gemv["float16"]
+    # a probe made before the columns' rates were kept: the rows' rate
+    rates = machine.gemv.get(kind) or machine.gemv.get(kind.split()[0])
+    rates = rates or machine.gemv["float16"]
     cached = rates.get(f"{threads} cached", rates[threads])
     low, high = math.log(CACHED_BYTES), math.log(MEMORY_BYTES)
     w = min(1.0, max(0.0, (math.log(max(working_set, 1)) - low) / (high - low)))
@@ -178,6 +205,8 @@ def streamed_cost(
         bytes_read=streamed,
         read_size=span if streamed else 0,
         hidden_io_s=hidden,
+        overlap=1.0,
+        overlap_cap_s=compute + memory,
     )
 
 
@@ -294,7 +323,8 @@ def sparse_cost(
     read_size = bytes_read / runs if runs else 0.0
     rate = throughput_at(machine.disk, max(read_size, 512), DEFAULT_THREADS)
     layers = args.num_hidden_layers
-    io = bytes_read / rate + layers * READ_CALL_S if bytes_read else 0.0
+    handling = layers * READ_CALL_S + runs * READ_RUN_S if bytes_read else 0.0
+    io = bytes_read / rate + handling
     kinds = _add(resident_products(layout), ffn_kinds(layout), rows)
     if predictor_bytes:
         kind = "q4" if predictor == "lowbit" else layout.dtype
@@ -302,9 +332,8 @@ def sparse_cost(
     compute = compute_seconds(machine, layout, kinds, "1")
     moved = loaded_total * layout.bundle_bytes  # rows landed, and as many moved
     memory = layers * WINDOW_STEP_S + 2 * moved / machine.memory_bytes_per_s
-    hidden = 0.0
-    if plan.lookahead:  # the next layer's reads behind this layer's compute
-        hidden = min(io, compute) * 0.5
+    overlap = 0.5 if plan.lookahead else 0.0  # the next layer's reads behind
+    hidden = overlap * min(io, compute)  # this layer's compute
     return TokenCost(
         "sparse",
         io - hidden,
@@ -314,4 +343,7 @@ def sparse_cost(
         read_size=read_size,
         hidden_io_s=hidden,
         note=f"statistics: {source}",
+        overlap=overlap,
+        overlap_cap_s=overlap * compute,
+        io_fixed_s=handling,
     )

@@ -35,6 +35,7 @@ from .host import cpu_model
 FORMAT = "mlx-flashinfer-machine"
 VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32", "q4", "q8")
+COLUMNS = "columns"  # gemv["float16 columns"]: the down product's rates
 SIDE = 2048  # GEMV matrices of SIDE x SIDE (8 MB at float16)
 # Matrices cycled: 1 GiB in all reads from memory on any CPU here (the Xeon's L3 is
 # 480 MiB), 32 MiB stays in most caches: a small model's decode step reads at the
@@ -124,9 +125,10 @@ def probe_machine(
     backend = backend or default_backend_name()
     get_backend(backend)  # a missing MLX fails before the disk is written
     disk = probe_disk(directory, backend, progress)
-    compute = {}
+    compute, columns = {}, {}
     for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
         compute[dtype] = product_rates(backend, dtype)
+        columns[f"{dtype} {COLUMNS}"] = product_rates(backend, dtype, columns=True)
     return Machine(
         backend=backend,
         cpu=cpu_model(),
@@ -135,7 +137,8 @@ def probe_machine(
         memory_bytes_per_s=memory_rate(),
         gemv={
             d: {k: v for k, v in r.items() if k != "prompt"} for d, r in compute.items()
-        },
+        }
+        | columns,
         gemm={d: r["prompt"] for d, r in compute.items()},
         layer_s=layer_overhead(backend),
         probed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -245,25 +248,26 @@ def _finite_half(rng, shape) -> np.ndarray:
     return ((bits & np.uint16(0x83FF)) | np.uint16(0x2000)).view(np.float16)
 
 
-def product_rates(backend, dtype: str, seconds: float = 0.25) -> dict:
+def product_rates(
+    backend, dtype: str, seconds: float = 0.25, *, columns: bool = False
+) -> dict:
     """Weight bytes per second of x @ W.T over matrices of `dtype`: one token on one
     thread and on all, with the matrices in the CPU's caches (CACHED_BYTES in all)
-    and from memory (MEMORY_BYTES); PROMPT_TOKENS tokens on all threads."""
+    and from memory (MEMORY_BYTES); PROMPT_TOKENS tokens on all threads.
+    `columns`: one token's x @ W instead, the FFN's down product over neuron
+    columns (`columns_weight`), which some backends run far slower (MLX's CPU
+    float16: 0.35 against 1.0 GB/s here)."""
     B = get_backend(backend)
     rng = np.random.default_rng(0)
     rates = {}
+    prompt = () if columns else (("prompt", PROMPT_TOKENS, None),)
     for size, cells in (
         (MEMORY_BYTES, (("1", 1, 1), ("all", 1, None))),
-        (
-            CACHED_BYTES,
-            (
-                ("1 cached", 1, 1),
-                ("all cached", 1, None),
-                ("prompt", PROMPT_TOKENS, None),
-            ),
-        ),
+        (CACHED_BYTES, (("1 cached", 1, 1), ("all cached", 1, None), *prompt)),
     ):
         weights = [B.weight(w) for w in stored_matrices(dtype, size, rng)]
+        if columns:
+            weights = [B.columns_weight(w) for w in weights]
         nbytes = sum(int(w.nbytes) for w in weights)
         for name, tokens, threads in cells:
             B.limit_compute_threads(threads)

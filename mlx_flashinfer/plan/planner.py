@@ -93,32 +93,39 @@ def calibrated_loss(layout: Layout, predictor: str) -> float | None:
 
 
 def candidates(
-    layout: Layout, budget: int, machine: Machine, max_context: int
+    layout: Layout,
+    budget: int,
+    machine: Machine,
+    max_context: int,
+    predictor: str | None = None,
 ) -> list[Candidate]:
-    """Every plan `budget` allows, with its predicted cost (unordered)."""
+    """Every plan `budget` allows, with its predicted cost (unordered). With
+    `predictor` (the user's choice), only the sparse plans of that predictor: its
+    loss is theirs to allow (NaN where calibration never measured it)."""
     resident, ffn = model_bytes(layout)
     kv_cache = kv_cache_bytes(layout.args, max_context)
     found = []
-    if budget >= resident + ffn:
+    if predictor is None and budget >= resident + ffn:
         found.append(Candidate("dense", dense_cost(layout, machine), 0.0))
-    try:
-        plan = plan_streamed(layout, budget, kv_cache, max_context)
-        found.append(
-            Candidate("streamed", streamed_cost(layout, plan, machine), 0.0, plan)
-        )
-    except ValueError:
-        pass
-    predictors = ["all"]
-    if layout.args.is_relu_family:
-        predictors.append("gate")
-    if trained := trained_kind(layout):
-        predictors.append(trained)
-    for predictor in predictors:
-        loss = calibrated_loss(layout, predictor)
-        if loss is None:
-            continue
-        nbytes = predictor_nbytes(predictor, layout)
-        demand = layer_demand(layout, predictor)
+    if predictor is None:
+        try:
+            plan = plan_streamed(layout, budget, kv_cache, max_context)
+            cost = streamed_cost(layout, plan, machine)
+            found.append(Candidate("streamed", cost, 0.0, plan))
+        except ValueError:
+            pass
+    if predictor is not None:
+        names = [predictor]
+    else:
+        names = ["all"] + (["gate"] if layout.args.is_relu_family else [])
+        names += [trained] if (trained := trained_kind(layout)) else []
+    for name in names:
+        loss = calibrated_loss(layout, name)
+        if loss is None and predictor is None:
+            continue  # unmeasured: only when the user names it
+        loss = float("nan") if loss is None else loss
+        nbytes = predictor_nbytes(name, layout)
+        demand = layer_demand(layout, name)
         for lookahead in (False, True):
             try:
                 plan = plan_memory(
@@ -126,10 +133,10 @@ def candidates(
                 )
             except ValueError:
                 continue
-            for window in WINDOWS if predictor != "all" else (1,):
-                cost = sparse_cost(layout, plan, machine, predictor, window, nbytes)
+            for window in WINDOWS if name != "all" else (1,):
+                cost = sparse_cost(layout, plan, machine, name, window, nbytes)
                 found.append(
-                    Candidate("sparse", cost, loss, plan, predictor, window, lookahead)
+                    Candidate("sparse", cost, loss, plan, name, window, lookahead)
                 )
     return found
 
@@ -141,9 +148,11 @@ def choose(
     *,
     max_loss: float | None = None,
     max_context: int = 4096,
+    predictor: str | None = None,
 ) -> Choice:
     """The fastest plan within the allowed loss (`max_loss`; None: the trained
-    predictor's own calibrated loss, or exact when there is none).
+    predictor's own calibrated loss, or exact when there is none); with
+    `predictor`, the fastest sparse plan of that predictor, whatever its loss.
 
     Raises:
         ValueError: the budget allows no plan (the message names the smallest
@@ -155,9 +164,16 @@ def choose(
         trained = trained_kind(layout)
         max_loss = (calibrated_loss(layout, trained) or 0.0) if trained else 0.0
     found = sorted(
-        candidates(layout, amount, machine, max_context), key=lambda c: c.cost.total_s
+        candidates(layout, amount, machine, max_context, predictor),
+        key=lambda c: c.cost.total_s,
     )
-    allowed = [c for c in found if c.loss <= max_loss + 1e-12]
+    allowed = [c for c in found if predictor or c.loss <= max_loss + 1e-12]
+    if not allowed and predictor:
+        raise ValueError(
+            f"memory budget {budget} allows no sparse plan with the {predictor} "
+            "predictor; `flashinfer inspect MODEL --budget B --predictor "
+            f"{predictor}` shows what it needs"
+        )
     if not allowed:
         raise ValueError(
             f"memory budget {budget} allows no plan: the resident weights alone are "
