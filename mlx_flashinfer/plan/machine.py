@@ -9,7 +9,7 @@ every weight it multiplies once, so its time is bytes / the GEMV rate of their d
 and a flash read's time is bytes / the disk's rate at its read size.
 
 Kept in the cache folder as `machines/<host>-<backend>-dev<N>.json` (N: the disk's
-device number), measured by `flashinfer probe` in about half a minute.
+device number), measured by `flashinfer probe` in under a minute.
 """
 
 from __future__ import annotations
@@ -342,7 +342,7 @@ def machine_here(
     if machine is None:
         print(
             "flashinfer: this machine is not probed yet: measuring it once for the "
-            "planner (about half a minute; `flashinfer probe` re-measures)",
+            "planner (under a minute; `flashinfer probe` re-measures)",
             file=sys.stderr,
         )
         machine = probe_machine(directory, backend, progress)
