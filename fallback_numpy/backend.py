@@ -139,21 +139,28 @@ def rope(x, offset: int, inv_freq: np.ndarray):
     return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention(q, k, v, scale: float, offset: int):
+def attention(q, k, v, scale: float, offset: int, softcap=None, window=None):
     """Causal grouped-query attention.
 
     q: (H, T, hd) for positions offset..offset+T-1; k, v: (KVH, offset+T, hd).
+    softcap: scores become softcap * tanh(scores / softcap) (Gemma 2); window: a
+    query sees only its last `window` keys, itself included (sliding layers).
     Returns (H, T, hd).
     """
     heads, t, hd = q.shape
     groups = heads // k.shape[0]
     qg = q.reshape(k.shape[0], groups * t, hd)  # heads sharing one kv head, batched
     scores = (qg @ k.transpose(0, 2, 1)) * scale  # (KVH, groups*T, S)
+    if softcap:
+        scores = np.tanh(scores * (1 / softcap)) * softcap
     scores = scores.reshape(k.shape[0], groups, t, -1)
-    if t > 1:  # query i sees keys up to offset + i
+    if t > 1 or window:  # query i sees keys up to offset + i (and past the window)
         keys = np.arange(k.shape[1])
         queries = np.arange(offset, offset + t)
-        scores = np.where(keys[None, :] <= queries[:, None], scores, -np.inf)
+        seen = keys[None, :] <= queries[:, None]
+        if window:
+            seen &= keys[None, :] > queries[:, None] - window
+        scores = np.where(seen, scores, -np.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     weights = np.exp(scores)
     weights /= weights.sum(axis=-1, keepdims=True)
@@ -167,6 +174,16 @@ def relu(x):
 
 def silu(x):
     return x * (0.5 + 0.5 * np.tanh(0.5 * x))  # x * sigmoid(x), without exp overflow
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (PyTorch's approximate="tanh"; Gemma's GeGLU)."""
+    inner = np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
+    return np.float32(0.5) * x * (1 + np.tanh(inner))
+
+
+def tanh(x):
+    return np.tanh(x)
 
 
 def above(x, threshold: float):

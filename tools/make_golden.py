@@ -4,10 +4,12 @@ transformers (float32, CPU torch) on the tiny checkpoints of tests/tiny_models.p
 Not part of the project: run it with a separate environment that has torch and
 transformers (see tools/reference_logits.py), from the repository root:
 
-    /path/to/refenv/bin/python tools/make_golden.py
+    /path/to/refenv/bin/python tools/make_golden.py [NAME ...]
 
 It writes tests/golden/NAME.npz (tokens, logits) for every tiny model transformers can
-run (fatrelu and drelu are not transformers activations; backend parity covers them).
+run (fatrelu and drelu are not transformers activations; backend parity covers them),
+or for the NAMEs given (the Llama family's variants: qwen2 qwen3 phi3 gemma2 gemma3).
+Attention runs eager (Gemma 2's soft cap has no fused kernel): the plain math.
 """
 
 import sys
@@ -30,18 +32,22 @@ from tiny_models import (  # noqa: E402
 SKIP = {"llama-fatrelu", "llama-drelu"}
 
 
-def main() -> None:
+def main(names: list[str]) -> None:
     out_dir = ROOT / "tests" / "golden"
     out_dir.mkdir(exist_ok=True)
+    configs = tiny_model_configs()
+    unknown = sorted(set(names) - set(configs))
+    if unknown:
+        sys.exit(f"unknown tiny models {unknown}: expected some of {sorted(configs)}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, config in tiny_model_configs().items():
-            if name in SKIP:
+        for name, config in configs.items():
+            if name in SKIP or (names and name not in names):
                 continue
             src = write_hf_checkpoint(
                 Path(tmp) / name, config, random_weights(config, seed=3)
             )
             model = AutoModelForCausalLM.from_pretrained(
-                src, dtype=torch.float32
+                src, dtype=torch.float32, attn_implementation="eager"
             ).eval()
             with torch.no_grad():
                 logits = model(torch.tensor([TOKENS])).logits[0].numpy()
@@ -50,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

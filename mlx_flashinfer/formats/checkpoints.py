@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
+from .families import fused_splits, is_offset_norm
 from .layout import MANIFEST
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
@@ -63,6 +64,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
                     p + "self_attn.v_proj.bias": (kv,),
                     p + "self_attn.o_proj.bias": (d,),
                 }
+            shapes |= _variant_shapes(args, p)
         return shapes
     e = args.word_embed_proj_dim or d
     shapes = {
@@ -90,6 +92,26 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             p + "fc2.weight": (d, f),
             p + "fc2.bias": (d,),
         }
+    return shapes
+
+
+def _variant_shapes(args: ModelArgs, p: str) -> dict[str, tuple[int, ...]]:
+    """The tensors a Llama-family variant adds to layer `p` (formats/families.py)."""
+    d, hd = args.hidden_size, args.head_dim
+    q, kv = args.num_attention_heads * hd, args.num_key_value_heads * hd
+    shapes = {}
+    if args.qkv_bias:
+        shapes |= {
+            p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.bias": (kv,),
+        }
+    if args.qk_norm:
+        shapes |= {p + "self_attn.q_norm.weight": (hd,)}
+        shapes |= {p + "self_attn.k_norm.weight": (hd,)}
+    if args.sandwich_norms:
+        shapes |= {p + "pre_feedforward_layernorm.weight": (d,)}
+        shapes |= {p + "post_feedforward_layernorm.weight": (d,)}
     return shapes
 
 
@@ -178,6 +200,9 @@ class HFCheckpoint:
         self.shapes = {
             n: tuple(info["shape"]) for n, (_, info, _) in self._where.items()
         }
+        self._split: dict[str, tuple[str, int, int]] = {}
+        self._fused: tuple[str, np.ndarray] | None = None
+        self._split_fused()
         _check_complete(self.shapes, args, path)
         self.shapes = {n: self.shapes[n] for n in expected_shapes(args)}
         divisors = rope_divisors(args)
@@ -204,11 +229,31 @@ class HFCheckpoint:
             )
         return files
 
+    def _split_fused(self) -> None:
+        """Name the parts of fused tensors (Phi-3's qkv_proj, gate_up_proj) as the
+        Llama family's tensors, read as row ranges of the fused one."""
+        for name, shape in list(self.shapes.items()):
+            try:
+                splits = fused_splits(name, shape[0], self.args)
+            except ValueError as err:
+                raise ValueError(f"{self.path}: {err}") from None
+            for part, (lo, hi) in (splits or {}).items():
+                self._split[part] = (name, lo, hi)
+                self.shapes[part] = (hi - lo, *shape[1:])
+
     def tensor(self, name: str) -> np.ndarray:
         if name == "rope_freqs":
             return self._rope_freqs
+        if name in self._split:
+            fused, lo, hi = self._split[name]
+            if self._fused is None or self._fused[0] != fused:  # its parts in a row
+                self._fused = (fused, self.tensor(fused))
+            return self._fused[1][lo:hi]
         file, info, start = self._where[name]
-        return read_tensor(file, info, start).astype(np.float32, copy=False)
+        values = read_tensor(file, info, start).astype(np.float32, copy=False)
+        if self.args.norm_offset and is_offset_norm(name):
+            values = values + np.float32(self.args.norm_offset)
+        return values
 
     def tokenizer(self) -> tuple[dict[str, bytes], dict]:
         """(files to copy into the layout, tokenizer info for the manifest)."""
@@ -418,7 +463,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _canonical(name: str) -> str:
     if name.endswith("rotary_emb.inv_freq"):
         return ""  # recomputed from rope_theta
-    for prefix in ("model.", "decoder."):
+    # Gemma 3's multimodal checkpoints: model.language_model. or language_model.model.
+    for prefix in ("model.", "language_model.", "model.", "decoder."):
         name = name.removeprefix(prefix)
     return name
 

@@ -1,0 +1,185 @@
+"""What differs between the gated (Llama-shaped) families, declared in one place.
+
+Qwen2/2.5, Qwen3, Phi-3 and Gemma 2/3 are the Llama family's decoder with a few
+changes; each is a row of `VARIANTS`: the config keys that become `ModelArgs` fields.
+Their checkpoints' tensors are the Llama names, with two exceptions handled at
+conversion, so the layout and the model stay one family (bundles of gate, up, down):
+
+- fused projections (Phi-3's `qkv_proj` and `gate_up_proj`) are split into the
+  Llama names (`FUSED`);
+- Gemma's RMSNorm multiplies by (1 + weight): the 1 is added to its norms as they are
+  read (`norm_offset`), as llama.cpp's converter does for GGUF.
+
+The runtime reads only `ModelArgs` fields (`qk_norm`, `sandwich_norms`,
+`embed_scale`, soft caps, `layer_types`...), never a family name.
+"""
+
+from __future__ import annotations
+
+# Hugging Face activation names of the gated FFN's gate
+GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _sliding_layers(config: dict) -> dict:
+    """Qwen2/3: sliding-window attention on the layers from `max_window_layers` on,
+    when `use_sliding_window` (off in every released checkpoint)."""
+    if not config.get("use_sliding_window"):
+        return {}
+    first = config.get("max_window_layers", 0)
+    n = config["num_hidden_layers"]
+    return {
+        "sliding_window": config.get("sliding_window"),
+        "layer_types": [LAYER_TYPES[i >= first] for i in range(n)],
+    }
+
+
+def _rope_theta(config: dict, default: float = 10000.0) -> dict:
+    """rope_theta where transformers 5 saves it (`rope_parameters`), if not at the
+    top."""
+    if "rope_theta" in config:
+        return {}
+    rope = config.get("rope_parameters") or {}
+    return {"rope_theta": float(rope.get("rope_theta", default))}
+
+
+def _qwen2(config: dict) -> dict:
+    # biases on q, k, v (not o): always on in Qwen2, whatever the config says
+    return {"qkv_bias": True, **_sliding_layers(config), **_rope_theta(config)}
+
+
+def _qwen3(config: dict) -> dict:
+    return {
+        "qk_norm": True,
+        "attention_bias": config.get("attention_bias", False),
+        **_sliding_layers(config),
+        **_rope_theta(config),
+    }
+
+
+def _phi3(config: dict) -> dict:
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    partial = config.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(
+            f"partial rotary embeddings (partial_rotary_factor {partial}) are not "
+            "supported"
+        )
+    out = _rope_theta(config)
+    window = config.get("sliding_window")
+    if window:  # Phi-3-mini: every layer sees its last 2047 keys
+        out["sliding_window"] = window
+        out["layer_types"] = ["sliding_attention"] * config["num_hidden_layers"]
+    return out
+
+
+def _gemma(config: dict, pattern: int) -> dict:
+    n = config["num_hidden_layers"]
+    types = config.get("layer_types") or [
+        LAYER_TYPES[bool((i + 1) % pattern)] for i in range(n)
+    ]
+    act = config.get("hidden_activation") or config.get("hidden_act")
+    return {
+        "hidden_act": "gelu_tanh" if act in GELU_TANH_NAMES else act,
+        "norm_offset": 1.0,
+        "sandwich_norms": True,
+        "embed_scale": float(config["hidden_size"]) ** 0.5,
+        "query_pre_attn_scalar": config.get("query_pre_attn_scalar", 256),
+        "sliding_window": config.get("sliding_window", 4096),
+        "layer_types": types,
+        "tie_word_embeddings": config.get("tie_word_embeddings", True),
+    }
+
+
+def _gemma2(config: dict) -> dict:
+    return {
+        **_gemma(config, pattern=2),
+        "attn_logit_softcapping": config.get("attn_logit_softcapping", 50.0),
+        "final_logit_softcapping": config.get("final_logit_softcapping", 30.0),
+        **_rope_theta(config),
+    }
+
+
+def _gemma3(config: dict) -> dict:
+    pattern = config.get("sliding_window_pattern", 6)
+    out = {**_gemma(config, pattern), "qk_norm": True}
+    rope = config.get("rope_parameters") or {}
+    local = config.get("rope_local_base_freq")
+    if local is None:
+        local = (rope.get("sliding_attention") or {}).get("rope_theta", 10000.0)
+    out["rope_local_theta"] = float(local)
+    out["attn_logit_softcapping"] = config.get("attn_logit_softcapping")
+    out["final_logit_softcapping"] = config.get("final_logit_softcapping")
+    if "rope_theta" not in config:
+        glob = (rope.get("full_attention") or {}).get("rope_theta", 1_000_000.0)
+        out["rope_theta"] = float(glob)
+    return out
+
+
+# model_type -> the config keys that make its ModelArgs fields (beyond Llama's)
+VARIANTS = {
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "phi3": _phi3,
+    "gemma2": _gemma2,
+    "gemma3_text": _gemma3,
+}
+
+
+def text_config(config: dict) -> dict:
+    """The text model's config of a multimodal checkpoint (Gemma 3 4B and up:
+    model_type "gemma3" with a `text_config`), else `config` itself."""
+    if config.get("model_type") == "gemma3" and isinstance(
+        config.get("text_config"), dict
+    ):
+        text = dict(config["text_config"])
+        text.setdefault("model_type", "gemma3_text")
+        for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings"):
+            if key in config:
+                text.setdefault(key, config[key])
+        text.setdefault("vocab_size", 262_208)
+        text.setdefault("max_position_embeddings", 131_072)
+        return text
+    return config
+
+
+# fused tensor (Llama-family name of its layer) -> the parts it stacks, in order
+FUSED = {
+    "self_attn.qkv_proj.weight": (
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+    ),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+
+def fused_splits(name: str, rows: int, args) -> dict[str, tuple[int, int]] | None:
+    """The row ranges (start, stop) of each part of the fused tensor `name`
+    (canonical, `layers.{i}.` first) of `rows` rows, None if it is not fused.
+
+    Raises:
+        ValueError: its rows do not add up to its parts'.
+    """
+    prefix, _, rest = name.partition(".")[2].partition(".")
+    parts = FUSED.get(rest)
+    if parts is None:
+        return None
+    q = args.num_attention_heads * args.head_dim
+    kv = args.num_key_value_heads * args.head_dim
+    sizes = (q, kv, kv) if len(parts) == 3 else (args.intermediate_size,) * 2
+    if sum(sizes) != rows:
+        raise ValueError(
+            f"fused tensor {name} has {rows} rows, expected {sum(sizes)} "
+            f"({' + '.join(map(str, sizes))})"
+        )
+    out, start = {}, 0
+    for part, size in zip(parts, sizes, strict=True):
+        out[f"layers.{prefix}.{part}"] = (start, start + size)
+        start += size
+    return out
+
+
+def is_offset_norm(name: str) -> bool:
+    """Whether `name` is an RMSNorm weight (those Gemma offsets by 1)."""
+    return name.endswith(("norm.weight", "layernorm.weight"))
