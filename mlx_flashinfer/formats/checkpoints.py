@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
-from .families import fused_splits, is_offset_norm
+from .families import fused_splits, is_offset_norm, variant_shapes
 from .layout import MANIFEST
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
@@ -64,7 +64,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
                     p + "self_attn.v_proj.bias": (kv,),
                     p + "self_attn.o_proj.bias": (d,),
                 }
-            shapes |= _variant_shapes(args, p)
+            shapes |= variant_shapes(args, p)
         return shapes
     e = args.word_embed_proj_dim or d
     shapes = {
@@ -92,26 +92,6 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             p + "fc2.weight": (d, f),
             p + "fc2.bias": (d,),
         }
-    return shapes
-
-
-def _variant_shapes(args: ModelArgs, p: str) -> dict[str, tuple[int, ...]]:
-    """The tensors a Llama-family variant adds to layer `p` (formats/families.py)."""
-    d, hd = args.hidden_size, args.head_dim
-    q, kv = args.num_attention_heads * hd, args.num_key_value_heads * hd
-    shapes = {}
-    if args.qkv_bias:
-        shapes |= {
-            p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.bias": (kv,),
-        }
-    if args.qk_norm:
-        shapes |= {p + "self_attn.q_norm.weight": (hd,)}
-        shapes |= {p + "self_attn.k_norm.weight": (hd,)}
-    if args.sandwich_norms:
-        shapes |= {p + "pre_feedforward_layernorm.weight": (d,)}
-        shapes |= {p + "post_feedforward_layernorm.weight": (d,)}
     return shapes
 
 

@@ -143,6 +143,26 @@ def text_config(config: dict) -> dict:
     return config
 
 
+def variant_shapes(args, p: str) -> dict[str, tuple[int, ...]]:
+    """The tensors a variant adds to layer `p` ("layers.{i}."), name -> shape."""
+    d, hd = args.hidden_size, args.head_dim
+    q, kv = args.num_attention_heads * hd, args.num_key_value_heads * hd
+    shapes = {}
+    if args.qkv_bias:
+        shapes |= {
+            p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.bias": (kv,),
+        }
+    if args.qk_norm:
+        shapes |= {p + "self_attn.q_norm.weight": (hd,)}
+        shapes |= {p + "self_attn.k_norm.weight": (hd,)}
+    if args.sandwich_norms:
+        shapes |= {p + "pre_feedforward_layernorm.weight": (d,)}
+        shapes |= {p + "post_feedforward_layernorm.weight": (d,)}
+    return shapes
+
+
 # fused tensor (Llama-family name of its layer) -> the parts it stacks, in order
 FUSED = {
     "self_attn.qkv_proj.weight": (

@@ -70,11 +70,11 @@ def silu_magnitude(gate: np.ndarray) -> np.ndarray:
     return np.abs(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)))
 
 
-def gate_magnitude(args: ModelArgs, gate: np.ndarray) -> np.ndarray:
-    """|act(gate)| of NumPy pre-activations for a smooth gated activation (SiLU, or
-    Gemma's GeGLU): what the gate predictor thresholds and, with |up|, the size of
-    a neuron's activation."""
-    if args.hidden_act == "gelu_tanh":
+def gate_magnitude(act: str, gate: np.ndarray) -> np.ndarray:
+    """|act(gate)| of NumPy pre-activations for a smooth gated activation `act`
+    (silu, or Gemma's GeGLU gelu_tanh): what the gate predictor thresholds and, with
+    |up|, the size of a neuron's activation."""
+    if act == "gelu_tanh":
         return np.abs(gelu_tanh_numpy(gate))
     return silu_magnitude(gate)
 
