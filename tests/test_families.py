@@ -127,6 +127,20 @@ def test_gemma_norms_are_stored_with_their_offset(sources):
     np.testing.assert_array_equal(src.tensor(q), raw["model." + q])
 
 
+def test_a_multimodal_gemma3_converts_its_text_model(tmp_path):
+    """Gemma 3 4B and up: the text model's config nested, its tensors under
+    language_model. (vision tensors beside them are left out)."""
+    text = family_configs()["gemma3"]
+    config = {"model_type": "gemma3", "text_config": text, "eos_token_id": [2]}
+    weights = random_weights(text, seed=3, prefix="language_model.model.")
+    weights["vision_tower.patch_embedding.weight"] = np.ones((4, 3), np.float32)
+    src = write_hf_checkpoint(tmp_path / "src", config, weights)
+    layout = convert(src, tmp_path / "layout", dtype="float32", progress=False)
+    expected = np.load(GOLDEN / "gemma3.npz")
+    got = load(layout, backend="numpy")[0].logits(expected["tokens"].tolist())
+    assert np.abs(got - expected["logits"]).max() <= 1e-3
+
+
 def test_variant_args_from_their_configs():
     configs = family_configs()
     qwen2 = ModelArgs.from_hf_config(configs["qwen2"])
@@ -143,6 +157,10 @@ def test_variant_args_from_their_configs():
     # a multimodal Gemma 3's config: its text model
     nested = {"model_type": "gemma3", "text_config": configs["gemma3"]}
     assert ModelArgs.from_hf_config(nested) == gemma3
+    few = {"hidden_size": 2560, "intermediate_size": 10240, "num_hidden_layers": 34}
+    big = ModelArgs.from_hf_config({"model_type": "gemma3", "text_config": few})
+    assert (big.head_dim, big.num_key_value_heads, big.vocab_size) == (256, 4, 262208)
+    assert big.layer_types[4:6] == ["sliding_attention", "full_attention"]
 
 
 @pytest.mark.parametrize("name", ["phi3", "gemma2"])

@@ -126,21 +126,31 @@ VARIANTS = {
 }
 
 
+# Gemma3TextConfig's defaults: a multimodal checkpoint's text_config states few keys
+GEMMA3_TEXT_DEFAULTS = {
+    "model_type": "gemma3_text",
+    "vocab_size": 262_208,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 131_072,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1_000_000.0,
+    "rope_local_base_freq": 10_000.0,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 4096,
+}
+
+
 def text_config(config: dict) -> dict:
     """The text model's config of a multimodal checkpoint (Gemma 3 4B and up:
     model_type "gemma3" with a `text_config`), else `config` itself."""
-    if config.get("model_type") == "gemma3" and isinstance(
-        config.get("text_config"), dict
-    ):
-        text = dict(config["text_config"])
-        text.setdefault("model_type", "gemma3_text")
-        for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings"):
-            if key in config:
-                text.setdefault(key, config[key])
-        text.setdefault("vocab_size", 262_208)
-        text.setdefault("max_position_embeddings", 131_072)
-        return text
-    return config
+    text = config.get("text_config")
+    if config.get("model_type") != "gemma3" or not isinstance(text, dict):
+        return config
+    top = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
+    return GEMMA3_TEXT_DEFAULTS | top | text
 
 
 def variant_shapes(args, p: str) -> dict[str, tuple[int, ...]]:
