@@ -270,3 +270,65 @@ def test_geglu_low_bit_scores_use_gelu(gemma_trained, backend):
     expected = np.abs(gelu_tanh_numpy(y[:, :n]) * y[:, n:]) * predictor.down_norms[0]
     np.testing.assert_allclose(predictor.scores(0, h), expected, rtol=1e-5)
     assert np.isfinite(flash.logits(TOKENS, prefill=3)).all()
+
+
+# -- GGUF ---------------------------------------------------------------------------
+
+# what llama.cpp fixes rather than stores (families.gguf_config), set alike in the
+# Hugging Face checkpoint the GGUF is compared with
+GGUF_FIXED = {
+    "gemma2": {"query_pre_attn_scalar": 8},
+    "gemma3": {
+        "query_pre_attn_scalar": 8,
+        "rope_local_base_freq": 10000.0,
+        "layer_types": None,  # five sliding layers to one global: both sliding here
+    },
+}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_variants_gguf_converts_as_its_checkpoint(name, tmp_path):
+    """A GGUF written as llama.cpp writes the variant (q/k not permuted, Gemma's
+    norms with their 1 added, Phi-3's fused tensors) gives the logits of the same
+    weights from a Hugging Face folder, which equal transformers'."""
+    from family_gguf import write_family_gguf
+
+    config = family_configs()[name] | {"vocab_size": 300} | GGUF_FIXED.get(name, {})
+    weights = random_weights(config, seed=3)
+    hf = write_hf_checkpoint(tmp_path / "hf", config, weights)
+    gguf = write_family_gguf(tmp_path / f"{name}.gguf", config, weights)
+    expected = load(convert(hf, tmp_path / "a", dtype="float32", progress=False))[0]
+    layout = convert(gguf, tmp_path / "b", dtype="float32", progress=False)
+    got = load(layout, backend="numpy")[0]
+    assert got.args.model_type == expected.args.model_type
+    tokens = [1, 5, 290, 3, 22, 17, 4, 30, 2, 211, 39, 0]
+    np.testing.assert_allclose(
+        got.logits(tokens), expected.logits(tokens), atol=1e-5, rtol=0
+    )
+
+
+def test_fused_q8_0_blocks_are_taken_unchanged(tmp_path):
+    """Phi-3's fused qkv and gate/up in Q8_0: each part is whole rows of the fused
+    tensor's blocks, taken without a second rounding in a q8 layout."""
+    import gguf as gg
+    from family_gguf import write_family_gguf
+
+    config = family_configs()["phi3"] | {
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+    }
+    weights = random_weights(config, seed=3)
+    q8_0 = gg.GGMLQuantizationType.Q8_0
+    src = write_family_gguf(tmp_path / "q.gguf", config, weights, qtype=q8_0)
+    f32 = write_family_gguf(tmp_path / "f.gguf", config, weights)
+    layout = convert(src, tmp_path / "q8", dtype="q8", progress=False)
+    record = Layout.open(layout).manifest["quantization"]
+    # embeddings, lm_head; per layer q, k, v, o, gate, up (down: along d_model)
+    assert record["exact_from_source"] == 2 + 6 * config["num_hidden_layers"]
+    assert record["requantized_from_source"] == ["mlp.down_proj.weight"]
+    exact = convert(f32, tmp_path / "f32", dtype="float32", progress=False)
+    tokens = [1, 5, 290, 3, 22, 17]
+    expected = load(exact, backend="numpy")[0].logits(tokens)
+    got = load(layout, backend="numpy")[0].logits(tokens)
+    assert np.abs(got - expected).max() < 0.05 * np.abs(expected).max()

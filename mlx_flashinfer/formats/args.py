@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from .families import LAYER_TYPES, VARIANTS, text_config
+from .families import GGUF_LAYER_NAMES, LAYER_TYPES, VARIANTS, gguf_config, text_config
 
 LLAMA_TYPES = ("llama", "mistral")
 FAMILIES = ("llama", "opt")
@@ -238,9 +238,12 @@ class ModelArgs:
     @classmethod
     def _from_gguf_metadata(cls, meta: dict) -> ModelArgs:
         arch = meta.get("general.architecture")
+        if arch in GGUF_LAYER_NAMES:  # the variants (formats/families.py)
+            return cls._from_hf_config(gguf_config(meta))
         if arch not in LLAMA_TYPES:
             raise ValueError(
-                f"unsupported GGUF architecture {arch!r}: supported are {LLAMA_TYPES}"
+                f"unsupported GGUF architecture {arch!r}: supported are "
+                f"{LLAMA_TYPES + tuple(GGUF_LAYER_NAMES)}"
             )
 
         def key(name, default=None):

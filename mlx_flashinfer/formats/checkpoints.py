@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
-from .families import fused_splits, is_offset_norm, variant_shapes
+from .families import GGUF_LAYER_NAMES, FusedParts, is_offset_norm, variant_shapes
 from .layout import MANIFEST
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
@@ -149,7 +149,7 @@ def _check_complete(shapes: dict, args: ModelArgs, where: Path) -> None:
             )
 
 
-class HFCheckpoint:
+class HFCheckpoint(FusedParts):
     """A Hugging Face directory: config.json, one or more *.safetensors, tokenizer
     files."""
 
@@ -180,9 +180,7 @@ class HFCheckpoint:
         self.shapes = {
             n: tuple(info["shape"]) for n, (_, info, _) in self._where.items()
         }
-        self._split: dict[str, tuple[str, int, int]] = {}
-        self._fused: tuple[str, np.ndarray] | None = None
-        self._split_fused()
+        self._name_parts()
         _check_complete(self.shapes, args, path)
         self.shapes = {n: self.shapes[n] for n in expected_shapes(args)}
         divisors = rope_divisors(args)
@@ -209,26 +207,11 @@ class HFCheckpoint:
             )
         return files
 
-    def _split_fused(self) -> None:
-        """Name the parts of fused tensors (Phi-3's qkv_proj, gate_up_proj) as the
-        Llama family's tensors, read as row ranges of the fused one."""
-        for name, shape in list(self.shapes.items()):
-            try:
-                splits = fused_splits(name, shape[0], self.args)
-            except ValueError as err:
-                raise ValueError(f"{self.path}: {err}") from None
-            for part, (lo, hi) in (splits or {}).items():
-                self._split[part] = (name, lo, hi)
-                self.shapes[part] = (hi - lo, *shape[1:])
-
     def tensor(self, name: str) -> np.ndarray:
         if name == "rope_freqs":
             return self._rope_freqs
         if name in self._split:
-            fused, lo, hi = self._split[name]
-            if self._fused is None or self._fused[0] != fused:  # its parts in a row
-                self._fused = (fused, self.tensor(fused))
-            return self._fused[1][lo:hi]
+            return self._part(name)
         file, info, start = self._where[name]
         values = read_tensor(file, info, start).astype(np.float32, copy=False)
         if self.args.norm_offset and is_offset_norm(name):
@@ -268,8 +251,9 @@ class HFCheckpoint:
         return files, info
 
 
-class GGUFCheckpoint:
-    """A GGUF file (Llama architecture), dequantized tensor by tensor."""
+class GGUFCheckpoint(FusedParts):
+    """A GGUF file (Llama architecture and its variants), dequantized tensor by
+    tensor."""
 
     kind = "gguf"
     group_size = GGUF_BLOCK  # a quantized layout's default: the blocks' own
@@ -320,14 +304,20 @@ class GGUFCheckpoint:
                 raise ValueError(f"{path}: unsupported tensor {t.name}")
             self._tensors[name] = t
         args.tie_word_embeddings = "lm_head.weight" not in self._tensors
-        args.attention_bias = "layers.0.self_attn.q_proj.bias" in self._tensors
+        if args.model_type is None:  # a variant says which biases it has
+            args.attention_bias = "layers.0.self_attn.q_proj.bias" in self._tensors
         self.args = args
         # GGUF lists dims innermost first; NumPy (and Hugging Face) outermost first
         self.shapes = {
             n: tuple(int(x) for x in reversed(t.shape))
             for n, t in self._tensors.items()
         }
+        self._name_parts()
         _check_complete(self.shapes, args, path)
+        divisors = rope_divisors(args)
+        if "rope_freqs" not in self.shapes and divisors is not None:
+            self._rope_freqs = divisors  # llama.cpp scales from the metadata
+            self.shapes["rope_freqs"] = divisors.shape
         keep = list(expected_shapes(args)) + (
             ["rope_freqs"] if "rope_freqs" in self.shapes else []
         )
@@ -336,16 +326,22 @@ class GGUFCheckpoint:
     def _canonical(self, name: str) -> str | None:
         if name in self._NAMES:
             return self._NAMES[name]
+        arch = self.meta.get("general.architecture")
+        names = self._LAYER_NAMES | GGUF_LAYER_NAMES.get(arch, {})
         parts = name.split(".", 2)
-        if parts[0] == "blk" and len(parts) == 3 and parts[2] in self._LAYER_NAMES:
-            return f"layers.{parts[1]}.{self._LAYER_NAMES[parts[2]]}"
+        if parts[0] == "blk" and len(parts) == 3 and parts[2] in names:
+            return f"layers.{parts[1]}.{names[parts[2]]}"
         return None
 
     def tensor(self, name: str) -> np.ndarray:
         import gguf
 
+        if name in self._split:
+            return self._part(name)
+        if name not in self._tensors:  # rope_freqs from the metadata
+            return self._rope_freqs
         t = self._tensors[name]
-        shape = self.shapes[name]
+        shape = tuple(int(x) for x in reversed(t.shape))  # a fused one's too
         data = t.data.reshape(shape[0], -1) if len(shape) > 1 else t.data
         values = np.empty(shape, dtype=np.float32)
         try:
@@ -360,8 +356,10 @@ class GGUFCheckpoint:
                 f"{self.path}: tensor {t.tensor_type.name} quantization of {t.name} "
                 "is not supported"
             ) from None
-        # llama.cpp permutes q/k rows for its interleaved RoPE; undo it for the HF
-        # layout
+        # llama.cpp permutes q/k rows for its interleaved RoPE (of its Llama models
+        # only); undo it for the HF layout
+        if self.args.model_type is not None:
+            return values
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             values = _unpermute(values, self.args.num_attention_heads)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -371,6 +369,7 @@ class GGUFCheckpoint:
     def native_bits(self, name: str, group_size: int) -> int | None:
         """Bits of `name` when its GGUF blocks are a quantized layout's format at
         `group_size` (Q4_0, Q4_1: 4; Q8_0: 8; group size 32), else None."""
+        name = self._split.get(name, (name,))[0]  # a fused tensor's part: its blocks
         kind = self._tensors[name].tensor_type.name
         if kind in GGUF_TYPES and group_size == GGUF_BLOCK:
             return GGUF_TYPES[kind][0]
@@ -379,14 +378,17 @@ class GGUFCheckpoint:
     def native_quantized(self, name: str) -> tuple[np.ndarray, ...]:
         """(packed, scales, biases) of `name` from its blocks, values unchanged
         (see `native_bits`); q/k rows unpermuted like `tensor`'s."""
+        if name in self._split:  # whole rows of the fused tensor's blocks
+            fused, lo, hi = self._split[name]
+            return tuple(f[lo:hi] for f in self.native_quantized(fused))
         t = self._tensors[name]
-        rows = self.shapes[name][0]
+        rows = int(t.shape[-1])
         fields = from_gguf_blocks(t.data.reshape(rows, -1), t.tensor_type.name)
         heads = {
             "q_proj.weight": self.args.num_attention_heads,
             "k_proj.weight": self.args.num_key_value_heads,
         }.get(name.rsplit(".", 2)[-2] + ".weight")
-        if heads:  # a permutation of whole rows: the blocks move with them
+        if heads and self.args.model_type is None:  # whole rows: blocks move along
             fields = tuple(_unpermute(f, heads) for f in fields)
         return fields
 

@@ -16,6 +16,8 @@ The runtime reads only `ModelArgs` fields (`qk_norm`, `sandwich_norms`,
 
 from __future__ import annotations
 
+import numpy as np
+
 # Hugging Face activation names of the gated FFN's gate
 GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -78,7 +80,9 @@ def _gemma(config: dict, pattern: int) -> dict:
     types = config.get("layer_types") or [
         LAYER_TYPES[bool((i + 1) % pattern)] for i in range(n)
     ]
-    act = config.get("hidden_activation") or config.get("hidden_act")
+    act = config.get("hidden_activation") or config.get(
+        "hidden_act", GELU_TANH_NAMES[0]
+    )
     return {
         "hidden_act": "gelu_tanh" if act in GELU_TANH_NAMES else act,
         "norm_offset": 1.0,
@@ -213,3 +217,116 @@ def fused_splits(name: str, rows: int, args) -> dict[str, tuple[int, int]] | Non
 def is_offset_norm(name: str) -> bool:
     """Whether `name` is an RMSNorm weight (those Gemma offsets by 1)."""
     return name.endswith(("norm.weight", "layernorm.weight"))
+
+
+def fused_parts(shapes: dict, args) -> dict[str, tuple[str, int, int]]:
+    """Every part of the fused tensors among `shapes` (canonical name -> shape):
+    part name -> (fused name, first row, end row).
+
+    Raises:
+        ValueError: a fused tensor's rows do not add up to its parts'.
+    """
+    out = {}
+    for name, shape in shapes.items():
+        for part, (lo, hi) in (fused_splits(name, shape[0], args) or {}).items():
+            out[part] = (name, lo, hi)
+    return out
+
+
+class FusedParts:
+    """A checkpoint's fused tensors' parts (Phi-3's qkv_proj, gate_up_proj) named as
+    the Llama family's tensors, read as row ranges of the fused one; the checkpoint
+    (formats/checkpoints.py) has `path`, `args`, `shapes` and `tensor`."""
+
+    def _name_parts(self) -> None:
+        try:
+            self._split = fused_parts(self.shapes, self.args)
+        except ValueError as err:
+            raise ValueError(f"{self.path}: {err}") from None
+        self._fused: tuple[str, np.ndarray] | None = None
+        for part, (fused, lo, hi) in self._split.items():
+            self.shapes[part] = (hi - lo, *self.shapes[fused][1:])
+
+    def _part(self, name: str) -> np.ndarray:
+        fused, lo, hi = self._split[name]
+        if self._fused is None or self._fused[0] != fused:  # its parts come in a row
+            self._fused = (fused, self.tensor(fused))
+        return self._fused[1][lo:hi]
+
+
+# -- GGUF: the variants as llama.cpp's converter writes them ----------------------
+# Not permuted for llama.cpp's interleaved RoPE (only its Llama models are); Gemma's
+# norms stored with their 1 added; Phi-3's fused tensors kept fused.
+
+# GGUF architecture -> its layer tensor names that are not the Llama ones
+_GEMMA_GGUF_NAMES = {
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
+}
+_QK_NORM_GGUF_NAMES = {
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+GGUF_LAYER_NAMES = {
+    "qwen2": {},
+    "qwen3": _QK_NORM_GGUF_NAMES,
+    "phi3": {
+        "attn_qkv.weight": "self_attn.qkv_proj.weight",
+        "ffn_up.weight": "mlp.gate_up_proj.weight",
+    },
+    "gemma2": _GEMMA_GGUF_NAMES,
+    "gemma3": _GEMMA_GGUF_NAMES | _QK_NORM_GGUF_NAMES,
+}
+
+
+def gguf_config(meta: dict) -> dict:
+    """A config.json of a variant's GGUF metadata (`GGUF_LAYER_NAMES`' archs), with
+    what llama.cpp fixes rather than stores: Gemma 3's local RoPE base (10000) and
+    its pattern of five sliding layers to one global; Gemma's attention scale
+    (head_dim, or d_model / heads for the 27B sizes, as llama.cpp)."""
+    arch = meta["general.architecture"]
+
+    def key(name, default=None):
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{name}")
+        return value
+
+    heads = int(key("attention.head_count"))
+    config = {
+        "model_type": "gemma3_text" if arch == "gemma3" else arch,
+        "hidden_size": int(key("embedding_length")),
+        "num_hidden_layers": int(key("block_count")),
+        "intermediate_size": int(key("feed_forward_length")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(key("attention.head_count_kv", heads)),
+        "vocab_size": int(
+            meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
+        ),
+        "max_position_embeddings": int(key("context_length", 4096)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    }
+    head_dim = meta.get(f"{arch}.attention.key_length")
+    config["head_dim"] = int(head_dim or config["hidden_size"] // heads)
+    if arch == "phi3":
+        rotary = meta.get(f"{arch}.rope.dimension_count", config["head_dim"])
+        config["partial_rotary_factor"] = int(rotary) / config["head_dim"]
+    if meta.get(f"{arch}.attention.sliding_window"):
+        config["sliding_window"] = int(meta[f"{arch}.attention.sliding_window"])
+    if arch.startswith("gemma"):
+        config["hidden_activation"] = GELU_TANH_NAMES[0]
+        big = config["num_hidden_layers"] == (62 if arch == "gemma3" else 46)
+        scalar = config["hidden_size"] // heads if big else config["head_dim"]
+        config["query_pre_attn_scalar"] = scalar
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            config[cap] = meta.get(f"{arch}.{cap}")
+    if arch == "gemma3":
+        config["rope_local_base_freq"] = 10000.0
+        if meta.get(f"{arch}.rope.scaling.type") == "linear":
+            factor = float(key("rope.scaling.factor"))
+            config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    return config
