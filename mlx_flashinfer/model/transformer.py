@@ -233,12 +233,20 @@ class Model:
         if "rope_freqs" in weights:
             inv_freq = inv_freq / backend.to_numpy(weights["rope_freqs"])
         self.inv_freq = inv_freq.astype(np.float32)
-        # Gemma 3: sliding layers rotate with their own base, never scaled
-        self.local_inv_freq = self.inv_freq
+        # per layer (by its tensors' prefix): the keys a sliding layer sees, and its
+        # RoPE (Gemma 3's sliding layers rotate with their own base, never scaled)
+        local_inv_freq = self.inv_freq
         if args.rope_local_theta:
-            local = args.rope_local_theta
             steps = np.arange(0, args.head_dim, 2) / args.head_dim
-            self.local_inv_freq = (local**-steps).astype(np.float32)
+            local_inv_freq = (args.rope_local_theta**-steps).astype(np.float32)
+        layers = range(args.num_hidden_layers)
+        sliding = {f"layers.{i}.": args.is_sliding(i) for i in layers}
+        self.window = {
+            p: args.sliding_window if s else None for p, s in sliding.items()
+        }
+        self.rope_freqs = {
+            p: local_inv_freq if s else self.inv_freq for p, s in sliding.items()
+        }
 
     def make_cache(self) -> list[KVCache]:
         """A fresh KV cache (and, on flash, fresh neuron windows) for a new sequence."""
@@ -358,11 +366,9 @@ class Model:
         if a.qk_norm:  # Qwen3, Gemma 3: per head, before RoPE
             q = B.rms_norm(q, w[p + "self_attn.q_norm.weight"], a.norm_eps)
             k = B.rms_norm(k, w[p + "self_attn.k_norm.weight"], a.norm_eps)
-        sliding = a.is_sliding(int(p.split(".")[1]))
         if a.family == "llama":
-            inv_freq = self.local_inv_freq if sliding else self.inv_freq
-            q = B.rope(q, offset, inv_freq)
-            k = B.rope(k, offset, inv_freq)
+            q = B.rope(q, offset, self.rope_freqs[p])
+            k = B.rope(k, offset, self.rope_freqs[p])
         keys, values = cache.update_and_fetch(k, v)
         out = B.attention(
             q,
@@ -371,7 +377,7 @@ class Model:
             self.scale,
             offset,
             softcap=a.attn_logit_softcapping,
-            window=a.sliding_window if sliding else None,
+            window=self.window[p],
         )
         out = out.transpose(1, 0, 2).reshape(t, a.num_attention_heads * hd)
         return B.linear(out, w[p + out_name + ".weight"], w.get(p + out_name + ".bias"))
