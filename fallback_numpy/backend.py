@@ -128,15 +128,16 @@ def layer_norm(x, weight, bias, eps: float):
 def rope(x, offset: int, inv_freq: np.ndarray):
     """Rotary embedding, Hugging Face "rotate half" convention.
 
-    x: (heads, T, head_dim), positions offset .. offset+T-1; inv_freq: (head_dim/2,).
+    x: (heads, T, head_dim), positions offset .. offset+T-1; inv_freq: (rotated/2,),
+    rotating the first `rotated` dims of each head (all but with partial rotary).
     """
     positions = np.arange(offset, offset + x.shape[1], dtype=np.float32)
     angles = positions[:, None] * inv_freq[None, :].astype(np.float32)  # (T, hd/2)
     cos = np.cos(angles)
     sin = np.sin(angles)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    half = inv_freq.shape[0]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
 def attention(q, k, v, scale: float, offset: int, softcap=None, window=None):

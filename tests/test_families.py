@@ -11,6 +11,7 @@ from tiny_models import (
     TOKENS,
     family_configs,
     has_mlx,
+    longrope_configs,
     random_weights,
     tiny_config,
     write_hf_checkpoint,
@@ -96,6 +97,24 @@ def test_flash_at_a_small_budget_runs(layouts, backend, name):
     np.testing.assert_allclose(
         got[:3], dense.logits(TOKENS, prefill=3)[:3], atol=1e-4, rtol=0
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_longrope_with_partial_rotary_equals_transformers(tmp_path, backend):
+    """Phi-3.5 / Phi-4-mini: LongRoPE's short factors for a context within the
+    pretraining one, its long factors past it (transformers' choice for a sequence
+    that long), on the rotated half of each head; flash with every neuron too."""
+    config = longrope_configs()["phi3-longrope"]
+    src = write_hf_checkpoint(tmp_path / "src", config, random_weights(config, 3))
+    layout = convert(src, tmp_path / "layout", dtype="float32", progress=False)
+    expected = np.load(GOLDEN / "longrope" / "phi3-longrope.npz")
+    short, _ = load(layout, backend=backend, max_context=32)
+    got = short.logits(expected["tokens"].tolist())
+    assert np.abs(got - expected["logits"]).max() <= 1e-3
+    flash, _ = load(layout, backend=backend, memory_budget="200%", predictor="all")
+    assert flash.max_context == 64  # past 32: the long factors
+    got = flash.logits(expected["tokens_long"].tolist(), prefill=20)
+    assert np.abs(got - expected["logits_long"]).max() <= 1e-3
 
 
 # -- conversion -------------------------------------------------------------------
@@ -184,8 +203,8 @@ def test_q8_layouts_of_the_variants(name, tmp_path):
     "change, says",
     [
         (
-            {"model_type": "phi3", "partial_rotary_factor": 0.75},
-            "partial rotary embeddings (partial_rotary_factor 0.75) are not supported",
+            {"model_type": "phi3", "partial_rotary_factor": 0.25},
+            "partial_rotary_factor 0.25 of head_dim 4 does not give an even number",
         ),
         (
             {"model_type": "gemma2", "layer_types": ["full_attention"]},

@@ -221,6 +221,23 @@ def random_weights(config: dict, seed: int = 0, prefix: str = "model.") -> dict:
     return _variant_weights(config, out, rng, prefix)
 
 
+def longrope_configs() -> dict[str, dict]:
+    """Phi-3.5 / Phi-4-mini shaped: LongRoPE (short factors within the pretraining
+    context of 32, long ones past it) on half of each head (partial rotary). Their
+    golden logits (tests/golden/longrope/) hold a run past that context too."""
+    config = family_configs()["phi3"] | {
+        "hidden_size": 32,
+        "original_max_position_embeddings": 32,
+        "partial_rotary_factor": 0.5,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": [1.1, 2.0],
+            "long_factor": [1.5, 4.0],
+        },
+    }
+    return {"phi3-longrope": config}
+
+
 def _variant_weights(config: dict, out: dict, rng, prefix: str) -> dict:
     """Llama-named weights made into a variant's (family_configs): added biases and
     norms, fused projections."""

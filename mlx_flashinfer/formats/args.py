@@ -72,6 +72,7 @@ class ModelArgs:
     sliding_window: int | None = None  # keys a sliding_attention layer sees
     layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_..."
     rope_local_theta: float | None = None  # Gemma 3: sliding layers' RoPE base
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE on the first 3/4 of a head
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -112,6 +113,12 @@ class ModelArgs:
             )
 
     def _check_variant(self) -> None:
+        rotary = self.head_dim * self.partial_rotary_factor
+        if not 0 < self.partial_rotary_factor <= 1 or rotary % 2:
+            raise ValueError(
+                f"partial_rotary_factor {self.partial_rotary_factor} of head_dim "
+                f"{self.head_dim} does not give an even number of rotated dims"
+            )
         if self.layer_types is None:
             return
         if not isinstance(self.layer_types, list) or len(self.layer_types) != (

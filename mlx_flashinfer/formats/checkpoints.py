@@ -16,7 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
-from .families import GGUF_LAYER_NAMES, FusedParts, is_offset_norm, variant_shapes
+from .families import (
+    GGUF_LAYER_NAMES,
+    LONGROPE,
+    FusedParts,
+    is_offset_norm,
+    variant_shapes,
+)
 from .layout import MANIFEST
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
@@ -119,6 +125,8 @@ def rope_divisors(args: ModelArgs) -> np.ndarray | None:
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in LONGROPE:  # picked by the context at load (families.longrope)
+        return None
     half = args.head_dim // 2
     factor = float(scaling.get("factor", 1.0))
     if kind == "linear":

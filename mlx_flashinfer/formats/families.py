@@ -16,6 +16,8 @@ The runtime reads only `ModelArgs` fields (`qk_norm`, `sandwich_norms`,
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # Hugging Face activation names of the gated FFN's gate
@@ -62,12 +64,11 @@ def _qwen3(config: dict) -> dict:
 def _phi3(config: dict) -> dict:
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     partial = config.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(
-            f"partial rotary embeddings (partial_rotary_factor {partial}) are not "
-            "supported"
-        )
-    out = _rope_theta(config)
+    out = _rope_theta(config) | {"partial_rotary_factor": float(partial or 1.0)}
+    if rope.get("rope_type", rope.get("type")) in LONGROPE:  # Phi-3.5, -128k, Phi-4
+        original = rope.get("original_max_position_embeddings")
+        original = original or config.get("original_max_position_embeddings", 4096)
+        out["rope_scaling"] = rope | {"original_max_position_embeddings": original}
     window = config.get("sliding_window")
     if window:  # Phi-3-mini: every layer sees its last 2047 keys
         out["sliding_window"] = window
@@ -217,6 +218,30 @@ def fused_splits(name: str, rows: int, args) -> dict[str, tuple[int, int]] | Non
 def is_offset_norm(name: str) -> bool:
     """Whether `name` is an RMSNorm weight (those Gemma offsets by 1)."""
     return name.endswith(("norm.weight", "layernorm.weight"))
+
+
+LONGROPE = ("longrope", "su")
+
+
+def longrope(args, context: int) -> tuple[np.ndarray, float] | None:
+    """Phi-3's LongRoPE for a KV cache of `context` tokens: (per-frequency divisors,
+    attention factor, which multiplies the rotated q and k), None for other RoPE.
+
+    The long factors past the pretraining context, the short ones within it, picked
+    once by the context the cache is made for, as llama.cpp picks by its n_ctx
+    (transformers picks by the sequence so far: the same for sequences within the
+    context, keys of one rotation in the cache either way).
+    """
+    scaling = args.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) not in LONGROPE:
+        return None
+    original = scaling["original_max_position_embeddings"]
+    factor = scaling.get("factor") or args.max_position_embeddings / original
+    attention = scaling.get("attention_factor") or (
+        1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    )
+    factors = scaling["long_factor" if context > original else "short_factor"]
+    return np.asarray(factors, dtype=np.float32), float(attention)
 
 
 def fused_parts(shapes: dict, args) -> dict[str, tuple[str, int, int]]:

@@ -203,13 +203,14 @@ def layer_norm(x, weight, bias, eps: float):
 
 
 def rope(x, offset: int, inv_freq: np.ndarray):
-    """Rotary embedding, "rotate half" convention; x: (heads, T, head_dim)."""
+    """Rotary embedding, "rotate half" convention; x: (heads, T, head_dim), its
+    first 2 len(inv_freq) dims rotated."""
     periods = mx.array(
         (1.0 / np.asarray(inv_freq, dtype=np.float64)).astype(np.float32)
     )
     return mx.fast.rope(
         x[None],
-        x.shape[-1],
+        2 * len(periods),
         traditional=False,
         base=None,
         scale=1.0,

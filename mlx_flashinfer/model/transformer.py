@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..formats.args import ModelArgs
+from ..formats.families import longrope
 from ..formats.quantize import Quantized, dequantize
 from ..formats.safetensors_stream import decode
 
@@ -229,9 +230,16 @@ class Model:
         # the prompt cache the flash windows follow (prompt_cache.py)
         self.sequence_owner: int | None = None
         self.scale = (args.query_pre_attn_scalar or args.head_dim) ** -0.5
-        inv_freq = args.rope_theta ** (-np.arange(0, args.head_dim, 2) / args.head_dim)
+        rotated = int(args.head_dim * args.partial_rotary_factor)
+        inv_freq = args.rope_theta ** (-np.arange(0, rotated, 2) / rotated)
         if "rope_freqs" in weights:
             inv_freq = inv_freq / backend.to_numpy(weights["rope_freqs"])
+        self.rope_gain = None  # LongRoPE: the rotated dims of q and k times a factor
+        if long := longrope(args, max_context):
+            inv_freq = inv_freq / long[0]
+            gain = np.ones(args.head_dim, dtype=np.float32)
+            gain[:rotated] = long[1]
+            self.rope_gain = backend.array(gain)
         self.inv_freq = inv_freq.astype(np.float32)
         # per layer (by its tensors' prefix): the keys a sliding layer sees, and its
         # RoPE (Gemma 3's sliding layers rotate with their own base, never scaled)
@@ -369,6 +377,8 @@ class Model:
         if a.family == "llama":
             q = B.rope(q, offset, self.rope_freqs[p])
             k = B.rope(k, offset, self.rope_freqs[p])
+            if self.rope_gain is not None:
+                q, k = q * self.rope_gain, k * self.rope_gain
         keys, values = cache.update_and_fetch(k, v)
         out = B.attention(
             q,
