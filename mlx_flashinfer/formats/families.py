@@ -10,8 +10,10 @@ conversion, so the layout and the model stay one family (bundles of gate, up, do
 - Gemma's RMSNorm multiplies by (1 + weight): the 1 is added to its norms as they are
   read (`norm_offset`), as llama.cpp's converter does for GGUF.
 
-The runtime reads only `ModelArgs` fields (`qk_norm`, `sandwich_norms`,
-`embed_scale`, soft caps, `layer_types`...), never a family name.
+Their GGUF files (llama.cpp's names and metadata) are read through the same rows:
+`gguf_config` makes a config of the metadata. The runtime reads only `ModelArgs`
+fields (`qk_norm`, `sandwich_norms`, `embed_scale`, soft caps, `layer_types`,
+`partial_rotary_factor`...) and `longrope`, never a family name.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 # Hugging Face activation names of the gated FFN's gate
 GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_tanh")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+LONGROPE = ("longrope", "su")  # Phi-3's long-context RoPE (rope_scaling's type)
 
 
 def _sliding_layers(config: dict) -> dict:
@@ -220,9 +223,6 @@ def is_offset_norm(name: str) -> bool:
     return name.endswith(("norm.weight", "layernorm.weight"))
 
 
-LONGROPE = ("longrope", "su")
-
-
 def longrope(args, context: int) -> tuple[np.ndarray, float] | None:
     """Phi-3's LongRoPE for a KV cache of `context` tokens: (per-frequency divisors,
     attention factor, which multiplies the rotated q and k), None for other RoPE.
@@ -349,6 +349,11 @@ def gguf_config(meta: dict) -> dict:
         config["query_pre_attn_scalar"] = scalar
         for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
             config[cap] = meta.get(f"{arch}.{cap}")
+        pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+        if isinstance(pattern, int):  # one global layer every `pattern`
+            config["sliding_window_pattern"] = pattern
+        elif isinstance(pattern, list):  # per layer: sliding or not
+            config["layer_types"] = [LAYER_TYPES[bool(s)] for s in pattern]
     if arch == "gemma3":
         config["rope_local_base_freq"] = 10000.0
         if meta.get(f"{arch}.rope.scaling.type") == "linear":
