@@ -117,6 +117,33 @@ def test_longrope_with_partial_rotary_equals_transformers(tmp_path, backend):
     assert np.abs(got - expected["logits_long"]).max() <= 1e-3
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["qwen3", "phi3", "gemma2"])
+def test_relu_variants_are_exact_at_small_budgets(tmp_path, backend, name):
+    """A ReLU-ified variant (the ReLU family's path: exact): flash over the gate
+    predictor's neurons, a third of the FFN cached, equals dense, through the
+    variants' attention (q/k norms, fused projections, sandwich norms, soft caps,
+    sliding layers)."""
+    config = family_configs()[name] | {
+        "hidden_act": "relu",
+        "hidden_activation": "relu",
+    }
+    src = write_hf_checkpoint(tmp_path / "src", config, random_weights(config, 5))
+    layout = convert(src, tmp_path / "layout", dtype="float32", progress=False)
+    lay = Layout.open(layout)
+    assert lay.args.is_relu_family
+    _, ffn = model_bytes(lay)
+    floor = plan_floor(lay, predictor_nbytes("gate", lay), False)
+    budget = floor + lay.bundle_bytes + SLOT_BYTES + ffn // 3
+    dense, _ = load(layout, backend=backend)
+    flash, _ = load(
+        layout, backend=backend, memory_budget=budget, predictor="gate", window=2
+    )
+    expected = dense.logits(TOKENS, prefill=2)
+    got = flash.logits(TOKENS, prefill=2)
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
 # -- conversion -------------------------------------------------------------------
 
 
