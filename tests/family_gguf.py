@@ -68,12 +68,23 @@ def write_family_gguf(path: Path, config: dict, weights: dict, qtype=None) -> Pa
     if config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
     if arch == "phi3":
-        writer.add_rope_dimension_count(head_dim)
+        rotary = int(head_dim * config.get("partial_rotary_factor", 1.0))
+        writer.add_rope_dimension_count(rotary)
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
         writer.add_final_logit_softcapping(config["final_logit_softcapping"])
     scaling = config.get("rope_scaling")
-    if scaling:
+    if scaling and scaling.get("type") == "longrope":  # as llama.cpp's Phi-3 converter
+        original = config["original_max_position_embeddings"]
+        factor = config["max_position_embeddings"] / original
+        writer.add_rope_scaling_attn_factors(
+            float(np.sqrt(1 + np.log(factor) / np.log(original)))
+        )
+        writer.add_rope_scaling_orig_ctx_len(original)
+        for kind in ("long", "short"):
+            factors = np.array(scaling[f"{kind}_factor"], dtype=np.float32)
+            writer.add_tensor(f"rope_factors_{kind}.weight", factors)
+    elif scaling:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(scaling["factor"])
     tokens = sorted(pre_tokenizers.ByteLevel.alphabet())

@@ -353,6 +353,27 @@ def test_a_variants_gguf_converts_as_its_checkpoint(name, tmp_path):
     )
 
 
+def test_a_longrope_gguf_converts_as_its_checkpoint(tmp_path):
+    """Phi-3.5 / Phi-4-mini GGUF: LongRoPE's factors as tensors, its original
+    context and attention factor as metadata, partial rotary as the rotated dims."""
+    from family_gguf import write_family_gguf
+
+    config = longrope_configs()["phi3-longrope"] | {"vocab_size": 300}
+    weights = random_weights(config, seed=3)
+    hf = write_hf_checkpoint(tmp_path / "hf", config, weights)
+    gguf = write_family_gguf(tmp_path / "phi.gguf", config, weights)
+    for context, tokens in ((32, TOKENS), (64, (TOKENS * 4)[:40])):  # short, long
+        expected = load(
+            convert(hf, tmp_path / f"a{context}", dtype="float32", progress=False),
+            max_context=context,
+        )[0].logits(tokens)
+        layout = convert(
+            gguf, tmp_path / f"b{context}", dtype="float32", progress=False
+        )
+        got = load(layout, max_context=context)[0].logits(tokens)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
 def test_fused_q8_0_blocks_are_taken_unchanged(tmp_path):
     """Phi-3's fused qkv and gate/up in Q8_0: each part is whole rows of the fused
     tensor's blocks, taken without a second rounding in a q8 layout."""

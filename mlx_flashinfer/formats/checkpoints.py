@@ -18,8 +18,10 @@ import numpy as np
 from .args import ModelArgs
 from .families import (
     GGUF_LAYER_NAMES,
+    GGUF_LONGROPE,
     LONGROPE,
     FusedParts,
+    gguf_longrope,
     is_offset_norm,
     variant_shapes,
 )
@@ -311,6 +313,8 @@ class GGUFCheckpoint(FusedParts):
             if name is None:
                 raise ValueError(f"{path}: unsupported tensor {t.name}")
             self._tensors[name] = t
+        if scaling := gguf_longrope(self.meta, self._tensors, path):  # Phi-3's
+            args.rope_scaling = scaling
         args.tie_word_embeddings = "lm_head.weight" not in self._tensors
         if args.model_type is None:  # a variant says which biases it has
             args.attention_bias = "layers.0.self_attn.q_proj.bias" in self._tensors
@@ -332,6 +336,8 @@ class GGUFCheckpoint(FusedParts):
         self.shapes = {n: self.shapes[n] for n in keep}
 
     def _canonical(self, name: str) -> str | None:
+        if name in GGUF_LONGROPE:
+            return name
         if name in self._NAMES:
             return self._NAMES[name]
         arch = self.meta.get("general.architecture")

@@ -305,6 +305,33 @@ GGUF_LAYER_NAMES = {
 }
 
 
+# Phi-3's LongRoPE in a GGUF: its factors as tensors, the rest as metadata
+GGUF_LONGROPE = ("rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def gguf_longrope(meta: dict, tensors: dict, where) -> dict | None:
+    """The rope_scaling of a Phi-3 GGUF's LongRoPE factors (`GGUF_LONGROPE`), taken
+    out of `tensors` (name -> GGUF tensor); None without them.
+
+    Raises:
+        ValueError: the metadata lacks the original context (message: `where` first).
+    """
+    if GGUF_LONGROPE[0] not in tensors:
+        return None
+    long, short = (tensors.pop(name).data for name in GGUF_LONGROPE)
+    key = f"{meta['general.architecture']}.rope.scaling"
+    original = meta.get(f"{key}.original_context_length")
+    if original is None:
+        raise ValueError(f"{where}: GGUF metadata lacks {key}.original_context_length")
+    return {
+        "rope_type": "longrope",
+        "long_factor": [float(x) for x in long],
+        "short_factor": [float(x) for x in short],
+        "original_max_position_embeddings": int(original),
+        "attention_factor": meta.get(f"{key}.attn_factor"),
+    }
+
+
 def gguf_config(meta: dict) -> dict:
     """A config.json of a variant's GGUF metadata (`GGUF_LAYER_NAMES`' archs), with
     what llama.cpp fixes rather than stores: Gemma 3's local RoPE base (10000) and
