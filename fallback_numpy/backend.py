@@ -128,32 +128,40 @@ def layer_norm(x, weight, bias, eps: float):
 def rope(x, offset: int, inv_freq: np.ndarray):
     """Rotary embedding, Hugging Face "rotate half" convention.
 
-    x: (heads, T, head_dim), positions offset .. offset+T-1; inv_freq: (head_dim/2,).
+    x: (heads, T, head_dim), positions offset .. offset+T-1; inv_freq: (rotated/2,),
+    rotating the first `rotated` dims of each head (all but with partial rotary).
     """
     positions = np.arange(offset, offset + x.shape[1], dtype=np.float32)
     angles = positions[:, None] * inv_freq[None, :].astype(np.float32)  # (T, hd/2)
     cos = np.cos(angles)
     sin = np.sin(angles)
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    half = inv_freq.shape[0]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
 
 
-def attention(q, k, v, scale: float, offset: int):
+def attention(q, k, v, scale: float, offset: int, softcap=None, window=None):
     """Causal grouped-query attention.
 
     q: (H, T, hd) for positions offset..offset+T-1; k, v: (KVH, offset+T, hd).
+    softcap: scores become softcap * tanh(scores / softcap) (Gemma 2); window: a
+    query sees only its last `window` keys, itself included (sliding layers).
     Returns (H, T, hd).
     """
     heads, t, hd = q.shape
     groups = heads // k.shape[0]
     qg = q.reshape(k.shape[0], groups * t, hd)  # heads sharing one kv head, batched
     scores = (qg @ k.transpose(0, 2, 1)) * scale  # (KVH, groups*T, S)
+    if softcap:
+        scores = np.tanh(scores * (1 / softcap)) * softcap
     scores = scores.reshape(k.shape[0], groups, t, -1)
-    if t > 1:  # query i sees keys up to offset + i
+    if t > 1 or window:  # query i sees keys up to offset + i (and past the window)
         keys = np.arange(k.shape[1])
         queries = np.arange(offset, offset + t)
-        scores = np.where(keys[None, :] <= queries[:, None], scores, -np.inf)
+        seen = keys[None, :] <= queries[:, None]
+        if window:
+            seen &= keys[None, :] > queries[:, None] - window
+        scores = np.where(seen, scores, -np.inf)
     scores = scores - scores.max(axis=-1, keepdims=True)
     weights = np.exp(scores)
     weights /= weights.sum(axis=-1, keepdims=True)
@@ -167,6 +175,16 @@ def relu(x):
 
 def silu(x):
     return x * (0.5 + 0.5 * np.tanh(0.5 * x))  # x * sigmoid(x), without exp overflow
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (PyTorch's approximate="tanh"; Gemma's GeGLU)."""
+    inner = np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
+    return np.float32(0.5) * x * (1 + np.tanh(inner))
+
+
+def tanh(x):
+    return np.tanh(x)
 
 
 def above(x, threshold: float):

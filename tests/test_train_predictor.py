@@ -12,8 +12,8 @@ from tiny_models import WORDS, has_mlx, random_weights, tiny_config, write_hf_ch
 
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.cli import main
+from mlx_flashinfer.model.transformer import silu_magnitude
 from mlx_flashinfer.predictors import train as training
-from mlx_flashinfer.predictors.kinds import silu_magnitude
 from mlx_flashinfer.predictors.train import train_predictor
 
 

@@ -118,7 +118,44 @@ def tiny_model_configs() -> dict[str, dict]:
     configs["llama-tied-gqa1"] = tiny_config(
         "llama", "silu", num_key_value_heads=1, tie_word_embeddings=True
     )
-    return configs
+    return configs | family_configs()
+
+
+def family_configs() -> dict[str, dict]:
+    """The Llama family's variants (formats/families.py) as Hub configs state them:
+    Qwen2 (q/k/v biases, tied), Qwen3 (q/k norms, head_dim from the config), Phi-3
+    (fused qkv and gate/up, every layer sliding), Gemma 2 (GeGLU, sandwich norms,
+    soft caps, sliding and global layers), Gemma 3 (q/k norms, two RoPE bases)."""
+    base = {k: v for k, v in tiny_config("llama", "silu").items() if "unknown" not in k}
+    gemma = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "head_dim": 8,
+        "query_pre_attn_scalar": 6,
+        "sliding_window": 4,
+        "tie_word_embeddings": True,
+        "pad_token_id": 0,
+    }
+    return {
+        "qwen2": base
+        | {"model_type": "qwen2", "tie_word_embeddings": True, "rope_theta": 1e6},
+        "qwen3": base | {"model_type": "qwen3", "head_dim": 8},
+        "phi3": base | {"model_type": "phi3", "sliding_window": 5, "pad_token_id": 0},
+        "gemma2": base
+        | gemma
+        | {
+            "model_type": "gemma2",
+            "attn_logit_softcapping": 1.5,
+            "final_logit_softcapping": 3.0,
+        },
+        "gemma3": base
+        | gemma
+        | {
+            "model_type": "gemma3_text",
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_local_base_freq": 100.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+        },
+    }
 
 
 def random_weights(config: dict, seed: int = 0, prefix: str = "model.") -> dict:
@@ -181,6 +218,63 @@ def random_weights(config: dict, seed: int = 0, prefix: str = "model.") -> dict:
         out[p + "mlp.down_proj.weight"] = w(d, f)
     if not config.get("tie_word_embeddings", False):
         out["lm_head.weight"] = w(v, d)
+    return _variant_weights(config, out, rng, prefix)
+
+
+def longrope_configs() -> dict[str, dict]:
+    """Phi-3.5 / Phi-4-mini shaped: LongRoPE (short factors within the pretraining
+    context of 32, long ones past it) on half of each head (partial rotary). Their
+    golden logits (tests/golden/longrope/) hold a run past that context too."""
+    config = family_configs()["phi3"] | {
+        "hidden_size": 32,
+        "original_max_position_embeddings": 32,
+        "partial_rotary_factor": 0.5,
+        "rope_scaling": {
+            "type": "longrope",
+            "short_factor": [1.1, 2.0],
+            "long_factor": [1.5, 4.0],
+        },
+    }
+    return {"phi3-longrope": config}
+
+
+def _variant_weights(config: dict, out: dict, rng, prefix: str) -> dict:
+    """Llama-named weights made into a variant's (family_configs): added biases and
+    norms, fused projections."""
+    kind = config["model_type"]
+    if kind == "llama":
+        return out
+    hd = (
+        config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    )
+    gemma = kind.startswith("gemma")
+
+    def norm(n):  # Gemma stores (weight - 1): RMSNorm multiplies by 1 + weight
+        return (float(not gemma) + 0.2 * rng.standard_normal(n)).astype(np.float32)
+
+    for i in range(config["num_hidden_layers"]):
+        p = f"{prefix}layers.{i}."
+        if kind == "qwen2":
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                rows = out[p + f"self_attn.{proj}.weight"].shape[0]
+                out[p + f"self_attn.{proj}.bias"] = (
+                    0.3 * rng.standard_normal(rows)
+                ).astype(np.float32)
+        if kind in ("qwen3", "gemma3_text"):
+            out[p + "self_attn.q_norm.weight"] = norm(hd)
+            out[p + "self_attn.k_norm.weight"] = norm(hd)
+        if gemma:
+            names = ["input_layernorm", "post_attention_layernorm"]
+            names += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+            for name in names:
+                out[p + name + ".weight"] = norm(config["hidden_size"])
+        if kind == "phi3":
+            qkv = [out.pop(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+            out[p + "self_attn.qkv_proj.weight"] = np.concatenate(qkv)
+            gate_up = [out.pop(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+            out[p + "mlp.gate_up_proj.weight"] = np.concatenate(gate_up)
+    if gemma:
+        out[prefix + "norm.weight"] = norm(config["hidden_size"])
     return out
 
 

@@ -143,10 +143,11 @@ def cmd_inspect(opts) -> int:
     resident, ffn = model_bytes(layout)
     total = resident + ffn
     act = args.hidden_act + ("" if args.is_relu_family else "; sparsity is approximate")
+    family = f"{args.family}, {args.model_type}" if args.model_type else args.family
     tok = layout.manifest.get("tokenizer") or {}
     rows = [
         ("path", str(layout.path)),
-        ("family", f"{args.family} ({act})"),
+        ("family", f"{family} ({act})"),
         ("layers", args.num_hidden_layers),
         ("d_model", args.hidden_size),
         ("ffn neurons", f"{args.intermediate_size} per layer"),

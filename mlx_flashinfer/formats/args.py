@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .families import GGUF_LAYER_NAMES, LAYER_TYPES, VARIANTS, gguf_config, text_config
+
 LLAMA_TYPES = ("llama", "mistral")
 FAMILIES = ("llama", "opt")
-# Gated-FFN activations of the Llama family. Every one but silu is "ReLU family": a
-# neuron whose activation is exactly zero contributes exactly zero, which makes sparse
-# loading exact.
-LLAMA_ACTIVATIONS = ("silu", "relu", "fatrelu", "relu2", "drelu")
+# Gated-FFN activations of the Llama family. Every one but silu and gelu_tanh (Gemma's
+# GeGLU) is "ReLU family": a neuron whose activation is exactly zero contributes
+# exactly zero, which makes sparse loading exact.
+LLAMA_ACTIVATIONS = ("silu", "relu", "fatrelu", "relu2", "drelu", "gelu_tanh")
+# smooth activations: small, never exactly zero; skipping neurons is approximate
+APPROXIMATE_ACTIVATIONS = ("silu", "gelu_tanh")
 HF_ACTIVATION_NAMES = {"swish": "silu", "relu_squared": "relu2", "dreLU": "drelu"}
 
 
@@ -55,6 +59,20 @@ class ModelArgs:
     word_embed_proj_dim: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # the Llama family's variants (formats/families.py), off by default
+    model_type: str | None = None  # config.json's, for the user's eyes
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
+    qk_norm: bool = False  # RMSNorm per head on q and k before RoPE (Qwen3, Gemma 3)
+    norm_offset: float = 0.0  # RMSNorm by (offset + weight); folded in at conversion
+    sandwich_norms: bool = False  # Gemma: norms after attention and FFN outputs too
+    embed_scale: float = 1.0  # Gemma: embeddings times sqrt(hidden_size)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap)
+    final_logit_softcapping: float | None = None  # the same on the logits
+    sliding_window: int | None = None  # keys a sliding_attention layer sees
+    layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_..."
+    rope_local_theta: float | None = None  # Gemma 3: sliding layers' RoPE base
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE on the first 3/4 of a head
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -87,17 +105,51 @@ class ModelArgs:
                 f"hidden_size {self.hidden_size} is smaller than the "
                 f"{self.num_attention_heads} attention heads"
             )
+        self._check_variant()
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
 
+    def _check_variant(self) -> None:
+        rotary = self.head_dim * self.partial_rotary_factor
+        if not 0 < self.partial_rotary_factor <= 1 or rotary % 2:
+            raise ValueError(
+                f"partial_rotary_factor {self.partial_rotary_factor} of head_dim "
+                f"{self.head_dim} does not give an even number of rotated dims"
+            )
+        if self.layer_types is None:
+            return
+        if not isinstance(self.layer_types, list) or len(self.layer_types) != (
+            self.num_hidden_layers
+        ):
+            raise ValueError(
+                f"layer_types must list {self.num_hidden_layers} layers, got "
+                f"{self.layer_types!r}"
+            )
+        odd = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if odd:
+            raise ValueError(
+                f"unknown layer type {odd[0]!r}: expected one of {LAYER_TYPES}"
+            )
+        window = self.sliding_window
+        if "sliding_attention" in self.layer_types and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise ValueError(
+                f"sliding_window must be a positive integer, got {window!r}"
+            )
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether `layer` attends to its last `sliding_window` keys only."""
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding_attention"
+
     @property
     def is_relu_family(self) -> bool:
         """True when an inactive neuron contributes exactly zero (sparse loading is
         exact)."""
-        return self.hidden_act != "silu"
+        return self.hidden_act not in APPROXIMATE_ACTIVATIONS
 
     @property
     def bundle_parts(self) -> tuple[str, ...]:
@@ -123,6 +175,7 @@ class ModelArgs:
 
     @classmethod
     def _from_hf_config(cls, config: dict) -> ModelArgs:
+        config = text_config(config)
         model_type = config.get("model_type", "")
         if model_type == "opt":
             return cls(
@@ -143,13 +196,13 @@ class ModelArgs:
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_id=config.get("eos_token_id"),
             )
-        if model_type in LLAMA_TYPES:
+        if model_type in LLAMA_TYPES or model_type in VARIANTS:
             act = config.get("hidden_act", "silu")
             act = HF_ACTIVATION_NAMES.get(act, act)
             threshold = config.get(
                 "activation_threshold", config.get("hidden_act_param")
             )
-            return cls(
+            fields = dict(
                 family="llama",
                 hidden_size=config["hidden_size"],
                 num_hidden_layers=config["num_hidden_layers"],
@@ -171,9 +224,10 @@ class ModelArgs:
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_id=config.get("eos_token_id"),
             )
+            return cls(**fields | _variant(model_type, config))
         raise ValueError(
             f"unsupported architecture {model_type!r}: supported are 'opt' and the "
-            f"Llama family {LLAMA_TYPES}"
+            f"Llama family {LLAMA_TYPES + tuple(VARIANTS)}"
         )
 
     @classmethod
@@ -191,9 +245,12 @@ class ModelArgs:
     @classmethod
     def _from_gguf_metadata(cls, meta: dict) -> ModelArgs:
         arch = meta.get("general.architecture")
+        if arch in GGUF_LAYER_NAMES:  # the variants (formats/families.py)
+            return cls._from_hf_config(gguf_config(meta))
         if arch not in LLAMA_TYPES:
             raise ValueError(
-                f"unsupported GGUF architecture {arch!r}: supported are {LLAMA_TYPES}"
+                f"unsupported GGUF architecture {arch!r}: supported are "
+                f"{LLAMA_TYPES + tuple(GGUF_LAYER_NAMES)}"
             )
 
         def key(name, default=None):
@@ -235,6 +292,14 @@ class ModelArgs:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _variant(model_type: str, config: dict) -> dict:
+    """ModelArgs fields of a Llama-family variant (formats/families.py); they
+    override the Llama reading of the same keys."""
+    if model_type not in VARIANTS:
+        return {}
+    return {"model_type": model_type, **VARIANTS[model_type](config)}
 
 
 def _projection_dim(config: dict) -> int | None:

@@ -16,6 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
+from .families import (
+    GGUF_LAYER_NAMES,
+    GGUF_LONGROPE,
+    LONGROPE,
+    FusedParts,
+    gguf_longrope,
+    is_offset_norm,
+    variant_shapes,
+)
 from .layout import MANIFEST
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
@@ -63,6 +72,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
                     p + "self_attn.v_proj.bias": (kv,),
                     p + "self_attn.o_proj.bias": (d,),
                 }
+            shapes |= variant_shapes(args, p)
         return shapes
     e = args.word_embed_proj_dim or d
     shapes = {
@@ -117,6 +127,8 @@ def rope_divisors(args: ModelArgs) -> np.ndarray | None:
     if not scaling:
         return None
     kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in LONGROPE:  # picked by the context at load (families.longrope)
+        return None
     half = args.head_dim // 2
     factor = float(scaling.get("factor", 1.0))
     if kind == "linear":
@@ -147,7 +159,7 @@ def _check_complete(shapes: dict, args: ModelArgs, where: Path) -> None:
             )
 
 
-class HFCheckpoint:
+class HFCheckpoint(FusedParts):
     """A Hugging Face directory: config.json, one or more *.safetensors, tokenizer
     files."""
 
@@ -178,6 +190,7 @@ class HFCheckpoint:
         self.shapes = {
             n: tuple(info["shape"]) for n, (_, info, _) in self._where.items()
         }
+        self._name_parts()
         _check_complete(self.shapes, args, path)
         self.shapes = {n: self.shapes[n] for n in expected_shapes(args)}
         divisors = rope_divisors(args)
@@ -207,8 +220,13 @@ class HFCheckpoint:
     def tensor(self, name: str) -> np.ndarray:
         if name == "rope_freqs":
             return self._rope_freqs
+        if name in self._split:
+            return self._part(name)
         file, info, start = self._where[name]
-        return read_tensor(file, info, start).astype(np.float32, copy=False)
+        values = read_tensor(file, info, start).astype(np.float32, copy=False)
+        if self.args.norm_offset and is_offset_norm(name):
+            values = values + np.float32(self.args.norm_offset)
+        return values
 
     def tokenizer(self) -> tuple[dict[str, bytes], dict]:
         """(files to copy into the layout, tokenizer info for the manifest)."""
@@ -243,8 +261,9 @@ class HFCheckpoint:
         return files, info
 
 
-class GGUFCheckpoint:
-    """A GGUF file (Llama architecture), dequantized tensor by tensor."""
+class GGUFCheckpoint(FusedParts):
+    """A GGUF file (Llama architecture and its variants), dequantized tensor by
+    tensor."""
 
     kind = "gguf"
     group_size = GGUF_BLOCK  # a quantized layout's default: the blocks' own
@@ -294,33 +313,49 @@ class GGUFCheckpoint:
             if name is None:
                 raise ValueError(f"{path}: unsupported tensor {t.name}")
             self._tensors[name] = t
+        if scaling := gguf_longrope(self.meta, self._tensors, path):  # Phi-3's
+            args.rope_scaling = scaling
         args.tie_word_embeddings = "lm_head.weight" not in self._tensors
-        args.attention_bias = "layers.0.self_attn.q_proj.bias" in self._tensors
+        if args.model_type is None:  # a variant says which biases it has
+            args.attention_bias = "layers.0.self_attn.q_proj.bias" in self._tensors
         self.args = args
         # GGUF lists dims innermost first; NumPy (and Hugging Face) outermost first
         self.shapes = {
             n: tuple(int(x) for x in reversed(t.shape))
             for n, t in self._tensors.items()
         }
+        self._name_parts()
         _check_complete(self.shapes, args, path)
+        divisors = rope_divisors(args)
+        if "rope_freqs" not in self.shapes and divisors is not None:
+            self._rope_freqs = divisors  # llama.cpp scales from the metadata
+            self.shapes["rope_freqs"] = divisors.shape
         keep = list(expected_shapes(args)) + (
             ["rope_freqs"] if "rope_freqs" in self.shapes else []
         )
         self.shapes = {n: self.shapes[n] for n in keep}
 
     def _canonical(self, name: str) -> str | None:
+        if name in GGUF_LONGROPE:
+            return name
         if name in self._NAMES:
             return self._NAMES[name]
+        arch = self.meta.get("general.architecture")
+        names = self._LAYER_NAMES | GGUF_LAYER_NAMES.get(arch, {})
         parts = name.split(".", 2)
-        if parts[0] == "blk" and len(parts) == 3 and parts[2] in self._LAYER_NAMES:
-            return f"layers.{parts[1]}.{self._LAYER_NAMES[parts[2]]}"
+        if parts[0] == "blk" and len(parts) == 3 and parts[2] in names:
+            return f"layers.{parts[1]}.{names[parts[2]]}"
         return None
 
     def tensor(self, name: str) -> np.ndarray:
         import gguf
 
+        if name in self._split:
+            return self._part(name)
+        if name not in self._tensors:  # rope_freqs from the metadata
+            return self._rope_freqs
         t = self._tensors[name]
-        shape = self.shapes[name]
+        shape = tuple(int(x) for x in reversed(t.shape))  # a fused one's too
         data = t.data.reshape(shape[0], -1) if len(shape) > 1 else t.data
         values = np.empty(shape, dtype=np.float32)
         try:
@@ -335,8 +370,10 @@ class GGUFCheckpoint:
                 f"{self.path}: tensor {t.tensor_type.name} quantization of {t.name} "
                 "is not supported"
             ) from None
-        # llama.cpp permutes q/k rows for its interleaved RoPE; undo it for the HF
-        # layout
+        # llama.cpp permutes q/k rows for its interleaved RoPE (of its Llama models
+        # only); undo it for the HF layout
+        if self.args.model_type is not None:
+            return values
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             values = _unpermute(values, self.args.num_attention_heads)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -346,6 +383,7 @@ class GGUFCheckpoint:
     def native_bits(self, name: str, group_size: int) -> int | None:
         """Bits of `name` when its GGUF blocks are a quantized layout's format at
         `group_size` (Q4_0, Q4_1: 4; Q8_0: 8; group size 32), else None."""
+        name = self._split.get(name, (name,))[0]  # a fused tensor's part: its blocks
         kind = self._tensors[name].tensor_type.name
         if kind in GGUF_TYPES and group_size == GGUF_BLOCK:
             return GGUF_TYPES[kind][0]
@@ -354,14 +392,17 @@ class GGUFCheckpoint:
     def native_quantized(self, name: str) -> tuple[np.ndarray, ...]:
         """(packed, scales, biases) of `name` from its blocks, values unchanged
         (see `native_bits`); q/k rows unpermuted like `tensor`'s."""
+        if name in self._split:  # whole rows of the fused tensor's blocks
+            fused, lo, hi = self._split[name]
+            return tuple(f[lo:hi] for f in self.native_quantized(fused))
         t = self._tensors[name]
-        rows = self.shapes[name][0]
+        rows = int(t.shape[-1])
         fields = from_gguf_blocks(t.data.reshape(rows, -1), t.tensor_type.name)
         heads = {
             "q_proj.weight": self.args.num_attention_heads,
             "k_proj.weight": self.args.num_key_value_heads,
         }.get(name.rsplit(".", 2)[-2] + ".weight")
-        if heads:  # a permutation of whole rows: the blocks move with them
+        if heads and self.args.model_type is None:  # whole rows: blocks move along
             fields = tuple(_unpermute(f, heads) for f in fields)
         return fields
 
@@ -418,7 +459,8 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def _canonical(name: str) -> str:
     if name.endswith("rotary_emb.inv_freq"):
         return ""  # recomputed from rope_theta
-    for prefix in ("model.", "decoder."):
+    # Gemma 3's multimodal checkpoints: model.language_model. or language_model.model.
+    for prefix in ("model.", "language_model.", "model.", "decoder."):
         name = name.removeprefix(prefix)
     return name
 

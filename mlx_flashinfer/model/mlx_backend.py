@@ -203,13 +203,14 @@ def layer_norm(x, weight, bias, eps: float):
 
 
 def rope(x, offset: int, inv_freq: np.ndarray):
-    """Rotary embedding, "rotate half" convention; x: (heads, T, head_dim)."""
+    """Rotary embedding, "rotate half" convention; x: (heads, T, head_dim), its
+    first 2 len(inv_freq) dims rotated."""
     periods = mx.array(
         (1.0 / np.asarray(inv_freq, dtype=np.float64)).astype(np.float32)
     )
     return mx.fast.rope(
         x[None],
-        x.shape[-1],
+        2 * len(periods),
         traditional=False,
         base=None,
         scale=1.0,
@@ -218,12 +219,40 @@ def rope(x, offset: int, inv_freq: np.ndarray):
     )[0]
 
 
-def attention(q, k, v, scale: float, offset: int):
-    """Causal grouped-query attention; q (H, T, hd), k/v (KVH, offset+T, hd)."""
+def attention(q, k, v, scale: float, offset: int, softcap=None, window=None):
+    """Causal grouped-query attention; q (H, T, hd), k/v (KVH, offset+T, hd);
+    softcap and window as in the NumPy backend."""
+    if softcap:  # the fused kernel has no soft cap: scores computed here
+        return _softcapped_attention(q, k, v, scale, offset, softcap, window)
     mask = "causal" if q.shape[1] > 1 else None
+    if window:
+        mask = _window_mask(q.shape[1], k.shape[1], offset, window)
     return mx.fast.scaled_dot_product_attention(
         q[None], k[None], v[None], scale=scale, mask=mask
     )[0]
+
+
+def _window_mask(t: int, s: int, offset: int, window: int | None) -> mx.array:
+    """Bool (T, S): query offset + i sees key j <= offset + i (within `window`)."""
+    keys = np.arange(s)[None, :]
+    queries = np.arange(offset, offset + t)[:, None]
+    seen = keys <= queries
+    if window:
+        seen &= keys > queries - window
+    return mx.array(seen)
+
+
+def _softcapped_attention(q, k, v, scale, offset, softcap, window):
+    heads, t, hd = q.shape
+    kv_heads = k.shape[0]
+    qg = q.reshape(kv_heads, heads // kv_heads * t, hd)
+    scores = mx.tanh((qg @ k.transpose(0, 2, 1)) * (scale / softcap)) * softcap
+    scores = scores.reshape(kv_heads, heads // kv_heads, t, -1)
+    seen = _window_mask(t, k.shape[1], offset, window)
+    scores = mx.where(seen, scores, -mx.inf)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = weights.reshape(kv_heads, heads // kv_heads * t, -1) @ v
+    return out.reshape(heads, t, hd)
 
 
 def relu(x):
@@ -232,6 +261,16 @@ def relu(x):
 
 def silu(x):
     return x * mx.sigmoid(x)
+
+
+def gelu_tanh(x):
+    """GELU, tanh approximation (PyTorch's approximate="tanh"; Gemma's GeGLU)."""
+    inner = np.float32(np.sqrt(2 / np.pi)) * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (1 + mx.tanh(inner))
+
+
+def tanh(x):
+    return mx.tanh(x)
 
 
 def above(x, threshold: float):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..formats.args import ModelArgs
+from ..formats.families import longrope
 from ..formats.quantize import Quantized, dequantize
 from ..formats.safetensors_stream import decode
 
@@ -70,6 +71,22 @@ def silu_magnitude(gate: np.ndarray) -> np.ndarray:
     return np.abs(gate * (0.5 + 0.5 * np.tanh(0.5 * gate)))
 
 
+def gate_magnitude(act: str, gate: np.ndarray) -> np.ndarray:
+    """|act(gate)| of NumPy pre-activations for a smooth gated activation `act`
+    (silu, or Gemma's GeGLU gelu_tanh): what the gate predictor thresholds and, with
+    |up|, the size of a neuron's activation."""
+    if act == "gelu_tanh":
+        return np.abs(gelu_tanh_numpy(gate))
+    return silu_magnitude(gate)
+
+
+def gelu_tanh_numpy(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (PyTorch's approximate="tanh"), float32."""
+    x = np.asarray(x, dtype=np.float32)
+    inner = np.float32(np.sqrt(2 / np.pi)) * (x + np.float32(0.044715) * x * x * x)
+    return np.float32(0.5) * x * (1 + np.tanh(inner))
+
+
 def ffn_activation(backend, args: ModelArgs, gate, up=None):
     """The activations that multiply the down (OPT: fc2) columns, from the gate (OPT:
     fc1 plus its bias) and up pre-activations, each (T, n)."""
@@ -79,6 +96,8 @@ def ffn_activation(backend, args: ModelArgs, gate, up=None):
     act = args.hidden_act
     if act == "silu":
         return B.silu(gate) * up
+    if act == "gelu_tanh":  # GeGLU (Gemma)
+        return B.gelu_tanh(gate) * up
     if act == "relu":
         return B.relu(gate) * up
     if act == "fatrelu":
@@ -210,11 +229,32 @@ class Model:
         self.weights_id: str | None = None
         # the prompt cache the flash windows follow (prompt_cache.py)
         self.sequence_owner: int | None = None
-        self.scale = args.head_dim**-0.5
-        inv_freq = args.rope_theta ** (-np.arange(0, args.head_dim, 2) / args.head_dim)
+        self.scale = (args.query_pre_attn_scalar or args.head_dim) ** -0.5
+        rotated = int(args.head_dim * args.partial_rotary_factor)
+        inv_freq = args.rope_theta ** (-np.arange(0, rotated, 2) / rotated)
         if "rope_freqs" in weights:
             inv_freq = inv_freq / backend.to_numpy(weights["rope_freqs"])
+        self.rope_gain = None  # LongRoPE: the rotated dims of q and k times a factor
+        if long := longrope(args, max_context):
+            inv_freq = inv_freq / long[0]
+            gain = np.ones(args.head_dim, dtype=np.float32)
+            gain[:rotated] = long[1]
+            self.rope_gain = backend.array(gain)
         self.inv_freq = inv_freq.astype(np.float32)
+        # per layer (by its tensors' prefix): the keys a sliding layer sees, and its
+        # RoPE (Gemma 3's sliding layers rotate with their own base, never scaled)
+        local_inv_freq = self.inv_freq
+        if args.rope_local_theta:
+            steps = np.arange(0, args.head_dim, 2) / args.head_dim
+            local_inv_freq = (args.rope_local_theta**-steps).astype(np.float32)
+        layers = range(args.num_hidden_layers)
+        sliding = {f"layers.{i}.": args.is_sliding(i) for i in layers}
+        self.window = {
+            p: args.sliding_window if s else None for p, s in sliding.items()
+        }
+        self.rope_freqs = {
+            p: local_inv_freq if s else self.inv_freq for p, s in sliding.items()
+        }
 
     def make_cache(self) -> list[KVCache]:
         """A fresh KV cache (and, on flash, fresh neuron windows) for a new sequence."""
@@ -247,6 +287,8 @@ class Model:
         """The residual stream (T, d_model) entering the first layer."""
         B, w, a = self.backend, self.w, self.args
         x = B.weight_rows(w["embed_tokens.weight"], tokens)
+        if a.embed_scale != 1.0:  # Gemma
+            x = x * a.embed_scale
         if a.family == "opt":
             if a.word_embed_proj_dim:
                 x = B.linear(x, w["project_in.weight"])
@@ -271,11 +313,15 @@ class Model:
         head = (
             w["embed_tokens.weight"] if a.tie_word_embeddings else w["lm_head.weight"]
         )
-        return B.linear(x, head)
+        logits = B.linear(x, head)
+        cap = a.final_logit_softcapping
+        return logits if not cap else B.tanh(logits * (1 / cap)) * cap
 
     def layer(self, i: int, x, cache: KVCache, offset: int):
         """Layer i on the residual stream x (T, d_model) of positions offset, ..."""
         B, w, a, p = self.backend, self.w, self.args, f"layers.{i}."
+        if a.sandwich_norms:  # Gemma: each block's output normed too
+            return self._sandwich_layer(i, x, cache, offset)
         if a.family == "llama":
             h = B.rms_norm(x, w[p + "input_layernorm.weight"], a.norm_eps)
             x = x + self._attention(p, h, cache, offset)
@@ -297,6 +343,20 @@ class Model:
         x = x + self.ffn(i, h)
         return x if pre else B.layer_norm(x, *ln2)
 
+    def _sandwich_layer(self, i: int, x, cache: KVCache, offset: int):
+        """Gemma 2/3: RMSNorm before and after attention and before and after the
+        FFN (post_attention_layernorm norms the attention's output, not the FFN's
+        input as in Llama)."""
+        B, w, a, p = self.backend, self.w, self.args, f"layers.{i}."
+
+        def norm(y, name):
+            return B.rms_norm(y, w[p + name + ".weight"], a.norm_eps)
+
+        h = norm(x, "input_layernorm")
+        x = x + norm(self._attention(p, h, cache, offset), "post_attention_layernorm")
+        h = norm(x, "pre_feedforward_layernorm")
+        return x + norm(self.ffn(i, h), "post_feedforward_layernorm")
+
     def _attention(self, p: str, h, cache: KVCache, offset: int):
         B, w, a = self.backend, self.w, self.args
         t, hd = h.shape[0], a.head_dim
@@ -311,11 +371,24 @@ class Model:
         q = project("q_proj", a.num_attention_heads)
         k = project("k_proj", a.num_key_value_heads)
         v = project("v_proj", a.num_key_value_heads)
+        if a.qk_norm:  # Qwen3, Gemma 3: per head, before RoPE
+            q = B.rms_norm(q, w[p + "self_attn.q_norm.weight"], a.norm_eps)
+            k = B.rms_norm(k, w[p + "self_attn.k_norm.weight"], a.norm_eps)
         if a.family == "llama":
-            q = B.rope(q, offset, self.inv_freq)
-            k = B.rope(k, offset, self.inv_freq)
+            q = B.rope(q, offset, self.rope_freqs[p])
+            k = B.rope(k, offset, self.rope_freqs[p])
+            if self.rope_gain is not None:
+                q, k = q * self.rope_gain, k * self.rope_gain
         keys, values = cache.update_and_fetch(k, v)
-        out = B.attention(q, keys, values, self.scale, offset)
+        out = B.attention(
+            q,
+            keys,
+            values,
+            self.scale,
+            offset,
+            softcap=a.attn_logit_softcapping,
+            window=self.window[p],
+        )
         out = out.transpose(1, 0, 2).reshape(t, a.num_attention_heads * hd)
         return B.linear(out, w[p + out_name + ".weight"], w.get(p + out_name + ".bias"))
 

@@ -24,7 +24,7 @@ from ..formats.args import ModelArgs
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import STORAGE, read_header
 from ..model.nonfinite import check_weights
-from ..model.transformer import silu_magnitude
+from ..model.transformer import gate_magnitude
 from .lowbit import GROUP_SIZES
 
 PREDICTORS = ("lowrank", "lowbit", "gate", "oracle", "all")
@@ -39,8 +39,8 @@ def activation_mask(args: ModelArgs, gate, up=None, silu_thresholds=None, layer=
     only for drelu, where ReLU on the up branch can zero a neuron too.
     """
     act = args.hidden_act
-    if act == "silu":
-        return silu_magnitude(gate) > silu_thresholds[layer]
+    if not args.is_relu_family:  # silu, gelu_tanh
+        return gate_magnitude(act, gate) > silu_thresholds[layer]
     if act == "fatrelu":
         return gate > args.activation_threshold
     mask = gate > 0
@@ -101,9 +101,11 @@ class GatePredictor:
 
     def predict(self, layer: int, h) -> np.ndarray:
         gate = self.pre_activation(layer, h)
-        if self.args.hidden_act == "silu" and self.silu_thresholds[layer] is None:
+        if not self.args.is_relu_family and self.silu_thresholds[layer] is None:
             self.silu_thresholds[layer] = float(
-                np.quantile(silu_magnitude(gate), self.silu_sparsity)
+                np.quantile(
+                    gate_magnitude(self.args.hidden_act, gate), self.silu_sparsity
+                )
             )
         return activation_mask(self.args, gate, None, self.silu_thresholds, layer)
 
@@ -138,9 +140,9 @@ class OraclePredictor:
             ]
 
     def predict(self, layer: int, h) -> np.ndarray:
-        gate = self.gate.pre_activation(layer, h)
-        if self.args.hidden_act == "silu":
+        if not self.args.is_relu_family:
             return self.gate.predict(layer, h)
+        gate = self.gate.pre_activation(layer, h)
         up = None
         if self.ups is not None:
             B = self.gate.backend
@@ -244,7 +246,9 @@ def make_predictor(
         rows, norms = load_predictor_arrays(
             layout.path / section["file"], section["group_size"]
         )
-        return LowBitPredictor(backend, rows, norms, section["cuts"])
+        return LowBitPredictor(
+            backend, rows, norms, section["cuts"], act=layout.args.hidden_act
+        )
     if name == "all":
         return AllPredictor(layout.args)
     if name == "gate":

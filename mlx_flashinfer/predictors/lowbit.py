@@ -1,8 +1,9 @@
 """The low-bit predictor: 4-bit copies of every layer's gate and up rows in DRAM.
 
-For SiLU-gated models (Llama family). Neuron i of a layer adds
-silu(gate_i . h) x (up_i . h) x down_i to the FFN output; the predictor estimates
-that contribution's size from 4-bit gate and up rows,
+For SiLU-gated models (Llama family; GeGLU ones, Gemma, alike with gelu_tanh in
+place of silu). Neuron i of a layer adds silu(gate_i . h) x (up_i . h) x down_i to
+the FFN output; the predictor estimates that contribution's size from 4-bit gate
+and up rows,
 
     score_i = |silu(g_i) x u_i| x |down_i|,   (g; u) = Q h,
 
@@ -39,7 +40,7 @@ from safetensors import safe_open
 
 from ..formats.quantize import Quantized, quantize, row_bytes, row_norms, rows_float32
 from ..model.nonfinite import check_weights
-from ..model.transformer import silu_magnitude
+from ..model.transformer import gate_magnitude
 
 BITS = 4
 GROUP_SIZES = (64, 32)  # the first dividing d_model
@@ -113,10 +114,13 @@ def _q(part: Quantized) -> tuple:
     return part.packed, part.scales, part.biases
 
 
-def contribution_scores(y: np.ndarray, down_norms: np.ndarray) -> np.ndarray:
-    """|silu(g) x u| x |down| from y = (g | u), (T, 2 n) -> (T, n) float32."""
+def contribution_scores(
+    y: np.ndarray, down_norms: np.ndarray, act: str = "silu"
+) -> np.ndarray:
+    """|act(g) x u| x |down| from y = (g | u), (T, 2 n) -> (T, n) float32; `act` the
+    model's gate activation (silu, or Gemma's gelu_tanh)."""
     n = down_norms.shape[0]
-    return silu_magnitude(y[:, :n]) * np.abs(y[:, n:]) * down_norms
+    return gate_magnitude(act, y[:, :n]) * np.abs(y[:, n:]) * down_norms
 
 
 class LowBitPredictor:
@@ -128,12 +132,13 @@ class LowBitPredictor:
     exact = False
     threshold = None  # cuts are per layer, as tuned (no probability threshold)
 
-    def __init__(self, backend, rows: list[Quantized], down_norms, cuts):
+    def __init__(self, backend, rows: list[Quantized], down_norms, cuts, act="silu"):
         """Args:
             backend: a Backend API module.
             rows: per layer, the stacked gate and up rows (`layer_rows`).
             down_norms: per layer (n,) float32.
             cuts: per layer score cut (None: that layer reads every neuron).
+            act: the gate's activation, silu or gelu_tanh (GeGLU, Gemma).
 
         Raises:
             ValueError: lists of different lengths or shapes that do not match.
@@ -150,6 +155,7 @@ class LowBitPredictor:
                     f"{norms.shape[0]} neurons (expected gate and up: twice as many)"
                 )
         self.backend = backend
+        self.act = act
         self.rows = [backend.weight(q) for q in rows]
         self.down_norms = [np.asarray(v, dtype=np.float32) for v in down_norms]
         self.cuts = [-np.inf if c is None else float(c) for c in cuts]
@@ -161,7 +167,7 @@ class LowBitPredictor:
         """Each neuron's estimated contribution, float32 NumPy (T, n)."""
         be = self.backend
         y = be.to_numpy(be.linear(h, self.rows[layer]))
-        return contribution_scores(y, self.down_norms[layer])
+        return contribution_scores(y, self.down_norms[layer], self.act)
 
     def predict(self, layer: int, h) -> np.ndarray:
         """Bool (T, n) mask of the neurons predicted to matter for h (T, d_model)."""

@@ -129,10 +129,10 @@ def sparsity_line(model, layout) -> str | None:
         share = predictor.silu_sparsity
         return (
             f"sparse FFN ({act}, approximate): gate predictor skips about {share:.0%} "
-            "of neurons per token by |silu(gate)| (it cannot see up); its loss is not "
-            "calibrated: `flashinfer verify` measures it; `flashinfer train-predictor "
-            f"{layout.path}` makes a {NAMES[default_kind(layout.args)]} predictor "
-            "with a calibrated loss"
+            f"of neurons per token by |{act}(gate)| (it cannot see up); its loss is "
+            "not calibrated: `flashinfer verify` measures it; `flashinfer "
+            f"train-predictor {layout.path}` makes a "
+            f"{NAMES[default_kind(layout.args)]} predictor with a calibrated loss"
         )
     if predictor.name not in ("lowrank", "lowbit"):
         return None

@@ -52,8 +52,8 @@ from .kinds import (
     TRAINED,
     activation_mask,
     default_kind,
+    gate_magnitude,
     predictor_nbytes,
-    silu_magnitude,
 )
 from .lowbit import LowBitPredictor
 from .lowrank import LowRankPredictor, held_bytes, predictor_tensors
@@ -73,13 +73,15 @@ DEFAULT_EPOCHS = 8
 QUALITY_SEQUENCES = 2  # tune sequences the loss is measured on (512 tokens)
 
 
-def contribution_mask(gate: np.ndarray, up: np.ndarray, sparsity: float):
+def contribution_mask(
+    gate: np.ndarray, up: np.ndarray, sparsity: float, act: str = "silu"
+):
     """SiLU models: per token, the neurons outside the `sparsity` fraction with the
     smallest |silu(gate) x up|, the size of what each adds to the FFN output. The
     training target of the low-rank predictor: keeping the largest |silu(gate)|
     instead (CATS) loses far more (issue "Sparse SiLU models": +30.9% perplexity at
     50% against +3.1% for this set, on the default model)."""
-    score = silu_magnitude(gate) * np.abs(up)
+    score = gate_magnitude(act, gate) * np.abs(up)
     k = int(round(sparsity * (score.shape[1] - 1)))  # np.quantile's rank, one partition
     cut = np.partition(score, k, axis=1)[:, k : k + 1]
     return score > cut
@@ -87,8 +89,8 @@ def contribution_mask(gate: np.ndarray, up: np.ndarray, sparsity: float):
 
 def target_mask(args, gate: np.ndarray, up, silu_sparsity: float) -> np.ndarray:
     """The set the predictor learns (see the module docstring), bool (T, n)."""
-    if args.hidden_act == "silu":
-        return contribution_mask(gate, up, silu_sparsity)
+    if not args.is_relu_family:  # silu, gelu_tanh
+        return contribution_mask(gate, up, silu_sparsity, args.hidden_act)
     return activation_mask(args, gate, up)
 
 
@@ -193,7 +195,7 @@ def train_predictor(
     if kind == "lowbit":
         if args.is_relu_family:  # its score is |silu(gate) x up|
             raise ValueError(
-                f"the low-bit predictor is for SiLU models, this one is "
+                f"the low-bit predictor is for SiLU and GeGLU models, this one is "
                 f"{args.hidden_act}: use --kind lowrank, or the exact --predictor gate"
             )
         lowbit.group_size_for(args.hidden_size)
@@ -257,8 +259,8 @@ def train_predictor(
         report = cut_report(z, data.tune_target, cut)
         window = quality.predicted_window(z, cut)
         reports.append({**report, "window": window, **about})
-        if args.hidden_act == "silu":  # the gate predictor's cut, on the tune split
-            magnitude = silu_magnitude(data.tune_gate)
+        if not args.is_relu_family:  # the gate predictor's cut, on the tune split
+            magnitude = gate_magnitude(args.hidden_act, data.tune_gate)
             gate_cuts.append(float(np.quantile(magnitude, silu_sparsity)))
             gate_fractions.append(float(np.mean(magnitude > gate_cuts[-1])))
             run.gate_sparse_forward(layer, gate_cuts[-1])
@@ -285,7 +287,7 @@ def train_predictor(
         "predicted_fraction": float(np.mean(gate_fractions)),
         "nbytes": predictor_nbytes("gate", layout),
         # the ReLU family's gate predictor is exact: it loses nothing
-        "loss": run.gate_loss() if args.hidden_act == "silu" else 0.0,
+        "loss": 0.0 if args.is_relu_family else run.gate_loss(),
     }
     settings = {
         "kind": kind,
@@ -298,7 +300,7 @@ def train_predictor(
         "tokens": total,
         "tune_tokens": tune_tokens,
         "source": "texts" if texts else f"shipped text ({CALIBRATION_FILE})",
-        "silu_sparsity": silu_sparsity if args.hidden_act == "silu" else None,
+        "silu_sparsity": None if args.is_relu_family else silu_sparsity,
         "silu_thresholds": gate_cuts or None,
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -377,7 +379,9 @@ class _Calibration:
             return LowRankPredictor(
                 self.runner.B, [first], [second], dtype=self.dtype, cuts=[None]
             )
-        return LowBitPredictor(self.runner.B, [first], [second], [None])
+        return LowBitPredictor(
+            self.runner.B, [first], [second], [None], act=self.args.hidden_act
+        )
 
     def scores(self, predictor, h) -> np.ndarray:
         """The predictor's scores (low-rank: logits) of FFN inputs h (backend array),
@@ -421,7 +425,7 @@ class _Calibration:
         ffn = self.runner.ffn
 
         def keep(h):
-            return silu_magnitude(ffn.gate(layer, h)) > cut
+            return gate_magnitude(self.args.hidden_act, ffn.gate(layer, h)) > cut
 
         self.gate_sparse = self.runner.run(layer, self.gate_sparse, keep=keep)
 
