@@ -253,7 +253,11 @@ def load(
     tokenizer = load_tokenizer(layout)
     weights = prepare_weights(B, _finite(layout.iter_resident(stored=True), layout))
     plan = None
-    if dense:
+    if dense and layout.args.is_moe:
+        from .model.moe import DenseExperts
+
+        ffn = DenseExperts(B, layout, weights)
+    elif dense:
         ffn = DenseFFN(B, layout, weights)
     else:
         if placement == "streamed":

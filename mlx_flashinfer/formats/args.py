@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .experts import MOE_TYPES, check_moe_args, moe_hf_fields
+
 LLAMA_TYPES = ("llama", "mistral")
 FAMILIES = ("llama", "opt")
 # Gated-FFN activations of the Llama family. Every one but silu is "ReLU family": a
@@ -55,6 +57,14 @@ class ModelArgs:
     word_embed_proj_dim: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Mixture of experts (formats/experts.py; 0 experts: a dense FFN): each layer
+    # routes a token to experts_per_token of num_experts experts, each a gated FFN
+    # of intermediate_size neurons
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = True  # the top-k routing weights renormalised to sum 1
+    shared_expert_size: int = 0  # Qwen2-MoE: an always-on expert, sigmoid-gated
+    moe_type: str | None = None  # the family's model_type ("mixtral", "qwen3_moe")
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -92,6 +102,21 @@ class ModelArgs:
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        if self.moe_type is not None or self.num_experts:
+            check_moe_args(self)
+
+    @property
+    def is_moe(self) -> bool:
+        """True for a mixture of experts (each bundle is an expert, not a neuron)."""
+        return self.num_experts > 0
+
+    @property
+    def part_values(self) -> int:
+        """Values of each part of a bundle: d_model for a neuron's row, an expert's
+        whole (intermediate_size, d_model) matrix for an expert."""
+        if self.is_moe:
+            return self.intermediate_size * self.hidden_size
+        return self.hidden_size
 
     @property
     def is_relu_family(self) -> bool:
@@ -171,9 +196,16 @@ class ModelArgs:
                 bos_token_id=config.get("bos_token_id"),
                 eos_token_id=config.get("eos_token_id"),
             )
+        if model_type in MOE_TYPES:
+            return cls(
+                **{
+                    **cls._from_hf_config(config | {"model_type": "llama"}).to_dict(),
+                    **moe_hf_fields(config),
+                }
+            )
         raise ValueError(
-            f"unsupported architecture {model_type!r}: supported are 'opt' and the "
-            f"Llama family {LLAMA_TYPES}"
+            f"unsupported architecture {model_type!r}: supported are 'opt', the "
+            f"Llama family {LLAMA_TYPES} and the mixtures of experts {MOE_TYPES}"
         )
 
     @classmethod

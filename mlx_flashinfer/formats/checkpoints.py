@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
+from .experts import moe_expected_shapes
 from .layout import MANIFEST
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
@@ -39,6 +40,8 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
         args.head_dim,
     )
     q, kv = args.num_attention_heads * hd, args.num_key_value_heads * hd
+    if args.is_moe:
+        return moe_expected_shapes(args)
     if args.family == "llama":
         shapes = {"embed_tokens.weight": (v, d), "norm.weight": (d,)}
         if not args.tie_word_embeddings:

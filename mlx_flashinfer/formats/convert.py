@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoints import GGUFCheckpoint, HFCheckpoint, ffn_parts, open_checkpoint
+from .experts import expert_parts, expert_tensor_names, manifest_section
 from .layout import (
     ARRANGEMENTS,
     DTYPES,
@@ -25,6 +26,7 @@ from .layout import (
     FORMAT,
     LAYER_ALIGNMENT,
     MANIFEST,
+    MOE_VERSION,
     RESIDENT_FILE,
     VERSION,
     align_up,
@@ -183,6 +185,11 @@ def write_layout(
     temporary directory renamed at the end (see staging.py). The caller checked `dst`
     (`_check_destination`); the rename checks again that it did not change since,
     and replaces a layout only with `force`."""
+    if source.args.is_moe and (dtype in QUANTIZED_DTYPES or arrangement != "bundled"):
+        raise ValueError(
+            f"a mixture of experts converts to float16, float32 or bfloat16 bundled "
+            f"layouts for now, not {dtype} {arrangement}"
+        )
     quantization = None
     if dtype in QUANTIZED_DTYPES:
         bits = QUANTIZED_DTYPES[dtype]
@@ -271,6 +278,12 @@ def _write_layout(
     ffn_names = {
         name for i in range(args.num_hidden_layers) for name, _ in ffn_parts(args, i)
     }
+    if args.is_moe:  # each expert one bundle; the router stays resident
+        ffn_names = {
+            n
+            for i in range(args.num_hidden_layers)
+            for n in expert_tensor_names(args, i)
+        }
     q = quantization
     resident, total = {}, 0
     for name, shape in source.shapes.items():
@@ -350,7 +363,7 @@ def _write_layout(
 
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": MOE_VERSION if args.is_moe else VERSION,
         "model_args": args.to_dict(),
         "dtype": dtype,
         **({"quantization": q.record()} if q else {}),
@@ -363,6 +376,7 @@ def _write_layout(
             "arrangement": arrangement,
             "layers": layers,
         },
+        **({"experts": manifest_section(args, size, layers)} if args.is_moe else {}),
         "predictor": None,
         "tokenizer": tokenizer_info,
         "source": _source_identity(source),
@@ -382,6 +396,8 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
     """Each bundle part of `layer` as bytes, (n_ffn, part bytes) uint8: rows of
     gate/up (fc1), columns of down (fc2), stored as `dtype` (quantized: each row's
     fields, packed integers, scales, biases)."""
+    if args.is_moe:
+        return _expert_part_bytes(source, args, layer, dtype)
     parts = []
     for p, (name, transposed) in enumerate(ffn_parts(args, layer)):
         if q is None:
@@ -394,6 +410,20 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
             np.concatenate([f.view(np.uint8).reshape(len(f), -1) for f in fields], 1)
         )
     return parts
+
+
+def _expert_part_bytes(source, args, layer: int, dtype: str) -> list[np.ndarray]:
+    """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
+    expert's gate rows, up rows, down columns, each (intermediate, d_model)."""
+    parts = [[], [], []]
+    for e in range(args.num_experts):
+        for p, (name, transposed) in enumerate(expert_parts(args, layer, e)):
+            values = source.tensor(name)
+            values = encode(
+                np.ascontiguousarray(values.T if transposed else values), dtype
+            )
+            parts[p].append(values.view(np.uint8).reshape(1, -1))
+    return [np.concatenate(p) for p in parts]
 
 
 def _entry(path: Path, digest) -> dict:
