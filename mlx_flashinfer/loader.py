@@ -32,7 +32,10 @@ PLACEMENTS = ("sparse", "streamed", "auto", "experts")
 
 
 def default_predictor(layout: Layout) -> str:
-    """The trained predictor when the layout has one, else the gate."""
+    """The trained predictor when the layout has one, else the gate (a mixture of
+    experts: its router)."""
+    if layout.args.is_moe:
+        return "router"
     return trained_kind(layout) or "gate"
 
 
