@@ -4,14 +4,16 @@ placement on shapes too large to download here.
 
 Every weight is random (seeded by its name) except what makes routing skewed, as real
 routers are: every embedding row shares one direction u (norm `SHARED` beside its
-random part), and expert e's router row is `bias_e * u` plus a random row
-orthogonal to u, with
-bias_e falling with e's popularity rank as the log of a Zipf law, its spread `skew`
-times that of the random part of the logits, so popular experts win more tokens in
-every layer. Every other matrix reading the residual stream is made blind to u,
-so that no fixed direction but u reaches a router (skew 0: uniform popularity). Token-to-token reuse is only what
-that skew and the residual stream's drift give: no temporal structure is built in,
-so the window's hits here are a floor, not a measurement of a real model's.
+random part), and expert e's router row is `bias_e * u` plus a random row orthogonal
+to u, with bias_e falling with e's popularity rank as the log of a Zipf law, its
+spread `skew` times that of the random part of the logits, so popular experts win
+more tokens in every layer. Every other matrix reading the residual stream is made
+blind to u, so that no fixed direction but u reaches a router (skew 0: uniform
+popularity). Token-to-token reuse is only what that skew and the residual stream's
+drift give: no temporal structure is built in, so the window's hits here are a
+floor, not a measurement of a real model's. On moe-tiny, 48 random tokens: skew 0.5
+(the default) gives the two most popular of 8 experts 26 and 23 of 96 routings in
+layer 0, and a token shares 34% of its experts with the one before (uniform: 25%).
 """
 
 from __future__ import annotations
