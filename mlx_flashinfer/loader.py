@@ -140,7 +140,8 @@ def make_plan(
         from .flash.expert_plan import plan_experts
 
         kv_cache = kv_cache_bytes(layout.args, context)
-        return plan_experts(layout, memory_budget, kv_cache, context)
+        ahead = bool(lookahead)  # off unless asked: not measured better yet
+        return plan_experts(layout, memory_budget, kv_cache, context, ahead)
     predictor_bytes = predictor_nbytes(predictor, layout)
     kv_cache = kv_cache_bytes(layout.args, context)
     demand = layer_demand(layout, predictor)
@@ -248,8 +249,6 @@ def load(
         raise ValueError(
             f"a mixture of experts has one placement, experts, not {placement}"
         )
-    if layout.args.is_moe and lookahead:
-        raise ValueError("reads ahead are not implemented for mixtures of experts yet")
     if placement == "experts" and not layout.args.is_moe:
         raise ValueError("the experts placement is for mixtures of experts")
     placement = placement or ("experts" if layout.args.is_moe else "sparse")
@@ -278,7 +277,7 @@ def load(
     elif layout.args.is_moe:
         from .flash.experts import ExpertFFN
 
-        plan = make_plan(layout, budget, "router", context)
+        plan = make_plan(layout, budget, "router", context, lookahead)
         router = make_predictor(predictor or "router", B, layout, weights)
         ffn = ExpertFFN(B, layout, weights, plan, router, window, threads)
     elif dense:

@@ -1,6 +1,7 @@
 """Mixtures of experts: dense == transformers, flash == dense at any budget,
 held == plan, and what a token reads."""
 
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -33,12 +34,13 @@ def moe_layout(name: str, config: dict, dtype: str = "float32", seed: int = 5):
     return _LAYOUTS[key]
 
 
-def budgets(layout: Path) -> dict[str, int]:
+def budgets(layout: Path, lookahead: bool = False) -> dict[str, int]:
     """Bytes of a budget that caches every expert, of one in between, and of the
     smallest the experts placement accepts (one token's experts per layer)."""
     lay = Layout.open(layout)
     a, row = lay.args, lay.bundle_bytes + 8
-    smallest = experts_floor(lay) + a.num_hidden_layers * a.experts_per_token * row
+    smallest = experts_floor(lay, lookahead)
+    smallest += a.num_hidden_layers * a.experts_per_token * row
     spare = a.num_hidden_layers * (a.num_experts - a.experts_per_token) * row
     return {"all": smallest + spare, "half": smallest + spare // 2, "least": smallest}
 
@@ -63,15 +65,17 @@ def test_flash_equals_dense_and_holds_its_plan(name, backend, budget):
     layout = moe_layout(name, tiny_moe_configs()[name])
     dense, _ = load(layout, backend=backend)
     expected = dense.logits(TOKENS, prefill=4)
-    for window in (0, 1, 4):
+    for window, ahead in itertools.product((0, 1, 4), (False, True)):
         flash, _ = load(
             layout,
             backend=backend,
-            memory_budget=budgets(layout)[budget],
+            memory_budget=budgets(layout, ahead)[budget],
             window=window,
+            lookahead=ahead,
         )
         got = flash.logits(TOKENS, prefill=4)
-        assert np.abs(got - expected).max() <= 1e-5, (budget, window)
+        assert np.abs(got - expected).max() <= 1e-5, (budget, window, ahead)
+        assert flash.plan.lookahead == ahead
         assert sum(flash.held_bytes().values()) == flash.plan.weights
         assert flash.plan.weights <= flash.plan.budget
 
@@ -155,6 +159,33 @@ def test_the_same_token_again_reads_nothing_new(backend):
         assert np.array_equal(B.to_numpy(first), B.to_numpy(again))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reads_ahead_land_and_change_nothing(backend):
+    """The next layer's router on this layer's FFN input guesses its experts; what
+    it fetched ahead lands from the prefetch buffer, the rest is read: the same
+    logits, the prefetch buffer in the plan."""
+    layout = moe_layout("olmoe", tiny_moe_configs()["olmoe"])
+    dense, _ = load(layout, backend=backend)
+    expected = dense.logits(TOKENS, prefill=2)
+    for window in (0, 2):
+        flash, _ = load(
+            layout,
+            backend=backend,
+            memory_budget=budgets(layout, True)["half"],
+            window=window,
+            lookahead=True,
+        )
+        assert flash.ffn.ahead is not None
+        got = flash.logits(TOKENS, prefill=2)
+        assert np.abs(got - expected).max() <= 1e-5
+        decoded = flash.io_stats()["decode"]
+        assert decoded["ahead_neurons"] > 0
+        assert 0 < decoded["ahead_used"] <= decoded["neurons_loaded"]
+        held = flash.held_bytes()
+        assert held["read buffer"] == flash.plan.io_buffer
+        assert sum(held.values()) == flash.plan.weights
+
+
 def test_layout_has_an_expert_index_and_inspect_says_it(capsys):
     config = tiny_moe_configs()["mixtral"]
     layout = Layout.open(moe_layout("mixtral", config))
@@ -183,7 +214,6 @@ def test_refusals_are_one_line(tmp_path, capsys):
     argv = ["generate", "--model", layout, "-p", "the", "--memory-budget", "100KB"]
     assert_refused([*argv, "--predictor", "gate"], "predicted by its router", capsys)
     assert_refused([*argv, "--placement", "streamed"], "one placement", capsys)
-    assert_refused([*argv, "--lookahead"], "reads ahead", capsys)
     src = layout.parent / "src"
     assert_refused(
         ["convert", src, tmp_path / "q4", "--dtype", "q4"], "float16, float32", capsys

@@ -24,20 +24,25 @@ from .memory import (
 from .window import SLOT_BYTES, LayerWindow
 
 
-def experts_floor(layout: Layout) -> int:
+def experts_floor(layout: Layout, lookahead: bool = False) -> int:
     """Bytes the experts placement holds before any expert row: resident weights,
-    the read buffer and the windows' fixed bookkeeping. Each row then costs
+    the read buffer(s) and the windows' fixed bookkeeping. Each row then costs
     `layout.bundle_bytes + SLOT_BYTES`."""
     args = layout.args
     resident, _ = model_bytes(layout)
     window = args.num_hidden_layers * LayerWindow.bookkeeping_bytes(args.num_experts, 0)
-    return resident + io_buffer_bytes(layout) + window
+    return resident + io_buffer_bytes(layout, lookahead) + window
 
 
 def plan_experts(
-    layout: Layout, budget: str | int, kv_cache: int, max_context: int
+    layout: Layout,
+    budget: str | int,
+    kv_cache: int,
+    max_context: int,
+    lookahead: bool = False,
 ) -> MemoryPlan:
-    """Split a budget into resident weights, the read buffer and expert caches.
+    """Split a budget into resident weights, the read buffer and expert caches
+    (with `lookahead`, a second read buffer: the reads ahead's).
 
     Raises:
         ValueError: the budget cannot hold the resident weights, the read buffer and
@@ -53,13 +58,14 @@ def plan_experts(
         args.experts_per_token,
     )
     row = layout.bundle_bytes + SLOT_BYTES
-    floor = experts_floor(layout)
+    floor = experts_floor(layout, lookahead)
     needed = floor + layers * k * row
     if amount < needed:
         raise ValueError(
             f"memory budget {format_bytes(amount)} is too small: resident weights "
             f"{format_bytes(resident)} + read buffer "
-            f"{format_bytes(io_buffer_bytes(layout))} + window bookkeeping + "
+            f"{format_bytes(io_buffer_bytes(layout, lookahead))} + window "
+            "bookkeeping + "
             f"{k} experts of {format_bytes(layout.bundle_bytes)} in each of "
             f"{layers} layers need {format_bytes(needed)}, {needed - amount} bytes "
             "more"
@@ -72,10 +78,11 @@ def plan_experts(
         row_bytes=layout.bundle_bytes,
         capacity=capacity,
         scratch_rows=0,
-        io_buffer=io_buffer_bytes(layout),
+        io_buffer=io_buffer_bytes(layout, lookahead),
         kv_cache=kv_cache,
         max_context=max_context,
         dtype=held_as(layout),
+        lookahead=lookahead,
         neurons=experts,
         placement="experts",
     )

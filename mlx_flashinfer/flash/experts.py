@@ -21,6 +21,13 @@ layer, in rounds of at most the cache's capacity (sorted by expert id): each rou
 experts compute for the tokens routed to them, evaluated before the next round's
 reads land (rule 2 below); the last rounds' experts stay cached for the tokens after.
 
+Reads ahead (`lookahead`, the in-place path): once a decoded token's experts for
+layer l are loaded, layer l+1's router applied to layer l's FFN input guesses layer
+l+1's experts, and a second reader fetches those layer l+1 does not cache, in the
+background, while layer l's experts and layer l+1's attention compute. At layer l+1
+the router decides as always: experts fetched ahead land from the prefetch buffer,
+the rest is read then. A wrong guess costs reads, never the answer.
+
 Reads land in the cache rows through host views, as in `ffn.py`, under its rules:
   1. a layer's cache rows change only between its computations: the token before
      was evaluated, and this token's graph over them is built after the writes;
@@ -31,6 +38,7 @@ Where MLX will not share an array's memory, rows are copied in with `write_rows`
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -87,14 +95,14 @@ class ExpertFFN(TokenCounters):
         self.plan = plan
         self.router = router
         self.k = window
-        self.reader = FlashReader(
-            layout.ffn_path,
-            layout.layers,
-            layout.bundle_bytes,
+        reader_options = dict(
             parts=len(layout.bundle_parts),
             fields=layout.field_bytes,
-            staging_bytes=plan.io_buffer,
+            staging_bytes=plan.io_buffer // (2 if plan.lookahead else 1),
             **({} if threads is None else {"threads": threads}),
+        )
+        self.reader = FlashReader(
+            layout.ffn_path, layout.layers, layout.bundle_bytes, **reader_options
         )
         pieces = [(dtype, n) for part in layout.fields for _, dtype, n in part]
         self.caches = [
@@ -104,6 +112,14 @@ class ExpertFFN(TokenCounters):
         self._views = [[backend.host_view(m) for m in layer] for layer in self.caches]
         in_place = all(v is not None for v in sum(self._views, []))
         self.landing = "in place" if in_place else "copy"
+        # reads ahead: their own reader and a thread waiting on it (in place only)
+        self.ahead = None
+        self._pending = None  # (layer, future of a Fetched)
+        if plan.lookahead and in_place:
+            self.ahead = FlashReader(
+                layout.ffn_path, layout.layers, layout.bundle_bytes, **reader_options
+            )
+            self._ahead_thread = ThreadPoolExecutor(1)
         self.new_sequence()
         super().__init__()
 
@@ -113,6 +129,9 @@ class ExpertFFN(TokenCounters):
         self.windows = [
             LayerWindow(self.args.num_experts, cap, k) for cap in self.plan.capacity
         ]
+        if self._pending is not None:  # a read ahead of an old token
+            self._pending[1].result()
+            self._pending = None
 
     def io_stats(self) -> dict:
         # the counters named for neurons count experts here
@@ -129,12 +148,14 @@ class ExpertFFN(TokenCounters):
             "predictor": int(self.router.nbytes),
             "neuron cache": sum(int(m.nbytes) for layer in self.caches for m in layer),
             "scratch": 0,
-            "read buffer": self.reader.staging_bytes,
+            "read buffer": self.reader.staging_bytes
+            + (self.ahead.staging_bytes if self.ahead else 0),
             "window": sum(w.nbytes for w in self.windows),
         }
 
     def __call__(self, layer: int, h):
         B, args, stats = self.backend, self.args, self._token
+        fetched = self._fetched_ahead(layer)
         started = time.perf_counter()
         ids, weights = self.router.route(layer, h)
         stats.predictor_s += time.perf_counter() - started
@@ -149,7 +170,10 @@ class ExpertFFN(TokenCounters):
         rounds = range(0, len(routed), cap)
         for start in rounds:
             wanted = routed[start : start + cap]
-            self._load(layer, wanted)
+            self._load(layer, wanted, fetched)
+            ahead = self.ahead is not None and h.shape[0] == 1
+            if ahead and layer + 1 < len(self.windows):
+                self._read_ahead(layer + 1, h)  # while this layer computes
             out = experts_forward(B, args, h, ids, weights, expert, out, only=wanted)
             if len(rounds) > 1:
                 B.synchronize(out)  # rule 2: before the next round's reads land
@@ -158,11 +182,16 @@ class ExpertFFN(TokenCounters):
             stats.prefill_neurons += len(routed)
         return with_shared(B, args, self.weights, layer, h, out)
 
-    def _load(self, layer: int, wanted: np.ndarray) -> None:
-        """Make the experts `wanted` (sorted, at most the capacity) cached."""
+    def _load(self, layer: int, wanted: np.ndarray, fetched=None) -> None:
+        """Make the experts `wanted` (sorted, at most the capacity) cached; those in
+        `fetched` (read ahead) land from the prefetch buffer."""
         B, stats, window = self.backend, self._token, self.windows[layer]
         started, io_before = time.perf_counter(), stats.io_s
-        plan = window.step(wanted)
+        first = None
+        if fetched is not None:
+            first = np.zeros(self.args.num_experts, dtype=bool)
+            first[fetched.ids] = True
+        plan = window.step(wanted, first)
         stats.neurons_predicted += len(wanted)
         stats.neurons_hit += plan.hits
         stats.neurons_loaded += len(plan.load_ids)
@@ -174,7 +203,13 @@ class ExpertFFN(TokenCounters):
                 view[plan.move_dst] = view[plan.move_src]
             if len(loads):
                 slot = int(plan.load_slots[0])  # load slots are consecutive
-                self._read(layer, loads, [v[slot : slot + len(loads)] for v in views])
+                block = [v[slot : slot + len(loads)] for v in views]
+                # the loads read ahead come first (window.step's `first`)
+                ready = 0 if first is None else int(np.count_nonzero(first[loads]))
+                if ready:
+                    self._take(fetched, loads[:ready], [b[:ready] for b in block])
+                if ready < len(loads):
+                    self._read(layer, loads[ready:], [b[ready:] for b in block])
         else:
             for p in range(len(cache)) if len(plan.move_src) else ():
                 cache[p] = B.move_rows(cache[p], plan.move_src, plan.move_dst)
@@ -184,6 +219,49 @@ class ExpertFFN(TokenCounters):
                     cache[p] = B.write_rows(cache[p], plan.load_slots, rows)
                     B.synchronize(cache[p])  # `raw` is valid until the next read
         stats.memory_s += time.perf_counter() - started - (stats.io_s - io_before)
+
+    def _read_ahead(self, layer: int, h) -> None:
+        """Start fetching the experts `layer`'s router picks for `h` (the layer
+        before's FFN input) that `layer` does not cache."""
+        stats = self._token
+        started = time.perf_counter()
+        guessed = np.unique(self.router.route(layer, h)[0])
+        window = self.windows[layer]
+        # with no window (k = 0) the cache is emptied before each token's loads
+        missing = guessed[window.slot_of[guessed] < 0] if self.k else guessed
+        stats.predictor_s += time.perf_counter() - started
+        if len(missing):
+            future = self._ahead_thread.submit(self.ahead.fetch, layer, missing)
+            self._pending = (layer, future)
+
+    def _fetched_ahead(self, layer: int):
+        """What was read ahead for `layer` (waiting for it if still reading), or
+        None; counted into this token's I/O."""
+        if self._pending is None:
+            return None
+        ahead_layer, future = self._pending
+        self._pending = None
+        stats = self._token
+        began = time.perf_counter()
+        fetched = future.result()
+        waited = time.perf_counter() - began
+        stats.io_s += waited
+        stats.ahead_wait_s += waited
+        stats.io_ahead_s += fetched.seconds
+        stats.bytes_read += fetched.bytes_read
+        stats.reads += fetched.reads
+        stats.ahead_bytes += fetched.bytes_read
+        stats.ahead_neurons += len(fetched.ids)
+        return fetched if ahead_layer == layer else None
+
+    def _take(self, fetched, ids: np.ndarray, into: list) -> None:
+        """Land experts read ahead into their rows, counted as I/O."""
+        stats = self._token
+        began = time.perf_counter()
+        fetched.take(ids, into)
+        stats.io_s += time.perf_counter() - began
+        stats.ahead_used += len(ids)
+        stats.bytes_useful += len(ids) * self.reader.bundle_bytes
 
     def _read(self, layer: int, ids: np.ndarray, into):
         """`reader.read` of `ids` into `into`, counted."""
@@ -198,4 +276,7 @@ class ExpertFFN(TokenCounters):
         return raw
 
     def close(self) -> None:
+        if self.ahead is not None:
+            self._ahead_thread.shutdown()
+            self.ahead.close()
         self.reader.close()

@@ -190,7 +190,11 @@ class MemoryPlan:
                     f"{format_bytes(self.cache_bytes)} ({caps} of {self.neurons} "
                     f"experts per layer, {share:.1f}% of them)",
                 ),
-                ("read buffer", format_bytes(self.io_buffer)),
+                (
+                    "read buffer",
+                    format_bytes(self.io_buffer)
+                    + (" (half of it for reads ahead)" if self.lookahead else ""),
+                ),
                 ("window", format_bytes(self.window_bytes)),
             ]
         elif self.placement == "streamed":
