@@ -169,6 +169,10 @@ def silu(x):
     return x * (0.5 + 0.5 * np.tanh(0.5 * x))  # x * sigmoid(x), without exp overflow
 
 
+def sigmoid(x):
+    return 0.5 + 0.5 * np.tanh(0.5 * x)  # without exp overflow
+
+
 def above(x, threshold: float):
     """x where x > threshold, else 0 (FATReLU)."""
     return np.where(x > threshold, x, 0).astype(np.float32)

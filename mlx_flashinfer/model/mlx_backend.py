@@ -234,6 +234,10 @@ def silu(x):
     return x * mx.sigmoid(x)
 
 
+def sigmoid(x):
+    return mx.sigmoid(x)
+
+
 def above(x, threshold: float):
     """x where x > threshold, else 0 (FATReLU)."""
     return mx.where(x > threshold, x, 0)

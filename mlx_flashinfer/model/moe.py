@@ -8,8 +8,9 @@ Per layer and token (as transformers defines each family, formats/experts.py):
     ids, w  = top-k of p                       renormalised to sum 1 if the family does
     out     = sum over k of w * expert_id(h)   each expert a SiLU-gated FFN
     out    += sigmoid(gate . h) * shared(h)    Qwen2-MoE's shared expert
-The router's choice is read back to the host once per layer (one sync on MLX): the
-flash placement needs the ids there to read the experts, and both paths route alike.
+The router's choice is read back to the host once per layer: the one host sync a
+layer costs on MLX (the flash placement needs the ids there to read the experts, and
+both paths route alike; reads ahead add a second, the next layer's router's).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def shared_expert(backend, args, weights: dict, layer: int, h):
         B.rows_weight(weights[f"{p}.up_proj.weight"]),
         weights[f"{p}.down_proj.weight"],  # (d_model, n): a linear weight as it is
     ]
-    gate = B.to_numpy(B.linear(h, weights[f"{p}_gate.weight"]))
-    return ffn_forward(B, args, h, parts) * B.array(1 / (1 + np.exp(-gate)))
+    gate = B.sigmoid(B.linear(h, weights[f"{p}_gate.weight"]))  # (T, 1)
+    return ffn_forward(B, args, h, parts) * gate
 
 
 def with_shared(backend, args, weights: dict, layer: int, h, out):
