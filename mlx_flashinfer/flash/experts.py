@@ -79,9 +79,9 @@ class ExpertFFN(TokenCounters):
         threads: int | None = None,
     ):
         args = layout.args
-        if layout.quantization or layout.arrangement != "bundled":
+        if layout.arrangement != "bundled":
             raise ValueError(
-                f"{layout.path}: the experts placement reads float bundled layouts"
+                f"{layout.path}: the experts placement reads bundled layouts"
             )
         if min(plan.capacity) < args.experts_per_token:
             raise ValueError(
@@ -164,7 +164,8 @@ class ExpertFFN(TokenCounters):
         cache, slot_of = self.caches[layer], self.windows[layer].slot_of
 
         def expert(e: int) -> list:  # where the window put it, this round
-            return expert_weights(B, args, cache, int(slot_of[e]))
+            parts = self.layout.join_fields(cache)  # pieces -> parts
+            return expert_weights(B, args, parts, int(slot_of[e]))
 
         out = None
         rounds = range(0, len(routed), cap)

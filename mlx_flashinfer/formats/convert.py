@@ -18,7 +18,12 @@ import numpy as np
 from tqdm import tqdm
 
 from .checkpoints import GGUFCheckpoint, HFCheckpoint, ffn_parts, open_checkpoint
-from .experts import expert_parts, expert_tensor_names, manifest_section
+from .experts import (
+    expert_parts,
+    expert_tensor_names,
+    manifest_section,
+    router_tensor_names,
+)
 from .layout import (
     ARRANGEMENTS,
     DTYPES,
@@ -185,11 +190,8 @@ def write_layout(
     temporary directory renamed at the end (see staging.py). The caller checked `dst`
     (`_check_destination`); the rename checks again that it did not change since,
     and replaces a layout only with `force`."""
-    if source.args.is_moe and (dtype in QUANTIZED_DTYPES or arrangement != "bundled"):
-        raise ValueError(
-            f"a mixture of experts converts to float16, float32 or bfloat16 bundled "
-            f"layouts for now, not {dtype} {arrangement}"
-        )
+    if source.args.is_moe and arrangement != "bundled":
+        raise ValueError("a mixture of experts converts to bundled layouts only")
     quantization = None
     if dtype in QUANTIZED_DTYPES:
         bits = QUANTIZED_DTYPES[dtype]
@@ -278,6 +280,7 @@ def _write_layout(
     ffn_names = {
         name for i in range(args.num_hidden_layers) for name, _ in ffn_parts(args, i)
     }
+    routers = router_tensor_names(args) if args.is_moe else set()
     if args.is_moe:  # each expert one bundle; the router stays resident
         ffn_names = {
             n
@@ -290,6 +293,8 @@ def _write_layout(
         if name in ffn_names:
             continue
         bits = q.resident_bits(name, shape) if q else None
+        if args.is_moe and name in routers:  # routing decides exactness: float
+            bits = None
         if bits:  # MLX's names: X.weight packed, X.scales, X.biases
             q.tensors[name] = bits
             base, groups = name.removesuffix(".weight"), shape[1] // q.group_size
@@ -397,7 +402,7 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
     gate/up (fc1), columns of down (fc2), stored as `dtype` (quantized: each row's
     fields, packed integers, scales, biases)."""
     if args.is_moe:
-        return _expert_part_bytes(source, args, layer, dtype)
+        return _expert_part_bytes(source, args, layer, dtype, q)
     parts = []
     for p, (name, transposed) in enumerate(ffn_parts(args, layer)):
         if q is None:
@@ -412,12 +417,18 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
     return parts
 
 
-def _expert_part_bytes(source, args, layer: int, dtype: str) -> list[np.ndarray]:
+def _expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
     """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
-    expert's gate rows, up rows, down columns, each (intermediate, d_model)."""
+    expert's gate rows, up rows, down columns, each (intermediate, d_model)
+    (quantized: its packed rows, then their scales, then their biases)."""
     parts = [[], [], []]
     for e in range(args.num_experts):
         for p, (name, transposed) in enumerate(expert_parts(args, layer, e)):
+            if q is not None:
+                fields = q.matrix(name, q.part_bits[p], transposed)
+                raw = [f.view(np.uint8).reshape(1, -1) for f in fields]
+                parts[p].append(np.concatenate(raw, axis=1))
+                continue
             values = source.tensor(name)
             values = encode(
                 np.ascontiguousarray(values.T if transposed else values), dtype

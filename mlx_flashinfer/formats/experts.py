@@ -196,6 +196,18 @@ def moe_expected_shapes(args) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def router_tensor_names(args) -> set[str]:
+    """The routers and shared-expert gates: resident matrices a quantized layout
+    keeps in float16 (they pick the experts)."""
+    names = {router_name(args, i) for i in range(args.num_hidden_layers)}
+    if args.shared_expert_size:
+        names |= {
+            f"layers.{i}.mlp.shared_expert_gate.weight"
+            for i in range(args.num_hidden_layers)
+        }
+    return names
+
+
 def expert_tensor_names(args, layer: int) -> list[str]:
     """The tensors of every expert of `layer` (what goes into bundles)."""
     return [

@@ -15,9 +15,12 @@ both paths route alike; reads ahead add a second, the next layer's router's).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from ..formats.experts import router_name
+from ..formats.quantize import Quantized
 from .transformer import UncountedFFN, ffn_forward
 
 
@@ -93,10 +96,25 @@ def with_shared(backend, args, weights: dict, layer: int, h, out):
 
 def expert_weights(backend, args, parts: list, slot: int) -> list:
     """An expert's (gate rows, up rows, down columns) as `linear` weights, from the
-    three (experts or slots, intermediate * d_model) matrices holding it at `slot`."""
-    B, shape = backend, (args.intermediate_size, args.hidden_size)
-    gate, up, down = (part[slot].reshape(shape) for part in parts)
+    three (experts or slots, intermediate * d_model) matrices holding it at `slot`
+    (each a `Quantized` of such matrices in a quantized layout)."""
+    B, f = backend, args.intermediate_size
+    gate, up, down = (_expert_rows(part, slot, f) for part in parts)
     return [B.rows_weight(gate), B.rows_weight(up), B.columns_weight(down)]
+
+
+def _expert_rows(part, slot: int, rows: int):
+    """Row `slot` of a part's matrix as the expert's (rows, d_model) matrix."""
+    if isinstance(part, Quantized):
+        fields = (part.packed, part.scales, part.biases)
+        return replace(
+            part,
+            **{
+                k: a[slot].reshape(rows, -1)
+                for k, a in zip(("packed", "scales", "biases"), fields, strict=True)
+            },
+        )
+    return part[slot].reshape(rows, -1)
 
 
 class DenseExperts(UncountedFFN):
@@ -104,8 +122,6 @@ class DenseExperts(UncountedFFN):
     intermediate * d_model) matrices per layer, the bundles' parts."""
 
     def __init__(self, backend, layout, resident: dict):
-        if layout.quantization:
-            raise ValueError("quantized mixture-of-experts layouts are not supported")
         self.backend = backend
         self.args = layout.args
         self.weights = resident
