@@ -268,3 +268,34 @@ def test_a_moe_manifest_must_say_version_3(tmp_path):
     write_manifest(copy, manifest)
     with pytest.raises(ValueError, match="version 2 does not match"):
         Layout.open(copy)
+
+
+def test_commands_on_a_mixture_of_experts(capsys):
+    layout = moe_layout("qwen2-moe", tiny_moe_configs()["qwen2-moe"])
+    budget = str(budgets(layout)["half"])
+    status, out, err = run(
+        [
+            "verify",
+            "--model",
+            layout,
+            "-p",
+            "the",
+            "--memory-budget",
+            budget,
+            "-m",
+            "4",
+        ],
+        capsys,
+    )
+    assert status == 0, err
+    assert "predictor router" in out and "tokens agree: 4/4" in out
+    assert "a mixture of experts: every routed expert is read" in out
+    status, out, err = run(
+        ["generate", "--model", layout, "-p", "the", "--memory-budget", budget]
+        + ["--stats", "-m", "4"],
+        capsys,
+    )
+    assert status == 0, err
+    assert_refused(["train-predictor", layout], "nothing to train", capsys)
+    assert_refused(["plan", layout, "--budget", budget], "no costs for", capsys)
+    assert_refused(["bench", layout, "--budget", budget], "moe_speed.py", capsys)

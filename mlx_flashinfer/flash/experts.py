@@ -94,6 +94,7 @@ class ExpertFFN(TokenCounters):
         self.weights = weights
         self.plan = plan
         self.router = router
+        self.predictor = router  # as FlashFFN names it (reports, verify)
         self.k = window
         reader_options = dict(
             parts=len(layout.bundle_parts),
