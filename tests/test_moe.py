@@ -90,9 +90,10 @@ def test_flash_equals_dense_and_holds_its_plan(name, backend, budget):
     share=st.floats(0, 1),
     window=st.sampled_from([0, 1, 2, 8]),
     dtype=st.sampled_from(["float32", "float16"]),
+    ahead=st.booleans(),
 )
 def test_flash_equals_dense_over_shapes(
-    family, experts, top_k, normed, share, window, dtype
+    family, experts, top_k, normed, share, window, dtype, ahead
 ):
     """Any expert count, top-k, renormalisation, shared expert or not, budget down to
     the smallest, window: flash gives dense's logits (the router is exact)."""
@@ -102,9 +103,11 @@ def test_flash_equals_dense_over_shapes(
     layout = moe_layout(f"{family}-{experts}-{top_k}", config, dtype)
     dense, _ = load(layout, backend="numpy")
     expected = dense.logits(TOKENS[:8], prefill=3)
-    least, spare = budgets(layout)["least"], budgets(layout)["all"]
+    least, spare = budgets(layout, ahead)["least"], budgets(layout, ahead)["all"]
     budget = least + int(share * (spare - least))
-    flash, _ = load(layout, backend="numpy", memory_budget=budget, window=window)
+    flash, _ = load(
+        layout, backend="numpy", memory_budget=budget, window=window, lookahead=ahead
+    )
     got = flash.logits(TOKENS[:8], prefill=3)
     tolerance = 1e-5 if dtype == "float32" else 1e-3
     assert np.abs(got - expected).max() <= tolerance
@@ -211,6 +214,32 @@ def test_reads_ahead_land_and_change_nothing(backend):
         held = flash.held_bytes()
         assert held["read buffer"] == flash.plan.io_buffer
         assert sum(held.values()) == flash.plan.weights
+
+
+def test_one_host_sync_per_layer(monkeypatch):
+    """A decoded token reads each layer's routing back to the host once (the one
+    sync a layer costs on MLX; a shared expert's gate stays on the device), and
+    its logits once."""
+    from fallback_numpy import backend
+
+    layout = moe_layout("qwen2-moe", tiny_moe_configs()["qwen2-moe"])
+    layers = Layout.open(layout).args.num_hidden_layers
+    original, calls = backend.to_numpy, []
+
+    def counted(x):
+        calls.append(1)
+        return original(x)
+
+    for dense in (True, False):
+        budget = None if dense else budgets(layout)["half"]
+        model, _ = load(layout, backend="numpy", memory_budget=budget)
+        cache = model.make_cache()
+        model.prefill(TOKENS[:3], cache)
+        calls.clear()
+        monkeypatch.setattr(backend, "to_numpy", counted)
+        model.backend.to_numpy(model([TOKENS[3]], cache))
+        monkeypatch.setattr(backend, "to_numpy", original)
+        assert len(calls) == layers + 1
 
 
 def test_layout_has_an_expert_index_and_inspect_says_it(capsys):
