@@ -12,6 +12,7 @@ equally between the layers, up to every expert.
 from __future__ import annotations
 
 from ..formats.layout import Layout
+from .direct_io import DEFAULT_STAGING, MAX_ALIGN, staging_size
 from .memory import (
     MemoryPlan,
     format_bytes,
@@ -24,6 +25,22 @@ from .memory import (
 from .window import SLOT_BYTES, LayerWindow
 
 
+def ahead_buffer_bytes(layout: Layout) -> int:
+    """The reads ahead's staging buffer: room for one token's experts of a layer in
+    one round (a read ahead fetches one round), or the reader's default if larger."""
+    args = layout.args
+    experts = args.experts_per_token * (layout.bundle_bytes + 2 * MAX_ALIGN)
+    return staging_size(
+        layout.layers, layout.bundle_bytes, cap=max(DEFAULT_STAGING, experts)
+    )
+
+
+def experts_buffers(layout: Layout, lookahead: bool = False) -> int:
+    """The read buffers: the reader's staging, and with `lookahead` the reads
+    ahead's."""
+    return io_buffer_bytes(layout) + (ahead_buffer_bytes(layout) if lookahead else 0)
+
+
 def experts_floor(layout: Layout, lookahead: bool = False) -> int:
     """Bytes the experts placement holds before any expert row: resident weights,
     the read buffer(s) and the windows' fixed bookkeeping. Each row then costs
@@ -31,7 +48,7 @@ def experts_floor(layout: Layout, lookahead: bool = False) -> int:
     args = layout.args
     resident, _ = model_bytes(layout)
     window = args.num_hidden_layers * LayerWindow.bookkeeping_bytes(args.num_experts, 0)
-    return resident + io_buffer_bytes(layout, lookahead) + window
+    return resident + experts_buffers(layout, lookahead) + window
 
 
 def plan_experts(
@@ -42,7 +59,7 @@ def plan_experts(
     lookahead: bool = False,
 ) -> MemoryPlan:
     """Split a budget into resident weights, the read buffer and expert caches
-    (with `lookahead`, a second read buffer: the reads ahead's).
+    (with `lookahead`, a second read buffer: the reads ahead's, `ahead_buffer_bytes`).
 
     Raises:
         ValueError: the budget cannot hold the resident weights, the read buffer and
@@ -64,7 +81,7 @@ def plan_experts(
         raise ValueError(
             f"memory budget {format_bytes(amount)} is too small: resident weights "
             f"{format_bytes(resident)} + read buffer "
-            f"{format_bytes(io_buffer_bytes(layout, lookahead))} + window "
+            f"{format_bytes(experts_buffers(layout, lookahead))} + window "
             "bookkeeping + "
             f"{k} experts of {format_bytes(layout.bundle_bytes)} in each of "
             f"{layers} layers need {format_bytes(needed)}, {needed - amount} bytes "
@@ -78,7 +95,7 @@ def plan_experts(
         row_bytes=layout.bundle_bytes,
         capacity=capacity,
         scratch_rows=0,
-        io_buffer=io_buffer_bytes(layout, lookahead),
+        io_buffer=experts_buffers(layout, lookahead),
         kv_cache=kv_cache,
         max_context=max_context,
         dtype=held_as(layout),

@@ -44,7 +44,7 @@ import numpy as np
 
 from ..model.moe import expert_weights, experts_forward, with_shared
 from .ffn import bundle_pieces
-from .memory import MemoryPlan
+from .memory import MemoryPlan, io_buffer_bytes
 from .reader import FlashReader
 from .stats import TokenCounters
 from .window import LayerWindow
@@ -99,11 +99,15 @@ class ExpertFFN(TokenCounters):
         reader_options = dict(
             parts=len(layout.bundle_parts),
             fields=layout.field_bytes,
-            staging_bytes=plan.io_buffer // (2 if plan.lookahead else 1),
             **({} if threads is None else {"threads": threads}),
         )
+        staging = io_buffer_bytes(layout)  # the plan's io_buffer, reads ahead's aside
         self.reader = FlashReader(
-            layout.ffn_path, layout.layers, layout.bundle_bytes, **reader_options
+            layout.ffn_path,
+            layout.layers,
+            layout.bundle_bytes,
+            staging_bytes=staging,
+            **reader_options,
         )
         pieces = [(dtype, n) for part in layout.fields for _, dtype, n in part]
         self.caches = [
@@ -118,7 +122,11 @@ class ExpertFFN(TokenCounters):
         self._pending = None  # (layer, future of a Fetched)
         if plan.lookahead and in_place:
             self.ahead = FlashReader(
-                layout.ffn_path, layout.layers, layout.bundle_bytes, **reader_options
+                layout.ffn_path,
+                layout.layers,
+                layout.bundle_bytes,
+                staging_bytes=plan.io_buffer - staging,
+                **reader_options,
             )
             self._ahead_thread = ThreadPoolExecutor(1)
         self.new_sequence()
