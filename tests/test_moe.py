@@ -216,6 +216,51 @@ def test_reads_ahead_land_and_change_nothing(backend):
         assert sum(held.values()) == flash.plan.weights
 
 
+class WrongGuess:
+    """A router that guesses experts the real one does not pick."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def route(self, layer, h):
+        ids, weights = self.router.route(layer, h)
+        experts = self.router.args.num_experts
+        last = np.setdiff1d(np.arange(experts), ids[0])[: ids.shape[1]]
+        return last[None, :], weights
+
+
+def test_a_wrong_guess_costs_reads_never_the_answer():
+    from mlx_flashinfer.flash.experts import ExpertFFN
+
+    layout = moe_layout("olmoe", tiny_moe_configs()["olmoe"])
+    dense, _ = load(layout, backend="numpy")
+    expected = dense.logits(TOKENS, prefill=2)
+    flash, _ = load(
+        layout,
+        backend="numpy",
+        memory_budget=budgets(layout, True)["least"],
+        window=1,
+        lookahead=True,
+    )
+    old = flash.ffn
+    flash.ffn = ExpertFFN(
+        flash.backend,
+        Layout.open(layout),
+        old.weights,
+        old.plan,
+        old.router,
+        1,
+        guess=WrongGuess(old.router),
+    )
+    old.close()
+    got = flash.logits(TOKENS, prefill=2)
+    assert np.abs(got - expected).max() <= 1e-5
+    decoded = flash.io_stats()["decode"]
+    # the guess names experts the router ranks last for this layer's input; the
+    # next layer's own input may still pick a few
+    assert decoded["ahead_used"] < decoded["ahead_neurons"] / 2
+
+
 def test_one_host_sync_per_layer(monkeypatch):
     """A decoded token reads each layer's routing back to the host once (the one
     sync a layer costs on MLX; a shared expert's gate stays on the device), and

@@ -66,6 +66,8 @@ class ExpertFFN(TokenCounters):
         router: the router predictor (`predictors/router.py`): route(layer, h).
         window: k, tokens whose experts stay cached (0: none; see the module doc).
         threads: reader threads.
+        guess: the router whose choice is read ahead (default `router`; tests give
+            a wrong one to show it cannot change the output).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class ExpertFFN(TokenCounters):
         router,
         window: int,
         threads: int | None = None,
+        guess=None,
     ):
         args = layout.args
         if layout.arrangement != "bundled":
@@ -95,6 +98,7 @@ class ExpertFFN(TokenCounters):
         self.plan = plan
         self.router = router
         self.predictor = router  # as FlashFFN names it (reports, verify)
+        self.guess = guess or router
         self.k = window
         reader_options = dict(
             parts=len(layout.bundle_parts),
@@ -235,7 +239,7 @@ class ExpertFFN(TokenCounters):
         before's FFN input) that `layer` does not cache."""
         stats = self._token
         started = time.perf_counter()
-        guessed = np.unique(self.router.route(layer, h)[0])
+        guessed = np.unique(self.guess.route(layer, h)[0])
         window = self.windows[layer]
         # with no window (k = 0) the cache is emptied before each token's loads
         missing = guessed[window.slot_of[guessed] < 0] if self.k else guessed
