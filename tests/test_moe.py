@@ -60,7 +60,7 @@ def test_dense_moe_equals_transformers(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "olmoe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe", "olmoe", "granitemoe"])
 @pytest.mark.parametrize("budget", ["all", "half", "least"])
 def test_flash_equals_dense_and_holds_its_plan(name, backend, budget):
     layout = moe_layout(name, tiny_moe_configs()[name])
@@ -115,7 +115,7 @@ def test_flash_equals_dense_over_shapes(
 
 
 @pytest.mark.parametrize("dtype", ["q8", "q4"])
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "granitemoe"])
 def test_quantized_experts_flash_equals_dense(family, dtype):
     """Quantized bundles (each expert's rows packed with their scales; routers kept
     in float16): flash gives dense's logits at the smallest budget, both backends
@@ -317,7 +317,7 @@ def test_refusals_are_one_line(tmp_path, capsys):
     assert_refused([*argv, "--placement", "streamed"], "one placement", capsys)
     # variants this runtime does not compute, named
     for model_type, refusal in (
-        ("granitemoe", "unsupported architecture 'granitemoe'"),
+        ("gpt_oss", "unsupported architecture 'gpt_oss'"),
         ("deepseek_v2", "unsupported architecture 'deepseek_v2'"),
     ):
         bad = tmp_path / model_type

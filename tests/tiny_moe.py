@@ -28,7 +28,7 @@ BASE = {
 
 def moe_config(family: str, experts: int = 6, top_k: int = 2, **overrides) -> dict:
     """A config.json dict of a tiny MoE model of `family` ("mixtral", "qwen3_moe",
-    "qwen2_moe", "olmoe")."""
+    "qwen2_moe", "olmoe", "granitemoe")."""
     config = dict(BASE, model_type=family)
     if family == "mixtral":
         config |= {
@@ -50,6 +50,17 @@ def moe_config(family: str, experts: int = 6, top_k: int = 2, **overrides) -> di
             config |= {"head_dim": 8, "attention_bias": False}
         else:
             config |= {"shared_expert_intermediate_size": 32, "qkv_bias": True}
+    elif family == "granitemoe":  # the multipliers of granite-3.0-1b-a400m
+        config |= {
+            "intermediate_size": 24,
+            "num_local_experts": experts,
+            "num_experts_per_tok": top_k,
+            "embedding_multiplier": 12.0,
+            "attention_multiplier": 0.015625 * 16,  # its 1/64, for head_dim 4
+            "residual_multiplier": 0.22,
+            "logits_scaling": 6.0,
+            "tie_word_embeddings": True,
+        }
     elif family == "olmoe":
         config |= {
             "intermediate_size": 24,
@@ -72,6 +83,7 @@ def tiny_moe_configs() -> dict[str, dict]:
         "qwen3-moe-unnormed": moe_config("qwen3_moe", experts=5, norm_topk_prob=False),
         "qwen2-moe": moe_config("qwen2_moe"),
         "olmoe": moe_config("olmoe", experts=8, top_k=3),
+        "granitemoe": moe_config("granitemoe", experts=5),
     }
 
 
@@ -112,6 +124,12 @@ def moe_weights(config: dict, seed: int = 0) -> dict:
             out[p + "self_attn.q_norm.weight"] = norm(q)
             out[p + "self_attn.k_norm.weight"] = norm(kv)
         # a router scaled up so that its choices are clear, not near-ties
+        if family == "granitemoe":  # the experts stacked, gate and up rows fused
+            m = p + "block_sparse_moe."
+            out[m + "router.layer.weight"] = w(experts, d, scale=1.0)
+            out[m + "input_linear.weight"] = w(experts, 2 * f, d)
+            out[m + "output_linear.weight"] = w(experts, d, f)
+            continue
         if family == "mixtral":
             m = p + "block_sparse_moe."
             out[m + "gate.weight"] = w(experts, d, scale=1.0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .args import ModelArgs
-from .experts import moe_expected_shapes
+from .experts import fold_factor, moe_expected_shapes
 from .layout import MANIFEST
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
@@ -177,6 +177,12 @@ class HFCheckpoint:
         self._where.pop("", None)
         if "lm_head.weight" not in self._where:
             args.tie_word_embeddings = True  # a checkpoint without lm_head ties it
+        if args.tie_word_embeddings and fold_factor(
+            self.config, args, "lm_head.weight"
+        ) != fold_factor(self.config, args, "embed_tokens.weight"):
+            # scaled apart (Granite's multipliers): the head is stored on its own
+            args.tie_word_embeddings = False
+            self._where["lm_head.weight"] = self._where["embed_tokens.weight"]
         self.args = args
         self.shapes = {
             n: tuple(info["shape"]) for n, (_, info, _) in self._where.items()
@@ -211,7 +217,9 @@ class HFCheckpoint:
         if name == "rope_freqs":
             return self._rope_freqs
         file, info, start = self._where[name]
-        return read_tensor(file, info, start).astype(np.float32, copy=False)
+        values = read_tensor(file, info, start).astype(np.float32, copy=False)
+        factor = fold_factor(self.config, self.args, name)
+        return values if factor == 1.0 else values * np.float32(factor)
 
     def tokenizer(self) -> tuple[dict[str, bytes], dict]:
         """(files to copy into the layout, tokenizer info for the manifest)."""

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from .checkpoints import GGUFCheckpoint, HFCheckpoint, ffn_parts, open_checkpoint
 from .experts import (
-    expert_parts,
     expert_tensor_names,
+    expert_values,
     manifest_section,
     router_tensor_names,
 )
@@ -421,20 +421,17 @@ def _expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarr
     """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
     expert's gate rows, up rows, down columns, each (intermediate, d_model)
     (quantized: its packed rows, then their scales, then their biases)."""
-    parts = [[], [], []]
-    for e in range(args.num_experts):
-        for p, (name, transposed) in enumerate(expert_parts(args, layer, e)):
-            if q is not None:
-                fields = q.matrix(name, q.part_bits[p], transposed)
-                raw = [f.view(np.uint8).reshape(1, -1) for f in fields]
-                parts[p].append(np.concatenate(raw, axis=1))
-                continue
-            values = source.tensor(name)
-            values = encode(
-                np.ascontiguousarray(values.T if transposed else values), dtype
-            )
-            parts[p].append(values.view(np.uint8).reshape(1, -1))
-    return [np.concatenate(p) for p in parts]
+    parts = []
+    for p, experts in enumerate(expert_values(source, args, layer)):
+        rows = []
+        for values in experts:
+            if q is None:
+                fields = [encode(np.ascontiguousarray(values), dtype)]
+            else:
+                fields = quantize(values, q.part_bits[p], q.group_size)
+            rows.append(np.concatenate([f.view(np.uint8).reshape(-1) for f in fields]))
+        parts.append(np.stack(rows))
+    return parts
 
 
 def _entry(path: Path, digest) -> dict:

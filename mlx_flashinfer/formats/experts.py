@@ -28,6 +28,13 @@ class MoEFamily:
     shared_expert: bool = False  # an always-on expert, sigmoid-gated (Qwen2-MoE)
     normed_key: str | None = None  # config key of renormalising the top-k weights
     normed_default: bool = True
+    router: str = "gate"  # the router's module in the block
+    # the experts stacked in two tensors: gate and up rows (experts, 2 * n, d_model),
+    # down (experts, d_model, n) (Granite-MoE's input_linear, output_linear)
+    fused: bool = False
+    # Granite's scalars (embeddings, attention scores, residual branches, logits),
+    # folded into weights at conversion (`fold_factor`): the runtime stays Llama's
+    multipliers: bool = False
 
 
 FAMILIES = {
@@ -52,6 +59,15 @@ FAMILIES = {
         shared_expert=True,
         normed_key="norm_topk_prob",
         normed_default=False,
+    ),
+    "granitemoe": MoEFamily(
+        "block_sparse_moe",
+        ("input_linear", "input_linear", "output_linear"),
+        "num_local_experts",
+        "intermediate_size",
+        router="router.layer",
+        fused=True,
+        multipliers=True,
     ),
     "olmoe": MoEFamily(
         "mlp",
@@ -149,7 +165,13 @@ def moe_layer_shapes(args, layer: int) -> dict[str, tuple[int, ...]]:
             p + "self_attn.k_norm.weight": (hd if head else kv,),
         }
     shapes[router_name(args, layer)] = (args.num_experts, d)
-    for e in range(args.num_experts):
+    if family.fused:
+        gate_up, down = expert_tensor_names(args, layer)
+        shapes |= {
+            gate_up: (args.num_experts, 2 * f, d),
+            down: (args.num_experts, d, f),
+        }
+    for e in range(0 if family.fused else args.num_experts):
         for name, transposed in expert_parts(args, layer, e):
             shapes[name] = (d, f) if transposed else (f, d)
     if args.shared_expert_size:
@@ -164,7 +186,8 @@ def moe_layer_shapes(args, layer: int) -> dict[str, tuple[int, ...]]:
 
 
 def router_name(args, layer: int) -> str:
-    return f"layers.{layer}.{FAMILIES[args.moe_type].block}.gate.weight"
+    family = FAMILIES[args.moe_type]
+    return f"layers.{layer}.{family.block}.{family.router}.weight"
 
 
 def expert_parts(args, layer: int, expert: int) -> list[tuple[str, bool]]:
@@ -210,6 +233,10 @@ def router_tensor_names(args) -> set[str]:
 
 def expert_tensor_names(args, layer: int) -> list[str]:
     """The tensors of every expert of `layer` (what goes into bundles)."""
+    family = FAMILIES[args.moe_type]
+    if family.fused:
+        p = f"layers.{layer}.{family.block}."
+        return [p + f"{family.parts[0]}.weight", p + f"{family.parts[2]}.weight"]
     return [
         name
         for e in range(args.num_experts)
@@ -228,3 +255,42 @@ def manifest_section(args, expert_bytes: int, layers: list[dict]) -> dict:
         "expert_bytes": expert_bytes,
         "offsets": [layer["offset"] for layer in layers],
     }
+
+
+def expert_values(source, args, layer: int) -> list[list]:
+    """Each bundle part of `layer`'s experts as float32 values, [part][expert] of
+    (intermediate, d_model): gate rows, up rows, down columns."""
+    f = args.intermediate_size
+    if FAMILIES[args.moe_type].fused:
+        gate_up, down = (source.tensor(n) for n in expert_tensor_names(args, layer))
+        return [
+            [gate_up[e, :f] for e in range(args.num_experts)],
+            [gate_up[e, f:] for e in range(args.num_experts)],
+            [down[e].T for e in range(args.num_experts)],
+        ]
+    parts = [[], [], []]
+    for e in range(args.num_experts):
+        for p, (name, transposed) in enumerate(expert_parts(args, layer, e)):
+            values = source.tensor(name)
+            parts[p].append(values.T if transposed else values)
+    return parts
+
+
+def fold_factor(config: dict, args, name: str) -> float:
+    """What a tensor is multiplied by at conversion, so that Granite's scalars need
+    no runtime of their own: embeddings by embedding_multiplier, the head by
+    1 / logits_scaling, queries by attention_multiplier * sqrt(head_dim) (the
+    runtime scales scores by 1 / sqrt(head_dim)), the outputs of attention and
+    experts by residual_multiplier. 1 for every other family and tensor."""
+    family = FAMILIES.get(config.get("model_type"))
+    if family is None or not family.multipliers:
+        return 1.0
+    if name == "embed_tokens.weight":
+        return float(config.get("embedding_multiplier", 1.0))
+    if name == "lm_head.weight":
+        return 1.0 / float(config.get("logits_scaling", 1.0))
+    if name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
+        return float(config.get("attention_multiplier", 1.0)) * args.head_dim**0.5
+    if name.endswith(("self_attn.o_proj.weight", f"{family.parts[2]}.weight")):
+        return float(config.get("residual_multiplier", 1.0))
+    return 1.0
