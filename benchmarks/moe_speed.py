@@ -13,6 +13,7 @@ honest about I/O; the dense row holds every expert in DRAM.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import time
@@ -44,6 +45,13 @@ def main() -> int:
     p.add_argument("--model", required=True, help="a mixture-of-experts layout")
     p.add_argument("--budgets", nargs="+", default=["50%"])
     p.add_argument("--windows", nargs="+", type=int, default=[0, 4])
+    p.add_argument(
+        "--lookahead",
+        nargs="+",
+        choices=("off", "on"),
+        default=["off"],
+        help="rows without and/or with reads ahead (the next layer's router)",
+    )
     p.add_argument("--backend", default="numpy")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--tokens", type=int, default=32)
@@ -65,37 +73,42 @@ def main() -> int:
             {"config": "dense (every expert in DRAM)", "ms_per_token": 1e3 * per_token}
         )
     del dense
-    for budget in opts.budgets:
-        for window in opts.windows:
-            model, _ = load(
-                opts.model, backend=opts.backend, memory_budget=budget, window=window
-            )
-            ids, prompt_s, per_token = decode(model, prompt, feed)
-            s = model.io_stats()["decode"]
-            n = max(s["tokens"], 1)
-            rows.append(
-                {
-                    "config": f"experts, budget {budget}, window {window}",
-                    "cached_experts": model.plan.capacity,
-                    "ms_per_token": 1e3 * per_token,
-                    "prompt_s": prompt_s,
-                    "experts_read_per_token": s["neurons_loaded"] / n,
-                    "experts_routed_per_token": s["neurons_predicted"] / n,
-                    "hit_rate": s["hit_rate"],
-                    "mb_per_token": s["bytes_per_token"] / 1e6,
-                    "io_ms_per_token": 1e3 * s["io_s"] / n,
-                    "read_gb_per_s": s["gb_per_s"],
-                    "tokens_equal_dense": None
-                    if reference is None
-                    else ids == reference,
-                }
-            )
-            model.ffn.close()
-    print(f"{'configuration':<36} {'ms/token':>9} {'read/token':>10} {'MB/token':>9}")
+    for budget, window, ahead in itertools.product(
+        opts.budgets, opts.windows, [a == "on" for a in opts.lookahead]
+    ):
+        model, _ = load(
+            opts.model,
+            backend=opts.backend,
+            memory_budget=budget,
+            window=window,
+            lookahead=ahead,
+        )
+        ids, prompt_s, per_token = decode(model, prompt, feed)
+        s = model.io_stats()["decode"]
+        n = max(s["tokens"], 1)
+        rows.append(
+            {
+                "config": f"experts, budget {budget}, window {window}"
+                + (", reads ahead" if ahead else ""),
+                "cached_experts": model.plan.capacity,
+                "ms_per_token": 1e3 * per_token,
+                "prompt_s": prompt_s,
+                "experts_read_per_token": s["neurons_loaded"] / n,
+                "experts_routed_per_token": s["neurons_predicted"] / n,
+                "hit_rate": s["hit_rate"],
+                "mb_per_token": s["bytes_per_token"] / 1e6,
+                "io_ms_per_token": 1e3 * s["io_s"] / n,
+                "read_gb_per_s": s["gb_per_s"],
+                "ahead_coverage": s["ahead_coverage"],
+                "tokens_equal_dense": None if reference is None else ids == reference,
+            }
+        )
+        model.ffn.close()
+    print(f"{'configuration':<48} {'ms/token':>9} {'read/token':>10} {'MB/token':>9}")
     for r in rows:
         read = r.get("experts_read_per_token")
         print(
-            f"{r['config']:<36} {r['ms_per_token']:>9.1f} "
+            f"{r['config']:<48} {r['ms_per_token']:>9.1f} "
             f"{'' if read is None else f'{read:.1f}':>10} "
             f"{r.get('mb_per_token', 0):>9.1f}"
         )
