@@ -261,6 +261,26 @@ def test_a_wrong_guess_costs_reads_never_the_answer():
     assert decoded["ahead_used"] < decoded["ahead_neurons"] / 2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_copied_in_where_memory_is_not_shared(backend, monkeypatch):
+    """Where the backend will not share an array's memory, reads are copied into
+    the cache rows (`write_rows`): the same logits, the same bytes held."""
+    from mlx_flashinfer.model.backends import get_backend
+
+    monkeypatch.setattr(get_backend(backend), "host_view", lambda a: None)
+    layout = moe_layout("qwen2-moe", tiny_moe_configs()["qwen2-moe"])
+    dense, _ = load(layout, backend=backend)
+    expected = dense.logits(TOKENS, prefill=4)
+    for budget in ("half", "least"):
+        flash, _ = load(
+            layout, backend=backend, memory_budget=budgets(layout)[budget], window=2
+        )
+        assert flash.io_stats()["landing"] == "copy"
+        got = flash.logits(TOKENS, prefill=4)
+        assert np.abs(got - expected).max() <= 1e-5
+        assert sum(flash.held_bytes().values()) == flash.plan.weights
+
+
 def test_one_host_sync_per_layer(monkeypatch):
     """A decoded token reads each layer's routing back to the host once (the one
     sync a layer costs on MLX; a shared expert's gate stays on the device), and
