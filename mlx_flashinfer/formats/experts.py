@@ -9,7 +9,10 @@ resident. Routing (softmax, top-k, renormalisation) is `model/moe.py`'s.
 
 Families differ in config keys, tensor names, the attention around the experts (Qwen3:
 RMSNorm of each head's queries and keys; OLMoE: of all queries and keys; Qwen2:
-biases on q, k, v) and whether a shared expert runs beside the routed ones.
+biases on q, k, v), whether a shared expert runs beside the routed ones, whether the
+experts are stored one tensor each or stacked (Granite), and Granite's multipliers,
+which conversion folds into the weights (`fold_factor`), so that the transformer and
+the flash path stay one for all of them.
 """
 
 from __future__ import annotations
