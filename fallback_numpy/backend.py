@@ -187,6 +187,10 @@ def tanh(x):
     return np.tanh(x)
 
 
+def sigmoid(x):
+    return 0.5 + 0.5 * np.tanh(0.5 * x)  # without exp overflow
+
+
 def above(x, threshold: float):
     """x where x > threshold, else 0 (FATReLU)."""
     return np.where(x > threshold, x, 0).astype(np.float32)

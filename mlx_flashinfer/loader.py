@@ -28,11 +28,14 @@ DEFAULT_WINDOW = 4  # paper: k = 4-5 for OPT, 4 for Falcon, 2 for Llama 2
 # guesses 73% right) 114-141 -> 193-215: off for SiLU models.
 DEFAULT_LOOKAHEAD = None  # None: on for the ReLU family, off otherwise
 MAX_WINDOW = 256
-PLACEMENTS = ("sparse", "streamed", "auto")
+PLACEMENTS = ("sparse", "streamed", "auto", "experts")
 
 
 def default_predictor(layout: Layout) -> str:
-    """The trained predictor when the layout has one, else the gate."""
+    """The trained predictor when the layout has one, else the gate (a mixture of
+    experts: its router)."""
+    if layout.args.is_moe:
+        return "router"
     return trained_kind(layout) or "gate"
 
 
@@ -133,6 +136,12 @@ def make_plan(
 ) -> MemoryPlan:
     """The memory plan `load` would use (shown by `flashinfer inspect --budget`)."""
     context = check_max_context(layout, max_context)
+    if layout.args.is_moe:  # the experts placement: the router predicts, exactly
+        from .flash.expert_plan import plan_experts
+
+        kv_cache = kv_cache_bytes(layout.args, context)
+        ahead = bool(lookahead)  # off unless asked: not measured better yet
+        return plan_experts(layout, memory_budget, kv_cache, context, ahead)
     predictor_bytes = predictor_nbytes(predictor, layout)
     kv_cache = kv_cache_bytes(layout.args, context)
     demand = layer_demand(layout, predictor)
@@ -220,7 +229,9 @@ def load(
             "auto": the planner's fastest plan on this machine's curves within the
             trained predictor's calibrated loss (`flashinfer plan` shows it; the
             machine is probed once, on first use); options given explicitly win.
-            Default: sparse.
+            Default: sparse; for a mixture of experts "experts", its only one
+            (routed experts read at once, cached over the window and LRU:
+            flash/experts.py).
 
     Returns:
         (model, tokenizer). `model.plan` holds the memory plan in flash mode.
@@ -238,7 +249,13 @@ def load(
         raise ValueError("memory_budget applies to flash mode: drop dense=True")
     if window is not None and not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
-    placement = placement or "sparse"
+    if layout.args.is_moe and placement not in (None, "experts"):
+        raise ValueError(
+            f"a mixture of experts has one placement, experts, not {placement}"
+        )
+    if placement == "experts" and not layout.args.is_moe:
+        raise ValueError("the experts placement is for mixtures of experts")
+    placement = placement or ("experts" if layout.args.is_moe else "sparse")
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown placement {placement!r}: {', '.join(PLACEMENTS)}")
     if placement == "streamed" and predictor not in (None, "all"):
@@ -257,7 +274,17 @@ def load(
     tokenizer = load_tokenizer(layout)
     weights = prepare_weights(B, _finite(layout.iter_resident(stored=True), layout))
     plan = None
-    if dense:
+    if dense and layout.args.is_moe:
+        from .model.moe import DenseExperts
+
+        ffn = DenseExperts(B, layout, weights)
+    elif layout.args.is_moe:
+        from .flash.experts import ExpertFFN
+
+        plan = make_plan(layout, budget, "router", context, lookahead)
+        router = make_predictor(predictor or "router", B, layout, weights)
+        ffn = ExpertFFN(B, layout, weights, plan, router, window, threads)
+    elif dense:
         ffn = DenseFFN(B, layout, weights)
     else:
         if placement == "streamed":

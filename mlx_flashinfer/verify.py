@@ -136,7 +136,12 @@ def report_lines(result: Comparison, tokenizer, args, ffn_bytes: int) -> list[st
         f"{io['reads'] / max(io['tokens'], 1):.1f} reads, "
         f"cache hit rate {io['hit_rate']:.1%}"
     )
-    if args.is_relu_family:
+    if args.is_moe:
+        lines.append(
+            "a mixture of experts: every routed expert is read (the router is "
+            "exact), so flash equals dense up to float rounding"
+        )
+    elif args.is_relu_family:
         lines.append(
             f"{args.hidden_act}: ReLU family, so flash equals dense wherever the "
             "predictor misses no firing neuron"

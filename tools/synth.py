@@ -3,12 +3,15 @@
 produced).
 
     python tools/synth.py DST [--shape opt-1.3b|opt-6.7b|opt-125m|opt-tiny|
-                                       llama2-7b-relu|llama-tiny]
+                                       llama2-7b-relu|llama-tiny|
+                                       moe-small|olmoe-half|moe-tiny]
         [--layers N] [--hidden N] [--neurons N] [--heads N]   custom sizes
         [--dtype float16|bfloat16|float32|q8|q4] [--group-size 32|64|128]
         [--down-bits 4|8] [--arrangement bundled|separate] [--seed 0] [--force]
 
 --layers/--hidden/--neurons/--heads replace those sizes of --shape (custom models).
+The moe-* and olmoe-* shapes are mixtures of experts (bench/synth_moe.py: random
+weights, routing skewed by --skew), float dtypes only.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import sys
 import time
 
 from mlx_flashinfer.bench.synth import LLAMA_SHAPES, SHAPES, write_synthetic
+from mlx_flashinfer.bench.synth_moe import MOE_SHAPES, write_synthetic_moe
 from mlx_flashinfer.formats.layout import ARRANGEMENTS, DTYPES
 
 
@@ -44,7 +48,15 @@ def custom_shape(opts) -> str | dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dst")
-    parser.add_argument("--shape", choices=[*SHAPES, *LLAMA_SHAPES], default="opt-1.3b")
+    parser.add_argument(
+        "--shape", choices=[*SHAPES, *LLAMA_SHAPES, *MOE_SHAPES], default="opt-1.3b"
+    )
+    parser.add_argument(
+        "--skew",
+        type=float,
+        default=1.0,
+        help="MoE: Zipf exponent of expert popularity",
+    )
     parser.add_argument("--dtype", choices=DTYPES, default="float16")
     parser.add_argument("--arrangement", choices=ARRANGEMENTS, default="bundled")
     parser.add_argument("--group-size", type=int, choices=(32, 64, 128), default=None)
@@ -54,8 +66,26 @@ def main() -> int:
     for flag in ("--layers", "--hidden", "--neurons", "--heads"):
         parser.add_argument(flag, type=positive, default=None, help="custom size")
     opts = parser.parse_args()
-    shape = custom_shape(opts)
     started = time.perf_counter()
+    if opts.shape in MOE_SHAPES:
+        try:
+            write_synthetic_moe(
+                opts.dst,
+                opts.shape,
+                opts.dtype,
+                opts.seed,
+                opts.skew,
+                opts.force,
+                sys.stderr.isatty(),
+            )
+        except (ValueError, FileExistsError) as err:
+            print(f"synth: error: {err}", file=sys.stderr)
+            return 2
+        print(
+            f"wrote {opts.shape} to {opts.dst} in {time.perf_counter() - started:.0f} s"
+        )
+        return 0
+    shape = custom_shape(opts)
     try:
         write_synthetic(
             opts.dst,

@@ -93,6 +93,11 @@ def prepare(
     from .configs import ROWS
 
     bundled = Layout.open(resolve_model(model, cache_dir=cache_dir))
+    if bundled.args.is_moe:
+        raise ValueError(
+            "flashinfer bench runs the paper's ablation of dense FFNs; "
+            "benchmarks/moe_speed.py measures a mixture of experts"
+        )
     # the plan row, by default, only where this machine's curves are known
     rows = tuple(rows or (r for r in ROWS if r != "plan" or machines))
     other = None

@@ -28,7 +28,7 @@ import math
 import numpy as np
 
 from ..formats.args import ModelArgs
-from ..formats.checkpoints import expected_shapes
+from ..formats.shapes import expected_shapes
 from .synth_opt import Structure, SyntheticOPT, calibrate_drift, simulate
 
 LLAMA_SHAPES = {

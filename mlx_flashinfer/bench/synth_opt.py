@@ -46,7 +46,7 @@ import numpy as np
 
 from ..flash.window import window_reuse
 from ..formats.args import ModelArgs
-from ..formats.checkpoints import expected_shapes
+from ..formats.shapes import expected_shapes
 
 SHAPES = {
     "opt-tiny": dict(

@@ -144,13 +144,19 @@ def cmd_inspect(opts) -> int:
     total = resident + ffn
     act = args.hidden_act + ("" if args.is_relu_family else "; sparsity is approximate")
     family = f"{args.family}, {args.model_type}" if args.model_type else args.family
+    if args.is_moe:
+        act = f"{args.moe_type}, {args.hidden_act} experts: routed exactly"
     tok = layout.manifest.get("tokenizer") or {}
     rows = [
         ("path", str(layout.path)),
         ("family", f"{family} ({act})"),
         ("layers", args.num_hidden_layers),
         ("d_model", args.hidden_size),
-        ("ffn neurons", f"{args.intermediate_size} per layer"),
+        *(
+            [("experts", experts_line(layout))]
+            if args.is_moe
+            else [("ffn neurons", f"{args.intermediate_size} per layer")]
+        ),
         (
             "heads",
             f"{args.num_attention_heads} ({args.num_key_value_heads} kv), "
@@ -193,7 +199,7 @@ def cmd_inspect(opts) -> int:
         plan_width = max(len(k) for k, _ in plan_rows)
         for key, value in plan_rows:
             print(f"  {key:<{plan_width}}  {value}")
-        if len(set(plan.capacity)) > 1:
+        if len(set(plan.capacity)) > 1 and not args.is_moe:
             print(
                 "  cache rows per layer, sized by each layer's share of predicted "
                 "neurons (the predictor's report):"
@@ -202,9 +208,24 @@ def cmd_inspect(opts) -> int:
                 print("  " + " ".join(str(c) for c in plan.capacity))
             else:
                 print("  (-v lists them)")
-        if line := planner_line(layout, opts):
+        if not args.is_moe and (line := planner_line(layout, opts)):
             print(line)
     return 0
+
+
+def experts_line(layout: Layout) -> str:
+    """A mixture of experts' experts: how many, routed how, and each one's bytes."""
+    a = layout.args
+    shared = (
+        f"; a shared expert of {a.shared_expert_size}" if a.shared_expert_size else ""
+    )
+    return (
+        f"{a.num_experts} per layer, {a.experts_per_token} per token "
+        f"({a.moe_type}: top-k of a softmax"
+        f"{', renormalised' if a.norm_topk_prob else ''}{shared}); each "
+        f"{a.intermediate_size} neurons, one bundle of "
+        f"{format_bytes(layout.bundle_bytes)}"
+    )
 
 
 def planner_line(layout, opts) -> str | None:

@@ -170,12 +170,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--placement",
-        choices=("sparse", "streamed", "auto"),
+        choices=("sparse", "streamed", "auto", "experts"),
         default=None,
         help="flash mode: sparse (default: predicted neurons, cached over a window), "
         "streamed (a share of every layer held, the rest read every token ahead of "
         "compute: exact for any model) or auto (the planner's choice: `flashinfer "
-        "plan` shows it)",
+        "plan` shows it); a mixture of experts has experts (routed experts read at "
+        "once, cached over the window and LRU), its default and only one",
     )
     p.add_argument("--threads", type=int, default=None, help="flash reader threads")
     p.add_argument(

@@ -125,7 +125,9 @@ class MemoryPlan:
     neurons: int = 0  # FFN neurons per layer (for the window's bookkeeping)
     # "sparse": neurons read when predicted, cached over a window (flash/ffn.py);
     # "streamed": capacity rows per layer held, the rest read every token into a
-    # ring of ring_slots spans of chunk_rows bundles (flash/streamed.py)
+    # ring of ring_slots spans of chunk_rows bundles (flash/streamed.py); "experts":
+    # capacity experts per layer cached, routed ones read at once (flash/experts.py,
+    # expert_plan.py: `neurons` and rows are experts)
     placement: str = "sparse"
     chunk_rows: int = 0
     ring_slots: int = 0
@@ -180,7 +182,22 @@ class MemoryPlan:
         share = 100 * sum(self.capacity) / (neurons * len(self.capacity))
         low, high = min(self.capacity), max(self.capacity)
         caps = f"{low}" if low == high else f"{low}-{high}"
-        if self.placement == "streamed":
+        if self.placement == "experts":
+            share = 100 * sum(self.capacity) / (self.neurons * len(self.capacity))
+            middle = [
+                (
+                    "expert cache",
+                    f"{format_bytes(self.cache_bytes)} ({caps} of {self.neurons} "
+                    f"experts per layer, {share:.1f}% of them)",
+                ),
+                (
+                    "read buffer",
+                    format_bytes(self.io_buffer)
+                    + (" (half of it for reads ahead)" if self.lookahead else ""),
+                ),
+                ("window", format_bytes(self.window_bytes)),
+            ]
+        elif self.placement == "streamed":
             streamed = 100 - share
             middle = [
                 (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .experts import MOE_TYPES, check_moe_args, moe_hf_fields
 from .families import GGUF_LAYER_NAMES, LAYER_TYPES, VARIANTS, gguf_config, text_config
 
 LLAMA_TYPES = ("llama", "mistral")
@@ -73,6 +74,14 @@ class ModelArgs:
     layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_..."
     rope_local_theta: float | None = None  # Gemma 3: sliding layers' RoPE base
     partial_rotary_factor: float = 1.0  # Phi-4-mini: RoPE on the first 3/4 of a head
+    # Mixture of experts (formats/experts.py; 0 experts: a dense FFN): each layer
+    # routes a token to experts_per_token of num_experts experts, each a gated FFN
+    # of intermediate_size neurons
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = True  # the top-k routing weights renormalised to sum 1
+    shared_expert_size: int = 0  # Qwen2-MoE: an always-on expert, sigmoid-gated
+    moe_type: str | None = None  # the family's model_type ("mixtral", "qwen3_moe")
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -111,6 +120,21 @@ class ModelArgs:
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        if self.moe_type is not None or self.num_experts:
+            check_moe_args(self)
+
+    @property
+    def is_moe(self) -> bool:
+        """True for a mixture of experts (each bundle is an expert, not a neuron)."""
+        return self.num_experts > 0
+
+    @property
+    def part_values(self) -> int:
+        """Values of each part of a bundle: d_model for a neuron's row, an expert's
+        whole (intermediate_size, d_model) matrix for an expert."""
+        if self.is_moe:
+            return self.intermediate_size * self.hidden_size
+        return self.hidden_size
 
     def _check_variant(self) -> None:
         rotary = self.head_dim * self.partial_rotary_factor
@@ -225,9 +249,17 @@ class ModelArgs:
                 eos_token_id=config.get("eos_token_id"),
             )
             return cls(**fields | _variant(model_type, config))
+        if model_type in MOE_TYPES:
+            return cls(
+                **{
+                    **cls._from_hf_config(config | {"model_type": "llama"}).to_dict(),
+                    **moe_hf_fields(config),
+                }
+            )
         raise ValueError(
-            f"unsupported architecture {model_type!r}: supported are 'opt' and the "
-            f"Llama family {LLAMA_TYPES + tuple(VARIANTS)}"
+            f"unsupported architecture {model_type!r}: supported are 'opt', the "
+            f"Llama family {LLAMA_TYPES + tuple(VARIANTS)} and the mixtures of "
+            f"experts {MOE_TYPES}"
         )
 
     @classmethod

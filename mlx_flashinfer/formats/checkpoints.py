@@ -10,24 +10,23 @@ prefix, so the model reads the checkpoint's own attribute names (no mapping tabl
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
 from .args import ModelArgs
+from .experts import fold_factor
 from .families import (
     GGUF_LAYER_NAMES,
     GGUF_LONGROPE,
-    LONGROPE,
     FusedParts,
     gguf_longrope,
     is_offset_norm,
-    variant_shapes,
 )
 from .layout import MANIFEST
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
+from .shapes import check_complete, expected_shapes, rope_divisors
 
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
@@ -37,126 +36,6 @@ HF_TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
-
-
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every tensor a model of `args` needs, canonical name -> shape (out, in)."""
-    d, f, v, hd = (
-        args.hidden_size,
-        args.intermediate_size,
-        args.vocab_size,
-        args.head_dim,
-    )
-    q, kv = args.num_attention_heads * hd, args.num_key_value_heads * hd
-    if args.family == "llama":
-        shapes = {"embed_tokens.weight": (v, d), "norm.weight": (d,)}
-        if not args.tie_word_embeddings:
-            shapes["lm_head.weight"] = (v, d)
-        for i in range(args.num_hidden_layers):
-            p = f"layers.{i}."
-            shapes |= {
-                p + "input_layernorm.weight": (d,),
-                p + "post_attention_layernorm.weight": (d,),
-                p + "self_attn.q_proj.weight": (q, d),
-                p + "self_attn.k_proj.weight": (kv, d),
-                p + "self_attn.v_proj.weight": (kv, d),
-                p + "self_attn.o_proj.weight": (d, q),
-                p + "mlp.gate_proj.weight": (f, d),
-                p + "mlp.up_proj.weight": (f, d),
-                p + "mlp.down_proj.weight": (d, f),
-            }
-            if args.attention_bias:
-                shapes |= {
-                    p + "self_attn.q_proj.bias": (q,),
-                    p + "self_attn.k_proj.bias": (kv,),
-                    p + "self_attn.v_proj.bias": (kv,),
-                    p + "self_attn.o_proj.bias": (d,),
-                }
-            shapes |= variant_shapes(args, p)
-        return shapes
-    e = args.word_embed_proj_dim or d
-    shapes = {
-        "embed_tokens.weight": (v, e),
-        "embed_positions.weight": (args.max_position_embeddings + 2, d),
-    }
-    if args.word_embed_proj_dim:
-        shapes |= {"project_in.weight": (d, e), "project_out.weight": (e, d)}
-    if args.do_layer_norm_before:
-        shapes |= {"final_layer_norm.weight": (d,), "final_layer_norm.bias": (d,)}
-    if not args.tie_word_embeddings:
-        shapes["lm_head.weight"] = (v, e)
-    for i in range(args.num_hidden_layers):
-        p = f"layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes |= {
-                p + f"self_attn.{proj}.weight": (d, d),
-                p + f"self_attn.{proj}.bias": (d,),
-            }
-        for norm in ("self_attn_layer_norm", "final_layer_norm"):
-            shapes |= {p + f"{norm}.weight": (d,), p + f"{norm}.bias": (d,)}
-        shapes |= {
-            p + "fc1.weight": (f, d),
-            p + "fc1.bias": (f,),
-            p + "fc2.weight": (d, f),
-            p + "fc2.bias": (d,),
-        }
-    return shapes
-
-
-def ffn_parts(args: ModelArgs, layer: int) -> list[tuple[str, bool]]:
-    """(tensor name, transposed?) per bundle part: rows of up/gate/fc1, columns of
-    down/fc2."""
-    p = f"layers.{layer}."
-    if args.family == "llama":
-        return [
-            (p + "mlp.gate_proj.weight", False),
-            (p + "mlp.up_proj.weight", False),
-            (p + "mlp.down_proj.weight", True),
-        ]
-    return [(p + "fc1.weight", False), (p + "fc2.weight", True)]
-
-
-def rope_divisors(args: ModelArgs) -> np.ndarray | None:
-    """Per-frequency divisors of the RoPE inverse frequencies for `rope_scaling`.
-
-    Linear scaling divides every frequency by `factor`; Llama 3 scaling divides only the
-    low frequencies, smoothly. Stored in the layout as `rope_freqs` (GGUF's name for the
-    same).
-    """
-    scaling = args.rope_scaling
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in LONGROPE:  # picked by the context at load (families.longrope)
-        return None
-    half = args.head_dim // 2
-    factor = float(scaling.get("factor", 1.0))
-    if kind == "linear":
-        return np.full(half, factor, dtype=np.float32)
-    if kind != "llama3":
-        raise ValueError(
-            f"unsupported rope_scaling type {kind!r}: linear and llama3 are"
-        )
-    inv_freq = args.rope_theta ** (
-        -np.arange(0, half, dtype=np.float64) * 2 / args.head_dim
-    )
-    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = np.clip((old_len / wavelen - low) / (high - low), 0.0, 1.0)
-    scaled = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    return (inv_freq / scaled).astype(np.float32)
-
-
-def _check_complete(shapes: dict, args: ModelArgs, where: Path) -> None:
-    for name, shape in expected_shapes(args).items():
-        if name not in shapes:
-            raise ValueError(f"{where}: checkpoint lacks tensor {name}")
-        if tuple(shapes[name]) != shape:
-            raise ValueError(
-                f"{where}: tensor {name} has shape {tuple(shapes[name])}, "
-                f"expected {shape}"
-            )
 
 
 class HFCheckpoint(FusedParts):
@@ -186,12 +65,18 @@ class HFCheckpoint(FusedParts):
         self._where.pop("", None)
         if "lm_head.weight" not in self._where:
             args.tie_word_embeddings = True  # a checkpoint without lm_head ties it
+        if args.tie_word_embeddings and fold_factor(
+            self.config, args, "lm_head.weight"
+        ) != fold_factor(self.config, args, "embed_tokens.weight"):
+            # scaled apart (Granite's multipliers): the head is stored on its own
+            args.tie_word_embeddings = False
+            self._where["lm_head.weight"] = self._where["embed_tokens.weight"]
         self.args = args
         self.shapes = {
             n: tuple(info["shape"]) for n, (_, info, _) in self._where.items()
         }
         self._name_parts()
-        _check_complete(self.shapes, args, path)
+        check_complete(self.shapes, args, path)
         self.shapes = {n: self.shapes[n] for n in expected_shapes(args)}
         divisors = rope_divisors(args)
         if divisors is not None:
@@ -226,7 +111,8 @@ class HFCheckpoint(FusedParts):
         values = read_tensor(file, info, start).astype(np.float32, copy=False)
         if self.args.norm_offset and is_offset_norm(name):
             values = values + np.float32(self.args.norm_offset)
-        return values
+        factor = fold_factor(self.config, self.args, name)
+        return values if factor == 1.0 else values * np.float32(factor)
 
     def tokenizer(self) -> tuple[dict[str, bytes], dict]:
         """(files to copy into the layout, tokenizer info for the manifest)."""
@@ -325,7 +211,7 @@ class GGUFCheckpoint(FusedParts):
             for n, t in self._tensors.items()
         }
         self._name_parts()
-        _check_complete(self.shapes, args, path)
+        check_complete(self.shapes, args, path)
         divisors = rope_divisors(args)
         if "rope_freqs" not in self.shapes and divisors is not None:
             self._rope_freqs = divisors  # llama.cpp scales from the metadata

@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .checkpoints import GGUFCheckpoint, HFCheckpoint, ffn_parts, open_checkpoint
+from .checkpoints import GGUFCheckpoint, HFCheckpoint, open_checkpoint
+from .experts import (
+    expert_tensor_names,
+    expert_values,
+    manifest_section,
+    router_tensor_names,
+)
 from .layout import (
     ARRANGEMENTS,
     DTYPES,
@@ -25,6 +31,7 @@ from .layout import (
     FORMAT,
     LAYER_ALIGNMENT,
     MANIFEST,
+    MOE_VERSION,
     RESIDENT_FILE,
     VERSION,
     align_up,
@@ -41,6 +48,7 @@ from .quantize import (
     row_bytes,
 )
 from .safetensors_stream import StreamingWriter, encode
+from .shapes import ffn_parts
 from .staging import clear_stale, publish, staging_path
 from .tokenizer import Tokenizer
 
@@ -183,6 +191,8 @@ def write_layout(
     temporary directory renamed at the end (see staging.py). The caller checked `dst`
     (`_check_destination`); the rename checks again that it did not change since,
     and replaces a layout only with `force`."""
+    if source.args.is_moe and arrangement != "bundled":
+        raise ValueError("a mixture of experts converts to bundled layouts only")
     quantization = None
     if dtype in QUANTIZED_DTYPES:
         bits = QUANTIZED_DTYPES[dtype]
@@ -271,12 +281,21 @@ def _write_layout(
     ffn_names = {
         name for i in range(args.num_hidden_layers) for name, _ in ffn_parts(args, i)
     }
+    routers = router_tensor_names(args) if args.is_moe else set()
+    if args.is_moe:  # each expert one bundle; the router stays resident
+        ffn_names = {
+            n
+            for i in range(args.num_hidden_layers)
+            for n in expert_tensor_names(args, i)
+        }
     q = quantization
     resident, total = {}, 0
     for name, shape in source.shapes.items():
         if name in ffn_names:
             continue
         bits = q.resident_bits(name, shape) if q else None
+        if args.is_moe and name in routers:  # routing decides exactness: float
+            bits = None
         if bits:  # MLX's names: X.weight packed, X.scales, X.biases
             q.tensors[name] = bits
             base, groups = name.removesuffix(".weight"), shape[1] // q.group_size
@@ -350,7 +369,7 @@ def _write_layout(
 
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": MOE_VERSION if args.is_moe else VERSION,
         "model_args": args.to_dict(),
         "dtype": dtype,
         **({"quantization": q.record()} if q else {}),
@@ -363,6 +382,7 @@ def _write_layout(
             "arrangement": arrangement,
             "layers": layers,
         },
+        **({"experts": manifest_section(args, size, layers)} if args.is_moe else {}),
         "predictor": None,
         "tokenizer": tokenizer_info,
         "source": _source_identity(source),
@@ -382,6 +402,8 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
     """Each bundle part of `layer` as bytes, (n_ffn, part bytes) uint8: rows of
     gate/up (fc1), columns of down (fc2), stored as `dtype` (quantized: each row's
     fields, packed integers, scales, biases)."""
+    if args.is_moe:
+        return _expert_part_bytes(source, args, layer, dtype, q)
     parts = []
     for p, (name, transposed) in enumerate(ffn_parts(args, layer)):
         if q is None:
@@ -393,6 +415,23 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
         parts.append(
             np.concatenate([f.view(np.uint8).reshape(len(f), -1) for f in fields], 1)
         )
+    return parts
+
+
+def _expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
+    """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
+    expert's gate rows, up rows, down columns, each (intermediate, d_model)
+    (quantized: its packed rows, then their scales, then their biases)."""
+    parts = []
+    for p, experts in enumerate(expert_values(source, args, layer)):
+        rows = []
+        for values in experts:
+            if q is None:
+                fields = [encode(np.ascontiguousarray(values), dtype)]
+            else:
+                fields = quantize(values, q.part_bits[p], q.group_size)
+            rows.append(np.concatenate([f.view(np.uint8).reshape(-1) for f in fields]))
+        parts.append(np.stack(rows))
     return parts
 
 

@@ -40,7 +40,10 @@ from .staging import write_file
 
 FORMAT = "mlx-flashinfer-layout"
 VERSION = 2
-READS_VERSIONS = (1, 2)  # version 1: the same without quantized dtypes
+READS_VERSIONS = (1, 2, 3)  # version 1: the same without quantized dtypes
+# Version 3: a mixture of experts, one bundle per expert (formats/experts.py); dense
+# layouts stay version 2, which earlier releases read.
+MOE_VERSION = 3
 LAYER_ALIGNMENT = 4096
 MANIFEST = "manifest.json"
 RESIDENT_FILE = "resident.safetensors"
@@ -74,7 +77,7 @@ def bundle_fields(
     """Per bundle part, the fields it is stored as: [(name, storage dtype, values)].
     A float part is one field; a quantized part is packed uint32 words, then
     float16 scales and biases (`part_bits`: each part's bits, default the dtype's)."""
-    d, parts = args.hidden_size, len(args.bundle_parts)
+    d, parts = args.part_values, len(args.bundle_parts)
     if dtype not in QUANTIZED_DTYPES:
         return [[("values", dtype, d)] for _ in range(parts)]
     part_bits = part_bits or [QUANTIZED_DTYPES[dtype]] * parts
@@ -321,9 +324,9 @@ class Layout:
         if any(len(b) != (stop - start) * piece for b in blocks):
             raise ValueError(f"{self.ffn_path}: truncated while reading layer {layer}")
         raw = [np.frombuffer(b, dtype=STORAGE[self.dtype]) for b in blocks]
-        shape = (stop - start, parts, self.args.hidden_size)
+        shape = (stop - start, parts, self.args.part_values)
         if regions > 1:  # (parts, n, d) regions -> (n, parts, d) bundles
-            shape_p = (stop - start, self.args.hidden_size)
+            shape_p = (stop - start, self.args.part_values)
             return np.stack(
                 [decode(r, self.dtype).reshape(shape_p) for r in raw], 1
             ).astype(np.float32, copy=False)
@@ -412,6 +415,11 @@ def _check_manifest(manifest: dict, where: Path) -> None:
         args = ModelArgs.from_dict(manifest["model_args"])
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: bad model_args ({err})") from None
+    if args.is_moe != (manifest["version"] == MOE_VERSION):
+        raise ValueError(
+            f"{where}: layout version {manifest['version']} does not match its model "
+            f"({'a mixture of experts' if args.is_moe else 'a dense FFN'})"
+        )
     ffn = manifest["ffn"]
     group, part_bits = _check_quantization(manifest, args, where)
     if (

@@ -273,6 +273,10 @@ def tanh(x):
     return mx.tanh(x)
 
 
+def sigmoid(x):
+    return mx.sigmoid(x)
+
+
 def above(x, threshold: float):
     """x where x > threshold, else 0 (FATReLU)."""
     return mx.where(x > threshold, x, 0)

@@ -366,14 +366,19 @@ class Model:
             y = B.linear(
                 h, w[f"{p}self_attn.{name}.weight"], w.get(f"{p}self_attn.{name}.bias")
             )
-            return y.reshape(t, heads, hd).transpose(1, 0, 2)  # (heads, T, hd)
+            # RMSNorm of queries and keys where the checkpoint has one (before
+            # RoPE): over all heads (OLMoE) or each head's (Qwen3, Gemma 3)
+            norm = w.get(f"{p}self_attn.{name[0]}_norm.weight")
+            if norm is not None and norm.shape[0] != hd:
+                y = B.rms_norm(y, norm, a.norm_eps)
+            y = y.reshape(t, heads, hd).transpose(1, 0, 2)  # (heads, T, hd)
+            if norm is not None and norm.shape[0] == hd:
+                y = B.rms_norm(y, norm, a.norm_eps)
+            return y
 
         q = project("q_proj", a.num_attention_heads)
         k = project("k_proj", a.num_key_value_heads)
         v = project("v_proj", a.num_key_value_heads)
-        if a.qk_norm:  # Qwen3, Gemma 3: per head, before RoPE
-            q = B.rms_norm(q, w[p + "self_attn.q_norm.weight"], a.norm_eps)
-            k = B.rms_norm(k, w[p + "self_attn.k_norm.weight"], a.norm_eps)
         if a.family == "llama":
             q = B.rope(q, offset, self.rope_freqs[p])
             k = B.rope(k, offset, self.rope_freqs[p])

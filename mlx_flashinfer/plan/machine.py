@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from ..formats.args import ModelArgs
-from ..formats.checkpoints import expected_shapes
 from ..formats.model_cache import cache_root
 from ..formats.quantize import QUANTIZED_DTYPES, Quantized
+from ..formats.shapes import expected_shapes
 from ..model.backends import default_backend_name, get_backend
 from ..model.transformer import Model, UncountedFFN, prepare_weights
 from .disk import FILE_NAME, short_probe, stream_beside

@@ -27,7 +27,7 @@ from ..model.nonfinite import check_weights
 from ..model.transformer import gate_magnitude
 from .lowbit import GROUP_SIZES
 
-PREDICTORS = ("lowrank", "lowbit", "gate", "oracle", "all")
+PREDICTORS = ("lowrank", "lowbit", "gate", "oracle", "all", "router")
 TRAINED = ("lowrank", "lowbit")  # kinds train-predictor stores
 DEFAULT_SILU_SPARSITY = 0.5  # CATS-style: half the neurons of a SiLU model skipped
 
@@ -167,7 +167,7 @@ def predictor_nbytes(name: str, layout: Layout) -> int:
     if name == "gate":  # OPT's fc1 bias is a resident weight, counted there
         args = layout.args
         return args.num_hidden_layers * args.intermediate_size * layout.part_bytes[0]
-    if name in ("oracle", "all"):
+    if name in ("oracle", "all", "router"):  # a router is a resident weight
         return 0
     if name == "lowrank":
         header, _ = read_header(layout.path / trained_predictor(layout, name)["file"])
@@ -248,6 +248,15 @@ def make_predictor(
         )
         return LowBitPredictor(
             backend, rows, norms, section["cuts"], act=layout.args.hidden_act
+        )
+    if name == "router":  # a mixture of experts' own: exact
+        from .router import RouterPredictor
+
+        return RouterPredictor(backend, layout.args, resident)
+    if layout.args.is_moe:
+        raise ValueError(
+            f"a mixture of experts is predicted by its router: --predictor router, "
+            f"not {name}"
         )
     if name == "all":
         return AllPredictor(layout.args)

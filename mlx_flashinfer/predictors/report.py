@@ -120,8 +120,9 @@ def not_stored_line(section: dict, layout) -> str:
 def sparsity_line(model, layout) -> str | None:
     """One line on a flash model whose sparsity is approximate (not ReLU family):
     how much of the FFN its predictor skips and the calibrated perplexity loss;
-    None for dense models and exact (ReLU-family) setups."""
-    if model.plan is None or layout.args.is_relu_family:
+    None for dense models and exact setups (ReLU family; a mixture of experts,
+    routed by its router)."""
+    if model.plan is None or layout.args.is_relu_family or layout.args.is_moe:
         return None
     predictor = model.ffn.predictor
     act = layout.args.hidden_act

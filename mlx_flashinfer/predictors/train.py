@@ -189,6 +189,11 @@ def train_predictor(
     started = time.perf_counter()
     layout = Layout.open(path)
     args = layout.args
+    if args.is_moe:
+        raise ValueError(
+            f"{path} is a mixture of experts: its router is its predictor (exact), "
+            "there is nothing to train"
+        )
     kind = kind or default_kind(args)
     if kind not in TRAINED:
         raise ValueError(f"unknown predictor kind {kind!r}: {' or '.join(TRAINED)}")

@@ -1,0 +1,135 @@
+"""Decode speed of a mixture of experts from flash: dense, and the experts placement
+at each budget and window, in this process; each row's argmax tokens checked against
+dense's.
+
+    python benchmarks/moe_speed.py --model LAYOUT [--budgets 50% 75%] [--windows 0 4]
+        [--backend numpy] [--prompt-tokens 16] [--tokens 32] [--out FILE.json]
+
+A layout from `python tools/synth.py DST --shape moe-small` (or any MoE layout).
+Flash reads bypass the page cache (O_DIRECT), so the runs need no cgroup to be
+honest about I/O; the dense row holds every expert in DRAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import time
+
+import numpy as np
+
+from mlx_flashinfer import load
+
+
+def decode(model, prompt: list[int], feed: list[int]) -> tuple[list[int], float, float]:
+    """Run `prompt`, then decode the tokens `feed` one at a time (fixed, not sampled:
+    a random model's greedy tokens repeat, which no router would see); return the
+    argmax after each token, the prompt's seconds and the seconds per decoded token."""
+    B = model.backend
+    cache = model.make_cache()
+    began = time.perf_counter()
+    logits = model.prefill(prompt, cache)
+    ids = [int(np.argmax(B.to_numpy(logits)[-1]))]
+    prompt_s = time.perf_counter() - began
+    began = time.perf_counter()
+    for token in feed:
+        logits = model([token], cache)
+        ids.append(int(np.argmax(B.to_numpy(logits)[-1])))
+    return ids, prompt_s, (time.perf_counter() - began) / max(len(feed), 1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a mixture-of-experts layout")
+    p.add_argument("--budgets", nargs="+", default=["50%"])
+    p.add_argument("--windows", nargs="+", type=int, default=[0, 4])
+    p.add_argument(
+        "--lookahead",
+        nargs="+",
+        choices=("off", "on"),
+        default=["off"],
+        help="rows without and/or with reads ahead (the next layer's router)",
+    )
+    p.add_argument("--backend", default="numpy")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--no-dense", action="store_true", help="skip the dense row")
+    p.add_argument("--out", default=None, help="write the rows as JSON")
+    opts = p.parse_args()
+
+    rows, reference = [], None
+    dense, _ = load(opts.model, backend=opts.backend)
+    args = dense.args
+    if not args.is_moe:
+        p.error(f"{opts.model} is not a mixture of experts")
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(3, args.vocab_size, opts.prompt_tokens).tolist()
+    feed = rng.integers(3, args.vocab_size, opts.tokens).tolist()
+    if not opts.no_dense:
+        reference, prompt_s, per_token = decode(dense, prompt, feed)
+        rows.append(
+            {"config": "dense (every expert in DRAM)", "ms_per_token": 1e3 * per_token}
+        )
+    del dense
+    for budget, window, ahead in itertools.product(
+        opts.budgets, opts.windows, [a == "on" for a in opts.lookahead]
+    ):
+        model, _ = load(
+            opts.model,
+            backend=opts.backend,
+            memory_budget=budget,
+            window=window,
+            lookahead=ahead,
+        )
+        ids, prompt_s, per_token = decode(model, prompt, feed)
+        s = model.io_stats()["decode"]
+        n = max(s["tokens"], 1)
+        rows.append(
+            {
+                "config": f"experts, budget {budget}, window {window}"
+                + (", reads ahead" if ahead else ""),
+                "cached_experts": model.plan.capacity,
+                "ms_per_token": 1e3 * per_token,
+                "prompt_s": prompt_s,
+                "experts_read_per_token": s["neurons_loaded"] / n,
+                "experts_routed_per_token": s["neurons_predicted"] / n,
+                "hit_rate": s["hit_rate"],
+                "mb_per_token": s["bytes_per_token"] / 1e6,
+                "io_ms_per_token": 1e3 * s["io_s"] / n,
+                "read_gb_per_s": s["gb_per_s"],
+                "ahead_coverage": s["ahead_coverage"],
+                "tokens_equal_dense": None if reference is None else ids == reference,
+            }
+        )
+        model.ffn.close()
+    print(f"{'configuration':<48} {'ms/token':>9} {'read/token':>10} {'MB/token':>9}")
+    for r in rows:
+        read = r.get("experts_read_per_token")
+        print(
+            f"{r['config']:<48} {r['ms_per_token']:>9.1f} "
+            f"{'' if read is None else f'{read:.1f}':>10} "
+            f"{r.get('mb_per_token', 0):>9.1f}"
+        )
+    if opts.out:
+        result = {
+            "model": {
+                "path": opts.model,
+                "num_experts": args.num_experts,
+                "experts_per_token": args.experts_per_token,
+                "layers": args.num_hidden_layers,
+            },
+            "backend": opts.backend,
+            "machine": platform.processor() or platform.machine(),
+            "prompt_tokens": opts.prompt_tokens,
+            "tokens": opts.tokens,
+            "rows": rows,
+        }
+        with open(opts.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,296 @@
+"""The experts placement: a mixture of experts from flash, through the same reader,
+window and cache as neurons, with the router as an exact predictor.
+
+Each expert is one bundle in ffn.bin (its gate rows, up rows, down columns: one read
+of the whole expert, formats/experts.py), and each layer caches `capacity` experts,
+as many as the memory plan gives it (`expert_plan.py`), at least one token's.
+Per layer and decoded token:
+    ids, w = router.route(layer, h)     top-k experts and weights, on the host
+    plan   = window.step(ids)           which experts to load, which rows move
+    rows   = reader.read(layer, loads)  every routed expert not cached, at once
+    cache: move rows, append new rows   a preallocated matrix per part and layer
+    out    = sum of w * expert(h)       + the shared expert, if the family has one
+No routed expert is ever skipped: the output is the dense one (`model/moe.py`, the
+same sums in the same order). The window keeps experts past the last k tokens
+while the cache has room and evicts the least recently routed first, so the last k
+tokens' experts stay cached whenever the cache holds k * top_k of them; k = 0 keeps
+nothing (every routed expert read every token: the naive baseline).
+
+A prompt routes all its tokens first and reads the union of their experts once per
+layer, in rounds of at most the cache's capacity (sorted by expert id): each round's
+experts compute for the tokens routed to them, evaluated before the next round's
+reads land (rule 2 below); the last rounds' experts stay cached for the tokens after.
+
+Reads ahead (`lookahead`, the in-place path): once a decoded token's experts for
+layer l are loaded, layer l+1's router applied to layer l's FFN input guesses layer
+l+1's experts, and a second reader fetches those layer l+1 does not cache, in the
+background, while layer l's experts and layer l+1's attention compute. At layer l+1
+the router decides as always: experts fetched ahead land from the prefetch buffer,
+the rest is read then. A wrong guess costs reads, never the answer.
+
+Reads land in the cache rows through host views, as in `ffn.py`, under its rules:
+  1. a layer's cache rows change only between its computations: the token before
+     was evaluated, and this token's graph over them is built after the writes;
+  2. within a prompt, each round's sum is evaluated before the next round's reads.
+Where MLX will not share an array's memory, rows are copied in with `write_rows`.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..model.moe import expert_weights, experts_forward, with_shared
+from .ffn import bundle_pieces
+from .memory import MemoryPlan, io_buffer_bytes
+from .reader import FlashReader
+from .stats import TokenCounters
+from .window import LayerWindow
+
+# A window of k >= 1 tokens keeps experts past it until their rows are needed
+# (least recently routed first): as LayerWindow, with a window longer than any
+# sequence.
+KEEP_PAST_WINDOW = 1 << 40
+
+
+class ExpertFFN(TokenCounters):
+    """Every MoE layer's experts, read from the layout's ffn.bin under a memory plan.
+
+    Args:
+        backend: Backend API module.
+        layout: a mixture-of-experts layout (float, bundled).
+        weights: prepared resident weights (routers, shared experts).
+        plan: an experts memory plan (`expert_plan.plan_experts`).
+        router: the router predictor (`predictors/router.py`): route(layer, h).
+        window: k, tokens whose experts stay cached (0: none; see the module doc).
+        threads: reader threads.
+        guess: the router whose choice is read ahead (default `router`; tests give
+            a wrong one to show it cannot change the output).
+    """
+
+    def __init__(
+        self,
+        backend,
+        layout,
+        weights: dict,
+        plan: MemoryPlan,
+        router,
+        window: int,
+        threads: int | None = None,
+        guess=None,
+    ):
+        args = layout.args
+        if layout.arrangement != "bundled":
+            raise ValueError(
+                f"{layout.path}: the experts placement reads bundled layouts"
+            )
+        if min(plan.capacity) < args.experts_per_token:
+            raise ValueError(
+                f"an expert cache of {min(plan.capacity)} rows cannot hold one "
+                f"token's {args.experts_per_token} experts"
+            )
+        self.backend = backend
+        self.layout = layout
+        self.args = args
+        self.weights = weights
+        self.plan = plan
+        self.router = router
+        self.predictor = router  # as FlashFFN names it (reports, verify)
+        self.guess = guess or router
+        self.k = window
+        reader_options = dict(
+            parts=len(layout.bundle_parts),
+            fields=layout.field_bytes,
+            **({} if threads is None else {"threads": threads}),
+        )
+        staging = io_buffer_bytes(layout)  # the plan's io_buffer, reads ahead's aside
+        self.reader = FlashReader(
+            layout.ffn_path,
+            layout.layers,
+            layout.bundle_bytes,
+            staging_bytes=staging,
+            **reader_options,
+        )
+        pieces = [(dtype, n) for part in layout.fields for _, dtype, n in part]
+        self.caches = [
+            [backend.zeros((cap, n), dtype) for dtype, n in pieces]
+            for cap in plan.capacity
+        ]
+        self._views = [[backend.host_view(m) for m in layer] for layer in self.caches]
+        in_place = all(v is not None for v in sum(self._views, []))
+        self.landing = "in place" if in_place else "copy"
+        # reads ahead: their own reader and a thread waiting on it (in place only)
+        self.ahead = None
+        self._pending = None  # (layer, future of a Fetched)
+        if plan.lookahead and in_place:
+            self.ahead = FlashReader(
+                layout.ffn_path,
+                layout.layers,
+                layout.bundle_bytes,
+                staging_bytes=plan.io_buffer - staging,
+                **reader_options,
+            )
+            self._ahead_thread = ThreadPoolExecutor(1)
+        self.new_sequence()
+        super().__init__()
+
+    def new_sequence(self) -> None:
+        """Forget every window (a fresh KV cache); cached rows just get overwritten."""
+        k = KEEP_PAST_WINDOW if self.k else 0
+        self.windows = [
+            LayerWindow(self.args.num_experts, cap, k) for cap in self.plan.capacity
+        ]
+        if self._pending is not None:  # a read ahead of an old token
+            self._pending[1].result()
+            self._pending = None
+
+    def io_stats(self) -> dict:
+        # the counters named for neurons count experts here
+        return {
+            **super().io_stats(),
+            "unit": "expert",
+            "mode": self.reader.mode,
+            "landing": self.landing,
+        }
+
+    def held_bytes(self) -> dict:
+        """Bytes of the arrays this FFN holds, by part of the memory plan."""
+        return {
+            "predictor": int(self.router.nbytes),
+            "neuron cache": sum(int(m.nbytes) for layer in self.caches for m in layer),
+            "scratch": 0,
+            "read buffer": self.reader.staging_bytes
+            + (self.ahead.staging_bytes if self.ahead else 0),
+            "window": sum(w.nbytes for w in self.windows),
+        }
+
+    def __call__(self, layer: int, h):
+        B, args, stats = self.backend, self.args, self._token
+        fetched = self._fetched_ahead(layer)
+        started = time.perf_counter()
+        ids, weights = self.router.route(layer, h)
+        stats.predictor_s += time.perf_counter() - started
+        routed = np.unique(ids)
+        cap = self.plan.capacity[layer]
+        cache, slot_of = self.caches[layer], self.windows[layer].slot_of
+
+        def expert(e: int) -> list:  # where the window put it, this round
+            parts = self.layout.join_fields(cache)  # pieces -> parts
+            return expert_weights(B, args, parts, int(slot_of[e]))
+
+        out = None
+        rounds = range(0, len(routed), cap)
+        for start in rounds:
+            wanted = routed[start : start + cap]
+            self._load(layer, wanted, fetched)
+            ahead = self.ahead is not None and h.shape[0] == 1
+            if ahead and layer + 1 < len(self.windows):
+                self._read_ahead(layer + 1, h)  # while this layer computes
+            out = experts_forward(B, args, h, ids, weights, expert, out, only=wanted)
+            if len(rounds) > 1:
+                B.synchronize(out)  # rule 2: before the next round's reads land
+        if h.shape[0] > 1:
+            stats.prefill_layers += 1
+            stats.prefill_neurons += len(routed)
+        return with_shared(B, args, self.weights, layer, h, out)
+
+    def _load(self, layer: int, wanted: np.ndarray, fetched=None) -> None:
+        """Make the experts `wanted` (sorted, at most the capacity) cached; those in
+        `fetched` (read ahead) land from the prefetch buffer."""
+        B, stats, window = self.backend, self._token, self.windows[layer]
+        started, io_before = time.perf_counter(), stats.io_s
+        first = None
+        if fetched is not None:
+            first = np.zeros(self.args.num_experts, dtype=bool)
+            first[fetched.ids] = True
+        plan = window.step(wanted, first)
+        stats.neurons_predicted += len(wanted)
+        stats.neurons_hit += plan.hits
+        stats.neurons_loaded += len(plan.load_ids)
+        stats.neurons_evicted += plan.evicted
+        stats.lru_evicted += plan.lru_evicted
+        cache, views, loads = self.caches[layer], self._views[layer], plan.load_ids
+        if self.landing == "in place":
+            for view in views if len(plan.move_src) else ():
+                view[plan.move_dst] = view[plan.move_src]
+            if len(loads):
+                slot = int(plan.load_slots[0])  # load slots are consecutive
+                block = [v[slot : slot + len(loads)] for v in views]
+                # the loads read ahead come first (window.step's `first`)
+                ready = 0 if first is None else int(np.count_nonzero(first[loads]))
+                if ready:
+                    self._take(fetched, loads[:ready], [b[:ready] for b in block])
+                if ready < len(loads):
+                    self._read(layer, loads[ready:], [b[ready:] for b in block])
+        else:
+            for p in range(len(cache)) if len(plan.move_src) else ():
+                cache[p] = B.move_rows(cache[p], plan.move_src, plan.move_dst)
+            if len(loads):
+                raw = self._read(layer, loads, None)
+                for p, rows in enumerate(bundle_pieces(B, self.layout, raw)):
+                    cache[p] = B.write_rows(cache[p], plan.load_slots, rows)
+                    B.synchronize(cache[p])  # `raw` is valid until the next read
+        stats.memory_s += time.perf_counter() - started - (stats.io_s - io_before)
+
+    def _read_ahead(self, layer: int, h) -> None:
+        """Start fetching the experts `layer`'s router picks for `h` (the layer
+        before's FFN input) that `layer` does not cache."""
+        stats = self._token
+        started = time.perf_counter()
+        guessed = np.unique(self.guess.route(layer, h)[0])
+        window = self.windows[layer]
+        # with no window (k = 0) the cache is emptied before each token's loads
+        missing = guessed[window.slot_of[guessed] < 0] if self.k else guessed
+        stats.predictor_s += time.perf_counter() - started
+        if len(missing):
+            future = self._ahead_thread.submit(self.ahead.fetch, layer, missing)
+            self._pending = (layer, future)
+
+    def _fetched_ahead(self, layer: int):
+        """What was read ahead for `layer` (waiting for it if still reading), or
+        None; counted into this token's I/O."""
+        if self._pending is None:
+            return None
+        ahead_layer, future = self._pending
+        self._pending = None
+        stats = self._token
+        began = time.perf_counter()
+        fetched = future.result()
+        waited = time.perf_counter() - began
+        stats.io_s += waited
+        stats.ahead_wait_s += waited
+        stats.io_ahead_s += fetched.seconds
+        stats.bytes_read += fetched.bytes_read
+        stats.reads += fetched.reads
+        stats.ahead_bytes += fetched.bytes_read
+        stats.ahead_neurons += len(fetched.ids)
+        return fetched if ahead_layer == layer else None
+
+    def _take(self, fetched, ids: np.ndarray, into: list) -> None:
+        """Land experts read ahead into their rows, counted as I/O."""
+        stats = self._token
+        began = time.perf_counter()
+        fetched.take(ids, into)
+        stats.io_s += time.perf_counter() - began
+        stats.ahead_used += len(ids)
+        stats.bytes_useful += len(ids) * self.reader.bundle_bytes
+
+    def _read(self, layer: int, ids: np.ndarray, into):
+        """`reader.read` of `ids` into `into`, counted."""
+        counters, stats = self.reader.stats, self._token
+        before = (counters.bytes_read, counters.bytes_useful, counters.reads)
+        seconds = counters.seconds
+        raw = self.reader.read(layer, ids, into)
+        stats.bytes_read += counters.bytes_read - before[0]
+        stats.bytes_useful += counters.bytes_useful - before[1]
+        stats.reads += counters.reads - before[2]
+        stats.io_s += counters.seconds - seconds
+        return raw
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self._ahead_thread.shutdown()
+            self.ahead.close()
+        self.reader.close()
