@@ -106,11 +106,15 @@ def domain_sequences(
                 f"{len(ids)} tokens, need at least {MIN_DOMAIN_TOKENS}"
             )
         take = min(share, len(ids))
-        count = max(TUNE_EVERY, -(-take // seq_len))
-        length = max(2, take // count)
-        for start in np.linspace(0, len(ids) - length, count).round().astype(int):
-            sequences.append(ids[start : start + length])
+        count = min(max(TUNE_EVERY, -(-take // seq_len)), take // 2)
+        lengths = [take // count + (i < take % count) for i in range(count)]
+        gap = (len(ids) - take) / max(count - 1, 1)  # tokens skipped between two
+        start = 0
+        for i, length in enumerate(lengths):
+            at = start + round(i * gap)
+            sequences.append(ids[at : at + length])
             names.append(name)
+            start += length
     total = sum(len(s) for s in sequences)
     if total < MIN_TOKENS:
         raise ValueError(

@@ -145,10 +145,12 @@ class Calibration:
 
         self.gate_sparse = self.runner.run(layer, self.gate_sparse, keep=keep)
 
-    def gate_loss(self) -> float:
+    def gate_loss(self) -> dict:
         """The gate predictor's perplexity loss on the quality sequences (after
-        `measured`, which scores them dense)."""
-        return self._quality(self.nll(self.gate_sparse))["loss"]
+        `measured`, which scores them dense): "loss" the worst domain's, with
+        "worst" and "pooled_loss"."""
+        measured = self._quality(self.nll(self.gate_sparse))
+        return {k: measured[k] for k in ("loss", "worst", "pooled_loss")}
 
     def nll(self, streams) -> dict[str, float]:
         """Summed NLL (nats) per domain of the quality sequences from their final

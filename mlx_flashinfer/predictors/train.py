@@ -295,7 +295,7 @@ def train_predictor(
         "predicted_fraction": float(np.mean(gate_fractions)),
         "nbytes": predictor_nbytes("gate", layout),
         # the ReLU family's gate predictor is exact: it loses nothing
-        "loss": run.gate_loss() if args.hidden_act == "silu" else 0.0,
+        **(run.gate_loss() if args.hidden_act == "silu" else {"loss": 0.0}),
     }
     settings = {
         "kind": kind,
