@@ -36,8 +36,8 @@ class LayerData:
     trained on (fit) and of those tuned on, with the tune tokens' gate (OPT: fc1)
     pre-activations and activations (all NumPy, one row per token)."""
 
-    fit_h: np.ndarray
-    fit_target: np.ndarray
+    fit_h: np.ndarray | None
+    fit_target: np.ndarray | None
     tune_h: np.ndarray
     tune_target: np.ndarray
     tune_gate: np.ndarray
@@ -66,6 +66,18 @@ class Calibration:
             for j in [j for j in tune if names[j] == d][:QUALITY_SEQUENCES]
         ]
         self.quality_domains = [names[j] for j in self.quality]
+        # each domain's rows among the tune tokens (concatenated in `tune` order)
+        ends = np.cumsum([len(sequences[j]) for j in tune])
+        self.tune_groups = [
+            np.concatenate(
+                [
+                    np.arange(e - len(sequences[j]), e)
+                    for j, e in zip(tune, ends, strict=True)
+                    if names[j] == d
+                ]
+            )
+            for d in self.domains
+        ]
         self.sparse = [self.streams[j] for j in self.quality]
         self.gate_sparse = list(self.sparse)  # the same tokens, the gate's cuts
         self.grids: list[quality.LayerGrid] | None = [] if grids else None
@@ -84,8 +96,8 @@ class Calibration:
         self.streams, records = self.runner.run(layer, self.streams, record=record)
         fit = [r for r in records if not r[0]]
         tuned = [r for r in records if r[0]]
-        return LayerData(
-            *(np.concatenate([r[i] for r in fit]) for i in (1, 2)),
+        return LayerData(  # fit: None when nothing is fitted (low-bit)
+            *(np.concatenate([r[i] for r in fit]) if fit else None for i in (1, 2)),
             *(np.concatenate([r[i] for r in tuned]) for i in (1, 2, 3, 4)),
         )
 
@@ -131,6 +143,7 @@ class Calibration:
                     data.tune_act,
                     self.runner.down_norms,
                     out_norms,
+                    self.tune_groups,
                 )
             )
 
