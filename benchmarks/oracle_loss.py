@@ -19,7 +19,7 @@ from mlx_flashinfer.formats.tokenizer import load_tokenizer
 from mlx_flashinfer.model.transformer import ffn_activation
 from mlx_flashinfer.predictors.calibrate import LayerByLayer, domain_sequences
 from mlx_flashinfer.predictors.quality import sequence_nll
-from mlx_flashinfer.predictors.streams import QUALITY_SEQUENCES
+from mlx_flashinfer.predictors.streams import quality_sequences
 from mlx_flashinfer.predictors.texts import calibration_domains
 from mlx_flashinfer.predictors.train import DEFAULT_TOKENS
 
@@ -56,11 +56,8 @@ def main() -> None:
         tokenizer, calibration_domains(tokenizer), DEFAULT_TOKENS, 256
     )
     domains = list(dict.fromkeys(names))
-    chosen = [  # as train-predictor's low-bit predictor: each domain's first ones
-        j
-        for d in domains
-        for j in [j for j, n in enumerate(names) if n == d][:QUALITY_SEQUENCES]
-    ]
+    every = list(range(len(sequences)))  # a low-bit predictor tunes on every one
+    chosen = [j for d in domains for j in quality_sequences(every, names, d)]
     ids = [sequences[j] for j in chosen]
     of = [names[j] for j in chosen]
     runner = LayerByLayer(layout, opts.backend, max_context=256)

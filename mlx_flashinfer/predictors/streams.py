@@ -60,10 +60,8 @@ class Calibration:
         self.runner = LayerByLayer(layout, backend, max_context=longest)
         self.streams = self.runner.embed(sequences)
         self.domains = list(dict.fromkeys(names))
-        self.quality = [  # sequence indices, each domain's first tune sequences
-            j
-            for d in self.domains
-            for j in [j for j in tune if names[j] == d][:QUALITY_SEQUENCES]
+        self.quality = [  # sequence indices: tune sequences spread over each domain
+            j for d in self.domains for j in quality_sequences(tune, names, d)
         ]
         self.quality_domains = [names[j] for j in self.quality]
         # each domain's rows among the tune tokens (concatenated in `tune` order)
@@ -231,6 +229,14 @@ class Calibration:
             keep = self.keep(self.predictor(w), cut)
             streams = self.runner.run(layer, streams, keep=keep)
         return self.nll(streams)
+
+
+def quality_sequences(tune: list[int], names: list[str], domain: str) -> list[int]:
+    """The tune sequences of `domain` the loss is measured on: QUALITY_SEQUENCES of
+    them (all when fewer), spread evenly over its text."""
+    own = [j for j in tune if names[j] == domain]
+    picks = np.linspace(0, len(own) - 1, min(QUALITY_SEQUENCES, len(own)))
+    return [own[i] for i in sorted(set(picks.round().astype(int)))]
 
 
 def _perplexities(nll: float, dense_nll: float, tokens: int) -> dict:
