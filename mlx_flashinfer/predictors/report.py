@@ -174,5 +174,5 @@ def sparsity_line(model, layout) -> str | None:
         f"sparse FFN ({act}, approximate): {name} predictor skips "
         f"{skipped_share(section):.0%} of neurons per token; perplexity against "
         f"dense {domains_line(measured)} (predicted neurons only; a roomier cache "
-        "loses less; `flashinfer verify --text FILE` measures yours)"
+        "loses less; `flashinfer verify -p P --text FILE` measures yours)"
     )
