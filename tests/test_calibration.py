@@ -309,3 +309,24 @@ def test_the_shipped_corpus_has_every_domain_and_its_held_out_part_apart():
     readme = (data / "README.md").read_text(encoding="utf-8")
     for f in files:
         assert f"`{f}`" in readme, f
+
+
+def test_a_cuts_error_is_its_worst_domains():
+    """Two domains of 50 tokens: the second's activations are 3x larger on every
+    neuron, so at every cut the worst domain's mean error is the second's, 9x the
+    first's; without groups the error is the mean of all tokens."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((100, 16))
+    act = np.ones((100, 16))
+    act[50:] = 3.0
+    args = (z, z > 0, act, np.ones(16), np.full(100, 4.0))
+    groups = [np.arange(50), np.arange(50, 100)]
+    pooled = quality.layer_grid(*args)
+    worst = quality.layer_grid(*args, groups=groups)
+    assert worst.cuts == pooled.cuts and worst.error[0] == pooled.error[0] == 0.0
+    weight = act**2 / 16.0
+    rows = zip(worst.cuts[1:], worst.error[1:], pooled.error[1:], strict=True)
+    for cut, error, mean in rows:
+        per_token = np.where(z <= cut, weight, 0.0).sum(axis=1)
+        assert error == pytest.approx(per_token[50:].mean())
+        assert mean == pytest.approx(per_token.mean())
