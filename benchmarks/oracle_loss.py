@@ -17,7 +17,11 @@ import numpy as np
 from mlx_flashinfer.formats.layout import Layout
 from mlx_flashinfer.formats.tokenizer import load_tokenizer
 from mlx_flashinfer.model.transformer import ffn_activation
-from mlx_flashinfer.predictors.calibrate import LayerByLayer, domain_sequences
+from mlx_flashinfer.predictors.calibrate import (
+    LayerByLayer,
+    domain_sequences,
+    split_domains,
+)
 from mlx_flashinfer.predictors.quality import sequence_nll
 from mlx_flashinfer.predictors.streams import quality_sequences
 from mlx_flashinfer.predictors.texts import calibration_domains
@@ -56,8 +60,8 @@ def main() -> None:
         tokenizer, calibration_domains(tokenizer), DEFAULT_TOKENS, 256
     )
     domains = list(dict.fromkeys(names))
-    every = list(range(len(sequences)))  # a low-bit predictor tunes on every one
-    chosen = [j for d in domains for j in quality_sequences(every, names, d)]
+    _, tune = split_domains(names)  # as train-predictor
+    chosen = [j for d in domains for j in quality_sequences(tune, names, d)]
     ids = [sequences[j] for j in chosen]
     of = [names[j] for j in chosen]
     runner = LayerByLayer(layout, opts.backend, max_context=256)

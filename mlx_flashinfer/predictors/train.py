@@ -14,9 +14,8 @@ layer's FFN is read once). Per layer:
     |silu(gate) x up| (`contribution_mask`);
   - a low-rank predictor trains on 4 of every 5 sequences (`lowrank_fit.train_layer`);
     a low-bit one is the layer's gate and up rows at 4 bits;
-  - its cut is chosen on the 5th, the tune split it never trained on (a low-bit
-    one, which fits nothing, on every sequence): the highest cut that keeps
-    `recall` of the target set (Deja Vu and the paper aim at 0.99);
+  - its cut is chosen on the 5th, the tune split it never trained on: the highest
+    cut that keeps `recall` of the target set (Deja Vu and the paper aim at 0.99);
   - a few tune sequences run on with the layer computed over the kept neurons only,
     which measures what the cuts cost in perplexity (`quality.py`).
 With `max_loss`, the cuts are chosen instead for that loss, per layer
@@ -230,8 +229,6 @@ def train_predictor(
     sequences, names = domain_sequences(tokenizer, domains, tokens, seq_len)
     total = sum(len(s) for s in sequences)
     train, tune = split_domains(names)
-    if kind == "lowbit":  # nothing is fitted: every sequence tunes the cuts
-        train, tune = [], sorted(train + tune)
     tune_tokens = sum(len(sequences[j]) for j in tune)
     if memory_budget is not None:
         longest = max(len(s) for s in sequences)
