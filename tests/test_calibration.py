@@ -15,6 +15,8 @@ from mlx_flashinfer.predictors.calibrate import (
     TUNE_EVERY,
     LayerByLayer,
     calibration_sequences,
+    domain_sequences,
+    split_domains,
     split_sequences,
 )
 from mlx_flashinfer.predictors.lowrank import LowRankPredictor
@@ -232,3 +234,99 @@ def test_allocate_finds_the_longest_prefix_within_the_target(
     assert result.met and result.loss <= target
     assert result.loss == loss_of(result.steps)
     assert best - sum(result.steps) <= max(1, len(path) // 64)
+
+
+class Chars:  # a tokenizer: one id per character, a plain chat template
+    chat_template = None
+
+    def encode(self, text):
+        return [ord(c) % 97 for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(32, 4000), min_size=1, max_size=5),
+    tokens=st.integers(128, 6000),
+    seq_len=st.integers(8, 512),
+)
+def test_domain_sequences_share_the_tokens_and_spread_over_each_text(
+    lengths, tokens, seq_len
+):
+    domains = {
+        f"d{i}": "abcdefghij" * (n // 10) + "x" * (n % 10)
+        for i, n in enumerate(lengths)
+    }
+    if sum(min(tokens // len(lengths), n) for n in lengths) < 128:
+        with pytest.raises(ValueError, match="too short to train on"):
+            domain_sequences(Chars(), domains, tokens, seq_len)
+        return
+    sequences, names = domain_sequences(Chars(), domains, tokens, seq_len)
+    train, tune = split_domains(names)
+    assert sorted(train + tune) == list(range(len(sequences)))
+    for name, n in zip(domains, lengths, strict=True):
+        own = [s for s, d in zip(sequences, names, strict=True) if d == name]
+        assert sum(len(s) for s in own) == min(tokens // len(lengths), n)
+        take = min(tokens // len(lengths), n)
+        assert len(own) >= min(TUNE_EVERY, take // 2) and min(map(len, own)) >= 2
+        assert max(map(len, own)) <= seq_len or len(own) == min(TUNE_EVERY, take // 2)
+        assert {names[j] for j in tune} == set(domains)  # every domain tuned on
+        assert {names[j] for j in train} == set(domains)
+
+
+def test_domain_sequences_reach_the_end_of_a_long_text():
+    text = "".join(chr(97 + i % 26) for i in range(10_000))
+    sequences, _ = domain_sequences(Chars(), {"long": text}, 1000, 100)
+    ids = Chars().encode(text)
+    assert sequences[0] == ids[:100] and sequences[-1] == ids[-100:]
+    assert len(sequences) == 10
+
+
+def test_a_domain_too_short_is_refused_by_name():
+    with pytest.raises(ValueError, match="'tiny' is too short to train on: 5 tokens"):
+        domain_sequences(Chars(), {"long": "a" * 500, "tiny": "abcde"}, 400, 64)
+
+
+def test_the_shipped_corpus_has_every_domain_and_its_held_out_part_apart():
+    """Five domains, a few hundred KB in all, each with held-out passages that
+    calibration never reads; the chat domain rendered through the chat template;
+    every shipped file named in data/README.md with its source and licence."""
+    corpus = texts.calibration_domains(Chars())
+    held = texts.held_out_domains(Chars())
+    assert list(corpus) == list(held) == list(texts.DOMAINS)
+    assert len(corpus) == 5
+    assert corpus["chat"].startswith("user: ") and "assistant: " in corpus["chat"]
+    for name, text in corpus.items():
+        assert len(text) > 4000 and len(held[name]) > 1000, name
+        for line in held[name].splitlines():
+            if len(line) > 60:  # no held-out line (beyond boilerplate) calibrates
+                assert line not in text, (name, line)
+    data = texts.resources.files(texts.__package__) / "data"
+    files = sorted(f.name for f in data.iterdir() if f.name != "README.md")
+    assert sum((data / f).stat().st_size for f in files) < 300_000
+    readme = (data / "README.md").read_text(encoding="utf-8")
+    for f in files:
+        assert f"`{f}`" in readme, f
+
+
+def test_a_cuts_error_is_its_worst_domains():
+    """Two domains of 50 tokens: the second's activations are 3x larger on every
+    neuron, so at every cut the worst domain's mean error is the second's, 9x the
+    first's; without groups the error is the mean of all tokens."""
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal((100, 16))
+    act = np.ones((100, 16))
+    act[50:] = 3.0
+    args = (z, z > 0, act, np.ones(16), np.full(100, 4.0))
+    groups = [np.arange(50), np.arange(50, 100)]
+    pooled = quality.layer_grid(*args)
+    worst = quality.layer_grid(*args, groups=groups)
+    assert worst.cuts == pooled.cuts and worst.error[0] == pooled.error[0] == 0.0
+    weight = act**2 / 16.0
+    rows = zip(worst.cuts[1:], worst.error[1:], pooled.error[1:], strict=True)
+    for cut, error, mean in rows:
+        per_token = np.where(z <= cut, weight, 0.0).sum(axis=1)
+        assert error == pytest.approx(per_token[50:].mean())
+        assert mean == pytest.approx(per_token.mean())

@@ -369,7 +369,8 @@ def test_flash_silu_says_its_sparsity_and_calibrated_loss(
     skipped = 1 - np.mean([r["predicted_fraction"] for r in section["report"]])
     loss = section["quality"]["loss"]
     expected = (
-        f"skips {skipped:.0%} of neurons per token; calibrated perplexity {loss:+.1%}"
+        f"skips {skipped:.0%} of neurons per token; perplexity against dense "
+        f"calibrated on 5 domains, worst {loss:+.1%}"
     )
     _, _, err = run([*generate, *FLASH], capsys)
     assert expected in sparsity_lines(err)[0]
@@ -395,6 +396,18 @@ def test_flash_silu_says_its_sparsity_and_calibrated_loss(
     status, out, _ = run([*argv, "--perplexity-tokens", 0], capsys)
     assert status == 0 and "perplexity of" not in out
 
+    # the user's own text, scored as the built-in passage is
+    mine = tmp_path / "mine.txt"
+    mine.write_text("def area(r):\n    return 3.14159 * r * r\n" * 8, "utf-8")
+    status, out, _ = run([*argv, "--text", mine, "--perplexity-tokens", 40], capsys)
+    (scored,) = [line for line in out.splitlines() if line.startswith("perplexity of")]
+    assert status == 0 and scored.startswith(f"perplexity of {mine} (")
+    dense = float(scored.split("dense ")[1].split(",")[0])
+    ids = tokenizer.encode(mine.read_text("utf-8"))[:40]
+    assert dense == pytest.approx(
+        perplexity(model, ids, 40, prefill=16)["perplexity"], abs=1e-3
+    )
+
 
 # -- bad input: one line on stderr, exit 2, no traceback ------------------------------
 
@@ -413,6 +426,11 @@ BAD = {  # argv (--model: a tiny layout unless given), what the line must say
     "budget unreadable": (["chat", "--memory-budget", "lots"], "bad memory budget"),
     "verify budget": (["verify", "-p", "a", "--memory-budget", "1KB"], "too small"),
     "verify scores": (["verify", "-p", "a", "--perplexity-tokens", -1], ">= 0"),
+    "verify no text": (["verify", "-p", "a", "--text", "/no/such.txt"], "No such"),
+    "verify text unscored": (
+        ["verify", "-p", "a", "--text", __file__, "--perplexity-tokens", 0],
+        "--text is scored by --perplexity-tokens",
+    ),
     "bad window": (["generate", "-p", "a", *FLASH, "--window", -1], "window -1"),
     "bad threads": (["generate", "-p", "a", *FLASH, "--threads", -2], "threads"),
     "prompt too long": (["generate", "-p", "alice " * 70], "exceed the model's"),

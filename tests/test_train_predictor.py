@@ -13,7 +13,9 @@ from tiny_models import WORDS, has_mlx, random_weights, tiny_config, write_hf_ch
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.cli import main
 from mlx_flashinfer.model.transformer import silu_magnitude
+from mlx_flashinfer.predictors import texts
 from mlx_flashinfer.predictors import train as training
+from mlx_flashinfer.predictors.streams import Calibration
 from mlx_flashinfer.predictors.train import train_predictor
 
 
@@ -144,16 +146,24 @@ def test_default_calibration_is_the_shipped_text_and_cuts_keep_the_recall(
     section = train_predictor(
         layout, tokens=600, kind="lowrank", rank=8, recall=0.9, progress=False
     )
-    assert section["source"] == "shipped text (alice_ch01-06.txt)"
+    assert section["source"] == "shipped corpus"
     assert section["tokens"] == 600 and 0 < section["tune_tokens"] < 600
     assert len(section["cuts"]) == 2 and section["recall_target"] == 0.9
     for layer in section["report"]:  # on the tune split, which chose the cut
         assert layer["recall"] >= 0.9 and 0 < layer["predicted_fraction"] <= 1
     measured = section["quality"]
     assert measured["dense_perplexity"] > 1 and measured["tokens"] > 0
-    assert measured["loss"] == pytest.approx(
+    assert measured["pooled_loss"] == pytest.approx(
         measured["perplexity"] / measured["dense_perplexity"] - 1
     )
+    # each shipped domain measured on its own; the promise is the worst one's
+    domains = measured["domains"]
+    assert list(domains) == list(texts.DOMAINS)
+    for d in domains.values():
+        assert d["loss"] == pytest.approx(d["perplexity"] / d["dense_perplexity"] - 1)
+    assert measured["loss"] == max(d["loss"] for d in domains.values())
+    assert measured["loss"] == domains[measured["worst"]]["loss"]
+    assert sum(d["tokens"] for d in domains.values()) == measured["tokens"]
     # the flash model predicts with the stored cuts
     model, _ = load(layout, memory_budget="100%", predictor="lowrank")
     assert model.ffn.predictor.cuts == section["cuts"]
@@ -182,13 +192,14 @@ def test_a_loss_target_that_cannot_be_met_says_so(
     layer that skips anything costs 0.1 nats per token more than measured, so
     a 0.5% target cannot be met: the best reached is stored and said to be short."""
     layout = Path(shutil.copytree(silu_layout, tmp_path / "layout"))
-    measured_pass = training._Calibration._sparse_pass
+    measured_pass = Calibration._sparse_pass
 
     def costlier(self, weights, cuts):
         skipping = sum(cut is not None for cut in cuts)
-        return measured_pass(self, weights, cuts) + 0.1 * self.scored * skipping
+        nll = measured_pass(self, weights, cuts)
+        return {d: v + 0.1 * self.scored[d] * skipping for d, v in nll.items()}
 
-    monkeypatch.setattr(training._Calibration, "_sparse_pass", costlier)
+    monkeypatch.setattr(Calibration, "_sparse_pass", costlier)
     argv = ["train-predictor", str(layout), "--tokens", "600", "--rank", "8"]
     assert main([*argv, "--max-loss", "0.5%"]) == 0
     assert "--max-loss 0.50%: NOT met" in capsys.readouterr().out

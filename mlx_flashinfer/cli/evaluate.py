@@ -17,6 +17,9 @@ from .options import (
     read_text_file,
 )
 
+VERIFY_TOKENS = 128  # of the built-in passage
+TEXT_TOKENS = 256  # of the user's text
+
 
 def add_commands(sub) -> None:
     """Register verify and perplexity."""
@@ -25,9 +28,17 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--perplexity-tokens",
         type=at_least(0),
-        default=128,
-        help="also score this many tokens of a built-in passage with both "
-        "(0: skip; default 128)",
+        default=None,
+        help="also score this many tokens of a passage with both (0: skip; default "
+        f"{VERIFY_TOKENS}, or {TEXT_TOKENS} of a --text file)",
+    )
+    p.add_argument(
+        "--text",
+        metavar="FILE",
+        default=None,
+        help="score your own UTF-8 text, dense against flash, instead of the built-in "
+        "passage (a chapter of Alice calibration never saw): whether the calibrated "
+        "loss holds on your kind of text",
     )
     add_model_options(p)
     p.set_defaults(run=cmd_verify)
@@ -65,6 +76,12 @@ def cmd_verify(opts) -> int:
     from ..verify import compare, perplexities, perplexity_line, report_lines
 
     prompt = read_prompt(opts.prompt)
+    score_tokens = opts.perplexity_tokens
+    if score_tokens is None:
+        score_tokens = TEXT_TOKENS if opts.text else VERIFY_TOKENS
+    if opts.text and not score_tokens:
+        raise ValueError("--text is scored by --perplexity-tokens: give more than 0")
+    passage = read_text_file(opts.text, "--text") if opts.text else verify_text()
     path = resolve_model(opts.model, cache_dir=opts.cache_dir)
     shared = {"backend": opts.backend, "max_context": opts.max_context}
     dense, tokenizer = load(path, dense=True, **shared)
@@ -97,10 +114,10 @@ def cmd_verify(opts) -> int:
     print("\n".join(report_lines(result, tokenizer, dense.args, layout.ffn_bytes)))
     if line := sparsity_line(flash, layout):
         print(line)
-    if opts.perplexity_tokens:
-        passage = tokenizer.encode(verify_text())[: opts.perplexity_tokens]
-        scores = perplexities(flash, dense, passage)
-        print(perplexity_line(*scores, "a passage calibration never saw (Alice IX)"))
+    if score_tokens:
+        ids = tokenizer.encode(passage)[:score_tokens]
+        what = opts.text or "a passage calibration never saw (Alice IX)"
+        print(perplexity_line(*perplexities(flash, dense, ids), what))
     return 0
 
 

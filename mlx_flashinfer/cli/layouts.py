@@ -10,7 +10,7 @@ import time
 from ..flash.memory import format_bytes, model_bytes
 from ..formats.layout import DTYPES, Layout
 from ..predictors.kinds import PREDICTORS, trained_kind
-from ..predictors.report import predictor_table
+from ..predictors.report import domains_line, predictor_table
 from .options import (
     add_cache_option,
     lookahead_option,
@@ -172,7 +172,7 @@ def cmd_inspect(opts) -> int:
         ("bundle", f"{layout.bundle_bytes} bytes ({', '.join(layout.bundle_parts)})"),
         ("resident", f"{format_bytes(resident)} ({100 * resident / total:.0f}%)"),
         ("ffn", f"{format_bytes(ffn)} ({100 * ffn / total:.0f}%)"),
-        ("predictor", trained_kind(layout) or "none"),
+        ("predictor", _predictor_summary(layout)),
         (
             "tokenizer",
             f"{tok.get('file', 'none')}, chat template: "
@@ -241,3 +241,12 @@ def planner_line(layout, opts) -> str | None:
     context = check_max_context(layout, opts.max_context)
     best = choose(layout, opts.budget, machine, max_context=context).best
     return f"\nthe planner's choice here: {best.name}: {best.cost.line()}"
+
+
+def _predictor_summary(layout: Layout) -> str:
+    """The trained predictor's kind and, when measured, its calibrated loss."""
+    kind = trained_kind(layout)
+    measured = (layout.manifest.get("predictor") or {}).get("quality")
+    if kind is None or not measured:
+        return kind or "none"
+    return f"{kind}, {domains_line(measured)}"

@@ -22,9 +22,10 @@ def add_commands(sub) -> None:
         "--text",
         action="append",
         metavar="FILE",
-        help="a UTF-8 calibration text file; give the option once per file: "
-        "--text a.txt --text b.txt (default: chapters I-VI of Alice's Adventures in "
-        "Wonderland, shipped with the package)",
+        help="a UTF-8 calibration text file, one domain whose loss is kept within "
+        "--max-loss on its own; give the option once per file: --text a.txt --text "
+        "b.txt (default: the shipped corpus of five domains: narrative, technical "
+        "prose, code, chat, other languages)",
     )
     p.add_argument(
         "--tokens",
@@ -65,8 +66,8 @@ def add_commands(sub) -> None:
         default=None,
         metavar="PCT",
         help="instead of --recall: choose each layer's cut so that perplexity on "
-        "calibration text rises by at most PCT percent (e.g. 3%%), skipping most "
-        "where layers tolerate it",
+        "calibration text rises by at most PCT percent (e.g. 3%%) in every domain, "
+        "skipping most where layers tolerate it",
     )
     p.add_argument(
         "--sparsity",
@@ -103,7 +104,9 @@ def cmd_train_predictor(opts) -> int:
         if kind == "lowbit":
             raise ValueError("--rank and --last-rank apply to --kind lowrank only")
         kind = "lowrank"
-    texts = [read_text_file(f, "--text") for f in opts.text or []]
+    texts = {Path(f).name: read_text_file(f, "--text") for f in opts.text or []}
+    if len(texts) < len(opts.text or []):
+        raise ValueError("--text: each file once, by distinct names")
     path = resolve_model(opts.model)  # "default": the embedded model's cached layout
     section = train_predictor(
         path,

@@ -9,6 +9,8 @@ price of reading it once. Each sequence runs as one prompt from position 0, exac
 as a whole forward pass would compute it.
 
 - `calibration_sequences`: text -> token sequences; `split_sequences`: train / tune.
+- `domain_sequences`: texts of several domains -> sequences, an equal share each,
+  spread over each text; `split_domains`: train / tune within each domain.
 - `LayerByLayer`: the model with one layer's FFN in memory, run a layer at a time.
 """
 
@@ -30,6 +32,7 @@ from ..model.transformer import (
 )
 
 MIN_TOKENS = 128  # below this no layer can be fitted and checked on a held-out split
+MIN_DOMAIN_TOKENS = 32  # a domain's text gives at least this many tokens
 TUNE_EVERY = 5  # every 5th sequence is tuned on, not trained on: 20%
 
 
@@ -74,6 +77,63 @@ def split_sequences(count: int) -> tuple[list[int], list[int]]:
     tune = list(range(TUNE_EVERY - 1, count, TUNE_EVERY)) or [count - 1]
     chosen = set(tune)
     return [i for i in range(count) if i not in chosen], tune
+
+
+def domain_sequences(
+    tokenizer, domains: dict[str, str], tokens: int, seq_len: int
+) -> tuple[list[list[int]], list[str]]:
+    """Each domain's equal share of `tokens` (all its tokens when it has fewer), as
+    sequences of up to `seq_len` spread evenly over its text (so a long document is
+    sampled throughout, not only its start); at least TUNE_EVERY sequences per
+    domain, shorter ones when needed, so one at least is tuned on.
+
+    Returns:
+        The sequences, and each one's domain name.
+
+    Raises:
+        ValueError: no domain, a domain's text below MIN_DOMAIN_TOKENS tokens, or
+            all of them below MIN_TOKENS.
+    """
+    if not domains:
+        raise ValueError("no calibration text given")
+    share = tokens // len(domains)
+    sequences, names = [], []
+    for name, text in domains.items():
+        ids = tokenizer.encode(text)
+        if len(ids) < MIN_DOMAIN_TOKENS:
+            raise ValueError(
+                f"the calibration text {name!r} is too short to train on: "
+                f"{len(ids)} tokens, need at least {MIN_DOMAIN_TOKENS}"
+            )
+        take = min(share, len(ids))
+        count = min(max(TUNE_EVERY, -(-take // seq_len)), take // 2)
+        lengths = [take // count + (i < take % count) for i in range(count)]
+        gap = (len(ids) - take) / max(count - 1, 1)  # tokens skipped between two
+        start = 0
+        for i, length in enumerate(lengths):
+            at = start + round(i * gap)
+            sequences.append(ids[at : at + length])
+            names.append(name)
+            start += length
+    total = sum(len(s) for s in sequences)
+    if total < MIN_TOKENS:
+        raise ValueError(
+            f"the text is too short to train on: {total} tokens, need at least "
+            f"{MIN_TOKENS}"
+        )
+    return sequences, names
+
+
+def split_domains(names: list[str]) -> tuple[list[int], list[int]]:
+    """`split_sequences` within each domain (every domain is tuned on), given each
+    sequence's domain name; returns the indices to train on and to tune on."""
+    train, tune = [], []
+    for name in dict.fromkeys(names):
+        own = [i for i, n in enumerate(names) if n == name]
+        fit, tuned = split_sequences(len(own))
+        train += [own[i] for i in fit]
+        tune += [own[i] for i in tuned]
+    return sorted(train), sorted(tune)
 
 
 class _OneLayerFFN(UncountedFFN):

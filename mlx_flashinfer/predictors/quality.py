@@ -14,11 +14,13 @@ tolerate):
      cut that skips that share, and the error it leaves in the residual stream:
      per token, sum over skipped neurons i of (a_i |down_i|)^2 (activation times
      the down column's length), over the squared norm of the layer's output;
+     averaged per domain, the worst domain's (a layer that other languages need
+     is raised late even when English tolerates it);
   2. the greedy path: from every layer dense, repeatedly raise by one GRID step the
      layer whose error grows least;
   3. the longest prefix of that path whose measured loss (every layer sparse at
-     once) stays within the target, by bisection: each step one pass of the model
-     over the calibration sequences.
+     once; the worst domain's) stays within the target, by bisection: each step
+     one pass of the model over the calibration sequences.
 Measuring each layer's loss alone (a pass through the rest of the model per layer)
 instead of step 1's error cost more time than the whole training here, and step 3
 measures the loss that counts anyway.
@@ -59,16 +61,22 @@ class LayerGrid:
     error: list[float]
 
 
-def layer_grid(z, target, act, down_norms, out_norms) -> LayerGrid:
+def layer_grid(z, target, act, down_norms, out_norms, groups=None) -> LayerGrid:
     """The `LayerGrid` of one layer from the tune tokens' predictor logits z, target
     sets and activations (each (T, n)), its down columns' lengths (n,) and the
-    norms of the layer's output (T,)."""
+    norms of the layer's output (T,); with `groups` (row indices of each domain's
+    tokens), a cut's error is the worst domain's mean, not all tokens'."""
     weight = (act * down_norms) ** 2 / np.maximum(out_norms**2, 1e-12)[:, None]
+    groups = groups or [np.arange(len(z))]
     cuts = [None] + [float(c) for c in np.quantile(z, GRID[1:])]
     kept, error = [], []
     for cut in cuts:
         kept.append({**cut_report(z, target, cut), "window": predicted_window(z, cut)})
-        error.append(0.0 if cut is None else float(weight[z <= cut].sum()) / len(z))
+        if cut is None:
+            error.append(0.0)
+            continue
+        per_token = np.where(z <= cut, weight, 0.0).sum(axis=1)
+        error.append(max(float(per_token[g].mean()) for g in groups))
     return LayerGrid(cuts, kept, error)
 
 

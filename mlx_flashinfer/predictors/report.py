@@ -48,12 +48,21 @@ def quality_lines(section: dict) -> list[str]:
     measured = section.get("quality")
     if not measured:
         return []
+    pooled = measured.get("pooled_loss", measured["loss"])
     lines = [
         f"skips {skipped_share(section):.1%} of FFN neurons per token on average; "
         f"perplexity {measured['dense_perplexity']:.3f} dense -> "
-        f"{measured['perplexity']:.3f} ({measured['loss']:+.1%}) on "
+        f"{measured['perplexity']:.3f} ({pooled:+.1%}) on "
         f"{measured['tokens']} calibration tokens it did not train on"
     ]
+    if domains := measured.get("domains"):
+        lines.append(f"{domains_line(measured)}:")
+        lines.append("  domain        tokens  dense ppl  sparse ppl    loss")
+        lines += [
+            f"  {name:<12} {d['tokens']:>6}  {d['dense_perplexity']:>9.3f}  "
+            f"{d['perplexity']:>10.3f}  {d['loss']:>+6.1%}"
+            for name, d in domains.items()
+        ]
     if measured.get("max_loss") is not None:
         if measured["met"]:
             verdict = "met"
@@ -67,6 +76,17 @@ def quality_lines(section: dict) -> list[str]:
             f"({measured['passes']} passes over the calibration tokens)"
         )
     return lines
+
+
+def domains_line(measured: dict) -> str:
+    """ "calibrated on N domains, worst +x% (name)", or the one domain's loss."""
+    domains = measured.get("domains") or {}
+    if len(domains) < 2:
+        return f"calibrated on one text, {measured['loss']:+.1%}"
+    return (
+        f"calibrated on {len(domains)} domains, worst {measured['loss']:+.1%} "
+        f"({measured['worst']})"
+    )
 
 
 def gate_dominates(section: dict) -> bool:
@@ -153,7 +173,7 @@ def sparsity_line(model, layout) -> str | None:
         )
     return (
         f"sparse FFN ({act}, approximate): {name} predictor skips "
-        f"{skipped_share(section):.0%} of neurons per token; calibrated perplexity "
-        f"{measured['loss']:+.1%} against dense (predicted neurons only; a roomier "
-        "cache loses less)"
+        f"{skipped_share(section):.0%} of neurons per token; perplexity against "
+        f"dense {domains_line(measured)} (predicted neurons only; a roomier cache "
+        "loses less; `flashinfer verify -p P --text FILE` measures yours)"
     )

@@ -4,9 +4,11 @@ Two kinds: `lowrank` (the paper's, `lowrank.py`), trained per layer, and `lowbit
 (`lowbit.py`: 4-bit copies of gate and up, nothing to fit), the default for SiLU
 models, where a low-rank map ranks neurons too poorly to skip many.
 
-Calibration text (chapters I-VI of Alice, shipped with the package, unless texts are
-given: no model sampling) runs through the model one layer at a time
-(`calibrate.LayerByLayer`: each layer's FFN is read once). Per layer:
+Calibration text (the corpus shipped with the package, five domains: narrative prose,
+technical prose, source code, conversations in the model's chat template, other
+languages; or the texts given, each a domain; no model sampling) runs through the
+model one layer at a time (`streams.Calibration` over `calibrate.LayerByLayer`: each
+layer's FFN is read once). Per layer:
   - each token's target set: the neurons that fire (ReLU family); for SiLU models
     the neurons outside the `silu_sparsity` fraction with the smallest
     |silu(gate) x up| (`contribution_mask`);
@@ -17,7 +19,8 @@ given: no model sampling) runs through the model one layer at a time
   - a few tune sequences run on with the layer computed over the kept neurons only,
     which measures what the cuts cost in perplexity (`quality.py`).
 With `max_loss`, the cuts are chosen instead for that loss, per layer
-(`quality.allocate`, TEAL-like).
+(`quality.allocate`, TEAL-like), in every domain: the worst domain's loss is the
+one kept within the target.
 
 The gate predictor (what flash mode uses without a trained one) is measured on the
 same tune split: the neurons it predicts, the DRAM it holds and, for SiLU models, its
@@ -33,7 +36,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -43,10 +45,9 @@ from ..formats.tokenizer import load_tokenizer
 from . import lowbit, quality
 from .calibrate import (
     MIN_TOKENS,
-    LayerByLayer,
-    calibration_sequences,
     check_calibration_budget,
-    split_sequences,
+    domain_sequences,
+    split_domains,
 )
 from .kinds import (
     TRAINED,
@@ -55,12 +56,12 @@ from .kinds import (
     gate_magnitude,
     predictor_nbytes,
 )
-from .lowbit import LowBitPredictor
-from .lowrank import LowRankPredictor, held_bytes, predictor_tensors
+from .lowrank import held_bytes, predictor_tensors
 from .lowrank_fit import cut_for_recall, cut_report, train_layer
 from .report import gate_dominates, not_stored_line
 from .store import check_writable, store_predictor
-from .texts import CALIBRATION_FILE, calibration_text
+from .streams import Calibration
+from .texts import calibration_domains
 
 DEFAULT_RECALL = 0.99
 # Calibration costs tokens x (forward + epochs x training step); training is the
@@ -70,7 +71,6 @@ DEFAULT_RECALL = 0.99
 # forward) 0.642/0.823, 0.661/0.828; 8192 x 10 0.649/0.829, 0.665/0.831.
 DEFAULT_TOKENS = 4096
 DEFAULT_EPOCHS = 8
-QUALITY_SEQUENCES = 2  # tune sequences the loss is measured on (512 tokens)
 
 
 def contribution_mask(
@@ -127,7 +127,7 @@ def parse_max_loss(value: str | float) -> float:
 def train_predictor(
     path,
     *,
-    texts: list[str] | None = None,
+    texts: list[str] | dict[str, str] | None = None,
     tokens: int = DEFAULT_TOKENS,
     kind: str | None = None,
     rank: int = 64,
@@ -149,15 +149,19 @@ def train_predictor(
 
     Args:
         path: layout directory.
-        texts: calibration texts; None: the shipped one (`texts.calibration_text`).
-        tokens: calibration tokens (the first ones of the text).
+        texts: calibration texts, each a domain whose loss is guarded on its own
+            (a dict names them); None: the shipped corpus
+            (`texts.calibration_domains`).
+        tokens: calibration tokens, an equal share per domain, spread over each
+            text.
         kind: "lowrank" or "lowbit"; None: `default_kind`.
         rank, last_rank: low-rank predictor's rank per layer; the last eighth of the
             layers gets `last_rank` when given.
         recall: each layer's cut keeps this share of its target set on the tune
             split (default DEFAULT_RECALL).
         max_loss: instead of `recall`, choose the cuts so that perplexity on
-            calibration text rises by at most this fraction (0.03: 3%).
+            calibration text rises by at most this fraction (0.03: 3%) in every
+            domain.
         silu_sparsity: SiLU models only: fraction of neurons outside the target
             set per token (the smallest |silu(gate) x up|), in (0, 1); the gate
             predictor's cut on |silu(gate)| (it cannot see up) skips the same
@@ -223,11 +227,15 @@ def train_predictor(
     check_writable(layout)
     tokenizer = load_tokenizer(layout)
     seq_len = min(seq_len, args.max_position_embeddings)
-    sequences = calibration_sequences(
-        tokenizer, texts or [calibration_text()], tokens, seq_len
-    )
+    if texts is None:
+        domains = calibration_domains(tokenizer)
+    elif isinstance(texts, dict):
+        domains = dict(texts)
+    else:
+        domains = {f"text {i + 1}": t for i, t in enumerate(texts)}
+    sequences, names = domain_sequences(tokenizer, domains, tokens, seq_len)
     total = sum(len(s) for s in sequences)
-    train, tune = split_sequences(len(sequences))
+    train, tune = split_domains(names)
     tune_tokens = sum(len(sequences[j]) for j in tune)
     if memory_budget is not None:
         longest = max(len(s) for s in sequences)
@@ -235,7 +243,9 @@ def train_predictor(
         check_calibration_budget(
             layout, total, tune_tokens, longest, memory_budget, held
         )
-    run = _Calibration(layout, kind, sequences, tune, backend, max_loss is not None)
+    run = Calibration(
+        layout, kind, sequences, names, tune, backend, max_loss is not None
+    )
     weights, reports, cuts, gate_cuts, gate_fractions = [], [], [], [], []
     for layer in tqdm(
         range(args.num_hidden_layers),
@@ -292,7 +302,7 @@ def train_predictor(
         "predicted_fraction": float(np.mean(gate_fractions)),
         "nbytes": predictor_nbytes("gate", layout),
         # the ReLU family's gate predictor is exact: it loses nothing
-        "loss": 0.0 if args.is_relu_family else run.gate_loss(),
+        **({"loss": 0.0} if args.is_relu_family else run.gate_loss()),
     }
     settings = {
         "kind": kind,
@@ -304,7 +314,7 @@ def train_predictor(
         "gate": gate,
         "tokens": total,
         "tune_tokens": tune_tokens,
-        "source": "texts" if texts else f"shipped text ({CALIBRATION_FILE})",
+        "source": "texts" if texts is not None else "shipped corpus",
         "silu_sparsity": None if args.is_relu_family else silu_sparsity,
         "silu_thresholds": gate_cuts or None,
         "seconds": round(time.perf_counter() - started, 1),
@@ -314,180 +324,5 @@ def train_predictor(
     return store_predictor(layout, tensors, reports, settings)
 
 
-def _exp(x: float) -> float:
-    """exp, inf past float range (a random synthetic model's perplexity can be)."""
-    return math.exp(x) if x < 709 else math.inf
-
-
 def _fit(report: dict) -> dict:
     return {"epochs": report["epochs"], "fit_recall": report["recall"]}
-
-
-@dataclass
-class _LayerData:
-    """One layer's calibration data: FFN inputs and target sets of the sequences
-    trained on (fit) and of those tuned on, with the tune tokens' gate (OPT: fc1)
-    pre-activations and activations (all NumPy, one row per token)."""
-
-    fit_h: np.ndarray
-    fit_target: np.ndarray
-    tune_h: np.ndarray
-    tune_target: np.ndarray
-    tune_gate: np.ndarray
-    tune_act: np.ndarray
-
-
-class _Calibration:
-    """The calibration's streams through `LayerByLayer`: every sequence dense (what
-    the predictor learns from) and a few tune sequences computed over the neurons
-    the cuts keep (what they cost); with `grids`, each layer's options for
-    `quality.allocate`."""
-
-    def __init__(self, layout, kind, sequences, tune, backend, grids: bool):
-        self.args = layout.args
-        self.kind = kind
-        self.dtype = layout.float_dtype  # what the predictor is held as
-        self.sequences = sequences
-        self.tune = tune
-        longest = max(len(s) for s in sequences)
-        self.runner = LayerByLayer(layout, backend, max_context=longest)
-        self.streams = self.runner.embed(sequences)
-        self.quality = tune[:QUALITY_SEQUENCES]
-        self.sparse = [self.streams[j] for j in self.quality]
-        self.gate_sparse = list(self.sparse)  # the same tokens, the gate's cuts
-        self.grids: list[quality.LayerGrid] | None = [] if grids else None
-
-    def forward(self, layer: int, target) -> _LayerData:
-        """Every sequence through `layer`, dense, recording its data; `target`:
-        (gate, up) -> bool (T, n) target set."""
-        self.runner.load(layer)
-        tune = set(self.tune)
-        index = iter(range(len(self.streams)))
-
-        def record(h, gate, up, act):
-            tuned = next(index) in tune
-            return tuned, h, target(gate, up), *((gate, act) if tuned else (None,) * 2)
-
-        self.streams, records = self.runner.run(layer, self.streams, record=record)
-        fit = [r for r in records if not r[0]]
-        tuned = [r for r in records if r[0]]
-        return _LayerData(
-            *(np.concatenate([r[i] for r in fit]) for i in (1, 2)),
-            *(np.concatenate([r[i] for r in tuned]) for i in (1, 2, 3, 4)),
-        )
-
-    def predictor(self, weights):
-        """One layer's predictor from its weights ((A, B) or (rows, down norms)),
-        held and computed as at run time (at the layout's dtype)."""
-        first, second = weights
-        if self.kind == "lowrank":
-            return LowRankPredictor(
-                self.runner.B, [first], [second], dtype=self.dtype, cuts=[None]
-            )
-        return LowBitPredictor(
-            self.runner.B, [first], [second], [None], act=self.args.hidden_act
-        )
-
-    def scores(self, predictor, h) -> np.ndarray:
-        """The predictor's scores (low-rank: logits) of FFN inputs h (backend array),
-        NumPy (T, n): a neuron is kept when its score is above the layer's cut."""
-        if self.kind == "lowrank":
-            return predictor.logits(0, h)
-        return predictor.scores(0, h)
-
-    def keep(self, predictor, cut):
-        """h -> the neurons the cut keeps (None: every one), as `predict` decides."""
-        bound = -math.inf if cut is None else cut
-        return lambda h: self.scores(predictor, h) > bound
-
-    def sparse_forward(self, layer, predictor, cut, z, data: _LayerData) -> None:
-        """The quality streams through `layer` over the neurons the cut keeps; with
-        grids, the layer's options too."""
-        keep = self.keep(predictor, cut)
-        self.sparse = self.runner.run(layer, self.sparse, keep=keep)
-        if self.grids is not None:
-            B_ = self.runner.B
-            out_norms = np.concatenate(
-                [
-                    np.linalg.norm(B_.to_numpy(self.streams[j]), axis=1)
-                    for j in self.tune
-                ]
-            )
-            self.grids.append(
-                quality.layer_grid(
-                    z,
-                    data.tune_target,
-                    data.tune_act,
-                    self.runner.down_norms,
-                    out_norms,
-                )
-            )
-
-    def gate_sparse_forward(self, layer: int, cut: float) -> None:
-        """The quality streams through `layer` over the neurons the gate predictor
-        keeps (SiLU: |silu(gate)| above `cut`): what running without a trained
-        predictor would cost, on the same tokens."""
-        ffn = self.runner.ffn
-
-        def keep(h):
-            return gate_magnitude(self.args.hidden_act, ffn.gate(layer, h)) > cut
-
-        self.gate_sparse = self.runner.run(layer, self.gate_sparse, keep=keep)
-
-    def gate_loss(self) -> float:
-        """The gate predictor's perplexity loss on the quality sequences (after
-        `measured`, which scores them dense)."""
-        return self._quality(self.nll(self.gate_sparse))["loss"]
-
-    def nll(self, streams) -> float:
-        """Summed NLL (nats) of the quality sequences from their final streams."""
-        return sum(
-            quality.sequence_nll(self.runner.head(x), self.sequences[j])
-            for x, j in zip(streams, self.quality, strict=True)
-        )
-
-    def measured(self) -> dict:
-        """Dense and sparse perplexity of the quality sequences, and the loss."""
-        self.scored = sum(len(self.sequences[j]) - 1 for j in self.quality)
-        self.dense_nll = self.nll([self.streams[j] for j in self.quality])
-        return self._quality(self.nll(self.sparse))
-
-    def _quality(self, nll: float) -> dict:
-        return {
-            "tokens": self.scored,
-            "dense_perplexity": _exp(self.dense_nll / self.scored),
-            "perplexity": _exp(nll / self.scored),
-            "loss": _exp((nll - self.dense_nll) / self.scored) - 1.0,
-        }
-
-    def allocate(self, weights: list, max_loss: float, progress: bool):
-        """Per-layer cuts for `max_loss` (`quality.allocate`); returns (cuts, GRID
-        index per layer, measured quality with "max_loss", "met", "passes")."""
-        layers = self.args.num_hidden_layers
-        path = quality.greedy_path(self.grids)
-        bar = tqdm(desc="measuring loss (passes)", disable=not progress)
-        results = {}  # per-layer GRID indices -> measured quality
-
-        def measure(steps: list[int]) -> float:
-            nll = self._sparse_pass(weights, self._cuts(steps))
-            results[tuple(steps)] = self._quality(nll)
-            bar.update()
-            return results[tuple(steps)]["loss"]
-
-        result = quality.allocate(path, layers, max_loss, measure)
-        bar.close()
-        measured = results.get(tuple(result.steps)) or self._quality(self.dense_nll)
-        measured.update(max_loss=max_loss, met=result.met, passes=len(results))
-        return self._cuts(result.steps), result.steps, measured
-
-    def _cuts(self, steps: list[int]) -> list:
-        return [g.cuts[i] for g, i in zip(self.grids, steps, strict=True)]
-
-    def _sparse_pass(self, weights: list, cuts) -> float:
-        """NLL of the quality sequences with every layer sparse at `cuts`."""
-        streams = self.runner.embed([self.sequences[j] for j in self.quality])
-        for layer, (w, cut) in enumerate(zip(weights, cuts, strict=True)):
-            self.runner.load(layer)
-            keep = self.keep(self.predictor(w), cut)
-            streams = self.runner.run(layer, streams, keep=keep)
-        return self.nll(streams)
