@@ -21,6 +21,7 @@ FIXTURES = the lines a module starts with:
 import contextlib
 import http.client
 import json
+import signal
 import socket
 import threading
 import time
@@ -176,3 +177,10 @@ class SlowFFN:
             self.tokens += 1
         time.sleep(self.delay)
         return self.ffn(layer, h)
+
+
+def default_sigint() -> None:
+    """Popen's preexec_fn for a server the test stops with SIGINT: a shell running
+    the tests in the background (`cmd &`, nohup) starts them with SIGINT ignored,
+    which Python then keeps, and the server would never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from serving import tiny_layout
+from serving import default_sigint, tiny_layout
 
 from mlx_flashinfer.cli import main
 
@@ -35,6 +35,7 @@ def start_server(layout, *extra):
         ],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     line = process.stderr.readline()
     assert "http://127.0.0.1:" in line, line

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from serving import chat_ids, in_process, raw, serving, tiny_layout
+from serving import chat_ids, default_sigint, in_process, raw, serving, tiny_layout
 
 from mlx_flashinfer.cli.serve import prompt_cache_line
 from mlx_flashinfer.flash.memory import format_bytes
@@ -148,6 +148,7 @@ def test_the_start_line_says_what_the_prompt_caches_may_hold(layout, full):
         + ["--port", "0", "--prompt-cache-size", "3"],
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     try:
         process.stderr.readline()
