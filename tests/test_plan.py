@@ -160,6 +160,17 @@ def test_a_smaller_cache_loads_more_and_a_faster_disk_reads_faster():
     assert fast.io_s < b.io_s
 
 
+def test_reads_ahead_are_planned_for_the_relu_family_only():
+    # on SiLU models the guesses read more than they hide (loader's default):
+    # the planner offers them only where the loader would turn them on
+    from mlx_flashinfer.plan.planner import candidates
+
+    for act, offered in (("relu", True), ("silu", False)):
+        layout = Layout.open(tiny_layout("llama", act, 2, 400, 3))
+        found = candidates(layout, 10**9, fake_machine(), 64, "all")
+        assert found and any(c.lookahead for c in found) == offered
+
+
 def test_the_planner_picks_dense_when_all_fits_and_exact_plans_by_default():
     layout = Layout.open(tiny_layout("llama", "silu", 2, 400, 3))
     resident, ffn = model_bytes(layout)
