@@ -1,21 +1,8 @@
 """What the server tests share: a tiny model's layout, a server in this process
 (`serving`), the same model in process (`in_process`), and requests made by hand
-(`raw`, `exchange`). Each test module makes its fixtures from them (FIXTURES).
-
-FIXTURES = the lines a module starts with:
-
-    @pytest.fixture(scope="module")
-    def layout(tmp_path_factory):
-        return tiny_layout(tmp_path_factory)
-
-    @pytest.fixture(scope="module")
-    def served(layout):
-        with serving(layout) as s:
-            yield s
-
-    @pytest.fixture(scope="module")
-    def reference(layout):
-        return in_process(layout)
+(`raw`, `exchange`); and the module-scoped fixtures made of them (`layout`,
+`served`, `reference`), which each test module imports by name (pytest then gives
+each module its own).
 """
 
 import contextlib
@@ -184,3 +171,19 @@ def default_sigint() -> None:
     the tests in the background (`cmd &`, nohup) starts them with SIGINT ignored,
     which Python then keeps, and the server would never see the signal."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    return tiny_layout(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def served(layout):
+    with serving(layout) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def reference(layout):
+    return in_process(layout)

@@ -11,16 +11,14 @@ import time
 from types import SimpleNamespace
 
 import pytest
+import serving as shared
 from serving import (
     DEFAULTS,
     SlowFFN,
     chat,
     chat_ids,
-    in_process,
     openai,
     raw,
-    serving,
-    tiny_layout,
 )
 from tiny_models import has_mlx
 
@@ -28,21 +26,8 @@ from mlx_flashinfer import load, stream_generate
 from mlx_flashinfer.chat import encode_chat
 from mlx_flashinfer.serve.server import make_server
 
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory):
-    return tiny_layout(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def served(layout):
-    with serving(layout) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def reference(layout):
-    return in_process(layout)
+# the server tests' shared fixtures (tests/serving.py), each module its own
+layout, reference, served = shared.layout, shared.reference, shared.served
 
 
 def test_chat_completion_equals_in_process_generation(served, reference):

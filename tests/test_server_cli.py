@@ -10,14 +10,13 @@ import subprocess
 import sys
 
 import pytest
-from serving import default_sigint, tiny_layout
+import serving as shared
+from serving import default_sigint
 
 from mlx_flashinfer.cli import main
 
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory):
-    return tiny_layout(tmp_path_factory)
+# the server tests' shared fixtures (tests/serving.py), each module its own
+layout = shared.layout
 
 
 def start_server(layout, *extra):

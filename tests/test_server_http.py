@@ -9,36 +9,22 @@ import threading
 import time
 
 import pytest
+import serving as shared
 from serving import (
     assert_nothing_left,
     chat,
     eventually,
     exchange,
-    in_process,
     openai,
     post,
     raw,
     serving,
-    tiny_layout,
 )
 
 from mlx_flashinfer.serve.server import MAX_BODY, stderr_log
 
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory):
-    return tiny_layout(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def served(layout):
-    with serving(layout) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def reference(layout):
-    return in_process(layout)
+# the server tests' shared fixtures (tests/serving.py), each module its own
+layout, reference, served = shared.layout, shared.reference, shared.served
 
 
 def test_http_level_mistakes(served):

@@ -8,30 +8,18 @@ import subprocess
 import sys
 
 import pytest
-from serving import chat_ids, default_sigint, in_process, raw, serving, tiny_layout
+import serving as shared
+from serving import chat_ids, default_sigint, raw, serving
 
 from mlx_flashinfer.cli.serve import prompt_cache_line
 from mlx_flashinfer.flash.memory import format_bytes
 from mlx_flashinfer.formats.layout import Layout
 from mlx_flashinfer.model.transformer import kv_cache_bytes
 
+# the server tests' shared fixtures (tests/serving.py), each module its own
+layout, reference, served = shared.layout, shared.reference, shared.served
+
 CONTEXT = 96  # the tiny model's: every cache used once holds 96 positions
-
-
-@pytest.fixture(scope="module")
-def layout(tmp_path_factory):
-    return tiny_layout(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def served(layout):
-    with serving(layout) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def reference(layout):
-    return in_process(layout)
 
 
 @pytest.fixture(scope="module")
