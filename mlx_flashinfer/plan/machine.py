@@ -65,10 +65,6 @@ class Machine:
     probed_at: str = ""
     seconds: float = 0.0  # the probe's own time
 
-    def gemv_rate(self, dtype: str, threads: str = "1") -> float:
-        rates = self.gemv.get(dtype) or self.gemv["float16"]
-        return rates[threads]
-
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
 
