@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .families import attention_shapes
+
 
 @dataclass(frozen=True)
 class MoEFamily:
@@ -146,27 +148,9 @@ def moe_layer_shapes(args, layer: int) -> dict[str, tuple[int, ...]]:
     """Every tensor of an MoE layer but the norms: attention (with its family's
     extras), router, experts, shared expert; canonical name -> shape."""
     family = FAMILIES[args.moe_type]
-    d, f, hd = args.hidden_size, args.intermediate_size, args.head_dim
-    q, kv = args.num_attention_heads * hd, args.num_key_value_heads * hd
+    d, f = args.hidden_size, args.intermediate_size
     p = f"layers.{layer}."
-    shapes = {
-        p + "self_attn.q_proj.weight": (q, d),
-        p + "self_attn.k_proj.weight": (kv, d),
-        p + "self_attn.v_proj.weight": (kv, d),
-        p + "self_attn.o_proj.weight": (d, q),
-    }
-    if family.qkv_bias:
-        shapes |= {
-            p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.bias": (kv,),
-        }
-    if family.qk_norm:
-        head = family.qk_norm == "head"
-        shapes |= {
-            p + "self_attn.q_norm.weight": (hd if head else q,),
-            p + "self_attn.k_norm.weight": (hd if head else kv,),
-        }
+    shapes = attention_shapes(args, p, qkv_bias=family.qkv_bias, qk_norm=family.qk_norm)
     shapes[router_name(args, layer)] = (args.num_experts, d)
     if family.fused:
         gate_up, down = expert_tensor_names(args, layer)

@@ -161,24 +161,44 @@ def text_config(config: dict) -> dict:
     return GEMMA3_TEXT_DEFAULTS | top | text
 
 
-def variant_shapes(args, p: str) -> dict[str, tuple[int, ...]]:
-    """The tensors a variant adds to layer `p` ("layers.{i}."), name -> shape."""
+def attention_shapes(
+    args, p: str, *, qkv_bias=False, o_bias=False, qk_norm: str | None = None
+) -> dict[str, tuple[int, ...]]:
+    """Layer `p`'s ("layers.{i}.") attention tensors, name -> shape: the q, k, v, o
+    projections, their biases where asked, and RMSNorms of q and k per head
+    (`qk_norm` "head": Qwen3, Gemma 3) or over all heads ("full": OLMoE). The one
+    declaration for the Llama family, its variants and the mixtures of experts."""
     d, hd = args.hidden_size, args.head_dim
     q, kv = args.num_attention_heads * hd, args.num_key_value_heads * hd
-    shapes = {}
-    if args.qkv_bias:
-        shapes |= {
-            p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.bias": (kv,),
-        }
-    if args.qk_norm:
-        shapes |= {p + "self_attn.q_norm.weight": (hd,)}
-        shapes |= {p + "self_attn.k_norm.weight": (hd,)}
-    if args.sandwich_norms:
-        shapes |= {p + "pre_feedforward_layernorm.weight": (d,)}
-        shapes |= {p + "post_feedforward_layernorm.weight": (d,)}
+    a = p + "self_attn."
+    shapes = {
+        a + "q_proj.weight": (q, d),
+        a + "k_proj.weight": (kv, d),
+        a + "v_proj.weight": (kv, d),
+        a + "o_proj.weight": (d, q),
+    }
+    if qkv_bias:
+        shapes |= {a + "q_proj.bias": (q,), a + "k_proj.bias": (kv,)}
+        shapes |= {a + "v_proj.bias": (kv,)}
+    if o_bias:
+        shapes |= {a + "o_proj.bias": (d,)}
+    if qk_norm:
+        head = qk_norm == "head"
+        shapes |= {a + "q_norm.weight": (hd if head else q,)}
+        shapes |= {a + "k_norm.weight": (hd if head else kv,)}
     return shapes
+
+
+def variant_shapes(args, p: str) -> dict[str, tuple[int, ...]]:
+    """The tensors a variant adds to layer `p` beyond its attention: Gemma's norms
+    around the FFN."""
+    d = args.hidden_size
+    if not args.sandwich_norms:
+        return {}
+    return {
+        p + "pre_feedforward_layernorm.weight": (d,),
+        p + "post_feedforward_layernorm.weight": (d,),
+    }
 
 
 # fused tensor (Llama-family name of its layer) -> the parts it stacks, in order

@@ -10,18 +10,12 @@ import numpy as np
 
 from .args import ModelArgs
 from .experts import moe_expected_shapes
-from .families import LONGROPE, variant_shapes
+from .families import LONGROPE, attention_shapes, variant_shapes
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     """Every tensor a model of `args` needs, canonical name -> shape (out, in)."""
-    d, f, v, hd = (
-        args.hidden_size,
-        args.intermediate_size,
-        args.vocab_size,
-        args.head_dim,
-    )
-    q, kv = args.num_attention_heads * hd, args.num_key_value_heads * hd
+    d, f, v = args.hidden_size, args.intermediate_size, args.vocab_size
     if args.is_moe:
         return moe_expected_shapes(args)
     if args.family == "llama":
@@ -30,24 +24,21 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
             shapes["lm_head.weight"] = (v, d)
         for i in range(args.num_hidden_layers):
             p = f"layers.{i}."
+            attention = attention_shapes(
+                args,
+                p,
+                qkv_bias=args.attention_bias or args.qkv_bias,
+                o_bias=args.attention_bias,
+                qk_norm="head" if args.qk_norm else None,
+            )
             shapes |= {
                 p + "input_layernorm.weight": (d,),
                 p + "post_attention_layernorm.weight": (d,),
-                p + "self_attn.q_proj.weight": (q, d),
-                p + "self_attn.k_proj.weight": (kv, d),
-                p + "self_attn.v_proj.weight": (kv, d),
-                p + "self_attn.o_proj.weight": (d, q),
+                **attention,
                 p + "mlp.gate_proj.weight": (f, d),
                 p + "mlp.up_proj.weight": (f, d),
                 p + "mlp.down_proj.weight": (d, f),
             }
-            if args.attention_bias:
-                shapes |= {
-                    p + "self_attn.q_proj.bias": (q,),
-                    p + "self_attn.k_proj.bias": (kv,),
-                    p + "self_attn.v_proj.bias": (kv,),
-                    p + "self_attn.o_proj.bias": (d,),
-                }
             shapes |= variant_shapes(args, p)
         return shapes
     e = args.word_embed_proj_dim or d
