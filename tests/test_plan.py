@@ -322,3 +322,100 @@ def test_the_disk_is_measured_beside_compute(tmp_path):
     calls = []
     rate = stream_beside(file, lambda: calls.append(1), seconds=0.2, size=1 << 20)
     assert rate > 0 and calls
+
+
+@pytest.mark.parametrize("q", [0.02, 0.1, 0.3, 0.6, 0.9])
+def test_the_reads_of_a_call_are_those_the_reader_makes(tmp_path, q):
+    # costs._call_reads (runs and bytes of a set at density q, gaps read through)
+    # against the reader's own runs of random sets of that density
+    from mlx_flashinfer.flash.reader import DEFAULT_CHUNK, FlashReader
+    from mlx_flashinfer.formats.layout import LayerExtent
+    from mlx_flashinfer.plan.costs import _call_reads
+
+    row, n, gap = 3456, 4096, 16 * 1024  # the default model's bundle
+    file = tmp_path / "ffn.bin"
+    file.write_bytes(bytes(n * row))
+    rng = np.random.default_rng(0)
+    runs = nbytes = reads = 0
+    trials = 20
+    with FlashReader(file, [LayerExtent(0, n)], row, max_gap_bytes=gap) as reader:
+        for _ in range(trials):
+            ids = np.flatnonzero(rng.random(n) < q)
+            _, first, _, lo, hi = reader._runs(reader.layers[0], ids)
+            runs += len(first)
+            nbytes += int((hi - lo).sum())
+            reads += int(np.ceil((hi - lo) / DEFAULT_CHUNK).sum())
+        align = reader.align
+    predicted_reads, predicted_bytes = _call_reads(q * n, q, row, gap // row, align)
+    assert predicted_bytes == pytest.approx(nbytes / trials, rel=0.1)
+    assert predicted_reads == pytest.approx(reads / trials, rel=0.25, abs=1)
+
+
+def test_a_read_call_costs_the_readers_work_by_threads_used():
+    from mlx_flashinfer.plan.reader_cost import call_seconds
+
+    one = {"call_s": 1e-4, "read_s": 2e-6, "byte_s": 1e-10}
+    many = {"call_s": 8e-4, "read_s": 1e-6, "byte_s": 1e-10}
+    reader = {"1": one, "16": many}
+
+    def cost(c, reads, nbytes):
+        return c["call_s"] + reads * c["read_s"] + nbytes * c["byte_s"]
+
+    # one read needs no pool; every thread busy: the pool's cost; between: by log
+    assert call_seconds(reader, 16, 1, 1e5, ()) == pytest.approx(cost(one, 1, 1e5))
+    assert call_seconds(reader, 16, 64, 1e6, ()) == pytest.approx(cost(many, 64, 1e6))
+    four = call_seconds(reader, 16, 4, 1e6, ())
+    assert four == pytest.approx((cost(one, 4, 1e6) + cost(many, 4, 1e6)) / 2)
+    assert call_seconds(reader, 1, 64, 1e6, ()) == pytest.approx(cost(one, 64, 1e6))
+    # a probe without the reader's costs: the constants given
+    assert call_seconds({}, 16, 10, 1e6, (1e-4, 1e-5, 1e-9)) == pytest.approx(
+        1e-4 + 10 * 1e-5 + 1e6 * 1e-9
+    )
+    assert call_seconds(reader, 16, 0, 0, ()) == 0
+
+
+def test_the_readers_costs_are_measured_in_memory(monkeypatch):
+    from mlx_flashinfer.plan import reader_cost
+
+    measured = reader_cost.measure_reader(seconds=0.02)
+    if not measured:  # no tmpfs here
+        pytest.skip("no /dev/shm")
+    for threads in ("1", "16"):
+        c = measured[threads]
+        assert set(c) == {"call_s", "read_s", "byte_s"}
+        assert all(v >= 0 for v in c.values()) and c["call_s"] + c["byte_s"] > 0
+    monkeypatch.setattr(reader_cost, "TMPFS", "/nonexistent")
+    assert reader_cost.measure_reader() == {}
+
+
+def test_scratch_fulls_cost_read_calls_and_ffn_calls():
+    # what the cache cannot hold goes through scratch, a read call and an FFN call
+    # per scratch-full: a smaller scratch costs more calls of both
+    from dataclasses import replace
+
+    from mlx_flashinfer.flash.memory import plan_floor
+    from mlx_flashinfer.loader import make_plan
+    from mlx_flashinfer.predictors.kinds import predictor_nbytes
+
+    layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 3))
+    floor = plan_floor(layout, predictor_nbytes("all", layout))
+    plan = make_plan(layout, floor + io_buffer_bytes(layout), "all", 64)
+    assert max(plan.capacity) < 400 and plan.scratch_rows >= 8
+    machine = replace(fake_machine(), ffn_call_s=1e-4)
+    wide = sparse_cost(layout, plan, machine, "all", 0)
+    narrow = sparse_cost(layout, replace(plan, scratch_rows=8), machine, "all", 0)
+    over = 400 - np.array(plan.capacity)  # every neuron, per layer
+    extra = (np.ceil(over / 8) - np.ceil(over / plan.scratch_rows)).sum() * 1e-4
+    assert narrow.compute_s - wide.compute_s == pytest.approx(extra)
+    assert narrow.io_fixed_s > wide.io_fixed_s
+    assert narrow.bytes_read >= wide.bytes_read
+
+
+def test_the_ffn_calls_fixed_cost_is_measured_and_counted():
+    from dataclasses import replace
+
+    assert machine_module.ffn_call_overhead("numpy", calls=20) > 0
+    layout = Layout.open(tiny_layout("llama", "silu", 2, 400, 3))
+    base = fake_machine()
+    more = dense_cost(layout, replace(base, ffn_call_s=1e-3)).compute_s
+    assert more - dense_cost(layout, base).compute_s == pytest.approx(3 * 1e-3)

@@ -39,20 +39,17 @@ def predict(spec: RunSpec, layout: Layout, source: Layout, machine: Machine):
         return streamed_cost(layout, streamed_plan(spec, layout), machine, THREADS)
     plan = flash_plan(spec, layout, source)
     nbytes = predictor_nbytes(spec.predictor, source)
-    cost = sparse_cost(
-        layout, plan, machine, spec.predictor, spec.window, nbytes, source
+    # the compute-only row: its reads are copies in memory, through the same reader
+    return sparse_cost(
+        layout,
+        plan,
+        machine,
+        spec.predictor,
+        spec.window,
+        nbytes,
+        source,
+        rows_in_dram=spec.rows_in_dram,
     )
-    if spec.rows_in_dram:  # the compute-only row: the reads are copies in memory,
-        # through the same reader (its handling of each read stays)
-        copy = cost.bytes_read / machine.memory_bytes_per_s
-        cost = TokenCost(
-            cost.placement,
-            cost.io_fixed_s + copy,
-            cost.memory_s,
-            cost.compute_s,
-            note=cost.note,
-        )
-    return cost
 
 
 def prediction_fields(

@@ -28,7 +28,8 @@ from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
 from .disk import throughput_at
-from .machine import CACHED_BYTES, COLUMNS, MEMORY_BYTES, Machine
+from .machine import CACHED_BYTES, COLUMNS, Machine
+from .reader_cost import call_seconds
 
 # The fixed costs a token pays per layer on the sparse path beyond its products,
 # measured here (NumPy, 2 cores): the window's bookkeeping and the reader's hand-off
@@ -54,6 +55,8 @@ PRIOR_CACHED = 2.0
 # compute 1870 ms beside the faults against 1239 ms dense, reads at the probe's
 # rate) and held to the other budgets' runs (docs/planner.md).
 PAGING_S_PER_GB = 0.075
+# where a decode step's weights stop coming from the CPU's caches (see gemv_rate)
+MEMORY_REACHED = 4 * CACHED_BYTES
 _DTYPE_KIND = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
 
 
@@ -136,28 +139,37 @@ def ffn_kinds(layout: Layout) -> dict[str, int]:
 
 def gemv_rate(machine: Machine, kind: str, threads: str, working_set: float) -> float:
     """Weight bytes/s of a decode step's products of `kind`: the caches' rate for a
-    working set up to CACHED_BYTES, memory's from MEMORY_BYTES, between them
-    interpolated in log space."""
+    working set up to CACHED_BYTES, memory's from MEMORY_REACHED, between them
+    interpolated in log space. (A 255 MB working set, the default model's float16
+    step, multiplied at memory's rate on the Xeon whose L3 says 480 MiB: 7.6 GB/s
+    against 7.8 from memory and 16.5 cached, one thread.)"""
     # a probe made before the columns' rates were kept: the rows' rate
     rates = machine.gemv.get(kind) or machine.gemv.get(kind.split()[0])
     rates = rates or machine.gemv["float16"]
     cached = rates.get(f"{threads} cached", rates[threads])
-    low, high = math.log(CACHED_BYTES), math.log(MEMORY_BYTES)
+    low, high = math.log(CACHED_BYTES), math.log(MEMORY_REACHED)
     w = min(1.0, max(0.0, (math.log(max(working_set, 1)) - low) / (high - low)))
     return math.exp((1 - w) * math.log(cached) + w * math.log(rates[threads]))
 
 
 def compute_seconds(
-    machine: Machine, layout: Layout, kinds: dict[str, float], threads: str
+    machine: Machine,
+    layout: Layout,
+    kinds: dict[str, float],
+    threads: str,
+    ffn_calls: float | None = None,
 ) -> float:
     """A token's products over `kinds` (bytes by stored kind), plus every layer's
-    small operations."""
+    small operations and the fixed cost of its FFN calls (`ffn_calls` in all;
+    default one a layer)."""
     working_set = sum(kinds.values())
     products = sum(
         nbytes / gemv_rate(machine, kind, threads, working_set)
         for kind, nbytes in kinds.items()
     )
-    return products + layout.args.num_hidden_layers * machine.layer_s
+    layers = layout.args.num_hidden_layers
+    calls = layers if ffn_calls is None else ffn_calls
+    return products + layers * machine.layer_s + calls * machine.ffn_call_s
 
 
 def _add(a: dict, b: dict, scale: float = 1.0) -> dict:
@@ -188,7 +200,10 @@ def streamed_cost(
     streamed = sum(n - held for held in plan.capacity) * row
     ffn = args.num_hidden_layers * n
     kinds = _add(resident_products(layout), ffn_kinds(layout), ffn)
-    compute = compute_seconds(machine, layout, kinds, threads)
+    # an FFN call over the held rows and one a span
+    spans = max(plan.chunk_rows, 1)
+    calls = sum(1 + math.ceil((n - held) / spans) for held in plan.capacity)
+    compute = compute_seconds(machine, layout, kinds, threads, calls)
     # a span read whole, one request at a time (flash/streamed.py)
     span = plan.chunk_rows * row
     # the reads run beside compute: the disk's rate then, where the probe has it
@@ -289,14 +304,20 @@ def sparse_cost(
     window: int,
     predictor_bytes: int = 0,
     stats_layout: Layout | None = None,
+    *,
+    rows_in_dram: bool = False,
 ) -> TokenCost:
     """The sparse placement (flash/ffn.py): per layer the predictor runs, the window
     loads what it does not hold (fewer hits where the cache is smaller than the
     window's union), the reader fetches those bundles (runs of neighbours merged
-    across small gaps; in a separate arrangement each part apart), and the FFN
-    computes over every held row; products on one thread (the reader's threads take
-    the other cores). `stats_layout`: where the predictor's report is (the bundled
-    twin of a separate layout)."""
+    across small gaps; in a separate arrangement each part apart) in one call for
+    the cache's new rows and one per scratch-full of the rest, and the FFN computes
+    over every held row; products on one thread (the reader's threads take the
+    other cores). A call costs the reader's own work (`reader_cost.py`) and the
+    disk's: its reads in waves of as many as the threads take, each wave as long as
+    one read takes with that many beside it. `stats_layout`: where the predictor's
+    report is (the bundled twin of a separate layout). `rows_in_dram`: the
+    compute-only row, whose reads are copies from memory on the calling thread."""
     args = layout.args
     n, row = args.intermediate_size, layout.bundle_bytes
     stats, source = window_stats(stats_layout or layout, predictor, window)
@@ -308,30 +329,43 @@ def sparse_cost(
     else:
         pieces = 1
     gap = max(int(DEFAULT_MAX_GAP // row), 0)  # pieces a read runs through
-    bytes_read = rows = runs = loaded_total = 0.0
+    threads = 1 if rows_in_dram else DEFAULT_THREADS
+    bytes_read = rows = reads = loaded_total = cpu = disk = 0.0
+    # FFN calls: over the cached rows, one per scratch-full, and the predictor's
+    ffn_calls = float(args.num_hidden_layers * (1 + (predictor != "all")))
     for (p, loaded, held), cap in zip(stats, plan.capacity, strict=True):
         union = held * n
         hit_share = min(1.0, cap / union) if union else 1.0
         load = p * n - (p - loaded) * n * hit_share  # cached hits lost to a small cache
         load = min(max(load, 0.0), p * n)
         rows += min(cap, union) + max(0.0, p * n - cap)
-        q = load / n
-        layer_runs = pieces * (load * (1 - q) ** (gap + 1) if load >= 1 else load)
-        runs += layer_runs
         loaded_total += load
-        bytes_read += pieces * load * row + layer_runs * align
-    read_size = bytes_read / runs if runs else 0.0
-    rate = throughput_at(machine.disk, max(read_size, 512), DEFAULT_THREADS)
-    layers = args.num_hidden_layers
-    handling = layers * READ_CALL_S + runs * READ_RUN_S if bytes_read else 0.0
-    io = bytes_read / rate + handling
+        # what the cache cannot hold goes through scratch, a scratch-full a call
+        scratch = min(load, max(0.0, p * n - cap))
+        calls = [(load - scratch, 1)]
+        if scratch and plan.scratch_rows:
+            count = math.ceil(scratch / plan.scratch_rows)
+            calls.append((scratch / count, count))
+            ffn_calls += count
+        for ids, count in calls:
+            if ids < 1:
+                continue
+            call_reads, call_bytes = _call_reads(ids, load / n, row, gap, align)
+            call_reads, call_bytes = pieces * call_reads, pieces * call_bytes
+            reads += count * call_reads
+            bytes_read += count * call_bytes
+            cpu += count * _read_cpu(machine, threads, call_reads, call_bytes)
+            if not rows_in_dram:
+                disk += count * _disk_seconds(machine, call_reads, call_bytes)
+    read_size = bytes_read / reads if reads else 0.0
+    io = cpu + disk
     kinds = _add(resident_products(layout), ffn_kinds(layout), rows)
     if predictor_bytes:
         kind = "q4" if predictor == "lowbit" else layout.dtype
         kinds = _add(kinds, {kind: predictor_bytes})
-    compute = compute_seconds(machine, layout, kinds, "1")
+    compute = compute_seconds(machine, layout, kinds, "1", ffn_calls)
     moved = loaded_total * layout.bundle_bytes  # rows landed, and as many moved
-    memory = layers * WINDOW_STEP_S + 2 * moved / machine.memory_bytes_per_s
+    memory = args.num_hidden_layers * WINDOW_STEP_S + moved / machine.memory_bytes_per_s
     overlap = 0.5 if plan.lookahead else 0.0  # the next layer's reads behind
     hidden = overlap * min(io, compute)  # this layer's compute
     return TokenCost(
@@ -339,11 +373,42 @@ def sparse_cost(
         io - hidden,
         memory,
         compute,
-        bytes_read=bytes_read,
+        bytes_read=0.0 if rows_in_dram else bytes_read,
         read_size=read_size,
         hidden_io_s=hidden,
         note=f"statistics: {source}",
         overlap=overlap,
         overlap_cap_s=overlap * compute,
-        io_fixed_s=handling,
+        io_fixed_s=cpu,
     )
+
+
+def _call_reads(ids: float, q: float, row: float, gap: int, align: int):
+    """(reads, bytes) of one read call of `ids` pieces of `row` bytes, wanted at a
+    share `q` of the pieces where they lie (taken as independent): a gap of up to
+    `gap` pieces is read through, a longer one starts a new run; runs are read in
+    chunks of at most DEFAULT_CHUNK."""
+    q = min(max(q, 1e-9), 1.0)
+    runs = max(1.0, ids * (1 - q) ** (gap + 1))
+    through = ids * sum(j * q * (1 - q) ** j for j in range(1, gap + 1))
+    nbytes = (ids + through) * row + runs * align
+    return runs * math.ceil(nbytes / runs / DEFAULT_CHUNK), nbytes
+
+
+def _read_cpu(machine: Machine, threads: int, reads: float, nbytes: float) -> float:
+    """The reader's own seconds for a call (`reader_cost.call_seconds`); without a
+    measured reader, the constants measured here. A disk's reads land by DMA: the
+    copy a read from memory makes is not the CPU's then (but the compute-only
+    row's is)."""
+    fallback = (READ_CALL_S, READ_RUN_S, 1 / machine.memory_bytes_per_s)
+    return call_seconds(machine.reader, threads, reads, nbytes, fallback)
+
+
+def _disk_seconds(machine: Machine, reads: float, nbytes: float) -> float:
+    """The disk's seconds for a call's reads: waves of as many as the reader's
+    threads take, each as long as one read of that size with that many in flight."""
+    size = nbytes / reads
+    flight = max(1.0, min(float(DEFAULT_THREADS), reads))
+    waves = math.ceil(reads / flight)
+    rate = throughput_at(machine.disk, max(size, 512), round(flight))
+    return waves * flight * size / rate

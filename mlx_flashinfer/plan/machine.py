@@ -28,9 +28,10 @@ from ..formats.model_cache import cache_root
 from ..formats.quantize import QUANTIZED_DTYPES, Quantized
 from ..formats.shapes import expected_shapes
 from ..model.backends import default_backend_name, get_backend
-from ..model.transformer import Model, UncountedFFN, prepare_weights
+from ..model.transformer import Model, UncountedFFN, ffn_forward, prepare_weights
 from .disk import FILE_NAME, short_probe, stream_beside
 from .host import cpu_model
+from .reader_cost import measure_reader
 
 FORMAT = "mlx-flashinfer-machine"
 VERSION = 1
@@ -62,6 +63,12 @@ class Machine:
     # dtype -> weight bytes per second of a PROMPT_TOKENS-token product, all cores
     gemm: dict[str, float] = field(default_factory=dict)
     layer_s: float = 0.0  # a layer's small operations on one token (norms, RoPE, ...)
+    # an FFN call's own cost beyond its products (a dense layer makes one; the
+    # sparse path one per scratch-full and one for its predictor): 0 not measured
+    ffn_call_s: float = 0.0
+    # the flash reader's own work per call, read and byte (`reader_cost.py`; {}:
+    # not measured, constants stand in)
+    reader: dict = field(default_factory=dict)
     probed_at: str = ""
     seconds: float = 0.0  # the probe's own time
 
@@ -137,6 +144,8 @@ def probe_machine(
         | columns,
         gemm={d: r["prompt"] for d, r in compute.items()},
         layer_s=layer_overhead(backend),
+        ffn_call_s=ffn_call_overhead(backend),
+        reader=measure_reader(),
         probed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         seconds=time.perf_counter() - began,
     )
@@ -321,6 +330,34 @@ def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
     for t in range(tokens):
         B.synchronize(model([t % 64], cache))
     return (time.perf_counter() - began) / tokens / layers
+
+
+def ffn_call_overhead(backend, calls: int = 200) -> float:
+    """Seconds of one FFN call (`ffn_forward`: gate and up, the activation, down) on
+    one token over 64 neurons of 64 wide: its fixed cost, which a small model's
+    decode step pays once a layer (dense) or once a read (sparse, through scratch)."""
+    B = get_backend(backend)
+    args = ModelArgs(
+        family="llama",
+        hidden_size=64,
+        num_hidden_layers=1,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=64,
+        max_position_embeddings=64,
+    )
+    rng = np.random.default_rng(0)
+    gate, up, down = (
+        B.weight(rng.standard_normal((64, 64)).astype(np.float16)) for _ in range(3)
+    )
+    parts = [B.rows_weight(gate), B.rows_weight(up), B.columns_weight(down)]
+    h = B.array(rng.standard_normal((1, 64)).astype(np.float32))
+    B.synchronize(ffn_forward(B, args, h, parts))
+    began = time.perf_counter()
+    for _ in range(calls):
+        B.synchronize(ffn_forward(B, args, h, parts))
+    return (time.perf_counter() - began) / calls
 
 
 def machine_here(

@@ -1,0 +1,100 @@
+"""The flash reader's own work, measured: what one `FlashReader.read` call costs the
+CPU apart from the disk. A call hands its reads to the reader's threads, makes one
+syscall per read and lands the bundles in their rows; on a few cores, with Python
+threads that share one interpreter lock, that is a large part of a small model's
+I/O (the default model at 60% of its size: 3.2 of the 8.7 ms a layer's reads took,
+the rest the disk's; docs/planner.md).
+
+Measured on a file in memory (tmpfs), where a read is a copy: for one reader thread
+and for `DEFAULT_THREADS`, a call's fixed cost, each read's and each byte's, fitted
+to three patterns of reads. Where no tmpfs exists (macOS) the probe keeps nothing
+and `costs.py` falls back on constants measured here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from ..flash.reader import DEFAULT_THREADS, FlashReader
+from ..formats.layout import LayerExtent
+
+PIECE = 4096  # a bundle of the test file
+NEURONS = 16384  # one layer of them: 64 MiB
+# (reads, neurons a read) of each pattern: few small reads, many small, few large;
+# runs far enough apart that no gap is read through
+PATTERNS = ((16, 1), (64, 1), (16, 64))
+TMPFS = "/dev/shm"
+
+
+def measure_reader(seconds: float = 0.15) -> dict:
+    """{"1": coefficients, str(DEFAULT_THREADS): coefficients}, each {"call_s",
+    "read_s", "byte_s"}: a call's seconds = call_s + reads x read_s + bytes x
+    byte_s, on that many reader threads; {} where there is no tmpfs."""
+    if not os.path.isdir(TMPFS) or not os.access(TMPFS, os.W_OK):
+        return {}
+    with tempfile.NamedTemporaryFile(dir=TMPFS, prefix="flashinfer-reader-") as f:
+        f.write(np.random.default_rng(0).bytes(NEURONS * PIECE))
+        f.flush()
+        layers = [LayerExtent(0, NEURONS)]
+        out = {}
+        for threads in (1, DEFAULT_THREADS):
+            with FlashReader(
+                f.name,
+                layers,
+                PIECE,
+                threads=threads,
+                mode="buffered",
+                staging_bytes=8 << 20,
+            ) as reader:
+                rows, times = [], []
+                for reads, run in PATTERNS:
+                    rows.append([1.0, reads, reads * run * PIECE])
+                    times.append(_call_seconds(reader, reads, run, seconds))
+            coef = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)[0]
+            call_s, read_s, byte_s = (max(float(c), 0.0) for c in coef)
+            out[str(threads)] = {"call_s": call_s, "read_s": read_s, "byte_s": byte_s}
+        return out
+
+
+def _call_seconds(reader: FlashReader, reads: int, run: int, seconds: float) -> float:
+    """Median seconds of a read of `reads` runs of `run` neighbouring bundles, at
+    random places, spaced so that none merge."""
+    rng = np.random.default_rng(1)
+    stride = NEURONS // reads
+    times = []
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds or len(times) < 5:
+        starts = np.arange(reads) * stride + rng.integers(0, stride - run - 8, reads)
+        ids = (starts[:, None] + np.arange(run)).reshape(-1)
+        t = time.perf_counter()
+        reader.read(0, ids)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def call_seconds(
+    reader: dict, threads: int, reads: float, nbytes: float, fallback: tuple
+) -> float:
+    """A read call's CPU seconds for `reads` reads of `nbytes` in all, on a reader
+    of `threads` threads, from `measure_reader`'s coefficients: those of one
+    thread when one read needs no pool, of `DEFAULT_THREADS` when every thread
+    has a read, between them by log(threads used). `fallback`: (call_s, read_s,
+    byte_s) where the probe has none."""
+    if reads <= 0:
+        return 0.0
+    if not reader:
+        call_s, read_s, byte_s = fallback
+        return call_s + reads * read_s + nbytes * byte_s
+
+    def cost(c: dict) -> float:
+        return c["call_s"] + reads * c["read_s"] + nbytes * c["byte_s"]
+
+    one, many = reader["1"], reader.get(str(DEFAULT_THREADS), reader["1"])
+    used = min(threads, reads)
+    w = min(1.0, math.log(used) / math.log(DEFAULT_THREADS)) if used > 1 else 0.0
+    return (1 - w) * cost(one) + w * cost(many)
