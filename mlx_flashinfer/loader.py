@@ -249,7 +249,7 @@ def load(
         raise ValueError("memory_budget applies to flash mode: drop dense=True")
     if window is not None and not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
-    if layout.args.is_moe and placement not in (None, "experts"):
+    if layout.args.is_moe and placement not in (None, "experts", "auto"):
         raise ValueError(
             f"a mixture of experts has one placement, experts, not {placement}"
         )

@@ -364,7 +364,7 @@ def test_a_moe_manifest_must_say_version_3(tmp_path):
         Layout.open(copy)
 
 
-def test_commands_on_a_mixture_of_experts(capsys):
+def test_commands_on_a_mixture_of_experts(tmp_path, capsys):
     layout = moe_layout("qwen2-moe", tiny_moe_configs()["qwen2-moe"])
     budget = str(budgets(layout)["half"])
     status, out, err = run(
@@ -391,5 +391,15 @@ def test_commands_on_a_mixture_of_experts(capsys):
     )
     assert status == 0, err
     assert_refused(["train-predictor", layout], "nothing to train", capsys)
-    assert_refused(["plan", layout, "--budget", budget], "no costs for", capsys)
+    from test_plan import fake_machine
+
+    from mlx_flashinfer.plan.machine import save_machine
+
+    save_machine(fake_machine(), tmp_path / "machine.json")
+    probe = ["--probe", str(tmp_path / "machine.json")]
+    least = str(budgets(layout)["least"])  # every weight fits even there: dense
+    status, out, err = run(["plan", layout, "--budget", least] + probe, capsys)
+    assert status == 0, err
+    assert "chosen   dense" in out and "experts (window 4)" in out
+    assert "OS paging (estimate)" in out
     assert_refused(["bench", layout, "--budget", budget], "moe_speed.py", capsys)

@@ -419,3 +419,87 @@ def test_the_ffn_calls_fixed_cost_is_measured_and_counted():
     base = fake_machine()
     more = dense_cost(layout, replace(base, ffn_call_s=1e-3)).compute_s
     assert more - dense_cost(layout, base).compute_s == pytest.approx(3 * 1e-3)
+
+
+@pytest.mark.parametrize("skew", [0.0, 1.0, 2.0])
+def test_the_expert_caches_hit_rate_is_that_of_the_window_manager(skew):
+    # expert_costs.lru_hit_rate (Che's approximation) against the window manager the
+    # experts placement runs (least recently routed out first), on routings drawn
+    # from a Zipf popularity
+    from mlx_flashinfer.flash.experts import KEEP_PAST_WINDOW
+    from mlx_flashinfer.plan.expert_costs import lru_hit_rate
+
+    experts, k, capacity, tokens = 32, 4, 10, 3000
+    rng = np.random.default_rng(0)
+    p = 1 / np.arange(1, experts + 1) ** skew
+    p /= p.sum()
+    window = LayerWindow(experts, capacity, KEEP_PAST_WINDOW)
+    hits = routed = 0
+    for t in range(tokens):
+        ids = np.sort(rng.choice(experts, k, replace=False, p=p))
+        step = window.step(ids)
+        if t >= 200:  # past the cache's filling
+            hits += step.hits
+            routed += k
+    # top-k without replacement: each expert's routings per token
+    rates = np.zeros(experts)
+    for _ in range(4000):
+        rates[rng.choice(experts, k, replace=False, p=p)] += 1 / 4000
+    predicted = lru_hit_rate(rates, capacity)
+    assert predicted == pytest.approx(hits / routed, abs=0.04)
+    if skew == 0:
+        assert predicted == pytest.approx(capacity / experts, abs=0.01)
+    assert lru_hit_rate(rates, experts) == 1.0 and lru_hit_rate(rates, 0) == 0.0
+
+
+def test_the_planner_plans_a_mixture_of_experts(tmp_path):
+    from test_moe import budgets, moe_layout
+    from tiny_moe import moe_config
+
+    from mlx_flashinfer.flash.expert_plan import plan_experts
+    from mlx_flashinfer.plan.expert_costs import experts_cost, experts_paging_cost
+
+    # experts enough that the budgets below hold less than every weight
+    config = moe_config("qwen2_moe", experts=64, moe_intermediate_size=96)
+    path = moe_layout("qwen2-moe-64", config)
+    layout = Layout.open(path)
+    sizes = budgets(path)
+    machine = fake_machine(disk_rate=1e8)
+    least = plan_experts(layout, sizes["least"], 0, 64)
+    half = plan_experts(layout, sizes["half"], 0, 64)
+    # window 0 reads every routed expert; a bigger cache reads fewer
+    naive = experts_cost(layout, half, machine, 0)
+    k = layout.args.experts_per_token * layout.args.num_hidden_layers
+    assert naive.bytes_read == pytest.approx(k * (layout.bundle_bytes + 512))
+    assert experts_cost(layout, half, machine, 4).bytes_read < naive.bytes_read
+    assert (
+        experts_cost(layout, least, machine, 4).bytes_read
+        > experts_cost(layout, half, machine, 4).bytes_read
+    )
+    # every expert cached: nothing read
+    every = plan_experts(layout, sizes["all"], 0, 64)
+    assert experts_cost(layout, every, machine, 4).bytes_read == 0
+    assert sizes["least"] < sum(model_bytes(layout))  # dense does not fit
+    choice = choose(layout, sizes["least"], machine, max_context=64)
+    assert choice.best.placement == "experts" and choice.best.window > 0
+    assert choice.best.options()["placement"] == "experts"
+    paging = experts_paging_cost(layout, sizes["least"], machine)
+    assert choice.paging.bytes_read == paging.bytes_read > 0
+    with pytest.raises(ValueError, match="routed by its router"):
+        choose(layout, sizes["least"], machine, max_context=64, predictor="lowbit")
+    # load(placement="auto") runs the choice
+    from mlx_flashinfer import load
+    from mlx_flashinfer.plan.machine import machine_path
+
+    save_machine(machine, machine_path(path, "numpy", tmp_path))
+    model, _ = load(
+        path,
+        backend="numpy",
+        memory_budget=sizes["least"],
+        placement="auto",
+        cache_dir=tmp_path,
+        max_context=64,
+    )
+    assert model.ffn.plan.placement == "experts"
+    assert model.ffn.windows[0].k > 0
+    model.ffn.close()

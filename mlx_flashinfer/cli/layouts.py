@@ -208,7 +208,7 @@ def cmd_inspect(opts) -> int:
                 print("  " + " ".join(str(c) for c in plan.capacity))
             else:
                 print("  (-v lists them)")
-        if not args.is_moe and (line := planner_line(layout, opts)):
+        if line := planner_line(layout, opts):
             print(line)
     return 0
 

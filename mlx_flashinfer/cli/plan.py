@@ -162,11 +162,6 @@ def cmd_plan(opts) -> int:
         max_loss = 0.0
     speed = parse_rate(opts.speed) if opts.speed else None
     layout = Layout.open(resolve_model(opts.model, cache_dir=opts.cache_dir))
-    if layout.args.is_moe:
-        raise ValueError(
-            "the planner has no costs for mixtures of experts yet: they run the "
-            "experts placement (`flashinfer inspect MODEL --budget B` shows its plan)"
-        )
     context = check_max_context(layout, opts.max_context)
     machine = machine_for(layout.path, opts)
     name = opts.model or "default"

@@ -8,7 +8,10 @@ Candidates, each exact or with the loss calibration measured:
   compute (exact for any activation);
 - sparse, for each predictor the layout can run (the trained one, with its
   calibrated loss; the gate, exact for the ReLU family; all neurons, exact), each
-  window length of the statistics, reads ahead on and off.
+  window length of the statistics, reads ahead on and off;
+- for a mixture of experts, in place of streamed and sparse: experts (the router's
+  exact choice, read when not cached; `expert_costs.py`), each window, reads
+  ahead on and off.
 Allowed loss: exact only when the user allows none (`max_loss=0`) or no trained
 predictor exists; by default the trained predictor's own calibrated loss.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..flash.expert_plan import plan_experts
 from ..flash.memory import (
     MemoryPlan,
     layer_demand,
@@ -29,6 +33,7 @@ from ..formats.layout import Layout
 from ..model.transformer import kv_cache_bytes
 from ..predictors.kinds import predictor_nbytes, trained_kind
 from .costs import TokenCost, dense_cost, paging_cost, sparse_cost, streamed_cost
+from .expert_costs import experts_cost, experts_paging_cost
 from .machine import Machine
 
 WINDOWS = (4, 2, 1, 8)  # window lengths a sparse plan may take (ties: the first)
@@ -38,7 +43,7 @@ WINDOWS = (4, 2, 1, 8)  # window lengths a sparse plan may take (ties: the first
 class Candidate:
     """One plan the budget allows, with its predicted cost."""
 
-    placement: str  # "dense", "streamed" or "sparse"
+    placement: str  # "dense", "streamed", "sparse" or "experts"
     cost: TokenCost
     loss: float  # calibrated perplexity loss (0.0: exact)
     plan: MemoryPlan | None = None
@@ -48,9 +53,11 @@ class Candidate:
 
     @property
     def name(self) -> str:
+        ahead = ", reads ahead" if self.lookahead else ""
+        if self.placement == "experts":
+            return f"experts (window {self.window}{ahead})"
         if self.placement != "sparse":
             return self.placement
-        ahead = ", reads ahead" if self.lookahead else ""
         return f"sparse ({self.predictor}, window {self.window}{ahead})"
 
     def options(self) -> dict:
@@ -59,6 +66,12 @@ class Candidate:
             return {"dense": True}
         if self.placement == "streamed":
             return {"placement": "streamed"}
+        if self.placement == "experts":
+            return {
+                "placement": "experts",
+                "window": self.window,
+                "lookahead": self.lookahead,
+            }
         return {
             "placement": "sparse",
             "predictor": self.predictor,
@@ -107,6 +120,8 @@ def candidates(
     found = []
     if predictor is None and budget >= resident + ffn:
         found.append(Candidate("dense", dense_cost(layout, machine), 0.0))
+    if layout.args.is_moe:
+        return found + _experts_candidates(layout, budget, machine, max_context)
     if predictor is None:
         try:
             plan = plan_streamed(layout, budget, kv_cache, max_context)
@@ -145,6 +160,24 @@ def candidates(
     return found
 
 
+def _experts_candidates(
+    layout: Layout, budget: int, machine: Machine, max_context: int
+) -> list[Candidate]:
+    """The experts placement's plans (exact: the router decides), each window and
+    reads ahead on and off."""
+    kv_cache = kv_cache_bytes(layout.args, max_context)
+    found = []
+    for lookahead in (False, True):
+        try:
+            plan = plan_experts(layout, budget, kv_cache, max_context, lookahead)
+        except ValueError:
+            continue
+        for window in WINDOWS + (0,):
+            cost = experts_cost(layout, plan, machine, window)
+            found.append(Candidate("experts", cost, 0.0, plan, None, window, lookahead))
+    return found
+
+
 def choose(
     layout: Layout,
     budget: str | int,
@@ -164,6 +197,12 @@ def choose(
     """
     resident, ffn = model_bytes(layout)
     amount = parse_budget(budget, resident + ffn)
+    if layout.args.is_moe and predictor not in (None, "router"):
+        raise ValueError(
+            f"a mixture of experts is routed by its router, not the {predictor} "
+            "predictor"
+        )
+    predictor = None if layout.args.is_moe else predictor
     if max_loss is None:
         trained = trained_kind(layout)
         max_loss = (calibrated_loss(layout, trained) or 0.0) if trained else 0.0
@@ -188,7 +227,9 @@ def choose(
         best=allowed[0],
         others=allowed[1:],
         refused=[c for c in found if c not in allowed],
-        paging=paging_cost(layout, amount, machine),
+        paging=(experts_paging_cost if layout.args.is_moe else paging_cost)(
+            layout, amount, machine
+        ),
         allowed_loss=max_loss,
     )
 

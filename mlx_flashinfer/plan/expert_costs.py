@@ -1,0 +1,159 @@
+"""What one decoded token of a mixture of experts costs under the experts placement
+(`flash/experts.py`): per layer the router picks k experts, the cache holds some of
+them, the rest are read at once in one read call (each expert one bundle, read
+whole), and the k experts compute; the same three terms as `costs.py`, from the same
+curves.
+
+The cache keeps the least recently routed experts out first, so its hit rate follows
+from how often each expert is routed: for a cache of c experts under independent
+routings, Che's approximation of an LRU cache (Che, Tung and Wang 2002): the time T
+(in tokens) an expert stays cached solves sum_e (1 - exp(-r_e T)) = c, and an
+expert routed r_e times a token hits with probability 1 - exp(-r_e T). Without
+measured rates every expert is taken as equally popular (hit rate c / E): the
+floor, since real routers prefer some experts and reuse them token to token; the
+prediction's note says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..flash.memory import MemoryPlan, model_bytes
+from ..flash.reader import DEFAULT_CHUNK, DEFAULT_THREADS
+from ..formats.layout import Layout
+from .costs import (
+    PAGING_S_PER_GB,
+    WINDOW_STEP_S,
+    TokenCost,
+    _disk_seconds,
+    _read_cpu,
+    compute_seconds,
+    ffn_kinds,
+    resident_products,
+)
+from .disk import throughput_at
+from .machine import Machine
+
+# reads ahead (the next layer's router on this layer's input) hide this share of a
+# layer's reads behind its compute: an assumption until measured (ds4 reports 46%
+# of next-layer misses covered), said in the note
+AHEAD_HIDDEN = 0.5
+
+
+def lru_hit_rate(rates: np.ndarray, capacity: float) -> float:
+    """The share of routings that find their expert cached, for a cache of
+    `capacity` experts kept least recently routed first, `rates` the routings of
+    each expert per token (Che's approximation, independent routings)."""
+    rates = np.asarray(rates, dtype=float)
+    if capacity >= np.count_nonzero(rates):
+        return 1.0
+    if capacity <= 0:
+        return 0.0
+
+    def held(t: float) -> float:
+        return float(np.sum(1 - np.exp(-rates * t)))
+
+    low, high = 0.0, 1.0
+    while held(high) < capacity:
+        high *= 2
+    for _ in range(60):  # bisection: held(t) grows with t
+        mid = (low + high) / 2
+        low, high = (mid, high) if held(mid) < capacity else (low, mid)
+    t = (low + high) / 2
+    return float(np.sum(rates * (1 - np.exp(-rates * t))) / np.sum(rates))
+
+
+def routing_rates(layout: Layout) -> tuple[list[np.ndarray], str]:
+    """Per layer, each expert's routings per token (they sum to experts_per_token),
+    and where they came from: the layout's measured routing ("experts" section,
+    "popularity": per layer, each expert's share of the routings) or equal shares."""
+    args = layout.args
+    k, experts = args.experts_per_token, args.num_experts
+    measured = (layout.manifest.get("experts") or {}).get("popularity")
+    if measured and len(measured) == args.num_hidden_layers:
+        rates = [k * np.asarray(p, float) / np.sum(p) for p in measured]
+        return rates, "the layout's measured routing"
+    uniform = np.full(experts, k / experts)
+    return [uniform] * args.num_hidden_layers, "every expert equally popular (assumed)"
+
+
+def experts_cost(
+    layout: Layout,
+    plan: MemoryPlan,
+    machine: Machine,
+    window: int,
+    threads: str = "1",
+) -> TokenCost:
+    """The experts placement under `plan`: per layer, the routed experts the cache
+    misses (all of them with `window` 0, which keeps nothing) read in one call of
+    whole-bundle reads, the k routed experts and the resident weights (attention,
+    routers, shared experts) multiplied on `threads`; reads ahead (`plan.lookahead`)
+    hide AHEAD_HIDDEN of a layer's reads behind its compute."""
+    args = layout.args
+    k, row = args.experts_per_token, layout.bundle_bytes
+    rates, source = routing_rates(layout)
+    align = 4096 if machine.disk.get("mode") == "nocache" else 512
+    chunks = math.ceil((row + align) / DEFAULT_CHUNK)  # reads an expert takes
+    bytes_read = reads = cpu = disk = moved = 0.0
+    for layer_rates, cap in zip(rates, plan.capacity, strict=True):
+        hit = lru_hit_rate(layer_rates, cap) if window > 0 else 0.0
+        misses = k * (1 - hit)
+        if misses <= 0:
+            continue
+        call_reads, call_bytes = misses * chunks, misses * (row + align)
+        reads += call_reads
+        bytes_read += call_bytes
+        cpu += _read_cpu(machine, DEFAULT_THREADS, call_reads, call_bytes)
+        disk += _disk_seconds(machine, call_reads, call_bytes)
+        moved += misses * row
+    layers = args.num_hidden_layers
+    kinds = resident_products(layout)
+    for kind, nbytes in ffn_kinds(layout).items():  # one bundle: an expert's parts
+        kinds[kind] = kinds.get(kind, 0) + layers * k * nbytes
+    shared = 1 if args.shared_expert_size else 0
+    compute = compute_seconds(machine, layout, kinds, threads, layers * (k + shared))
+    io = cpu + disk
+    overlap = AHEAD_HIDDEN if plan.lookahead else 0.0
+    hidden = overlap * min(io, compute)
+    memory = layers * WINDOW_STEP_S + moved / machine.memory_bytes_per_s
+    ahead = f"; reads ahead hide {AHEAD_HIDDEN:.0%} (assumed)" if overlap else ""
+    return TokenCost(
+        "experts",
+        io - hidden,
+        memory,
+        compute,
+        bytes_read=bytes_read,
+        read_size=bytes_read / reads if reads else 0.0,
+        hidden_io_s=hidden,
+        note=f"routing: {source}{ahead}",
+        overlap=overlap,
+        overlap_cap_s=overlap * compute,
+        io_fixed_s=cpu,
+    )
+
+
+def experts_paging_cost(
+    layout: Layout, budget: int, machine: Machine, threads: str = "all"
+) -> TokenCost:
+    """OS paging (the experts memory-mapped), for comparison: the page cache holds
+    what the budget leaves beside the resident weights, shared by the layers, and
+    evicts the least recently used; a routed expert not in it faults in whole, by
+    the faulting thread with the kernel's readahead (a sequential stream), and
+    compute waits for it."""
+    args = layout.args
+    resident, _ = model_bytes(layout)
+    row, k = layout.bundle_bytes, args.experts_per_token
+    room = max(budget - resident, 0) / row / args.num_hidden_layers  # experts a layer
+    rates, _ = routing_rates(layout)
+    missed = sum(k * (1 - lru_hit_rate(r, room)) * row for r in rates)
+    rate = throughput_at(machine.disk, min(row, DEFAULT_CHUNK), 1, sequential=True)
+    layers = args.num_hidden_layers
+    kinds = resident_products(layout)
+    for kind, nbytes in ffn_kinds(layout).items():
+        kinds[kind] = kinds.get(kind, 0) + layers * k * nbytes
+    shared = 1 if args.shared_expert_size else 0
+    compute = compute_seconds(machine, layout, kinds, threads, layers * (k + shared))
+    faults = missed / 1e9 * PAGING_S_PER_GB
+    return TokenCost("OS paging", missed / rate, faults, compute, missed, read_size=row)
