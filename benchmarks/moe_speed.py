@@ -7,7 +7,10 @@ dense's.
 
 A layout from `python tools/synth.py DST --shape moe-small` (or any MoE layout).
 Flash reads bypass the page cache (O_DIRECT), so the runs need no cgroup to be
-honest about I/O; the dense row holds every expert in DRAM.
+honest about I/O; the dense row holds every expert in DRAM. On a probed machine
+(`flashinfer probe`) each row also gets the cost model's prediction
+(`plan/expert_costs.py`: `predicted_ms` beside `measured_ms`), which takes every
+expert as equally popular unless the layout records its routing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,27 @@ import time
 
 import numpy as np
 
-from mlx_flashinfer import load
+from mlx_flashinfer import Layout, load
+from mlx_flashinfer.plan.expert_costs import experts_cost, experts_dense_cost
+from mlx_flashinfer.plan.machine import cached_machine
+
+
+def predicted(layout: Layout, machine, plan=None, window: int = 0) -> dict:
+    """The cost model's ms per token for a row (dense without a plan), and its
+    terms; {} on a machine not probed."""
+    if machine is None:
+        return {}
+    if plan is None:
+        cost = experts_dense_cost(layout, machine, "all")
+    else:
+        cost = experts_cost(layout, plan, machine, window, "all")
+    return {
+        "predicted_ms": 1e3 * cost.total_s,
+        "predicted_io_ms": 1e3 * cost.io_s,
+        "predicted_compute_ms": 1e3 * cost.compute_s,
+        "predicted_mb_per_token": cost.bytes_read / 1e6,
+        "prediction_note": cost.note,
+    }
 
 
 def decode(model, prompt: list[int], feed: list[int]) -> tuple[list[int], float, float]:
@@ -64,13 +87,20 @@ def main() -> int:
     args = dense.args
     if not args.is_moe:
         p.error(f"{opts.model} is not a mixture of experts")
+    layout = Layout.open(opts.model)
+    machine = cached_machine(opts.model, opts.backend)
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, args.vocab_size, opts.prompt_tokens).tolist()
     feed = rng.integers(3, args.vocab_size, opts.tokens).tolist()
     if not opts.no_dense:
         reference, prompt_s, per_token = decode(dense, prompt, feed)
         rows.append(
-            {"config": "dense (every expert in DRAM)", "ms_per_token": 1e3 * per_token}
+            {
+                "config": "dense (every expert in DRAM)",
+                "ms_per_token": 1e3 * per_token,
+                "measured_ms": 1e3 * per_token,
+                **predicted(layout, machine),
+            }
         )
     del dense
     for budget, window, ahead in itertools.product(
@@ -101,16 +131,24 @@ def main() -> int:
                 "read_gb_per_s": s["gb_per_s"],
                 "ahead_coverage": s["ahead_coverage"],
                 "tokens_equal_dense": None if reference is None else ids == reference,
+                "measured_ms": 1e3 * per_token,
+                **predicted(layout, machine, model.plan, window),
             }
         )
         model.ffn.close()
-    print(f"{'configuration':<48} {'ms/token':>9} {'read/token':>10} {'MB/token':>9}")
+    print(
+        f"{'configuration':<48} {'ms/token':>9} {'predicted':>9} {'read/token':>10} "
+        f"{'MB/token':>9} {'predicted':>9}"
+    )
     for r in rows:
         read = r.get("experts_read_per_token")
+        guess = r.get("predicted_ms")
         print(
             f"{r['config']:<48} {r['ms_per_token']:>9.1f} "
+            f"{'-' if guess is None else f'{guess:.1f}':>9} "
             f"{'' if read is None else f'{read:.1f}':>10} "
-            f"{r.get('mb_per_token', 0):>9.1f}"
+            f"{r.get('mb_per_token', 0):>9.1f} "
+            f"{r.get('predicted_mb_per_token', 0):>9.1f}"
         )
     if opts.out:
         result = {

@@ -79,6 +79,25 @@ def routing_rates(layout: Layout) -> tuple[list[np.ndarray], str]:
     return [uniform] * args.num_hidden_layers, "every expert equally popular (assumed)"
 
 
+def routed_compute(layout: Layout, machine: Machine, threads: str) -> float:
+    """A decoded token's products: the resident weights (attention, routers, shared
+    experts) and each layer's k routed experts, with an FFN call per expert."""
+    args = layout.args
+    layers, k = args.num_hidden_layers, args.experts_per_token
+    kinds = resident_products(layout)
+    for kind, nbytes in ffn_kinds(layout).items():  # one bundle: an expert's parts
+        kinds[kind] = kinds.get(kind, 0) + layers * k * nbytes
+    shared = 1 if args.shared_expert_size else 0
+    return compute_seconds(machine, layout, kinds, threads, layers * (k + shared))
+
+
+def experts_dense_cost(
+    layout: Layout, machine: Machine, threads: str = "all"
+) -> TokenCost:
+    """Every expert in DRAM: the routed experts' products, nothing read."""
+    return TokenCost("dense", 0.0, 0.0, routed_compute(layout, machine, threads))
+
+
 def experts_cost(
     layout: Layout,
     plan: MemoryPlan,
@@ -109,11 +128,7 @@ def experts_cost(
         disk += _disk_seconds(machine, call_reads, call_bytes)
         moved += misses * row
     layers = args.num_hidden_layers
-    kinds = resident_products(layout)
-    for kind, nbytes in ffn_kinds(layout).items():  # one bundle: an expert's parts
-        kinds[kind] = kinds.get(kind, 0) + layers * k * nbytes
-    shared = 1 if args.shared_expert_size else 0
-    compute = compute_seconds(machine, layout, kinds, threads, layers * (k + shared))
+    compute = routed_compute(layout, machine, threads)
     io = cpu + disk
     overlap = AHEAD_HIDDEN if plan.lookahead else 0.0
     hidden = overlap * min(io, compute)
@@ -149,11 +164,6 @@ def experts_paging_cost(
     rates, _ = routing_rates(layout)
     missed = sum(k * (1 - lru_hit_rate(r, room)) * row for r in rates)
     rate = throughput_at(machine.disk, min(row, DEFAULT_CHUNK), 1, sequential=True)
-    layers = args.num_hidden_layers
-    kinds = resident_products(layout)
-    for kind, nbytes in ffn_kinds(layout).items():
-        kinds[kind] = kinds.get(kind, 0) + layers * k * nbytes
-    shared = 1 if args.shared_expert_size else 0
-    compute = compute_seconds(machine, layout, kinds, threads, layers * (k + shared))
+    compute = routed_compute(layout, machine, threads)
     faults = missed / 1e9 * PAGING_S_PER_GB
     return TokenCost("OS paging", missed / rate, faults, compute, missed, read_size=row)

@@ -33,7 +33,7 @@ from ..formats.layout import Layout
 from ..model.transformer import kv_cache_bytes
 from ..predictors.kinds import predictor_nbytes, trained_kind
 from .costs import TokenCost, dense_cost, paging_cost, sparse_cost, streamed_cost
-from .expert_costs import experts_cost, experts_paging_cost
+from .expert_costs import experts_cost, experts_dense_cost, experts_paging_cost
 from .machine import Machine
 
 WINDOWS = (4, 2, 1, 8)  # window lengths a sparse plan may take (ties: the first)
@@ -119,7 +119,10 @@ def candidates(
     kv_cache = kv_cache_bytes(layout.args, max_context)
     found = []
     if predictor is None and budget >= resident + ffn:
-        found.append(Candidate("dense", dense_cost(layout, machine), 0.0))
+        dense = (experts_dense_cost if layout.args.is_moe else dense_cost)(
+            layout, machine
+        )
+        found.append(Candidate("dense", dense, 0.0))
     if layout.args.is_moe:
         return found + _experts_candidates(layout, budget, machine, max_context)
     if predictor is None:
