@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_checks import assert_refused
+from cli_checks import assert_refused, run
 from tiny_models import (
     TOKENS,
     has_mlx,
@@ -161,6 +161,36 @@ def test_any_affine_format_dequantizes_to_mlxs_values(tmp_path, bits, group_size
     assert ("mlp.gate_proj.weight" in requantized) == (bits != 4)
     assert ("self_attn.q_proj.weight" in requantized) == (bits not in (4, 8))
     assert "mlp.down_proj.weight" in requantized
+    if bits == 8:  # a q8 layout takes every matrix but the down columns
+        q8 = Layout.open(convert(src, tmp_path / "q8", dtype="q8", progress=False))
+        record = q8.quantization
+        assert record["requantized_from_source"] == ["mlp.down_proj.weight"]
+        assert record["exact_from_source"] == 2 + 6 * config["num_hidden_layers"]
+
+
+def test_fused_projections_take_row_ranges_of_their_groups(tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj, quantized whole: each part is a range of
+    the fused matrix's rows, groups and all, taken as stored."""
+    config = tiny_config("llama", "silu", **SIZES, model_type="phi3", pad_token_id=0)
+    src, saved, values = write_mlx_checkpoint(
+        tmp_path / "mlx", config, random_weights(config, seed=9)
+    )
+    assert "model.layers.0.mlp.gate_up_proj.scales" in saved
+    f32 = convert(src, tmp_path / "f32", dtype="float32", progress=False)
+    plain = write_float(tmp_path / "plain", config, values)
+    ref = convert(plain, tmp_path / "ref", dtype="float32", progress=False)
+    for file in ("resident.safetensors", "ffn.bin"):
+        assert (f32 / file).read_bytes() == (ref / file).read_bytes()
+    lay = Layout.open(convert(src, tmp_path / "q4", dtype="q4", progress=False))
+    # per layer q, k, v, o, gate, up; embeddings and head
+    assert lay.quantization["exact_from_source"] == 2 + 6 * 2
+    f = config["intermediate_size"]
+    for layer in range(2):
+        gate_up = fields(saved, f"model.layers.{layer}.mlp.gate_up_proj")
+        for p, part in enumerate(lay.read_parts(layer)[:2]):
+            ours = (part.packed, part.scales, part.biases)
+            for o, t in zip(ours, gate_up, strict=True):
+                assert np.array_equal(o, t[p * f : (p + 1) * f])
 
 
 def test_per_module_overrides(tmp_path):
@@ -210,7 +240,7 @@ def test_per_module_overrides(tmp_path):
     assert error[q4.path] < error[requantized]
 
 
-def test_bfloat16_scales_below_float16s_normals_round_and_are_counted(tmp_path):
+def test_bfloat16_scales_below_float16s_normals_round_and_are_counted(tmp_path, capsys):
     """bfloat16 scales and biases are float16's values exactly down to 2**-17;
     rows of tiny weights have smaller ones, which round to float16's subnormals (by
     at most 2**-25) and are counted in the record."""
@@ -231,6 +261,8 @@ def test_bfloat16_scales_below_float16s_normals_round_and_are_counted(tmp_path):
         assert np.all(np.abs(ours.astype(np.float32) - theirs) <= 2.0**-25)
         changed += int(np.count_nonzero(ours.astype(np.float32) != theirs))
     assert 0 < changed == lay.quantization["scales_rounded_to_float16"]
+    status, out, _ = run(["inspect", lay.path], capsys)
+    assert status == 0 and f"{changed} bfloat16 scales or biases" in out
 
 
 def moe_budget(layout: Path) -> int:
@@ -241,15 +273,19 @@ def moe_budget(layout: Path) -> int:
     return experts_floor(lay) + rows * (lay.bundle_bytes + 8)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_switch_mlp_experts_convert_and_flash_equals_dense(tmp_path, family):
     """Experts stacked as `switch_mlp` (routers at 8 bits, as mlx-lm's recipes
-    keep them): each expert's gate and up rows are taken as stored, the float32
-    layout equals the per-expert dequantized model's, and flash == dense."""
-    config = moe_config(family, hidden_size=64, intermediate_size=64)
-    if family == "qwen3_moe":
-        config["moe_intermediate_size"] = 64
-    block = "mlp" if family == "qwen3_moe" else "block_sparse_moe"
+    keep them; Qwen2-MoE's shared expert beside): each expert's gate and up rows
+    are taken as stored, the float32 layout equals the per-expert dequantized
+    model's, and flash == dense."""
+    sizes = {"hidden_size": 64, "intermediate_size": 64}
+    if family != "mixtral":
+        sizes["moe_intermediate_size"] = 64
+    if family == "qwen2_moe":
+        sizes["shared_expert_intermediate_size"] = 64
+    config = moe_config(family, **sizes)
+    block = "block_sparse_moe" if family == "mixtral" else "mlp"
     routers = {
         f"model.layers.{i}.{block}.gate": {"group_size": 64, "bits": 8}
         for i in range(config["num_hidden_layers"])
@@ -269,17 +305,20 @@ def test_switch_mlp_experts_convert_and_flash_equals_dense(tmp_path, family):
     q4 = convert(src, tmp_path / "q4", dtype="q4", progress=False)
     lay = Layout.open(q4)
     layers, experts = config["num_hidden_layers"], lay.args.num_experts
-    attention = sum(
-        f".{layer}.self_attn." in n and n.endswith(".scales")
-        for layer in range(layers)
+    # attention, embeddings, head, a shared expert (resident: its down rows too)
+    resident = [
+        n
         for n in saved
-    )
-    embed_head = 2
+        if n.endswith(".scales")
+        and "switch_mlp" not in n
+        and not n.endswith((".gate.scales", "shared_expert_gate.scales"))
+    ]
     assert lay.quantization["exact_from_source"] == (
-        layers * experts * 2 + attention + embed_head
+        layers * experts * 2 + len(resident)
     )
+    down = "w2" if family == "mixtral" else "down_proj"
     assert lay.quantization["requantized_from_source"] == [
-        f"{block}.experts.*.{'down_proj' if family == 'qwen3_moe' else 'w2'}.weight"
+        f"{block}.experts.*.{down}.weight"
     ]
     f = lay.args.intermediate_size
     for layer in range(layers):
