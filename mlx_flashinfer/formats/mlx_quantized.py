@@ -113,6 +113,7 @@ class MLXQuantized:
         spec = read_quantization(config, path / "config.json", canonical)
         self.stored: dict[str, Stored] = {}
         self.rounded = 0  # scales and biases float16 does not hold exactly
+        self._counted: set[str] = set()  # a fused tensor is read once per part
         default, overrides = spec or (None, {})
         self.default = default  # (bits, group size) of most tensors
         for name in [n for n in where if n.endswith(".scales")]:
@@ -194,7 +195,9 @@ class MLXQuantized:
         (see the module docstring for where bfloat16 ones round)."""
         s = self.stored[name]
         packed = read_tensor(*at)
-        return packed, self._float16(s.scales, name), self._float16(s.biases, name)
+        fields = packed, self._float16(s.scales, name), self._float16(s.biases, name)
+        self._counted.add(name)
+        return fields
 
     def _float16(self, at: Where, name: str) -> np.ndarray:
         stored = read_tensor(*at, stored=True)
@@ -207,7 +210,8 @@ class MLXQuantized:
             raise ValueError(
                 f"{self.path}: {name}: scales or biases beyond float16's range"
             )
-        self.rounded += int(np.count_nonzero(narrow.astype(np.float32) != wide))
+        if name not in self._counted:
+            self.rounded += int(np.count_nonzero(narrow.astype(np.float32) != wide))
         return narrow
 
     def values(self, name: str, at: Where) -> np.ndarray:
