@@ -121,6 +121,8 @@ def quantization_summary(layout: Layout) -> str:
     if q["requantized_from_source"]:
         names = ", ".join(q["requantized_from_source"])
         line += f"; rounded again (the source quantized them otherwise): {names}"
+    if rounded := q.get("scales_rounded_to_float16"):
+        line += f"; {rounded} bfloat16 scales or biases below 2^-17 rounded to float16"
     return line
 
 

@@ -24,6 +24,7 @@ from .families import (
     is_offset_norm,
 )
 from .layout import MANIFEST
+from .mlx_quantized import MLXQuantized
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
 from .safetensors_stream import read_header, read_tensor
 from .shapes import check_complete, expected_shapes, rope_divisors
@@ -63,6 +64,10 @@ class HFCheckpoint(FusedParts):
             for name, info in header.items():
                 self._where.setdefault(_canonical(name), (file, info, start))
         self._where.pop("", None)
+        # mlx-community's packed matrices and stacked experts, under plain names
+        self._mlx = MLXQuantized(self.config, args, self._where, path, _canonical)
+        if self._mlx.stored:  # a quantized layout's default: the checkpoint's groups
+            self.group_size = self._mlx.default[1]
         if "lm_head.weight" not in self._where:
             args.tie_word_embeddings = True  # a checkpoint without lm_head ties it
         if args.tie_word_embeddings and fold_factor(
@@ -72,9 +77,7 @@ class HFCheckpoint(FusedParts):
             args.tie_word_embeddings = False
             self._where["lm_head.weight"] = self._where["embed_tokens.weight"]
         self.args = args
-        self.shapes = {
-            n: tuple(info["shape"]) for n, (_, info, _) in self._where.items()
-        }
+        self.shapes = {n: self._mlx.shape(n, at) for n, at in self._where.items()}
         self._name_parts()
         check_complete(self.shapes, args, path)
         self.shapes = {n: self.shapes[n] for n in expected_shapes(args)}
@@ -107,12 +110,40 @@ class HFCheckpoint(FusedParts):
             return self._rope_freqs
         if name in self._split:
             return self._part(name)
-        file, info, start = self._where[name]
-        values = read_tensor(file, info, start).astype(np.float32, copy=False)
+        at = self._where[name]
+        if name in self._mlx.stored:
+            values = self._mlx.values(name, at)
+        else:
+            values = read_tensor(*at).astype(np.float32, copy=False)
         if self.args.norm_offset and is_offset_norm(name):
             values = values + np.float32(self.args.norm_offset)
         factor = fold_factor(self.config, self.args, name)
         return values if factor == 1.0 else values * np.float32(factor)
+
+    def native_bits(self, name: str, group_size: int) -> int | None:
+        """Bits of `name` when its MLX groups are a quantized layout's format at
+        `group_size` (4 or 8 bits, that group size; nothing folded into it at
+        conversion), else None."""
+        name = self._split.get(name, (name,))[0]  # a fused tensor's part: its groups
+        if fold_factor(self.config, self.args, name) != 1.0:
+            return None
+        return self._mlx.native_bits(name, group_size)
+
+    def native_quantized(self, name: str) -> tuple[np.ndarray, ...]:
+        """(packed, scales, biases) of `name` as stored (see `native_bits`)."""
+        if name in self._split:  # whole rows of the fused tensor's groups
+            fused, lo, hi = self._split[name]
+            return tuple(f[lo:hi] for f in self.native_quantized(fused))
+        return self._mlx.fields(name, self._where[name])
+
+    def stored_bits(self, name: str) -> int | None:
+        """Bits `name` is quantized at in the checkpoint, None if float."""
+        return self._mlx.bits(self._split.get(name, (name,))[0])
+
+    @property
+    def scales_rounded(self) -> int:
+        """Scales and biases taken as stored that float16 did not hold exactly."""
+        return self._mlx.rounded
 
     def tokenizer(self) -> tuple[dict[str, bytes], dict]:
         """(files to copy into the layout, tokenizer info for the manifest)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from tqdm import tqdm
 
 from .checkpoints import GGUFCheckpoint, HFCheckpoint, open_checkpoint
 from .experts import (
+    FAMILIES,
+    expert_parts,
     expert_tensor_names,
     expert_values,
     manifest_section,
@@ -256,13 +259,16 @@ class Quantization:
         if not transposed and native == bits:
             self.exact.append(name)
             return self.source.native_quantized(name)
-        if native:
+        stored = getattr(self.source, "stored_bits", None)  # quantized, not as ours
+        if native or (stored and stored(name)):
             self.requantized.append(name)
         values = self.source.tensor(name)
         return quantize(values.T if transposed else values, bits, self.group_size)
 
     def record(self) -> dict:
-        requantized = sorted({n.split(".", 2)[-1] for n in self.requantized})
+        # one entry per kind of tensor: its layer and expert numbers left out
+        requantized = sorted({_kind(n) for n in self.requantized})
+        rounded = getattr(self.source, "scales_rounded", 0)
         return {
             "bits": self.bits,
             "group_size": self.group_size,
@@ -270,7 +276,12 @@ class Quantization:
             "tensors": self.tensors,
             "exact_from_source": len(self.exact),
             "requantized_from_source": requantized,
+            **({"scales_rounded_to_float16": rounded} if rounded else {}),
         }
+
+
+def _kind(name: str) -> str:
+    return re.sub(r"experts\.\d+\.", "experts.*.", re.sub(r"^layers\.\d+\.", "", name))
 
 
 def _write_layout(
@@ -422,6 +433,17 @@ def _expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarr
     """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
     expert's gate rows, up rows, down columns, each (intermediate, d_model)
     (quantized: its packed rows, then their scales, then their biases)."""
+    if q is not None and not FAMILIES[args.moe_type].fused:
+        # each expert's tensors through `q.matrix`: a source's own groups where
+        # they are the layout's format (mlx-community's stacked experts)
+        parts = [[], [], []]
+        for e in range(args.num_experts):
+            for p, (name, transposed) in enumerate(expert_parts(args, layer, e)):
+                fields = q.matrix(name, q.part_bits[p], transposed)
+                parts[p].append(
+                    np.concatenate([f.view(np.uint8).reshape(-1) for f in fields])
+                )
+        return [np.stack(rows) for rows in parts]
     parts = []
     for p, experts in enumerate(expert_values(source, args, layer)):
         rows = []
