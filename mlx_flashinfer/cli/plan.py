@@ -122,8 +122,17 @@ def machine_lines(machine) -> list[str]:
     )
     lines.append(f"decode products, GB of weights/s on 1 / all threads: {gemv}")
     lines.append(
-        f"a layer's small operations: {1e6 * machine.layer_s:.0f} us per token"
+        f"a layer's small operations: {1e6 * machine.layer_s:.0f} us per token; an "
+        f"FFN call's: {1e6 * machine.ffn_call_s:.0f} us"
     )
+    if reader := machine.reader:  # probes before it was measured have none
+        one, many = reader["1"], reader.get("16", reader["1"])
+        landing = one["byte_s"] and f", {1e-9 / one['byte_s']:.1f} GB/s landing"
+        lines.append(
+            f"the flash reader's own work: {1e6 * one['call_s']:.0f} / "
+            f"{1e6 * many['call_s']:.0f} us a call on 1 / 16 threads, "
+            f"{1e6 * one['read_s']:.1f} us a read{landing or ''}"
+        )
     return lines
 
 
