@@ -53,7 +53,7 @@ def put_in_hub_cache(
 ) -> Path:
     """Files as huggingface_hub stores them: models--owner--name/blobs/<sha256>,
     snapshots/<commit>/<path> linked to the blob (relatively), refs/<ref> naming the
-    commit. Returns the snapshot folder."""
+    commit (no ref when None). Returns the snapshot folder."""
     repo = cache / ("models--" + repo_id.replace("/", "--"))
     snapshot = repo / "snapshots" / commit
     for path, data in files.items():
@@ -64,8 +64,9 @@ def put_in_hub_cache(
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():  # fetched before (as huggingface_hub skips it)
             link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / ref).write_text(commit)
+    if ref is not None:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
     return snapshot
 
 
@@ -377,21 +378,20 @@ def test_a_download_asks_for_what_conversion_reads(offline_hub, monkeypatch, tmp
     )
     asked = {}
 
+    # as huggingface_hub's own: refs/REVISION written only for a name, not a commit
     def hf_hub_download(repo_id, filename, *, revision, cache_dir):
-        snapshot = put_in_hub_cache(
-            cache_dir, repo_id, {filename: files[filename]}, revision
+        assert revision == COMMIT_1  # the listed commit's index, whatever main is now
+        file = {filename: files[filename]}
+        return str(
+            put_in_hub_cache(cache_dir, repo_id, file, COMMIT_1, None) / filename
         )
-        return str(snapshot / filename)
 
     def snapshot_download(repo_id, *, revision, cache_dir, allow_patterns):
-        asked["patterns"] = allow_patterns
         chosen = list(filter_repo_objects(files, allow_patterns=allow_patterns))
         asked["files"] = chosen
-        return str(
-            put_in_hub_cache(
-                cache_dir, repo_id, {f: files[f] for f in chosen}, revision
-            )
-        )
+        ref = None if revision == COMMIT_1 else revision
+        file = {f: files[f] for f in chosen}
+        return str(put_in_hub_cache(cache_dir, repo_id, file, COMMIT_1, ref))
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda *a, **k: info)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)

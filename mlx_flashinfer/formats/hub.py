@@ -281,13 +281,20 @@ def _download(name: HubName, cache: Path, progress: bool) -> HubSource:
                 file=sys.stderr,
             )
         with _progress_bars(progress):
+            # by the revision's name, not its commit: only then does the Hub's cache
+            # record refs/REVISION, which the next run starts from
             folder = snapshot_download(
                 name.repo_id,
-                revision=commit,
+                revision=name.revision,
                 cache_dir=cache,
                 # the names as patterns that match only themselves
                 allow_patterns=[glob.escape(f) for f in needed],
             )
+    if Path(folder).name != commit:
+        raise OSError(
+            f"{name.spec}: {name.revision} moved to another commit during the "
+            "download; run again"
+        )
     gguf = needed[0] if needed[0].endswith(".gguf") else None
     return HubSource(name, commit, Path(folder), gguf)
 
