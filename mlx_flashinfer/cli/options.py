@@ -93,9 +93,9 @@ def add_generation_options(
     p.add_argument(
         "--model",
         default=None,
-        help="layout directory, Hugging Face folder, .gguf file or 'default' "
-        "(default: the embedded SmolLM2-135M-Instruct; a folder named default: "
-        "./default)",
+        help="layout directory, Hugging Face folder, .gguf file, Hub name "
+        "(owner/name[@revision][:gguf-file]) or 'default' (default: the embedded "
+        "SmolLM2-135M-Instruct; a folder named default: ./default)",
     )
     if prompt:
         p.add_argument("-p", "--prompt", required=True, help="'-' reads stdin")

