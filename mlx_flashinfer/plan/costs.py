@@ -32,9 +32,11 @@ from .machine import CACHED_BYTES, COLUMNS, Machine
 from .reader_cost import call_seconds
 
 # The fixed costs a token pays per layer on the sparse path beyond its products,
-# measured here (NumPy, 2 cores): the window's bookkeeping and the reader's hand-off
-# to its threads, 40-60 us and 100-150 us a layer.
-WINDOW_STEP_S = 50e-6
+# measured here (NumPy, 2 cores): the window's bookkeeping (`LayerWindow.step`:
+# 86-178 us from 1,536 to 16,384 neurons and 3% to 67% of them predicted) and,
+# where the probe did not measure the reader, its hand-off to its threads
+# (100-150 us a call).
+WINDOW_STEP_S = 130e-6
 READ_CALL_S = 120e-6
 # The reader's own work per read (a run of neighbouring bundles): planning it, the
 # call, landing its rows, on Python threads that share one interpreter lock, so it
@@ -330,7 +332,7 @@ def sparse_cost(
         pieces = 1
     gap = max(int(DEFAULT_MAX_GAP // row), 0)  # pieces a read runs through
     threads = 1 if rows_in_dram else DEFAULT_THREADS
-    bytes_read = rows = reads = loaded_total = cpu = disk = 0.0
+    bytes_read = rows = reads = cached_loads = cpu = disk = 0.0
     # FFN calls: over the cached rows, one per scratch-full, and the predictor's
     ffn_calls = float(args.num_hidden_layers * (1 + (predictor != "all")))
     for (p, loaded, held), cap in zip(stats, plan.capacity, strict=True):
@@ -339,9 +341,9 @@ def sparse_cost(
         load = p * n - (p - loaded) * n * hit_share  # cached hits lost to a small cache
         load = min(max(load, 0.0), p * n)
         rows += min(cap, union) + max(0.0, p * n - cap)
-        loaded_total += load
         # what the cache cannot hold goes through scratch, a scratch-full a call
         scratch = min(load, max(0.0, p * n - cap))
+        cached_loads += load - scratch
         calls = [(load - scratch, 1)]
         if scratch and plan.scratch_rows:
             count = math.ceil(scratch / plan.scratch_rows)
@@ -364,8 +366,10 @@ def sparse_cost(
         kind = "q4" if predictor == "lowbit" else layout.dtype
         kinds = _add(kinds, {kind: predictor_bytes})
     compute = compute_seconds(machine, layout, kinds, "1", ffn_calls)
-    moved = loaded_total * layout.bundle_bytes  # rows landed, and as many moved
-    memory = args.num_hidden_layers * WINDOW_STEP_S + moved / machine.memory_bytes_per_s
+    # a row loaded into the cache moves one out of the way (swap-delete): row copies
+    # by index, at the rate the reader lands rows
+    moved = cached_loads * layout.bundle_bytes
+    memory = args.num_hidden_layers * WINDOW_STEP_S + moved * _row_copy_s(machine)
     overlap = 0.5 if plan.lookahead else 0.0  # the next layer's reads behind
     hidden = overlap * min(io, compute)  # this layer's compute
     return TokenCost(
@@ -402,6 +406,13 @@ def _read_cpu(machine: Machine, threads: int, reads: float, nbytes: float) -> fl
     row's is)."""
     fallback = (READ_CALL_S, READ_RUN_S, 1 / machine.memory_bytes_per_s)
     return call_seconds(machine.reader, threads, reads, nbytes, fallback)
+
+
+def _row_copy_s(machine: Machine) -> float:
+    """Seconds a byte of rows copied by index costs: the reader's landing rate where
+    the probe measured it, else memory's."""
+    reader = machine.reader.get("1") if machine.reader else None
+    return reader["byte_s"] if reader else 1 / machine.memory_bytes_per_s
 
 
 def _disk_seconds(machine: Machine, reads: float, nbytes: float) -> float:

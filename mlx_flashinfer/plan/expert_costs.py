@@ -29,6 +29,7 @@ from .costs import (
     TokenCost,
     _disk_seconds,
     _read_cpu,
+    _row_copy_s,
     compute_seconds,
     ffn_kinds,
     resident_products,
@@ -132,7 +133,7 @@ def experts_cost(
     io = cpu + disk
     overlap = AHEAD_HIDDEN if plan.lookahead else 0.0
     hidden = overlap * min(io, compute)
-    memory = layers * WINDOW_STEP_S + moved / machine.memory_bytes_per_s
+    memory = layers * WINDOW_STEP_S + moved * _row_copy_s(machine)
     ahead = f"; reads ahead hide {AHEAD_HIDDEN:.0%} (assumed)" if overlap else ""
     return TokenCost(
         "experts",
