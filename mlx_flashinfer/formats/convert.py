@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from tqdm import tqdm
 
 from .checkpoints import GGUFCheckpoint, HFCheckpoint, open_checkpoint
 from .experts import (
+    FAMILIES,
+    expert_parts,
     expert_tensor_names,
     expert_values,
     manifest_section,
@@ -262,7 +265,13 @@ class Quantization:
         return quantize(values.T if transposed else values, bits, self.group_size)
 
     def record(self) -> dict:
-        requantized = sorted({n.split(".", 2)[-1] for n in self.requantized})
+        # per layer (and expert) names once: "mlp.experts.*.down_proj.weight"
+        requantized = sorted(
+            {
+                re.sub(r"\.experts\.\d+\.", ".experts.*.", n.split(".", 2)[-1])
+                for n in self.requantized
+            }
+        )
         return {
             "bits": self.bits,
             "group_size": self.group_size,
@@ -421,7 +430,15 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
 def _expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
     """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
     expert's gate rows, up rows, down columns, each (intermediate, d_model)
-    (quantized: its packed rows, then their scales, then their biases)."""
+    (quantized: its packed rows, then their scales, then their biases; a source's
+    own blocks where they are the layout's, as `Quantization.matrix` takes them)."""
+    if q is not None and not FAMILIES[args.moe_type].fused:
+        experts = [expert_parts(args, layer, e) for e in range(args.num_experts)]
+        out = []
+        for p, bits in enumerate(q.part_bits):  # part after part: a stack at a time
+            rows = [q.matrix(e[p][0], bits, e[p][1]) for e in experts]
+            out.append(np.stack([_joined(fields) for fields in rows]))
+        return out
     parts = []
     for p, experts in enumerate(expert_values(source, args, layer)):
         rows = []
@@ -430,9 +447,13 @@ def _expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarr
                 fields = [encode(np.ascontiguousarray(values), dtype)]
             else:
                 fields = quantize(values, q.part_bits[p], q.group_size)
-            rows.append(np.concatenate([f.view(np.uint8).reshape(-1) for f in fields]))
+            rows.append(_joined(fields))
         parts.append(np.stack(rows))
     return parts
+
+
+def _joined(fields) -> np.ndarray:
+    return np.concatenate([f.view(np.uint8).reshape(-1) for f in fields])
 
 
 def _entry(path: Path, digest) -> dict:
