@@ -141,6 +141,8 @@ def write_moe_gguf(
     for key, value in extra.items():
         if isinstance(value, bool):
             writer.add_bool(f"{arch}.{key}", value)
+        elif isinstance(value, str):
+            writer.add_string(f"{arch}.{key}", value)
         elif isinstance(value, int):
             writer.add_uint32(f"{arch}.{key}", value)
         else:

@@ -18,7 +18,6 @@ from tiny_moe import moe_config, moe_weights, tiny_moe_configs
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.formats.quantize import rows_float32
 
-Q4_0 = gguf.GGMLQuantizationType.Q4_0
 F16 = gguf.GGMLQuantizationType.F16
 # what a GGUF does not store but llama.cpp fixes, stated for the tiny models
 EXTRA = {"qwen3-moe-unnormed": {"expert_weights_norm": False}}
@@ -92,17 +91,21 @@ EXACT_PER_LAYER = {
 }
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
 @pytest.mark.parametrize("family", sorted(EXACT_PER_LAYER))
-def test_q4_0_experts_are_taken_unchanged(family, tmp_path):
-    """A Q4_0 GGUF into a q4 layout: each expert's gate and up rows are its stack's
-    blocks at [e], the same values exactly (no second rounding); flash equals
-    dense; the logits stay near those of the GGUF's own values in float32."""
+def test_quantized_experts_are_taken_unchanged(family, qtype, tmp_path):
+    """A Q4_0 (Q8_0) GGUF into a q4 (q8) layout: each expert's gate and up rows are
+    its stack's blocks at [e], the same values exactly (no second rounding; Granite's,
+    joined as input_linear, are rounded again); flash equals dense; the logits stay
+    near those of the GGUF's own values in float32."""
+    kind = getattr(gguf.GGMLQuantizationType, qtype)
+    dtype = "q4" if qtype == "Q4_0" else "q8"
     size = "intermediate_size" if family != "qwen2_moe" else "moe_intermediate_size"
     config = moe_config(family, experts=6, hidden_size=64, **{size: 32})
     if family == "granitemoe":  # q scaled by attention_multiplier * sqrt(head_dim)
         config["attention_multiplier"] = 0.125
-    src = write_moe_gguf(tmp_path / "q.gguf", config, moe_weights(config, 7), Q4_0)
-    layout = convert(src, tmp_path / "q4", dtype="q4", progress=False)
+    src = write_moe_gguf(tmp_path / "q.gguf", config, moe_weights(config, 7), kind)
+    layout = convert(src, tmp_path / dtype, dtype=dtype, progress=False)
     lay = Layout.open(layout)
     record = lay.quantization
     tied = family == "granitemoe"  # its head is the embedding scaled: not exact
@@ -115,8 +118,8 @@ def test_q4_0_experts_are_taken_unchanged(family, tmp_path):
         for part, stack in ((gate, "ffn_gate_exps"), (up, "ffn_up_exps")):
             t = stacks[f"blk.{layer}.{stack}.weight"]
             for e in range(6):
-                expected = gguf.quants.dequantize(t.data[e], Q4_0)
-                got = rows_float32(part, "q4", e, e + 1).reshape(f, d)
+                expected = gguf.quants.dequantize(t.data[e], kind)
+                got = rows_float32(part, dtype, e, e + 1).reshape(f, d)
                 if family == "granitemoe":  # requantized: near, not equal
                     assert np.abs(got - expected).max() < 0.2 * np.abs(expected).max()
                 else:
@@ -156,6 +159,21 @@ def test_routing_fixed_by_llama_cpp_unless_the_metadata_says(tmp_path):
         assert Layout.open(layout).args.norm_topk_prob is normed
 
 
+def test_linear_rope_scaling_as_in_its_checkpoint(tmp_path):
+    config = tiny_moe_configs()["olmoe"]
+    config = config | {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}
+    weights = moe_weights(config, 5)
+    rope = {"rope.scaling.type": "linear", "rope.scaling.factor": 2.0}
+    src = write_moe_gguf(tmp_path / "r.gguf", config, weights, extra=rope)
+    hf = write_hf_checkpoint(tmp_path / "hf", config, weights)
+    a = convert(hf, tmp_path / "a", dtype="float32", progress=False)
+    b = convert(src, tmp_path / "b", dtype="float32", progress=False)
+    same_model_args(a, b)
+    expected = load(a, backend="numpy")[0].logits(TOKENS)
+    got = load(b, backend="numpy")[0].logits(TOKENS)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
 def test_moe_ggufs_refused_in_one_line(tmp_path, capsys):
     config = tiny_moe_configs()["mixtral"]
     weights = moe_weights(config, 5)
@@ -172,9 +190,10 @@ def test_moe_ggufs_refused_in_one_line(tmp_path, capsys):
     src = write_moe_gguf(
         tmp_path / "gs.gguf", granite, moe_weights(granite, 5), extra=shared
     )
-    assert_refused(["convert", src, out], "granitemoe with a shared expert", capsys)
+    assert_refused(["convert", src, out], "granitemoe with a shared expert(s)", capsys)
     for extra, refusal in (
         ({"leading_dense_block_count": 1}, "leading_dense_block_count is not"),
+        ({"expert_shared_count": 2}, "llama with 2 shared expert(s) is not"),
         ({"expert_count": 7}, "expected a stack of 7 experts"),
     ):
         src = write_moe_gguf(tmp_path / "x.gguf", config, weights, extra=extra)

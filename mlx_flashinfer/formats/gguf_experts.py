@@ -48,7 +48,6 @@ PERMUTED = ("llama", "granitemoe")
 STACKS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 # metadata of routing this runtime does not compute
 _REFUSED_KEYS = (
-    "expert_shared_count",
     "expert_group_count",
     "leading_dense_block_count",
     "moe_every_n_layers",
@@ -114,14 +113,19 @@ def gguf_moe_config(meta: dict) -> dict:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
     }
+    if meta.get(f"{arch}.rope.scaling.type") == "linear":  # as a dense GGUF's
+        factor = float(key("rope.scaling.factor"))
+        config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     if meta.get(f"{arch}.attention.key_length"):
         config["head_dim"] = int(meta[f"{arch}.attention.key_length"])
     if family.normed_key:
         norm = meta.get(f"{arch}.expert_weights_norm", RENORMALISED[arch])
         config[family.normed_key] = bool(norm)
     shared = int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0)
-    if shared and not family.shared_expert:
-        raise ValueError(f"GGUF {arch} with a shared expert is not supported")
+    count = int(meta.get(f"{arch}.expert_shared_count") or 0)
+    if (shared or count) and not family.shared_expert or count > 1:
+        what = f"{count or 'a'} shared expert(s)"
+        raise ValueError(f"GGUF {arch} with {what} is not supported")
     if family.shared_expert:
         config["shared_expert_intermediate_size"] = int(
             key("expert_shared_feed_forward_length")
