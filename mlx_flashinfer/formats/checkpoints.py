@@ -24,7 +24,7 @@ from .families import (
     is_offset_norm,
 )
 from .gguf_experts import (
-    PERMUTED,
+    NOT_PERMUTED,
     StackedExperts,
     gguf_moe_config,
     gguf_moe_layer_names,
@@ -202,7 +202,7 @@ class GGUFCheckpoint(FusedParts, StackedExperts):
         arch = self.meta.get("general.architecture")
         # llama.cpp permutes q/k rows for its interleaved RoPE (its Llama models
         # only, Mixtral and Granite among them); `tensor` undoes it
-        self._permuted = args.model_type is None and arch in PERMUTED
+        self._permuted = args.model_type is None and arch not in NOT_PERMUTED
         # an MoE's config.json (Granite's multipliers are folded in as from its own)
         self.config = gguf_moe_config(self.meta) if args.is_moe else {}
         self._tensors = {}

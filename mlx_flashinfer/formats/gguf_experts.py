@@ -43,8 +43,9 @@ RENORMALISED = {
     "olmoe": False,
     "granitemoe": True,
 }
-# architectures whose q/k rows llama.cpp permutes for its interleaved RoPE
-PERMUTED = ("llama", "granitemoe")
+# llama.cpp permutes q/k rows for its interleaved RoPE in its Llama models (Mixtral
+# and Granite-MoE among them), not in these (NeoX RoPE: rows as Hugging Face's)
+NOT_PERMUTED = ("qwen2moe", "qwen3moe", "olmoe")
 STACKS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 # metadata of routing this runtime does not compute
 _REFUSED_KEYS = (
