@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .experts import MOE_TYPES, check_moe_args, moe_hf_fields
 from .families import GGUF_LAYER_NAMES, LAYER_TYPES, VARIANTS, gguf_config, text_config
+from .gguf_experts import MOE_ARCHS, gguf_moe_config, is_gguf_moe
 
 LLAMA_TYPES = ("llama", "mistral")
 FAMILIES = ("llama", "opt")
@@ -277,12 +278,14 @@ class ModelArgs:
     @classmethod
     def _from_gguf_metadata(cls, meta: dict) -> ModelArgs:
         arch = meta.get("general.architecture")
+        if is_gguf_moe(meta):  # the mixtures of experts (formats/gguf_experts.py)
+            return cls._from_hf_config(gguf_moe_config(meta))
         if arch in GGUF_LAYER_NAMES:  # the variants (formats/families.py)
             return cls._from_hf_config(gguf_config(meta))
         if arch not in LLAMA_TYPES:
             raise ValueError(
                 f"unsupported GGUF architecture {arch!r}: supported are "
-                f"{LLAMA_TYPES + tuple(GGUF_LAYER_NAMES)}"
+                f"{LLAMA_TYPES + tuple(GGUF_LAYER_NAMES) + tuple(MOE_ARCHS)[1:]}"
             )
 
         def key(name, default=None):

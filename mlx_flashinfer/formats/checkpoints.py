@@ -23,6 +23,12 @@ from .families import (
     gguf_longrope,
     is_offset_norm,
 )
+from .gguf_experts import (
+    NOT_PERMUTED,
+    StackedExperts,
+    gguf_moe_config,
+    gguf_moe_layer_names,
+)
 from .layout import MANIFEST
 from .mlx_quantized import MLXQuantized
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
@@ -178,9 +184,9 @@ class HFCheckpoint(FusedParts):
         return files, info
 
 
-class GGUFCheckpoint(FusedParts):
-    """A GGUF file (Llama architecture and its variants), dequantized tensor by
-    tensor."""
+class GGUFCheckpoint(FusedParts, StackedExperts):
+    """A GGUF file (Llama architecture, its variants and the mixtures of experts of
+    gguf_experts.py), dequantized tensor by tensor."""
 
     kind = "gguf"
     group_size = GGUF_BLOCK  # a quantized layout's default: the blocks' own
@@ -224,6 +230,12 @@ class GGUFCheckpoint(FusedParts):
             args = ModelArgs.from_gguf_metadata(self.meta)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+        arch = self.meta.get("general.architecture")
+        # llama.cpp permutes q/k rows for its interleaved RoPE (its Llama models
+        # only, Mixtral and Granite among them); `tensor` undoes it
+        self._permuted = args.model_type is None and arch not in NOT_PERMUTED
+        # an MoE's config.json (Granite's multipliers are folded in as from its own)
+        self.config = gguf_moe_config(self.meta) if args.is_moe else {}
         self._tensors = {}
         for t in self._reader.tensors:
             name = self._canonical(t.name)
@@ -233,7 +245,13 @@ class GGUFCheckpoint(FusedParts):
         if scaling := gguf_longrope(self.meta, self._tensors, path):  # Phi-3's
             args.rope_scaling = scaling
         args.tie_word_embeddings = "lm_head.weight" not in self._tensors
-        if args.model_type is None:  # a variant says which biases it has
+        if args.tie_word_embeddings and fold_factor(
+            self.config, args, "lm_head.weight"
+        ) != fold_factor(self.config, args, "embed_tokens.weight"):
+            # scaled apart (Granite's multipliers): the head is stored on its own
+            args.tie_word_embeddings = False
+            self._tensors["lm_head.weight"] = self._tensors["embed_tokens.weight"]
+        if args.model_type is None and not args.is_moe:  # a variant: its biases
             args.attention_bias = "layers.0.self_attn.q_proj.bias" in self._tensors
         self.args = args
         # GGUF lists dims innermost first; NumPy (and Hugging Face) outermost first
@@ -242,6 +260,7 @@ class GGUFCheckpoint(FusedParts):
             for n, t in self._tensors.items()
         }
         self._name_parts()
+        self._name_experts()
         check_complete(self.shapes, args, path)
         divisors = rope_divisors(args)
         if "rope_freqs" not in self.shapes and divisors is not None:
@@ -259,6 +278,7 @@ class GGUFCheckpoint(FusedParts):
             return self._NAMES[name]
         arch = self.meta.get("general.architecture")
         names = self._LAYER_NAMES | GGUF_LAYER_NAMES.get(arch, {})
+        names |= gguf_moe_layer_names(self.meta)
         parts = name.split(".", 2)
         if parts[0] == "blk" and len(parts) == 3 and parts[2] in names:
             return f"layers.{parts[1]}.{names[parts[2]]}"
@@ -269,6 +289,8 @@ class GGUFCheckpoint(FusedParts):
 
         if name in self._split:
             return self._part(name)
+        if name in self._experts:  # a slice of a layer's expert stack
+            return self._folded(name, self._expert(name))
         if name not in self._tensors:  # rope_freqs from the metadata
             return self._rope_freqs
         t = self._tensors[name]
@@ -289,18 +311,25 @@ class GGUFCheckpoint(FusedParts):
             ) from None
         # llama.cpp permutes q/k rows for its interleaved RoPE (of its Llama models
         # only); undo it for the HF layout
-        if self.args.model_type is not None:
-            return values
+        if not self._permuted:
+            return self._folded(name, values)
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             values = _unpermute(values, self.args.num_attention_heads)
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
             values = _unpermute(values, self.args.num_key_value_heads)
-        return values
+        return self._folded(name, values)
+
+    def _folded(self, name: str, values: np.ndarray) -> np.ndarray:
+        factor = fold_factor(self.config, self.args, name)  # Granite's multipliers
+        return values if factor == 1.0 else values * np.float32(factor)
 
     def native_bits(self, name: str, group_size: int) -> int | None:
         """Bits of `name` when its GGUF blocks are a quantized layout's format at
         `group_size` (Q4_0, Q4_1: 4; Q8_0: 8; group size 32), else None."""
+        if fold_factor(self.config, self.args, name) != 1.0:
+            return None  # scaled at conversion: new values, new blocks
         name = self._split.get(name, (name,))[0]  # a fused tensor's part: its blocks
+        name = self._experts.get(name, ((name,),))[0][0]  # an expert's: its stack's
         kind = self._tensors[name].tensor_type.name
         if kind in GGUF_TYPES and group_size == GGUF_BLOCK:
             return GGUF_TYPES[kind][0]
@@ -312,6 +341,8 @@ class GGUFCheckpoint(FusedParts):
         if name in self._split:  # whole rows of the fused tensor's blocks
             fused, lo, hi = self._split[name]
             return tuple(f[lo:hi] for f in self.native_quantized(fused))
+        if name in self._experts:
+            return self._expert_native(name)
         t = self._tensors[name]
         rows = int(t.shape[-1])
         fields = from_gguf_blocks(t.data.reshape(rows, -1), t.tensor_type.name)
@@ -319,7 +350,7 @@ class GGUFCheckpoint(FusedParts):
             "q_proj.weight": self.args.num_attention_heads,
             "k_proj.weight": self.args.num_key_value_heads,
         }.get(name.rsplit(".", 2)[-2] + ".weight")
-        if heads and self.args.model_type is None:  # whole rows: blocks move along
+        if heads and self._permuted:  # whole rows: blocks move along
             fields = tuple(_unpermute(f, heads) for f in fields)
         return fields
 

@@ -440,18 +440,15 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
 def _expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
     """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
     expert's gate rows, up rows, down columns, each (intermediate, d_model)
-    (quantized: its packed rows, then their scales, then their biases)."""
+    (quantized: its packed rows, then their scales, then their biases; a source's
+    own blocks where they are the layout's, as `Quantization.matrix` takes them)."""
     if q is not None and not FAMILIES[args.moe_type].fused:
-        # each expert's tensors through `q.matrix`: a source's own groups where
-        # they are the layout's format (mlx-community's stacked experts)
-        parts = [[], [], []]
-        for e in range(args.num_experts):
-            for p, (name, transposed) in enumerate(expert_parts(args, layer, e)):
-                fields = q.matrix(name, q.part_bits[p], transposed)
-                parts[p].append(
-                    np.concatenate([f.view(np.uint8).reshape(-1) for f in fields])
-                )
-        return [np.stack(rows) for rows in parts]
+        experts = [expert_parts(args, layer, e) for e in range(args.num_experts)]
+        out = []
+        for p, bits in enumerate(q.part_bits):  # part after part: a stack at a time
+            rows = [q.matrix(e[p][0], bits, e[p][1]) for e in experts]
+            out.append(np.stack([_joined(fields) for fields in rows]))
+        return out
     parts = []
     for p, experts in enumerate(expert_values(source, args, layer)):
         rows = []
@@ -460,9 +457,13 @@ def _expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarr
                 fields = [encode(np.ascontiguousarray(values), dtype)]
             else:
                 fields = quantize(values, q.part_bits[p], q.group_size)
-            rows.append(np.concatenate([f.view(np.uint8).reshape(-1) for f in fields]))
+            rows.append(_joined(fields))
         parts.append(np.stack(rows))
     return parts
+
+
+def _joined(fields) -> np.ndarray:
+    return np.concatenate([f.view(np.uint8).reshape(-1) for f in fields])
 
 
 def _entry(path: Path, digest) -> dict:

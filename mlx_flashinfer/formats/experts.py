@@ -256,8 +256,9 @@ def expert_values(source, args, layer: int) -> list[list]:
             [down[e].T for e in range(args.num_experts)],
         ]
     parts = [[], [], []]
-    for e in range(args.num_experts):
-        for p, (name, transposed) in enumerate(expert_parts(args, layer, e)):
+    for p in range(3):  # part after part: a GGUF source reads one stack at a time
+        for e in range(args.num_experts):
+            name, transposed = expert_parts(args, layer, e)[p]
             values = source.tensor(name)
             parts[p].append(values.T if transposed else values)
     return parts
