@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 from tiny_models import random_blocks, random_weights, tiny_config, write_gguf
 
 from mlx_flashinfer import Layout, convert, load
-from mlx_flashinfer.formats.kquants import KQUANT_TYPES, from_kquant_blocks
+from mlx_flashinfer.formats.kquants import (
+    KQUANT_TYPES,
+    float16_rounding,
+    from_kquant_blocks,
+)
 from mlx_flashinfer.formats.quantize import dequantize, unpack
 
 Q = gguf.GGMLQuantizationType
@@ -77,6 +81,25 @@ def test_any_scales_are_within_the_float16_bound(kind, rows, blocks, d, dmin, se
     if kind in ("Q3_K", "IQ4_NL"):  # scale d itself: only -124 d may round
         bias_exact = biases == -128 * scales
         np.testing.assert_array_equal(ours[bias_exact], theirs[bias_exact])
+
+
+@pytest.mark.parametrize("kind", EXACT)
+@given(
+    d=st.floats(-1, 1, width=16),
+    dmin=st.floats(-1, 1, width=16),
+    seed=st.integers(0, 2**32 - 1),
+)
+@settings(max_examples=25, deadline=None)
+def test_the_measured_scale_rounding_is_within_half_an_ulp(kind, d, dmin, seed):
+    qtype = Q[kind]
+    cols = 2 * gguf.GGML_QUANT_SIZES[qtype][0]
+    raw = random_blocks(np.random.default_rng(seed), qtype, (2, cols), d, dmin)
+    got = float16_rounding(raw, kind)
+    assert got["groups"] == 2 * cols // 32
+    assert 0 <= got["max_relative"] <= 2.0**-11
+    assert (got["rounded"] > 0) == (got["max_relative"] > 0)
+    exactly = random_blocks(np.random.default_rng(seed), qtype, (2, cols), 2**-9, 0.0)
+    assert float16_rounding(exactly, kind)["rounded"] == 0
 
 
 def test_types_without_a_group_32_form_and_huge_scales_are_refused():

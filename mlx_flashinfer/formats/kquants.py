@@ -74,6 +74,23 @@ def from_kquant_blocks(
     return tuple(np.concatenate(f) for f in zip(*chunks, strict=True))
 
 
+def float16_rounding(raw: np.ndarray, kind: str) -> dict:
+    """What rounding `kind`'s scales and biases to float16 costs on these blocks:
+    {"groups", "rounded" (groups whose scale or bias is not a float16), "max_relative"
+    (largest |float16 - exact| / |exact| of a scale or bias)}."""
+    _, block_bytes, _ = KQUANT_TYPES[kind]
+    _, scales, biases = _DECODERS[kind](raw.reshape(-1, block_bytes))
+    exact = np.stack([scales, biases]).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        error = np.abs(exact.astype(np.float16).astype(np.float64) - exact)
+        relative = np.where(exact == 0, 0.0, error / np.abs(exact))
+    return {
+        "groups": int(scales.size),
+        "rounded": int((error > 0).any(axis=0).sum()),
+        "max_relative": float(relative.max()),
+    }
+
+
 def _convert_rows(raw: np.ndarray, kind: str) -> tuple[np.ndarray, ...]:
     bits, block_bytes, _ = KQUANT_TYPES[kind]
     rows = raw.shape[0]
