@@ -19,7 +19,8 @@ integers are kept, its scale and bias are the products. What each type becomes:
 - Q6_K (16 sub-blocks of 16, int8 scales) and Q2_K (16 of 16, 4-bit scales and mins):
   two sub-blocks of a group have unrelated scales and minimums, which no single
   group scale and bias can hold; they are quantized again from gguf's own
-  dequantization (Q6_K at 8 bits, one eighth of its own step at worst; Q2_K at 4).
+  dequantization (Q6_K at 8 bits: about 1/8 of its coarser sub-block's step at
+  worst; Q2_K at 4).
 
 Where float16 rounds: the integers never change, but a scale d sc (and a bias dmin m)
 is a float16 times an integer of up to 6 bits, exact in float32 and not always in
