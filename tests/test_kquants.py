@@ -165,7 +165,7 @@ def _write(path, config, weights, kinds):
 def test_a_k_quant_gguf_converts_to_q4_without_a_second_rounding(tmp_path):
     """Every K-quant matrix is taken from its blocks (Q4_K at 4 bits, the others at
     8, resident); the dense model equals the float32 layout of the same GGUF (gguf's
-    dequantization) within float rounding, on both backends' NumPy side."""
+    dequantization) within float rounding (NumPy backend)."""
     config = _k_config()
     weights = _down_on_an_8_bit_grid(random_weights(config, seed=2), config)
     src = _write(tmp_path / "k.gguf", config, weights, KINDS)
