@@ -355,13 +355,16 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}"
 
 
-def write_gguf(path: Path, config: dict, weights: dict, qtype_of=None) -> Path:
+def write_gguf(
+    path: Path, config: dict, weights: dict, qtype_of=None, block_scales=(0.01, 0.002)
+) -> Path:
     """Write a Llama GGUF as llama.cpp's converter would (q/k permuted, byte-level
     vocab).
 
     `qtype_of(name, array)` picks a gguf.GGMLQuantizationType per tensor (default F32).
-    K-quant types the gguf package cannot quantize get random but finite blocks; the
-    tests compare against gguf's own dequantization of whatever was written.
+    K-quant types the gguf package cannot quantize get random blocks whose float16
+    super-block scales are `block_scales` (d, dmin); the tests compare against
+    gguf's own dequantization of whatever was written.
     """
     import gguf
     from tokenizers import pre_tokenizers
@@ -403,11 +406,8 @@ def write_gguf(path: Path, config: dict, weights: dict, qtype_of=None) -> Path:
             writer.add_tensor(gguf_name(name), array.astype(np.float32))
         elif qtype == gguf.GGMLQuantizationType.F16:
             writer.add_tensor(gguf_name(name), array.astype(np.float16))
-        elif qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
-            block, size = gguf.GGML_QUANT_SIZES[qtype]
-            rows, cols = array.shape
-            raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
-            _finite_scales(raw, qtype, size)
+        elif qtype.name in BLOCK_SCALES_AT:
+            raw = random_blocks(rng, qtype, array.shape, *block_scales)
             writer.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
         else:
             quant = gguf.quants.quantize(array, qtype)
@@ -419,14 +419,28 @@ def write_gguf(path: Path, config: dict, weights: dict, qtype_of=None) -> Path:
     return path
 
 
-def _finite_scales(raw: np.ndarray, qtype, block_bytes: int) -> None:
-    """Overwrite the float16 super-block scales of random K-quant blocks with small
-    values."""
+BLOCK_SCALES_AT = {  # random-block types: byte offsets of d and dmin in a block
+    "Q2_K": (-4, -2),
+    "Q3_K": (-2, None),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (-2, None),
+    "IQ4_NL": (0, None),
+    "IQ4_XS": (0, None),
+}
+
+
+def random_blocks(rng, qtype, shape, d: float, dmin: float = 0.0) -> np.ndarray:
+    """Random K-quant (or IQ4) blocks of a (rows, cols) matrix, uint8 (rows, bytes):
+    every field random but the float16 super-block scales, set to d and dmin."""
     import gguf
 
-    blocks = raw.reshape(-1, block_bytes)
-    small = np.frombuffer(np.float16([0.01, 0.002]).tobytes(), dtype=np.uint8)
-    if qtype == gguf.GGMLQuantizationType.Q4_K:  # d, dmin lead the block
-        blocks[:, 0:4] = small
-    else:  # Q6_K: d is the last two bytes
-        blocks[:, -2:] = small[:2]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = shape
+    raw = rng.integers(0, 256, (rows, cols // block * size), dtype=np.uint8)
+    blocks = raw.reshape(-1, size)
+    for at, value in zip(BLOCK_SCALES_AT[qtype.name], (d, dmin), strict=True):
+        if at is not None:
+            end = at + 2 if at + 2 else None
+            blocks[:, at:end] = np.frombuffer(np.float16(value).tobytes(), np.uint8)
+    return raw

@@ -29,9 +29,10 @@ from .gguf_experts import (
     gguf_moe_config,
     gguf_moe_layer_names,
 )
+from .kquants import KQUANT_TYPES, from_kquant_blocks
 from .layout import MANIFEST
 from .mlx_quantized import MLXQuantized
-from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks
+from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks, quantize
 from .safetensors_stream import read_header, read_tensor
 from .shapes import check_complete, expected_shapes, rope_divisors
 
@@ -324,28 +325,45 @@ class GGUFCheckpoint(FusedParts, StackedExperts):
         return values if factor == 1.0 else values * np.float32(factor)
 
     def native_bits(self, name: str, group_size: int) -> int | None:
-        """Bits of `name` when its GGUF blocks are a quantized layout's format at
-        `group_size` (Q4_0, Q4_1: 4; Q8_0: 8; group size 32), else None."""
+        """Bits `name` is held at in a quantized layout of `group_size` when its GGUF
+        blocks map to the format (group size 32 only): Q4_0, Q4_1, Q4_K: 4; Q8_0,
+        Q5_K, Q3_K, IQ4_NL, IQ4_XS: 8, their values unchanged; Q6_K: 8 and Q2_K: 4,
+        quantized again (see kquants.py and `native_exact`); else None."""
+        if group_size != GGUF_BLOCK:
+            return None
         if fold_factor(self.config, self.args, name) != 1.0:
             return None  # scaled at conversion: new values, new blocks
-        name = self._split.get(name, (name,))[0]  # a fused tensor's part: its blocks
-        name = self._experts.get(name, ((name,),))[0][0]  # an expert's: its stack's
-        kind = self._tensors[name].tensor_type.name
-        if kind in GGUF_TYPES and group_size == GGUF_BLOCK:
+        kind = self._block_type(name)
+        if kind in GGUF_TYPES:
             return GGUF_TYPES[kind][0]
-        return None
+        return KQUANT_TYPES[kind][0] if kind in KQUANT_TYPES else None
+
+    def native_exact(self, name: str) -> bool:
+        """Whether `native_quantized(name)` keeps the source's integers (False: its
+        blocks have no group-32 form and are quantized again)."""
+        kind = self._block_type(name)
+        return kind in GGUF_TYPES or KQUANT_TYPES[kind][2]
 
     def native_quantized(self, name: str) -> tuple[np.ndarray, ...]:
-        """(packed, scales, biases) of `name` from its blocks, values unchanged
-        (see `native_bits`); q/k rows unpermuted like `tensor`'s."""
+        """(packed, scales, biases) of `name` at `native_bits`, group size 32, from
+        its blocks (values unchanged, but for K-quant scales rounded to float16: see
+        kquants.py), or quantized again where `native_exact` is False; q/k rows
+        unpermuted like `tensor`'s."""
         if name in self._split:  # whole rows of the fused tensor's blocks
             fused, lo, hi = self._split[name]
             return tuple(f[lo:hi] for f in self.native_quantized(fused))
-        if name in self._experts:
+        if name in self._experts:  # its rows of its stack's blocks
             return self._expert_native(name)
+        kind = self._block_type(name)
+        if not self.native_exact(name):  # gguf's values, rounded on our grid
+            return quantize(self.tensor(name), KQUANT_TYPES[kind][0], GGUF_BLOCK)
         t = self._tensors[name]
         rows = int(t.shape[-1])
-        fields = from_gguf_blocks(t.data.reshape(rows, -1), t.tensor_type.name)
+        raw = t.data.reshape(rows, -1)
+        if kind in GGUF_TYPES:
+            fields = from_gguf_blocks(raw, kind)
+        else:
+            fields = from_kquant_blocks(raw, kind)
         heads = {
             "q_proj.weight": self.args.num_attention_heads,
             "k_proj.weight": self.args.num_key_value_heads,
@@ -353,6 +371,11 @@ class GGUFCheckpoint(FusedParts, StackedExperts):
         if heads and self._permuted:  # whole rows: blocks move along
             fields = tuple(_unpermute(f, heads) for f in fields)
         return fields
+
+    def _block_type(self, name: str) -> str:
+        name = self._split.get(name, (name,))[0]  # a fused tensor's part: its blocks
+        name = self._experts.get(name, ((name,),))[0][0]  # an expert's: its stack's
+        return self._tensors[name].tensor_type.name
 
     def tokenizer(self) -> tuple[dict[str, bytes], dict]:
         from .gguf_tokenizer import tokenizer_json_from_gguf

@@ -232,8 +232,9 @@ def write_layout(
 
 class Quantization:
     """How a quantized layout's matrices are made: from the source's own blocks
-    where they are this format already (GGUF Q4_0/Q4_1/Q8_0 at group size 32: no
-    second rounding), else quantized from the float32 values. A resident matrix
+    where they are this format already (GGUF Q4_0/Q4_1/Q8_0, and the K-quants
+    kquants.py maps, at group size 32: no second rounding), else quantized from the
+    float32 values. A resident matrix
     keeps its source's bits (a Q8_0 embedding stays 8-bit in a q4 layout); FFN
     bundles have the layout's bits. Down (fc2) columns are always quantized here:
     sources quantize that matrix along the neurons, a bundle along d_model, where
@@ -265,7 +266,8 @@ class Quantization:
         """(packed, scales, biases) of the source tensor `name` (its transpose)."""
         native = self.native_bits(name)
         if not transposed and native == bits:
-            self.exact.append(name)
+            exact = getattr(self.source, "native_exact", lambda _: True)(name)
+            (self.exact if exact else self.requantized).append(name)
             return self.source.native_quantized(name)
         stored = getattr(self.source, "stored_bits", None)  # quantized, not as ours
         if native or (stored and stored(name)):

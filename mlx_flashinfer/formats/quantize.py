@@ -10,10 +10,11 @@ word j // (32 // bits), at bit (j % (32 // bits)) * bits): the layout of MLX's o
 `mx.quantize`, so the MLX backend computes on stored rows with `mx.quantized_matmul`
 without repacking, and the NumPy kernels read the same bytes.
 
-GGUF's Q4_0, Q4_1 and Q8_0 blocks (32 values, one float16 scale, Q4_1 also a float16
-minimum) are this format with group size 32: `from_gguf_blocks` repacks them without
-changing a value (Q4_0 and Q8_0 are symmetric: bias = -scale x offset, exact in
-float16 since the offset is a power of two).
+GGUF's Q4_0, Q4_1, Q8_0, Q5_0 and Q5_1 blocks (32 values, one float16 scale, Q4_1 and
+Q5_1 also a float16 minimum) are this format with group size 32: `from_gguf_blocks`
+repacks them without changing a value (Q4_0, Q5_0 and Q8_0 are symmetric: bias =
+-scale x offset, exact in float16 since the offset is a power of two). The K-quants'
+super-blocks are kquants.py's.
 """
 
 from __future__ import annotations
@@ -161,25 +162,40 @@ GGUF_TYPES = {  # type name -> (bits, bytes per block)
     "Q4_0": (4, 18),
     "Q4_1": (4, 20),
     "Q8_0": (8, 34),
+    "Q5_0": (8, 22),  # 5-bit integers are 8-bit ones (our layouts hold 4 or 8)
+    "Q5_1": (8, 24),
 }
 
 
 def from_gguf_blocks(
     raw: np.ndarray, kind: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """GGUF rows of Q4_0 / Q4_1 / Q8_0 blocks (uint8, (rows, blocks * block bytes))
-    -> (packed, scales, biases) of group size 32, the same values exactly.
+    """GGUF rows of Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 blocks (uint8, (rows, blocks *
+    block bytes)) -> (packed, scales, biases) of group size 32, the same values
+    exactly.
 
     Q4_1: d, m (float16), 16 bytes of nibbles: value j = d * q + m, where byte i holds
     value i in its low nibble and value i + 16 in its high one. Q4_0: d, nibbles,
     value = d * (q - 8). Q8_0: d, 32 int8: value = d * q = d * (q + 128) - 128 d.
+    Q5_0 and Q5_1: as Q4_0 and Q4_1 with 4 bytes of fifth bits (bit j: value j)
+    before the nibbles, value = d * (q - 16) or d * q + m, held at 8 bits.
     """
     bits, block_bytes = GGUF_TYPES[kind]
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     rows = raw.shape[0]
     blocks = raw.reshape(rows, -1, block_bytes)
     d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-    if kind == "Q8_0":
+    if kind in ("Q5_0", "Q5_1"):
+        start = 4 if kind == "Q5_1" else 2
+        fifth = blocks[..., start : start + 4, None] >> np.arange(8, dtype=np.uint8)
+        nibbles = blocks[..., start + 4 :]
+        q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)
+        q |= (fifth.reshape(*q.shape) & 1) << 4
+        if kind == "Q5_1":
+            biases = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+        else:
+            biases = (d.astype(np.float32) * -16).astype(np.float16)
+    elif kind == "Q8_0":
         q = blocks[..., 2:].view(np.int8).astype(np.int16) + 128
         biases = (d.astype(np.float32) * -128).astype(np.float16)
     else:
