@@ -388,3 +388,18 @@ def test_decode_into_other_dtypes(dtype):
 def test_decode_into_nothing():
     out = np.empty((0, 4), np.float32)
     assert decode_into(np.empty((0, 4), np.float16), "float16", out) is out
+
+
+@pytest.mark.parametrize(
+    "qtype, dtype", [(Q.F16, "float16"), (Q.Q8_0, "q8"), (Q.Q4_0, "q4"), (Q.Q4_K, "q4")]
+)
+def test_a_gguf_is_cached_at_its_own_width(tmp_path, qtype, dtype):
+    from mlx_flashinfer.loader import resolve_model
+
+    config = gguf_config()
+    path = tmp_path / "m.gguf"
+    write_gguf(path, config, random_weights(config), qtype_of=lambda n, a: qtype)
+    layout = Layout.open(resolve_model(path, cache_dir=tmp_path / "cache"))
+    assert layout.dtype == dtype
+    if dtype != "float16":  # its blocks taken as they are
+        assert layout.quantization["exact_from_source"] > 0

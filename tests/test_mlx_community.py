@@ -24,6 +24,7 @@ from tiny_moe import moe_config, moe_weights
 from mlx_flashinfer import Layout, convert, load
 from mlx_flashinfer.flash.expert_plan import experts_floor
 from mlx_flashinfer.formats.quantize import dequantize
+from mlx_flashinfer.loader import resolve_model
 
 mx = pytest.importorskip("mlx.core", reason="making MLX checkpoints needs mlx")
 from tiny_mlx import fields, write_float, write_mlx_checkpoint  # noqa: E402
@@ -364,3 +365,19 @@ def test_unsupported_quantizations_are_refused_in_one_line(tmp_path, capsys):
         ["convert", src, tmp_path / "out"], "'gptq' is not supported", capsys
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_a_quantized_checkpoint_is_cached_at_its_own_width(tmp_path):
+    # `--model` / load() of a quantized source: cached as q4 (q8) with its groups
+    # taken as stored, not as float16 four times its size
+    config = CONFIGS["llama"]
+    weights = random_weights(config, seed=3)
+    src, _, _ = write_mlx_checkpoint(tmp_path / "mlx4", config, weights)
+    cached = Layout.open(resolve_model(src, cache_dir=tmp_path / "cache"))
+    assert cached.dtype == "q4" and cached.quantization["exact_from_source"] > 0
+    src8, _, _ = write_mlx_checkpoint(tmp_path / "mlx8", config, weights, bits=8)
+    assert Layout.open(resolve_model(src8, cache_dir=tmp_path / "cache")).dtype == "q8"
+    plain = write_float(tmp_path / "plain", config, weights)
+    assert Layout.open(resolve_model(plain, cache_dir=tmp_path / "cache")).dtype == (
+        "float16"
+    )

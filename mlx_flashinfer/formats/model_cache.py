@@ -79,7 +79,7 @@ def cached_layout(
             dst = cache_root(cache_dir) / hub_cache_name(found)
             if (dst / MANIFEST).is_file():
                 return dst
-            return _convert_once(found.path, dst, progress)
+            return _convert_once(found.path, dst, progress, quantized_as_stored=True)
         if not source.exists():
             raise FileNotFoundError(
                 f"{spec}: no such model: give a layout directory, a Hugging Face "
@@ -93,7 +93,8 @@ def cached_layout(
     dst = cache_root(cache_dir) / cache_name(source)
     if (dst / MANIFEST).is_file():
         return dst
-    return _convert_once(source, dst, progress)
+    # the embedded model stays float16: what its predictor and measurements assume
+    return _convert_once(source, dst, progress, not is_embedded(spec))
 
 
 def cache_name(source: Path) -> str:
@@ -128,9 +129,34 @@ def _readable(stem: str, identity: str) -> str:
     return f"{stem}-{digest[:12]}"
 
 
-def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
+def cache_dtype(checkpoint) -> str:
+    """What a checkpoint is cached as: a quantized one at the width of its FFN rows
+    where our layouts hold it (up to 4 bits: q4; 5 to 8: q8), its groups taken as
+    stored where they are our format, so a 4-bit model stays about its size and is
+    not rounded twice; anything else float16."""
+    from .experts import expert_parts
+    from .quantize import GGUF_BLOCK
+    from .shapes import ffn_parts
+
+    args = checkpoint.args
+    name = (expert_parts(args, 0, 0) if args.is_moe else ffn_parts(args, 0))[0][0]
+    bits = None
+    if stored := getattr(checkpoint, "stored_bits", None):  # mlx-community
+        bits = stored(name)
+    elif native := getattr(checkpoint, "native_bits", None):  # GGUF blocks
+        bits = native(name, GGUF_BLOCK)
+    group = getattr(checkpoint, "group_size", GGUF_BLOCK)
+    if bits is None or args.hidden_size % group:  # bundles: rows of whole groups
+        return CACHE_DTYPE
+    return "q4" if bits <= 4 else "q8"
+
+
+def _convert_once(
+    source: Path, dst: Path, progress: bool, quantized_as_stored: bool = False
+) -> Path:
     """Convert under a lock, so a second process waits for the first and then uses its
-    result instead of converting again."""
+    result instead of converting again; `quantized_as_stored`: a quantized source
+    into a quantized layout (`cache_dtype`), else float16."""
     from .checkpoints import open_checkpoint
     from .convert import convert
 
@@ -154,7 +180,8 @@ def _convert_once(source: Path, dst: Path, progress: bool) -> Path:
         try:
             # convert writes a temporary directory and renames it, so an interrupted
             # first use leaves nothing half-written
-            convert(checkpoint, dst, dtype=CACHE_DTYPE, progress=progress)
+            dtype = cache_dtype(checkpoint) if quantized_as_stored else CACHE_DTYPE
+            convert(checkpoint, dst, dtype=dtype, progress=progress)
         except FileExistsError:
             if (dst / MANIFEST).is_file():  # lost a rename race without flock
                 return dst
