@@ -34,9 +34,9 @@ def predicted(layout: Layout, machine, plan=None, window: int = 0) -> dict:
     if machine is None:
         return {}
     if plan is None:
-        cost = experts_dense_cost(layout, machine, "all")
+        cost = experts_dense_cost(layout, machine)
     else:
-        cost = experts_cost(layout, plan, machine, window, "all")
+        cost = experts_cost(layout, plan, machine, window)
     return {
         "predicted_ms": 1e3 * cost.total_s,
         "predicted_io_ms": 1e3 * cost.io_s,

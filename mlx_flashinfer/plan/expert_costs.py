@@ -93,7 +93,7 @@ def routed_compute(layout: Layout, machine: Machine, threads: str) -> float:
 
 
 def experts_dense_cost(
-    layout: Layout, machine: Machine, threads: str = "all"
+    layout: Layout, machine: Machine, threads: str = "1"
 ) -> TokenCost:
     """Every expert in DRAM: the routed experts' products, nothing read."""
     return TokenCost("dense", 0.0, 0.0, routed_compute(layout, machine, threads))
@@ -151,13 +151,14 @@ def experts_cost(
 
 
 def experts_paging_cost(
-    layout: Layout, budget: int, machine: Machine, threads: str = "all"
+    layout: Layout, budget: int, machine: Machine, threads: str = "1"
 ) -> TokenCost:
     """OS paging (the experts memory-mapped), for comparison: the page cache holds
     what the budget leaves beside the resident weights, shared by the layers, and
     evicts the least recently used; a routed expert not in it faults in whole, by
     the faulting thread with the kernel's readahead (a sequential stream), and
-    compute waits for it."""
+    compute waits for it. Not yet measured against a run (moe_speed.py has no
+    paging row)."""
     args = layout.args
     resident, _ = model_bytes(layout)
     row, k = layout.bundle_bytes, args.experts_per_token
