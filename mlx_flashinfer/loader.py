@@ -183,6 +183,15 @@ def planned_options(
     return best.best.options()
 
 
+def _probed(layout: Layout, backend: str, cache_dir) -> bool:
+    from .plan.machine import cached_machine
+
+    try:
+        return cached_machine(layout.path, backend, cache_dir) is not None
+    except ValueError:  # a kept probe of another version: as if none
+        return False
+
+
 def load(
     path: str | Path | None = None,
     *,
@@ -236,9 +245,11 @@ def load(
             "auto": the planner's fastest plan on this machine's curves within the
             trained predictor's calibrated loss (`flashinfer plan` shows it; the
             machine is probed once, on first use); options given explicitly win.
-            Default: sparse; for a mixture of experts "experts", its only one
-            (routed experts read at once, cached over the window and LRU:
-            flash/experts.py).
+            Default: "auto" where this machine is probed already (`flashinfer
+            probe`, or a first "auto") and no sparse option (predictor, window,
+            lookahead, predictor_threshold) is given, else sparse; for a mixture of
+            experts "experts", its only one (routed experts read at once, cached
+            over the window and LRU: flash/experts.py).
 
     Returns:
         (model, tokenizer). `model.plan` holds the memory plan in flash mode.
@@ -262,6 +273,14 @@ def load(
         )
     if placement == "experts" and not layout.args.is_moe:
         raise ValueError("the experts placement is for mixtures of experts")
+    sparse_options = (predictor, window, lookahead, predictor_threshold)
+    if placement is None and not dense and not layout.args.is_moe:
+        # the planner chooses where it has this machine's curves (never probing
+        # unasked: a probe takes most of a minute); a sparse option asks for sparse
+        probed = all(o is None for o in sparse_options) and _probed(
+            layout, B.name, cache_dir
+        )
+        placement = "auto" if probed else "sparse"
     placement = placement or ("experts" if layout.args.is_moe else "sparse")
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown placement {placement!r}: {', '.join(PLACEMENTS)}")

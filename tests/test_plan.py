@@ -293,6 +293,36 @@ def test_load_auto_runs_the_planners_choice_and_explicit_options_win(tmp_path):
     named.ffn.close()
 
 
+def test_a_probed_machine_plans_by_default_and_a_sparse_option_asks_for_sparse(
+    tmp_path,
+):
+    from mlx_flashinfer import load
+    from mlx_flashinfer.plan.machine import machine_path
+
+    layout = tiny_layout("llama", "silu", 2, 400, 12)
+    lay = Layout.open(layout)
+    resident, ffn = model_bytes(lay)
+    ring = 6 * slot_bytes(400, lay.bundle_bytes)
+    budget = resident + io_buffer_bytes(lay) + ring + ffn // 4
+    options = dict(backend="numpy", memory_budget=budget, max_context=64)
+    # not probed: sparse, as always
+    unprobed, _ = load(layout, cache_dir=tmp_path, **options)
+    assert unprobed.plan.placement == "sparse"
+    unprobed.ffn.close()
+    # probed: the planner's choice (here streamed: a slow disk, fast products)
+    machine = fake_machine(disk_rate=1e8, gemv=1e11)
+    save_machine(machine, machine_path(layout, "numpy", tmp_path))
+    best = choose(lay, budget, machine, max_context=64).best
+    assert best.placement == "streamed"
+    planned, _ = load(layout, cache_dir=tmp_path, **options)
+    assert planned.plan.placement == "streamed"
+    planned.ffn.close()
+    # a sparse option given: sparse, whatever the planner would choose
+    windowed, _ = load(layout, cache_dir=tmp_path, window=2, **options)
+    assert windowed.plan.placement == "sparse"
+    windowed.ffn.close()
+
+
 def test_a_trained_predictor_reports_what_windows_load_and_the_costs_use_it(tmp_path):
     import shutil
 

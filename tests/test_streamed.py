@@ -159,3 +159,23 @@ def test_the_ring_reads_its_schedule_in_order_and_refills_released_slots(tmp_pat
                     ring.release(chunk)
         finally:
             ring.close()
+
+
+def test_generate_streamed_with_stats(capsys):
+    # a SiLU model streamed is exact: no line on approximate sparsity (the report
+    # once asked the streamed FFN for a predictor it does not have)
+    from cli_checks import run
+
+    layout = tiny_layout("llama", "silu", 2, 200, 12)
+    lay = Layout.open(layout)
+    resident, ffn = model_bytes(lay)
+    budget = resident + io_buffer_bytes(lay) + 6 * slot_bytes(200, lay.bundle_bytes)
+    budget += ffn // 4
+    status, out, err = run(
+        ["generate", "--model", str(layout), "-p", "the", "-m", "3", "--stats"]
+        + ["--memory-budget", str(budget), "--placement", "streamed"],
+        capsys,
+    )
+    assert status == 0, err
+    assert "flash, per decoded token" in out + err
+    assert "approximate" not in out + err

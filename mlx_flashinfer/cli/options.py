@@ -172,11 +172,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--placement",
         choices=("sparse", "streamed", "auto", "experts"),
         default=None,
-        help="flash mode: sparse (default: predicted neurons, cached over a window), "
+        help="flash mode: sparse (predicted neurons, cached over a window), "
         "streamed (a share of every layer held, the rest read every token ahead of "
         "compute: exact for any model) or auto (the planner's choice: `flashinfer "
-        "plan` shows it); a mixture of experts has experts (routed experts read at "
-        "once, cached over the window and LRU), its default and only one",
+        "plan` shows it); default: auto on a probed machine (`flashinfer probe`) "
+        "unless a sparse option (--predictor, --window, --lookahead) is given, else "
+        "sparse; a mixture of experts has experts (routed experts read at once, "
+        "cached over the window and LRU), its default and only one",
     )
     p.add_argument("--threads", type=int, default=None, help="flash reader threads")
     p.add_argument(

@@ -141,8 +141,10 @@ def sparsity_line(model, layout) -> str | None:
     """One line on a flash model whose sparsity is approximate (not ReLU family):
     how much of the FFN its predictor skips and the calibrated perplexity loss;
     None for dense models and exact setups (ReLU family; a mixture of experts,
-    routed by its router)."""
+    routed by its router; the streamed placement, which computes every neuron)."""
     if model.plan is None or layout.args.is_relu_family or layout.args.is_moe:
+        return None
+    if model.plan.placement != "sparse":
         return None
     predictor = model.ffn.predictor
     act = layout.args.hidden_act
