@@ -93,15 +93,19 @@ def _copy_files(bundled: Layout, out: Path) -> dict:
         if name not in skip:
             shutil.copyfile(bundled.path / name, out / name)
             files[name] = entry
-    parts, size = len(bundled.bundle_parts), bundled.bundle_bytes
+    size = bundled.bundle_bytes
+    # each part's bytes within a bundle: unequal where a quantized layout holds its
+    # down columns at other bits than its gate/up rows
+    ends = np.cumsum(bundled.part_bytes)
     with open(bundled.ffn_path, "rb") as src, open(out / FFN_FILE, "wb") as f:
         for extent in bundled.layers:
             src.seek(extent.offset)
             data = src.read(extent.neurons * size)
-            # (neurons, parts, piece) bundles -> (parts, neurons, piece) regions
-            rows = np.frombuffer(data, np.uint8).reshape(extent.neurons, parts, -1)
+            # (neurons, bundle) -> one region per part: (neurons, part bytes) each
+            rows = np.frombuffer(data, np.uint8).reshape(extent.neurons, size)
             f.seek(extent.offset)  # same offsets: each layer keeps its size
-            f.write(np.ascontiguousarray(rows.transpose(1, 0, 2)).tobytes())
+            for start, end in zip(ends - bundled.part_bytes, ends, strict=True):
+                f.write(np.ascontiguousarray(rows[:, start:end]).tobytes())
         f.truncate(bundled.ffn_path.stat().st_size)  # zero padding, as converted
     path = out / FFN_FILE
     files[FFN_FILE] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
