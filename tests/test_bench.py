@@ -190,6 +190,7 @@ def test_unbundled_copy_holds_the_same_weights(tmp_path, dtype):
     copy = unbundled_layout(layout, tmp_path / "cache")
     assert copy.arrangement == "separate"
     copy.verify()
+
     def fields(part) -> list:  # a float part, or a quantized one's arrays
         return [part] if isinstance(part, np.ndarray) else list(vars(part).values())
 
