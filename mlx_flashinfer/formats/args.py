@@ -10,7 +10,14 @@ import dataclasses
 from dataclasses import dataclass
 
 from .experts import MOE_TYPES, check_moe_args, moe_hf_fields
-from .families import GGUF_LAYER_NAMES, LAYER_TYPES, VARIANTS, gguf_config, text_config
+from .families import (
+    GGUF_LAYER_NAMES,
+    LAYER_TYPES,
+    VARIANTS,
+    gguf_config,
+    metadata_key,
+    text_config,
+)
 from .gguf_experts import MOE_ARCHS, gguf_moe_config, is_gguf_moe
 
 LLAMA_TYPES = ("llama", "mistral")
@@ -288,11 +295,7 @@ class ModelArgs:
                 f"{LLAMA_TYPES + tuple(GGUF_LAYER_NAMES) + tuple(MOE_ARCHS)[1:]}"
             )
 
-        def key(name, default=None):
-            value = meta.get(f"{arch}.{name}", default)
-            if value is None:
-                raise ValueError(f"GGUF metadata lacks {arch}.{name}")
-            return value
+        key = metadata_key(meta, arch)
 
         n_heads = int(key("attention.head_count"))
         vocab = meta.get(f"{arch}.vocab_size") or len(

@@ -352,6 +352,19 @@ def gguf_longrope(meta: dict, tensors: dict, where) -> dict | None:
     }
 
 
+def metadata_key(meta: dict, arch: str):
+    """`key(name, default=None)`: the GGUF metadata value `{arch}.{name}`, or, absent
+    and without a default, ValueError naming it."""
+
+    def key(name, default=None):
+        value = meta.get(f"{arch}.{name}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{name}")
+        return value
+
+    return key
+
+
 def gguf_config(meta: dict) -> dict:
     """A config.json of a variant's GGUF metadata (`GGUF_LAYER_NAMES`' archs), with
     what llama.cpp fixes rather than stores: Gemma 3's local RoPE base (10000) and
@@ -359,11 +372,7 @@ def gguf_config(meta: dict) -> dict:
     (head_dim, or d_model / heads for the 27B sizes, as llama.cpp)."""
     arch = meta["general.architecture"]
 
-    def key(name, default=None):
-        value = meta.get(f"{arch}.{name}", default)
-        if value is None:
-            raise ValueError(f"GGUF metadata lacks {arch}.{name}")
-        return value
+    key = metadata_key(meta, arch)
 
     heads = int(key("attention.head_count"))
     config = {

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 
 from .experts import FAMILIES, expert_parts, expert_tensor_names
+from .families import metadata_key
 
 # GGUF architecture -> the MoE family (model_type) it is; "llama" only with experts
 MOE_ARCHS = {
@@ -76,11 +77,7 @@ def gguf_moe_config(meta: dict) -> dict:
             f"{tuple(MOE_ARCHS)}"
         )
 
-    def key(name, default=None):
-        value = meta.get(f"{arch}.{name}", default)
-        if value is None:
-            raise ValueError(f"GGUF metadata lacks {arch}.{name}")
-        return value
+    key = metadata_key(meta, arch)
 
     for name in _REFUSED_KEYS:
         if meta.get(f"{arch}.{name}"):
