@@ -533,3 +533,19 @@ def test_the_planner_plans_a_mixture_of_experts(tmp_path):
     assert model.ffn.plan.placement == "experts"
     assert model.ffn.windows[0].k > 0
     model.ffn.close()
+
+
+def test_narrow_matrices_multiply_at_the_probes_narrow_rate():
+    from mlx_flashinfer.plan.costs import gemv_rate
+    from mlx_flashinfer.plan.machine import NARROW, SIDE, narrow_rate
+
+    assert narrow_rate("numpy", seconds=0.01, nbytes=4 << 20) > 0
+    machine = fake_machine(gemv=4e9)
+    wide = gemv_rate(machine, "float16", "1", 1 << 30, SIDE)
+    assert gemv_rate(machine, "float16", "1", 1 << 30, NARROW) == wide  # unprobed
+    machine.gemv["float16"]["1 narrow"] = 2e9  # half the wide rate
+    assert gemv_rate(machine, "float16", "1", 1 << 30, SIDE) == wide
+    assert gemv_rate(machine, "q4", "1", 1 << 30, NARROW) == pytest.approx(wide / 2)
+    between = gemv_rate(machine, "float16", "1", 1 << 30, 2 * NARROW)
+    assert between == pytest.approx(wide / 2**0.5)
+    assert gemv_rate(machine, "float16", "1", 1 << 30, 64) == pytest.approx(wide / 2)

@@ -28,7 +28,7 @@ from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
 from .disk import throughput_at
-from .machine import CACHED_BYTES, COLUMNS, Machine
+from .machine import CACHED_BYTES, COLUMNS, NARROW, SIDE, Machine
 from .reader_cost import call_seconds
 
 # The fixed costs a token pays per layer on the sparse path beyond its products,
@@ -139,19 +139,32 @@ def ffn_kinds(layout: Layout) -> dict[str, int]:
     return out
 
 
-def gemv_rate(machine: Machine, kind: str, threads: str, working_set: float) -> float:
+def gemv_rate(
+    machine: Machine,
+    kind: str,
+    threads: str,
+    working_set: float,
+    width: int | None = None,
+) -> float:
     """Weight bytes/s of a decode step's products of `kind`: the caches' rate for a
     working set up to CACHED_BYTES, memory's from MEMORY_REACHED, between them
     interpolated in log space. (A 255 MB working set, the default model's float16
     step, multiplied at memory's rate on the Xeon whose L3 says 480 MiB: 7.6 GB/s
-    against 7.8 from memory and 16.5 cached, one thread.)"""
+    against 7.8 from memory and 16.5 cached, one thread.) Matrices `width` wide,
+    narrower than the probe's, go toward the probe's narrow rate (its share of the
+    wide one's, at NARROW columns; interpolated in log width)."""
     # a probe made before the columns' rates were kept: the rows' rate
     rates = machine.gemv.get(kind) or machine.gemv.get(kind.split()[0])
     rates = rates or machine.gemv["float16"]
     cached = rates.get(f"{threads} cached", rates[threads])
     low, high = math.log(CACHED_BYTES), math.log(MEMORY_REACHED)
     w = min(1.0, max(0.0, (math.log(max(working_set, 1)) - low) / (high - low)))
-    return math.exp((1 - w) * math.log(cached) + w * math.log(rates[threads]))
+    rate = math.exp((1 - w) * math.log(cached) + w * math.log(rates[threads]))
+    wide = machine.gemv.get("float16", {})
+    if width and width < SIDE and "1 narrow" in wide:
+        narrow = math.log(SIDE / max(width, NARROW)) / math.log(SIDE / NARROW)
+        rate *= (wide["1 narrow"] / wide["1"]) ** narrow
+    return rate
 
 
 def compute_seconds(
@@ -165,8 +178,9 @@ def compute_seconds(
     small operations and the fixed cost of its FFN calls (`ffn_calls` in all;
     default one a layer)."""
     working_set = sum(kinds.values())
+    width = layout.args.hidden_size  # of nearly every product's rows
     products = sum(
-        nbytes / gemv_rate(machine, kind, threads, working_set)
+        nbytes / gemv_rate(machine, kind, threads, working_set, width)
         for kind, nbytes in kinds.items()
     )
     layers = layout.args.num_hidden_layers

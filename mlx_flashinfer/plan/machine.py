@@ -44,6 +44,10 @@ SIDE = 2048  # GEMV matrices of SIDE x SIDE (8 MB at float16)
 MEMORY_BYTES = 1 << 30
 CACHED_BYTES = 32 << 20
 PROMPT_TOKENS = 64  # the GEMM rate: a prompt chunk's product
+# Narrow matrices (a small model's: rows of d_model 576, say) multiply slower per
+# byte than SIDE-wide ones (8.5 against 10.4 GB/s here, one thread): the rate at
+# NARROW columns is kept too, and costs.gemv_rate goes between them by the width
+NARROW = 512
 BUSY_READ = 8 << 20  # the streamed placement's span (flash/memory.STREAM_CHUNK_BYTES)
 
 
@@ -132,6 +136,8 @@ def probe_machine(
     for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
         compute[dtype] = product_rates(backend, dtype)
         columns[f"{dtype} {COLUMNS}"] = product_rates(backend, dtype, columns=True)
+    if "float16" in compute:  # a small model's narrow rows (costs.gemv_rate)
+        compute["float16"]["1 narrow"] = narrow_rate(backend)
     return Machine(
         backend=backend,
         cpu=cpu_model(),
@@ -287,6 +293,32 @@ def product_rates(
         del weights
     B.limit_compute_threads(None)
     return rates
+
+
+def narrow_rate(
+    backend, seconds: float = 0.25, nbytes: int = MEMORY_BYTES // 4
+) -> float:
+    """Weight bytes per second of one token's x @ W.T on one thread over float16
+    matrices NARROW wide (3 NARROW rows each), `nbytes` in all (from memory)."""
+    B = get_backend(backend)
+    rng = np.random.default_rng(2)
+    one = 3 * NARROW * NARROW * 2
+    weights = [
+        B.weight(_finite_half(rng, (3 * NARROW, NARROW)))
+        for _ in range(max(1, nbytes // one))
+    ]
+    x = B.array(rng.standard_normal((1, NARROW)).astype(np.float32))
+    B.limit_compute_threads(1)
+    try:
+        B.synchronize(B.linear(x, weights[0]))
+        passes, began = 0, time.perf_counter()
+        while passes < 2 or time.perf_counter() - began < seconds:
+            for w in weights:
+                B.synchronize(B.linear(x, w))
+            passes += 1
+        return one * len(weights) * passes / (time.perf_counter() - began)
+    finally:
+        B.limit_compute_threads(None)
 
 
 def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
