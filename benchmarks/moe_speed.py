@@ -11,6 +11,11 @@ honest about I/O; the dense row holds every expert in DRAM. On a probed machine
 (`flashinfer probe`) each row also gets the cost model's prediction
 (`plan/expert_costs.py`: `predicted_ms` beside `measured_ms`), which takes every
 expert as equally popular unless the layout records its routing.
+
+`--paging` adds OS paging at each budget (NumPy): every expert memory-mapped (the
+dense model's experts as views of ffn.bin), run in a child process inside a memory
+cgroup limited to the budget + the KV cache + the process's own overhead, after the
+page cache is dropped (root; `flashinfer bench`'s cgroup machinery).
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import argparse
 import itertools
 import json
 import platform
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -63,6 +70,103 @@ def decode(model, prompt: list[int], feed: list[int]) -> tuple[list[int], float,
     return ids, prompt_s, (time.perf_counter() - began) / max(len(feed), 1)
 
 
+def paging_predicted(layout: Layout, machine, budget) -> dict:
+    """The cost model's OS-paging estimate (`experts_paging_cost`); {} unprobed."""
+    if machine is None:
+        return {}
+    from mlx_flashinfer.flash.memory import model_bytes, parse_budget
+    from mlx_flashinfer.plan.expert_costs import experts_paging_cost
+
+    amount = parse_budget(budget, sum(model_bytes(layout)))
+    cost = experts_paging_cost(layout, amount, machine)
+    return {
+        "predicted_ms": 1e3 * cost.total_s,
+        "predicted_mb_per_token": cost.bytes_read / 1e6,
+    }
+
+
+def mapped_parts(layout: Layout, layer: int) -> list:
+    """`Layout.read_parts` of a layer as views of a memory map of ffn.bin: the
+    experts are read by page faults, through the page cache, as OS paging reads."""
+    extent = layout.layers[layer]
+    n = extent.neurons
+    raw = np.memmap(
+        layout.ffn_path,
+        np.uint8,
+        mode="r",
+        offset=extent.offset,
+        shape=(n * layout.bundle_bytes,),
+    )
+    return layout.join_fields(layout.split_fields(raw.reshape(n, -1)))
+
+
+def paging_child(opts) -> int:
+    """The paging row, in its cgroup: dense with mapped experts, multiplied where
+    they lie (`weight_view`: no copy into anonymous memory); prints JSON."""
+    from mlx_flashinfer.model import moe
+
+    def mapped_init(self, backend, layout, resident):
+        self.backend, self.args, self.weights = backend, layout.args, resident
+        self.layers = [
+            [backend.weight_view(p) for p in mapped_parts(layout, i)]
+            for i in range(self.args.num_hidden_layers)
+        ]
+
+    moe.DenseExperts.__init__ = mapped_init
+    model, _ = load(opts.model, backend=opts.backend)
+    prompt, feed = json.loads(sys.stdin.read())
+    ids, prompt_s, per_token = decode(model, prompt, feed)
+    print(json.dumps({"ids": ids, "prompt_s": prompt_s, "per_token": per_token}))
+    return 0
+
+
+def paging_row(opts, layout: Layout, budget, prompt, feed) -> dict:
+    """Run `paging_child` in a memory cgroup of the budget + KV cache + overhead."""
+    from mlx_flashinfer.bench.cgroup import (
+        create_group,
+        evict,
+        find_memory_cgroup,
+        join_command,
+        peak_bytes,
+        remove_group,
+    )
+    from mlx_flashinfer.bench.configs import BASE_OVERHEAD
+    from mlx_flashinfer.flash.memory import model_bytes, parse_budget
+    from mlx_flashinfer.formats.safetensors_stream import read_header
+    from mlx_flashinfer.model.transformer import kv_cache_bytes
+
+    args = layout.args
+    amount = parse_budget(budget, sum(model_bytes(layout)))
+    header, _ = read_header(layout.resident_path)
+    largest = max(e - b for b, e in (t["data_offsets"] for t in header.values()))
+    overhead = BASE_OVERHEAD.get(opts.backend, BASE_OVERHEAD["mlx"]) + largest
+    overhead += args.num_experts * layout.bundle_bytes  # a layer's experts as read
+    context = len(prompt) + len(feed) + 1
+    limit = amount + kv_cache_bytes(args, context) + overhead
+    cgroup = find_memory_cgroup()
+    if isinstance(cgroup, str):
+        raise SystemExit(f"--paging needs a memory cgroup: {cgroup}")
+    group = create_group(cgroup, f"moe-paging-{time.time_ns()}", limit)
+    try:
+        evict([layout.ffn_path, layout.resident_path], drop_all=True)
+        command = [sys.executable, __file__, "--model", str(opts.model)]
+        command += ["--backend", opts.backend, "--paging-child"]
+        done = subprocess.run(
+            join_command(group, command),
+            input=json.dumps([prompt, feed]),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        peak = peak_bytes(cgroup, group)
+    finally:
+        remove_group(group)
+    if done.returncode:
+        raise SystemExit(f"the paging row failed:\n{done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "limit": limit, "peak": peak}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a mixture-of-experts layout")
@@ -80,7 +184,11 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--no-dense", action="store_true", help="skip the dense row")
     p.add_argument("--out", default=None, help="write the rows as JSON")
+    p.add_argument("--paging", action="store_true", help="add OS paging's rows")
+    p.add_argument("--paging-child", action="store_true", help=argparse.SUPPRESS)
     opts = p.parse_args()
+    if opts.paging_child:
+        return paging_child(opts)
 
     rows, reference = [], None
     dense, _ = load(opts.model, backend=opts.backend)
@@ -103,6 +211,22 @@ def main() -> int:
             }
         )
     del dense
+    for budget in opts.budgets if opts.paging else ():
+        got = paging_row(opts, layout, budget, prompt, feed)
+        rows.append(
+            {
+                "config": f"OS paging (experts memory-mapped), budget {budget}",
+                "ms_per_token": 1e3 * got["per_token"],
+                "measured_ms": 1e3 * got["per_token"],
+                "prompt_s": got["prompt_s"],
+                "limit_bytes": got["limit"],
+                "peak_bytes": got["peak"],
+                "tokens_equal_dense": None
+                if reference is None
+                else got["ids"] == reference,
+                **paging_predicted(layout, machine, budget),
+            }
+        )
     for budget, window, ahead in itertools.product(
         opts.budgets, opts.windows, [a == "on" for a in opts.lookahead]
     ):
