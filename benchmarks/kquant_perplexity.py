@@ -24,13 +24,12 @@ import argparse
 import json
 import platform
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from llama_cpp_perplexity import SCORE
+from llama_cpp_perplexity import llama_perplexity
 
 QUANTIZE = r"""
 import ctypes, sys
@@ -100,19 +99,6 @@ def tensor_types(path: Path) -> dict[str, dict[str, int]]:
         kind = t.name.split(".")[-2] if t.name.startswith("blk.") else t.name
         kinds.setdefault(kind, Counter())[t.tensor_type.name] += 1
     return {k: dict(v) for k, v in sorted(kinds.items())}
-
-
-def llama_perplexity(python: str, gguf_path: Path, ids, context, threads) -> dict:
-    done = subprocess.run(
-        [python, "-c", SCORE, str(gguf_path), str(context), str(threads)],
-        input=json.dumps(ids),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode:
-        sys.exit(f"llama.cpp failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def cpu_name() -> str:

@@ -42,6 +42,21 @@ print(json.dumps({"perplexity": math.exp(total / scored), "tokens": scored}))
 """
 
 
+def llama_perplexity(python: str, gguf_path, ids, context: int, threads: int) -> dict:
+    """{"perplexity", "tokens"} of llama.cpp, run in the interpreter `python`, on the
+    token ids `ids` in chunks of `context`."""
+    done = subprocess.run(
+        [python, "-c", SCORE, str(gguf_path), str(context), str(threads)],
+        input=json.dumps(ids),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode:
+        sys.exit(f"llama.cpp failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layout", required=True, help="supplies the tokenizer")
@@ -59,17 +74,7 @@ def main() -> None:
     with open(opts.text, encoding="utf-8") as f:
         ids = tokenizer.encode(f.read())
     gguf = opts.gguf or str(default_gguf_path())
-    command = [opts.llama_python, "-c", SCORE, gguf, str(opts.context)]
-    done = subprocess.run(
-        [*command, str(opts.threads)],
-        input=json.dumps(ids),
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode:
-        sys.exit(f"llama.cpp failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = llama_perplexity(opts.llama_python, gguf, ids, opts.context, opts.threads)
     print(
         f"llama.cpp perplexity {result['perplexity']:.4f} over {result['tokens']} "
         f"tokens (chunks of {opts.context}) of {gguf}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tiny_models import WORDS, llama_cpp_permute
+from tiny_models import GGUF_LAYER_NAMES, WORDS, llama_cpp_permute
 
 ARCH = {
     "mixtral": "llama",
@@ -21,13 +21,8 @@ ARCH = {
     "olmoe": "olmoe",
     "granitemoe": "granitemoe",
 }
-_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
+# a dense layer's names (but its FFN), and what a mixture of experts adds
+_LAYER = {k: v for k, v in GGUF_LAYER_NAMES.items() if not k.startswith("mlp.")} | {
     "self_attn.q_proj.bias": "attn_q.bias",
     "self_attn.k_proj.bias": "attn_k.bias",
     "self_attn.v_proj.bias": "attn_v.bias",

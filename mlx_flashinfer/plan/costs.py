@@ -370,9 +370,9 @@ def sparse_cost(
             call_reads, call_bytes = pieces * call_reads, pieces * call_bytes
             reads += count * call_reads
             bytes_read += count * call_bytes
-            cpu += count * _read_cpu(machine, threads, call_reads, call_bytes)
+            cpu += count * read_cpu_seconds(machine, threads, call_reads, call_bytes)
             if not rows_in_dram:
-                disk += count * _disk_seconds(machine, call_reads, call_bytes)
+                disk += count * disk_seconds(machine, call_reads, call_bytes)
     read_size = bytes_read / reads if reads else 0.0
     io = cpu + disk
     kinds = _add(resident_products(layout), ffn_kinds(layout), rows)
@@ -383,7 +383,7 @@ def sparse_cost(
     # a row loaded into the cache moves one out of the way (swap-delete): row copies
     # by index, at the rate the reader lands rows
     moved = cached_loads * layout.bundle_bytes
-    memory = args.num_hidden_layers * WINDOW_STEP_S + moved * _row_copy_s(machine)
+    memory = args.num_hidden_layers * WINDOW_STEP_S + moved * row_copy_seconds(machine)
     overlap = 0.5 if plan.lookahead else 0.0  # the next layer's reads behind
     hidden = overlap * min(io, compute)  # this layer's compute
     return TokenCost(
@@ -413,23 +413,25 @@ def _call_reads(ids: float, q: float, row: float, gap: int, align: int):
     return runs * math.ceil(nbytes / runs / DEFAULT_CHUNK), nbytes
 
 
-def _read_cpu(machine: Machine, threads: int, reads: float, nbytes: float) -> float:
+def read_cpu_seconds(
+    machine: Machine, threads: int, reads: float, nbytes: float
+) -> float:
     """The reader's own seconds for a call (`reader_cost.call_seconds`); without a
-    measured reader, the constants measured here. A disk's reads land by DMA: the
-    copy a read from memory makes is not the CPU's then (but the compute-only
-    row's is)."""
+    measured reader, the constants measured here. The same for reads from a disk
+    and from memory: the probe's per-byte cost includes its file's copy out of
+    tmpfs, which a disk's DMA does not cost the CPU (not separated yet)."""
     fallback = (READ_CALL_S, READ_RUN_S, 1 / machine.memory_bytes_per_s)
     return call_seconds(machine.reader, threads, reads, nbytes, fallback)
 
 
-def _row_copy_s(machine: Machine) -> float:
+def row_copy_seconds(machine: Machine) -> float:
     """Seconds a byte of rows copied by index costs: the reader's landing rate where
     the probe measured it, else memory's."""
     reader = machine.reader.get("1") if machine.reader else None
     return reader["byte_s"] if reader else 1 / machine.memory_bytes_per_s
 
 
-def _disk_seconds(machine: Machine, reads: float, nbytes: float) -> float:
+def disk_seconds(machine: Machine, reads: float, nbytes: float) -> float:
     """The disk's seconds for a call's reads: waves of as many as the reader's
     threads take, each as long as one read of that size with that many in flight."""
     size = nbytes / reads

@@ -27,12 +27,12 @@ from .costs import (
     PAGING_S_PER_GB,
     WINDOW_STEP_S,
     TokenCost,
-    _disk_seconds,
-    _read_cpu,
-    _row_copy_s,
     compute_seconds,
+    disk_seconds,
     ffn_kinds,
+    read_cpu_seconds,
     resident_products,
+    row_copy_seconds,
 )
 from .disk import throughput_at
 from .machine import Machine
@@ -125,15 +125,15 @@ def experts_cost(
         call_reads, call_bytes = misses * chunks, misses * (row + align)
         reads += call_reads
         bytes_read += call_bytes
-        cpu += _read_cpu(machine, DEFAULT_THREADS, call_reads, call_bytes)
-        disk += _disk_seconds(machine, call_reads, call_bytes)
+        cpu += read_cpu_seconds(machine, DEFAULT_THREADS, call_reads, call_bytes)
+        disk += disk_seconds(machine, call_reads, call_bytes)
         moved += misses * row
     layers = args.num_hidden_layers
     compute = routed_compute(layout, machine, threads)
     io = cpu + disk
     overlap = AHEAD_HIDDEN if plan.lookahead else 0.0
     hidden = overlap * min(io, compute)
-    memory = layers * WINDOW_STEP_S + moved * _row_copy_s(machine)
+    memory = layers * WINDOW_STEP_S + moved * row_copy_seconds(machine)
     ahead = f"; reads ahead hide {AHEAD_HIDDEN:.0%} (assumed)" if overlap else ""
     return TokenCost(
         "experts",

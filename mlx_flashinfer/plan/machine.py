@@ -283,13 +283,7 @@ def product_rates(
         for name, tokens, threads in cells:
             B.limit_compute_threads(threads)
             x = B.array(rng.standard_normal((tokens, SIDE)).astype(np.float32))
-            B.synchronize(B.linear(x, weights[0]))
-            passes, began = 0, time.perf_counter()
-            while passes < 2 or time.perf_counter() - began < seconds:
-                for w in weights:
-                    B.synchronize(B.linear(x, w))
-                passes += 1
-            rates[name] = nbytes * passes / (time.perf_counter() - began)
+            rates[name] = nbytes / _pass_seconds(B, x, weights, seconds)
         del weights
     B.limit_compute_threads(None)
     return rates
@@ -310,15 +304,21 @@ def narrow_rate(
     x = B.array(rng.standard_normal((1, NARROW)).astype(np.float32))
     B.limit_compute_threads(1)
     try:
-        B.synchronize(B.linear(x, weights[0]))
-        passes, began = 0, time.perf_counter()
-        while passes < 2 or time.perf_counter() - began < seconds:
-            for w in weights:
-                B.synchronize(B.linear(x, w))
-            passes += 1
-        return one * len(weights) * passes / (time.perf_counter() - began)
+        return one * len(weights) / _pass_seconds(B, x, weights, seconds)
     finally:
         B.limit_compute_threads(None)
+
+
+def _pass_seconds(B, x, weights: list, seconds: float) -> float:
+    """Seconds of one pass of x @ W.T over every matrix in `weights` (after one
+    product to warm up; at least two passes and `seconds` in all)."""
+    B.synchronize(B.linear(x, weights[0]))
+    passes, began = 0, time.perf_counter()
+    while passes < 2 or time.perf_counter() - began < seconds:
+        for w in weights:
+            B.synchronize(B.linear(x, w))
+        passes += 1
+    return (time.perf_counter() - began) / passes
 
 
 def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
