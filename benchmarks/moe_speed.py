@@ -10,7 +10,7 @@ Flash reads bypass the page cache (O_DIRECT), so the runs need no cgroup to be
 honest about I/O; the dense row holds every expert in DRAM. On a probed machine
 (`flashinfer probe`) each row also gets the cost model's prediction
 (`plan/expert_costs.py`: `predicted_ms` beside `measured_ms`), which takes every
-expert as equally popular unless the layout records its routing.
+expert as equally popular (no layout records its routing yet).
 
 `--paging` adds OS paging at each budget (NumPy): every expert memory-mapped (the
 dense model's experts as views of ffn.bin), run in a child process inside a memory

@@ -8,10 +8,10 @@ The cache keeps the least recently routed experts out first, so its hit rate fol
 from how often each expert is routed: for a cache of c experts under independent
 routings, Che's approximation of an LRU cache (Che, Tung and Wang 2002): the time T
 (in tokens) an expert stays cached solves sum_e (1 - exp(-r_e T)) = c, and an
-expert routed r_e times a token hits with probability 1 - exp(-r_e T). Without
-measured rates every expert is taken as equally popular (hit rate c / E): the
-floor, since real routers prefer some experts and reuse them token to token; the
-prediction's note says so.
+expert routed r_e times a token hits with probability 1 - exp(-r_e T). No layout
+records its routing yet, so every expert is taken as equally popular (hit rate
+c / E): the floor, since real routers prefer some experts and reuse them token to
+token; the prediction's note says so.
 """
 
 from __future__ import annotations
@@ -68,14 +68,10 @@ def lru_hit_rate(rates: np.ndarray, capacity: float) -> float:
 
 def routing_rates(layout: Layout) -> tuple[list[np.ndarray], str]:
     """Per layer, each expert's routings per token (they sum to experts_per_token),
-    and where they came from: the layout's measured routing ("experts" section,
-    "popularity": per layer, each expert's share of the routings) or equal shares."""
+    and where they came from: equal shares, as no layout records its routing yet
+    (`lru_hit_rate` takes any rates once one does)."""
     args = layout.args
     k, experts = args.experts_per_token, args.num_experts
-    measured = (layout.manifest.get("experts") or {}).get("popularity")
-    if measured and len(measured) == args.num_hidden_layers:
-        rates = [k * np.asarray(p, float) / np.sum(p) for p in measured]
-        return rates, "the layout's measured routing"
     uniform = np.full(experts, k / experts)
     return [uniform] * args.num_hidden_layers, "every expert equally popular (assumed)"
 
