@@ -238,6 +238,18 @@ def test_reads_land_in_the_rows_given(
                 got[:, p * piece : (p + 1) * piece], expect[p]
             )
         assert fr.staging_bytes == len(fr._staging)
+        # with `slots`, neuron ids[i] lands in row slots[i] of a larger matrix (the
+        # experts cache's free rows) and no other row changes
+        rows = len(ids) + data.draw(st.integers(0, 5))
+        slots = np.random.default_rng(len(ids)).permutation(rows)[: len(ids)]
+        cache = [np.full((rows, piece + 8), 0xAA, np.uint8) for _ in range(parts)]
+        fr.read(0, ids, [c[:, :piece] for c in cache], slots=slots)
+        others = np.setdiff1d(np.arange(rows), slots)
+        for p in range(parts):
+            np.testing.assert_array_equal(cache[p][slots, :piece], expect[p])
+            assert (cache[p][others] == 0xAA).all() and (
+                cache[p][:, piece:] == 0xAA
+            ).all()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -286,11 +298,15 @@ def test_fetch_keeps_what_fits_and_take_lands_any_subset(
         )
         into = [np.zeros((len(pick), piece), np.uint8) for _ in range(parts)]
         fetched.take(pick, into)
+        slots = np.arange(len(pick))[::-1] * 2  # every other row, backwards
+        scattered = [np.zeros((2 * len(pick) + 1, piece), np.uint8) for _ in into]
+        fetched.take(pick, scattered, slots=slots)
         expect = fr.read(0, pick).copy()  # ends the fetched bundles' validity
         for p in range(parts):
             np.testing.assert_array_equal(
                 into[p], expect[:, p * piece : (p + 1) * piece]
             )
+            np.testing.assert_array_equal(scattered[p][slots], into[p])
         assert fr.stats.bytes_useful == (k + len(pick)) * bundle
         if k < len(ids):
             missing = ids[k:][:1]

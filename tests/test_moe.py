@@ -189,6 +189,37 @@ def test_the_same_token_again_reads_nothing_new(backend):
         assert np.array_equal(B.to_numpy(first), B.to_numpy(again))
 
 
+def test_cached_experts_stay_in_their_slots_and_hold_their_bundles():
+    """An expert's rows stay in the slot they landed in while it is cached (no row
+    ever moves), every cached slot holds its expert's bundle, and loads land in the
+    slots evictions freed."""
+    layout = moe_layout("olmoe", tiny_moe_configs()["olmoe"])
+    flash, _ = load(
+        layout, backend="numpy", memory_budget=budgets(layout)["least"], window=2
+    )
+    ffn, cache = flash.ffn, flash.make_cache()
+    flash.prefill(TOKENS[:4], cache)
+    before = [dict() for _ in ffn.windows]
+    reused = 0
+    for token in TOKENS[4:]:
+        flash([token], cache)
+        for layer, window in enumerate(ffn.windows):
+            slots = {int(e): int(window.slot_of[e]) for e in window.cached}
+            assert max(slots.values()) < ffn.plan.capacity[layer]
+            for e, slot in slots.items():
+                if e in before[layer]:
+                    assert before[layer][e] == slot
+                rows = [np.zeros_like(m[:1]) for m in ffn.caches[layer]]
+                ffn.reader.read(layer, np.array([e]), rows)
+                for m, row in zip(ffn.caches[layer], rows, strict=True):
+                    np.testing.assert_array_equal(m[slot], row[0])
+            freed = {s for e, s in before[layer].items() if e not in slots}
+            landed = {s for e, s in slots.items() if e not in before[layer]}
+            reused += len(freed & landed)
+            before[layer] = slots
+    assert reused > 0  # the smallest budget: loads must take freed slots
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reads_ahead_land_and_change_nothing(backend):
     """The next layer's router on this layer's FFN input guesses its experts; what

@@ -6,15 +6,19 @@ of the whole expert, formats/experts.py), and each layer caches `capacity` exper
 as many as the memory plan gives it (`expert_plan.py`), at least one token's.
 Per layer and decoded token:
     ids, w = router.route(layer, h)     top-k experts and weights, on the host
-    plan   = window.step(ids)           which experts to load, which rows move
-    rows   = reader.read(layer, loads)  every routed expert not cached, at once
-    cache: move rows, append new rows   a preallocated matrix per part and layer
+    plan   = window.step(ids)           which experts to load, into which free slots
+    rows   = reader.read(layer, loads)  every routed expert not cached, at once,
+                                        landing in its slot of the layer's cache (a
+                                        preallocated matrix per part and layer)
     out    = sum of w * expert(h)       + the shared expert, if the family has one
 No routed expert is ever skipped: the output is the dense one (`model/moe.py`, the
 same sums in the same order). The window keeps experts past the last k tokens
 while the cache has room and evicts the least recently routed first, so the last k
 tokens' experts stay cached whenever the cache holds k * top_k of them; k = 0 keeps
-nothing (every routed expert read every token: the naive baseline).
+nothing (every routed expert read every token: the naive baseline). An expert's rows
+stay in the slot they landed in until it is evicted, and the next load lands in that
+slot (`LayerWindow(compact=False)`): the experts are computed by slot, so the rows
+need not be contiguous, and no megabyte row is ever moved.
 
 A prompt routes all its tokens first and reads the union of their experts once per
 layer, in rounds of at most the cache's capacity (sorted by expert id): each round's
@@ -140,7 +144,8 @@ class ExpertFFN(TokenCounters):
         """Forget every window (a fresh KV cache); cached rows just get overwritten."""
         k = KEEP_PAST_WINDOW if self.k else 0
         self.windows = [
-            LayerWindow(self.args.num_experts, cap, k) for cap in self.plan.capacity
+            LayerWindow(self.args.num_experts, cap, k, compact=False)
+            for cap in self.plan.capacity
         ]
         if self._pending is not None:  # a read ahead of an old token
             self._pending[1].result()
@@ -212,25 +217,20 @@ class ExpertFFN(TokenCounters):
         stats.neurons_evicted += plan.evicted
         stats.lru_evicted += plan.lru_evicted
         cache, views, loads = self.caches[layer], self._views[layer], plan.load_ids
+        slots = plan.load_slots  # free slots, where evicted experts were: no moves
         if self.landing == "in place":
-            for view in views if len(plan.move_src) else ():
-                view[plan.move_dst] = view[plan.move_src]
             if len(loads):
-                slot = int(plan.load_slots[0])  # load slots are consecutive
-                block = [v[slot : slot + len(loads)] for v in views]
                 # the loads read ahead come first (window.step's `first`)
                 ready = 0 if first is None else int(np.count_nonzero(first[loads]))
                 if ready:
-                    self._take(fetched, loads[:ready], [b[:ready] for b in block])
+                    self._take(fetched, loads[:ready], views, slots[:ready])
                 if ready < len(loads):
-                    self._read(layer, loads[ready:], [b[ready:] for b in block])
+                    self._read(layer, loads[ready:], views, slots[ready:])
         else:
-            for p in range(len(cache)) if len(plan.move_src) else ():
-                cache[p] = B.move_rows(cache[p], plan.move_src, plan.move_dst)
             if len(loads):
                 raw = self._read(layer, loads, None)
                 for p, rows in enumerate(bundle_pieces(B, self.layout, raw)):
-                    cache[p] = B.write_rows(cache[p], plan.load_slots, rows)
+                    cache[p] = B.write_rows(cache[p], slots, rows)
                     B.synchronize(cache[p])  # `raw` is valid until the next read
         stats.memory_s += time.perf_counter() - started - (stats.io_s - io_before)
 
@@ -268,21 +268,21 @@ class ExpertFFN(TokenCounters):
         stats.ahead_neurons += len(fetched.ids)
         return fetched if ahead_layer == layer else None
 
-    def _take(self, fetched, ids: np.ndarray, into: list) -> None:
-        """Land experts read ahead into their rows, counted as I/O."""
+    def _take(self, fetched, ids: np.ndarray, into: list, slots) -> None:
+        """Land experts read ahead into their rows `slots` of `into`, counted as I/O."""
         stats = self._token
         began = time.perf_counter()
-        fetched.take(ids, into)
+        fetched.take(ids, into, slots=slots)
         stats.io_s += time.perf_counter() - began
         stats.ahead_used += len(ids)
         stats.bytes_useful += len(ids) * self.reader.bundle_bytes
 
-    def _read(self, layer: int, ids: np.ndarray, into):
-        """`reader.read` of `ids` into `into`, counted."""
+    def _read(self, layer: int, ids: np.ndarray, into, slots=None):
+        """`reader.read` of `ids` into rows `slots` of `into`, counted."""
         counters, stats = self.reader.stats, self._token
         before = (counters.bytes_read, counters.bytes_useful, counters.reads)
         seconds = counters.seconds
-        raw = self.reader.read(layer, ids, into)
+        raw = self.reader.read(layer, ids, into, slots=slots)
         stats.bytes_read += counters.bytes_read - before[0]
         stats.bytes_useful += counters.bytes_useful - before[1]
         stats.reads += counters.reads - before[2]

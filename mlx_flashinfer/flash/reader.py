@@ -173,7 +173,14 @@ class FlashReader:
         return self._align
 
     # -- public -----------------------------------------------------------------------
-    def read(self, layer: int, ids: np.ndarray, into: list | None = None):
+    def read(
+        self,
+        layer: int,
+        ids: np.ndarray,
+        into: list | None = None,
+        *,
+        slots: np.ndarray | None = None,
+    ):
         """Bundles `ids` (sorted, unique neuron ids) of `layer`.
 
         Args:
@@ -182,6 +189,9 @@ class FlashReader:
             into: optional, one array per piece (see `fields`) of shape (len(ids),
                 ...) whose rows are contiguous and as long as the piece (any dtype,
                 any row stride): piece p of neuron ids[i] is written to into[p][i].
+            slots: optional, with `into`: the row of `into` each id lands in
+                (piece p of ids[i] to into[p][slots[i]]; `into` then any length),
+                for a cache whose free rows are not consecutive.
 
         Returns:
             `into`, or without it uint8 rows (len(ids), bundle_bytes), a view valid
@@ -204,14 +214,19 @@ class FlashReader:
             ]
         else:
             dest = [np.asarray(d) for d in into]
-            if len(dest) != self.pieces or any(len(d) != n for d in dest):
+            if slots is not None:
+                slots = np.asarray(slots, dtype=np.int64).reshape(-1)
+            rows = n if slots is None else len(slots)
+            short = slots is not None and n and min(len(d) for d in dest) <= slots.max()
+            if len(dest) != self.pieces or rows != n or short:
                 raise ValueError(
-                    f"into must be {self.pieces} arrays of {n} rows, got "
-                    f"{[len(d) for d in dest]}"
+                    f"into must be {self.pieces} arrays of {n} rows (or holding "
+                    f"`slots`), got {[len(d) for d in dest]}"
                 )
         reads = got = 0
         if n:
-            reads, got = self._read_pieces(extent, ids, [_bytes_of(d) for d in dest])
+            dest = [_bytes_of(d) for d in dest]
+            reads, got = self._read_pieces(extent, ids, dest, slots)
         self._finish(layer, reads, got, n * self.bundle_bytes, began)
         return out if into is None else into
 
@@ -346,11 +361,17 @@ class FlashReader:
             yield j0, j1, at, reads, got
             begin = end
 
-    def _read_pieces(self, extent: LayerExtent, ids, dest) -> tuple[int, int]:
+    def _read_pieces(
+        self, extent: LayerExtent, ids, dest, slots=None
+    ) -> tuple[int, int]:
         """Read the file pieces of `ids` and copy piece p of ids[i] to dest[p][i]
-        (uint8 rows); in rounds that each fit the staging buffer. Returns (syscalls,
-        bytes read)."""
+        (uint8 rows; dest[p][slots[i]] with `slots`); in rounds that each fit the
+        staging buffer. Returns (syscalls, bytes read)."""
         n = len(ids)
+
+        def rows_of(d, lo: int, hi: int):  # (rows, where) of ids [lo, hi)
+            return (d[lo:hi], None) if slots is None else (d, slots[lo:hi])
+
         reads = got = 0
         for j0, j1, at, r, g in self._rounds(extent, ids):
             reads, got = reads + r, got + g
@@ -362,19 +383,19 @@ class FlashReader:
                         self._gather_fields(
                             p,
                             at[a - j0 : b - j0],
-                            [d[a - p * n : b - p * n] for d in rows],
+                            [rows_of(d, a - p * n, b - p * n) for d in rows],
                         )
                 else:
                     self._gather_fields(
-                        p, at + self.part_offsets[p], [d[j0:j1] for d in rows]
+                        p, at + self.part_offsets[p], [rows_of(d, j0, j1) for d in rows]
                     )
         return reads, got
 
     def _gather_fields(self, part: int, offsets, rows: list) -> None:
         """Copy the fields of `part` whose first byte sits at staging `offsets` into
-        `rows` (one uint8 array per field)."""
-        for (at, size), dest in zip(self.fields[part], rows, strict=True):
-            self._gather(offsets + at, dest, size)
+        `rows` (per field, a uint8 array and the rows to write, None: all)."""
+        for (at, size), (dest, where) in zip(self.fields[part], rows, strict=True):
+            self._gather(offsets + at, dest, size, where)
 
     def _fitting(self, extent: LayerExtent, ids) -> np.ndarray:
         """The longest prefix of `ids` whose runs fit the staging buffer at once
@@ -392,8 +413,9 @@ class FlashReader:
             good, bad = (mid, bad) if fits(mid) else (good, mid)
         return ids[:good]
 
-    def _gather(self, offsets, rows, piece: int) -> None:
-        """Copy the `piece` bytes at each staging byte offset into `rows` (uint8)."""
+    def _gather(self, offsets, rows, piece: int, where=None) -> None:
+        """Copy the `piece` bytes at each staging byte offset into `rows` (uint8),
+        or into rows[where]."""
         if not len(offsets):
             return
         # 8-byte words where offsets allow: about twice as fast as bytes
@@ -406,7 +428,8 @@ class FlashReader:
         pieces = np.lib.stride_tricks.as_strided(
             words, (len(words) - piece // word + 1, piece // word), (word, word)
         )
-        rows.view(f"u{word}")[:] = pieces[offsets // word]
+        target = rows.view(f"u{word}")
+        target[slice(None) if where is None else where] = pieces[offsets // word]
 
     def _read_runs(self, lo, hi, pos, buffer=None) -> tuple[int, int]:
         """Read file bytes [lo[i], hi[i]) to buffer[pos[i]:] (default: the staging
@@ -480,8 +503,9 @@ class Fetched:
         self.reads, self.bytes_read = reads, bytes_read  # syscalls and bytes read
         self.seconds = seconds  # the fetch's wall time
 
-    def take(self, ids: np.ndarray, into: list) -> list:
-        """Copy piece p of neuron ids[i] to into[p][i] (pieces as for `read`)."""
+    def take(self, ids: np.ndarray, into: list, *, slots=None) -> list:
+        """Copy piece p of neuron ids[i] to into[p][i], or into[p][slots[i]]
+        (pieces and slots as for `read`)."""
         r = self.reader
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if not len(ids):
@@ -495,5 +519,6 @@ class Fetched:
             else:
                 offsets = self._at[0, where] + r.part_offsets[p]
             rows = into[r.first_piece[p] : r.first_piece[p + 1]]
-            r._gather_fields(p, offsets, [_bytes_of(np.asarray(d)) for d in rows])
+            dest = [(_bytes_of(np.asarray(d)), slots) for d in rows]
+            r._gather_fields(p, offsets, dest)
         return into

@@ -5,7 +5,9 @@ A neuron stays cached while any of the last k tokens used it; each token loads o
 the predicted neurons not already cached. This module is bookkeeping only (NumPy
 ints): it turns one token's predicted set into a `StepPlan` that the neuron cache
 carries out on the backend's matrix (swap-delete moves, then appends), so no row is
-ever reallocated.
+ever reallocated. A cache that computes on its rows by slot (the experts placement)
+keeps them where they landed instead (`compact=False`): a freed slot stays a hole
+and the next load lands in it, so no row ever moves.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ SLOT_BYTES = 8  # neuron_at's entry for each cached row
 class StepPlan:
     """What one layer must do for one token, in order: move, then load, then compute.
 
-    move_src/move_dst: rows to copy within the cache (last used rows into freed slots).
-    load_ids/load_slots: neurons to read from flash into the cache, and where they go.
+    move_src/move_dst: rows to copy within the cache (last used rows into freed slots;
+        none when the window does not compact).
+    load_ids/load_slots: neurons to read from flash into the cache, and where they go
+        (consecutive slots when compacting, holes first otherwise).
     scratch_ids: predicted neurons that do not fit in the cache this token (read into a
         scratch buffer, used once, dropped: exact, only costlier).
     used: cached rows after the step (the FFN runs over rows [:used]).
@@ -34,7 +38,7 @@ class StepPlan:
     load_ids: np.ndarray
     load_slots: np.ndarray
     scratch_ids: np.ndarray
-    used: int
+    used: int  # compact=False: rows [:used] hold every cached neuron, and holes
     hits: int  # predicted neurons already cached before this token
     evicted: int  # neurons dropped from the cache (left the window or pushed out)
     lru_evicted: int  # of those, still inside the window but evicted for lack of room
@@ -49,17 +53,22 @@ class LayerWindow:
         k: window length in tokens (paper: 4-5 for OPT, 2 for Llama 2); 0 keeps
             nothing across tokens (every predicted neuron is read: the paper's
             "predictor only" row).
+        compact: keep the cached rows in slots [0, used) by moving the last rows into
+            freed slots (the neuron cache multiplies rows [:used] at once); False
+            leaves every row where it landed and loads into the freed slots (a cache
+            that picks its rows by slot: experts, whose rows are megabytes to move).
     """
 
-    def __init__(self, neurons: int, capacity: int, k: int):
+    def __init__(self, neurons: int, capacity: int, k: int, *, compact: bool = True):
         if k < 0:
             raise ValueError(f"window must be at least 0 tokens, got {k}")
         self.capacity = capacity
         self.k = k
+        self.compact = compact
         self.slot_of = np.full(
             neurons, -1, dtype=np.int64
         )  # neuron -> slot, -1: absent
-        self.neuron_at = np.zeros(capacity, dtype=np.int64)  # slot -> neuron
+        self.neuron_at = np.full(capacity, -1, dtype=np.int64)  # slot -> neuron, -1
         self.used = 0
         self.last_active = np.full(neurons, -(1 << 40), dtype=np.int64)
         self.token = 0
@@ -78,8 +87,9 @@ class LayerWindow:
 
     @property
     def cached(self) -> np.ndarray:
-        """Neuron ids in slots [0, used)."""
-        return self.neuron_at[: self.used]
+        """Neuron ids cached, in slot order (slots [0, used), holes skipped)."""
+        rows = self.neuron_at[: self.used]
+        return rows if self.compact else rows[rows >= 0]
 
     def step(self, active: np.ndarray, first: np.ndarray | None = None) -> StepPlan:
         """Plan the cache for the next token, whose predicted neurons are `active`.
@@ -95,8 +105,10 @@ class LayerWindow:
         self.last_active[active] = t
         dropped = 0
         if self.k == 0:  # no reuse: forget the previous token's neurons first
-            self.slot_of[self.cached] = -1
-            dropped, self.used = self.used, 0
+            cached = self.cached
+            self.slot_of[cached] = -1
+            self.neuron_at[: self.used] = -1
+            dropped, self.used = len(cached), 0
         cached = self.cached
         is_cached = self.slot_of[active] >= 0
         hits = int(np.count_nonzero(is_cached))
@@ -133,10 +145,10 @@ class LayerWindow:
             load = np.concatenate([load[ahead], load[~ahead]])
         keep[kept] = False  # clean for the next step
         move_src, move_dst = self._evict(evict)
-        load_slots = np.arange(self.used, self.used + len(load), dtype=np.int64)
+        load_slots = self._free_slots(len(load))
         self.neuron_at[load_slots] = load
         self.slot_of[load] = load_slots
-        self.used += len(load)
+        self.used = max(self.used, int(load_slots[-1]) + 1 if len(load) else 0)
         return StepPlan(
             move_src=move_src,
             move_dst=move_dst,
@@ -149,10 +161,23 @@ class LayerWindow:
             lru_evicted=max(lru, 0),
         )
 
+    def _free_slots(self, n: int) -> np.ndarray:
+        """The slots `n` loads land in: the holes first (compact=False), then the
+        slots past the last used one."""
+        holes = _EMPTY
+        if not self.compact:
+            holes = np.flatnonzero(self.neuron_at[: self.used] < 0)[:n]
+        tail = np.arange(self.used, self.used + n - len(holes), dtype=np.int64)
+        return np.concatenate([holes, tail]) if len(holes) else tail
+
     def _evict(self, evict: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Free the slots of `evict`; fill holes below the new end with last rows."""
+        """Free the slots of `evict`; when compacting, fill holes below the new end
+        with the last rows (the moves to make)."""
         freed = self.slot_of[evict]
         self.slot_of[evict] = -1
+        self.neuron_at[freed] = -1
+        if not self.compact:
+            return _EMPTY, _EMPTY
         end = self.used - len(evict)
         holes = np.sort(freed[freed < end])
         tail = np.arange(end, self.used, dtype=np.int64)

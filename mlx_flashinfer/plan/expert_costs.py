@@ -32,7 +32,6 @@ from .costs import (
     ffn_kinds,
     read_cpu_seconds,
     resident_products,
-    row_copy_seconds,
 )
 from .disk import throughput_at
 from .machine import Machine
@@ -112,7 +111,7 @@ def experts_cost(
     rates, source = routing_rates(layout)
     align = 4096 if machine.disk.get("mode") == "nocache" else 512
     chunks = math.ceil((row + align) / DEFAULT_CHUNK)  # reads an expert takes
-    bytes_read = reads = cpu = disk = moved = 0.0
+    bytes_read = reads = cpu = disk = 0.0
     for layer_rates, cap in zip(rates, plan.capacity, strict=True):
         hit = lru_hit_rate(layer_rates, cap) if window > 0 else 0.0
         misses = k * (1 - hit)
@@ -123,13 +122,12 @@ def experts_cost(
         bytes_read += call_bytes
         cpu += read_cpu_seconds(machine, DEFAULT_THREADS, call_reads, call_bytes)
         disk += disk_seconds(machine, call_reads, call_bytes)
-        moved += misses * row
     layers = args.num_hidden_layers
     compute = routed_compute(layout, machine, threads)
     io = cpu + disk
     overlap = AHEAD_HIDDEN if plan.lookahead else 0.0
     hidden = overlap * min(io, compute)
-    memory = layers * WINDOW_STEP_S + moved * row_copy_seconds(machine)
+    memory = layers * WINDOW_STEP_S  # loads land in evicted slots: no row moves
     ahead = f"; reads ahead hide {AHEAD_HIDDEN:.0%} (assumed)" if overlap else ""
     return TokenCost(
         "experts",
