@@ -22,6 +22,7 @@ import numpy as np
 
 from ..formats.layout import LayerExtent
 from .direct_io import MAX_ALIGN, open_uncached, staging_size
+from .landing import Fetched, bytes_of, gather
 from .stats import ReadStats
 
 # The defaults are measured on the project's dev VM (2 cores, flash-like virtio disk)
@@ -43,14 +44,6 @@ DEFAULT_MAX_GAP = 16 * 1024
 # 1.4-1.9 GB/s with 1 MiB chunks, the disk's large-read rate; 256-512 KiB was as good
 # or up to 25% slower.
 DEFAULT_CHUNK = 1 << 20
-
-
-def _bytes_of(rows: np.ndarray) -> np.ndarray:
-    """Rows (n, ...) with contiguous rows -> their bytes, (n, row bytes) uint8."""
-    rows = rows.reshape(len(rows), -1)
-    if rows.shape[1] and rows.strides[1] != rows.itemsize:
-        raise ValueError("the rows of `into` must be contiguous")
-    return rows.view(np.uint8)
 
 
 def _checked_ids(ids, extent: LayerExtent) -> np.ndarray:
@@ -225,7 +218,7 @@ class FlashReader:
                 )
         reads = got = 0
         if n:
-            dest = [_bytes_of(d) for d in dest]
+            dest = [bytes_of(d) for d in dest]
             reads, got = self._read_pieces(extent, ids, dest, slots)
         self._finish(layer, reads, got, n * self.bundle_bytes, began)
         return out if into is None else into
@@ -395,7 +388,7 @@ class FlashReader:
         """Copy the fields of `part` whose first byte sits at staging `offsets` into
         `rows` (per field, a uint8 array and the rows to write, None: all)."""
         for (at, size), (dest, where) in zip(self.fields[part], rows, strict=True):
-            self._gather(offsets + at, dest, size, where)
+            gather(self._staging, offsets + at, dest, size, where)
 
     def _fitting(self, extent: LayerExtent, ids) -> np.ndarray:
         """The longest prefix of `ids` whose runs fit the staging buffer at once
@@ -412,24 +405,6 @@ class FlashReader:
             mid = (good + bad) // 2
             good, bad = (mid, bad) if fits(mid) else (good, mid)
         return ids[:good]
-
-    def _gather(self, offsets, rows, piece: int, where=None) -> None:
-        """Copy the `piece` bytes at each staging byte offset into `rows` (uint8),
-        or into rows[where]."""
-        if not len(offsets):
-            return
-        # 8-byte words where offsets allow: about twice as fast as bytes
-        word = next(
-            w
-            for w in (8, 4, 2, 1)
-            if piece % w == 0 and not np.any(offsets % w) and rows.strides[0] % w == 0
-        )
-        words = np.frombuffer(self._staging, dtype=f"u{word}")
-        pieces = np.lib.stride_tricks.as_strided(
-            words, (len(words) - piece // word + 1, piece // word), (word, word)
-        )
-        target = rows.view(f"u{word}")
-        target[slice(None) if where is None else where] = pieces[offsets // word]
 
     def _read_runs(self, lo, hi, pos, buffer=None) -> tuple[int, int]:
         """Read file bytes [lo[i], hi[i]) to buffer[pos[i]:] (default: the staging
@@ -487,38 +462,3 @@ class FlashReader:
             # reads (and hide the disk's cost) or eat the memory budget.
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
         self.stats.record(layer, reads, got, useful, time.perf_counter() - began)
-
-
-class Fetched:
-    """Bundles a `FlashReader.fetch` left in the reader's staging buffer.
-
-    `take(ids, into)` lands the bundles of `ids` (a sorted subset of `ids` fetched)
-    into rows, as `read` would have; valid until the reader's next call.
-    """
-
-    def __init__(self, reader, ids, at, reads: int, bytes_read: int, seconds: float):
-        self.reader = reader
-        self.ids = ids  # the neurons fetched, sorted
-        self._at = at  # (regions, len(ids)): staging offset of each file piece
-        self.reads, self.bytes_read = reads, bytes_read  # syscalls and bytes read
-        self.seconds = seconds  # the fetch's wall time
-
-    def take(self, ids: np.ndarray, into: list, *, slots=None) -> list:
-        """Copy piece p of neuron ids[i] to into[p][i], or into[p][slots[i]]
-        (pieces and slots as for `read`)."""
-        r = self.reader
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if not len(ids):
-            return into
-        where = np.searchsorted(self.ids, ids)
-        if where[-1] >= len(self.ids) or np.any(self.ids[where] != ids):
-            raise ValueError("take: some ids were not fetched")
-        for p in range(r.parts):
-            if r.regions > 1:
-                offsets = self._at[p, where]
-            else:
-                offsets = self._at[0, where] + r.part_offsets[p]
-            rows = into[r.first_piece[p] : r.first_piece[p + 1]]
-            dest = [(_bytes_of(np.asarray(d)), slots) for d in rows]
-            r._gather_fields(p, offsets, dest)
-        return into
