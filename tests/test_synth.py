@@ -5,7 +5,10 @@ import pytest
 
 from mlx_flashinfer import Layout, load
 from mlx_flashinfer.bench.synth import write_synthetic
+from mlx_flashinfer.bench.synth_moe import MOE_SHAPES
 from mlx_flashinfer.bench.synth_opt import SHAPES, Structure, SyntheticOPT, simulate
+from mlx_flashinfer.formats.experts import router_name
+from mlx_flashinfer.model.moe import route
 
 TOKENS = np.random.default_rng(0).integers(4, 512, 200).tolist()
 
@@ -110,3 +113,35 @@ def test_llama_fatrelu_model_has_its_structure(tmp_path):
         stats["neurons_loaded"] + stats["neurons_scratch"]
         < stats["neurons_predicted"] / 2
     )
+
+
+def test_synthetic_moe_is_deterministic_skewed_and_records_custom_sizes(tmp_path):
+    """A synthetic MoE (bench/synth_moe.py) writes the same files twice, at float16
+    and q4; popular experts win more routings than uniform routing would give; a
+    custom shape's sizes are in the manifest, so the same source can be rebuilt."""
+    from mlx_flashinfer.bench.synth_moe import SyntheticMoE, write_synthetic_moe
+
+    sizes = {**MOE_SHAPES["moe-tiny"], "num_hidden_layers": 1, "hidden_size": 32}
+    first = write_synthetic_moe(tmp_path / "a", sizes, "float16", progress=False)
+    again = write_synthetic_moe(tmp_path / "b", sizes, "float16", progress=False)
+    layout = Layout.open(first)
+    layout.verify()
+    assert layout.manifest["files"] == Layout.open(again).manifest["files"]
+    source = layout.manifest["source"]
+    assert source["shape"] == "custom" and source["sizes"] == sizes
+    rebuilt = SyntheticMoE(source["sizes"], source["seed"], source["skew"])
+    assert rebuilt.args.hidden_size == 32 and rebuilt.args.num_hidden_layers == 1
+    q4 = write_synthetic_moe(tmp_path / "q4", "moe-tiny", "q4", progress=False)
+    assert Layout.open(q4).dtype == "q4"
+    assert "sizes" not in Layout.open(q4).manifest["source"]  # a named shape
+    # skew: the routers of the source, on its normalised embeddings of random
+    # tokens, send more than 2/experts of the routings to the most popular expert
+    tiny = SyntheticMoE("moe-tiny", 0, 1.0)
+    h = tiny.tensor("embed_tokens.weight")[TOKENS]
+    h /= np.sqrt((h * h).mean(axis=1, keepdims=True))
+    experts = tiny.args.num_experts
+    for layer in range(tiny.args.num_hidden_layers):
+        logits = h @ tiny.tensor(router_name(tiny.args, layer)).T
+        ids, _ = route(tiny.args, logits)
+        counts = np.bincount(ids.reshape(-1), minlength=experts)
+        assert counts.max() / counts.sum() > 2 / experts  # uniform (skew 0): 1.3

@@ -4,14 +4,15 @@ produced).
 
     python tools/synth.py DST [--shape opt-1.3b|opt-6.7b|opt-125m|opt-tiny|
                                        llama2-7b-relu|llama-tiny|
-                                       moe-small|olmoe-half|moe-tiny]
+                                       moe-small|olmoe-half|olmoe|qwen3-30b-a3b|
+                                       moe-tiny]
         [--layers N] [--hidden N] [--neurons N] [--heads N]   custom sizes
         [--dtype float16|bfloat16|float32|q8|q4] [--group-size 32|64|128]
         [--down-bits 4|8] [--arrangement bundled|separate] [--seed 0] [--force]
 
 --layers/--hidden/--neurons/--heads replace those sizes of --shape (custom models).
-The moe-* and olmoe-* shapes are mixtures of experts (bench/synth_moe.py: random
-weights, routing skewed by --skew), float dtypes only.
+The moe-*, olmoe* and qwen3-* shapes are mixtures of experts (bench/synth_moe.py:
+random weights, routing skewed by --skew); --layers and --hidden replace their sizes.
 """
 
 import argparse
@@ -41,7 +42,7 @@ def custom_shape(opts) -> str | dict:
     overrides = {k: v for k, v in overrides.items() if v is not None}
     if not overrides:
         return opts.shape
-    base = {**SHAPES, **LLAMA_SHAPES}[opts.shape]
+    base = {**SHAPES, **LLAMA_SHAPES, **MOE_SHAPES}[opts.shape]
     return {**base, **overrides}
 
 
@@ -71,7 +72,7 @@ def main() -> int:
         try:
             write_synthetic_moe(
                 opts.dst,
-                opts.shape,
+                custom_shape(opts),
                 opts.dtype,
                 opts.seed,
                 opts.skew,

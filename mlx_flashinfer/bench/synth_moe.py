@@ -49,6 +49,33 @@ MOE_SHAPES = {
         num_experts_per_tok=8,
         vocab_size=8192,
     ),
+    # OLMoE-1B-7B (allenai/OLMoE-1B-7B-0924): 16 layers of 64 experts of 1024
+    # neurons at d 2048, top-8; 12.9 GB of experts at float16, 4.7 GB at q4
+    "olmoe": dict(
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        num_local_experts=64,
+        num_experts_per_tok=8,
+        vocab_size=50304,
+    ),
+    # Qwen3-30B-A3B's sizes (48 layers of 128 experts of 768 neurons at d 2048, top-8,
+    # 32 query and 4 key-value heads of 128); routed as Mixtral routes (Qwen3-MoE's
+    # is the same softmax, top-k, renormalised), without its q/k norms. 21 GB of
+    # experts at q4: `--layers` takes fewer
+    "qwen3-30b-a3b": dict(
+        hidden_size=2048,
+        intermediate_size=768,
+        num_hidden_layers=48,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        head_dim=128,
+        num_local_experts=128,
+        num_experts_per_tok=8,
+        vocab_size=151936,
+    ),
     # a small one for a quick check: 32 experts of 256 neurons, top-4, d 1024
     "moe-small": dict(
         hidden_size=1024,
@@ -76,6 +103,7 @@ class SyntheticMoE:
             )
         sizes = MOE_SHAPES[shape] if isinstance(shape, str) else dict(shape)
         self.shape_name = shape if isinstance(shape, str) else "custom"
+        self.sizes = sizes
         self.args = ModelArgs.from_hf_config(
             {
                 "model_type": "mixtral",
@@ -102,6 +130,7 @@ class SyntheticMoE:
         return {
             "kind": self.kind,
             "shape": self.shape_name,
+            **({} if self.shape_name in MOE_SHAPES else {"sizes": self.sizes}),
             "seed": self.seed,
             "skew": self.skew,
         }
