@@ -16,6 +16,13 @@ expert as equally popular (no layout records its routing yet).
 dense model's experts as views of ffn.bin), run in a child process inside a memory
 cgroup limited to the budget + the KV cache + the process's own overhead, after the
 page cache is dropped (root; `flashinfer bench`'s cgroup machinery).
+
+`--llama-cpp PYTHON --gguf FILE` adds llama.cpp's rows (llama-cpp-python in the
+interpreter PYTHON, run on benchmarks/llama_cpp_decode.py): the GGUF of the same
+model (`python tools/synth_gguf.py LAYOUT FILE`) memory-mapped, at each budget
+under the paging row's limit, after the page cache is dropped; and, when the file
+fits in DRAM, one with no limit (llama.cpp's compute speed). The same prompt and
+fed tokens; its argmax ids compared with the dense row's.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -120,8 +128,27 @@ def paging_child(opts) -> int:
     return 0
 
 
-def paging_row(opts, layout: Layout, budget, prompt, feed) -> dict:
-    """Run `paging_child` in a memory cgroup of the budget + KV cache + overhead."""
+def paging_limit(opts, layout: Layout, budget, context: int) -> int:
+    """The memory limit of a row at `budget`: the budget + the KV cache of `context`
+    tokens + the process's own overhead (the largest resident tensor as read, a
+    layer's experts as read)."""
+    from mlx_flashinfer.bench.configs import BASE_OVERHEAD
+    from mlx_flashinfer.flash.memory import model_bytes, parse_budget
+    from mlx_flashinfer.formats.safetensors_stream import read_header
+    from mlx_flashinfer.model.transformer import kv_cache_bytes
+
+    amount = parse_budget(budget, sum(model_bytes(layout)))
+    header, _ = read_header(layout.resident_path)
+    largest = max(e - b for b, e in (t["data_offsets"] for t in header.values()))
+    overhead = BASE_OVERHEAD.get(opts.backend, BASE_OVERHEAD["mlx"]) + largest
+    overhead += layout.args.num_experts * layout.bundle_bytes
+    return amount + kv_cache_bytes(layout.args, context) + overhead
+
+
+def run_limited(command: list[str], limit: int, files: list, job, what: str):
+    """Run `command` in a memory cgroup of `limit` bytes after dropping the page
+    cache (`files`'s, and all of it), `job` as JSON on its stdin; return its last
+    stdout line's JSON and the group's peak bytes."""
     from mlx_flashinfer.bench.cgroup import (
         create_group,
         evict,
@@ -130,30 +157,18 @@ def paging_row(opts, layout: Layout, budget, prompt, feed) -> dict:
         peak_bytes,
         remove_group,
     )
-    from mlx_flashinfer.bench.configs import BASE_OVERHEAD
-    from mlx_flashinfer.flash.memory import model_bytes, parse_budget
-    from mlx_flashinfer.formats.safetensors_stream import read_header
-    from mlx_flashinfer.model.transformer import kv_cache_bytes
 
-    args = layout.args
-    amount = parse_budget(budget, sum(model_bytes(layout)))
-    header, _ = read_header(layout.resident_path)
-    largest = max(e - b for b, e in (t["data_offsets"] for t in header.values()))
-    overhead = BASE_OVERHEAD.get(opts.backend, BASE_OVERHEAD["mlx"]) + largest
-    overhead += args.num_experts * layout.bundle_bytes  # a layer's experts as read
-    context = len(prompt) + len(feed) + 1
-    limit = amount + kv_cache_bytes(args, context) + overhead
     cgroup = find_memory_cgroup()
     if isinstance(cgroup, str):
-        raise SystemExit(f"--paging needs a memory cgroup: {cgroup}")
-    group = create_group(cgroup, f"moe-paging-{time.time_ns()}", limit)
+        raise SystemExit(f"the {what} rows need a memory cgroup: {cgroup}")
+    group = create_group(
+        cgroup, f"moe-{what.replace('.', '-')}-{time.time_ns()}", limit
+    )
     try:
-        evict([layout.ffn_path, layout.resident_path], drop_all=True)
-        command = [sys.executable, __file__, "--model", str(opts.model)]
-        command += ["--backend", opts.backend, "--paging-child"]
+        evict(files, drop_all=True)
         done = subprocess.run(
             join_command(group, command),
-            input=json.dumps([prompt, feed]),
+            input=json.dumps(job),
             capture_output=True,
             text=True,
             check=False,
@@ -162,9 +177,75 @@ def paging_row(opts, layout: Layout, budget, prompt, feed) -> dict:
     finally:
         remove_group(group)
     if done.returncode:
-        raise SystemExit(f"the paging row failed:\n{done.stderr[-2000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"the {what} row failed:\n{done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), peak
+
+
+def paging_row(opts, layout: Layout, budget, prompt, feed) -> dict:
+    """Run `paging_child` in a memory cgroup of the budget + KV cache + overhead."""
+    limit = paging_limit(opts, layout, budget, len(prompt) + len(feed) + 1)
+    command = [sys.executable, __file__, "--model", str(opts.model)]
+    command += ["--backend", opts.backend, "--paging-child"]
+    files = [layout.ffn_path, layout.resident_path]
+    result, peak = run_limited(command, limit, files, [prompt, feed], "paging")
     return {**result, "limit": limit, "peak": peak}
+
+
+def llama_cpp_row(opts, layout: Layout, budget, prompt, feed, dense) -> dict:
+    """llama.cpp (`--llama-cpp`'s interpreter, llama_cpp_decode.py) on `--gguf`,
+    memory-mapped, under the paging row's limit at `budget` (its weights kept
+    mapped: no repacking), or with no limit and the file read into the page cache
+    first (`budget` None). `dense`: our dense row's ids and first logits, or None."""
+    context = len(prompt) + len(feed) + 1
+    command = [opts.llama_cpp, str(Path(__file__).with_name("llama_cpp_decode.py"))]
+    job = {"model": str(opts.gguf), "n_ctx": context, "threads": opts.llama_threads}
+    job |= {"prompt": prompt, "feed": feed, "repack": budget is None}
+    if budget is None:
+        with open(opts.gguf, "rb") as f:  # warm: llama.cpp's compute speed alone
+            while f.read(1 << 24):
+                pass
+        done = subprocess.run(
+            command, input=json.dumps(job), capture_output=True, text=True
+        )
+        if done.returncode:
+            raise SystemExit(f"the llama.cpp row failed:\n{done.stderr[-2000:]}")
+        got, limit, peak = json.loads(done.stdout.strip().splitlines()[-1]), None, None
+    else:
+        limit = paging_limit(opts, layout, budget, context)
+        got, peak = run_limited(command, limit, [opts.gguf], job, "llama.cpp")
+    row = {
+        "config": "llama.cpp, all in DRAM"
+        if budget is None
+        else f"llama.cpp (GGUF memory-mapped), budget {budget}",
+        "ms_per_token": 1e3 * got["per_token"],
+        "measured_ms": 1e3 * got["per_token"],
+        "prompt_s": got["prompt_s"],
+        "limit_bytes": limit,
+        "peak_bytes": peak,
+        "repacked": budget is None,
+        "threads": opts.llama_threads,
+        "ids": got["ids"],
+        "tokens_equal_dense": None,
+    }
+    if dense is not None:
+        ids, logits = dense
+        row["tokens_equal_dense"] = got["ids"] == ids
+        row["positions_differ"] = sum(
+            a != b for a, b in zip(got["ids"], ids, strict=True)
+        )
+        # llama.cpp rounds otherwise (F16 products, Q8_0 activations): how far
+        # apart the first step's logits are says whether a differing id is a near tie
+        first = np.asarray(got["first_logits"], dtype=np.float32)
+        row["first_logits_max_abs_diff"] = float(np.abs(first - logits).max())
+    return row
+
+
+def fits_in_ram(path) -> bool:
+    """Whether a file fits in the DRAM available now, with a quarter to spare."""
+    with open("/proc/meminfo") as f:
+        info = dict(line.split(":", 1) for line in f)
+    available = int(info["MemAvailable"].split()[0]) << 10
+    return Path(path).stat().st_size < 0.75 * available
 
 
 def main() -> int:
@@ -186,9 +267,19 @@ def main() -> int:
     p.add_argument("--out", default=None, help="write the rows as JSON")
     p.add_argument("--paging", action="store_true", help="add OS paging's rows")
     p.add_argument("--paging-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--llama-cpp", metavar="PYTHON", help="adds llama.cpp's rows")
+    p.add_argument("--gguf", help="--llama-cpp's model (tools/synth_gguf.py)")
+    # llama.cpp's threads wait for each other spinning: on a busy machine a thread
+    # that loses its core stalls every step (moe-small beside a busy process: 1.6 s
+    # a token with 2 threads on 2 cores, 16 ms with 1)
+    p.add_argument("--llama-threads", type=int, default=2)
     opts = p.parse_args()
     if opts.paging_child:
         return paging_child(opts)
+    if bool(opts.llama_cpp) != bool(opts.gguf):
+        p.error("--llama-cpp and --gguf go together")
+    if opts.gguf and not Path(opts.gguf).is_file():
+        p.error(f"--gguf {opts.gguf}: no such file")
 
     rows, reference = [], None
     dense, _ = load(opts.model, backend=opts.backend)
@@ -207,9 +298,13 @@ def main() -> int:
                 "config": "dense (every expert in DRAM)",
                 "ms_per_token": 1e3 * per_token,
                 "measured_ms": 1e3 * per_token,
+                "ids": reference,
                 **predicted(layout, machine),
             }
         )
+        if opts.llama_cpp:  # what llama.cpp's first step is compared with
+            logits = dense.prefill(prompt, dense.make_cache())
+            reference_first = dense.backend.to_numpy(logits)[-1]
     del dense
     for budget in opts.budgets if opts.paging else ():
         got = paging_row(opts, layout, budget, prompt, feed)
@@ -227,6 +322,11 @@ def main() -> int:
                 **paging_predicted(layout, machine, budget),
             }
         )
+    if opts.llama_cpp:
+        dense_seen = None if reference is None else (reference, reference_first)
+        budgets = [*opts.budgets, None] if fits_in_ram(opts.gguf) else opts.budgets
+        for budget in budgets:
+            rows.append(llama_cpp_row(opts, layout, budget, prompt, feed, dense_seen))
     for budget, window, ahead in itertools.product(
         opts.budgets, opts.windows, [a == "on" for a in opts.lookahead]
     ):
