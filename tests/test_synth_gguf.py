@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mlx_flashinfer import Layout, convert, load
-from mlx_flashinfer.bench.synth_moe import write_synthetic_moe
+from mlx_flashinfer.bench.synth_moe import MOE_SHAPES, write_synthetic_moe
 from mlx_flashinfer.bench.synth_moe_gguf import synthetic_source, write_synthetic_gguf
 from mlx_flashinfer.formats.experts import expert_parts
 
@@ -91,6 +91,17 @@ def test_the_q4_gguf_holds_the_experts_rounded_to_blocks(tiny, tmp_path):
     theirs, _ = load(back, backend="numpy")
     a, b = theirs.logits(TOKENS), ours.logits(TOKENS)
     assert np.sqrt(((a - b) ** 2).mean() / (b**2).mean()) < 0.4
+
+
+def test_a_custom_shape_is_rebuilt_from_its_recorded_sizes(tmp_path):
+    """A custom shape (tools/synth.py --layers N, or sizes like Qwen3's head_dim
+    that no model arg rebuilds from the others) comes back as the same source."""
+    sizes = {**MOE_SHAPES["moe-tiny"], "num_hidden_layers": 1, "head_dim": 32}
+    layout = write_synthetic_moe(tmp_path / "c", sizes, "float16", progress=False)
+    source = synthetic_source(Layout.open(layout))
+    assert source.args.head_dim == 32 and source.args.num_hidden_layers == 1
+    name = "layers.0.self_attn.q_proj.weight"
+    assert source.shapes[name] == (sizes["num_attention_heads"] * 32, 64)
 
 
 def test_refusals(tiny, tmp_path):

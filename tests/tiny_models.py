@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+# the q/k row permutation llama.cpp's converter applies (its interleaved RoPE)
+from mlx_flashinfer.bench.synth_moe_gguf import llama_cpp_permute
+
 
 def has_mlx() -> bool:
     """Whether the MLX backend can be used here (tests skip its cases otherwise)."""
@@ -318,15 +321,6 @@ def write_hf_checkpoint(
         tok_config["chat_template"] = chat_template
     (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
     return path
-
-
-def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """The q/k row permutation llama.cpp's converter applies (its interleaved RoPE)."""
-    return (
-        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
 
 
 GGUF_LAYER_NAMES = {

@@ -70,8 +70,10 @@ def synthetic_source(layout: Layout) -> SyntheticMoE:
             "`python tools/synth.py DST --shape moe-small`"
         )
     args = layout.args
-    shape = identity["shape"]
-    if shape not in MOE_SHAPES:  # custom sizes: the manifest's model args have them
+    # a named shape, or the sizes of a custom one (recorded since custom shapes
+    # took --layers; older layouts: rebuilt from their model args)
+    shape = identity.get("sizes") or identity["shape"]
+    if not isinstance(shape, dict) and shape not in MOE_SHAPES:
         shape = {
             "hidden_size": args.hidden_size,
             "intermediate_size": args.intermediate_size,
