@@ -17,6 +17,10 @@ dense model's experts as views of ffn.bin), run in a child process inside a memo
 cgroup limited to the budget + the KV cache + the process's own overhead, after the
 page cache is dropped (root; `flashinfer bench`'s cgroup machinery).
 
+`--isolate` runs each experts row in a child process in the same kind of cgroup
+(its peak bytes recorded beside the plan's), so that the row's memory is bounded as
+the paging row's is; without it the rows run in this process.
+
 `--llama-cpp PYTHON --gguf FILE` adds llama.cpp's rows (llama-cpp-python in the
 interpreter PYTHON, run on benchmarks/llama_cpp_decode.py): the GGUF of the same
 model (`python tools/synth_gguf.py LAYOUT FILE`) memory-mapped, at each budget
@@ -240,6 +244,63 @@ def llama_cpp_row(opts, layout: Layout, budget, prompt, feed, dense) -> dict:
     return row
 
 
+def experts_row(opts, layout: Layout, machine, spec: dict, prompt, feed) -> dict:
+    """The experts placement at spec's budget, window and reads ahead: decode, and
+    what it read."""
+    budget, window, ahead = spec["budget"], spec["window"], spec["ahead"]
+    model, _ = load(
+        opts.model,
+        backend=opts.backend,
+        memory_budget=budget,
+        window=window,
+        lookahead=ahead,
+    )
+    ids, prompt_s, per_token = decode(model, prompt, feed)
+    s = model.io_stats()["decode"]
+    n = max(s["tokens"], 1)
+    row = {
+        "config": f"experts, budget {budget}, window {window}"
+        + (", reads ahead" if ahead else ""),
+        "cached_experts": model.plan.capacity,
+        "plan_bytes": model.plan.weights,
+        "held_bytes": sum(model.held_bytes().values()),
+        "ms_per_token": 1e3 * per_token,
+        "prompt_s": prompt_s,
+        "experts_read_per_token": s["neurons_loaded"] / n,
+        "experts_routed_per_token": s["neurons_predicted"] / n,
+        "hit_rate": s["hit_rate"],
+        "mb_per_token": s["bytes_per_token"] / 1e6,
+        "io_ms_per_token": 1e3 * s["io_s"] / n,
+        "read_gb_per_s": s["gb_per_s"],
+        "ahead_coverage": s["ahead_coverage"],
+        "ids": ids,
+        "measured_ms": 1e3 * per_token,
+        **predicted(layout, machine, model.plan, window),
+    }
+    if machine is not None:  # the disk probe's rate at an expert's reads
+        from mlx_flashinfer.flash.reader import DEFAULT_CHUNK, DEFAULT_THREADS
+        from mlx_flashinfer.plan.disk import throughput_at
+
+        size = min(layout.bundle_bytes, DEFAULT_CHUNK)
+        rate = throughput_at(machine.disk, size, DEFAULT_THREADS)
+        row["probe_gb_per_s"] = rate / 1e9
+    model.ffn.close()
+    return row
+
+
+def row_child(opts) -> int:
+    """An experts row in its cgroup (`--isolate`); prints the row and the process's
+    peak resident set (the cgroup's peak counts the page cache the loading read)."""
+    from mlx_flashinfer.bench.worker import max_rss
+
+    job = json.loads(sys.stdin.read())
+    layout = Layout.open(opts.model)
+    machine = cached_machine(opts.model, opts.backend)
+    row = experts_row(opts, layout, machine, job, job["prompt"], job["feed"])
+    print(json.dumps({**row, "rss_peak_bytes": max_rss()}))
+    return 0
+
+
 def fits_in_ram(path) -> bool:
     """Whether a file fits in the DRAM available now, with a quarter to spare."""
     with open("/proc/meminfo") as f:
@@ -267,6 +328,12 @@ def main() -> int:
     p.add_argument("--out", default=None, help="write the rows as JSON")
     p.add_argument("--paging", action="store_true", help="add OS paging's rows")
     p.add_argument("--paging-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--isolate",
+        action="store_true",
+        help="run each experts row in its own memory cgroup (the paging row's limit)",
+    )
+    p.add_argument("--row-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--llama-cpp", metavar="PYTHON", help="adds llama.cpp's rows")
     p.add_argument("--gguf", help="--llama-cpp's model (tools/synth_gguf.py)")
     # llama.cpp's threads wait for each other spinning: on a busy machine a thread
@@ -276,6 +343,8 @@ def main() -> int:
     opts = p.parse_args()
     if opts.paging_child:
         return paging_child(opts)
+    if opts.row_child:
+        return row_child(opts)
     if bool(opts.llama_cpp) != bool(opts.gguf):
         p.error("--llama-cpp and --gguf go together")
     if opts.gguf and not Path(opts.gguf).is_file():
@@ -295,7 +364,7 @@ def main() -> int:
         reference, prompt_s, per_token = decode(dense, prompt, feed)
         rows.append(
             {
-                "config": "dense (every expert in DRAM)",
+                "config": "dense (every expert in DRAM: compute only)",
                 "ms_per_token": 1e3 * per_token,
                 "measured_ms": 1e3 * per_token,
                 "ids": reference,
@@ -330,36 +399,19 @@ def main() -> int:
     for budget, window, ahead in itertools.product(
         opts.budgets, opts.windows, [a == "on" for a in opts.lookahead]
     ):
-        model, _ = load(
-            opts.model,
-            backend=opts.backend,
-            memory_budget=budget,
-            window=window,
-            lookahead=ahead,
-        )
-        ids, prompt_s, per_token = decode(model, prompt, feed)
-        s = model.io_stats()["decode"]
-        n = max(s["tokens"], 1)
-        rows.append(
-            {
-                "config": f"experts, budget {budget}, window {window}"
-                + (", reads ahead" if ahead else ""),
-                "cached_experts": model.plan.capacity,
-                "ms_per_token": 1e3 * per_token,
-                "prompt_s": prompt_s,
-                "experts_read_per_token": s["neurons_loaded"] / n,
-                "experts_routed_per_token": s["neurons_predicted"] / n,
-                "hit_rate": s["hit_rate"],
-                "mb_per_token": s["bytes_per_token"] / 1e6,
-                "io_ms_per_token": 1e3 * s["io_s"] / n,
-                "read_gb_per_s": s["gb_per_s"],
-                "ahead_coverage": s["ahead_coverage"],
-                "tokens_equal_dense": None if reference is None else ids == reference,
-                "measured_ms": 1e3 * per_token,
-                **predicted(layout, machine, model.plan, window),
-            }
-        )
-        model.ffn.close()
+        spec = {"budget": budget, "window": window, "ahead": ahead}
+        if opts.isolate:  # in its own cgroup, as the paging row
+            limit = paging_limit(opts, layout, budget, len(prompt) + len(feed) + 1)
+            command = [sys.executable, __file__, "--model", str(opts.model)]
+            command += ["--backend", opts.backend, "--row-child"]
+            job = {**spec, "prompt": prompt, "feed": feed}
+            row, peak = run_limited(command, limit, [], job, "experts")
+            row |= {"limit_bytes": limit, "peak_bytes": peak}
+        else:
+            row = experts_row(opts, layout, machine, spec, prompt, feed)
+        ids = row.pop("ids")
+        row["tokens_equal_dense"] = None if reference is None else ids == reference
+        rows.append(row)
     print(
         f"{'configuration':<48} {'ms/token':>9} {'predicted':>9} {'read/token':>10} "
         f"{'MB/token':>9} {'predicted':>9}"
