@@ -11,6 +11,7 @@ once at load; `linear(x, w)` is x @ w.T. The MLX backend
 
 from __future__ import annotations
 
+import mmap
 import os
 from dataclasses import replace
 
@@ -70,9 +71,20 @@ def weight_rows(w, ids) -> np.ndarray:
     return kernels.widen(w[ids])
 
 
+ALIGNED_FROM = 1 << 16
+
+
 def zeros(shape: tuple[int, ...], dtype: str = "float32") -> np.ndarray:
-    """A preallocated array of a layout dtype ("float32", "float16", "bfloat16")."""
-    out = np.zeros(shape, dtype=HELD[dtype])
+    """A preallocated array of a layout dtype ("float32", "float16", "bfloat16");
+    page-aligned from 64 KiB (caches), so O_DIRECT reads can land in its rows
+    (`flash/landing.py`), where NumPy's allocator leaves a 16-byte header."""
+    kind = np.dtype(HELD[dtype])
+    count = int(np.prod(shape))
+    if count * kind.itemsize < ALIGNED_FROM:
+        out = np.zeros(shape, dtype=kind)
+    else:
+        pages = mmap.mmap(-1, count * kind.itemsize)  # anonymous: page-aligned
+        out = np.frombuffer(pages, dtype=kind, count=count).reshape(shape)
     out.fill(0)  # touch every page: preallocated memory is really held, as planned
     return out
 

@@ -1,6 +1,7 @@
 """FlashReader returns exactly the file's bundles, in every mode, thread count and gap
 setting, and fails loudly on bad arguments and on a file truncated under it."""
 
+import mmap
 import os
 import sys
 from pathlib import Path
@@ -312,3 +313,106 @@ def test_fetch_keeps_what_fits_and_take_lands_any_subset(
             missing = ids[k:][:1]
             with pytest.raises(ValueError, match="not fetched"):
                 fr.fetch(0, ids).take(missing, [np.zeros((1, piece), np.uint8)] * parts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    neurons=st.integers(1, 40),
+    fields=st.sampled_from([(4096,), (8192, 4096), (4096, 512, 3584)]),
+    chunk=st.sampled_from([4096, 8192, 1 << 20]),
+    threads=st.sampled_from([1, 4]),
+    aligned=st.booleans(),
+    data=st.data(),
+)
+def test_whole_bundles_land_straight_in_aligned_rows(
+    tmp_path, direct_ok, mode, neurons, fields, chunk, threads, aligned, data
+):
+    import mlx_flashinfer.flash.reader as reader_module
+
+    """With land_direct, bundles whose pieces and rows sit on the alignment are read
+    straight into their rows (any free slots, pieces cut at `chunk`): the rows get
+    the file's bytes, no other row changes, and only the bundles' bytes are read;
+    rows off the alignment go through the staging buffer, with the same result."""
+    if mode == "direct" and not direct_ok:
+        pytest.skip("the tmp filesystem refuses O_DIRECT")
+    parts = 3
+    bundle = parts * sum(fields)
+    path = tmp_path / "ffn.bin"
+    layers = write_ffn(path, [neurons, 3], bundle)
+    ids = np.array(sorted(data.draw(st.sets(st.integers(0, neurons - 1)))), np.int64)
+    rows = neurons + 2
+    slots = np.random.default_rng(neurons).permutation(rows)[: len(ids)]
+    # page-aligned rows (an anonymous map, as the NumPy backend's caches), or
+    # rows 16 bytes off the alignment (as NumPy's own allocator gives)
+    skew = 0 if aligned else 16
+    cache = [
+        np.frombuffer(
+            mmap.mmap(-1, rows * size + 4096), np.uint8, rows * size, skew
+        ).reshape(rows, size)
+        for _ in range(parts)
+        for size in fields
+    ]
+    with FlashReader(
+        path,
+        layers,
+        bundle,
+        threads,
+        0,
+        mode,
+        chunk,
+        parts,
+        False,
+        None,
+        [fields] * parts,
+        land_direct=True,
+    ) as fr:
+        before = [c.copy() for c in cache]
+        copies = []  # pieces copied from the staging buffer
+        real_gather = reader_module.gather
+        reader_module.gather = lambda *a: copies.append(1) or real_gather(*a)
+        try:
+            fr.read(0, ids, cache, slots=slots)
+        finally:
+            reader_module.gather = real_gather
+        # through the page cache (buffered) any row takes reads: align 1
+        assert bool(copies) == (not aligned and fr.align > 1 and len(ids) > 0)
+        expect = bundles(path, layers[0], ids, bundle)
+        at = 0
+        for c, old in zip(cache, before, strict=True):
+            size = c.shape[1]
+            np.testing.assert_array_equal(c[slots], expect[:, at : at + size])
+            others = np.setdiff1d(np.arange(rows), slots)
+            np.testing.assert_array_equal(c[others], old[others])
+            at += size
+        if aligned and len(ids):  # straight in: nothing but the bundles is read
+            assert fr.stats.bytes_read == len(ids) * bundle
+
+
+def test_direct_reads_finish_after_short_preadv(tmp_path, monkeypatch):
+    """A preadv may return fewer bytes than asked: the call goes on from where it
+    stopped, across its row views, until every byte landed."""
+    from mlx_flashinfer.flash import landing
+
+    data = np.random.default_rng(1).integers(0, 256, 20000, dtype=np.uint8)
+    path = tmp_path / "f"
+    path.write_bytes(data.tobytes())
+    real = os.preadv
+    monkeypatch.setattr(
+        landing.os,
+        "preadv",
+        lambda fd, views, at: real(fd, [v[:999] for v in views[:1]], at),
+    )
+    rows = [np.zeros(3000, np.uint8), np.zeros(5000, np.uint8), np.zeros(1, np.uint8)]
+    calls = [(100, [memoryview(r) for r in rows])]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        reads, got = landing.read_calls(fd, calls, str(path))
+    finally:
+        os.close(fd)
+    assert got == 8001 and reads == 4 + 6 + 1  # 999 bytes a call, one view at a time
+    np.testing.assert_array_equal(np.concatenate(rows), data[100:8101])

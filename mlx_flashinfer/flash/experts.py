@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..model.moe import expert_weights, experts_forward, with_shared
+from ..model.moe import expert_output, expert_weights, experts_forward, with_shared
 from .ffn import bundle_pieces
 from .memory import MemoryPlan, io_buffer_bytes
 from .reader import FlashReader
@@ -57,6 +57,12 @@ from .window import LayerWindow
 # (least recently routed first): as LayerWindow, with a window longer than any
 # sequence.
 KEEP_PAST_WINDOW = 1 << 40
+# A decoded token's missing experts are read in groups of about this many bytes, each
+# computed once it has landed while the next group is read: a read large enough to
+# keep the disk's parallel reads busy. On the OLMoE-shaped q4 model (4.6 MB experts)
+# at 50%, one read per expert, 8 MiB, 16 MiB and all at once gave 183-283 ms/token at
+# window 4, within this VM's run-to-run spread (the same row: 386-583 at window 0).
+BACKGROUND_READ = 8 << 20
 
 
 class ExpertFFN(TokenCounters):
@@ -107,6 +113,7 @@ class ExpertFFN(TokenCounters):
         reader_options = dict(
             parts=len(layout.bundle_parts),
             fields=layout.field_bytes,
+            land_direct=True,  # whole experts of megabytes: no copy from staging
             **({} if threads is None else {"threads": threads}),
         )
         staging = io_buffer_bytes(layout)  # the plan's io_buffer, reads ahead's aside
@@ -137,6 +144,9 @@ class ExpertFFN(TokenCounters):
                 **reader_options,
             )
             self._ahead_thread = ThreadPoolExecutor(1)
+        # a decoded token's missing experts: read by this thread while the cached
+        # ones compute (in place only: rows written are not the ones computed on)
+        self._miss_thread = ThreadPoolExecutor(1) if in_place else None
         self.new_sequence()
         super().__init__()
 
@@ -189,11 +199,17 @@ class ExpertFFN(TokenCounters):
         rounds = range(0, len(routed), cap)
         for start in rounds:
             wanted = routed[start : start + cap]
-            self._load(layer, wanted, fetched)
+            # in one round (a decoded token's), the missing experts are read in
+            # the background while the cached ones compute
+            background = len(rounds) == 1 and self._miss_thread is not None
+            reading = self._load(layer, wanted, fetched, background)
             ahead = self.ahead is not None and h.shape[0] == 1
             if ahead and layer + 1 < len(self.windows):
                 self._read_ahead(layer + 1, h)  # while this layer computes
-            out = experts_forward(B, args, h, ids, weights, expert, out, only=wanted)
+            if reading is not None:
+                out = self._compute_while_reading(h, ids, weights, expert, *reading)
+            else:
+                out = experts_forward(B, args, h, ids, weights, expert, out, wanted)
             if len(rounds) > 1:
                 B.synchronize(out)  # rule 2: before the next round's reads land
         if h.shape[0] > 1:
@@ -201,9 +217,43 @@ class ExpertFFN(TokenCounters):
             stats.prefill_neurons += len(routed)
         return with_shared(B, args, self.weights, layer, h, out)
 
-    def _load(self, layer: int, wanted: np.ndarray, fetched=None) -> None:
+    def _compute_while_reading(self, h, ids, weights, expert, wanted, loads, futures):
+        """The sum of the routed experts `wanted`: the cached ones computed while
+        the miss thread reads `loads` one by one into their rows (`futures`, in
+        order), then each loaded one as soon as it landed, while the next ones are
+        read; summed in id order, as `experts_forward` (and dense) sums them. NumPy
+        computes as it goes; MLX builds the graph, evaluated at the next sync."""
+        B, args, stats = self.backend, self.args, self._token
+        cached = wanted[~np.isin(wanted, loads)]
+        parts = {}
+        # each loaded expert waits for the read of its group (futures: one a group)
+        group = -(-len(loads) // len(futures)) if futures else 1
+        waits = [
+            futures[i // group] if i % group == 0 else None for i in range(len(loads))
+        ]
+        for e, future in [
+            *((e, None) for e in cached),
+            *zip(loads, waits, strict=True),
+        ]:
+            if future is not None:  # wait for its read
+                began = time.perf_counter()
+                future.result()
+                waited = time.perf_counter() - began
+                stats.io_s += waited  # counted as a wait, as for reads ahead
+                stats.ahead_wait_s += waited
+            parts[int(e)] = expert_output(B, args, h, ids, weights, expert, int(e))
+        out = None
+        for e in wanted:
+            part = parts[int(e)]
+            if part is not None:
+                out = part if out is None else out + part
+        return out
+
+    def _load(self, layer: int, wanted: np.ndarray, fetched=None, background=False):
         """Make the experts `wanted` (sorted, at most the capacity) cached; those in
-        `fetched` (read ahead) land from the prefetch buffer."""
+        `fetched` (read ahead) land from the prefetch buffer. `background`: the
+        rest are read by the miss thread, one expert a read; returns (wanted, the
+        experts it loads, their futures), or None when all is in place on return."""
         B, stats, window = self.backend, self._token, self.windows[layer]
         started, io_before = time.perf_counter(), stats.io_s
         first = None
@@ -224,6 +274,25 @@ class ExpertFFN(TokenCounters):
                 ready = 0 if first is None else int(np.count_nonzero(first[loads]))
                 if ready:
                     self._take(fetched, loads[:ready], views, slots[:ready])
+                if ready < len(loads) and background:
+                    stats.memory_s += time.perf_counter() - started
+                    stats.memory_s -= stats.io_s - io_before
+                    # in groups of reads of about BACKGROUND_READ bytes: the first
+                    # group's experts compute while the next land
+                    rest, at = loads[ready:], slots[ready:]
+                    size = -(-BACKGROUND_READ // self.reader.bundle_bytes)
+                    futures = [
+                        self._miss_thread.submit(
+                            self._read,
+                            layer,
+                            rest[i : i + size],
+                            views,
+                            at[i : i + size],
+                            True,
+                        )
+                        for i in range(0, len(rest), size)
+                    ]
+                    return wanted, rest, futures
                 if ready < len(loads):
                     self._read(layer, loads[ready:], views, slots[ready:])
         else:
@@ -233,6 +302,7 @@ class ExpertFFN(TokenCounters):
                     cache[p] = B.write_rows(cache[p], slots, rows)
                     B.synchronize(cache[p])  # `raw` is valid until the next read
         stats.memory_s += time.perf_counter() - started - (stats.io_s - io_before)
+        return None
 
     def _read_ahead(self, layer: int, h) -> None:
         """Start fetching the experts `layer`'s router picks for `h` (the layer
@@ -277,8 +347,9 @@ class ExpertFFN(TokenCounters):
         stats.ahead_used += len(ids)
         stats.bytes_useful += len(ids) * self.reader.bundle_bytes
 
-    def _read(self, layer: int, ids: np.ndarray, into, slots=None):
-        """`reader.read` of `ids` into rows `slots` of `into`, counted."""
+    def _read(self, layer: int, ids: np.ndarray, into, slots=None, background=False):
+        """`reader.read` of `ids` into rows `slots` of `into`, counted (its time as
+        a background read's, `io_ahead_s`, when the miss thread reads it)."""
         counters, stats = self.reader.stats, self._token
         before = (counters.bytes_read, counters.bytes_useful, counters.reads)
         seconds = counters.seconds
@@ -286,10 +357,15 @@ class ExpertFFN(TokenCounters):
         stats.bytes_read += counters.bytes_read - before[0]
         stats.bytes_useful += counters.bytes_useful - before[1]
         stats.reads += counters.reads - before[2]
-        stats.io_s += counters.seconds - seconds
+        if background:
+            stats.io_ahead_s += counters.seconds - seconds
+        else:
+            stats.io_s += counters.seconds - seconds
         return raw
 
     def close(self) -> None:
+        if self._miss_thread is not None:
+            self._miss_thread.shutdown()
         if self.ahead is not None:
             self._ahead_thread.shutdown()
             self.ahead.close()

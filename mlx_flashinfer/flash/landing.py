@@ -1,11 +1,18 @@
-"""Landing: copy bundle pieces from the reader's staging buffer into the rows a cache
-gives them (the one copy a read makes, `reader.py`), and hold a prefetch's bundles
-until their rows are known (`Fetched`).
+"""Landing: where a read's bytes go. Whole bundles whose pieces and rows sit on the
+alignment O_DIRECT asks are read straight into their rows (`direct_calls`: no
+staging, no copy; an expert's gate, up and down rows, say); otherwise the reader's
+staging buffer takes the disk's reads and each piece is copied into its row
+(`gather`, the one copy a read makes). A prefetch's bundles stay in the staging
+buffer until their rows are known (`Fetched`).
+
+Reading experts straight into their rows instead of copying them in measured ...
 
 Backend-free: numpy only.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 
@@ -35,6 +42,62 @@ def gather(staging, offsets, rows: np.ndarray, piece: int, where=None) -> None:
     )
     target = rows.view(f"u{word}")
     target[slice(None) if where is None else where] = pieces[offsets // word]
+
+
+def direct_calls(starts, dest: list, rows, chunk: int) -> list:
+    """The `preadv` calls that read whole bundles straight into their rows: bundle
+    i starts at file byte starts[i], its pieces in order go to dest[p][rows[i]]
+    (uint8 row views). Returns [(file offset, [memoryviews])], each call at most
+    `chunk` bytes over a contiguous file range (a piece longer than that is cut),
+    so the reader's threads share a large bundle as they share a long run."""
+    calls, offset, views, size = [], -1, [], 0
+    starts, rows = np.asarray(starts).tolist(), np.asarray(rows).tolist()
+    for start, row in zip(starts, rows, strict=True):
+        at = start
+        for d in dest:
+            piece = memoryview(d[row])
+            for cut in range(0, len(piece), chunk):
+                part = piece[cut : cut + chunk]
+                if at != offset + size or size + len(part) > chunk:
+                    if views:
+                        calls.append((offset, views))
+                    offset, views, size = at, [], 0
+                views.append(part)
+                size += len(part)
+                at += len(part)
+    if views:
+        calls.append((offset, views))
+    return calls
+
+
+def read_calls(fd: int, calls: list, path: str) -> tuple[int, int]:
+    """`preadv` each (file offset, [row views]) of `calls` in full; returns
+    (syscalls, bytes read)."""
+    reads = got = 0
+    for offset, views in calls:
+        need = sum(len(v) for v in views)
+        done = 0
+        while done < need:
+            n = os.preadv(fd, views, offset + done)
+            reads += 1
+            if n == 0:
+                raise ValueError(
+                    f"{path}: got {done} of {need} bytes at offset {offset}: the "
+                    "file changed or was truncated after loading (reopen the "
+                    "model, or re-convert it)"
+                )
+            done += n
+            views = skip_bytes(views, n)
+        got += done
+    return reads, got
+
+
+def skip_bytes(views: list, n: int) -> list:
+    """`views` without their first n bytes (after a short `preadv`)."""
+    while views and n >= len(views[0]):
+        n -= len(views[0])
+        views = views[1:]
+    return [views[0][n:], *views[1:]] if views and n else views
 
 
 class Fetched:

@@ -13,6 +13,7 @@ Backend-free: numpy and the standard library only.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import time
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..formats.layout import LayerExtent
 from .direct_io import MAX_ALIGN, open_uncached, staging_size
-from .landing import Fetched, bytes_of, gather
+from .landing import Fetched, bytes_of, direct_calls, gather, read_calls
 from .stats import ReadStats
 
 # The defaults are measured on the project's dev VM (2 cores, flash-like virtio disk)
@@ -84,6 +85,10 @@ class FlashReader:
         separate: the parts of a layer lie in separate regions (the unbundled
             arrangement of the paper's ablation), not side by side in each bundle.
         staging_bytes: size of the staging buffer (default: `staging_size`).
+        land_direct: read whole bundles straight into the rows of `into` where
+            they and the rows sit on the alignment (`landing.direct_calls`): for
+            bundles of megabytes (experts), where no gap is worth reading through
+            and the copy from staging would cost about what the disk does.
     """
 
     def __init__(
@@ -99,6 +104,7 @@ class FlashReader:
         separate: bool = False,
         staging_bytes: int | None = None,
         fields: list[tuple[int, ...]] | None = None,
+        land_direct: bool = False,
     ):
         if not isinstance(threads, (int, np.integer)) or not 1 <= threads <= 256:
             raise ValueError(f"threads must be 1..256, got {threads}")
@@ -132,6 +138,7 @@ class FlashReader:
         # bytes of each region's pieces on disk: a bundle, or one part (separate)
         self.region_bytes = self.part_bytes if separate else [bundle_bytes]
         self.threads = threads
+        self.land_direct = land_direct
         self.max_gap_bytes = max_gap_bytes
         self.chunk_bytes = chunk_bytes
         self.stats = ReadStats()
@@ -219,7 +226,18 @@ class FlashReader:
         reads = got = 0
         if n:
             dest = [bytes_of(d) for d in dest]
-            reads, got = self._read_pieces(extent, ids, dest, slots)
+            if into is not None and self._lands_direct(extent, dest):
+                rows = np.arange(n) if slots is None else slots
+                calls = direct_calls(
+                    extent.offset + ids * self.bundle_bytes,
+                    dest,
+                    rows,
+                    self.chunk_bytes,
+                )
+                read = functools.partial(read_calls, self._fd, path=self.path)
+                reads, got = self._spread(read, calls)
+            else:
+                reads, got = self._read_pieces(extent, ids, dest, slots)
         self._finish(layer, reads, got, n * self.bundle_bytes, began)
         return out if into is None else into
 
@@ -421,18 +439,36 @@ class FlashReader:
             for offset in range(a, b, self.chunk_bytes)
         ]
         buffer = self._staging if buffer is None else buffer
-        workers = min(self.threads, len(chunks))
-        if workers == 1:
-            return self._read_chunks(chunks, buffer)
+        return self._spread(self._read_chunks, chunks, buffer)
+
+    def _spread(self, read, tasks: list, *args) -> tuple[int, int]:
+        """read(tasks, *args) over the thread pool; the summed (syscalls, bytes)."""
+        workers = min(self.threads, len(tasks))
+        if workers <= 1:
+            return read(tasks, *args)
         # One task per worker, taking every workers-th chunk: one future per chunk
         # measured 20-30% slower here (thousands of small reads/s on two cores).
         done = self._pool.map(
-            self._read_chunks,
-            [chunks[w::workers] for w in range(workers)],
-            [buffer] * workers,
+            read,
+            [tasks[w::workers] for w in range(workers)],
+            *[[a] * workers for a in args],
         )
         counts = list(done)
         return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+    def _lands_direct(self, extent: LayerExtent, dest: list) -> bool:
+        """Whether whole bundles can be read straight into their rows `dest` (uint8
+        views of every piece): bundled, and bundles, pieces and rows all on the
+        alignment O_DIRECT asks (any, through the page cache)."""
+        a = self._align
+        if not self.land_direct or self.regions > 1:
+            return False
+        if extent.offset % a or self.bundle_bytes % a:
+            return False
+        return all(
+            d.shape[1] % a == 0 and d.ctypes.data % a == 0 and d.strides[0] % a == 0
+            for d in dest
+        )
 
     def _read_chunks(self, chunks, buffer) -> tuple[int, int]:
         reads = got = 0

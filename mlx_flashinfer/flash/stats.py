@@ -24,9 +24,11 @@ class FlashStats:
     neurons_scratch: int = 0  # read for one token only (cache full)
     neurons_evicted: int = 0
     lru_evicted: int = 0  # evicted while still inside the window (budget too small)
-    io_s: float = 0.0  # time the token waited for reads (read ahead: only the wait)
-    io_ahead_s: float = 0.0  # reads ahead, in the background (hidden unless waited for)
-    ahead_wait_s: float = 0.0  # of io_s: waiting for a read ahead to finish
+    io_s: float = 0.0  # time the token waited for reads (background: only the wait)
+    # reads in the background (reads ahead; an experts layer's misses while its
+    # cached experts compute), hidden unless waited for
+    io_ahead_s: float = 0.0
+    ahead_wait_s: float = 0.0  # of io_s: waiting for a background read to finish
     ahead_bytes: int = 0  # of bytes_read: read ahead
     ahead_neurons: int = 0  # neurons read ahead
     ahead_used: int = 0  # of those, loaded into the cache (the guess was right)

@@ -57,20 +57,28 @@ def experts_forward(backend, args, h, ids, weights, expert, out=None, only=None)
         only: experts to compute (sorted; default all that are routed to); the
             others are left for a later call (the flash placement's rounds).
     """
-    B = backend
     wanted = np.unique(ids) if only is None else only
     for e in wanted:
-        tokens, rank = np.nonzero(ids == e)
-        if not len(tokens):
-            continue
-        x = h if len(tokens) == h.shape[0] else B.take_rows(h, tokens)
-        y = ffn_forward(B, args, x, expert(int(e)))  # (n, d_model)
-        # scatter the weighted rows back to their tokens: (T, n) one-hot times y
-        spread = np.zeros((h.shape[0], len(tokens)), np.float32)
-        spread[tokens, np.arange(len(tokens))] = weights[tokens, rank]
-        part = B.linear(y.T, B.array(spread)).T
-        out = part if out is None else out + part
+        part = expert_output(backend, args, h, ids, weights, expert, int(e))
+        if part is not None:
+            out = part if out is None else out + part
     return out
+
+
+def expert_output(backend, args, h, ids, weights, expert, e: int):
+    """Expert e's output, weighted, on the rows of the tokens routed to it (T,
+    d_model; zero elsewhere), or None when no token is; `experts_forward` sums
+    these in id order."""
+    B = backend
+    tokens, rank = np.nonzero(ids == e)
+    if not len(tokens):
+        return None
+    x = h if len(tokens) == h.shape[0] else B.take_rows(h, tokens)
+    y = ffn_forward(B, args, x, expert(e))  # (n, d_model)
+    # scatter the weighted rows back to their tokens: (T, n) one-hot times y
+    spread = np.zeros((h.shape[0], len(tokens)), np.float32)
+    spread[tokens, np.arange(len(tokens))] = weights[tokens, rank]
+    return B.linear(y.T, B.array(spread)).T
 
 
 def shared_expert(backend, args, weights: dict, layer: int, h):

@@ -151,8 +151,9 @@ def experts_paging_cost(
     what the budget leaves beside the resident weights, shared by the layers, and
     evicts the least recently used; a routed expert not in it faults in whole, by
     the faulting thread with the kernel's readahead (a sequential stream), and
-    compute waits for it. Not yet measured against a run (moe_speed.py has no
-    paging row)."""
+    compute waits for it. Measured against `benchmarks/moe_speed.py --paging` on
+    moe-small (docs/moe.md): right where the page cache holds most experts,
+    optimistic where it thrashes."""
     args = layout.args
     resident, _ = model_bytes(layout)
     row, k = layout.bundle_bytes, args.experts_per_token
