@@ -247,6 +247,34 @@ def test_aligned_experts_land_straight_in_their_rows(dtype, monkeypatch):
     assert np.abs(got - expected).max() <= tolerance
 
 
+@pytest.mark.parametrize("window", [0, 2])
+def test_misses_read_while_cached_experts_compute_give_dense_bit_for_bit(window):
+    """A decoded token's cached experts compute while its missing ones are read in
+    the background (groups of BACKGROUND_READ bytes), and the sum stays dense's
+    to the bit: the same products, summed in id order."""
+    import mlx_flashinfer.flash.experts as experts_module
+
+    layout = moe_layout("olmoe", tiny_moe_configs()["olmoe"])
+    dense, _ = load(layout, backend="numpy")
+    expected = dense.logits(TOKENS, prefill=2)
+    for group in (1, 1 << 30):  # one expert a read, and all at once
+        old = experts_module.BACKGROUND_READ
+        experts_module.BACKGROUND_READ = group
+        try:
+            flash, _ = load(
+                layout,
+                backend="numpy",
+                memory_budget=budgets(layout)["half"],
+                window=window,
+            )
+            got = flash.logits(TOKENS, prefill=2)
+        finally:
+            experts_module.BACKGROUND_READ = old
+        decoded = flash.io_stats()["decode"]
+        assert decoded["neurons_loaded"] > 0 and decoded["io_ahead_s"] > 0
+        assert np.array_equal(got, expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reads_ahead_land_and_change_nothing(backend):
     """The next layer's router on this layer's FFN input guesses its experts; what

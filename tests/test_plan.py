@@ -500,7 +500,10 @@ def test_the_planner_plans_a_mixture_of_experts(tmp_path):
     # window 0 reads every routed expert; a bigger cache reads fewer
     naive = experts_cost(layout, half, machine, 0)
     k = layout.args.experts_per_token * layout.args.num_hidden_layers
-    assert naive.bytes_read == pytest.approx(k * (layout.bundle_bytes + 512))
+    # bundles on the 512-byte alignment are read whole, straight into their rows;
+    # others with the aligned bytes around them
+    slack = 0 if layout.bundle_bytes % 512 == 0 else 512
+    assert naive.bytes_read == pytest.approx(k * (layout.bundle_bytes + slack))
     assert experts_cost(layout, half, machine, 4).bytes_read < naive.bytes_read
     assert (
         experts_cost(layout, least, machine, 4).bytes_read

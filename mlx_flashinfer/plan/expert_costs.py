@@ -1,8 +1,8 @@
 """What one decoded token of a mixture of experts costs under the experts placement
 (`flash/experts.py`): per layer the router picks k experts, the cache holds some of
-them, the rest are read at once in one read call (each expert one bundle, read
-whole), and the k experts compute; the same three terms as `costs.py`, from the same
-curves.
+them, the rest are read straight into their rows (each expert one bundle, read
+whole) while the cached ones compute, and the k experts compute; the same three
+terms as `costs.py`, from the same curves.
 
 The cache keeps the least recently routed experts out first, so its hit rate follows
 from how often each expert is routed: for a cache of c experts under independent
@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 
+from ..flash.experts import BACKGROUND_READ
 from ..flash.memory import MemoryPlan, model_bytes
 from ..flash.reader import DEFAULT_CHUNK, DEFAULT_THREADS
 from ..formats.layout import Layout
@@ -102,29 +103,47 @@ def experts_cost(
     threads: str = "1",
 ) -> TokenCost:
     """The experts placement under `plan`: per layer, the routed experts the cache
-    misses (all of them with `window` 0, which keeps nothing) read in one call of
-    whole-bundle reads, the k routed experts and the resident weights (attention,
-    routers, shared experts) multiplied on `threads`; reads ahead (`plan.lookahead`)
-    hide AHEAD_HIDDEN of a layer's reads behind its compute."""
+    misses (all of them with `window` 0, which keeps nothing) read straight into
+    their rows in calls of BACKGROUND_READ bytes (no staging copy: the reader's
+    per-call and per-read work only, for bundles on the alignment; others copied
+    from the staging buffer), while the cached ones compute (a layer's
+    reads hide up to its hits' products); the k routed experts and the resident
+    weights (attention, routers, shared experts) multiplied on `threads`; reads
+    ahead (`plan.lookahead`) hide AHEAD_HIDDEN of a layer's reads behind its
+    compute."""
     args = layout.args
     k, row = args.experts_per_token, layout.bundle_bytes
     rates, source = routing_rates(layout)
     align = 4096 if machine.disk.get("mode") == "nocache" else 512
-    chunks = math.ceil((row + align) / DEFAULT_CHUNK)  # reads an expert takes
-    bytes_read = reads = cpu = disk = 0.0
+    # bundles on the alignment land straight in their rows; others go through the
+    # staging buffer: aligned reads around them, and a copy of every byte
+    direct = row % align == 0
+    extra, landed = (0, 0.0) if direct else (align, 1.0)
+    chunks = math.ceil((row + extra) / DEFAULT_CHUNK)  # reads an expert takes
+    one_expert = compute_seconds(machine, layout, ffn_kinds(layout), threads, 1)
+    bytes_read = reads = cpu = disk = behind = 0.0
     for layer_rates, cap in zip(rates, plan.capacity, strict=True):
         hit = lru_hit_rate(layer_rates, cap) if window > 0 else 0.0
         misses = k * (1 - hit)
         if misses <= 0:
             continue
-        call_reads, call_bytes = misses * chunks, misses * (row + align)
+        calls = max(1.0, misses * row / BACKGROUND_READ)
+        call_reads, call_bytes = misses * chunks, misses * (row + extra)
         reads += call_reads
         bytes_read += call_bytes
-        cpu += read_cpu_seconds(machine, DEFAULT_THREADS, call_reads, call_bytes)
-        disk += disk_seconds(machine, call_reads, call_bytes)
+        layer_cpu = calls * read_cpu_seconds(
+            machine, DEFAULT_THREADS, call_reads / calls, landed * call_bytes / calls
+        )
+        layer_disk = calls * disk_seconds(
+            machine, call_reads / calls, call_bytes / calls
+        )
+        cpu += layer_cpu
+        disk += layer_disk
+        # the cached experts compute while the misses are read
+        behind += min(layer_cpu + layer_disk, (k - misses) * one_expert)
     layers = args.num_hidden_layers
     compute = routed_compute(layout, machine, threads)
-    io = cpu + disk
+    io = cpu + disk - behind
     overlap = AHEAD_HIDDEN if plan.lookahead else 0.0
     hidden = overlap * min(io, compute)
     memory = layers * WINDOW_STEP_S  # loads land in evicted slots: no row moves
@@ -136,7 +155,7 @@ def experts_cost(
         compute,
         bytes_read=bytes_read,
         read_size=bytes_read / reads if reads else 0.0,
-        hidden_io_s=hidden,
+        hidden_io_s=hidden + behind,
         note=f"routing: {source}{ahead}",
         overlap=overlap,
         overlap_cap_s=overlap * compute,
