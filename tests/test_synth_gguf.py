@@ -102,6 +102,12 @@ def test_a_custom_shape_is_rebuilt_from_its_recorded_sizes(tmp_path):
     assert source.args.head_dim == 32 and source.args.num_hidden_layers == 1
     name = "layers.0.self_attn.q_proj.weight"
     assert source.shapes[name] == (sizes["num_attention_heads"] * 32, 64)
+    # the GGUF says the head size (llama.cpp takes d_model / heads otherwise)
+    path = write_synthetic_gguf(layout, tmp_path / "c.gguf")
+    fields = gguf.GGUFReader(path).fields
+    assert fields["llama.attention.key_length"].parts[-1][0] == 32
+    back = convert(path, tmp_path / "back", dtype="float16", progress=False)
+    assert Layout.open(back).args.head_dim == 32
 
 
 def test_refusals(tiny, tmp_path):

@@ -140,6 +140,8 @@ def write_metadata(writer, args, vocab_size: int) -> None:
     writer.add_feed_forward_length(args.intermediate_size)
     writer.add_head_count(args.num_attention_heads)
     writer.add_head_count_kv(args.num_key_value_heads)
+    writer.add_key_length(args.head_dim)  # Qwen3's 128 is not d_model / heads
+    writer.add_value_length(args.head_dim)
     writer.add_rope_freq_base(args.rope_theta)
     writer.add_layer_norm_rms_eps(args.norm_eps)
     writer.add_vocab_size(vocab_size)
