@@ -120,7 +120,10 @@ def experts_cost(
     direct = row % align == 0
     extra, landed = (0, 0.0) if direct else (align, 1.0)
     chunks = math.ceil((row + extra) / DEFAULT_CHUNK)  # reads an expert takes
-    one_expert = compute_seconds(machine, layout, ffn_kinds(layout), threads, 1)
+    # an expert's products, as a share of all routed ones (rates depend on size)
+    routed = args.num_hidden_layers * k
+    kinds = {kind: routed * nbytes for kind, nbytes in ffn_kinds(layout).items()}
+    one_expert = compute_seconds(machine, layout, kinds, threads, routed) / routed
     bytes_read = reads = cpu = disk = behind = 0.0
     for layer_rates, cap in zip(rates, plan.capacity, strict=True):
         hit = lru_hit_rate(layer_rates, cap) if window > 0 else 0.0
