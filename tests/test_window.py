@@ -13,18 +13,19 @@ def scenarios(draw):
     capacity = draw(st.integers(0, neurons))
     k = draw(st.integers(0, 6))
     compact = draw(st.booleans())
+    decay = draw(st.sampled_from([None, 0.5, 0.9]))
     steps = draw(
         st.lists(st.sets(st.integers(0, neurons - 1), max_size=neurons), max_size=25)
     )
     sets = [np.array(sorted(s), dtype=np.int64) for s in steps]
-    return neurons, capacity, k, compact, sets
+    return neurons, capacity, k, (compact, decay), sets
 
 
 @settings(max_examples=300, deadline=None)
 @given(scenarios())
 def test_window_plans_keep_every_invariant(scenario):
-    neurons, capacity, k, compact, steps = scenario
-    window = LayerWindow(neurons, capacity, k, compact=compact)
+    neurons, capacity, k, (compact, decay), steps = scenario
+    window = LayerWindow(neurons, capacity, k, compact=compact, decay=decay)
     matrix = np.full(capacity, -1)  # what each cache row holds, moved as the plan says
     history = []
     rng = np.random.default_rng(len(steps))
@@ -86,11 +87,11 @@ def test_which_neurons_stay_does_not_depend_on_slot_order(scenario, seed):
     """Reads ahead reorder the load slots (`first`); the set of cached neurons, the
     loads and the scratch must stay what they would have been: on a SiLU model every
     cached row adds to the output."""
-    neurons, capacity, k, compact, steps = scenario
+    neurons, capacity, k, (compact, decay), steps = scenario
     rng = np.random.default_rng(seed)
     plain, reordered = (
-        LayerWindow(neurons, capacity, k, compact=compact),
-        LayerWindow(neurons, capacity, k, compact=compact),
+        LayerWindow(neurons, capacity, k, compact=compact, decay=decay),
+        LayerWindow(neurons, capacity, k, compact=compact, decay=decay),
     )
     for active in steps:
         a = plain.step(active)
@@ -98,3 +99,16 @@ def test_which_neurons_stay_does_not_depend_on_slot_order(scenario, seed):
         assert set(plain.cached.tolist()) == set(reordered.cached.tolist())
         assert sorted(a.load_ids.tolist()) == sorted(b.load_ids.tolist())
         assert a.scratch_ids.tolist() == b.scratch_ids.tolist()
+
+
+def test_decayed_counts_keep_the_popular_expert_least_recent_would_evict():
+    """With room for two, after a routed 5 times, then b, then c: least recent
+    first evicts a; decayed counts evict b (routed once), keeping a."""
+    steps = [[0]] * 5 + [[1], [2]]
+    kept = {}
+    for decay in (None, 0.9):
+        window = LayerWindow(3, 2, 1 << 40, compact=False, decay=decay)
+        for ids in steps:
+            window.step(np.array(ids))
+        kept[decay] = sorted(window.cached.tolist())
+    assert kept[None] == [1, 2] and kept[0.9] == [0, 2]

@@ -47,7 +47,8 @@ def experts_floor(layout: Layout, lookahead: bool = False) -> int:
     `layout.bundle_bytes + SLOT_BYTES`."""
     args = layout.args
     resident, _ = model_bytes(layout)
-    window = args.num_hidden_layers * LayerWindow.bookkeeping_bytes(args.num_experts, 0)
+    per_layer = LayerWindow.bookkeeping_bytes(args.num_experts, 0, decayed=True)
+    window = args.num_hidden_layers * per_layer
     return resident + experts_buffers(layout, lookahead) + window
 
 

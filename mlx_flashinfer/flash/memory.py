@@ -158,8 +158,10 @@ class MemoryPlan:
         """The window manager's bookkeeping arrays, per layer."""
         if self.placement == "streamed":  # no window: every row serves every token
             return 0
-        n = self.neurons
-        return sum(LayerWindow.bookkeeping_bytes(n, cap) for cap in self.capacity)
+        n, decayed = self.neurons, self.placement == "experts"  # experts: counts
+        return sum(
+            LayerWindow.bookkeeping_bytes(n, cap, decayed) for cap in self.capacity
+        )
 
     @property
     def weights(self) -> int:

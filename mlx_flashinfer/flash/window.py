@@ -57,9 +57,21 @@ class LayerWindow:
             freed slots (the neuron cache multiplies rows [:used] at once); False
             leaves every row where it landed and loads into the freed slots (a cache
             that picks its rows by slot: experts, whose rows are megabytes to move).
+        decay: when the cache must evict within the window, evict the lowest
+            routing count decayed by this factor per token (ties: least recent)
+            instead of the least recently active: a popular expert that skipped a
+            few tokens stays (None: least recent first).
     """
 
-    def __init__(self, neurons: int, capacity: int, k: int, *, compact: bool = True):
+    def __init__(
+        self,
+        neurons: int,
+        capacity: int,
+        k: int,
+        *,
+        compact: bool = True,
+        decay: float | None = None,
+    ):
         if k < 0:
             raise ValueError(f"window must be at least 0 tokens, got {k}")
         self.capacity = capacity
@@ -71,18 +83,26 @@ class LayerWindow:
         self.neuron_at = np.full(capacity, -1, dtype=np.int64)  # slot -> neuron, -1
         self.used = 0
         self.last_active = np.full(neurons, -(1 << 40), dtype=np.int64)
+        self.decay = decay
+        # decayed counts (decay set), kept scaled by decay^-token so a step adds
+        # decay^-t to the active ones instead of multiplying every count; renormed
+        # before the scale overflows
+        self.counts = np.zeros(neurons if decay else 0)
+        self._scale = 1.0
         self.token = 0
         self._keep = np.zeros(neurons, dtype=bool)  # scratch mask of step(), all False
 
     @staticmethod
-    def bookkeeping_bytes(neurons: int, capacity: int) -> int:
+    def bookkeeping_bytes(neurons: int, capacity: int, decayed: bool = False) -> int:
         """Bytes of a window's arrays (counted by the memory plan): slot_of,
-        last_active and the keep mask per neuron, neuron_at per cache slot."""
-        return neurons * (8 + 8 + 1) + capacity * SLOT_BYTES
+        last_active and the keep mask per neuron (and its decayed count), neuron_at
+        per cache slot."""
+        return neurons * (8 + 8 + 1 + 8 * decayed) + capacity * SLOT_BYTES
 
     @property
     def nbytes(self) -> int:
         arrays = (self.slot_of, self.neuron_at, self.last_active, self._keep)
+        arrays += (self.counts,)
         return sum(int(a.nbytes) for a in arrays)
 
     @property
@@ -103,6 +123,12 @@ class LayerWindow:
         t = self.token
         self.token += 1
         self.last_active[active] = t
+        if self.decay:
+            self._scale /= self.decay
+            if self._scale > 1e100:  # renorm
+                self.counts /= self._scale
+                self._scale = 1.0
+            self.counts[active] += self._scale
         dropped = 0
         if self.k == 0:  # no reuse: forget the previous token's neurons first
             cached = self.cached
@@ -134,7 +160,11 @@ class LayerWindow:
                 others = in_window[self.last_active[in_window] != t]
                 # ties broken by neuron id, not slot: which neurons stay must not
                 # depend on where rows happen to sit (reads ahead reorder slots)
-                order = np.lexsort((others, self.last_active[others]))
+                recency = self.last_active[others]
+                if self.decay:  # lowest decayed count first, then least recent
+                    order = np.lexsort((others, recency, self.counts[others]))
+                else:
+                    order = np.lexsort((others, recency))
                 keep[others[order[:lru]]] = False
             scratch = _EMPTY
         evict = cached[~keep[cached]]
