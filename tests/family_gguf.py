@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tiny_models import GGUF_LAYER_NAMES
+from tiny_models import GGUF_LAYER_NAMES, write_gguf_sizes
 
 ARCH = {"gemma3_text": "gemma3"}
 _VARIANT_NAMES = {  # Hugging Face layer tensor -> GGUF, where not Llama's
@@ -54,17 +54,7 @@ def write_family_gguf(path: Path, config: dict, weights: dict, qtype=None) -> Pa
     writer = gguf.GGUFWriter(str(path), arch)
     d, heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim") or d // heads
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(d)
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(config["rope_theta"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
+    write_gguf_sizes(writer, {**config, "head_dim": head_dim})
     if config.get("sliding_window"):
         writer.add_sliding_window(config["sliding_window"])
     if arch == "phi3":

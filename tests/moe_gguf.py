@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from tiny_models import GGUF_LAYER_NAMES, WORDS, llama_cpp_permute
+from tiny_models import GGUF_LAYER_NAMES, WORDS, llama_cpp_permute, write_gguf_sizes
 
 ARCH = {
     "mixtral": "llama",
@@ -105,20 +105,8 @@ def write_moe_gguf(
     family = config["model_type"]
     arch = arch or ARCH[family]
     writer = gguf.GGUFWriter(str(path), arch)
-    d, heads = config["hidden_size"], config["num_attention_heads"]
     experts = config.get("num_local_experts") or config["num_experts"]
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(d)
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    if config.get("head_dim"):
-        writer.add_key_length(config["head_dim"])
-        writer.add_value_length(config["head_dim"])
-    writer.add_rope_freq_base(config["rope_theta"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
+    write_gguf_sizes(writer, config)
     extra = extra or {}
     if "expert_count" not in extra:
         writer.add_expert_count(experts)

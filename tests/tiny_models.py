@@ -349,6 +349,23 @@ def gguf_name(hf_name: str) -> str:
     return f"blk.{layer}.{GGUF_LAYER_NAMES[rest]}"
 
 
+def write_gguf_sizes(writer, config: dict) -> None:
+    """The metadata every architecture's GGUF has: sizes, heads (and their size
+    where config.json gives one), RoPE base, norm epsilon, vocabulary."""
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    if config.get("head_dim"):
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    writer.add_rope_freq_base(config["rope_theta"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+
+
 def write_gguf(
     path: Path, config: dict, weights: dict, qtype_of=None, block_scales=(0.01, 0.002)
 ) -> Path:
@@ -365,15 +382,7 @@ def write_gguf(
 
     rng = np.random.default_rng(1)
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_rope_freq_base(config["rope_theta"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
+    write_gguf_sizes(writer, config)
     tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokens += ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tokens += (
