@@ -72,7 +72,9 @@ def test_window_plans_keep_every_invariant(scenario):
         union = set().union(*history[-k:]) if k else set(active.tolist())
         assert cached <= union  # nothing outside the window stays
         if len(union) <= capacity:  # room for the whole window: exactly the window
-            assert cached == union and plan.lru_evicted == 0
+            # (least recent first: what was evicted for room has left the window;
+            # by decayed counts it may still be inside, not routed again)
+            assert plan.lru_evicted == 0 and (cached == union or decay)
         if len(active) <= capacity:
             assert len(plan.scratch_ids) == 0
         # moves only fill holes below the new end from rows past it
