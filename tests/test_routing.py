@@ -234,3 +234,20 @@ def test_a_skewed_router_hits_more_than_uniform_routing(tmp_path):
         assert np.all(np.diff(layer) >= 0)
         # Che's approximation from the measured rates alone sits between
         assert 0.5 < lru_hit_rate(np.array(rates), 4) < 1.0
+
+
+def test_a_token_stream_is_recorded_as_given(tmp_path):
+    path = copied(tmp_path)
+    rng = np.random.default_rng(1)
+    stream = [rng.integers(3, 40, n).tolist() for n in (64, 50)]
+    section = record_routing(path, token_ids=stream, progress=False)
+    assert section["tokens"] == 114 and section["texts"] == ["token ids"]
+    assert section["counted"] == 114 - 2 * section["warmup"]
+    with pytest.raises(ValueError, match="texts or token_ids"):
+        record_routing(path, texts=["the"], token_ids=stream, progress=False)
+    with pytest.raises(ValueError, match="the model's context"):
+        record_routing(path, token_ids=[list(range(65))], progress=False)
+    from test_flash import tiny_layout
+
+    with pytest.raises(ValueError, match="is a dense model"):
+        record_routing(tiny_layout("llama", "silu", 2, 32, 2), progress=False)
