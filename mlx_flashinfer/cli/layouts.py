@@ -176,6 +176,7 @@ def cmd_inspect(opts) -> int:
         ("resident", f"{format_bytes(resident)} ({100 * resident / total:.0f}%)"),
         ("ffn", f"{format_bytes(ffn)} ({100 * ffn / total:.0f}%)"),
         ("predictor", _predictor_summary(layout)),
+        *([("routing", _routing_summary(layout))] if args.is_moe else []),
         (
             "tokenizer",
             f"{tok.get('file', 'none')}, chat template: "
@@ -253,3 +254,16 @@ def _predictor_summary(layout: Layout) -> str:
     if kind is None or not measured:
         return kind or "none"
     return f"{kind}, {domains_line(measured)}"
+
+
+def _routing_summary(layout: Layout) -> str:
+    """A mixture of experts' recorded routing, or how to record it."""
+    from ..predictors.routing import routing_summary
+
+    section = layout.manifest.get("routing")
+    if not section:
+        return (
+            "not recorded (`flashinfer train-predictor` records it; until then the "
+            "planner takes every expert as equally popular)"
+        )
+    return routing_summary(section, layout.args.num_experts)

@@ -1,4 +1,5 @@
-"""`flashinfer train-predictor`: a model's neuron predictor, calibrated on text."""
+"""`flashinfer train-predictor`: a model's neuron predictor, calibrated on text; a
+mixture of experts' routing, recorded on text (its router is its predictor)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,10 @@ from .options import at_least, fraction, read_text_file
 
 def add_commands(sub) -> None:
     """Register train-predictor."""
-    p = sub.add_parser("train-predictor", help="train the neuron predictor")
+    p = sub.add_parser(
+        "train-predictor",
+        help="train the neuron predictor (a mixture of experts: record its routing)",
+    )
     p.add_argument(
         "model", help="layout directory, or default (the embedded model's layout)"
     )
@@ -72,7 +76,7 @@ def add_commands(sub) -> None:
     p.add_argument(
         "--sparsity",
         type=fraction(one_included=False),
-        default=0.5,
+        default=None,
         help="SiLU models: per token, the fraction of neurons counted as not "
         "mattering (the smallest |silu(gate) x up|; default 0.5)",
     )
@@ -84,7 +88,7 @@ def add_commands(sub) -> None:
         "1.5GB or 50%%); it holds the resident weights, one FFN layer and the "
         "calibration tokens' activations",
     )
-    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--seed", type=at_least(0), default=None, help="default 0")
     p.add_argument(
         "--force",
         action="store_true",
@@ -94,20 +98,37 @@ def add_commands(sub) -> None:
     p.set_defaults(run=cmd_train_predictor)
 
 
+# what only training a neuron predictor takes: refused for a mixture of experts
+TRAINING_ONLY = (
+    "kind",
+    "rank",
+    "last_rank",
+    "recall",
+    "max_loss",
+    "sparsity",
+    "memory_budget",
+    "seed",
+    "force",
+)
+
+
 def cmd_train_predictor(opts) -> int:
+    from ..formats.layout import Layout
     from ..loader import resolve_model
     from ..predictors.train import parse_max_loss, train_predictor
 
     max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
+    texts = {Path(f).name: read_text_file(f, "--text") for f in opts.text or []}
+    if len(texts) < len(opts.text or []):
+        raise ValueError("--text: each file once, by distinct names")
+    path = resolve_model(opts.model)  # "default": the embedded model's cached layout
+    if Layout.open(path).args.is_moe:
+        return record_routing_command(opts, path, texts)
     kind = opts.kind
     if (opts.rank, opts.last_rank) != (None, None):  # a rank asks for low rank
         if kind == "lowbit":
             raise ValueError("--rank and --last-rank apply to --kind lowrank only")
         kind = "lowrank"
-    texts = {Path(f).name: read_text_file(f, "--text") for f in opts.text or []}
-    if len(texts) < len(opts.text or []):
-        raise ValueError("--text: each file once, by distinct names")
-    path = resolve_model(opts.model)  # "default": the embedded model's cached layout
     section = train_predictor(
         path,
         force=opts.force,
@@ -118,10 +139,10 @@ def cmd_train_predictor(opts) -> int:
         last_rank=opts.last_rank,
         recall=opts.recall,
         max_loss=max_loss,
-        silu_sparsity=opts.sparsity,
+        silu_sparsity=0.5 if opts.sparsity is None else opts.sparsity,
         backend=opts.backend,
         memory_budget=opts.memory_budget,
-        seed=opts.seed,
+        seed=opts.seed or 0,
         progress=sys.stderr.isatty(),
     )
     print("\n".join(predictor_table(section)))
@@ -129,5 +150,36 @@ def cmd_train_predictor(opts) -> int:
     print(
         f"trained on {section['tokens']} tokens ({section['source']}) in "
         f"{section['seconds']:.1f} s; stored in {Path(path) / section['file']}"
+    )
+    return 0
+
+
+def record_routing_command(opts, path, texts: dict) -> int:
+    """A mixture of experts: record its routing (`predictors/routing.py`), refusing
+    the options that only training takes."""
+    from ..formats.layout import Layout
+    from ..predictors.routing import record_routing, routing_lines
+
+    given = [n for n in TRAINING_ONLY if getattr(opts, n) not in (None, False)]
+    if given:
+        names = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(
+            f"{names}: not for a mixture of experts, whose router is its predictor "
+            "(exact): train-predictor records its routing (--text, --tokens, "
+            "--backend)"
+        )
+    layout = Layout.open(path)
+    section = record_routing(
+        layout,
+        texts=texts or None,
+        tokens=opts.tokens,
+        backend=opts.backend,
+        progress=sys.stderr.isatty(),
+    )
+    print("\n".join(routing_lines(section, layout.args.num_experts)))
+    print(
+        f"routing recorded on {section['tokens']} tokens ({section['source']}) in "
+        f"{section['seconds']:.1f} s into {Path(path) / 'manifest.json'}: "
+        "`flashinfer plan` predicts the experts cache from it"
     )
     return 0

@@ -141,9 +141,16 @@ class DenseExperts(UncountedFFN):
     def held_bytes(self) -> dict:
         return {"ffn": sum(int(w.nbytes) for parts in self.layers for w in parts)}
 
+    def route(self, layer: int, h) -> tuple[np.ndarray, np.ndarray]:
+        """Each token's experts (T, k) and weights (T, k), on the host (a hook:
+        `predictors/routing.py` records them)."""
+        return route(
+            self.args, router_logits(self.backend, self.args, self.weights, layer, h)
+        )
+
     def __call__(self, layer: int, h):
         B, args, parts = self.backend, self.args, self.layers[layer]
-        ids, weights = route(args, router_logits(B, args, self.weights, layer, h))
+        ids, weights = self.route(layer, h)
         out = experts_forward(
             B, args, h, ids, weights, lambda e: expert_weights(B, args, parts, e)
         )

@@ -8,10 +8,14 @@ The cache keeps the least recently routed experts out first, so its hit rate fol
 from how often each expert is routed: for a cache of c experts under independent
 routings, Che's approximation of an LRU cache (Che, Tung and Wang 2002): the time T
 (in tokens) an expert stays cached solves sum_e (1 - exp(-r_e T)) = c, and an
-expert routed r_e times a token hits with probability 1 - exp(-r_e T). No layout
-records its routing yet, so every expert is taken as equally popular (hit rate
-c / E): the floor, since real routers prefer some experts and reuse them token to
-token; the prediction's note says so.
+expert routed r_e times a token hits with probability 1 - exp(-r_e T). A layout
+whose routing was recorded (`flashinfer train-predictor`, `predictors/routing.py`)
+gives each expert's measured rate and, better, the hit rate measured by decoding
+its calibration tokens through the window itself at a grid of capacities (reuse
+from token to token included, which Che's independent routings miss): that curve
+is used, interpolated. Without it every expert is taken as equally popular (hit
+rate c / E): the floor, since real routers prefer some experts and reuse them token
+to token; the prediction's note says which.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..flash.experts import BACKGROUND_READ
 from ..flash.memory import MemoryPlan, model_bytes
 from ..flash.reader import DEFAULT_CHUNK, DEFAULT_THREADS
 from ..formats.layout import Layout
+from ..predictors.routing import recorded_hit_rate, routing_source
 from .costs import (
     PAGING_S_PER_GB,
     WINDOW_STEP_S,
@@ -68,12 +73,25 @@ def lru_hit_rate(rates: np.ndarray, capacity: float) -> float:
 
 def routing_rates(layout: Layout) -> tuple[list[np.ndarray], str]:
     """Per layer, each expert's routings per token (they sum to experts_per_token),
-    and where they came from: equal shares, as no layout records its routing yet
-    (`lru_hit_rate` takes any rates once one does)."""
+    and where they came from: as recorded (`predictors/routing.py`), else equal
+    shares."""
+    recorded = layout.manifest.get("routing")
+    if recorded:
+        return [np.array(r) for r in recorded["rates"]], routing_source(recorded)
     args = layout.args
     k, experts = args.experts_per_token, args.num_experts
     uniform = np.full(experts, k / experts)
     return [uniform] * args.num_hidden_layers, "every expert equally popular (assumed)"
+
+
+def hit_rate(layout: Layout, layer: int, capacity: float) -> float:
+    """The share of `layer`'s routings an experts cache of `capacity` experts finds
+    cached: the recorded curve (`predictors/routing.py`) where the layout has one,
+    else Che's approximation from the routing rates."""
+    recorded = layout.manifest.get("routing")
+    if recorded:
+        return recorded_hit_rate(recorded, layer, capacity)
+    return lru_hit_rate(routing_rates(layout)[0][layer], capacity)
 
 
 def routed_compute(layout: Layout, machine: Machine, threads: str) -> float:
@@ -113,7 +131,7 @@ def experts_cost(
     compute."""
     args = layout.args
     k, row = args.experts_per_token, layout.bundle_bytes
-    rates, source = routing_rates(layout)
+    _, source = routing_rates(layout)
     align = 4096 if machine.disk.get("mode") == "nocache" else 512
     # bundles on the alignment land straight in their rows; others go through the
     # staging buffer: aligned reads around them, and a copy of every byte
@@ -125,8 +143,8 @@ def experts_cost(
     kinds = {kind: routed * nbytes for kind, nbytes in ffn_kinds(layout).items()}
     one_expert = compute_seconds(machine, layout, kinds, threads, routed) / routed
     bytes_read = reads = cpu = disk = behind = 0.0
-    for layer_rates, cap in zip(rates, plan.capacity, strict=True):
-        hit = lru_hit_rate(layer_rates, cap) if window > 0 else 0.0
+    for layer, cap in enumerate(plan.capacity):
+        hit = hit_rate(layout, layer, cap) if window > 0 else 0.0
         misses = k * (1 - hit)
         if misses <= 0:
             continue
@@ -180,8 +198,8 @@ def experts_paging_cost(
     resident, _ = model_bytes(layout)
     row, k = layout.bundle_bytes, args.experts_per_token
     room = max(budget - resident, 0) / row / args.num_hidden_layers  # experts a layer
-    rates, _ = routing_rates(layout)
-    missed = sum(k * (1 - lru_hit_rate(r, room)) * row for r in rates)
+    layers = range(args.num_hidden_layers)
+    missed = sum(k * (1 - hit_rate(layout, i, room)) * row for i in layers)
     rate = throughput_at(machine.disk, min(row, DEFAULT_CHUNK), 1, sequential=True)
     compute = routed_compute(layout, machine, threads)
     faults = missed / 1e9 * PAGING_S_PER_GB

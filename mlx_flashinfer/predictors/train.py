@@ -196,7 +196,8 @@ def train_predictor(
     if args.is_moe:
         raise ValueError(
             f"{path} is a mixture of experts: its router is its predictor (exact), "
-            "there is nothing to train"
+            "there is nothing to train; `routing.record_routing` records its routing "
+            "(flashinfer train-predictor does)"
         )
     kind = kind or default_kind(args)
     if kind not in TRAINED:
