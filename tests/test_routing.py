@@ -7,21 +7,16 @@ import shutil
 import numpy as np
 import pytest
 from cli_checks import assert_refused, run
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from test_moe import budgets, moe_layout
 from test_plan import fake_machine
 from tiny_models import WORDS
 from tiny_moe import tiny_moe_configs
 
 from mlx_flashinfer import Layout, load
-from mlx_flashinfer.flash.experts import KEEP_PAST_WINDOW
-from mlx_flashinfer.flash.window import LayerWindow
 from mlx_flashinfer.formats.tokenizer import load_tokenizer
 from mlx_flashinfer.predictors.routing import (
     SEQUENCE_TOKENS,
     capacity_grid,
-    lru_hits,
     record_routing,
     routing_sequences,
     warmup_tokens,
@@ -41,39 +36,6 @@ def copied(tmp_path, name="qwen2-moe"):
     return shutil.copytree(
         moe_layout(name, tiny_moe_configs()[name]), tmp_path / "layout"
     )
-
-
-@settings(max_examples=30, deadline=None)
-@given(
-    st.integers(4, 12),
-    st.integers(1, 4),
-    st.floats(0.0, 2.0),
-    st.integers(0, 6),
-    st.integers(0, 2**16),
-)
-def test_stack_distances_are_the_window_managers_hits(experts, k, skew, warmup, seed):
-    # one pass of stack distances against a LayerWindow per capacity, as the experts
-    # placement runs it (least recently routed out first, no compaction)
-    k = min(k, experts)
-    rng = np.random.default_rng(seed)
-    p = 1 / np.arange(1, experts + 1) ** skew
-    sequences = [
-        np.array(
-            [rng.choice(experts, k, replace=False, p=p / p.sum()) for _ in range(n)]
-        )
-        for n in rng.integers(1, 40, size=3)
-    ]
-    hits, routings = lru_hits(sequences, experts, warmup)
-    for capacity in range(k, experts + 1):
-        found = counted = 0
-        for seq in sequences:
-            window = LayerWindow(experts, capacity, KEEP_PAST_WINDOW, compact=False)
-            for t, ids in enumerate(seq):
-                step = window.step(np.unique(ids))
-                if t >= warmup:
-                    found += step.hits
-                    counted += len(ids)
-        assert (hits[capacity], routings) == (found, counted)
 
 
 def test_the_capacity_grid():

@@ -13,8 +13,10 @@ Per layer and decoded token:
     out    = sum of w * expert(h)       + the shared expert, if the family has one
 No routed expert is ever skipped: the output is the dense one (`model/moe.py`, the
 same sums in the same order). The window keeps experts past the last k tokens
-while the cache has room and evicts the least recently routed first, so the last k
-tokens' experts stay cached whenever the cache holds k * top_k of them; k = 0 keeps
+while the cache has room and evicts the expert of fewest routings (counted with a
+decay of EXPERT_DECAY a token) first, so the last k tokens' experts stay cached
+whenever the cache holds k * top_k of them and evictions were only needed for
+older ones; k = 0 keeps
 nothing (every routed expert read every token: the naive baseline). An expert's rows
 stay in the slot they landed in until it is evicted, and the next load lands in that
 slot (`LayerWindow(compact=False)`): the experts are computed by slot, so the rows
@@ -53,9 +55,8 @@ from .reader import FlashReader
 from .stats import TokenCounters
 from .window import LayerWindow
 
-# A window of k >= 1 tokens keeps experts past it until their rows are needed
-# (least recently routed first): as LayerWindow, with a window longer than any
-# sequence.
+# A window of k >= 1 tokens keeps experts past it until their rows are needed: as
+# LayerWindow, with a window longer than any sequence.
 KEEP_PAST_WINDOW = 1 << 40
 # A decoded token's missing experts are read in groups of about this many bytes, each
 # computed once it has landed while the next group is read: a read large enough to

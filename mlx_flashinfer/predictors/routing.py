@@ -10,15 +10,10 @@ routed experts are kept. Per layer the manifest's "routing" section records
   rates      each expert's routings per token (they sum to experts_per_token);
   hit_rates  at each of `capacities` (k, 1.5k, 2k, ... experts, up to all), the
              share of routings a cache of that many experts finds cached, decoded
-             one token at a time as the experts placement decodes: a
-             `LayerWindow(experts, capacity, KEEP_PAST_WINDOW, compact=False)`
-             stepped with each token's routed experts, fresh for each sequence,
-             counted past its first `warmup` tokens (the cache filling).
-Hit rates come from stack distances (Mattson et al. 1970) instead of one window per
-capacity: that window keeps the `capacity` most recently routed experts (of equal
-recency, the higher id), so a routed expert hits exactly when fewer than `capacity`
-others were routed more recently; one pass gives every capacity
-(`tests/test_routing.py` holds it equal to stepping the window).
+             one token at a time as the experts placement decodes: its window
+             (`flash/experts.py` `expert_window`) stepped with each token's routed
+             experts, fresh for each sequence, counted past its first `warmup`
+             tokens (the cache filling).
 """
 
 from __future__ import annotations
@@ -29,6 +24,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from ..flash.experts import expert_window
 from ..formats.layout import Layout
 from ..formats.tokenizer import load_tokenizer
 from ..model.backends import get_backend
@@ -103,35 +99,35 @@ def routed_experts(
     return routed
 
 
-def lru_hits(
-    sequences: list[np.ndarray], experts: int, warmup: int
-) -> tuple[np.ndarray, int]:
-    """What an experts cache kept least recently routed first would hit.
+def window_hits(
+    sequences: list[np.ndarray], experts: int, capacities: list[int], warmup: int
+) -> tuple[list[int], int]:
+    """What the experts cache would hit at each capacity: `expert_window` (the
+    runtime's: loads in freed slots, evictions by decayed routing counts) stepped
+    with each token's routed experts, fresh for each sequence.
 
     Args:
         sequences: each sequence's routed experts, (T, k) ids, in token order.
         experts: experts in the layer.
+        capacities: the cache sizes.
         warmup: tokens at the start of each sequence that are not counted.
 
     Returns:
-        hits (experts + 1,): hits[c], the counted routings a cache of c experts
-        finds cached; and the routings counted.
+        the counted routings found cached at each capacity, and the routings
+        counted.
     """
-    distances = np.zeros(experts + 1, dtype=np.int64)  # experts routed since
-    ids_ = np.arange(experts)
+    hits = [0] * len(capacities)
     routings = 0
     for routed in sequences:
-        last = np.full(experts, -1, dtype=np.int64)  # token each was last routed
-        for t, row in enumerate(routed):
-            ids = np.unique(row)
-            if t >= warmup:
-                when = last[ids][:, None]
-                newer = (last > when) | ((last == when) & (ids_ > ids[:, None]))
-                seen = when[:, 0] >= 0  # never routed yet: a miss at any size
-                np.add.at(distances, newer[seen].sum(axis=1), 1)
-                routings += len(ids)
-            last[ids] = t
-    return np.concatenate([[0], np.cumsum(distances)[:experts]]), routings
+        unique = [np.unique(row) for row in routed]
+        routings += sum(len(ids) for ids in unique[warmup:])
+        for i, capacity in enumerate(capacities):
+            window = expert_window(experts, capacity, 1)
+            for t, ids in enumerate(unique):
+                step = window.step(ids)
+                if t >= warmup:
+                    hits[i] += step.hits
+    return hits, routings
 
 
 def routing_sequences(
@@ -230,13 +226,13 @@ def record_routing(
     for layer in routed:
         counts = np.bincount(np.concatenate(layer).ravel(), minlength=experts)
         rates.append([round(float(r), 6) for r in counts / total])
-        hits, counted = lru_hits(layer, experts, warmup)
+        hits, counted = window_hits(layer, experts, capacities, warmup)
         if not counted:
             raise ValueError(
                 f"no prompt is longer than the {warmup} tokens a cache takes to "
                 "fill: give longer texts or more tokens"
             )
-        hit_rates.append([round(float(hits[c] / counted), 6) for c in capacities])
+        hit_rates.append([round(h / counted, 6) for h in hits])
     section = {
         "tokens": total,
         "counted": counted // k,  # tokens whose routings the hit rates count
