@@ -9,8 +9,11 @@ A layout from `python tools/synth.py DST --shape moe-small` (or any MoE layout).
 Flash reads bypass the page cache (O_DIRECT), so the runs need no cgroup to be
 honest about I/O; the dense row holds every expert in DRAM. On a probed machine
 (`flashinfer probe`) each row also gets the cost model's prediction
-(`plan/expert_costs.py`: `predicted_ms` beside `measured_ms`), which takes every
-expert as equally popular (no layout records its routing yet).
+(`plan/expert_costs.py`: `predicted_ms` beside `measured_ms`), from the routing the
+layout records (`flashinfer train-predictor`), else taking every expert as equally
+popular. `--routing-tokens N` first records the routing of N random tokens, the
+benchmark's own kind of stream, in prompts of 256 (written to the layout's
+manifest), so that the prediction is of the stream measured.
 
 `--paging` adds OS paging at each budget (NumPy): every expert memory-mapped (the
 dense model's experts as views of ffn.bin), run in a child process inside a memory
@@ -334,6 +337,12 @@ def main() -> int:
         help="run each experts row in its own memory cgroup (the paging row's limit)",
     )
     p.add_argument("--row-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--routing-tokens",
+        type=int,
+        default=0,
+        help="record the routing of this many random tokens first (for predictions)",
+    )
     p.add_argument("--llama-cpp", metavar="PYTHON", help="adds llama.cpp's rows")
     p.add_argument("--gguf", help="--llama-cpp's model (tools/synth_gguf.py)")
     # llama.cpp's threads wait for each other spinning: on a busy machine a thread
@@ -350,6 +359,13 @@ def main() -> int:
     if opts.gguf and not Path(opts.gguf).is_file():
         p.error(f"--gguf {opts.gguf}: no such file")
 
+    if opts.routing_tokens:
+        from mlx_flashinfer.predictors.routing import record_routing
+
+        vocab = Layout.open(opts.model).args.vocab_size
+        ids = np.random.default_rng(1).integers(3, vocab, opts.routing_tokens)
+        stream = [ids[i : i + 256].tolist() for i in range(0, len(ids), 256)]
+        record_routing(opts.model, token_ids=stream, backend=opts.backend)
     rows, reference = [], None
     dense, _ = load(opts.model, backend=opts.backend)
     args = dense.args
