@@ -32,7 +32,7 @@ from ..model.moe import DenseExperts
 from ..model.transformer import KVCache, Model, prepare_weights
 from .calibrate import MIN_DOMAIN_TOKENS, MIN_TOKENS
 from .store import check_writable
-from .texts import calibration_domains
+from .texts import named_domains
 
 # prompts of at most this many tokens (the model's context when shorter): routing
 # needs no longer ones, and attention's cost grows with the prompt
@@ -210,12 +210,7 @@ def record_routing(
             )
     else:
         tokenizer = load_tokenizer(layout)
-        if texts is None:
-            domains = calibration_domains(tokenizer)
-        elif isinstance(texts, dict):
-            domains = dict(texts)
-        else:
-            domains = {f"text {i + 1}": t for i, t in enumerate(texts)}
+        domains = named_domains(tokenizer, texts)
         sequences = routing_sequences(tokenizer, domains, tokens, seq_len)
     routed = routed_experts(layout, sequences, backend, progress)
     experts, k = args.num_experts, args.experts_per_token

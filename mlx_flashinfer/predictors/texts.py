@@ -71,6 +71,16 @@ def calibration_domains(tokenizer) -> dict[str, str]:
     return {d: _domain_text(files[0], tokenizer) for d, files in DOMAINS.items()}
 
 
+def named_domains(tokenizer, texts) -> dict[str, str]:
+    """Calibration texts by domain name: the shipped corpus (`texts` None), the
+    texts given by name (a dict), or a list named "text 1", "text 2", ..."""
+    if texts is None:
+        return calibration_domains(tokenizer)
+    if isinstance(texts, dict):
+        return dict(texts)
+    return {f"text {i + 1}": t for i, t in enumerate(texts)}
+
+
 def held_out_domains(tokenizer) -> dict[str, str]:
     """Per shipped domain, passages no calibration reads: domain name -> text."""
     return {d: _domain_text(files[1], tokenizer) for d, files in DOMAINS.items()}

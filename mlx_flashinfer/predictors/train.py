@@ -61,7 +61,7 @@ from .lowrank_fit import cut_for_recall, cut_report, train_layer
 from .report import gate_dominates, not_stored_line
 from .store import check_writable, store_predictor
 from .streams import Calibration
-from .texts import calibration_domains
+from .texts import named_domains
 
 DEFAULT_RECALL = 0.99
 # Calibration costs tokens x (forward + epochs x training step); training is the
@@ -228,12 +228,7 @@ def train_predictor(
     check_writable(layout)
     tokenizer = load_tokenizer(layout)
     seq_len = min(seq_len, args.max_position_embeddings)
-    if texts is None:
-        domains = calibration_domains(tokenizer)
-    elif isinstance(texts, dict):
-        domains = dict(texts)
-    else:
-        domains = {f"text {i + 1}": t for i, t in enumerate(texts)}
+    domains = named_domains(tokenizer, texts)
     sequences, names = domain_sequences(tokenizer, domains, tokens, seq_len)
     total = sum(len(s) for s in sequences)
     train, tune = split_domains(names)
