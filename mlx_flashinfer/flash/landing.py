@@ -5,7 +5,11 @@ staging buffer takes the disk's reads and each piece is copied into its row
 (`gather`, the one copy a read makes). A prefetch's bundles stay in the staging
 buffer until their rows are known (`Fetched`).
 
-Reading experts straight into their rows instead of copying them in measured ...
+Reading experts straight into their rows instead of through the staging buffer:
+OLMoE-shaped q4 experts (4.6 MB), 1, 2 and 8 a call, alternating runs on this VM's
+disk: 1.35-1.49 GB/s against 0.97-1.39 (the copy out of staging runs at about 3 GB/s
+on one core, as long as the disk's read of the same bytes); at 50%, window 4, 268 ->
+221 ms a token.
 
 Backend-free: numpy only.
 """
