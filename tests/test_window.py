@@ -114,3 +114,34 @@ def test_decayed_counts_keep_the_popular_expert_least_recent_would_evict():
             window.step(np.array(ids))
         kept[decay] = sorted(window.cached.tolist())
     assert kept[None] == [1, 2] and kept[0.9] == [0, 2]
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenarios(), st.integers(0, 2**32 - 1))
+def test_reserved_neurons_take_free_or_evicted_slots_and_go_unless_used(scenario, seed):
+    """Reads ahead into the cache: `reserve` caches guessed neurons in slots that
+    were free or evicted (never a kept one's), within capacity; the next step
+    keeps those it uses (as hits) and drops those never used."""
+    neurons, capacity, k, (_, decay), steps = scenario
+    rng = np.random.default_rng(seed)
+    window = LayerWindow(neurons, capacity, 1 << 40, compact=False, decay=decay)
+    ever = set()  # neurons active in some step so far
+    for active in steps:
+        cached = window.cached
+        guess = np.flatnonzero(rng.random(neurons) < 0.3)
+        missing = guess[window.slot_of[guess] < 0]
+        kept = {int(n): int(window.slot_of[n]) for n in cached if n in set(guess)}
+        slots = window.reserve(missing, guess)
+        got = missing[: len(slots)]
+        assert len(window.cached) <= capacity
+        assert np.all(window.slot_of[got] == slots) and len(set(slots)) == len(slots)
+        assert all(window.slot_of[n] == s for n, s in kept.items())  # guess kept
+        if len(got) < len(missing):  # no room: only guessed neurons are cached
+            assert set(window.cached.tolist()) <= set(guess.tolist())
+        plan = window.step(active)
+        now = set(window.cached.tolist())
+        assert set(active.tolist()) <= now | set(plan.scratch_ids.tolist())
+        ever |= set(active.tolist())
+        unused = set(got.tolist()) - ever
+        assert not unused & now  # a wrong guess never used is dropped at once
+        assert plan.hits >= len(set(got.tolist()) & set(active.tolist()))

@@ -29,10 +29,12 @@ reads land (rule 2 below); the last rounds' experts stay cached for the tokens a
 
 Reads ahead (`lookahead`, the in-place path): once a decoded token's experts for
 layer l are loaded, layer l+1's router applied to layer l's FFN input guesses layer
-l+1's experts, and a second reader fetches those layer l+1 does not cache, in the
-background, while layer l's experts and layer l+1's attention compute. At layer l+1
-the router decides as always: experts fetched ahead land from the prefetch buffer,
-the rest is read then. A wrong guess costs reads, never the answer.
+l+1's experts, and a second reader reads those layer l+1 does not cache, in the
+background, while layer l's experts and layer l+1's attention compute: with a
+window, straight into layer l+1's cache (`LayerWindow.reserve` makes their slots,
+evicting what the next step would evict first; a guess never routed is dropped at
+that step); with none (k = 0), into its staging buffer, landed from there. At layer
+l+1 the router decides as always. A wrong guess costs reads, never the answer.
 
 Reads land in the cache rows through host views, as in `ffn.py`, under its rules:
   1. a layer's cache rows change only between its computations: the token before
@@ -45,6 +47,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -149,7 +152,8 @@ class ExpertFFN(TokenCounters):
         self.landing = "in place" if in_place else "copy"
         # reads ahead: their own reader and a thread waiting on it (in place only)
         self.ahead = None
-        self._pending = None  # (layer, future of a Fetched)
+        self._pending = None  # (layer, future of a Fetched, ids reserved or None)
+        self._reserved = None  # (layer, ids read ahead into the cache)
         if plan.lookahead and in_place:
             self.ahead = FlashReader(
                 layout.ffn_path,
@@ -174,6 +178,7 @@ class ExpertFFN(TokenCounters):
         if self._pending is not None:  # a read ahead of an old token
             self._pending[1].result()
             self._pending = None
+        self._reserved = None
 
     def io_stats(self) -> dict:
         # the counters named for neurons count experts here
@@ -202,6 +207,16 @@ class ExpertFFN(TokenCounters):
         ids, weights = self.router.route(layer, h)
         stats.predictor_s += time.perf_counter() - started
         routed = np.unique(ids)
+        if self._reserved is not None:  # read ahead into the cache: a right guess
+            # is a load read early, not a hit from an earlier token
+            ahead_layer, reserved = self._reserved
+            self._reserved = None
+            used = int(np.count_nonzero(np.isin(reserved, routed)))
+            if ahead_layer == layer:
+                stats.ahead_used += used
+                stats.neurons_loaded += used
+                stats.neurons_hit -= used
+                stats.bytes_useful += used * self.reader.bundle_bytes
         cap = self.plan.capacity[layer]
         cache, slot_of = self.caches[layer], self.windows[layer].slot_of
 
@@ -328,16 +343,26 @@ class ExpertFFN(TokenCounters):
         # with no window (k = 0) the cache is emptied before each token's loads
         missing = guessed[window.slot_of[guessed] < 0] if self.k else guessed
         stats.predictor_s += time.perf_counter() - started
-        if len(missing):
+        if len(missing) and self.k:
+            # straight into the cache: slots made now, evicting what the next
+            # step would evict first; the guess's rows land while this layer
+            # computes, and a wrong guess is dropped at the next step
+            slots = window.reserve(missing, guessed)
+            missing = missing[: len(slots)]
+            if len(missing):
+                views = self._views[layer]
+                task = (self._read_reserved, layer, missing, views, slots)
+                self._pending = (layer, self._ahead_thread.submit(*task), missing)
+        elif len(missing):
             future = self._ahead_thread.submit(self.ahead.fetch, layer, missing)
-            self._pending = (layer, future)
+            self._pending = (layer, future, None)
 
     def _fetched_ahead(self, layer: int):
         """What was read ahead for `layer` (waiting for it if still reading), or
         None; counted into this token's I/O."""
         if self._pending is None:
             return None
-        ahead_layer, future = self._pending
+        ahead_layer, future, reserved = self._pending
         self._pending = None
         stats = self._token
         began = time.perf_counter()
@@ -350,7 +375,23 @@ class ExpertFFN(TokenCounters):
         stats.reads += fetched.reads
         stats.ahead_bytes += fetched.bytes_read
         stats.ahead_neurons += len(fetched.ids)
+        if reserved is not None:  # landed in the cache: nothing to take
+            self._reserved = (ahead_layer, reserved)
+            return None
         return fetched if ahead_layer == layer else None
+
+    def _read_reserved(self, layer: int, ids, views, slots):
+        """Reads ahead into reserved cache rows (the ahead reader's thread): what
+        `_fetched_ahead` counts, as a `Fetched` would say it."""
+        counters = self.ahead.stats
+        before = (counters.bytes_read, counters.reads, counters.seconds)
+        self.ahead.read(layer, ids, views, slots=slots)
+        return SimpleNamespace(
+            ids=ids,
+            bytes_read=counters.bytes_read - before[0],
+            reads=counters.reads - before[1],
+            seconds=counters.seconds - before[2],
+        )
 
     def _take(self, fetched, ids: np.ndarray, into: list, slots) -> None:
         """Land experts read ahead into their rows `slots` of `into`, counted as I/O."""

@@ -156,16 +156,9 @@ class LayerWindow:
             keep[active] = True
             keep[in_window] = True
             lru = int(np.count_nonzero(keep)) - self.capacity
-            if lru > 0:  # least recently active first; this token's neurons never go
+            if lru > 0:  # this token's neurons never go
                 others = in_window[self.last_active[in_window] != t]
-                # ties broken by neuron id, not slot: which neurons stay must not
-                # depend on where rows happen to sit (reads ahead reorder slots)
-                recency = self.last_active[others]
-                if self.decay:  # lowest decayed count first, then least recent
-                    order = np.lexsort((others, recency, self.counts[others]))
-                else:
-                    order = np.lexsort((others, recency))
-                keep[others[order[:lru]]] = False
+                keep[self._first_out(others)[:lru]] = False
             scratch = _EMPTY
         evict = cached[~keep[cached]]
         kept = np.flatnonzero(keep)
@@ -190,6 +183,38 @@ class LayerWindow:
             evicted=len(evict) + dropped,
             lru_evicted=max(lru, 0),
         )
+
+    def reserve(self, ids: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """Cache `ids` (sorted, none cached) ahead of the token that may use them
+        (reads ahead into the cache itself; compact=False only): evict what they
+        need room for, the cached neurons not in `keep` that `step` would evict
+        first, and give them slots. Returns the slots; ids that find no room (the
+        cache holds only `keep`) are left out: the first len(slots) are cached.
+        They are not marked active: never routed, they are the first to go."""
+        if self.compact:
+            raise ValueError("reserve needs a window that does not compact")
+        cached = self.cached
+        others = cached[~np.isin(cached, keep)]
+        room = self.capacity - len(cached)
+        n = min(len(ids), room + len(others))
+        if n > room:
+            self._evict(self._first_out(others)[: n - room])
+        slots = self._free_slots(n)
+        self.neuron_at[slots] = ids[:n]
+        self.slot_of[ids[:n]] = slots
+        self.used = max(self.used, int(slots[-1]) + 1 if n else 0)
+        return slots
+
+    def _first_out(self, candidates: np.ndarray) -> np.ndarray:
+        """`candidates` in eviction order: the least recently active first (or the
+        lowest decayed count, then least recent); ties by id, not slot: which stay
+        must not depend on where rows happen to sit (reads ahead reorder slots)."""
+        recency = self.last_active[candidates]
+        if self.decay:
+            order = np.lexsort((candidates, recency, self.counts[candidates]))
+        else:
+            order = np.lexsort((candidates, recency))
+        return candidates[order]
 
     def _free_slots(self, n: int) -> np.ndarray:
         """The slots `n` loads land in: the holes first (compact=False), then the
