@@ -44,10 +44,15 @@ from .costs import (
 from .disk import throughput_at
 from .machine import Machine
 
-# reads ahead (the next layer's router on this layer's input) hide this share of a
-# layer's reads behind its compute: an assumption until measured (ds4 reports 46%
-# of next-layer misses covered), said in the note
-AHEAD_HIDDEN = 0.5
+# Reads ahead (the next layer's router on this layer's input) read this much more
+# for their wrong guesses, and hide this share of what is left of a layer's reads
+# behind its compute. Measured with reads ahead into the cache (OLMoE- and
+# Qwen3-30B-A3B-shaped q4 at 50%, Intel Xeon 2 vCPU, docs/moe.md): 35% more bytes
+# on both; 217-234 ms a token against 180-220 without, which these two figures
+# give (0.5 hidden and no extra bytes predicted 141 against 234, and made the
+# planner choose reads ahead). Two cores: more would hide more.
+AHEAD_EXTRA = 0.35
+AHEAD_HIDDEN = 0.25
 
 
 def lru_hit_rate(rates: np.ndarray, capacity: float) -> float:
@@ -129,8 +134,8 @@ def experts_cost(
     from the staging buffer), while the cached ones compute (a layer's
     reads hide up to its hits' products); the k routed experts and the resident
     weights (attention, routers, shared experts) multiplied on `threads`; reads
-    ahead (`plan.lookahead`) hide AHEAD_HIDDEN of a layer's reads behind its
-    compute."""
+    ahead (`plan.lookahead`) read AHEAD_EXTRA more for wrong guesses and hide
+    AHEAD_HIDDEN of a layer's reads behind its compute."""
     args = layout.args
     k, row = args.experts_per_token, layout.bundle_bytes
     _, source = routing_rates(layout)
@@ -168,9 +173,17 @@ def experts_cost(
     compute = routed_compute(layout, machine, threads)
     io = cpu + disk - behind
     overlap = AHEAD_HIDDEN if plan.lookahead else 0.0
+    if plan.lookahead:  # wrong guesses: more bytes, read beside the right ones
+        bytes_read *= 1 + AHEAD_EXTRA
+        io += AHEAD_EXTRA * (cpu + disk)
     hidden = overlap * min(io, compute)
     memory = layers * WINDOW_STEP_S  # loads land in evicted slots: no row moves
-    ahead = f"; reads ahead hide {AHEAD_HIDDEN:.0%} (assumed)" if overlap else ""
+    ahead = (
+        f"; reads ahead read {AHEAD_EXTRA:.0%} more and hide {AHEAD_HIDDEN:.0%} "
+        "(measured on two cores)"
+        if overlap
+        else ""
+    )
     return TokenCost(
         "experts",
         io - hidden,
