@@ -153,7 +153,6 @@ class ExpertFFN(TokenCounters):
         # reads ahead: their own reader and a thread waiting on it (in place only)
         self.ahead = None
         self._pending = None  # (layer, future of a Fetched, ids reserved or None)
-        self._reserved = None  # (layer, ids read ahead into the cache)
         if plan.lookahead and in_place:
             self.ahead = FlashReader(
                 layout.ffn_path,
@@ -178,7 +177,6 @@ class ExpertFFN(TokenCounters):
         if self._pending is not None:  # a read ahead of an old token
             self._pending[1].result()
             self._pending = None
-        self._reserved = None
 
     def io_stats(self) -> dict:
         # the counters named for neurons count experts here
@@ -202,21 +200,18 @@ class ExpertFFN(TokenCounters):
 
     def __call__(self, layer: int, h):
         B, args, stats = self.backend, self.args, self._token
-        fetched = self._fetched_ahead(layer)
+        fetched, reserved = self._fetched_ahead(layer)
         started = time.perf_counter()
         ids, weights = self.router.route(layer, h)
         stats.predictor_s += time.perf_counter() - started
         routed = np.unique(ids)
-        if self._reserved is not None:  # read ahead into the cache: a right guess
-            # is a load read early, not a hit from an earlier token
-            ahead_layer, reserved = self._reserved
-            self._reserved = None
+        if reserved is not None:  # read ahead into the cache: a right guess is a
+            # load read early, not a hit from an earlier token (as step counts it)
             used = int(np.count_nonzero(np.isin(reserved, routed)))
-            if ahead_layer == layer:
-                stats.ahead_used += used
-                stats.neurons_loaded += used
-                stats.neurons_hit -= used
-                stats.bytes_useful += used * self.reader.bundle_bytes
+            stats.ahead_used += used
+            stats.neurons_loaded += used
+            stats.neurons_hit -= used
+            stats.bytes_useful += used * self.reader.bundle_bytes
         cap = self.plan.capacity[layer]
         cache, slot_of = self.caches[layer], self.windows[layer].slot_of
 
@@ -246,31 +241,25 @@ class ExpertFFN(TokenCounters):
             stats.prefill_neurons += len(routed)
         return with_shared(B, args, self.weights, layer, h, out)
 
-    def _compute_while_reading(self, h, ids, weights, expert, wanted, loads, futures):
+    def _compute_while_reading(self, h, ids, weights, expert, wanted, groups):
         """The sum of the routed experts `wanted`: the cached ones computed while
-        the miss thread reads `loads` one by one into their rows (`futures`, in
-        order), then each loaded one as soon as it landed, while the next ones are
-        read; summed in id order, as `experts_forward` (and dense) sums them. NumPy
-        computes as it goes; MLX builds the graph, evaluated at the next sync."""
+        the miss thread reads the rest, group by group (`groups`: (ids, future of
+        their read), in order), then each group's experts once it has landed while
+        the next groups are read; summed in id order, as `experts_forward` (and
+        dense) sums them. NumPy computes as it goes; MLX builds the graph, evaluated
+        at the next sync."""
         B, args, stats = self.backend, self.args, self._token
-        cached = wanted[~np.isin(wanted, loads)]
+        loaded = np.concatenate([group for group, _ in groups])
         parts = {}
-        # each loaded expert waits for the read of its group (futures: one a group)
-        group = -(-len(loads) // len(futures)) if futures else 1
-        waits = [
-            futures[i // group] if i % group == 0 else None for i in range(len(loads))
-        ]
-        for e, future in [
-            *((e, None) for e in cached),
-            *zip(loads, waits, strict=True),
-        ]:
-            if future is not None:  # wait for its read
+        for group, future in [(wanted[~np.isin(wanted, loaded)], None), *groups]:
+            if future is not None:  # wait for the group's read
                 began = time.perf_counter()
                 future.result()
                 waited = time.perf_counter() - began
                 stats.io_s += waited  # counted as a wait, as for reads ahead
                 stats.ahead_wait_s += waited
-            parts[int(e)] = expert_output(B, args, h, ids, weights, expert, int(e))
+            for e in group:
+                parts[int(e)] = expert_output(B, args, h, ids, weights, expert, int(e))
         out = None
         for e in wanted:
             part = parts[int(e)]
@@ -281,8 +270,9 @@ class ExpertFFN(TokenCounters):
     def _load(self, layer: int, wanted: np.ndarray, fetched=None, background=False):
         """Make the experts `wanted` (sorted, at most the capacity) cached; those in
         `fetched` (read ahead) land from the prefetch buffer. `background`: the
-        rest are read by the miss thread, one expert a read; returns (wanted, the
-        experts it loads, their futures), or None when all is in place on return."""
+        rest are read by the miss thread in groups of about BACKGROUND_READ bytes;
+        returns (wanted, [(group's ids, future of its read)]), or None when all is
+        in place on return."""
         B, stats, window = self.backend, self._token, self.windows[layer]
         started, io_before = time.perf_counter(), stats.io_s
         first = None
@@ -310,18 +300,12 @@ class ExpertFFN(TokenCounters):
                     # group's experts compute while the next land
                     rest, at = loads[ready:], slots[ready:]
                     size = -(-BACKGROUND_READ // self.reader.bundle_bytes)
-                    futures = [
-                        self._miss_thread.submit(
-                            self._read,
-                            layer,
-                            rest[i : i + size],
-                            views,
-                            at[i : i + size],
-                            True,
-                        )
-                        for i in range(0, len(rest), size)
-                    ]
-                    return wanted, rest, futures
+                    groups = []
+                    for i in range(0, len(rest), size):
+                        task = (layer, rest[i : i + size], views, at[i : i + size])
+                        future = self._miss_thread.submit(self._read, *task, True)
+                        groups.append((rest[i : i + size], future))
+                    return wanted, groups
                 if ready < len(loads):
                     self._read(layer, loads[ready:], views, slots[ready:])
         else:
@@ -358,10 +342,11 @@ class ExpertFFN(TokenCounters):
             self._pending = (layer, future, None)
 
     def _fetched_ahead(self, layer: int):
-        """What was read ahead for `layer` (waiting for it if still reading), or
-        None; counted into this token's I/O."""
+        """What was read ahead for `layer`, waiting for it if still reading, counted
+        into this token's I/O: (a Fetched to land from, or None; the ids read into
+        reserved cache rows, or None)."""
         if self._pending is None:
-            return None
+            return None, None
         ahead_layer, future, reserved = self._pending
         self._pending = None
         stats = self._token
@@ -375,10 +360,11 @@ class ExpertFFN(TokenCounters):
         stats.reads += fetched.reads
         stats.ahead_bytes += fetched.bytes_read
         stats.ahead_neurons += len(fetched.ids)
+        if ahead_layer != layer:
+            return None, None
         if reserved is not None:  # landed in the cache: nothing to take
-            self._reserved = (ahead_layer, reserved)
-            return None
-        return fetched if ahead_layer == layer else None
+            return None, reserved
+        return fetched, None
 
     def _read_reserved(self, layer: int, ids, views, slots):
         """Reads ahead into reserved cache rows (the ahead reader's thread): what
