@@ -168,10 +168,7 @@ class LayerWindow:
             load = np.concatenate([load[ahead], load[~ahead]])
         keep[kept] = False  # clean for the next step
         move_src, move_dst = self._evict(evict)
-        load_slots = self._free_slots(len(load))
-        self.neuron_at[load_slots] = load
-        self.slot_of[load] = load_slots
-        self.used = max(self.used, int(load_slots[-1]) + 1 if len(load) else 0)
+        load_slots = self._place(load)
         return StepPlan(
             move_src=move_src,
             move_dst=move_dst,
@@ -199,11 +196,7 @@ class LayerWindow:
         n = min(len(ids), room + len(others))
         if n > room:
             self._evict(self._first_out(others)[: n - room])
-        slots = self._free_slots(n)
-        self.neuron_at[slots] = ids[:n]
-        self.slot_of[ids[:n]] = slots
-        self.used = max(self.used, int(slots[-1]) + 1 if n else 0)
-        return slots
+        return self._place(ids[:n])
 
     def _first_out(self, candidates: np.ndarray) -> np.ndarray:
         """`candidates` in eviction order: the least recently active first (or the
@@ -216,14 +209,19 @@ class LayerWindow:
             order = np.lexsort((candidates, recency))
         return candidates[order]
 
-    def _free_slots(self, n: int) -> np.ndarray:
-        """The slots `n` loads land in: the holes first (compact=False), then the
-        slots past the last used one."""
+    def _place(self, ids: np.ndarray) -> np.ndarray:
+        """Give `ids` slots, the holes first (compact=False), then those past the
+        last used one; returns the slots."""
+        n = len(ids)
         holes = _EMPTY
         if not self.compact:
             holes = np.flatnonzero(self.neuron_at[: self.used] < 0)[:n]
         tail = np.arange(self.used, self.used + n - len(holes), dtype=np.int64)
-        return np.concatenate([holes, tail]) if len(holes) else tail
+        slots = np.concatenate([holes, tail]) if len(holes) else tail
+        self.neuron_at[slots] = ids
+        self.slot_of[ids] = slots
+        self.used += len(tail)
+        return slots
 
     def _evict(self, evict: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Free the slots of `evict`; when compacting, fill holes below the new end
