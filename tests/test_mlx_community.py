@@ -53,6 +53,18 @@ CONFIGS = {
 }
 
 
+def assert_dequantizes_as_written(tmp_path, src, config: dict, values: dict):
+    """The float32 layout of the quantized checkpoint `src` is byte for byte the one
+    of a plain checkpoint holding its dequantized `values`; returns that plain
+    checkpoint and its float32 layout."""
+    f32 = convert(src, tmp_path / "f32", dtype="float32", progress=False)
+    plain = write_float(tmp_path / "plain", config, values)
+    ref = convert(plain, tmp_path / "ref", dtype="float32", progress=False)
+    for file in ("resident.safetensors", "ffn.bin"):
+        assert (f32 / file).read_bytes() == (ref / file).read_bytes()
+    return plain, ref
+
+
 @pytest.mark.parametrize("scales", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_q4_takes_the_groups_as_stored(tmp_path, name, scales):
@@ -177,11 +189,7 @@ def test_fused_projections_take_row_ranges_of_their_groups(tmp_path):
         tmp_path / "mlx", config, random_weights(config, seed=9)
     )
     assert "model.layers.0.mlp.gate_up_proj.scales" in saved
-    f32 = convert(src, tmp_path / "f32", dtype="float32", progress=False)
-    plain = write_float(tmp_path / "plain", config, values)
-    ref = convert(plain, tmp_path / "ref", dtype="float32", progress=False)
-    for file in ("resident.safetensors", "ffn.bin"):
-        assert (f32 / file).read_bytes() == (ref / file).read_bytes()
+    plain, ref = assert_dequantizes_as_written(tmp_path, src, config, values)
     lay = Layout.open(convert(src, tmp_path / "q4", dtype="q4", progress=False))
     # per layer q, k, v, o, gate, up; embeddings and head
     assert lay.quantization["exact_from_source"] == 2 + 6 * 2
@@ -210,11 +218,7 @@ def test_per_module_overrides(tmp_path):
         tmp_path / "mlx", config, random_weights(config, seed=6), overrides=overrides
     )
     assert saved["model.layers.1.self_attn.q_proj.weight"].dtype == mx.float16
-    f32 = convert(src, tmp_path / "f32", dtype="float32", progress=False)
-    plain = write_float(tmp_path / "plain", config, values)
-    ref = convert(plain, tmp_path / "ref", dtype="float32", progress=False)
-    for file in ("resident.safetensors", "ffn.bin"):
-        assert (f32 / file).read_bytes() == (ref / file).read_bytes()
+    plain, ref = assert_dequantizes_as_written(tmp_path, src, config, values)
     q4 = Layout.open(convert(src, tmp_path / "q4", dtype="q4", progress=False))
     record = q4.quantization
     assert record["tensors"]["embed_tokens.weight"] == 8
@@ -298,11 +302,7 @@ def test_switch_mlp_experts_convert_and_flash_equals_dense(tmp_path, family):
         overrides=routers,
     )
     assert f"model.layers.0.{block}.switch_mlp.gate_proj.scales" in saved
-    f32 = convert(src, tmp_path / "f32", dtype="float32", progress=False)
-    plain = write_float(tmp_path / "plain", config, values)
-    ref = convert(plain, tmp_path / "ref", dtype="float32", progress=False)
-    for file in ("resident.safetensors", "ffn.bin"):
-        assert (f32 / file).read_bytes() == (ref / file).read_bytes()
+    plain, ref = assert_dequantizes_as_written(tmp_path, src, config, values)
     q4 = convert(src, tmp_path / "q4", dtype="q4", progress=False)
     lay = Layout.open(q4)
     layers, experts = config["num_hidden_layers"], lay.args.num_experts
