@@ -156,33 +156,14 @@ def run_limited(command: list[str], limit: int, files: list, job, what: str):
     """Run `command` in a memory cgroup of `limit` bytes after dropping the page
     cache (`files`'s, and all of it), `job` as JSON on its stdin; return its last
     stdout line's JSON and the group's peak bytes."""
-    from mlx_flashinfer.bench.cgroup import (
-        create_group,
-        evict,
-        find_memory_cgroup,
-        join_command,
-        peak_bytes,
-        remove_group,
-    )
+    from mlx_flashinfer.bench import cgroup as cgroups
 
-    cgroup = find_memory_cgroup()
+    cgroup = cgroups.find_memory_cgroup()
     if isinstance(cgroup, str):
         raise SystemExit(f"the {what} rows need a memory cgroup: {cgroup}")
-    group = create_group(
-        cgroup, f"moe-{what.replace('.', '-')}-{time.time_ns()}", limit
-    )
-    try:
-        evict(files, drop_all=True)
-        done = subprocess.run(
-            join_command(group, command),
-            input=json.dumps(job),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        peak = peak_bytes(cgroup, group)
-    finally:
-        remove_group(group)
+    cgroups.evict(files, drop_all=True)
+    name = f"moe-{what.replace('.', '-')}-{time.time_ns()}"
+    done, peak, _ = cgroups.run_limited(cgroup, name, limit, command, json.dumps(job))
     if done.returncode:
         raise SystemExit(f"the {what} row failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1]), peak

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,3 +152,19 @@ def evict(files: list[Path], drop_all: bool) -> str:
         except OSError:
             pass
     return done
+
+
+def run_limited(
+    cgroup: MemoryCgroup, name: str, limit: int, command: list[str], stdin=None
+) -> tuple[subprocess.CompletedProcess, int | None, int]:
+    """Run `command` in a new child memory cgroup of `cgroup` limited to `limit`
+    bytes (text `stdin` on its standard input), removed after; returns the finished
+    process, the group's peak bytes and its OOM kills."""
+    group = create_group(cgroup, name, limit)
+    try:
+        done = subprocess.run(
+            join_command(group, command), input=stdin, capture_output=True, text=True
+        )
+        return done, peak_bytes(cgroup, group), oom_kills(cgroup, group)
+    finally:
+        remove_group(group)

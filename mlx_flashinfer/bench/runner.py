@@ -16,15 +16,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .cgroup import (
-    MemoryCgroup,
-    create_group,
-    evict,
-    join_command,
-    oom_kills,
-    peak_bytes,
-    remove_group,
-)
+from .cgroup import MemoryCgroup, evict, run_limited
 from .configs import RunSpec
 
 Runner = Callable[[RunSpec], dict]
@@ -66,31 +58,26 @@ def run_isolated(
         command = [python, "-m", "mlx_flashinfer.bench.worker"]
         command += [str(spec_file), str(out_file)]
         evicted = evict(files, drop_all)
-        group, peak, kills = None, None, 0
-        if cgroup is not None and spec.limit is not None:
+        peak, kills = None, 0
+        limited = cgroup is not None and spec.limit is not None
+        if limited:
             name = f"flashinfer-bench-{os.getpid()}-{next(_counter)}"
             try:
-                group = create_group(cgroup, name, spec.limit)
+                done, peak, kills = run_limited(cgroup, name, spec.limit, command)
             except OSError as err:
                 raise ValueError(
                     f"cannot make a memory cgroup in {cgroup.parent} ({err}); "
                     "run with --no-limit"
                 ) from None
-            command = join_command(group, command)
-        try:
+        else:
             done = subprocess.run(command, capture_output=True, text=True)
-            if group is not None:
-                peak, kills = peak_bytes(cgroup, group), oom_kills(cgroup, group)
-        finally:
-            if group is not None:
-                remove_group(group)
         memory = {
-            "limited": group is not None,
-            "limit": spec.limit if group is not None else None,
+            "limited": limited,
+            "limit": spec.limit if limited else None,
             "peak": peak,
             "oom_kills": kills,
             "evicted": evicted,
-            "cgroup": f"v{cgroup.version}" if group is not None else None,
+            "cgroup": f"v{cgroup.version}" if limited else None,
         }
         if done.returncode == 0 and out_file.is_file():
             result = json.loads(out_file.read_text())
