@@ -79,6 +79,29 @@ def split_sequences(count: int) -> tuple[list[int], list[int]]:
     return [i for i in range(count) if i not in chosen], tune
 
 
+def domain_shares(
+    tokenizer, domains: dict[str, str], tokens: int, purpose: str = "to train on"
+):
+    """Each calibration text's token ids and its equal share of `tokens` (all its
+    tokens when it has fewer): (name, ids, share) per domain; `purpose` ends the
+    error's "too short".
+
+    Raises:
+        ValueError: no domain, or a domain's text below MIN_DOMAIN_TOKENS tokens.
+    """
+    if not domains:
+        raise ValueError("no calibration text given")
+    share = tokens // len(domains)
+    for name, text in domains.items():
+        ids = tokenizer.encode(text)
+        if len(ids) < MIN_DOMAIN_TOKENS:
+            raise ValueError(
+                f"the calibration text {name!r} is too short {purpose}: "
+                f"{len(ids)} tokens, need at least {MIN_DOMAIN_TOKENS}"
+            )
+        yield name, ids, min(share, len(ids))
+
+
 def domain_sequences(
     tokenizer, domains: dict[str, str], tokens: int, seq_len: int
 ) -> tuple[list[list[int]], list[str]]:
@@ -94,18 +117,8 @@ def domain_sequences(
         ValueError: no domain, a domain's text below MIN_DOMAIN_TOKENS tokens, or
             all of them below MIN_TOKENS.
     """
-    if not domains:
-        raise ValueError("no calibration text given")
-    share = tokens // len(domains)
     sequences, names = [], []
-    for name, text in domains.items():
-        ids = tokenizer.encode(text)
-        if len(ids) < MIN_DOMAIN_TOKENS:
-            raise ValueError(
-                f"the calibration text {name!r} is too short to train on: "
-                f"{len(ids)} tokens, need at least {MIN_DOMAIN_TOKENS}"
-            )
-        take = min(share, len(ids))
+    for name, ids, take in domain_shares(tokenizer, domains, tokens):
         count = min(max(TUNE_EVERY, -(-take // seq_len)), take // 2)
         lengths = [take // count + (i < take % count) for i in range(count)]
         gap = (len(ids) - take) / max(count - 1, 1)  # tokens skipped between two

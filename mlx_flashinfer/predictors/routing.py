@@ -30,7 +30,7 @@ from ..formats.tokenizer import load_tokenizer
 from ..model.backends import get_backend
 from ..model.moe import DenseExperts
 from ..model.transformer import KVCache, Model, prepare_weights
-from .calibrate import MIN_DOMAIN_TOKENS, MIN_TOKENS
+from .calibrate import MIN_TOKENS, domain_shares
 from .store import check_writable
 from .texts import named_domains
 
@@ -139,18 +139,8 @@ def routing_sequences(
     Raises:
         ValueError: no domain, a domain below MIN_DOMAIN_TOKENS tokens.
     """
-    if not domains:
-        raise ValueError("no calibration text given")
-    share = tokens // len(domains)
     sequences = []
-    for name, text in domains.items():
-        ids = tokenizer.encode(text)
-        if len(ids) < MIN_DOMAIN_TOKENS:
-            raise ValueError(
-                f"the calibration text {name!r} is too short: {len(ids)} tokens, "
-                f"need at least {MIN_DOMAIN_TOKENS}"
-            )
-        take = min(share, len(ids))
+    for _, ids, take in domain_shares(tokenizer, domains, tokens, "to route"):
         count = -(-take // seq_len)
         bounds = np.linspace(0, take, count + 1).round().astype(int)
         sequences += [ids[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
