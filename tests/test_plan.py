@@ -189,6 +189,41 @@ def test_the_planner_picks_dense_when_all_fits_and_exact_plans_by_default():
     assert slow is not None and fast is not None and slow[0] <= fast[0]
 
 
+def test_a_synthetic_predictor_has_a_measured_loss_and_its_plans_are_allowed(
+    tmp_path,
+):
+    from mlx_flashinfer import load
+    from mlx_flashinfer.bench.configs import sequence_tokens
+    from mlx_flashinfer.bench.synth import QUALITY_SEED, write_synthetic
+    from mlx_flashinfer.perplexity import perplexity
+    from mlx_flashinfer.verify import PERPLEXITY_PREFILL
+
+    layout = Layout.open(write_synthetic(tmp_path / "s", "opt-tiny", progress=False))
+    quality = layout.manifest["predictor"]["quality"]
+    # measured: dense's NLL is the one its model gives those tokens, and the loss
+    # is flash's perplexity over dense's
+    ids = sequence_tokens(layout, None, quality["tokens"] + 1, QUALITY_SEED)
+    dense, _ = load(layout.path, dense=True)
+    score = perplexity(dense, ids, context=len(ids), prefill=PERPLEXITY_PREFILL)
+    assert score["nll"] == pytest.approx(quality["dense_nll"], rel=1e-9)
+    ratio = np.exp(quality["flash_nll"] - quality["dense_nll"])
+    assert quality["loss"] == pytest.approx(ratio - 1)
+    # by default the planner allows the predictor's own loss: its sparse plans
+    # compete, and exact plans stay allowed whatever the loss's sign
+    budget = sum(model_bytes(layout)) - 1  # everything but dense
+    choice = choose(layout, budget, fake_machine())
+    allowed = [choice.best, *choice.others]
+    assert any(c.predictor == "lowrank" for c in allowed)
+    assert any(c.loss == 0 for c in allowed)
+    assert choice.allowed_loss == max(quality["loss"], 0.0)
+    # unmeasured: exact plans only, as before
+    predictor = dict(layout.manifest["predictor"])
+    del predictor["quality"]
+    layout.update_manifest({"predictor": predictor})
+    choice = choose(Layout.open(layout.path), budget, fake_machine())
+    assert all(c.predictor != "lowrank" for c in [choice.best, *choice.others])
+
+
 def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     layout = tiny_layout("llama", "silu", 2, 400, 3)
     probe = save_machine(fake_machine(), tmp_path / "probe.json")

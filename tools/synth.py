@@ -10,6 +10,10 @@ produced).
         [--dtype float16|bfloat16|float32|q8|q4] [--group-size 32|64|128]
         [--down-bits 4|8] [--arrangement bundled|separate] [--seed 0] [--force]
 
+    python tools/synth.py DST --quality-only
+
+--quality-only measures the predictor's loss of a synthetic layout written before
+synth.py measured it (the planner allows a predictor's plans within a measured loss).
 --layers/--hidden/--neurons/--heads replace those sizes of --shape (custom models).
 The moe-*, olmoe* and qwen3-* shapes are mixtures of experts (bench/synth_moe.py:
 random weights, routing skewed by --skew); --layers and --hidden replace their sizes.
@@ -19,7 +23,12 @@ import argparse
 import sys
 import time
 
-from mlx_flashinfer.bench.synth import LLAMA_SHAPES, SHAPES, write_synthetic
+from mlx_flashinfer.bench.synth import (
+    LLAMA_SHAPES,
+    SHAPES,
+    measure_quality,
+    write_synthetic,
+)
 from mlx_flashinfer.bench.synth_moe import MOE_SHAPES, write_synthetic_moe
 from mlx_flashinfer.formats.layout import ARRANGEMENTS, DTYPES
 
@@ -64,10 +73,26 @@ def main() -> int:
     parser.add_argument("--down-bits", type=int, choices=(4, 8), default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
+    parser.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="measure the predictor's loss of the existing synthetic layout DST",
+    )
     for flag in ("--layers", "--hidden", "--neurons", "--heads"):
         parser.add_argument(flag, type=positive, default=None, help="custom size")
     opts = parser.parse_args()
     started = time.perf_counter()
+    if opts.quality_only:
+        try:
+            quality = measure_quality(opts.dst)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"synth: error: {err}", file=sys.stderr)
+            return 2
+        print(
+            f"{opts.dst}: predictor loss {quality['loss']:+.4%} over "
+            f"{quality['tokens']} tokens in {time.perf_counter() - started:.0f} s"
+        )
+        return 0
     if opts.shape in MOE_SHAPES:
         try:
             write_synthetic_moe(

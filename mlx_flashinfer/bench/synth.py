@@ -8,6 +8,8 @@ structure is built); Llama with FATReLU: synth_llama.py.
 
 from __future__ import annotations
 
+import gc
+import math
 import time
 from pathlib import Path
 
@@ -18,7 +20,12 @@ from ..predictors.store import store_predictor
 from .synth_llama import LLAMA_SHAPES, SyntheticLlama
 from .synth_opt import SHAPES, Structure, SyntheticOPT
 
-__all__ = ["LLAMA_SHAPES", "SHAPES", "Structure", "write_synthetic"]
+__all__ = ["LLAMA_SHAPES", "SHAPES", "Structure", "measure_quality", "write_synthetic"]
+
+QUALITY_TOKENS = 64  # scored by measure_quality (16 as a prompt, 48 decode steps)
+QUALITY_SEED = 1  # not the benchmarks' sequence (seed 0)
+QUALITY_BUDGET = "100%"  # flash's budget while scoring (overflow rows are computed
+# all the same, so the loss does not depend on it); dense is freed first
 
 
 def write_synthetic(
@@ -32,6 +39,7 @@ def write_synthetic(
     progress: bool = True,
     group_size: int | None = None,
     down_bits: int | None = None,
+    quality_tokens: int = QUALITY_TOKENS,
 ) -> Path:
     """Write a synthetic sparse model (OPT or Llama-FATReLU) as a layout, with its
     predictor.
@@ -47,6 +55,8 @@ def write_synthetic(
             `convert`.
         seed: every weight follows from it (same seed, same model).
         structure: the activation structure (module docstring); default `Structure()`.
+        quality_tokens: tokens `measure_quality` scores for the predictor's loss
+            (0: not measured; the planner then allows only exact plans).
 
     Returns:
         The layout directory.
@@ -91,4 +101,55 @@ def write_synthetic(
             "seconds": round(time.perf_counter() - started, 1),
         },
     )
+    if quality_tokens:
+        measure_quality(dst, tokens=quality_tokens)
     return Path(dst)
+
+
+def measure_quality(
+    dst: str | Path, *, tokens: int = QUALITY_TOKENS, backend: str = "numpy"
+) -> dict:
+    """The constructed predictor's perplexity loss, recorded in the manifest as a
+    trained predictor's calibrated loss is: the planner allows a predictor's sparse
+    plans only within a measured loss, and without one a synthetic model's plan row
+    could only choose exact plans.
+
+    Dense, then flash with the predictor, score the same `tokens` random token ids
+    (`sequence_tokens`, seed QUALITY_SEED): the first PERPLEXITY_PREFILL as a
+    prompt, every later one a decode step through the sparse path. The loss is
+    flash's perplexity over dense's, minus one (a random model's text is random
+    tokens; the loss is how far the predictor moves what the model says), from
+    the mean NLLs, as a random model's perplexity can overflow a float.
+
+    Returns:
+        The manifest's new predictor "quality" section.
+    """
+    from ..loader import load
+    from ..perplexity import perplexity
+    from ..verify import PERPLEXITY_PREFILL
+    from .configs import sequence_tokens
+
+    layout = Layout.open(dst)
+    ids = sequence_tokens(layout, None, tokens, QUALITY_SEED)
+    score = {"context": len(ids), "prefill": PERPLEXITY_PREFILL}
+    found = {}
+    for name, how in (
+        ("dense", {"dense": True}),
+        ("flash", {"memory_budget": QUALITY_BUDGET, "predictor": "lowrank"}),
+    ):
+        model, _ = load(dst, backend=backend, **how)
+        found[name] = perplexity(model, ids, **score)
+        del model  # never both in memory: a 7B float16 model is half of DRAM here
+        gc.collect()
+    quality = {  # from the mean NLLs: a random model's perplexity can overflow
+        "loss": math.exp(found["flash"]["nll"] - found["dense"]["nll"]) - 1.0,
+        "dense_nll": found["dense"]["nll"],
+        "flash_nll": found["flash"]["nll"],
+        "tokens": found["dense"]["tokens"],
+        "text": f"random token ids (seed {QUALITY_SEED}), decode steps after "
+        f"{PERPLEXITY_PREFILL}",
+        "backend": backend,
+    }
+    section = dict(layout.manifest["predictor"], quality=quality)
+    layout.update_manifest({"predictor": section})
+    return quality

@@ -209,6 +209,7 @@ def choose(
     if max_loss is None:
         trained = trained_kind(layout)
         max_loss = (calibrated_loss(layout, trained) or 0.0) if trained else 0.0
+        max_loss = max(max_loss, 0.0)  # a loss below zero (chance) still allows exact
     found = sorted(
         candidates(layout, amount, machine, max_context, predictor),
         key=lambda c: c.cost.total_s,
