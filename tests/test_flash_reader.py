@@ -59,9 +59,20 @@ def direct_ok(tmp_path_factory) -> bool:
 MODES = ["buffered", "direct"]
 
 
+@pytest.fixture(scope="module")
+def ring_ok() -> bool:
+    from mlx_flashinfer.flash.uring import open_ring
+
+    ring = open_ring()
+    if ring is not None:
+        ring.close()
+    return ring is not None
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("threads", [1, 4])
 @pytest.mark.parametrize("max_gap", [0, 1 << 20])
+@pytest.mark.parametrize("ring", [True, False])
 @settings(
     max_examples=12,
     deadline=None,
@@ -73,16 +84,30 @@ MODES = ["buffered", "direct"]
     data=st.data(),
 )
 def test_read_matches_file(
-    tmp_path, direct_ok, mode, threads, max_gap, neurons, bundle_bytes, data
+    tmp_path,
+    monkeypatch,
+    direct_ok,
+    ring_ok,
+    mode,
+    threads,
+    max_gap,
+    ring,
+    neurons,
+    bundle_bytes,
+    data,
 ):
     if mode == "direct" and not direct_ok:
         pytest.skip("the tmp filesystem refuses O_DIRECT")
+    if ring and not ring_ok:
+        pytest.skip("io_uring is unavailable here")
+    # reads through this thread's io_uring, or (turned off) over the thread pool
+    monkeypatch.setenv("MLX_FLASHINFER_URING", "1" if ring else "0")
     path = tmp_path / "ffn.bin"
     layers = write_ffn(path, neurons, bundle_bytes)
     # A small chunk size makes long runs split into several reads across threads.
     chunk = data.draw(st.sampled_from([4096, 1 << 24]))
     with FlashReader(path, layers, bundle_bytes, threads, max_gap, mode, chunk) as fr:
-        assert fr.mode == mode
+        assert fr.mode == mode and (fr._ring() is not None) == ring
         for _ in range(3):
             layer = data.draw(st.integers(0, len(layers) - 1))
             n = layers[layer].neurons
@@ -416,3 +441,36 @@ def test_direct_reads_finish_after_short_preadv(tmp_path, monkeypatch):
         os.close(fd)
     assert got == 8001 and reads == 4 + 6 + 1  # 999 bytes a call, one view at a time
     np.testing.assert_array_equal(np.concatenate(rows), data[100:8101])
+
+
+def test_ring_reads_what_pread_reads_and_refuses_what_is_wrong(tmp_path, ring_ok):
+    """io_uring reads (uring.py): every byte as `os.pread` gives it, short only at
+    the end of the file, an error as OSError, and never past the buffer."""
+    from mlx_flashinfer.flash.uring import Ring, ring_runs
+
+    if not ring_ok:
+        pytest.skip("io_uring is unavailable here")
+    data = np.random.default_rng(2).integers(0, 256, 300_000, dtype=np.uint8)
+    path = tmp_path / "f"
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    ring = Ring(8)  # fewer entries than reads: several submissions a call
+    try:
+        rng = np.random.default_rng(3)
+        lo = np.sort(rng.choice(290_000, 40, replace=False))
+        hi = np.minimum(lo + rng.integers(1, 20_000, 40), len(data) + 100)
+        pos = np.concatenate([[0], np.cumsum(hi - lo)[:-1]])
+        buffer = np.zeros(int((hi - lo).sum()), np.uint8)
+        reads, got, rest = ring_runs(ring, fd, lo, hi, pos, buffer, 4096, len(data))
+        assert reads == int((-(-(hi - lo) // 4096)).sum()) and not rest
+        assert got == int((np.minimum(hi, len(data)) - lo).sum())
+        for a, b, p in zip(lo, hi, pos, strict=True):
+            b = min(b, len(data))
+            np.testing.assert_array_equal(buffer[p : p + b - a], data[a:b])
+        with pytest.raises(ValueError, match="past the end of its buffer"):
+            ring_runs(ring, fd, [0], [9000], [len(buffer) - 100], buffer, 4096, 10**6)
+        with pytest.raises(OSError):  # not an open file
+            ring.read(10**6, [0], [buffer.ctypes.data], [10])
+    finally:
+        ring.close()
+        os.close(fd)

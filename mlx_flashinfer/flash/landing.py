@@ -74,6 +74,28 @@ def direct_calls(starts, dest: list, rows, chunk: int) -> list:
     return calls
 
 
+def read_chunks(fd: int, chunks, buffer, size: int, align: int, path: str):
+    """`preadv` each (file offset, buffer position, length) of `chunks` in full,
+    into `buffer`; returns (syscalls, bytes read)."""
+    reads = got = 0
+    with memoryview(buffer) as view:
+        for offset, at, length in chunks:
+            need = min(length, size - offset)  # an aligned read may ask past the end
+            done = 0
+            while done < need:
+                n = os.preadv(fd, [view[at + done : at + length]], offset + done)
+                reads += 1
+                if n == 0 or (n % align and done + n < need):
+                    raise ValueError(
+                        f"{path}: got {done + n} of {need} bytes at offset {offset}: "
+                        "the file changed or was truncated after loading (reopen "
+                        "the model, or re-convert it)"
+                    )
+                done += n
+            got += done
+    return reads, got
+
+
 def read_calls(fd: int, calls: list, path: str) -> tuple[int, int]:
     """`preadv` each (file offset, [row views]) of `calls` in full; returns
     (syscalls, bytes read)."""

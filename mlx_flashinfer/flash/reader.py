@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,8 +24,9 @@ import numpy as np
 
 from ..formats.layout import LayerExtent
 from .direct_io import MAX_ALIGN, open_uncached, staging_size
-from .landing import Fetched, bytes_of, direct_calls, gather, read_calls
+from .landing import Fetched, bytes_of, direct_calls, gather, read_calls, read_chunks
 from .stats import ReadStats
+from .uring import open_ring, ring_runs
 
 # The defaults are measured on the project's dev VM (2 cores, flash-like virtio disk)
 # with `tools/disk_probe.py --reader`: random sorted ids of 3% / 10% of a layer per
@@ -162,6 +164,7 @@ class FlashReader:
                     f"{end} (truncated, or not this model's FFN file)"
                 )
         self._pool = ThreadPoolExecutor(int(threads)) if threads > 1 else None
+        self._rings, self._opened = threading.local(), []  # a ring per thread
         # page-aligned (mmap), so O_DIRECT reads can land in it
         self._staging = mmap.mmap(-1, staging_bytes)
         self.staging_bytes = staging_bytes
@@ -294,6 +297,9 @@ class FlashReader:
         if getattr(self, "_pool", None) is not None:
             self._pool.shutdown()
             self._pool = None
+        for ring in getattr(self, "_opened", ()):
+            ring.close()
+        self._opened = []
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -426,8 +432,15 @@ class FlashReader:
 
     def _read_runs(self, lo, hi, pos, buffer=None) -> tuple[int, int]:
         """Read file bytes [lo[i], hi[i]) to buffer[pos[i]:] (default: the staging
-        buffer) for every run, in chunks over the thread pool; returns (syscalls,
-        bytes read)."""
+        buffer) for every run, in chunks through this thread's io_uring or over the
+        thread pool; returns (syscalls or ring reads, bytes read)."""
+        buffer = self._staging if buffer is None else buffer
+        if (ring := self._ring()) is not None:
+            reads, got, short = ring_runs(
+                ring, self._fd, lo, hi, pos, buffer, self.chunk_bytes, self._size
+            )
+            more = self._read_chunks(short, buffer) if short else (0, 0)
+            return reads + more[0], got + more[1]
         chunks = [
             (offset, p + offset - a, min(self.chunk_bytes, b - offset))
             for a, b, p in zip(
@@ -438,7 +451,6 @@ class FlashReader:
             )
             for offset in range(a, b, self.chunk_bytes)
         ]
-        buffer = self._staging if buffer is None else buffer
         return self._spread(self._read_chunks, chunks, buffer)
 
     def _spread(self, read, tasks: list, *args) -> tuple[int, int]:
@@ -470,27 +482,15 @@ class FlashReader:
             for d in dest
         )
 
+    def _ring(self):
+        """This thread's io_uring (`uring.py`), or None: the thread pool reads."""
+        if not hasattr(self._rings, "ring"):
+            self._rings.ring = open_ring()
+            self._opened += [self._rings.ring] if self._rings.ring else []
+        return self._rings.ring
+
     def _read_chunks(self, chunks, buffer) -> tuple[int, int]:
-        reads = got = 0
-        with memoryview(buffer) as view:
-            for offset, at, length in chunks:
-                # Near the end of the file an aligned read may ask past it.
-                need = min(length, self._size - offset)
-                done = 0
-                while done < need:
-                    n = os.preadv(
-                        self._fd, [view[at + done : at + length]], offset + done
-                    )
-                    reads += 1
-                    if n == 0 or (n % self._align and done + n < need):
-                        raise ValueError(
-                            f"{self.path}: got {done + n} of {need} bytes at offset "
-                            f"{offset}: the file changed or was truncated after "
-                            "loading (reopen the model, or re-convert it)"
-                        )
-                    done += n
-                got += done
-        return reads, got
+        return read_chunks(self._fd, chunks, buffer, self._size, self._align, self.path)
 
     def _finish(self, layer: int, reads: int, got: int, useful: int, began: float):
         if self.mode == "buffered" and hasattr(os, "posix_fadvise"):

@@ -24,6 +24,7 @@ import numpy as np
 
 from ..flash.memory import MemoryPlan, model_bytes
 from ..flash.reader import DEFAULT_CHUNK, DEFAULT_MAX_GAP, DEFAULT_THREADS
+from ..flash.uring import RING_ENTRIES
 from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
@@ -433,9 +434,11 @@ def row_copy_seconds(machine: Machine) -> float:
 
 def disk_seconds(machine: Machine, reads: float, nbytes: float) -> float:
     """The disk's seconds for a call's reads: waves of as many as the reader's
-    threads take, each as long as one read of that size with that many in flight."""
+    threads take (or its io_uring, where the probe measured one), each as long as
+    one read of that size with that many in flight."""
     size = nbytes / reads
-    flight = max(1.0, min(float(DEFAULT_THREADS), reads))
+    ring = any(c.get("ring") for c in machine.disk["cells"])
+    flight = max(1.0, min(float(RING_ENTRIES if ring else DEFAULT_THREADS), reads))
     waves = math.ceil(reads / flight)
     rate = throughput_at(machine.disk, max(size, 512), round(flight))
     return waves * flight * size / rate

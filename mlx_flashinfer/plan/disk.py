@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..flash.direct_io import open_uncached
+from ..flash.uring import RING_ENTRIES, open_ring
 
 KIB = 1024
 SIZES = tuple(4 * KIB << k for k in range(9))  # 4 KiB ... 1 MiB
@@ -55,6 +56,9 @@ def probe(
     `file_bytes` created in directory `path` (default: the current directory), and
     (`sequential`) the rate of a span read in consecutive chunks over threads.
 
+    Where the reader uses io_uring (flash/uring.py), every size is measured through
+    a ring too, as cells of RING_ENTRIES "threads" (reads in flight) with "ring".
+
     Returns {"mode", "file_bytes", "seconds", "sizes", "threads", "cells",
     "sequential"}, each cell {"read_size", "threads", "reads", "bytes", "seconds",
     "bytes_per_s"}.
@@ -73,20 +77,27 @@ def probe(
         raise ValueError(f"{directory}: cannot bypass the page cache here; use a disk")
     cells, streams = [], []
     try:
+        ring = open_ring()
         grid = [(s, t) for s in sizes for t in threads]
+        grid += [(s, RING_ENTRIES) for s in sizes] if ring else []
         # a span read as FlashReader streams one: consecutive chunks over threads
         spans = [(s, t) for s in SEQUENTIAL_SIZES for t in SEQUENTIAL_THREADS]
         spans = spans if sequential else []
         total = len(grid) + len(spans)
         with tqdm(total=total, desc="probe", unit="cell", disable=not progress) as bar:
             for size, count in grid:
-                cells.append(_cell(fd, file_bytes, size, count, seconds))
+                if ring and count == RING_ENTRIES:
+                    cells.append(_ring_cell(ring, fd, file_bytes, size, seconds))
+                else:
+                    cells.append(_cell(fd, file_bytes, size, count, seconds))
                 bar.update()
             for size, count in spans:
                 streams.append(_cell(fd, file_bytes, size, count, seconds, True))
                 bar.update()
     finally:
         os.close(fd)
+        if ring:
+            ring.close()
         if not keep:
             file.unlink()
     return {
@@ -168,12 +179,16 @@ def throughput_at(
 def table(result: dict) -> str:
     """The result as a markdown table: rows read size, columns threads, MB/s."""
     rate = {(c["read_size"], c["threads"]): c["bytes_per_s"] for c in result["cells"]}
+    columns = list(result["threads"])
+    names = [f"{t} thr" for t in columns]
+    if any(c.get("ring") for c in result["cells"]):
+        columns, names = columns + [RING_ENTRIES], names + [f"io_uring {RING_ENTRIES}"]
     lines = [
-        "| read size | " + " | ".join(f"{t} thr" for t in result["threads"]) + " |",
-        "|---:|" + "---:|" * len(result["threads"]),
+        "| read size | " + " | ".join(names) + " |",
+        "|---:|" + "---:|" * len(columns),
     ]
     for size in result["sizes"]:
-        cells = " | ".join(f"{rate[size, t] / 1e6:.0f}" for t in result["threads"])
+        cells = " | ".join(f"{rate[size, t] / 1e6:.0f}" for t in columns)
         lines.append(f"| {size // KIB} KiB | {cells} |")
     return "\n".join(lines)
 
@@ -200,6 +215,30 @@ def _write_test_file(file: Path, nbytes: int, progress: bool) -> None:
             bar.update(len(data))
         f.flush()
         os.fsync(f.fileno())
+
+
+def _ring_cell(ring, fd: int, file_bytes: int, size: int, seconds: float) -> dict:
+    """Random `size`-aligned blocks read through `ring`, a ring-full a submission,
+    for `seconds` (as the reader reads a call's runs)."""
+    buffer = mmap.mmap(-1, size * ring.entries)
+    rng = np.random.default_rng((size, ring.entries))
+    address = np.frombuffer(buffer, np.uint8).ctypes.data
+    addresses = address + np.arange(ring.entries, dtype=np.uint64) * size
+    lengths = np.full(ring.entries, size)
+    nbytes, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        offsets = rng.integers(0, file_bytes // size, ring.entries) * size
+        nbytes += int(ring.read(fd, offsets, addresses, lengths).sum())
+    elapsed = time.perf_counter() - began
+    return {
+        "read_size": size,
+        "threads": ring.entries,
+        "ring": True,
+        "reads": nbytes // size,
+        "bytes": nbytes,
+        "seconds": elapsed,
+        "bytes_per_s": nbytes / elapsed,
+    }
 
 
 def _cell(
