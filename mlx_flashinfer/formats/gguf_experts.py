@@ -231,7 +231,7 @@ class StackedExperts:
         if not own:
             return False
         stacks = [n for n in self.shapes if n.endswith(STACKS)]
-        if stacks:  # llama.cpp would read neither file whole
+        if stacks:  # no converter wrote both (llama.cpp picks per layer)
             a, b = (self._tensors[n[0]].name for n in (stacks, own))
             raise ValueError(
                 f"{self.path}: {a} beside {b}: experts are either stacked "
