@@ -4,7 +4,9 @@ ffn_{gate,up,down}_exps once all of them are read (Granite's input_linear split
 into gate and up), the router ffn_gate_inp (kept float32, as llama.cpp's quantizer
 keeps it), Qwen2-MoE's shared expert *_shexp, q/k rows permuted for the "llama"
 (Mixtral) and "granitemoe" architectures only, the routing and Granite's
-multipliers as metadata. The tokenizer is a SentencePiece one over tiny_models'
+multipliers as metadata. Layers named in `per_expert` are written as the first
+Mixtral GGUFs were, each expert's matrices a tensor of its own
+(`blk.N.ffn_gate.E.weight`). The tokenizer is a SentencePiece one over tiny_models'
 words, so token ids are the Hugging Face checkpoint's."""
 
 from __future__ import annotations
@@ -52,9 +54,12 @@ _TOP = {
 }
 
 
-def gguf_tensors(config: dict, weights: dict) -> dict[str, np.ndarray]:
+def gguf_tensors(
+    config: dict, weights: dict, per_expert: tuple[int, ...] = ()
+) -> dict[str, np.ndarray]:
     """The GGUF tensors of a tiny MoE checkpoint, name -> float32 array, in the
-    order llama.cpp's converter writes them (a stack once its last expert is read)."""
+    order llama.cpp's converter writes them (a stack once its last expert is read;
+    in the layers of `per_expert`, each expert's tensors as read)."""
     arch = ARCH[config["model_type"]]
     experts = config.get("num_local_experts") or config["num_experts"]
     heads = {"q": config["num_attention_heads"], "k": config["num_key_value_heads"]}
@@ -76,6 +81,9 @@ def gguf_tensors(config: dict, weights: dict) -> dict[str, np.ndarray]:
             out[blk + "ffn_up_exps.weight"] = array[:, f:]
         elif rest.endswith("output_linear.weight"):
             out[blk + "ffn_down_exps.weight"] = array
+        elif ".experts." in rest and int(layer) in per_expert:
+            e, part = rest.split(".")[-3:-1]
+            out[f"{blk}{_STACK[part].removesuffix('_exps')}.{e}.weight"] = array
         elif ".experts." in rest:
             part = rest.split(".")[-2]
             stack = pending.setdefault(blk + _STACK[part] + ".weight", [])
@@ -95,11 +103,14 @@ def write_moe_gguf(
     *,
     arch: str | None = None,
     extra: dict | None = None,
+    per_expert: tuple[int, ...] = (),
+    without: tuple[str, ...] = (),
 ) -> Path:
     """A GGUF of a tiny MoE checkpoint: float32, or its matrices as `qtype` (a
     gguf.GGMLQuantizationType: F16, or blocks where the rows hold whole ones; the
     routers stay float32). `arch` overrides the architecture's name, `extra` adds
-    metadata ({key without the arch prefix: value})."""
+    metadata ({key without the arch prefix: value}), `per_expert` names the layers
+    written old-style (see `gguf_tensors`), `without` the tensors left out."""
     import gguf
 
     family = config["model_type"]
@@ -139,7 +150,9 @@ def write_moe_gguf(
     writer.add_unk_token_id(0)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
-    for name, array in gguf_tensors(config, weights).items():
+    for name, array in gguf_tensors(config, weights, per_expert).items():
+        if name in without:
+            continue
         array = np.ascontiguousarray(array, dtype=np.float32)
         if qtype is None or array.ndim == 1 or name.endswith("ffn_gate_inp.weight"):
             writer.add_tensor(name, array)

@@ -1,6 +1,7 @@
-"""Mixtures of experts from GGUF (experts stacked as ffn_{gate,up,down}_exps): the
-same layout as from the Hugging Face checkpoint, transformers' logits, quantized
-expert rows taken unchanged, and the refusals."""
+"""Mixtures of experts from GGUF (experts stacked as ffn_{gate,up,down}_exps, or
+one tensor each as in the first Mixtral GGUFs): the same layout as from the Hugging
+Face checkpoint, transformers' logits, quantized expert rows taken unchanged, and
+the refusals."""
 
 import json
 from pathlib import Path
@@ -198,3 +199,75 @@ def test_moe_ggufs_refused_in_one_line(tmp_path, capsys):
     ):
         src = write_moe_gguf(tmp_path / "x.gguf", config, weights, extra=extra)
         assert_refused(["convert", src, out], refusal, capsys)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "dtype"),
+    [(None, "float32"), ("F16", "float16"), ("Q4_0", "q4"), ("Q8_0", "q8")],
+)
+def test_an_old_style_mixtral_gguf_converts_as_the_stacked_one(qtype, dtype, tmp_path):
+    """The first Mixtral GGUFs, each expert's matrices a tensor of its own
+    (blk.N.ffn_gate.E.weight), convert to the bytes of the same model written
+    stacked; Q4_0 and Q8_0 gate and up rows are each expert tensor's blocks
+    unchanged; the dense logits are the stacked one's."""
+    kind = qtype and getattr(gguf.GGMLQuantizationType, qtype)
+    config = moe_config("mixtral", hidden_size=64, intermediate_size=32)
+    weights = moe_weights(config, 7)
+    layouts = []
+    for form, layers in (("stacked", ()), ("own", (0, 1))):
+        src = write_moe_gguf(
+            tmp_path / f"{form}.gguf", config, weights, kind, per_expert=layers
+        )
+        layouts.append(convert(src, tmp_path / form, dtype=dtype, progress=False))
+    stacked, own = layouts
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "own.gguf").tensors}
+    assert "blk.1.ffn_down.5.weight" in tensors
+    assert not any(name.endswith("_exps.weight") for name in tensors)
+    same_model_args(stacked, own)
+    for file in ("ffn.bin", "resident.safetensors"):
+        assert (stacked / file).read_bytes() == (own / file).read_bytes(), file
+    lay = Layout.open(own)
+    assert lay.quantization == Layout.open(stacked).quantization
+    if dtype in ("q4", "q8"):
+        exact = 2 + 2 * EXACT_PER_LAYER["mixtral"]  # embedding, head, 2 layers
+        assert lay.quantization["exact_from_source"] == exact
+        for layer in range(2):
+            gate, up, _ = lay.read_parts(layer)
+            for part, name in ((gate, "ffn_gate"), (up, "ffn_up")):
+                for e in range(6):
+                    t = tensors[f"blk.{layer}.{name}.{e}.weight"]
+                    got = rows_float32(part, dtype, e, e + 1).reshape(32, 64)
+                    expected = gguf.quants.dequantize(t.data, kind)
+                    assert np.array_equal(got, expected), (layer, name, e)
+    a, b = (load(x, backend="numpy")[0].logits(TOKENS, prefill=4) for x in layouts)
+    assert np.array_equal(a, b)
+
+
+def test_old_style_moe_ggufs_refused_in_one_line(tmp_path, capsys):
+    """Stacks and per-expert tensors in one file, an expert's tensor missing (or
+    fewer experts than the metadata's), per-expert tensors where llama.cpp does not
+    read them (Qwen2-MoE): each refused, naming the tensor."""
+    config = tiny_moe_configs()["mixtral"]
+    weights = moe_weights(config, 5)
+    out = tmp_path / "out"
+    src = write_moe_gguf(tmp_path / "m.gguf", config, weights, per_expert=(1,))
+    err = assert_refused(["convert", src, out], "experts are either stacked", capsys)
+    assert "_exps.weight beside blk.1.ffn_" in err
+    for extra, without, refusal in (
+        (None, ("blk.1.ffn_up.3.weight",), "blk.1.ffn_up.3.weight is missing"),
+        ({"expert_count": 7}, (), "blk.0.ffn_gate.6.weight is missing"),
+    ):
+        src = write_moe_gguf(
+            tmp_path / "x.gguf",
+            config,
+            weights,
+            extra=extra,
+            per_expert=(0, 1),
+            without=without,
+        )
+        assert_refused(["convert", src, out], refusal, capsys)
+    qwen = tiny_moe_configs()["qwen2-moe"]
+    src = write_moe_gguf(
+        tmp_path / "q.gguf", qwen, moe_weights(qwen, 5), per_expert=(0, 1)
+    )
+    assert_refused(["convert", src, out], "unsupported tensor blk.0.ffn_", capsys)

@@ -16,6 +16,12 @@ stack (`StackedExperts`): expert e's rows are the stack's [e], and so are its
 quantized blocks (Q4_0, Q4_1, Q8_0: taken unchanged, as a dense tensor's). Granite's
 gate and up stacks are joined as its `input_linear`.
 
+The first Mixtral GGUFs (llama.cpp before it stacked experts, spring 2024) store
+each expert's matrices as tensors of their own, `blk.N.ffn_{gate,up,down}.E.weight`;
+llama.cpp's loader still reads them (its "llama" architecture only) as views of a
+stack. Here they are read as they are, each under its expert's canonical name: the
+same values and blocks as expert E's slice of the stack would hold.
+
 What llama.cpp fixes rather than stores, it fixes here too: whether the top-k
 weights are renormalised (`RENORMALISED`, unless `{arch}.expert_weights_norm` says).
 """
@@ -48,6 +54,10 @@ RENORMALISED = {
 # and Granite-MoE among them), not in these (NeoX RoPE: rows as Hugging Face's)
 NOT_PERMUTED = ("qwen2moe", "qwen3moe", "olmoe")
 STACKS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
+# the old-style tensors of expert {e} (gate, up, down, as STACKS), where llama.cpp
+# reads them
+PER_EXPERT = ("ffn_gate.{e}.weight", "ffn_up.{e}.weight", "ffn_down.{e}.weight")
+PER_EXPERT_ARCHS = ("llama",)
 # metadata of routing this runtime does not compute
 _REFUSED_KEYS = (
     "expert_group_count",
@@ -140,14 +150,20 @@ def gguf_moe_config(meta: dict) -> dict:
 
 def gguf_moe_layer_names(meta: dict) -> dict[str, str]:
     """A GGUF MoE layer's tensor names (after `blk.{i}.`) -> canonical names (after
-    `layers.{i}.`): router, shared expert, and the stacks (kept under their GGUF
-    names: each expert is named by `StackedExperts`). {} for a dense model."""
+    `layers.{i}.`): router, shared expert, the stacks (kept under their GGUF
+    names: each expert is named by `StackedExperts`) and, where llama.cpp reads
+    them, old-style per-expert tensors (under their experts' names). {} for a
+    dense model."""
     if not is_gguf_moe(meta):
         return {}
     arch = meta["general.architecture"]
     family = FAMILIES[MOE_ARCHS.get(arch, "mixtral")]
     names = {"ffn_gate_inp.weight": f"{family.block}.{family.router}.weight"}
     names |= {stack: stack for stack in STACKS}
+    if arch in PER_EXPERT_ARCHS:  # old-style: expert e's matrices are its own
+        for e in range(int(meta[f"{arch}.expert_count"])):
+            for own, part in zip(PER_EXPERT, family.parts, strict=True):
+                names[own.format(e=e)] = f"{family.block}.experts.{e}.{part}.weight"
     if family.shared_expert:
         s = f"{family.block}.shared_expert"
         names |= {
@@ -167,8 +183,9 @@ def gguf_moe_layer_names(meta: dict) -> dict[str, str]:
 class StackedExperts:
     """A GGUF checkpoint's expert stacks named as the Hugging Face checkpoint's
     tensors: each expert's matrix the stack's [e] (its values or its quantized
-    blocks), Granite's input_linear the gate and up stacks joined. The checkpoint
-    (formats/checkpoints.py) has `path`, `args`, `shapes`, `tensor` and
+    blocks), Granite's input_linear the gate and up stacks joined; old-style
+    per-expert tensors are checked complete and read as they are. The checkpoint
+    (formats/checkpoints.py) has `path`, `args`, `shapes`, `_tensors`, `tensor` and
     `native_quantized` of the stacks themselves."""
 
     def _name_experts(self) -> None:
@@ -176,7 +193,7 @@ class StackedExperts:
         self._experts: dict[str, tuple[tuple[str, ...], int | None]] = {}
         self._stack: tuple[str, str, object] | None = None  # (name, kind, arrays)
         args = self.args
-        if not args.is_moe:
+        if not args.is_moe or self._per_expert():
             return
         for i in range(args.num_hidden_layers):
             stacks = [f"layers.{i}.{s}" for s in STACKS]
@@ -200,6 +217,37 @@ class StackedExperts:
                 for stack, (name, _) in zip(stacks, parts, strict=True):
                     self._experts[name] = ((stack,), e)
                     self.shapes[name] = self.shapes[stack][1:]
+
+    def _per_expert(self) -> bool:
+        """Whether the experts are old-style tensors of their own (then every one
+        is there), not stacks.
+
+        Raises:
+            ValueError: both forms in one file, or an expert's tensor missing
+                (named).
+        """
+        args = self.args
+        own = [n for n in self.shapes if ".experts." in n]
+        if not own:
+            return False
+        stacks = [n for n in self.shapes if n.endswith(STACKS)]
+        if stacks:  # no converter wrote both (llama.cpp picks per layer)
+            a, b = (self._tensors[n[0]].name for n in (stacks, own))
+            raise ValueError(
+                f"{self.path}: {a} beside {b}: experts are either stacked "
+                "(ffn_*_exps) or one tensor each (ffn_*.E), not both"
+            )
+        for i in range(args.num_hidden_layers):
+            for e in range(args.num_experts):
+                parts = expert_parts(args, i, e)
+                for (name, _), gguf in zip(parts, PER_EXPERT, strict=True):
+                    if name not in self.shapes:
+                        raise ValueError(
+                            f"{self.path}: blk.{i}.{gguf.format(e=e)} is missing: "
+                            f"expected {args.num_experts} experts' gate, up and "
+                            "down tensors"
+                        )
+        return True
 
     def _expert(self, name: str) -> np.ndarray:
         """The values of an expert's matrix (or of Granite's joined stacks)."""
