@@ -26,7 +26,7 @@ from ..formats.layout import LayerExtent
 from .direct_io import MAX_ALIGN, open_uncached, staging_size
 from .landing import Fetched, bytes_of, direct_calls, gather, read_calls, read_chunks
 from .stats import ReadStats
-from .uring import open_ring, ring_runs
+from .uring import open_ring, ring_runs, several_reads
 
 # The defaults are measured on the project's dev VM (2 cores, flash-like virtio disk)
 # with `tools/disk_probe.py --reader`: random sorted ids of 3% / 10% of a layer per
@@ -435,7 +435,7 @@ class FlashReader:
         buffer) for every run, in chunks through this thread's io_uring or over the
         thread pool; returns (syscalls or ring reads, bytes read)."""
         buffer = self._staging if buffer is None else buffer
-        if (ring := self._ring()) is not None:
+        if several_reads(lo, hi, self.chunk_bytes) and (ring := self._ring()):
             reads, got, short = ring_runs(
                 ring, self._fd, lo, hi, pos, buffer, self.chunk_bytes, self._size
             )
