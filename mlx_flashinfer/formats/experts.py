@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .families import attention_shapes
+from .safetensors_stream import encode
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,41 @@ def expert_values(source, args, layer: int) -> list[list]:
             values = source.tensor(name)
             parts[p].append(values.T if transposed else values)
     return parts
+
+
+def expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
+    """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
+    expert's gate rows, up rows, down columns, each (intermediate, d_model)
+    (quantized by `q`, convert.py's `Quantization`: its packed rows, then their
+    scales, then their biases; a source's own groups where they are the layout's,
+    as `Quantization.matrix` and `stack` take them)."""
+    if q is not None and not FAMILIES[args.moe_type].fused:
+        experts = [expert_parts(args, layer, e) for e in range(args.num_experts)]
+        out = []
+        for p, bits in enumerate(q.part_bits):  # part after part: a stack at a time
+            rows = [q.matrix(e[p][0], bits, e[p][1]) for e in experts]
+            out.append(np.stack([_joined(fields) for fields in rows]))
+        return out
+    if q is not None:  # stacked (Granite): row ranges of its two stacks
+        gate_up, down = expert_tensor_names(args, layer)
+        f = args.intermediate_size
+        stacks = [(gate_up, slice(0, f)), (gate_up, slice(f, 2 * f))]
+        stacks.append((down, slice(None)))  # its columns: transposed
+        return [
+            np.stack([_joined(fields) for fields in q.stack(name, bits, rows, p == 2)])
+            for p, ((name, rows), bits) in enumerate(
+                zip(stacks, q.part_bits, strict=True)
+            )
+        ]
+    parts = []
+    for experts in expert_values(source, args, layer):
+        rows = [_joined([encode(np.ascontiguousarray(v), dtype)]) for v in experts]
+        parts.append(np.stack(rows))
+    return parts
+
+
+def _joined(fields) -> np.ndarray:
+    return np.concatenate([f.view(np.uint8).reshape(-1) for f in fields])
 
 
 def fold_factor(config: dict, args, name: str) -> float:
