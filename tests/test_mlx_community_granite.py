@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_checks import assert_refused
 from tiny_models import TOKENS, has_mlx
 from tiny_moe import moe_config, moe_weights, tiny_moe_configs
 
@@ -194,14 +193,6 @@ def test_q4_switch_mlp_flash_equals_dense(tmp_path):
         flash, _ = load(q4, backend=backend, memory_budget=moe_budget(q4), window=1)
         assert np.abs(flash.logits(TOKENS, prefill=4) - expected).max() <= 1e-5
         assert sum(flash.held_bytes().values()) == flash.plan.weights
-
-
-def test_granite_moe_with_a_shared_expert_is_refused(tmp_path, capsys):
-    config = CONFIG | {"model_type": "granitemoeshared", "shared_intermediate_size": 64}
-    src, _, _ = write_granite(tmp_path / "mlx", config, moe_weights(CONFIG, 4), 4)
-    assert_refused(
-        ["convert", src, tmp_path / "out"], "unsupported architecture", capsys
-    )
 
 
 def test_a_4bit_granite_moe_is_cached_as_q4(tmp_path):
