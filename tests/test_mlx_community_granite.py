@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tiny_models import TOKENS, has_mlx
+from tiny_models import TOKENS, has_mlx, write_hf_checkpoint
 from tiny_moe import moe_config, moe_weights, tiny_moe_configs
 
 from mlx_flashinfer import Layout, convert, load
@@ -120,12 +120,23 @@ def test_quantized_switch_mlp_converts_as_written(tmp_path, bits):
     the multipliers folded in); a layout of its bits takes each expert's gate and
     up rows as MLX stored them, and the scaled matrices' integers too, their scales
     and biases times the multiplier, rounded to float16 once (counted)."""
-    src, saved, values = write_granite(
-        tmp_path / "mlx", CONFIG, moe_weights(CONFIG, seed=2), bits
-    )
+    weights = moe_weights(CONFIG, seed=2)
+    src, saved, values = write_granite(tmp_path / "mlx", CONFIG, weights, bits)
     assert "model.layers.0.block_sparse_moe.switch_mlp.up_proj.scales" in saved
     assert "lm_head.weight" not in saved  # tied: mlx-lm drops it
-    assert_dequantizes_as_written(tmp_path, src, CONFIG, values)
+    _, ref = assert_dequantizes_as_written(tmp_path, src, CONFIG, values)
+    # each expert's part within a step (its largest scale) of the model MLX
+    # quantized, as the Hugging Face folder converts it
+    hf = write_hf_checkpoint(tmp_path / "hf", CONFIG, weights)
+    hf = Layout.open(convert(hf, tmp_path / "hf-f32", dtype="float32", progress=False))
+    for layer in range(CONFIG["num_hidden_layers"]):
+        ours, theirs = Layout.open(ref).read_parts(layer), hf.read_parts(layer)
+        for p, name in enumerate(("gate_proj", "up_proj", "down_proj")):
+            scales = saved[f"model.layers.{layer}.{SWITCH}{name}.scales"]
+            step = np.abs(np.array(scales.astype(mx.float32))).max()
+            if name == "down_proj":  # the residual multiplier folded in
+                step *= CONFIG["residual_multiplier"]
+            assert np.abs(ours[p] - theirs[p]).max() <= step, (layer, name)
     dtype = f"q{bits}"
     lay = Layout.open(convert(src, tmp_path / dtype, dtype=dtype, progress=False))
     record = lay.quantization
