@@ -16,6 +16,8 @@ import mlx.core as mx
 import numpy as np
 from tiny_models import tiny_tokenizer_json
 
+from mlx_flashinfer import convert
+
 SWITCH = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # Mixtral's
 
 
@@ -106,3 +108,15 @@ def fields(saved: dict, module: str) -> list[np.ndarray]:
     """(packed, scales, biases) of `module` as MLX stored them, scales float16."""
     q, s, b = (saved[module + k] for k in (".weight", ".scales", ".biases"))
     return [np.array(q), np.array(s.astype(mx.float16)), np.array(b.astype(mx.float16))]
+
+
+def assert_dequantizes_as_written(tmp_path, src, config: dict, values: dict):
+    """The float32 layout of the quantized checkpoint `src` is byte for byte the one
+    of a plain checkpoint holding its dequantized `values`; returns that plain
+    checkpoint and its float32 layout."""
+    f32 = convert(src, tmp_path / "f32", dtype="float32", progress=False)
+    plain = write_float(tmp_path / "plain", config, values)
+    ref = convert(plain, tmp_path / "ref", dtype="float32", progress=False)
+    for file in ("resident.safetensors", "ffn.bin"):
+        assert (f32 / file).read_bytes() == (ref / file).read_bytes()
+    return plain, ref

@@ -28,7 +28,7 @@ BASE = {
 
 def moe_config(family: str, experts: int = 6, top_k: int = 2, **overrides) -> dict:
     """A config.json dict of a tiny MoE model of `family` ("mixtral", "qwen3_moe",
-    "qwen2_moe", "olmoe", "granitemoe")."""
+    "qwen2_moe", "olmoe", "granitemoe", "granitemoeshared")."""
     config = dict(BASE, model_type=family)
     if family == "mixtral":
         config |= {
@@ -50,7 +50,7 @@ def moe_config(family: str, experts: int = 6, top_k: int = 2, **overrides) -> di
             config |= {"head_dim": 8, "attention_bias": False}
         else:
             config |= {"shared_expert_intermediate_size": 32, "qkv_bias": True}
-    elif family == "granitemoe":  # the multipliers of granite-3.0-1b-a400m
+    elif family in ("granitemoe", "granitemoeshared"):  # granite-3.0-1b-a400m's
         config |= {
             "intermediate_size": 24,
             "num_local_experts": experts,
@@ -61,6 +61,8 @@ def moe_config(family: str, experts: int = 6, top_k: int = 2, **overrides) -> di
             "logits_scaling": 6.0,
             "tie_word_embeddings": True,
         }
+        if family == "granitemoeshared":
+            config["shared_intermediate_size"] = 32
     elif family == "olmoe":
         config |= {
             "intermediate_size": 24,
@@ -85,6 +87,12 @@ def tiny_moe_configs() -> dict[str, dict]:
         "olmoe": moe_config("olmoe", experts=8, top_k=3),
         "granitemoe": moe_config("granitemoe", experts=5),
     }
+
+
+def hf_only_moe_configs() -> dict[str, dict]:
+    """Families read from Hugging Face folders only (llama.cpp has no architecture
+    for them): Granite-MoE with a shared expert."""
+    return {"granitemoeshared": moe_config("granitemoeshared", experts=5)}
 
 
 def moe_weights(config: dict, seed: int = 0) -> dict:
@@ -124,11 +132,14 @@ def moe_weights(config: dict, seed: int = 0) -> dict:
             out[p + "self_attn.q_norm.weight"] = norm(q)
             out[p + "self_attn.k_norm.weight"] = norm(kv)
         # a router scaled up so that its choices are clear, not near-ties
-        if family == "granitemoe":  # the experts stacked, gate and up rows fused
+        if family.startswith("granitemoe"):  # experts stacked, gate and up rows fused
             m = p + "block_sparse_moe."
             out[m + "router.layer.weight"] = w(experts, d, scale=1.0)
             out[m + "input_linear.weight"] = w(experts, 2 * f, d)
             out[m + "output_linear.weight"] = w(experts, d, f)
+            if fs := config.get("shared_intermediate_size"):  # granitemoeshared
+                out[p + "shared_mlp.input_linear.weight"] = w(2 * fs, d)
+                out[p + "shared_mlp.output_linear.weight"] = w(d, fs)
             continue
         if family == "mixtral":
             m = p + "block_sparse_moe."

@@ -8,7 +8,8 @@ transformers (see tools/reference_logits.py), from the repository root:
     /path/to/refenv/bin/python tools/make_moe_golden.py
 
 It writes tests/golden/moe/NAME.npz (tokens, logits, and each layer's routed experts
-per token) for every tiny MoE model.
+per token) for every tiny MoE model, or for those named on the command line
+(`tools/make_moe_golden.py granitemoeshared`).
 """
 
 import sys
@@ -22,14 +23,17 @@ from transformers import AutoModelForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny_models import TOKENS, write_hf_checkpoint  # noqa: E402
-from tiny_moe import moe_weights, tiny_moe_configs  # noqa: E402
+from tiny_moe import hf_only_moe_configs, moe_weights, tiny_moe_configs  # noqa: E402
 
 
 def main() -> None:
     out_dir = ROOT / "tests" / "golden" / "moe"
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, config in tiny_moe_configs().items():
+        configs = tiny_moe_configs() | hf_only_moe_configs()
+        for name, config in configs.items():
+            if sys.argv[1:] and name not in sys.argv[1:]:
+                continue
             src = write_hf_checkpoint(
                 Path(tmp) / name, config, moe_weights(config, seed=5)
             )

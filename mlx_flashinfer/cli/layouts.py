@@ -123,7 +123,10 @@ def quantization_summary(layout: Layout) -> str:
         names = ", ".join(q["requantized_from_source"])
         line += f"; rounded again (the source quantized them otherwise): {names}"
     if rounded := q.get("scales_rounded_to_float16"):
-        line += f"; {rounded} bfloat16 scales or biases below 2^-17 rounded to float16"
+        line += (
+            f"; {rounded} scales or biases rounded to float16 (bfloat16 ones below "
+            "2^-17, or scaled by a multiplier folded in)"
+        )
     return line
 
 

@@ -33,7 +33,7 @@ from .kquants import KQUANT_TYPES, from_kquant_blocks
 from .layout import MANIFEST
 from .mlx_quantized import MLXQuantized
 from .quantize import GGUF_BLOCK, GGUF_TYPES, from_gguf_blocks, quantize
-from .safetensors_stream import read_header, read_tensor
+from .safetensors_stream import read_header
 from .shapes import check_complete, expected_shapes, rope_divisors
 
 HF_TOKENIZER_FILES = (
@@ -83,6 +83,7 @@ class HFCheckpoint(FusedParts):
             # scaled apart (Granite's multipliers): the head is stored on its own
             args.tie_word_embeddings = False
             self._where["lm_head.weight"] = self._where["embed_tokens.weight"]
+            self._mlx.alias("lm_head.weight", "embed_tokens.weight")
         self.args = args
         self.shapes = {n: self._mlx.shape(n, at) for n, at in self._where.items()}
         self._name_parts()
@@ -117,11 +118,7 @@ class HFCheckpoint(FusedParts):
             return self._rope_freqs
         if name in self._split:
             return self._part(name)
-        at = self._where[name]
-        if name in self._mlx.stored:
-            values = self._mlx.values(name, at)
-        else:
-            values = read_tensor(*at).astype(np.float32, copy=False)
+        values = self._mlx.read(name, self._where[name])
         if self.args.norm_offset and is_offset_norm(name):
             values = values + np.float32(self.args.norm_offset)
         factor = fold_factor(self.config, self.args, name)
@@ -129,19 +126,23 @@ class HFCheckpoint(FusedParts):
 
     def native_bits(self, name: str, group_size: int) -> int | None:
         """Bits of `name` when its MLX groups are a quantized layout's format at
-        `group_size` (4 or 8 bits, that group size; nothing folded into it at
-        conversion), else None."""
+        `group_size` (4 or 8 bits, that group size), else None. A multiplier
+        folded into it at conversion (Granite's) scales its scales and biases."""
         name = self._split.get(name, (name,))[0]  # a fused tensor's part: its groups
-        if fold_factor(self.config, self.args, name) != 1.0:
-            return None
         return self._mlx.native_bits(name, group_size)
+
+    def native_stacked(self, name: str, group_size: int) -> int | None:
+        """`native_bits` of a stack of experts (Granite's), whose `native_quantized`
+        fields have a leading expert axis."""
+        return self.native_bits(name, group_size)
 
     def native_quantized(self, name: str) -> tuple[np.ndarray, ...]:
         """(packed, scales, biases) of `name` as stored (see `native_bits`)."""
         if name in self._split:  # whole rows of the fused tensor's groups
             fused, lo, hi = self._split[name]
             return tuple(f[lo:hi] for f in self.native_quantized(fused))
-        return self._mlx.fields(name, self._where[name])
+        factor = fold_factor(self.config, self.args, name)
+        return self._mlx.fields(name, self._where[name], factor)
 
     def stored_bits(self, name: str) -> int | None:
         """Bits `name` is quantized at in the checkpoint, None if float."""

@@ -20,10 +20,8 @@ from tqdm import tqdm
 
 from .checkpoints import GGUFCheckpoint, HFCheckpoint, open_checkpoint
 from .experts import (
-    FAMILIES,
-    expert_parts,
+    expert_part_bytes,
     expert_tensor_names,
-    expert_values,
     manifest_section,
     router_tensor_names,
 )
@@ -250,6 +248,7 @@ class Quantization:
         self.exact: list[str] = []  # taken from the source's blocks
         self.requantized: list[str] = []  # quantized in the source, rounded again
         self.tensors: dict[str, int] = {}  # resident matrix -> bits
+        self._held: tuple = (None, None)  # the stack `stack` read last, its values
 
     def native_bits(self, name: str) -> int | None:
         native = getattr(self.source, "native_bits", None)
@@ -274,6 +273,26 @@ class Quantization:
             self.requantized.append(name)
         values = self.source.tensor(name)
         return quantize(values.T if transposed else values, bits, self.group_size)
+
+    def stack(self, name: str, bits: int, rows: slice, transposed: bool = False):
+        """Each expert's (packed, scales, biases) of `rows` of the stacked tensor
+        `name` (experts, out, in) (their transpose): its groups as stored where the
+        source keeps them as ours (`native_stacked`), else quantized here."""
+        native = getattr(self.source, "native_stacked", None)
+        native = native and native(name, self.group_size)
+        if not transposed and native == bits:
+            fields = self.source.native_quantized(name)
+            self.exact += [name] * len(fields[0])  # one per expert, as unstacked
+            return [tuple(f[e, rows] for f in fields) for e in range(len(fields[0]))]
+        stored = getattr(self.source, "stored_bits", None)
+        if native or (stored and stored(name)):
+            self.requantized.append(name)
+        if self._held[0] != name:  # gate and up rows come from one stack
+            self._held = (name, self.source.tensor(name))
+        values = self._held[1][:, rows]
+        return [
+            quantize(v.T if transposed else v, bits, self.group_size) for v in values
+        ]
 
     def record(self) -> dict:
         # one entry per kind of tensor: its layer and expert numbers left out
@@ -424,7 +443,7 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
     gate/up (fc1), columns of down (fc2), stored as `dtype` (quantized: each row's
     fields, packed integers, scales, biases)."""
     if args.is_moe:
-        return _expert_part_bytes(source, args, layer, dtype, q)
+        return expert_part_bytes(source, args, layer, dtype, q)
     parts = []
     for p, (name, transposed) in enumerate(ffn_parts(args, layer)):
         if q is None:
@@ -437,35 +456,6 @@ def _part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
             np.concatenate([f.view(np.uint8).reshape(len(f), -1) for f in fields], 1)
         )
     return parts
-
-
-def _expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
-    """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
-    expert's gate rows, up rows, down columns, each (intermediate, d_model)
-    (quantized: its packed rows, then their scales, then their biases; a source's
-    own blocks where they are the layout's, as `Quantization.matrix` takes them)."""
-    if q is not None and not FAMILIES[args.moe_type].fused:
-        experts = [expert_parts(args, layer, e) for e in range(args.num_experts)]
-        out = []
-        for p, bits in enumerate(q.part_bits):  # part after part: a stack at a time
-            rows = [q.matrix(e[p][0], bits, e[p][1]) for e in experts]
-            out.append(np.stack([_joined(fields) for fields in rows]))
-        return out
-    parts = []
-    for p, experts in enumerate(expert_values(source, args, layer)):
-        rows = []
-        for values in experts:
-            if q is None:
-                fields = [encode(np.ascontiguousarray(values), dtype)]
-            else:
-                fields = quantize(values, q.part_bits[p], q.group_size)
-            rows.append(_joined(fields))
-        parts.append(np.stack(rows))
-    return parts
-
-
-def _joined(fields) -> np.ndarray:
-    return np.concatenate([f.view(np.uint8).reshape(-1) for f in fields])
 
 
 def _entry(path: Path, digest) -> dict:

@@ -19,7 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .families import attention_shapes
+from .safetensors_stream import encode
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,10 @@ class MoEFamily:
     qk_norm: str | None = None  # "head": per head (Qwen3); "full": q and k whole
     qkv_bias: bool = False  # biases on q, k, v (not o)
     shared_expert: bool = False  # an always-on expert, sigmoid-gated (Qwen2-MoE)
+    shared_key: str = "shared_expert_intermediate_size"  # config key of its neurons
+    # Granite's shared expert: ungated, `shared_mlp.input_linear` its gate and up
+    # rows in one matrix, `shared_mlp.output_linear` its down matrix
+    shared_fused: bool = False
     normed_key: str | None = None  # config key of renormalising the top-k weights
     normed_default: bool = True
     router: str = "gate"  # the router's module in the block
@@ -74,6 +81,18 @@ FAMILIES = {
         fused=True,
         multipliers=True,
     ),
+    "granitemoeshared": MoEFamily(
+        "block_sparse_moe",
+        ("input_linear", "input_linear", "output_linear"),
+        "num_local_experts",
+        "intermediate_size",
+        router="router.layer",
+        fused=True,
+        multipliers=True,
+        shared_expert=True,
+        shared_key="shared_intermediate_size",
+        shared_fused=True,
+    ),
     "olmoe": MoEFamily(
         "mlp",
         ("gate_proj", "up_proj", "down_proj"),
@@ -113,7 +132,7 @@ def moe_hf_fields(config: dict) -> dict:
         "num_experts": config[family.experts_key],
         "experts_per_token": config["num_experts_per_tok"],
         "norm_topk_prob": bool(normed),
-        "shared_expert_size": config.get("shared_expert_intermediate_size", 0)
+        "shared_expert_size": config.get(family.shared_key, 0)
         if family.shared_expert
         else 0,
         "moe_type": model_type,
@@ -161,8 +180,13 @@ def moe_layer_shapes(args, layer: int) -> dict[str, tuple[int, ...]]:
     for e in range(0 if family.fused else args.num_experts):
         for name, transposed in expert_parts(args, layer, e):
             shapes[name] = (d, f) if transposed else (f, d)
-    if args.shared_expert_size:
-        s, fs = f"{p}mlp.shared_expert.", args.shared_expert_size
+    fs = args.shared_expert_size
+    if fs and FAMILIES[args.moe_type].shared_fused:
+        s = f"{p}shared_mlp."
+        shapes |= {s + "input_linear.weight": (2 * fs, d)}
+        shapes |= {s + "output_linear.weight": (d, fs)}
+    elif fs:
+        s = f"{p}mlp.shared_expert."
         shapes |= {
             s + "gate_proj.weight": (fs, d),
             s + "up_proj.weight": (fs, d),
@@ -210,7 +234,7 @@ def router_tensor_names(args) -> set[str]:
     """The routers and shared-expert gates: resident matrices a quantized layout
     keeps in float16 (they pick the experts)."""
     names = {router_name(args, i) for i in range(args.num_hidden_layers)}
-    if args.shared_expert_size:
+    if args.shared_expert_size and not FAMILIES[args.moe_type].shared_fused:
         names |= {
             f"layers.{i}.mlp.shared_expert_gate.weight"
             for i in range(args.num_hidden_layers)
@@ -262,6 +286,41 @@ def expert_values(source, args, layer: int) -> list[list]:
             values = source.tensor(name)
             parts[p].append(values.T if transposed else values)
     return parts
+
+
+def expert_part_bytes(source, args, layer: int, dtype: str, q) -> list[np.ndarray]:
+    """Each bundle part of an MoE layer as bytes, (experts, part bytes) uint8: an
+    expert's gate rows, up rows, down columns, each (intermediate, d_model)
+    (quantized by `q`, convert.py's `Quantization`: its packed rows, then their
+    scales, then their biases; a source's own groups where they are the layout's,
+    as `Quantization.matrix` and `stack` take them)."""
+    if q is not None and not FAMILIES[args.moe_type].fused:
+        experts = [expert_parts(args, layer, e) for e in range(args.num_experts)]
+        out = []
+        for p, bits in enumerate(q.part_bits):  # part after part: a stack at a time
+            rows = [q.matrix(e[p][0], bits, e[p][1]) for e in experts]
+            out.append(np.stack([_joined(fields) for fields in rows]))
+        return out
+    if q is not None:  # stacked (Granite): row ranges of its two stacks
+        gate_up, down = expert_tensor_names(args, layer)
+        f = args.intermediate_size
+        stacks = [(gate_up, slice(0, f)), (gate_up, slice(f, 2 * f))]
+        stacks.append((down, slice(None)))  # its columns: transposed
+        return [
+            np.stack([_joined(fields) for fields in q.stack(name, bits, rows, p == 2)])
+            for p, ((name, rows), bits) in enumerate(
+                zip(stacks, q.part_bits, strict=True)
+            )
+        ]
+    parts = []
+    for experts in expert_values(source, args, layer):
+        rows = [_joined([encode(np.ascontiguousarray(v), dtype)]) for v in experts]
+        parts.append(np.stack(rows))
+    return parts
+
+
+def _joined(fields) -> np.ndarray:
+    return np.concatenate([f.view(np.uint8).reshape(-1) for f in fields])
 
 
 def fold_factor(config: dict, args, name: str) -> float:

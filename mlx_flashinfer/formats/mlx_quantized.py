@@ -8,17 +8,20 @@ kept float), and stores each quantized Linear or Embedding `X` as three tensors:
 group_size) in the model's float type; value = scale * q + bias per group along the
 input (`mx.quantize`'s affine mode). A mixture of experts stacks its experts per
 layer: `mlp.switch_mlp.{gate,up,down}_proj.*` with a leading expert axis
-(Mixtral's under `block_sparse_moe`).
+(Mixtral's and Granite-MoE's under `block_sparse_moe`; Granite's are its
+`input_linear` split in two and its `output_linear` renamed, by mlx-lm's sanitize).
 
 `MLXQuantized` turns those into what `HFCheckpoint` serves: every tensor under its
 plain name and shape (expert e of a stacked tensor as the per-expert name, its slice
-of the file, nothing copied), dequantized on request, or as stored (`fields`) for a
+of the file, nothing copied; Granite's stacks joined back into its own), dequantized
+on request, or as stored (`fields`) for a
 quantized layout to take without a second rounding: 4- and 8-bit groups of 32, 64 or
 128 are its format, packed the same way (formats/quantize.py). Scales and biases are
 float16 there: float16 scales go across unchanged, bfloat16 ones too (float16 holds
 bfloat16's 8 significant bits down to 2**-17, its subnormals included); smaller ones
 (a group of weights all within ~1e-4 of each other) round to the nearest float16,
-by at most 2**-25, counted in `rounded`.
+by at most 2**-25, counted in `rounded`, as are scales and biases a multiplier was
+folded into (Granite's: w * f = q * (s * f) + b * f, rounded to float16 once).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .experts import FAMILIES, expert_parts
+from .experts import FAMILIES, expert_parts, expert_tensor_names
 from .quantize import BITS, unpack
 from .safetensors_stream import read_tensor
 
@@ -114,6 +117,9 @@ class MLXQuantized:
         self.stored: dict[str, Stored] = {}
         self.rounded = 0  # scales and biases float16 does not hold exactly
         self._counted: set[str] = set()  # a fused tensor is read once per part
+        # Granite's input_linear: (its gate stack, its up stack), read joined
+        self.joined: dict[str, tuple[str, str]] = {}
+        self._parts: dict[str, Where] = {}  # those stacks' places
         default, overrides = spec or (None, {})
         self.default = default  # (bits, group size) of most tensors
         for name in [n for n in where if n.endswith(".scales")]:
@@ -150,21 +156,43 @@ class MLXQuantized:
 
     def shape(self, name: str, at: Where) -> tuple[int, ...]:
         """The logical shape of `name` (its values, not its packed words)."""
+        if name in self.joined:  # the gate and up stacks' rows, one after the other
+            gate = self.joined[name][0]
+            experts, rows, cols = self.shape(gate, self._parts[gate])
+            return experts, 2 * rows, cols
         shape = tuple(at[1]["shape"])
         s = self.stored.get(name)
         return shape if s is None else (*shape[:-1], shape[-1] * 32 // s.bits)
 
+    def alias(self, name: str, of: str) -> None:
+        """`name` read from `of`'s tensors (a tied head stored apart)."""
+        if of in self.stored:
+            self.stored[name] = self.stored[of]
+
+    def read(self, name: str, at: Where) -> np.ndarray:
+        """The values of `name`, float32: dequantized, joined, or as stored."""
+        if name in self.joined:
+            parts = self.joined[name]
+            return np.concatenate([self.read(n, self._parts[n]) for n in parts], 1)
+        if name in self.stored:
+            return self.values(name, at)
+        return read_tensor(*at).astype(np.float32, copy=False)
+
     def _unstack(self, args, where: dict) -> None:
         """Expert e of each `switch_mlp` tensor (experts, out, in) under the name
-        of the family's per-expert tensor, as a slice of the file."""
+        of the family's per-expert tensor, as a slice of the file; Granite's
+        stacks as its own (`_restack`)."""
         family = FAMILIES[args.moe_type]
         for name in [n for n in where if _SWITCH.match(n)]:
             layer, block, part, _ = _SWITCH.match(name).groups()
-            if family.fused or block != family.block or part not in SWITCH_PARTS:
+            if block != family.block or part not in SWITCH_PARTS:
                 raise ValueError(
                     f"{self.path}: {name}: stacked experts of {args.moe_type} are "
-                    "not read (Mixtral, Qwen2/3-MoE and OLMoE's are)"
+                    f"not read under {block} (only {family.block}.switch_mlp's "
+                    f"{SWITCH_PARTS})"
                 )
+            if family.fused:
+                continue
             at, s = where.pop(name), self.stored.pop(name, None)
             for e in range(args.num_experts):
                 expert = expert_parts(args, int(layer), e)[SWITCH_PARTS.index(part)]
@@ -176,6 +204,36 @@ class MLXQuantized:
                         _slice(s.scales, e, args.num_experts, self.path, name),
                         _slice(s.biases, e, args.num_experts, self.path, name),
                     )
+        if family.fused:
+            for layer in range(args.num_hidden_layers):
+                self._restack(args, layer, where)
+
+    def _restack(self, args, layer: int, where: dict) -> None:
+        """Granite's stacks from mlx-lm's `switch_mlp`, which split its
+        input_linear (experts, 2 * n, d_model) into gate_proj and up_proj and
+        renamed output_linear down_proj: output_linear is the down stack itself,
+        input_linear the gate and up stacks joined along their rows (`joined`;
+        each expert's rows are whole groups, so their groups join too)."""
+        gate_up, down = expert_tensor_names(args, layer)
+        switch = f"layers.{layer}.{FAMILIES[args.moe_type].block}.switch_mlp."
+        gate, up, down_proj = (switch + p + ".weight" for p in SWITCH_PARTS)
+        if not all(n in where for n in (gate, up, down_proj)):
+            return  # not mlx-lm's form: check_complete names what is missing
+        where[down] = where.pop(down_proj)
+        if down_proj in self.stored:
+            self.stored[down] = self.stored.pop(down_proj)
+        shapes = [tuple(self.shape(n, where[n])) for n in (gate, up)]
+        if shapes[0] != shapes[1] or len(shapes[0]) != 3:
+            raise ValueError(
+                f"{self.path}: {gate} and {up} are {shapes[0]} and {shapes[1]}: "
+                "not two stacks of one shape"
+            )
+        self.joined[gate_up] = (gate, up)
+        self._parts |= {gate: where.pop(gate), up: where.pop(up)}
+        where[gate_up] = self._parts[gate]  # its shape: `shape` doubles the rows
+        g, u = (self.stored.get(n) for n in (gate, up))
+        if g and u and (g.bits, g.group_size) == (u.bits, u.group_size):
+            self.stored[gate_up] = g  # their format; `fields` joins their groups
 
     def native_bits(self, name: str, group_size: int) -> int | None:
         """Bits of `name` when a quantized layout at `group_size` holds its groups
@@ -190,20 +248,31 @@ class MLXQuantized:
         s = self.stored.get(name)
         return s and s.bits
 
-    def fields(self, name: str, at: Where) -> tuple[np.ndarray, ...]:
+    def fields(
+        self, name: str, at: Where, factor: float = 1.0
+    ) -> tuple[np.ndarray, ...]:
         """(packed, scales, biases) of `name` as stored, scales and biases float16
-        (see the module docstring for where bfloat16 ones round)."""
+        (see the module docstring for where bfloat16 ones round); times `factor`
+        (a multiplier folded in: w * f = q * (s * f) + b * f, the integers kept,
+        scales and biases multiplied and rounded to float16, counted in
+        `rounded`)."""
+        if name in self.joined:  # whole rows: the parts' groups, one after the other
+            parts = [self.fields(n, self._parts[n], factor) for n in self.joined[name]]
+            return tuple(np.concatenate(f, axis=1) for f in zip(*parts, strict=True))
         s = self.stored[name]
         packed = read_tensor(*at)
-        fields = packed, self._float16(s.scales, name), self._float16(s.biases, name)
+        scales = self._float16(s.scales, name, factor)
+        biases = self._float16(s.biases, name, factor)
         self._counted.add(name)
-        return fields
+        return packed, scales, biases
 
-    def _float16(self, at: Where, name: str) -> np.ndarray:
+    def _float16(self, at: Where, name: str, factor: float) -> np.ndarray:
         stored = read_tensor(*at, stored=True)
-        if stored.dtype == np.float16:
+        if stored.dtype == np.float16 and factor == 1.0:
             return stored
         wide = read_tensor(*at)  # float32, exact for bfloat16 and float32
+        if factor != 1.0:
+            wide = wide * np.float32(factor)
         with np.errstate(over="ignore"):
             narrow = wide.astype(np.float16)
         if not np.isfinite(narrow[np.isfinite(wide)]).all():

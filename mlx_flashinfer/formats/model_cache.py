@@ -134,12 +134,13 @@ def cache_dtype(checkpoint) -> str:
     where our layouts hold it (up to 4 bits: q4; 5 to 8: q8), its groups taken as
     stored where they are our format, so a 4-bit model stays about its size and is
     not rounded twice; anything else float16."""
-    from .experts import expert_parts
+    from .experts import expert_tensor_names
     from .quantize import GGUF_BLOCK
     from .shapes import ffn_parts
 
     args = checkpoint.args
-    name = (expert_parts(args, 0, 0) if args.is_moe else ffn_parts(args, 0))[0][0]
+    # the first bundle part's tensor: expert 0's gate, or the stack holding it
+    name = expert_tensor_names(args, 0)[0] if args.is_moe else ffn_parts(args, 0)[0][0]
     bits = None
     if stored := getattr(checkpoint, "stored_bits", None):  # mlx-community
         bits = stored(name)

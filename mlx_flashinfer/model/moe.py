@@ -8,6 +8,7 @@ Per layer and token (as transformers defines each family, formats/experts.py):
     ids, w  = top-k of p                       renormalised to sum 1 if the family does
     out     = sum over k of w * expert_id(h)   each expert a SiLU-gated FFN
     out    += sigmoid(gate . h) * shared(h)    Qwen2-MoE's shared expert
+    out    += shared(h)                        Granite's (gate and up rows one matrix)
 The router's choice is read back to the host once per layer: the one host sync a
 layer costs on MLX (the flash placement needs the ids there to read the experts, and
 both paths route alike; reads ahead add a second, the next layer's router's).
@@ -19,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ..formats.experts import router_name
+from ..formats.experts import FAMILIES, router_name
 from ..formats.quantize import Quantized
 from .transformer import UncountedFFN, ffn_forward
 
@@ -82,10 +83,18 @@ def expert_output(backend, args, h, ids, weights, expert, e: int):
 
 
 def shared_expert(backend, args, weights: dict, layer: int, h):
-    """Qwen2-MoE's shared expert: sigmoid(gate . h) * its FFN of h; None without."""
-    if not args.shared_expert_size:
+    """The shared expert's output: Qwen2-MoE's sigmoid(gate . h) * its FFN of h,
+    Granite's FFN of h; None without."""
+    B, fs = backend, args.shared_expert_size
+    if not fs:
         return None
-    B, p = backend, f"layers.{layer}.mlp.shared_expert"
+    if FAMILIES[args.moe_type].shared_fused:
+        p = f"layers.{layer}.shared_mlp."
+        a = B.linear(h, B.rows_weight(weights[p + "input_linear.weight"]))
+        return B.linear(
+            B.silu(a[:, :fs]) * a[:, fs:], weights[p + "output_linear.weight"]
+        )
+    p = f"layers.{layer}.mlp.shared_expert"
     parts = [
         B.rows_weight(weights[f"{p}.gate_proj.weight"]),
         B.rows_weight(weights[f"{p}.up_proj.weight"]),
