@@ -238,10 +238,6 @@ def experts_row(opts, layout: Layout, machine, spec: dict, prompt, feed) -> dict
         memory_budget=budget,
         window=window,
         lookahead=ahead,
-        # the KV cache of the run's tokens, as its limit and `flashinfer bench`
-        # count it: at the model's 4096 a Qwen3-shaped plan gave 0.8 GB of its
-        # budget to a KV cache the run never fills, and cached fewer experts
-        max_context=len(prompt) + len(feed) + 1,
     )
     ids, prompt_s, per_token = decode(model, prompt, feed)
     s = model.io_stats()["decode"]
