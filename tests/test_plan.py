@@ -208,6 +208,14 @@ def test_a_synthetic_predictor_has_a_measured_loss_and_its_plans_are_allowed(
     assert score["nll"] == pytest.approx(quality["dense_nll"], rel=1e-9)
     ratio = np.exp(quality["flash_nll"] - quality["dense_nll"])
     assert quality["loss"] == pytest.approx(ratio - 1)
+    # the window statistics the cost model reads are those of its decode steps:
+    # window 0 loads every predicted neuron, longer windows load fewer
+    for entry in layout.manifest["predictor"]["report"]:
+        assert entry["window_source"].startswith(f"{quality['tokens'] - 15} decode")
+        window = entry["window"]
+        assert window["k"][0] == 0
+        assert window["loaded"][0] == pytest.approx(entry["predicted_fraction"], 0.2)
+        assert window["loaded"] == sorted(window["loaded"], reverse=True)
     # by default the planner allows the predictor's own loss: its sparse plans
     # compete, and exact plans stay allowed whatever the loss's sign
     budget = sum(model_bytes(layout)) - 1  # everything but dense
@@ -573,17 +581,25 @@ def test_the_planner_plans_a_mixture_of_experts(tmp_path):
     model.ffn.close()
 
 
-def test_narrow_matrices_multiply_at_the_probes_narrow_rate():
+def test_narrow_and_wide_matrices_multiply_at_the_probes_rates_for_them():
     from mlx_flashinfer.plan.costs import gemv_rate
-    from mlx_flashinfer.plan.machine import NARROW, SIDE, narrow_rate
+    from mlx_flashinfer.plan.machine import NARROW, SIDE, WIDE, width_rate
 
-    assert narrow_rate("numpy", seconds=0.01, nbytes=4 << 20) > 0
+    assert width_rate("numpy", NARROW, 8, nbytes=4 << 20, seconds=0.01) > 0
     machine = fake_machine(gemv=4e9)
-    wide = gemv_rate(machine, "float16", "1", 1 << 30, SIDE)
-    assert gemv_rate(machine, "float16", "1", 1 << 30, NARROW) == wide  # unprobed
-    machine.gemv["float16"]["1 narrow"] = 2e9  # half the wide rate
-    assert gemv_rate(machine, "float16", "1", 1 << 30, SIDE) == wide
-    assert gemv_rate(machine, "q4", "1", 1 << 30, NARROW) == pytest.approx(wide / 2)
+    side = gemv_rate(machine, "float16", "1", 1 << 30, SIDE)
+    assert gemv_rate(machine, "float16", "1", 1 << 30, NARROW) == side  # unprobed
+    assert gemv_rate(machine, "float16", "1", 1 << 30, WIDE) == side
+    machine.gemv["float16"]["1 narrow"] = 2e9  # half the SIDE-wide rate
+    machine.gemv["float16"]["1 wide"] = 8e9  # twice it
+    assert gemv_rate(machine, "float16", "1", 1 << 30, SIDE) == side
+    assert gemv_rate(machine, "q4", "1", 1 << 30, NARROW) == pytest.approx(side / 2)
     between = gemv_rate(machine, "float16", "1", 1 << 30, 2 * NARROW)
-    assert between == pytest.approx(wide / 2**0.5)
-    assert gemv_rate(machine, "float16", "1", 1 << 30, 64) == pytest.approx(wide / 2)
+    assert between == pytest.approx(side / 2**0.5)
+    assert gemv_rate(machine, "float16", "1", 1 << 30, 64) == pytest.approx(side / 2)
+    # wider: toward the wide rate in log width, and no further past it
+    halfway = int((SIDE * WIDE) ** 0.5)
+    assert gemv_rate(machine, "float16", "1", 1 << 30, halfway) == pytest.approx(
+        side * 2**0.5
+    )
+    assert gemv_rate(machine, "q4", "1", 1 << 30, 4 * WIDE) == pytest.approx(2 * side)

@@ -29,7 +29,7 @@ from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
 from .disk import throughput_at
-from .machine import CACHED_BYTES, COLUMNS, NARROW, SIDE, Machine
+from .machine import CACHED_BYTES, COLUMNS, NARROW, SIDE, WIDE, Machine
 from .reader_cost import call_seconds
 
 # The fixed costs a token pays per layer on the sparse path beyond its products,
@@ -153,7 +153,8 @@ def gemv_rate(
     step, multiplied at memory's rate on the Xeon whose L3 says 480 MiB: 7.6 GB/s
     against 7.8 from memory and 16.5 cached, one thread.) Matrices `width` wide,
     narrower than the probe's, go toward the probe's narrow rate (its share of the
-    wide one's, at NARROW columns; interpolated in log width)."""
+    SIDE-wide one's, at NARROW columns; interpolated in log width), wider ones
+    toward its rate at WIDE columns."""
     # a probe made before the columns' rates were kept: the rows' rate
     rates = machine.gemv.get(kind) or machine.gemv.get(kind.split()[0])
     rates = rates or machine.gemv["float16"]
@@ -161,10 +162,13 @@ def gemv_rate(
     low, high = math.log(CACHED_BYTES), math.log(MEMORY_REACHED)
     w = min(1.0, max(0.0, (math.log(max(working_set, 1)) - low) / (high - low)))
     rate = math.exp((1 - w) * math.log(cached) + w * math.log(rates[threads]))
-    wide = machine.gemv.get("float16", {})
-    if width and width < SIDE and "1 narrow" in wide:
+    half = machine.gemv.get("float16", {})
+    if width and width < SIDE and "1 narrow" in half:
         narrow = math.log(SIDE / max(width, NARROW)) / math.log(SIDE / NARROW)
-        rate *= (wide["1 narrow"] / wide["1"]) ** narrow
+        rate *= (half["1 narrow"] / half["1"]) ** narrow
+    if width and width > SIDE and "1 wide" in half:
+        wide = math.log(min(width, WIDE) / SIDE) / math.log(WIDE / SIDE)
+        rate *= (half["1 wide"] / half["1"]) ** wide
     return rate
 
 
@@ -280,9 +284,14 @@ def layer_streaming_cost(
     )
 
 
-def window_stats(layout: Layout, predictor: str, k: int) -> tuple[list, str]:
+def window_stats(
+    layout: Layout, predictor: str, k: int, capacity: list | None = None
+) -> tuple[list, str]:
     """Per layer (predicted, loaded, held) fractions of the neurons for a window of
-    k, from the predictor's report in `layout`, and where they came from."""
+    k, from the predictor's report in `layout`, and where they came from. With the
+    plan's `capacity` (rows a layer's cache holds): where the window's union
+    overflows it, the cache keeps the most recent tokens' neurons, so it acts as
+    the shorter window whose union fits (the report's curves interpolated)."""
     args = layout.args
     section = layout.manifest.get("predictor") or {}
     report = section.get("report") or []
@@ -293,12 +302,17 @@ def window_stats(layout: Layout, predictor: str, k: int) -> tuple[list, str]:
     if len(report) != layers or not all(key in r for r in report):
         return [(1.0, 1.0, 1.0)] * layers, "no predictor report: every neuron"
     stats, measured = [], True
-    for entry in report:
+    for i, entry in enumerate(report):
         p = float(entry[key])
         window = entry.get("window")
         if window and predictor not in ("gate", "oracle"):
             loaded = float(np.interp(k, window["k"], window["loaded"]))
             held = float(np.interp(k, window["k"], window["cached"]))
+            room = capacity[i] / args.intermediate_size if capacity else held
+            if held > room >= window["cached"][0]:  # the window that fits
+                fits = float(np.interp(room, window["cached"], window["k"]))
+                loaded = float(np.interp(fits, window["k"], window["loaded"]))
+                held = room
         else:
             measured = False
             loaded = p if k == 0 else p * PRIOR_LOADED
@@ -337,7 +351,9 @@ def sparse_cost(
     compute-only row, whose reads are copies from memory on the calling thread."""
     args = layout.args
     n, row = args.intermediate_size, layout.bundle_bytes
-    stats, source = window_stats(stats_layout or layout, predictor, window)
+    stats, source = window_stats(
+        stats_layout or layout, predictor, window, plan.capacity
+    )
     # O_DIRECT reads start and end on the device's blocks (512 B here; macOS's
     # F_NOCACHE on pages): a run reads about one block more than it needs
     align = 4096 if machine.disk.get("mode") == "nocache" else 512

@@ -48,6 +48,9 @@ PROMPT_TOKENS = 64  # the GEMM rate: a prompt chunk's product
 # byte than SIDE-wide ones (8.5 against 10.4 GB/s here, one thread): the rate at
 # NARROW columns is kept too, and costs.gemv_rate goes between them by the width
 NARROW = 512
+# ...and wide ones faster (OPT-6.7B's 4096 columns 11.2, 16384 columns 15.2 GB/s
+# here): the rate at WIDE columns is kept as well
+WIDE = 8192
 BUSY_READ = 8 << 20  # the streamed placement's span (flash/memory.STREAM_CHUNK_BYTES)
 
 
@@ -132,12 +135,19 @@ def probe_machine(
     backend = backend or default_backend_name()
     get_backend(backend)  # a missing MLX fails before the disk is written
     disk = probe_disk(directory, backend, progress)
+    # narrow and wide models' rows (costs.gemv_rate), measured first: after the
+    # other products' gigabytes come and go, fewer huge pages are left and the
+    # wide rate fell from 12-13 to 9.1-9.5 GB/s here (float16's own: 10.1 either way)
+    widths = {
+        "1 narrow": width_rate(backend, NARROW, 3 * NARROW),
+        "1 wide": width_rate(backend, WIDE, 1024, MEMORY_BYTES),
+    }
     compute, columns = {}, {}
     for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
         compute[dtype] = product_rates(backend, dtype)
         columns[f"{dtype} {COLUMNS}"] = product_rates(backend, dtype, columns=True)
-    if "float16" in compute:  # a small model's narrow rows (costs.gemv_rate)
-        compute["float16"]["1 narrow"] = narrow_rate(backend)
+    if "float16" in compute:
+        compute["float16"].update(widths)
     return Machine(
         backend=backend,
         cpu=cpu_model(),
@@ -289,19 +299,22 @@ def product_rates(
     return rates
 
 
-def narrow_rate(
-    backend, seconds: float = 0.25, nbytes: int = MEMORY_BYTES // 4
+def width_rate(
+    backend,
+    width: int,
+    rows: int,
+    nbytes: int = MEMORY_BYTES // 4,
+    seconds: float = 0.25,
 ) -> float:
     """Weight bytes per second of one token's x @ W.T on one thread over float16
-    matrices NARROW wide (3 NARROW rows each), `nbytes` in all (from memory)."""
+    matrices `width` wide (`rows` rows each), `nbytes` in all (from memory)."""
     B = get_backend(backend)
     rng = np.random.default_rng(2)
-    one = 3 * NARROW * NARROW * 2
+    one = rows * width * 2
     weights = [
-        B.weight(_finite_half(rng, (3 * NARROW, NARROW)))
-        for _ in range(max(1, nbytes // one))
+        B.weight(_finite_half(rng, (rows, width))) for _ in range(max(1, nbytes // one))
     ]
-    x = B.array(rng.standard_normal((1, NARROW)).astype(np.float32))
+    x = B.array(rng.standard_normal((1, width)).astype(np.float32))
     B.limit_compute_threads(1)
     try:
         return one * len(weights) / _pass_seconds(B, x, weights, seconds)
