@@ -17,8 +17,9 @@ inside `io_uring_enter` on the calling thread, so writing the entries before the
 tail, in program order, is all the ordering submission needs. A ring serves one
 thread at a time: the reader keeps one per calling thread.
 
-`open_ring` returns None where io_uring is missing or refused (not Linux, an old
-kernel, `kernel.io_uring_disabled`, a container's seccomp filter), or when
+`open_ring` returns None where io_uring is missing, refused or cannot read (not
+Linux, a kernel before 5.6, `kernel.io_uring_disabled`, a container's seccomp
+filter: it tries one read), or when
 MLX_FLASHINFER_URING=0: the reader then keeps its thread pool.
 """
 
@@ -30,6 +31,7 @@ import mmap
 import os
 import platform
 import sys
+import tempfile
 
 import numpy as np
 
@@ -173,9 +175,20 @@ def open_ring(entries: int = RING_ENTRIES) -> Ring | None:
     if platform.machine() not in _SYSCALLS:
         return None
     try:
-        return Ring(entries)
+        ring = Ring(entries)
     except OSError:
         return None
+    try:  # a kernel before 5.6 makes the ring but has no IORING_OP_READ
+        with tempfile.TemporaryFile() as f:
+            f.write(b"io_uring")
+            f.flush()
+            into = np.zeros(8, np.uint8)
+            if ring.read(f.fileno(), [0], [into.ctypes.data], [8])[0] == 8:
+                return ring
+    except OSError:
+        pass
+    ring.close()
+    return None
 
 
 def several_reads(lo, hi, chunk: int) -> bool:
