@@ -13,8 +13,6 @@ where the kernel has it (flash/uring.py); MLX_FLASHINFER_URING=0 is the pool.
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 
@@ -22,18 +20,7 @@ import numpy as np
 
 from mlx_flashinfer.flash.reader import FlashReader
 from mlx_flashinfer.formats.layout import Layout
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(
-            line.split(":", 1)[1].strip()
-            for line in out.splitlines()
-            if line.startswith("Model name")
-        )
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
+from mlx_flashinfer.plan.host import cpu_model
 
 
 def run(layout: Layout, sets: list, ring: bool) -> dict:
@@ -96,7 +83,7 @@ def main() -> int:
                     "bundle_bytes": layout.bundle_bytes,
                     "density": opts.density,
                     "calls": opts.calls,
-                    "cpu": cpu_name(),
+                    "cpu": cpu_model(),
                     "cores": os.cpu_count(),
                     "runs": results,
                 },

@@ -17,7 +17,7 @@ the flash path stay one for all of them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -81,18 +81,6 @@ FAMILIES = {
         fused=True,
         multipliers=True,
     ),
-    "granitemoeshared": MoEFamily(
-        "block_sparse_moe",
-        ("input_linear", "input_linear", "output_linear"),
-        "num_local_experts",
-        "intermediate_size",
-        router="router.layer",
-        fused=True,
-        multipliers=True,
-        shared_expert=True,
-        shared_key="shared_intermediate_size",
-        shared_fused=True,
-    ),
     "olmoe": MoEFamily(
         "mlp",
         ("gate_proj", "up_proj", "down_proj"),
@@ -103,6 +91,13 @@ FAMILIES = {
         normed_default=False,
     ),
 }
+# Granite-MoE with an always-on shared MLP beside the experts (ungated, fused too)
+FAMILIES["granitemoeshared"] = replace(
+    FAMILIES["granitemoe"],
+    shared_expert=True,
+    shared_key="shared_intermediate_size",
+    shared_fused=True,
+)
 MOE_TYPES = tuple(FAMILIES)
 
 
