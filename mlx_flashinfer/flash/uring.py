@@ -118,7 +118,7 @@ class Ring:
             count = min(self.entries, len(offsets) - start)
             tail = int(self._sq_tail[0])
             first = tail & self._sq_mask
-            # the ring's next `count` entries: one slice, or two where it wraps
+            # the ring's next `count` entries: a slice, or by index where it wraps
             rows = (
                 slice(first, first + count)
                 if first + count <= self.entries
