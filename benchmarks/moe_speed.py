@@ -79,10 +79,23 @@ def decode(model, prompt: list[int], feed: list[int]) -> tuple[list[int], float,
     ids = [int(np.argmax(B.to_numpy(logits)[-1]))]
     prompt_s = time.perf_counter() - began
     began = time.perf_counter()
+    read_before = storage_read_bytes()
     for token in feed:
         logits = model([token], cache)
         ids.append(int(np.argmax(B.to_numpy(logits)[-1])))
+    decode.read_bytes = storage_read_bytes() - read_before  # OS paging's reads
     return ids, prompt_s, (time.perf_counter() - began) / max(len(feed), 1)
+
+
+def storage_read_bytes() -> int:
+    """Bytes this process has had read from storage (Linux /proc/self/io: page
+    faults' reads and readahead included); 0 where unknown."""
+    try:
+        with open("/proc/self/io") as f:
+            fields = dict(line.split(": ") for line in f.read().splitlines())
+        return int(fields["read_bytes"])
+    except (OSError, KeyError, ValueError):
+        return 0
 
 
 def paging_predicted(layout: Layout, machine, budget) -> dict:
@@ -131,7 +144,17 @@ def paging_child(opts) -> int:
     model, _ = load(opts.model, backend=opts.backend)
     prompt, feed = json.loads(sys.stdin.read())
     ids, prompt_s, per_token = decode(model, prompt, feed)
-    print(json.dumps({"ids": ids, "prompt_s": prompt_s, "per_token": per_token}))
+    mb = decode.read_bytes / max(len(feed), 1) / 1e6
+    print(
+        json.dumps(
+            {
+                "ids": ids,
+                "prompt_s": prompt_s,
+                "per_token": per_token,
+                "mb_per_token": mb,
+            }
+        )
+    )
     return 0
 
 
@@ -380,6 +403,7 @@ def main() -> int:
                 "ms_per_token": 1e3 * got["per_token"],
                 "measured_ms": 1e3 * got["per_token"],
                 "prompt_s": got["prompt_s"],
+                "mb_per_token": got.get("mb_per_token"),
                 "limit_bytes": got["limit"],
                 "peak_bytes": got["peak"],
                 "tokens_equal_dense": None
