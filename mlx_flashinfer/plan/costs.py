@@ -291,7 +291,8 @@ def window_stats(
     k, from the predictor's report in `layout`, and where they came from. With the
     plan's `capacity` (rows a layer's cache holds): where the window's union
     overflows it, the cache keeps the most recent tokens' neurons, so it acts as
-    the shorter window whose union fits (the report's curves interpolated)."""
+    the shorter window whose union fits: loads interpolated over the rows each
+    window holds, from a token's whole set where nothing is held."""
     args = layout.args
     section = layout.manifest.get("predictor") or {}
     report = section.get("report") or []
@@ -309,10 +310,10 @@ def window_stats(
             loaded = float(np.interp(k, window["k"], window["loaded"]))
             held = float(np.interp(k, window["k"], window["cached"]))
             room = capacity[i] / args.intermediate_size if capacity else held
-            if held > room >= window["cached"][0]:  # the window that fits
-                fits = float(np.interp(room, window["cached"], window["k"]))
-                loaded = float(np.interp(fits, window["k"], window["loaded"]))
-                held = room
+            if held > room:  # loads by rows held: none held, then each window's
+                rows = [0.0] + window["cached"][1:]  # union (k >= 1) as measured
+                loads = [window["cached"][0]] + window["loaded"][1:]
+                loaded, held = float(np.interp(room, rows, loads)), room
         else:
             measured = False
             loaded = p if k == 0 else p * PRIOR_LOADED
