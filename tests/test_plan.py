@@ -196,6 +196,7 @@ def test_a_synthetic_predictor_has_a_measured_loss_and_its_plans_are_allowed(
     from mlx_flashinfer.bench.configs import sequence_tokens
     from mlx_flashinfer.bench.synth import QUALITY_SEED, write_synthetic
     from mlx_flashinfer.perplexity import perplexity
+    from mlx_flashinfer.plan.costs import window_stats
     from mlx_flashinfer.verify import PERPLEXITY_PREFILL
 
     layout = Layout.open(write_synthetic(tmp_path / "s", "opt-tiny", progress=False))
@@ -216,6 +217,31 @@ def test_a_synthetic_predictor_has_a_measured_loss_and_its_plans_are_allowed(
         assert window["k"][0] == 0
         assert window["loaded"][0] == pytest.approx(entry["predicted_fraction"], 0.2)
         assert window["loaded"] == sorted(window["loaded"], reverse=True)
+    # a cache smaller than the window's union loads more, the less it holds: from
+    # the window's own loads (room for its union) to a token's whole set (none)
+    n = layout.args.intermediate_size
+    layers = layout.args.num_hidden_layers
+    for k in (1, 4):
+        full, _ = window_stats(layout, "lowrank", k)
+        loads = []
+        for share in (1.0, 0.5, 0.2, 0.05, 0.0):
+            room = [int(share * n)] * layers
+            stats, _ = window_stats(layout, "lowrank", k, room)
+            loads.append([loaded for _, loaded, _ in stats])
+            assert all(
+                h <= max(r / n, f[2])
+                for (_, _, h), r, f in zip(stats, room, full, strict=True)
+            )
+        assert [s[1] for s in full] == pytest.approx(loads[0])
+        assert all(
+            a <= b + 1e-12
+            for x, y in zip(loads, loads[1:], strict=False)
+            for a, b in zip(x, y, strict=True)
+        )
+        whole = [
+            e["window"]["cached"][0] for e in layout.manifest["predictor"]["report"]
+        ]
+        assert loads[-1] == pytest.approx(whole)
     # by default the planner allows the predictor's own loss: its sparse plans
     # compete, and exact plans stay allowed whatever the loss's sign
     budget = sum(model_bytes(layout)) - 1  # everything but dense
