@@ -21,6 +21,9 @@ from fallback_numpy import kernels
 from mlx_flashinfer.formats.quantize import Quantized
 
 name = "numpy"
+# NumPy releases the GIL in its products: they may run on a second thread
+# (the reads ahead guess there, beside the FFN)
+OPS_ON_ANY_THREAD = True
 # what each storage dtype is held as: bfloat16 as its bits (NumPy has no bfloat16);
 # uint32 the packed integers of quantized rows
 HELD = {

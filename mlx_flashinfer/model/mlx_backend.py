@@ -16,6 +16,8 @@ import numpy as np
 from ..formats.quantize import Quantized
 
 name = "mlx"
+# MLX ops stay on the thread that runs the model (its streams are per thread)
+OPS_ON_ANY_THREAD = False
 
 
 def array(values) -> mx.array:
