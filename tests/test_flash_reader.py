@@ -446,6 +446,7 @@ def test_direct_reads_finish_after_short_preadv(tmp_path, monkeypatch):
 def test_ring_reads_what_pread_reads_and_refuses_what_is_wrong(tmp_path, ring_ok):
     """io_uring reads (uring.py): every byte as `os.pread` gives it, short only at
     the end of the file, an error as OSError, and never past the buffer."""
+    from mlx_flashinfer.flash.landing import cut_runs
     from mlx_flashinfer.flash.uring import Ring, ring_runs
 
     if not ring_ok:
@@ -461,14 +462,16 @@ def test_ring_reads_what_pread_reads_and_refuses_what_is_wrong(tmp_path, ring_ok
         hi = np.minimum(lo + rng.integers(1, 20_000, 40), len(data) + 100)
         pos = np.concatenate([[0], np.cumsum(hi - lo)[:-1]])
         buffer = np.zeros(int((hi - lo).sum()), np.uint8)
-        reads, got, rest = ring_runs(ring, fd, lo, hi, pos, buffer, 4096, len(data))
+        reads_at = cut_runs(lo, hi, pos, 4096)
+        reads, got, rest = ring_runs(ring, fd, *reads_at, buffer, len(data))
         assert reads == int((-(-(hi - lo) // 4096)).sum()) and not rest
         assert got == int((np.minimum(hi, len(data)) - lo).sum())
         for a, b, p in zip(lo, hi, pos, strict=True):
             b = min(b, len(data))
             np.testing.assert_array_equal(buffer[p : p + b - a], data[a:b])
         with pytest.raises(ValueError, match="past the end of its buffer"):
-            ring_runs(ring, fd, [0], [9000], [len(buffer) - 100], buffer, 4096, 10**6)
+            past = cut_runs([0], [9000], [len(buffer) - 100], 4096)
+            ring_runs(ring, fd, *past, buffer, 10**6)
         with pytest.raises(OSError):  # not an open file
             ring.read(10**6, [0], [buffer.ctypes.data], [10])
     finally:

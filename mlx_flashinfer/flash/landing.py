@@ -48,6 +48,20 @@ def gather(staging, offsets, rows: np.ndarray, piece: int, where=None) -> None:
     target[slice(None) if where is None else where] = pieces[offsets // word]
 
 
+def aligned(offset: int, bundle_bytes: int, dest: list, align: int) -> bool:
+    """Whether bundles of `bundle_bytes` from file byte `offset` can be read
+    straight into the rows of `dest` (uint8 views of every piece): bundles, pieces
+    and rows all on the alignment O_DIRECT asks (any, through the page cache)."""
+    if offset % align or bundle_bytes % align:
+        return False
+    return all(
+        d.shape[1] % align == 0
+        and d.ctypes.data % align == 0
+        and d.strides[0] % align == 0
+        for d in dest
+    )
+
+
 def direct_calls(starts, dest: list, rows, chunk: int) -> list:
     """The `preadv` calls that read whole bundles straight into their rows: bundle
     i starts at file byte starts[i], its pieces in order go to dest[p][rows[i]]
@@ -74,25 +88,28 @@ def direct_calls(starts, dest: list, rows, chunk: int) -> list:
     return calls
 
 
+def cut_runs(lo, hi, pos, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """File runs [lo[i], hi[i]), to land at pos[i] of a buffer, cut in reads of at
+    most `chunk` bytes (so threads, or a ring, share a long run): each read's
+    (file offset, buffer position, length), as arrays."""
+    lo, hi, pos = (np.asarray(x, np.int64) for x in (lo, hi, pos))
+    pieces = -(-(hi - lo) // chunk)  # reads per run
+    run = np.repeat(np.arange(len(lo)), pieces)
+    first = np.cumsum(pieces) - pieces
+    offset = lo[run] + (np.arange(len(run)) - first[run]) * chunk
+    return offset, pos[run] + offset - lo[run], np.minimum(chunk, hi[run] - offset)
+
+
 def read_chunks(fd: int, chunks, buffer, size: int, align: int, path: str):
     """`preadv` each (file offset, buffer position, length) of `chunks` in full,
-    into `buffer`; returns (syscalls, bytes read)."""
+    into `buffer` (a file of `size` bytes: an aligned read may ask past its end);
+    returns (syscalls, bytes read)."""
     reads = got = 0
     with memoryview(buffer) as view:
         for offset, at, length in chunks:
-            need = min(length, size - offset)  # an aligned read may ask past the end
-            done = 0
-            while done < need:
-                n = os.preadv(fd, [view[at + done : at + length]], offset + done)
-                reads += 1
-                if n == 0 or (n % align and done + n < need):
-                    raise ValueError(
-                        f"{path}: got {done + n} of {need} bytes at offset {offset}: "
-                        "the file changed or was truncated after loading (reopen "
-                        "the model, or re-convert it)"
-                    )
-                done += n
-            got += done
+            need = min(length, size - offset)
+            counts = read_full(fd, offset, [view[at : at + length]], need, align, path)
+            reads, got = reads + counts[0], got + counts[1]
     return reads, got
 
 
@@ -102,20 +119,32 @@ def read_calls(fd: int, calls: list, path: str) -> tuple[int, int]:
     reads = got = 0
     for offset, views in calls:
         need = sum(len(v) for v in views)
-        done = 0
-        while done < need:
-            n = os.preadv(fd, views, offset + done)
-            reads += 1
-            if n == 0:
-                raise ValueError(
-                    f"{path}: got {done} of {need} bytes at offset {offset}: the "
-                    "file changed or was truncated after loading (reopen the "
-                    "model, or re-convert it)"
-                )
-            done += n
-            views = skip_bytes(views, n)
-        got += done
+        counts = read_full(fd, offset, views, need, 1, path)
+        reads, got = reads + counts[0], got + counts[1]
     return reads, got
+
+
+def read_full(fd: int, offset: int, views: list, need: int, align: int, path: str):
+    """`preadv` into `views` from file byte `offset` until `need` bytes came, going
+    on after short reads (ones of whole `align` blocks: O_DIRECT's); returns
+    (syscalls, bytes read).
+
+    Raises:
+        ValueError: the file ended or a read broke a block: it changed under us.
+    """
+    reads = done = 0
+    while done < need:
+        n = os.preadv(fd, views, offset + done)
+        reads += 1
+        if n == 0 or (n % align and done + n < need):
+            raise ValueError(
+                f"{path}: got {done + n} of {need} bytes at offset {offset}: the "
+                "file changed or was truncated after loading (reopen the model, or "
+                "re-convert it)"
+            )
+        done += n
+        views = skip_bytes(views, n)
+    return reads, done
 
 
 def skip_bytes(views: list, n: int) -> list:

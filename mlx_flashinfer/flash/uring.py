@@ -162,8 +162,9 @@ class Ring:
     def close(self) -> None:
         for name in ("_sqes", "_cqes", "_sq_tail", "_cq_head", "_cq_tail"):
             setattr(self, name, None)  # NumPy views hold the maps open
-        for m in {id(self._sq): self._sq, id(self._cq): self._cq}.values():
-            m.close()
+        if self._cq is not self._sq:
+            self._cq.close()
+        self._sq.close()
         self._sqes_map.close()
         os.close(self.fd)
 
@@ -191,29 +192,15 @@ def open_ring(entries: int = RING_ENTRIES) -> Ring | None:
     return None
 
 
-def several_reads(lo, hi, chunk: int) -> bool:
-    """Whether runs [lo, hi) make more than one read of at most `chunk` bytes: a
-    ring's call costs ~50 us of CPU here, a lone `preadv` ~35 (O_DIRECT, one 4 KiB
-    read), so one read goes without it."""
-    return len(lo) > 1 or (len(lo) == 1 and int(hi[0]) - int(lo[0]) > chunk)
-
-
-def ring_runs(ring: Ring, fd: int, lo, hi, pos, buffer, chunk: int, size: int):
-    """The reader's runs through `ring`: file bytes [lo[i], hi[i]) to
-    buffer[pos[i]:], cut in reads of at most `chunk` bytes (as the thread pool cuts
-    them); returns (reads, bytes read, the unfinished reads' (offset, position,
-    length) for `read_chunks` to finish).
+def ring_runs(ring: Ring, fd: int, offset, at, length, buffer, size: int):
+    """Reads (`landing.cut_runs`) through `ring`: length[i] bytes at file byte
+    offset[i] to buffer[at[i]:], from a file of `size` bytes; returns (reads, bytes
+    read, the unfinished reads' (offset, position, length) for
+    `landing.read_chunks` to finish).
 
     Raises:
         ValueError: a read would land past the buffer's end.
     """
-    lo, hi, pos = (np.asarray(x, np.int64) for x in (lo, hi, pos))
-    pieces = -(-(hi - lo) // chunk)  # reads per run
-    run = np.repeat(np.arange(len(lo)), pieces)
-    first = np.cumsum(pieces) - pieces
-    offset = lo[run] + (np.arange(len(run)) - first[run]) * chunk
-    length = np.minimum(chunk, hi[run] - offset)
-    at = pos[run] + offset - lo[run]
     target = np.frombuffer(buffer, np.uint8)
     if len(at) and (at + length).max() > len(target):
         raise ValueError("a read would land past the end of its buffer")
