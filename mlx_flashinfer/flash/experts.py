@@ -369,15 +369,9 @@ class ExpertFFN(TokenCounters):
     def _read_reserved(self, layer: int, ids, views, slots):
         """Reads ahead into reserved cache rows (the ahead reader's thread): what
         `_fetched_ahead` counts, as a `Fetched` would say it."""
-        counters = self.ahead.stats
-        before = (counters.bytes_read, counters.reads, counters.seconds)
+        before = self.ahead.stats.totals()
         self.ahead.read(layer, ids, views, slots=slots)
-        return SimpleNamespace(
-            ids=ids,
-            bytes_read=counters.bytes_read - before[0],
-            reads=counters.reads - before[1],
-            seconds=counters.seconds - before[2],
-        )
+        return SimpleNamespace(ids=ids, **self.ahead.stats.since(before).as_dict())
 
     def _take(self, fetched, ids: np.ndarray, into: list, slots) -> None:
         """Land experts read ahead into their rows `slots` of `into`, counted as I/O."""
@@ -391,17 +385,9 @@ class ExpertFFN(TokenCounters):
     def _read(self, layer: int, ids: np.ndarray, into, slots=None, background=False):
         """`reader.read` of `ids` into rows `slots` of `into`, counted (its time as
         a background read's, `io_ahead_s`, when the miss thread reads it)."""
-        counters, stats = self.reader.stats, self._token
-        before = (counters.bytes_read, counters.bytes_useful, counters.reads)
-        seconds = counters.seconds
+        before = self.reader.stats.totals()
         raw = self.reader.read(layer, ids, into, slots=slots)
-        stats.bytes_read += counters.bytes_read - before[0]
-        stats.bytes_useful += counters.bytes_useful - before[1]
-        stats.reads += counters.reads - before[2]
-        if background:
-            stats.io_ahead_s += counters.seconds - seconds
-        else:
-            stats.io_s += counters.seconds - seconds
+        self._token.add_read(self.reader.stats.since(before), background)
         return raw
 
     def close(self) -> None:

@@ -439,22 +439,12 @@ class FlashFFN(TokenCounters):
 
     def _read(self, layer: int, ids: np.ndarray, into, whole_range: bool = False):
         """`reader.read` (or `read_range`) of `ids` into `into`, counted."""
-        counters = self.reader.stats
-        before = (
-            counters.bytes_read,
-            counters.bytes_useful,
-            counters.reads,
-            counters.seconds,
-        )
+        before = self.reader.stats.totals()
         if whole_range:
             raw = self.reader.read_range(layer, int(ids[0]), int(ids[-1]) + 1, into)
         else:
             raw = self.reader.read(layer, ids, into)
-        stats = self._token
-        stats.bytes_read += counters.bytes_read - before[0]
-        stats.bytes_useful += counters.bytes_useful - before[1]
-        stats.reads += counters.reads - before[2]
-        stats.io_s += counters.seconds - before[3]
+        self._token.add_read(self.reader.stats.since(before))
         return raw
 
     def _ffn(self, layer: int, h, rows: list, ids: np.ndarray):

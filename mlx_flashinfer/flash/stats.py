@@ -44,6 +44,17 @@ class FlashStats:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
+    def add_read(self, read: ReadTotals, background: bool = False) -> None:
+        """Count a reader's call (`ReadTotals.since`): its time waited for, or
+        (`background`) spent behind compute."""
+        self.bytes_read += read.bytes_read
+        self.bytes_useful += read.bytes_useful
+        self.reads += read.reads
+        if background:
+            self.io_ahead_s += read.seconds
+        else:
+            self.io_s += read.seconds
+
     def summary(self) -> dict:
         """The counters plus derived figures (per token where it makes sense)."""
         out = asdict(self)
@@ -128,6 +139,15 @@ class ReadTotals:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(ReadTotals)}
+
+    def totals(self) -> ReadTotals:
+        """The running totals now (a copy), for `since`."""
+        return ReadTotals(**self.as_dict())
+
+    def since(self, before: ReadTotals) -> ReadTotals:
+        """What was counted after `before` (from `totals`)."""
+        now, then = self.as_dict(), before.as_dict()
+        return ReadTotals(**{name: now[name] - then[name] for name in now})
 
 
 @dataclass
