@@ -110,7 +110,7 @@ def test_the_planner_predicts_from_the_recorded_routing(tmp_path):
     from mlx_flashinfer.plan.expert_costs import (
         experts_cost,
         experts_paging_cost,
-        hit_rate,
+        hit_rates,
     )
 
     path = copied(tmp_path)
@@ -138,7 +138,7 @@ def test_the_planner_predicts_from_the_recorded_routing(tmp_path):
     k = layout.args.experts_per_token
     # the bytes read follow the recorded curve at the plan's capacity (bundles
     # off the 512-byte alignment read with the aligned bytes around them)
-    misses = sum(k * (1 - hit_rate(layout, i, c)) for i, c in enumerate(plan.capacity))
+    misses = sum(k * (1 - hit) for hit in hit_rates(layout, plan.capacity)[0])
     slack = 0 if layout.bundle_bytes % 512 == 0 else 512
     assert misses > 0
     assert measured.bytes_read == pytest.approx(misses * (layout.bundle_bytes + slack))
@@ -147,11 +147,16 @@ def test_the_planner_predicts_from_the_recorded_routing(tmp_path):
     # on the grid the recorded value, between two points the line through them, a
     # cache of every expert reads nothing
     grid, rates = section["capacities"], section["hit_rates"][1]
-    assert hit_rate(layout, 1, grid[2]) == pytest.approx(rates[2])
+    layers = layout.args.num_hidden_layers
+
+    def hit_rate(layer, capacity):
+        return hit_rates(layout, [capacity] * layers)[0][layer]
+
+    assert hit_rate(1, grid[2]) == pytest.approx(rates[2])
     middle = (grid[1] + grid[2]) / 2
-    assert hit_rate(layout, 1, middle) == pytest.approx((rates[1] + rates[2]) / 2)
-    assert hit_rate(layout, 1, layout.args.num_experts) == 1.0
-    assert hit_rate(layout, 1, 0) == 0.0
+    assert hit_rate(1, middle) == pytest.approx((rates[1] + rates[2]) / 2)
+    assert hit_rate(1, layout.args.num_experts) == 1.0
+    assert hit_rate(1, 0) == 0.0
 
 
 def test_train_predictor_records_a_mixture_of_experts_routing(tmp_path, capsys):

@@ -303,19 +303,15 @@ class FlashFFN(TokenCounters):
         FFN input `h`: the guessed set minus what `layer` caches now. Where the
         backend's ops may run on a second thread (NumPy's release the GIL), the
         guess is made there too, beside this layer's FFN: OPT-6.7B q4 at 50%
-        spent 20 ms a token on it before its FFN (`guess_and_fetch`)."""
+        spent 20 ms a token on it before its FFN."""
         if self.backend.OPS_ON_ANY_THREAD:
             # a copy: the thread must not see the caller reuse h's memory
-            task = self._ahead_thread.submit(self._guess_and_fetch, layer, h.copy())
-            self._pending = (layer, task)
-            return
-        stats = self._token
-        started = time.perf_counter()
-        missing = self._guessed_missing(layer, h)
-        stats.predictor_s += time.perf_counter() - started
-        if len(missing):
-            future = self._ahead_thread.submit(self.ahead.fetch, layer, missing)
-            self._pending = (layer, future)
+            task = (self._guess_and_fetch, layer, h.copy())
+        else:
+            started = time.perf_counter()
+            task = (self._fetch, layer, self._guessed_missing(layer, h))
+            self._token.predictor_s += time.perf_counter() - started
+        self._pending = (layer, self._ahead_thread.submit(*task))
 
     def _guessed_missing(self, layer: int, h) -> np.ndarray:
         """The neurons `layer` is guessed to use for `h` that it does not cache
@@ -324,8 +320,10 @@ class FlashFFN(TokenCounters):
         return guessed[self.windows[layer].slot_of[guessed] < 0]
 
     def _guess_and_fetch(self, layer: int, h):
-        """The reads-ahead thread's task: guess, then fetch (None: nothing to)."""
-        missing = self._guessed_missing(layer, h)
+        return self._fetch(layer, self._guessed_missing(layer, h))
+
+    def _fetch(self, layer: int, missing: np.ndarray):
+        """Fetch `missing` into the reads-ahead buffer (None: nothing to)."""
         return self.ahead.fetch(layer, missing) if len(missing) else None
 
     def _take(self, fetched, ids: np.ndarray, into: list) -> None:

@@ -91,14 +91,18 @@ def routing_rates(layout: Layout) -> tuple[list[np.ndarray], str]:
     return [uniform] * args.num_hidden_layers, "every expert equally popular (assumed)"
 
 
-def hit_rate(layout: Layout, layer: int, capacity: float) -> float:
-    """The share of `layer`'s routings an experts cache of `capacity` experts finds
-    cached: the recorded curve (`predictors/routing.py`) where the layout has one,
-    else Che's approximation from the routing rates."""
+def hit_rates(layout: Layout, capacities: list) -> tuple[list[float], str]:
+    """Per layer, the share of its routings an experts cache of capacities[layer]
+    experts finds cached: the recorded curve (`predictors/routing.py`) where the
+    layout has one, else Che's approximation from the routing rates; and where
+    they came from."""
+    rates, source = routing_rates(layout)
     recorded = layout.manifest.get("routing")
     if recorded:
-        return recorded_hit_rate(recorded, layer, capacity)
-    return lru_hit_rate(routing_rates(layout)[0][layer], capacity)
+        hits = [recorded_hit_rate(recorded, i, c) for i, c in enumerate(capacities)]
+    else:
+        hits = [lru_hit_rate(r, c) for r, c in zip(rates, capacities, strict=True)]
+    return hits, source
 
 
 def routed_compute(layout: Layout, machine: Machine, threads: str) -> float:
@@ -138,7 +142,8 @@ def experts_cost(
     AHEAD_HIDDEN of a layer's reads behind its compute."""
     args = layout.args
     k, row = args.experts_per_token, layout.bundle_bytes
-    _, source = routing_rates(layout)
+    hits, source = hit_rates(layout, plan.capacity)
+    hits = hits if window > 0 else [0.0] * len(hits)  # window 0 keeps nothing
     align = 4096 if machine.disk.get("mode") == "nocache" else 512
     # bundles on the alignment land straight in their rows; others go through the
     # staging buffer: aligned reads around them, and a copy of every byte
@@ -150,8 +155,7 @@ def experts_cost(
     kinds = {kind: routed * nbytes for kind, nbytes in ffn_kinds(layout).items()}
     one_expert = compute_seconds(machine, layout, kinds, threads, routed) / routed
     bytes_read = reads = cpu = disk = behind = 0.0
-    for layer, cap in enumerate(plan.capacity):
-        hit = hit_rate(layout, layer, cap) if window > 0 else 0.0
+    for hit in hits:
         misses = k * (1 - hit)
         if misses <= 0:
             continue
@@ -213,8 +217,8 @@ def experts_paging_cost(
     resident, _ = model_bytes(layout)
     row, k = layout.bundle_bytes, args.experts_per_token
     room = max(budget - resident, 0) / row / args.num_hidden_layers  # experts a layer
-    layers = range(args.num_hidden_layers)
-    missed = sum(k * (1 - hit_rate(layout, i, room)) * row for i in layers)
+    hits, _ = hit_rates(layout, [room] * args.num_hidden_layers)
+    missed = sum(k * (1 - hit) * row for hit in hits)
     rate = throughput_at(machine.disk, min(row, DEFAULT_CHUNK), 1, sequential=True)
     compute = routed_compute(layout, machine, threads)
     faults = missed / 1e9 * PAGING_S_PER_GB
