@@ -2,6 +2,7 @@
 within a budget and an allowed loss, and the commands that show them."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -194,7 +195,7 @@ def test_a_synthetic_predictor_has_a_measured_loss_and_its_plans_are_allowed(
 ):
     from mlx_flashinfer import load
     from mlx_flashinfer.bench.configs import sequence_tokens
-    from mlx_flashinfer.bench.synth import QUALITY_SEED, write_synthetic
+    from mlx_flashinfer.bench.synth import QUALITY_SEED, QUALITY_TOKENS, write_synthetic
     from mlx_flashinfer.perplexity import perplexity
     from mlx_flashinfer.plan.costs import window_stats
     from mlx_flashinfer.verify import PERPLEXITY_PREFILL
@@ -212,7 +213,8 @@ def test_a_synthetic_predictor_has_a_measured_loss_and_its_plans_are_allowed(
     # the window statistics the cost model reads are those of its decode steps:
     # window 0 loads every predicted neuron, longer windows load fewer
     for entry in layout.manifest["predictor"]["report"]:
-        assert entry["window_source"].startswith(f"{quality['tokens'] - 15} decode")
+        steps = QUALITY_TOKENS - PERPLEXITY_PREFILL
+        assert entry["window_source"].startswith(f"{steps} decode steps")
         window = entry["window"]
         assert window["k"][0] == 0
         assert window["loaded"][0] == pytest.approx(entry["predicted_fraction"], 0.2)
@@ -605,6 +607,40 @@ def test_the_planner_plans_a_mixture_of_experts(tmp_path):
     assert model.ffn.plan.placement == "experts"
     assert model.ffn.windows[0].k > 0
     model.ffn.close()
+
+
+def test_the_disk_probe_measures_the_readers_io_uring_and_the_model_reads_with_it(
+    tmp_path,
+):
+    from mlx_flashinfer.flash.uring import RING_ENTRIES, open_ring
+    from mlx_flashinfer.plan.costs import disk_seconds
+    from mlx_flashinfer.plan.disk import _ring_cell, table
+
+    # a call of many small reads: waves of 16 on threads, of RING_ENTRIES on a ring
+    machine = fake_machine(disk_rate=1e9)
+    pool = disk_seconds(machine, 1024, 1024 * 4096)
+    machine.disk["cells"] += [
+        {"read_size": s, "threads": RING_ENTRIES, "ring": True, "bytes_per_s": 4e9}
+        for s in (4096, 1 << 20)
+    ]
+    assert disk_seconds(machine, 1024, 1024 * 4096) == pytest.approx(pool / 4)
+    result = {"sizes": [4096, 1 << 20], "threads": [1, 16], **machine.disk}
+    assert "io_uring 256" in table(result)
+    # the probe's ring cell: random blocks read through a ring, counted
+    ring = open_ring()
+    if ring is None:
+        pytest.skip("io_uring is unavailable here")
+    path = tmp_path / "disk"
+    path.write_bytes(np.random.default_rng(0).bytes(1 << 20))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        cell = _ring_cell(ring, fd, 1 << 20, 4096, 0.02)
+    finally:
+        os.close(fd)
+        ring.close()
+    assert cell["ring"] and cell["threads"] == ring.entries == RING_ENTRIES
+    assert cell["reads"] >= RING_ENTRIES and cell["bytes"] == cell["reads"] * 4096
+    assert cell["bytes_per_s"] == pytest.approx(cell["bytes"] / cell["seconds"])
 
 
 def test_narrow_and_wide_matrices_multiply_at_the_probes_rates_for_them():

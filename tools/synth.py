@@ -81,38 +81,31 @@ def main() -> int:
     for flag in ("--layers", "--hidden", "--neurons", "--heads"):
         parser.add_argument(flag, type=positive, default=None, help="custom size")
     opts = parser.parse_args()
+    try:
+        print(run(opts))
+    except (ValueError, FileExistsError, FileNotFoundError) as err:
+        print(f"synth: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(opts) -> str:
+    """Do what `opts` ask; the line saying what was done."""
     started = time.perf_counter()
     if opts.quality_only:
-        try:
-            quality = measure_quality(opts.dst)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"synth: error: {err}", file=sys.stderr)
-            return 2
-        print(
+        quality = measure_quality(opts.dst)
+        return (
             f"{opts.dst}: predictor loss {quality['loss']:+.4%} over "
             f"{quality['tokens']} tokens in {time.perf_counter() - started:.0f} s"
         )
-        return 0
-    if opts.shape in MOE_SHAPES:
-        try:
-            write_synthetic_moe(
-                opts.dst,
-                custom_shape(opts),
-                opts.dtype,
-                opts.seed,
-                opts.skew,
-                opts.force,
-                sys.stderr.isatty(),
-            )
-        except (ValueError, FileExistsError) as err:
-            print(f"synth: error: {err}", file=sys.stderr)
-            return 2
-        print(
-            f"wrote {opts.shape} to {opts.dst} in {time.perf_counter() - started:.0f} s"
-        )
-        return 0
     shape = custom_shape(opts)
-    try:
+    if opts.shape in MOE_SHAPES:
+        progress = sys.stderr.isatty()
+        write_synthetic_moe(
+            opts.dst, shape, opts.dtype, opts.seed, opts.skew, opts.force, progress
+        )
+        what = opts.shape
+    else:
         write_synthetic(
             opts.dst,
             shape,
@@ -124,15 +117,9 @@ def main() -> int:
             group_size=opts.group_size,
             down_bits=opts.down_bits,
         )
-    except (ValueError, FileExistsError) as err:
-        print(f"synth: error: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {opts.shape}{' (custom sizes)' if isinstance(shape, dict) else ''} "
-        f"({opts.arrangement}) to {opts.dst} in "
-        f"{time.perf_counter() - started:.0f} s"
-    )
-    return 0
+        custom = " (custom sizes)" if isinstance(shape, dict) else ""
+        what = f"{opts.shape}{custom} ({opts.arrangement})"
+    return f"wrote {what} to {opts.dst} in {time.perf_counter() - started:.0f} s"
 
 
 if __name__ == "__main__":

@@ -8,9 +8,10 @@ the rest the disk's; docs/planner.md).
 Measured on a file in memory (tmpfs), where a read is a copy: for one reader thread
 and for `DEFAULT_THREADS`, a call's fixed cost, each read's and each byte's, fitted
 to three patterns of reads. The kernel's copy out of tmpfs is measured apart and
-taken off each byte's cost: from a disk, DMA lands the bytes (the copy was a third
-to a half of the landing cost here: 0.36 ns a byte in all). Where no tmpfs exists
-(macOS) the probe keeps nothing and `costs.py` falls back on constants measured here.
+taken off each byte's cost: from a disk, DMA lands the bytes (here the copy was
+about a third of it: 0.36-0.38 ns a byte in all, 0.25-0.27 without). Where no tmpfs
+exists (macOS) the probe keeps nothing and `costs.py` falls back on constants
+measured here.
 """
 
 from __future__ import annotations
