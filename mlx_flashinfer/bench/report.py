@@ -10,7 +10,7 @@ import numpy as np
 
 from ..flash.reader import DEFAULT_THREADS
 from ..flash.uring import RING_ENTRIES
-from ..plan.disk import throughput_at
+from ..plan.disk import has_ring, throughput_at
 
 MB = 1e6
 
@@ -36,7 +36,7 @@ def row_metrics(result: dict, probe: dict | None, ffn_bytes: int) -> dict:
     threads = result["setup"].get("threads") or (
         1 if result["spec"]["kind"] in ("mmap", "stream") else DEFAULT_THREADS
     )
-    if threads != 1 and probe and any(c.get("ring") for c in probe["cells"]):
+    if threads != 1 and probe and has_ring(probe):
         threads = RING_ENTRIES  # the reader's reads go through its io_uring
     disk = throughput_at(probe, mean_read, threads) if probe and mean_read else None
     metrics = {

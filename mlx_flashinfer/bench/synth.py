@@ -146,7 +146,7 @@ def measure_quality(
         found[name] = perplexity(model, ids, **score)
         del model  # never both in memory: a 7B float16 model is half of DRAM here
         gc.collect()
-    quality = {  # from the mean NLLs: a random model's perplexity can overflow
+    quality = {
         "loss": math.exp(found["flash"]["nll"] - found["dense"]["nll"]) - 1.0,
         "dense_nll": found["dense"]["nll"],
         "flash_nll": found["flash"]["nll"],

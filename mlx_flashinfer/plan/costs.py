@@ -28,7 +28,7 @@ from ..flash.uring import RING_ENTRIES
 from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
-from .disk import throughput_at
+from .disk import has_ring, throughput_at
 from .machine import CACHED_BYTES, COLUMNS, NARROW, SIDE, WIDE, Machine
 from .reader_cost import call_seconds
 
@@ -454,8 +454,8 @@ def disk_seconds(machine: Machine, reads: float, nbytes: float) -> float:
     threads take (or its io_uring, where the probe measured one), each as long as
     one read of that size with that many in flight."""
     size = nbytes / reads
-    ring = any(c.get("ring") for c in machine.disk["cells"])
-    flight = max(1.0, min(float(RING_ENTRIES if ring else DEFAULT_THREADS), reads))
+    depth = RING_ENTRIES if has_ring(machine.disk) else DEFAULT_THREADS
+    flight = max(1.0, min(float(depth), reads))
     waves = math.ceil(reads / flight)
     rate = throughput_at(machine.disk, max(size, 512), round(flight))
     return waves * flight * size / rate

@@ -79,17 +79,17 @@ def probe(
     try:
         ring = open_ring()
         grid = [(s, t) for s in sizes for t in threads]
-        grid += [(s, RING_ENTRIES) for s in sizes] if ring else []
+        ringed = sizes if ring else ()
         # a span read as FlashReader streams one: consecutive chunks over threads
         spans = [(s, t) for s in SEQUENTIAL_SIZES for t in SEQUENTIAL_THREADS]
         spans = spans if sequential else []
-        total = len(grid) + len(spans)
+        total = len(grid) + len(ringed) + len(spans)
         with tqdm(total=total, desc="probe", unit="cell", disable=not progress) as bar:
             for size, count in grid:
-                if ring and count == RING_ENTRIES:
-                    cells.append(_ring_cell(ring, fd, file_bytes, size, seconds))
-                else:
-                    cells.append(_cell(fd, file_bytes, size, count, seconds))
+                cells.append(_cell(fd, file_bytes, size, count, seconds))
+                bar.update()
+            for size in ringed:
+                cells.append(_ring_cell(ring, fd, file_bytes, size, seconds))
                 bar.update()
             for size, count in spans:
                 streams.append(_cell(fd, file_bytes, size, count, seconds, True))
@@ -176,12 +176,17 @@ def throughput_at(
     return float(np.interp(math.log2(read_size), np.log2(sizes), rates))
 
 
+def has_ring(result: dict) -> bool:
+    """Whether the probe measured reads through an io_uring (the reader's way)."""
+    return any(c.get("ring") for c in result["cells"])
+
+
 def table(result: dict) -> str:
     """The result as a markdown table: rows read size, columns threads, MB/s."""
     rate = {(c["read_size"], c["threads"]): c["bytes_per_s"] for c in result["cells"]}
     columns = list(result["threads"])
     names = [f"{t} thr" for t in columns]
-    if any(c.get("ring") for c in result["cells"]):
+    if has_ring(result):
         columns, names = columns + [RING_ENTRIES], names + [f"io_uring {RING_ENTRIES}"]
     lines = [
         "| read size | " + " | ".join(names) + " |",
