@@ -68,10 +68,11 @@ def predicted(layout: Layout, machine, plan=None, window: int = 0) -> dict:
     }
 
 
-def decode(model, prompt: list[int], feed: list[int]) -> tuple[list[int], float, float]:
+def decode(model, prompt: list, feed: list) -> tuple[list, float, float, float]:
     """Run `prompt`, then decode the tokens `feed` one at a time (fixed, not sampled:
     a random model's greedy tokens repeat, which no router would see); return the
-    argmax after each token, the prompt's seconds and the seconds per decoded token."""
+    argmax after each token, the prompt's seconds, and the seconds and the bytes
+    read from storage (`storage_read_bytes`: OS paging's reads) per decoded token."""
     B = model.backend
     cache = model.make_cache()
     began = time.perf_counter()
@@ -83,8 +84,9 @@ def decode(model, prompt: list[int], feed: list[int]) -> tuple[list[int], float,
     for token in feed:
         logits = model([token], cache)
         ids.append(int(np.argmax(B.to_numpy(logits)[-1])))
-    decode.read_bytes = storage_read_bytes() - read_before  # OS paging's reads
-    return ids, prompt_s, (time.perf_counter() - began) / max(len(feed), 1)
+    n = max(len(feed), 1)
+    read = (storage_read_bytes() - read_before) / n
+    return ids, prompt_s, (time.perf_counter() - began) / n, read
 
 
 def storage_read_bytes() -> int:
@@ -143,18 +145,9 @@ def paging_child(opts) -> int:
     moe.DenseExperts.__init__ = mapped_init
     model, _ = load(opts.model, backend=opts.backend)
     prompt, feed = json.loads(sys.stdin.read())
-    ids, prompt_s, per_token = decode(model, prompt, feed)
-    mb = decode.read_bytes / max(len(feed), 1) / 1e6
-    print(
-        json.dumps(
-            {
-                "ids": ids,
-                "prompt_s": prompt_s,
-                "per_token": per_token,
-                "mb_per_token": mb,
-            }
-        )
-    )
+    ids, prompt_s, per_token, read = decode(model, prompt, feed)
+    got = {"ids": ids, "prompt_s": prompt_s, "per_token": per_token}
+    print(json.dumps({**got, "mb_per_token": read / 1e6}))
     return 0
 
 
@@ -262,7 +255,7 @@ def experts_row(opts, layout: Layout, machine, spec: dict, prompt, feed) -> dict
         window=window,
         lookahead=ahead,
     )
-    ids, prompt_s, per_token = decode(model, prompt, feed)
+    ids, prompt_s, per_token, _ = decode(model, prompt, feed)
     s = model.io_stats()["decode"]
     n = max(s["tokens"], 1)
     row = {
@@ -381,7 +374,7 @@ def main() -> int:
     prompt = rng.integers(3, args.vocab_size, opts.prompt_tokens).tolist()
     feed = rng.integers(3, args.vocab_size, opts.tokens).tolist()
     if not opts.no_dense:
-        reference, prompt_s, per_token = decode(dense, prompt, feed)
+        reference, prompt_s, per_token, _ = decode(dense, prompt, feed)
         rows.append(
             {
                 "config": "dense (every expert in DRAM: compute only)",
