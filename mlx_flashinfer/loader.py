@@ -206,6 +206,7 @@ def load(
     cache_dir: str | Path | None = None,
     lookahead: bool | None = DEFAULT_LOOKAHEAD,
     placement: str | None = None,
+    read_gap: int | None = None,
 ):
     """Load a model, dense (every weight in DRAM) or from flash. Every option
     after `path` is keyword-only: `load(path, memory_budget="50%")`.
@@ -250,6 +251,9 @@ def load(
             lookahead, predictor_threshold) is given, else sparse; for a mixture of
             experts "experts", its only one (routed experts read at once, cached
             over the window and LRU: flash/experts.py).
+        read_gap: sparse placement: gaps of up to this many bytes between wanted
+            neurons' bundles are read through (fewer, larger reads). None: the
+            planner's choice with placement "auto", else 16 KiB.
 
     Returns:
         (model, tokenizer). `model.plan` holds the memory plan in flash mode.
@@ -267,6 +271,8 @@ def load(
         raise ValueError("memory_budget applies to flash mode: drop dense=True")
     if window is not None and not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
+    if read_gap is not None and read_gap < 0:
+        raise ValueError(f"read gap must be 0 bytes or more, got {read_gap}")
     if layout.args.is_moe and placement not in (None, "experts", "auto"):
         raise ValueError(
             f"a mixture of experts has one placement, experts, not {placement}"
@@ -295,6 +301,8 @@ def load(
         window = chosen["window"] if window is None and "window" in chosen else window
         if lookahead is None:
             lookahead = chosen.get("lookahead")
+        if read_gap is None:
+            read_gap = chosen.get("read_gap")
     window = DEFAULT_WINDOW if window is None else window
     # before the weights: a broken tokenizer or chat template fails in no time
     tokenizer = load_tokenizer(layout)
@@ -327,7 +335,9 @@ def load(
             chosen = make_predictor(
                 name, B, layout, weights, threshold=predictor_threshold
             )
-            ffn = FlashFFN(B, layout, weights, plan, chosen, window, threads)
+            ffn = FlashFFN(
+                B, layout, weights, plan, chosen, window, threads, read_gap=read_gap
+            )
     model = Model(layout.args, B, weights, ffn, context)
     model.plan = plan
     model.weights_id = layout.weights_id

@@ -143,6 +143,79 @@ def test_the_down_product_runs_at_the_columns_rate():
     assert extra == pytest.approx(ffn / (8e9 / 3) - ffn / 8e9)
 
 
+def disk_machine(rate) -> Machine:
+    """fake_machine with a disk reading `rate(read_size)` bytes/s."""
+    cells = [
+        {"read_size": s, "threads": t, "bytes_per_s": rate(s)}
+        for s in (512, 4096, 1 << 20)
+        for t in (1, 16)
+    ]
+    disk = {"mode": "direct", "cells": cells}
+    return Machine.from_dict({**fake_machine().to_dict(), "disk": disk})
+
+
+def test_a_read_gap_trades_reads_for_bytes_and_is_planned_where_reads_cost(
+    tmp_path,
+):
+    from mlx_flashinfer import load
+    from mlx_flashinfer.bench.synth import write_synthetic
+    from mlx_flashinfer.flash.reader import DEFAULT_MAX_GAP
+    from mlx_flashinfer.loader import make_plan
+    from mlx_flashinfer.plan.machine import machine_path
+    from mlx_flashinfer.plan.planner import GAP_MARGIN, READ_GAPS
+    from mlx_flashinfer.predictors.kinds import predictor_nbytes
+
+    path = write_synthetic(tmp_path / "s", "opt-tiny", progress=False)
+    layout = Layout.open(path)
+    resident, ffn = model_bytes(layout)
+    budget = resident + ffn  # all but dense's room: the predictor takes some
+    plan = make_plan(layout, budget, "lowrank", 64, lookahead=False)
+    # reading through longer gaps: never more reads, never fewer bytes
+    costs = [
+        sparse_cost(layout, plan, fake_machine(), "lowrank", 4, read_gap=gap)
+        for gap in sorted(READ_GAPS)
+    ]
+    reads = [c.bytes_read / c.read_size for c in costs]
+    assert reads == sorted(reads, reverse=True) and reads[0] > reads[-1]
+    assert [c.bytes_read for c in costs] == sorted(c.bytes_read for c in costs)
+    # where a read costs its wait (a millisecond, whatever its size), the planner
+    # reads through gaps; where only bytes cost, it reads only what it needs
+    waits, bytes_cost = disk_machine(lambda s: s / 1e-3), disk_machine(lambda s: 1e7)
+    slow = choose(layout, budget, waits, predictor="lowrank").best
+    assert slow.read_gap > 0
+    narrow = choose(layout, budget, bytes_cost, predictor="lowrank").best
+    assert narrow.read_gap == 0
+    # another gap than the reader's default only for a clear gain
+    nbytes = predictor_nbytes("lowrank", layout)
+    for best, machine in ((slow, waits), (narrow, bytes_cost)):
+        if best.read_gap != DEFAULT_MAX_GAP:
+            args = (layout, best.plan, machine, "lowrank", best.window, nbytes)
+            default = sparse_cost(*args)
+            assert best.cost.total_s < (1 - GAP_MARGIN) * default.total_s
+    # load runs the planned gap (and a given one wins); the gap changes how rows
+    # are read, never which: the same logits
+    save_machine(waits, machine_path(path, "numpy", tmp_path))
+    tokens, found = [1, 2, 3, 4, 5], []
+    for given in (None, 0):
+        model, _ = load(
+            path,
+            backend="numpy",
+            memory_budget=budget,
+            placement="auto",
+            predictor="lowrank",
+            read_gap=given,
+            cache_dir=tmp_path,
+            max_context=64,
+        )
+        want = slow.read_gap if given is None else given
+        assert model.ffn.reader.max_gap_bytes == want
+        found.append(model.logits(tokens, prefill=3))
+        model.ffn.close()
+    assert np.array_equal(found[0], found[1])
+    with pytest.raises(ValueError, match="read gap"):
+        load(path, backend="numpy", memory_budget=budget, read_gap=-1)
+
+
 def test_a_smaller_cache_loads_more_and_a_faster_disk_reads_faster():
     layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 3))
     resident, ffn = model_bytes(layout)

@@ -105,6 +105,7 @@ class RunSpec:
     predictor: str | None = None
     window: int = 0
     lookahead: bool = False  # reads ahead (flash rows)
+    read_gap: int | None = None  # bytes read through between wanted bundles
     rows_in_dram: bool = False  # the compute-only row: no I/O
     threads: int | None = None
     max_context: int = 0
@@ -332,4 +333,5 @@ def apply_choice(spec: RunSpec, choice, layout: Layout) -> None:
     else:
         spec.kind, spec.predictor = "flash", choice.predictor
         spec.window, spec.lookahead = choice.window, choice.lookahead
+        spec.read_gap = choice.read_gap
         flash_plan(spec, layout, layout)

@@ -49,6 +49,7 @@ def predict(spec: RunSpec, layout: Layout, source: Layout, machine: Machine):
         nbytes,
         source,
         rows_in_dram=spec.rows_in_dram,
+        read_gap=spec.read_gap,
     )
 
 

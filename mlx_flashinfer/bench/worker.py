@@ -112,7 +112,16 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
         loaded.append(source.ffn_path)  # the gate predictor reads its rows from there
         plan = flash_plan(spec, layout, source)
         predictor = make_predictor(spec.predictor, B, source, weights)
-        ffn = FlashFFN(B, layout, weights, plan, predictor, spec.window, spec.threads)
+        ffn = FlashFFN(
+            B,
+            layout,
+            weights,
+            plan,
+            predictor,
+            spec.window,
+            spec.threads,
+            read_gap=spec.read_gap,
+        )
         if spec.rows_in_dram:  # the compute-only row: the same reads, from memory
             from .in_memory import InMemoryReader
 

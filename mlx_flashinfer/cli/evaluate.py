@@ -94,6 +94,7 @@ def cmd_verify(opts) -> int:
         threads=opts.threads,
         predictor_threshold=opts.predictor_threshold,
         placement=opts.placement,
+        read_gap=opts.read_gap,
         **lookahead_option(opts),
         **shared,
     )

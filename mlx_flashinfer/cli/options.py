@@ -182,6 +182,15 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="flash reader threads")
     p.add_argument(
+        "--read-gap",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="sparse placement: gaps of up to this many bytes between wanted "
+        "neurons are read through, for fewer, larger reads (default: the plan's, "
+        "else 16384)",
+    )
+    p.add_argument(
         "--lookahead",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -231,6 +240,7 @@ def load_model(opts):
         predictor_threshold=opts.predictor_threshold,
         cache_dir=opts.cache_dir,
         placement=opts.placement,
+        read_gap=opts.read_gap,
         **lookahead_option(opts),
     )
 

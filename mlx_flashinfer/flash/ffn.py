@@ -117,6 +117,8 @@ class FlashFFN(TokenCounters):
         guess: optional predictor for the reads ahead (default: `predictor`; tests
             give a wrong one to show it cannot change the output). Reads ahead run
             when the plan has room for them (`plan.lookahead`).
+        read_gap: gaps of up to this many bytes between wanted bundles are read
+            through (fewer, larger reads); None: the reader's DEFAULT_MAX_GAP.
     """
 
     def __init__(
@@ -129,6 +131,8 @@ class FlashFFN(TokenCounters):
         window: int,
         threads: int | None = None,
         guess=None,
+        *,
+        read_gap: int | None = None,
     ):
         self.backend = backend
         self.args = layout.args
@@ -138,6 +142,8 @@ class FlashFFN(TokenCounters):
         self.k = window
         parts = len(layout.bundle_parts)
         options = {} if threads is None else {"threads": threads}
+        if read_gap is not None:  # the plan's (plan/planner.py), else the reader's
+            options["max_gap_bytes"] = read_gap
         # Decoding computes on one thread and leaves the other cores to the reader
         # threads; a prompt computes on all of them (its reads are few and large).
         # Measured (AMD EPYC, 2 cores), SmolLM2 at 100%, a 460-token prompt: 227-232

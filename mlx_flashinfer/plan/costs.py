@@ -338,6 +338,7 @@ def sparse_cost(
     stats_layout: Layout | None = None,
     *,
     rows_in_dram: bool = False,
+    read_gap: int | None = None,
 ) -> TokenCost:
     """The sparse placement (flash/ffn.py): per layer the predictor runs, the window
     loads what it does not hold (fewer hits where the cache is smaller than the
@@ -349,7 +350,9 @@ def sparse_cost(
     disk's: its reads in waves of as many as the threads take, each wave as long as
     one read takes with that many beside it. `stats_layout`: where the predictor's
     report is (the bundled twin of a separate layout). `rows_in_dram`: the
-    compute-only row, whose reads are copies from memory on the calling thread."""
+    compute-only row, whose reads are copies from memory on the calling thread.
+    `read_gap`: bytes a read runs through between wanted bundles (None: the
+    reader's DEFAULT_MAX_GAP)."""
     args = layout.args
     n, row = args.intermediate_size, layout.bundle_bytes
     stats, source = window_stats(
@@ -362,7 +365,8 @@ def sparse_cost(
         pieces, row = len(layout.part_bytes), row / len(layout.part_bytes)
     else:
         pieces = 1
-    gap = max(int(DEFAULT_MAX_GAP // row), 0)  # pieces a read runs through
+    read_gap = DEFAULT_MAX_GAP if read_gap is None else read_gap
+    gap = max(int(read_gap // row), 0)  # pieces a read runs through
     threads = 1 if rows_in_dram else DEFAULT_THREADS
     bytes_read = rows = reads = cached_loads = cpu = disk = 0.0
     # FFN calls: over the cached rows, one per scratch-full, and the predictor's
