@@ -3,6 +3,7 @@ within a budget and an allowed loss, and the commands that show them."""
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -67,6 +68,40 @@ def test_a_window_of_k_tokens_loads_what_the_last_k_did_not_use():
     assert sum(loads[2:]) / 4 / 4 == pytest.approx(stats["loaded"][1])
 
 
+def test_a_small_cache_keeps_what_is_used_again_and_the_costs_read_its_loads():
+    # a hot tenth of the neurons fires every token, a random fifth beside it: a
+    # cache holding a fifth of the neurons (less than a window of 4's union) keeps
+    # the hot ones (never the least recent) and loads about the random part only,
+    # where interpolating over the rows held would foresee more
+    from mlx_flashinfer.flash.window import cache_loads
+    from mlx_flashinfer.plan.costs import window_stats
+
+    rng = np.random.default_rng(0)
+    n, tokens = 1000, 64
+    masks = rng.random((tokens, n)) < 0.2
+    masks[:, :100] = True
+    reuse, caches = window_reuse(masks), cache_loads(masks)
+    k4 = reuse["k"].index(4)
+    fifth = caches["share"].index(0.2)
+    assert 0.2 * 0.9 < 0.2 < reuse["cached"][k4]  # the union overflows the cache
+    assert caches["loaded_at"][k4][fifth] <= 0.2 * 0.9 + 0.02
+    interpolated = np.interp(0.2, [0, reuse["cached"][1]], [reuse["loaded"][0], 1])
+    assert caches["loaded_at"][k4][fifth] < min(interpolated, reuse["loaded"][0])
+    # with room for a window's union a cache loads what the window does
+    for i in range(len(reuse["k"])):
+        for share, loads in zip(caches["share"], caches["loaded_at"][i], strict=True):
+            if share >= reuse["cached"][i]:
+                assert loads == pytest.approx(reuse["loaded"][i])
+    # the cost model reads those loads for a cache of that size
+    args = Layout.open(tiny_layout("llama", "relu", 2, n, 2)).args
+    entry = {"predicted_fraction": float(masks.mean()), "window": {**reuse, **caches}}
+    section = {"kind": "lowrank", "report": [entry, entry]}
+    layout = SimpleNamespace(args=args, manifest={"predictor": section})
+    stats, _ = window_stats(layout, "lowrank", 4, [200, 200])
+    assert stats[0][1] == pytest.approx(caches["loaded_at"][k4][fifth])
+    assert stats[0][2] == pytest.approx(0.2)
+
+
 def test_the_three_terms_follow_the_curves():
     layout = Layout.open(tiny_layout("llama", "silu", 2, 400, 12))
     resident, ffn = model_bytes(layout)
@@ -91,6 +126,14 @@ def test_the_three_terms_follow_the_curves():
     # OS paging re-reads the whole FFN when it does not fit beside the resident part
     assert paging_cost(layout, resident + ffn // 2, machine).bytes_read == ffn
     assert paging_cost(layout, resident + ffn, machine).bytes_read == 0
+    # the kernel's readahead reads on while the faulting thread computes: a token
+    # takes the longer of its reads and its compute, plus the faults' work
+    for rate in (1e6, 1e12):
+        paging = paging_cost(layout, resident + ffn // 2, fake_machine(disk_rate=rate))
+        reads = ffn / rate
+        expected = max(reads, paging.compute_s) + paging.memory_s
+        assert paging.total_s == pytest.approx(expected)
+        assert paging.hidden_io_s == pytest.approx(min(reads, paging.compute_s))
 
 
 @pytest.mark.parametrize("placement", ["streamed", "sparse", "sparse ahead", "paging"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..flash.window import window_reuse
+from ..flash.window import cache_loads, window_reuse
 from ..formats.convert import _check_destination, write_layout
 from ..formats.layout import Layout
 from ..predictors.lowrank import held_bytes, predictor_tensors
@@ -186,6 +186,6 @@ def measured_window(masks: list, text: str) -> dict:
     stacked = np.stack(masks)
     return {
         "predicted_fraction": float(stacked.mean()),
-        "window": window_reuse(stacked),
+        "window": {**window_reuse(stacked), **cache_loads(stacked)},
         "window_source": f"{len(masks)} decode steps of {text}",
     }

@@ -278,3 +278,42 @@ def window_reuse(masks: np.ndarray, ks=WINDOW_GRID) -> dict:
         "loaded": (loaded / counted).tolist(),
         "cached": (cached / counted).tolist(),
     }
+
+
+CACHE_SHARES = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5)  # cache rows, of the neurons
+CACHE_TOKENS = 256  # sets simulated at most: a report's time stays seconds
+
+
+def cache_loads(masks: np.ndarray, ks=WINDOW_GRID, shares=CACHE_SHARES) -> dict:
+    """What a cache smaller than its window's union loads: the window manager itself
+    run over a sequence of predicted sets (a layer's masks (T, neurons), the first
+    CACHE_TOKENS) for each window k and a cache of each share of the neurons.
+
+    A small cache is not a shorter window: it keeps the neurons used again and
+    again (they are never the least recent), so it hits more than the share of
+    the union it holds. Measured on the OPT-6.7B shape at 50%: linear
+    interpolation over the rows held foresaw 12,948 neurons loaded a token where
+    this simulation gives 12,113 and the run loaded 10,817.
+
+    Returns:
+        {"share": [...], "loaded_at": [[fraction of the neurons read per token (into
+        the cache or through scratch) at each share] per k]}, from token max(ks)
+        on, as `window_reuse`.
+    """
+    masks = np.asarray(masks, dtype=bool)[:CACHE_TOKENS]
+    tokens, neurons = masks.shape
+    start = min(max(ks), max(tokens - 1, 0))
+    sets = [np.flatnonzero(m) for m in masks]
+    loaded = []
+    for k in ks:
+        row = []
+        for share in shares:
+            window = LayerWindow(neurons, max(int(share * neurons), 1), k)
+            read = 0
+            for t, active in enumerate(sets):
+                plan = window.step(active)
+                if t >= start:
+                    read += len(plan.load_ids) + len(plan.scratch_ids)
+            row.append(read / (max(tokens - start, 1) * neurons))
+        loaded.append(row)
+    return {"share": list(shares), "loaded_at": loaded}

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..flash.window import window_reuse
+from ..flash.window import cache_loads, window_reuse
 from .lowrank_fit import cut_report
 
 GRID = np.round(np.arange(0.0, 0.91, 0.1), 2)  # sparsities a layer may take
@@ -80,10 +80,14 @@ def layer_grid(z, target, act, down_norms, out_norms, groups=None) -> LayerGrid:
     return LayerGrid(cuts, kept, error)
 
 
-def predicted_window(z: np.ndarray, cut: float | None) -> dict:
+def predicted_window(z: np.ndarray, cut: float | None, caches: bool = False) -> dict:
     """What windows of the tune tokens' predicted sets (z > cut; None: every neuron)
-    load and hold (`window.window_reuse`): the cost model's statistics."""
-    return window_reuse(z > cut if cut is not None else np.ones(z.shape, bool))
+    load and hold (`window.window_reuse`): the cost model's statistics; with
+    `caches`, also what caches smaller than a window's union load
+    (`window.cache_loads`: the chosen cut's report, not every cut of the grid)."""
+    masks = z > cut if cut is not None else np.ones(z.shape, bool)
+    window = window_reuse(masks)
+    return {**window, **cache_loads(masks)} if caches else window
 
 
 def greedy_path(grids: list[LayerGrid]) -> list[int]:

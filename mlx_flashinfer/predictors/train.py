@@ -268,7 +268,7 @@ def train_predictor(
         z = run.scores(predictor, run.runner.B.array(data.tune_h))
         cut = cut_for_recall(z, data.tune_target, recall)
         report = cut_report(z, data.tune_target, cut)
-        window = quality.predicted_window(z, cut)
+        window = quality.predicted_window(z, cut, caches=True)
         reports.append({**report, "window": window, **about})
         if not args.is_relu_family:  # the gate predictor's cut, on the tune split
             magnitude = gate_magnitude(args.hidden_act, data.tune_gate)
