@@ -591,6 +591,44 @@ def test_a_read_call_costs_the_readers_work_by_threads_used():
     assert call_seconds(reader, 16, 0, 0, ()) == 0
 
 
+def test_reads_from_disk_cost_the_cpu_their_call_and_copies_only():
+    # the disk's cells time each read end to end (through the same ring or
+    # threads): from a disk a call adds its own cost and the bytes it copies;
+    # from memory (the compute-only row) each read's work and every byte's copy
+    from dataclasses import replace
+
+    from mlx_flashinfer.flash.reader import DEFAULT_THREADS
+    from mlx_flashinfer.plan.costs import read_cpu_seconds
+
+    one = {"call_s": 1e-4, "read_s": 2e-6, "byte_s": 1e-10}
+    many = {"call_s": 8e-4, "read_s": 1e-6, "byte_s": 3e-10}
+    machine = replace(fake_machine(), reader={"1": one, str(DEFAULT_THREADS): many})
+    disk = read_cpu_seconds(machine, DEFAULT_THREADS, 64, 1e6)
+    assert disk == pytest.approx(8e-4 + 1e6 * 3e-10)
+    memory = read_cpu_seconds(machine, DEFAULT_THREADS, 64, 1e6, from_disk=False)
+    copy = 1e6 / machine.memory_bytes_per_s
+    assert memory == pytest.approx(8e-4 + 64 * 1e-6 + 1e6 * 3e-10 + copy)
+    # NumPy's aligned rows take the bytes by DMA: its sparse reads cost the CPU
+    # their calls only; MLX's land in staging and are copied
+    layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 3))
+    from mlx_flashinfer.flash.memory import plan_floor
+    from mlx_flashinfer.loader import make_plan
+    from mlx_flashinfer.predictors.kinds import predictor_nbytes
+
+    floor = plan_floor(layout, predictor_nbytes("gate", layout))
+    plan = make_plan(layout, floor + model_bytes(layout)[1] // 8, "gate", 64, False)
+    numpy_cost = sparse_cost(layout, plan, machine, "gate", 4)
+    mlx_cost = sparse_cost(layout, plan, replace(machine, backend="mlx"), "gate", 4)
+    assert numpy_cost.bytes_read == mlx_cost.bytes_read > 0
+    assert mlx_cost.io_fixed_s > numpy_cost.io_fixed_s > 0
+    dearer = {
+        n: dict(c, read_s=100 * c["read_s"], byte_s=100 * c["byte_s"])
+        for n, c in machine.reader.items()
+    }
+    again = sparse_cost(layout, plan, replace(machine, reader=dearer), "gate", 4)
+    assert again.io_fixed_s == pytest.approx(numpy_cost.io_fixed_s)
+
+
 def test_the_readers_costs_are_measured_in_memory(monkeypatch):
     from mlx_flashinfer.plan import reader_cost
 

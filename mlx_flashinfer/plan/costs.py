@@ -399,6 +399,10 @@ def sparse_cost(
     read_gap = DEFAULT_MAX_GAP if read_gap is None else read_gap
     gap = max(int(read_gap // row), 0)  # pieces a read runs through
     threads = 1 if rows_in_dram else DEFAULT_THREADS
+    # NumPy's cache rows are aligned: O_DIRECT lands the bytes in them (DMA, no CPU);
+    # MLX's are not: they land in staging and are copied (as is every byte read
+    # from memory)
+    copied = 1.0 if rows_in_dram or machine.backend != "numpy" else 0.0
     bytes_read = rows = reads = cached_loads = cpu = disk = 0.0
     # FFN calls: over the cached rows, one per scratch-full, and the predictor's
     ffn_calls = float(args.num_hidden_layers * (1 + (predictor != "all")))
@@ -423,7 +427,9 @@ def sparse_cost(
             call_reads, call_bytes = pieces * call_reads, pieces * call_bytes
             reads += count * call_reads
             bytes_read += count * call_bytes
-            cpu += count * read_cpu_seconds(machine, threads, call_reads, call_bytes)
+            cpu += count * read_cpu_seconds(
+                machine, threads, call_reads, copied * call_bytes, not rows_in_dram
+            )
             if not rows_in_dram:
                 disk += count * disk_seconds(machine, call_reads, call_bytes)
     read_size = bytes_read / reads if reads else 0.0
@@ -467,14 +473,27 @@ def _call_reads(ids: float, q: float, row: float, gap: int, align: int):
 
 
 def read_cpu_seconds(
-    machine: Machine, threads: int, reads: float, nbytes: float
+    machine: Machine,
+    threads: int,
+    reads: float,
+    nbytes: float,
+    from_disk: bool = True,
 ) -> float:
-    """The reader's own seconds for a call (`reader_cost.call_seconds`); without a
-    measured reader, the constants measured here. The same for reads from a disk
-    and from memory: the probe's per-byte cost includes its file's copy out of
-    tmpfs, which a disk's DMA does not cost the CPU (not separated yet)."""
+    """The reader's own seconds for a call of `reads` reads whose `nbytes` the CPU
+    copies (`reader_cost.call_seconds`; without a measured reader, the constants
+    measured here). From a disk, the probe's cells time each read end to end
+    through the same ring or threads, so a read's own work is in the disk's time:
+    only the call's and the copies add to it (counting both foresaw OPT-6.7B q4's
+    reads at 1.3x what they took, 207 ms a token against 125). From memory (the
+    compute-only row) every read is the CPU's, and so is the copy of its bytes,
+    which the probe's per-byte cost leaves out (`reader_cost.py`)."""
     fallback = (READ_CALL_S, READ_RUN_S, 1 / machine.memory_bytes_per_s)
-    return call_seconds(machine.reader, threads, reads, nbytes, fallback)
+    work = call_seconds(
+        machine.reader, threads, reads, nbytes, fallback, per_read=not from_disk
+    )
+    if from_disk or not machine.reader:  # the fallback's per-byte cost is the copy
+        return work
+    return work + nbytes / machine.memory_bytes_per_s
 
 
 def row_copy_seconds(machine: Machine) -> float:

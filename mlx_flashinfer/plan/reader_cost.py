@@ -97,21 +97,28 @@ def _call_seconds(reader: FlashReader, reads: int, run: int, seconds: float) -> 
 
 
 def call_seconds(
-    reader: dict, threads: int, reads: float, nbytes: float, fallback: tuple
+    reader: dict,
+    threads: int,
+    reads: float,
+    nbytes: float,
+    fallback: tuple,
+    per_read: bool = True,
 ) -> float:
     """A read call's CPU seconds for `reads` reads of `nbytes` in all, on a reader
     of `threads` threads, from `measure_reader`'s coefficients: those of one
     thread when one read needs no pool, of `DEFAULT_THREADS` when every thread
     has a read, between them by log(threads used). `fallback`: (call_s, read_s,
-    byte_s) where the probe has none."""
+    byte_s) where the probe has none. `per_read`: False leaves each read's own
+    cost out (counted elsewhere: the disk's cells time it)."""
     if reads <= 0:
         return 0.0
+    scale = reads if per_read else 0.0
     if not reader:
         call_s, read_s, byte_s = fallback
-        return call_s + reads * read_s + nbytes * byte_s
+        return call_s + scale * read_s + nbytes * byte_s
 
     def cost(c: dict) -> float:
-        return c["call_s"] + reads * c["read_s"] + nbytes * c["byte_s"]
+        return c["call_s"] + scale * c["read_s"] + nbytes * c["byte_s"]
 
     one, many = reader["1"], reader.get(str(DEFAULT_THREADS), reader["1"])
     used = min(threads, reads)
