@@ -252,30 +252,19 @@ def paging_cost(
     """OS paging (the FFN memory-mapped), for comparison: the page cache holds what
     the budget leaves beside the resident weights; a token scans the whole FFN in
     order, which an LRU cache smaller than the scan serves not at all, so every
-    byte is read again every token, as a sequential stream. The kernel's readahead
-    keeps reading while the faulting thread computes on what came in, so a token
-    takes the longer of its reads and its compute, plus the faults' own work:
-    measured (Intel Xeon, 2 vCPU), OPT-6.7B q4 at 50% read 3.5 GB in 1874 ms a
-    token with 391 of compute, faster than the 1.9 GB/s the probe's sequential
-    reads got, so never reads + compute."""
+    byte is read again every token, by the faulting thread with the kernel's
+    readahead (a sequential stream), and compute waits for it. (Reads beside
+    compute were tried: at the rate each paging row's reads got, they foresaw
+    0.67-0.94 of eight measured rows, NumPy and MLX, where reads + compute foresee
+    0.85-1.18.)"""
     resident, ffn = model_bytes(layout)
     room = max(budget - resident, 0)
     missed = ffn if ffn > room else 0
     rate = throughput_at(machine.disk, DEFAULT_CHUNK, 1, sequential=True)
     compute = dense_cost(layout, machine, threads).compute_s
     faults = missed / 1e9 * PAGING_S_PER_GB  # memory management: the kernel's
-    reads = missed / rate
-    hidden = min(reads, compute)
     return TokenCost(
-        "OS paging",
-        reads - hidden,
-        faults,
-        compute,
-        missed,
-        read_size=DEFAULT_CHUNK,
-        hidden_io_s=hidden,
-        overlap=1.0,
-        overlap_cap_s=compute,
+        "OS paging", missed / rate, faults, compute, missed, read_size=DEFAULT_CHUNK
     )
 
 
