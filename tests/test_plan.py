@@ -74,7 +74,7 @@ def test_a_small_cache_keeps_what_is_used_again_and_the_costs_read_its_loads():
     # the hot ones (never the least recent) and loads about the random part only,
     # where interpolating over the rows held would foresee more
     from mlx_flashinfer.flash.window import cache_loads
-    from mlx_flashinfer.plan.costs import window_stats
+    from mlx_flashinfer.plan.statistics import window_stats
 
     rng = np.random.default_rng(0)
     n, tokens = 1000, 64
@@ -305,7 +305,7 @@ def test_a_synthetic_predictor_has_a_measured_loss_and_its_plans_are_allowed(
     from mlx_flashinfer.bench.configs import sequence_tokens
     from mlx_flashinfer.bench.synth import QUALITY_SEED, QUALITY_TOKENS, write_synthetic
     from mlx_flashinfer.perplexity import perplexity
-    from mlx_flashinfer.plan.costs import window_stats
+    from mlx_flashinfer.plan.statistics import window_stats
     from mlx_flashinfer.verify import PERPLEXITY_PREFILL
 
     layout = Layout.open(write_synthetic(tmp_path / "s", "opt-tiny", progress=False))
@@ -505,7 +505,7 @@ def test_a_probed_machine_plans_by_default_and_a_sparse_option_asks_for_sparse(
 def test_a_trained_predictor_reports_what_windows_load_and_the_costs_use_it(tmp_path):
     import shutil
 
-    from mlx_flashinfer.plan.costs import window_stats
+    from mlx_flashinfer.plan.statistics import window_stats
     from mlx_flashinfer.predictors.train import train_predictor
 
     path = shutil.copytree(tiny_layout("llama", "relu", 2, 48, 2), tmp_path / "l")

@@ -20,17 +20,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from ..flash.memory import MemoryPlan, model_bytes
 from ..flash.reader import DEFAULT_CHUNK, DEFAULT_MAX_GAP, DEFAULT_THREADS
 from ..flash.uring import RING_ENTRIES
-from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
 from .disk import has_ring, throughput_at
 from .machine import CACHED_BYTES, COLUMNS, NARROW, SIDE, WIDE, Machine
 from .reader_cost import call_seconds
+from .statistics import window_stats
 
 # The fixed costs a token pays per layer on the sparse path beyond its products,
 # measured here (NumPy, 2 cores): the window's bookkeeping (`LayerWindow.step`:
@@ -39,19 +37,15 @@ from .reader_cost import call_seconds
 # (100-150 us a call).
 WINDOW_STEP_S = 130e-6
 READ_CALL_S = 120e-6
-# The reader's own work per read (a run of neighbouring bundles): planning it, the
-# call, landing its rows, on Python threads that share one interpreter lock, so it
-# adds to the disk's time rather than overlapping it. Measured once (Intel Xeon, 2
-# cores, NumPy, 2026-12-06): the compute-only row of a Llama-2-7B-shaped FATReLU
-# layout at 50% (benchmarks/results/plan_llama2-7b-relu_50.json), whose reads are
-# copies from DRAM, spent 819 ms on 42,832 reads per token, 62 ms of it the copies
-# at memory's rate: 18 us a read.
+# The reader's own work per read (a run of neighbouring bundles) where the probe did
+# not measure the reader, for reads from memory (from a disk, the probe's cells time
+# it: `read_cpu_seconds`): planning it, the call, landing its rows. Measured once
+# (Intel Xeon, 2 cores, NumPy, 2026-12-06): the compute-only row of a
+# Llama-2-7B-shaped FATReLU layout at 50%
+# (benchmarks/results/plan_llama2-7b-relu_50.json), whose reads are copies from
+# DRAM, spent 819 ms on 42,832 reads per token, 62 ms of it the copies at memory's
+# rate: 18 us a read.
 READ_RUN_S = 18e-6
-# Without window statistics (a predictor trained before they were kept): a window of
-# k >= 1 tokens loads a quarter of the predicted neurons (paper: OPT 10% -> 2.4%) and
-# holds twice them; said in the prediction's note.
-PRIOR_LOADED = 0.25
-PRIOR_CACHED = 2.0
 # OS paging's cost beyond the reads: a fault per 4 KiB page and the reclaim of the
 # page cache at the memory limit, per GB paged in. Measured once (Intel Xeon, 2
 # cores, 2026-12-06: Llama-2-7B-shaped SiLU layout at 50%, 8.54 GB paged per token:
@@ -285,67 +279,6 @@ def layer_streaming_cost(
         bytes_read=ffn,
         read_size=chunk_bytes,
     )
-
-
-def window_stats(
-    layout: Layout, predictor: str, k: int, capacity: list | None = None
-) -> tuple[list, str]:
-    """Per layer (predicted, loaded, held) fractions of the neurons for a window of
-    k, from the predictor's report in `layout`, and where they came from. With the
-    plan's `capacity` (rows a layer's cache holds): where the window's union
-    overflows it, the loads the report simulated for caches of that size
-    (`window.cache_loads`), else (an older report) interpolated over the rows each
-    window holds, from a token's whole set where nothing is held."""
-    args = layout.args
-    section = layout.manifest.get("predictor") or {}
-    report = section.get("report") or []
-    layers = args.num_hidden_layers
-    if predictor == "all":
-        return [(1.0, 1.0 if k == 0 else 0.0, 1.0)] * layers, "every neuron"
-    key = "true_fraction" if predictor in ("gate", "oracle") else "predicted_fraction"
-    if len(report) != layers or not all(key in r for r in report):
-        return [(1.0, 1.0, 1.0)] * layers, "no predictor report: every neuron"
-    stats, measured = [], True
-    for i, entry in enumerate(report):
-        p = float(entry[key])
-        window = entry.get("window")
-        if window and predictor not in ("gate", "oracle"):
-            loaded = float(np.interp(k, window["k"], window["loaded"]))
-            held = float(np.interp(k, window["k"], window["cached"]))
-            room = capacity[i] / args.intermediate_size if capacity else held
-            if held > room and "share" in window:  # simulated at cache sizes
-                loaded = _cache_loaded(window, k, room)
-                held = room
-            elif held > room:  # loads by rows held: none held, then each window's
-                rows = [0.0] + window["cached"][1:]  # union (k >= 1) as measured
-                loads = [window["cached"][0]] + window["loaded"][1:]
-                loaded, held = float(np.interp(room, rows, loads)), room
-        else:
-            measured = False
-            loaded = p if k == 0 else p * PRIOR_LOADED
-            held = p if k == 0 else min(1.0, p * PRIOR_CACHED)
-        stats.append((p, loaded, held))
-    source = (
-        f"the predictor's report (windows of {', '.join(map(str, WINDOW_GRID))})"
-        if measured
-        else "the predictor's report, window reuse assumed (paper: a window loads a "
-        "quarter of the predicted neurons)"
-    )
-    return stats, source
-
-
-def _cache_loaded(window: dict, k: float, room: float) -> float:
-    """A window of k's loads with a cache of `room` (a share of the neurons), from
-    the report's simulated caches: per simulated window, over the shares up to its
-    union (where its own loads hold; nothing cached: a token's whole set), then
-    across windows."""
-    per_k = []
-    for i, union in enumerate(window["cached"]):
-        shares = [0.0] + [s for s in window["share"] if s < union] + [union]
-        loads = window["loaded_at"][i]
-        kept = [window["cached"][0]] + loads[: len(shares) - 2] + [window["loaded"][i]]
-        per_k.append(float(np.interp(room, shares, kept)))
-    return float(np.interp(k, window["k"], per_k))
 
 
 def sparse_cost(
