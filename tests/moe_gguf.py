@@ -4,10 +4,11 @@ ffn_{gate,up,down}_exps once all of them are read (Granite's input_linear split
 into gate and up), the router ffn_gate_inp (kept float32, as llama.cpp's quantizer
 keeps it), Qwen2-MoE's shared expert *_shexp, q/k rows permuted for the "llama"
 (Mixtral) and "granitemoe" architectures only, the routing and Granite's
-multipliers as metadata. Layers named in `per_expert` are written as the first
-Mixtral GGUFs were, each expert's matrices a tensor of its own
-(`blk.N.ffn_gate.E.weight`). The tokenizer is a SentencePiece one over tiny_models'
-words, so token ids are the Hugging Face checkpoint's."""
+multipliers as metadata (Granite-MoE with a shared MLP: llama.cpp's granitemoe, its
+shared input_linear split into ffn_{gate,up}_shexp). Layers named in `per_expert`
+are written as the first Mixtral GGUFs were, each expert's matrices a tensor of its
+own (`blk.N.ffn_gate.E.weight`). The tokenizer is a SentencePiece one over
+tiny_models' words, so token ids are the Hugging Face checkpoint's."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ ARCH = {
     "qwen3_moe": "qwen3moe",
     "olmoe": "olmoe",
     "granitemoe": "granitemoe",
+    "granitemoeshared": "granitemoe",  # its shared MLP as *_shexp tensors
 }
 # a dense layer's names (but its FFN), and what a mixture of experts adds
 _LAYER = {k: v for k, v in GGUF_LAYER_NAMES.items() if not k.startswith("mlp.")} | {
@@ -75,7 +77,13 @@ def gguf_tensors(
             "self_attn.k_proj.weight",
         ):
             array = llama_cpp_permute(array, heads[rest[10]])
-        if rest.endswith("input_linear.weight"):  # Granite: gate rows, then up rows
+        if rest == "shared_mlp.input_linear.weight":  # Granite's shared: gate, up
+            f = array.shape[0] // 2
+            out[blk + "ffn_gate_shexp.weight"] = array[:f]
+            out[blk + "ffn_up_shexp.weight"] = array[f:]
+        elif rest == "shared_mlp.output_linear.weight":
+            out[blk + "ffn_down_shexp.weight"] = array
+        elif rest.endswith("input_linear.weight"):  # Granite: gate rows, then up rows
             f = array.shape[1] // 2
             out[blk + "ffn_gate_exps.weight"] = array[:, :f]
             out[blk + "ffn_up_exps.weight"] = array[:, f:]
@@ -124,10 +132,10 @@ def write_moe_gguf(
     writer.add_expert_used_count(config["num_experts_per_tok"])
     if "moe_intermediate_size" in config:  # Qwen's: the dense size stands apart
         writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
-    if "shared_expert_intermediate_size" in config:
-        size = config["shared_expert_intermediate_size"]
-        writer.add_expert_shared_feed_forward_length(size)
-    if family == "granitemoe":
+    for key in ("shared_expert_intermediate_size", "shared_intermediate_size"):
+        if key in config:  # Qwen2-MoE's, Granite's
+            writer.add_expert_shared_feed_forward_length(config[key])
+    if family in ("granitemoe", "granitemoeshared"):
         writer.add_embedding_scale(config["embedding_multiplier"])
         writer.add_attention_scale(config["attention_multiplier"])
         writer.add_residual_scale(config["residual_multiplier"])

@@ -72,3 +72,51 @@ def test_flash_equals_dense(tmp_path, dtype):
         logits[backend] = expected
     if "mlx" in logits:
         assert np.abs(logits["mlx"] - logits["numpy"]).max() <= 1e-2
+
+
+def test_its_gguf_converts_as_its_checkpoint(tmp_path):
+    """llama.cpp writes it as granitemoe with the shared MLP's size in the metadata
+    and its input_linear split into ffn_gate_shexp and ffn_up_shexp: joined again,
+    a float32 GGUF gives the folder's layout byte for byte and transformers'
+    logits; a Q4_0 one keeps the shared gate and up rows' blocks (no multiplier
+    scales them) and flash equals dense."""
+    import gguf
+    from moe_gguf import write_moe_gguf
+    from test_moe_gguf import same_model_args
+
+    from mlx_flashinfer.formats.quantize import rows_float32
+
+    config = hf_only_moe_configs()["granitemoeshared"]
+    golden = np.load(GOLDEN / "granitemoeshared.npz")
+    weights = moe_weights(config, seed=5)
+    hf = write_hf_checkpoint(tmp_path / "hf", config, weights)
+    src = write_moe_gguf(tmp_path / "f32.gguf", config, weights)
+    a = convert(hf, tmp_path / "hf-f32", dtype="float32", progress=False)
+    b = convert(src, tmp_path / "gguf-f32", dtype="float32", progress=False)
+    same_model_args(a, b)
+    for file in ("ffn.bin", "resident.safetensors"):
+        assert (a / file).read_bytes() == (b / file).read_bytes(), file
+    got = load(b, backend="numpy")[0].logits(golden["tokens"].tolist())
+    assert np.abs(got - golden["logits"]).max() <= 1e-4
+    # Q4_0 into q4: the shared gate and up rows are their tensors' blocks
+    config = moe_config("granitemoeshared", hidden_size=64, shared_intermediate_size=32)
+    kind = gguf.GGMLQuantizationType.Q4_0
+    src = write_moe_gguf(tmp_path / "q.gguf", config, moe_weights(config, 7), kind)
+    layout = convert(src, tmp_path / "q4", dtype="q4", progress=False)
+    lay = Layout.open(layout)
+    tensors = {t.name: t for t in gguf.GGUFReader(src).tensors}
+    weights = dict(lay.iter_resident(stored=True))
+    for layer in range(config["num_hidden_layers"]):
+        expected = np.concatenate(
+            [
+                gguf.quants.dequantize(tensors[f"blk.{layer}.{name}"].data, kind)
+                for name in ("ffn_gate_shexp.weight", "ffn_up_shexp.weight")
+            ]
+        )
+        joined = weights[f"layers.{layer}.shared_mlp.input_linear.weight"]
+        got = rows_float32(joined, "q4", 0, expected.shape[0])
+        assert np.array_equal(got.reshape(expected.shape), expected), layer
+    dense, _ = load(layout, backend="numpy")
+    flash, _ = load(layout, backend="numpy", memory_budget=least_budget(layout))
+    expected = dense.logits(TOKENS, prefill=4)
+    assert np.abs(flash.logits(TOKENS, prefill=4) - expected).max() <= 1e-5

@@ -191,7 +191,7 @@ def test_moe_ggufs_refused_in_one_line(tmp_path, capsys):
     src = write_moe_gguf(
         tmp_path / "gs.gguf", granite, moe_weights(granite, 5), extra=shared
     )
-    assert_refused(["convert", src, out], "granitemoe with a shared expert(s)", capsys)
+    assert_refused(["convert", src, out], "blk.0.ffn_gate_shexp or ffn_up", capsys)
     for extra, refusal in (
         ({"leading_dense_block_count": 1}, "leading_dense_block_count is not"),
         ({"expert_shared_count": 2}, "llama with 2 shared expert(s) is not"),

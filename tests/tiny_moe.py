@@ -90,8 +90,9 @@ def tiny_moe_configs() -> dict[str, dict]:
 
 
 def hf_only_moe_configs() -> dict[str, dict]:
-    """Families read from Hugging Face folders only (llama.cpp has no architecture
-    for them): Granite-MoE with a shared expert."""
+    """Families tested apart from the others (test_granite_shared.py): Granite-MoE
+    with a shared expert (no mlx-community form; its GGUF is llama.cpp's granitemoe
+    with *_shexp tensors)."""
     return {"granitemoeshared": moe_config("granitemoeshared", experts=5)}
 
 

@@ -291,6 +291,8 @@ class GGUFCheckpoint(FusedParts, StackedExperts):
 
         if name in self._split:
             return self._part(name)
+        if name in self._joined:  # Granite's shared gate and up rows, one matrix
+            return np.concatenate([self.tensor(p) for p in self._joined[name]])
         if name in self._experts:  # a slice of a layer's expert stack
             return self._folded(name, self._expert(name))
         if name not in self._tensors:  # rope_freqs from the metadata
@@ -334,6 +336,8 @@ class GGUFCheckpoint(FusedParts, StackedExperts):
             return None
         if fold_factor(self.config, self.args, name) != 1.0:
             return None  # scaled at conversion: new values, new blocks
+        if len({self._block_type(p) for p in self._joined.get(name, ())}) > 1:
+            return None  # joined parts of two kinds: no one kind of blocks
         kind = self._block_type(name)
         if kind in GGUF_TYPES:
             return GGUF_TYPES[kind][0]
@@ -353,6 +357,9 @@ class GGUFCheckpoint(FusedParts, StackedExperts):
         if name in self._split:  # whole rows of the fused tensor's blocks
             fused, lo, hi = self._split[name]
             return tuple(f[lo:hi] for f in self.native_quantized(fused))
+        if name in self._joined:  # the parts' rows of blocks, one after the other
+            parts = [self.native_quantized(p) for p in self._joined[name]]
+            return tuple(np.concatenate(fields) for fields in zip(*parts, strict=True))
         if name in self._experts:  # its rows of its stack's blocks
             return self._expert_native(name)
         kind = self._block_type(name)
@@ -375,6 +382,7 @@ class GGUFCheckpoint(FusedParts, StackedExperts):
 
     def _block_type(self, name: str) -> str:
         name = self._split.get(name, (name,))[0]  # a fused tensor's part: its blocks
+        name = self._joined.get(name, (name,))[0]  # joined parts: the first's
         name = self._experts.get(name, ((name,),))[0][0]  # an expert's: its stack's
         return self._tensors[name].tensor_type.name
 

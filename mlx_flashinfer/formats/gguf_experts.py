@@ -14,7 +14,10 @@ read by the same `ModelArgs.from_hf_config`, so the same refusals), the canonica
 tensor names (`gguf_moe_layer_names`), and each expert's matrix as a slice of its
 stack (`StackedExperts`): expert e's rows are the stack's [e], and so are its
 quantized blocks (Q4_0, Q4_1, Q8_0: taken unchanged, as a dense tensor's). Granite's
-gate and up stacks are joined as its `input_linear`.
+gate and up stacks are joined as its `input_linear`, and so are the gate and up rows
+of its shared MLP (llama.cpp's granitemoe with `expert_shared_feed_forward_length`:
+`ffn_{gate,up}_shexp` -> `shared_mlp.input_linear`, `ffn_down_shexp` ->
+`shared_mlp.output_linear`).
 
 The first Mixtral GGUFs (llama.cpp before it stacked experts, spring 2024) store
 each expert's matrices as tensors of their own, `blk.N.ffn_{gate,up,down}.E.weight`;
@@ -58,6 +61,10 @@ STACKS = ("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight")
 # reads them
 PER_EXPERT = ("ffn_gate.{e}.weight", "ffn_up.{e}.weight", "ffn_down.{e}.weight")
 PER_EXPERT_ARCHS = ("llama",)
+# Granite's shared gate and up rows as GGUF holds them apart (names of no layout:
+# joined as `shared_mlp.input_linear.weight`, gate rows first, as its checkpoint)
+SHARED_PARTS = ("shared_mlp.input_linear.gate", "shared_mlp.input_linear.up")
+SHARED_JOINED = "shared_mlp.input_linear.weight"
 # metadata of routing this runtime does not compute
 _REFUSED_KEYS = (
     "expert_group_count",
@@ -70,6 +77,16 @@ def is_gguf_moe(meta: dict) -> bool:
     """Whether GGUF metadata describes a mixture of experts (an expert count)."""
     arch = meta.get("general.architecture")
     return bool(meta.get(f"{arch}.expert_count"))
+
+
+def moe_type(meta: dict) -> str:
+    """The MoE family (model_type) of a GGUF architecture: llama.cpp's granitemoe
+    with a shared expert's size is Granite-MoE with its shared MLP
+    (`granitemoeshared`, its gate and up rows written apart as ffn_{gate,up}_shexp)."""
+    arch = meta.get("general.architecture")
+    if arch == "granitemoe" and meta.get(f"{arch}.expert_shared_feed_forward_length"):
+        return "granitemoeshared"
+    return MOE_ARCHS.get(arch, "mixtral")
 
 
 def gguf_moe_config(meta: dict) -> dict:
@@ -99,7 +116,8 @@ def gguf_moe_config(meta: dict) -> dict:
             f"GGUF {arch}: routing other than softmax (expert_gating_func "
             f"{gating}, expert_weights_scale {scale}) is not supported"
         )
-    model_type, family = MOE_ARCHS[arch], FAMILIES[MOE_ARCHS[arch]]
+    model_type = moe_type(meta)
+    family = FAMILIES[model_type]
     heads = int(key("attention.head_count"))
     vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", []))
     size = meta.get(f"{arch}.expert_feed_forward_length")
@@ -135,9 +153,7 @@ def gguf_moe_config(meta: dict) -> dict:
         what = f"{count or 'a'} shared expert(s)"
         raise ValueError(f"GGUF {arch} with {what} is not supported")
     if family.shared_expert:
-        config["shared_expert_intermediate_size"] = int(
-            key("expert_shared_feed_forward_length")
-        )
+        config[family.shared_key] = int(key("expert_shared_feed_forward_length"))
     if family.multipliers:  # Granite's, folded into weights as from its config
         config |= {
             "embedding_multiplier": float(key("embedding_scale", 1.0)),
@@ -157,14 +173,20 @@ def gguf_moe_layer_names(meta: dict) -> dict[str, str]:
     if not is_gguf_moe(meta):
         return {}
     arch = meta["general.architecture"]
-    family = FAMILIES[MOE_ARCHS.get(arch, "mixtral")]
+    family = FAMILIES[moe_type(meta)]
     names = {"ffn_gate_inp.weight": f"{family.block}.{family.router}.weight"}
     names |= {stack: stack for stack in STACKS}
     if arch in PER_EXPERT_ARCHS:  # old-style: expert e's matrices are its own
         for e in range(int(meta[f"{arch}.expert_count"])):
             for own, part in zip(PER_EXPERT, family.parts, strict=True):
                 names[own.format(e=e)] = f"{family.block}.experts.{e}.{part}.weight"
-    if family.shared_expert:
+    if family.shared_fused:  # Granite's: gate and up joined again (`_joined`)
+        names |= {
+            "ffn_gate_shexp.weight": SHARED_PARTS[0],
+            "ffn_up_shexp.weight": SHARED_PARTS[1],
+            "ffn_down_shexp.weight": "shared_mlp.output_linear.weight",
+        }
+    elif family.shared_expert:
         s = f"{family.block}.shared_expert"
         names |= {
             "ffn_gate_shexp.weight": f"{s}.gate_proj.weight",
@@ -192,7 +214,20 @@ class StackedExperts:
         # canonical name -> (the stacks it is made of, its expert or None: whole)
         self._experts: dict[str, tuple[tuple[str, ...], int | None]] = {}
         self._stack: tuple[str, str, object] | None = None  # (name, kind, arrays)
+        # canonical name -> the tensors whose rows it joins (Granite's shared MLP)
+        self._joined: dict[str, tuple[str, ...]] = {}
         args = self.args
+        if args.is_moe and FAMILIES[args.moe_type].shared_fused:
+            for i in range(args.num_hidden_layers):
+                parts = tuple(f"layers.{i}.{p}" for p in SHARED_PARTS)
+                if not all(p in self.shapes for p in parts):
+                    raise ValueError(
+                        f"{self.path}: blk.{i}.ffn_gate_shexp or ffn_up_shexp is "
+                        "missing: the metadata gives a shared expert's size"
+                    )
+                (a, d), (b, _) = (self.shapes[p] for p in parts)
+                self._joined[f"layers.{i}.{SHARED_JOINED}"] = parts
+                self.shapes[f"layers.{i}.{SHARED_JOINED}"] = (a + b, d)
         if not args.is_moe or self._per_expert():
             return
         for i in range(args.num_hidden_layers):
