@@ -220,22 +220,23 @@ def test_cached_experts_stay_in_their_slots_and_hold_their_bundles():
     assert reused > 0  # the smallest budget: loads must take freed slots
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float16", "q4"])
-def test_aligned_experts_land_straight_in_their_rows(dtype, monkeypatch):
+def test_aligned_experts_land_straight_in_their_rows(dtype, backend, monkeypatch):
     """Experts whose parts are multiples of 4 KiB (every published model's) are
     read straight into their cache rows, no copy from the staging buffer, and
     flash still gives dense's logits."""
     import mlx_flashinfer.flash.reader as reader_module
 
-    # the NumPy backend page-aligns arrays from 64 KiB: a q4 expert's scales
+    # both backends page-align arrays from 64 KiB: a q4 expert's scales
     # (2 bytes a group of 32) need caches of 4 experts of 512 x 512
     size = 256 if dtype == "float16" else 512
     config = moe_config("mixtral", experts=4, hidden_size=size, intermediate_size=size)
     layout = moe_layout(f"aligned-{dtype}", config, dtype)
-    dense, _ = load(layout, backend="numpy")
+    dense, _ = load(layout, backend=backend)
     expected = dense.logits(TOKENS, prefill=4)
     budget = budgets(layout)["least" if dtype == "float16" else "all"]
-    flash, _ = load(layout, backend="numpy", memory_budget=budget, window=1)
+    flash, _ = load(layout, backend=backend, memory_budget=budget, window=1)
     copies = []
     real_gather = reader_module.gather
     monkeypatch.setattr(

@@ -78,12 +78,35 @@ def weight_rows(w, ids) -> mx.array:
     return w[ids].astype(mx.float32)
 
 
+ALIGNED_FROM = 1 << 16  # bytes from which `zeros` starts its arrays on a page
+PAGE = 4096
+
+
 def zeros(shape: tuple[int, ...], dtype: str = "float32") -> mx.array:
     """A preallocated array of a storage dtype ("float32", "float16", "bfloat16",
-    "uint32")."""
-    out = mx.zeros(shape, dtype=HELD[dtype])
+    "uint32"); from 64 KiB (caches) starting on a page, so O_DIRECT reads land in
+    its rows (`flash/landing.py`) as in NumPy's: MLX's CPU buffers start 16-24
+    bytes past a page, so a page-aligned slice of a buffer a page longer, which MLX
+    shares (no copy: host_view writes reach it)."""
+    kind = HELD[dtype]
+    nbytes = int(np.prod(shape)) * kind.size
+    if nbytes < ALIGNED_FROM:
+        out = mx.zeros(shape, dtype=kind)
+    else:
+        flat = mx.zeros((nbytes + PAGE,), dtype=mx.uint8)
+        mx.eval(flat)
+        start = -_address(flat) % PAGE  # 0 where the address is unknown
+        out = flat[start : start + nbytes].view(kind).reshape(shape)
     mx.eval(out)  # a real buffer now, so later row writes can update it in place
     return out
+
+
+def _address(a: mx.array) -> int:
+    """Where an evaluated array's memory starts, as the host sees it (0: unknown)."""
+    try:
+        return np.frombuffer(memoryview(a), dtype=np.uint8).ctypes.data
+    except (TypeError, ValueError, BufferError):
+        return 0
 
 
 def host_view(a) -> np.ndarray | None:
