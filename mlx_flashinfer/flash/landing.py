@@ -62,6 +62,15 @@ def aligned(offset: int, bundle_bytes: int, dest: list, align: int) -> bool:
     )
 
 
+def lands_direct(layout, align: int) -> bool:
+    """Whether a layout's bundles can land straight in cache rows (`aligned` for
+    the caches both backends allocate, page-aligned from 64 KiB): the bundle and
+    every piece of it (a part's values, or its packed integers, scales, biases)
+    whole multiples of the alignment."""
+    pieces = [b for part in layout.field_bytes for b in part]
+    return layout.bundle_bytes % align == 0 and all(b % align == 0 for b in pieces)
+
+
 def direct_calls(starts, dest: list, rows, chunk: int) -> list:
     """The `preadv` calls that read whole bundles straight into their rows: bundle
     i starts at file byte starts[i], its pieces in order go to dest[p][rows[i]]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from ..flash.landing import lands_direct
 from ..flash.memory import MemoryPlan, model_bytes
 from ..flash.reader import DEFAULT_CHUNK, DEFAULT_MAX_GAP, DEFAULT_THREADS
 from ..flash.uring import RING_ENTRIES
@@ -321,10 +322,10 @@ def sparse_cost(
     read_gap = DEFAULT_MAX_GAP if read_gap is None else read_gap
     gap = max(int(read_gap // row), 0)  # pieces a read runs through
     threads = 1 if rows_in_dram else DEFAULT_THREADS
-    # NumPy's cache rows are aligned: O_DIRECT lands the bytes in them (DMA, no CPU);
-    # MLX's are not: they land in staging and are copied (as is every byte read
-    # from memory)
-    copied = 1.0 if rows_in_dram or machine.backend != "numpy" else 0.0
+    # bundles whose pieces are on the alignment land in their cache rows (DMA, no
+    # CPU: float16 OPT and Llama); others are read into staging and copied (q4's
+    # scales are 128 bytes a row), as is every byte read from memory
+    copied = 1.0 if rows_in_dram or not lands_direct(layout, align) else 0.0
     bytes_read = rows = reads = cached_loads = cpu = disk = 0.0
     # FFN calls: over the cached rows, one per scratch-full, and the predictor's
     ffn_calls = float(args.num_hidden_layers * (1 + (predictor != "all")))

@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from ..flash.experts import BACKGROUND_READ
+from ..flash.landing import lands_direct
 from ..flash.memory import MemoryPlan, model_bytes
 from ..flash.reader import DEFAULT_CHUNK, DEFAULT_THREADS
 from ..formats.layout import Layout
@@ -147,7 +148,7 @@ def experts_cost(
     align = 4096 if machine.disk.get("mode") == "nocache" else 512
     # bundles on the alignment land straight in their rows; others go through the
     # staging buffer: aligned reads around them, and a copy of every byte
-    direct = row % align == 0
+    direct = lands_direct(layout, align)
     extra, landed = (0, 0.0) if direct else (align, 1.0)
     chunks = math.ceil((row + extra) / DEFAULT_CHUNK)  # reads an expert takes
     # an expert's products, as a share of all routed ones (rates depend on size)
