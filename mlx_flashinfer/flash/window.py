@@ -291,9 +291,9 @@ def cache_loads(masks: np.ndarray, ks=WINDOW_GRID, shares=CACHE_SHARES) -> dict:
 
     A small cache is not a shorter window: it keeps the neurons used again and
     again (they are never the least recent), so it hits more than the share of
-    the union it holds. Measured on the OPT-6.7B shape at 50%: linear
-    interpolation over the rows held foresaw 12,948 neurons loaded a token where
-    this simulation gives 12,113 and the run loaded 10,817.
+    the union it holds. On the FATReLU Llama-2-7B shape at 50% (caches of 16% of a
+    layer, windows' unions of 35-67%), interpolating over the rows held foresaw
+    1642 MB read a token, these loads 1367, and the run read 1357.
 
     Returns:
         {"share": [...], "loaded_at": [[fraction of the neurons read per token (into
