@@ -183,6 +183,18 @@ class _OneLayerFFN(UncountedFFN):
         return B.to_numpy(B.linear(h, B.rows_weight(self.parts[0]), bias))
 
 
+def through_layer(model: Model, layer: int, streams: list) -> list:
+    """Each residual stream (a sequence from position 0) through `layer` of
+    `model`, with a KV cache of its own: a calibration runs whole sequences a layer
+    at a time."""
+    a, B = model.args, model.backend
+    out = []
+    for x in streams:
+        cache = KVCache(B, a.num_key_value_heads, a.head_dim, x.shape[0])
+        out.append(model.layer(layer, x, cache, 0))
+    return out
+
+
 class LayerByLayer:
     """The model with one layer's FFN in memory at a time, run on whole sequences
     (each a prompt from position 0), one layer at a time.
@@ -230,12 +242,8 @@ class LayerByLayer:
             The streams leaving the layer; with `record`, also the list of what it
             returned, one per stream.
         """
-        a = self.args
         self.ffn.keep, self.ffn.record, self.ffn.records = keep, record, []
-        out = []
-        for x in streams:
-            cache = KVCache(self.B, a.num_key_value_heads, a.head_dim, x.shape[0])
-            out.append(self.model.layer(layer, x, cache, 0))
+        out = through_layer(self.model, layer, streams)
         records = self.ffn.records
         self.ffn.keep, self.ffn.record, self.ffn.records = None, None, []
         return out if record is None else (out, records)

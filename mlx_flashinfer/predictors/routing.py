@@ -29,8 +29,8 @@ from ..formats.layout import Layout
 from ..formats.tokenizer import load_tokenizer
 from ..model.backends import get_backend
 from ..model.moe import DenseExperts
-from ..model.transformer import KVCache, Model, prepare_weights
-from .calibrate import MIN_TOKENS, domain_shares
+from ..model.transformer import Model, prepare_weights
+from .calibrate import MIN_TOKENS, domain_shares, through_layer
 from .store import check_writable
 from .texts import named_domains
 
@@ -91,9 +91,7 @@ def routed_experts(
     ):
         ffn.load(layer)
         ffn.routed = []
-        for j, x in enumerate(streams):
-            cache = KVCache(B, args.num_key_value_heads, args.head_dim, x.shape[0])
-            streams[j] = model.layer(layer, x, cache, 0)
+        streams = through_layer(model, layer, streams)
         routed.append(ffn.routed)
     ffn.load(0)  # drop the last layer's experts
     return routed
