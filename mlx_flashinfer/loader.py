@@ -8,7 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .flash.memory import MemoryPlan, layer_demand, plan_memory, plan_streamed
+from .flash.memory import (
+    MemoryPlan,
+    layer_demand,
+    parse_size,
+    plan_memory,
+    plan_streamed,
+)
 from .formats.layout import Layout
 from .formats.model_cache import cached_layout, is_embedded
 from .formats.staging import lock_path, locked
@@ -206,7 +212,7 @@ def load(
     cache_dir: str | Path | None = None,
     lookahead: bool | None = DEFAULT_LOOKAHEAD,
     placement: str | None = None,
-    read_gap: int | None = None,
+    read_gap: int | str | None = None,
 ):
     """Load a model, dense (every weight in DRAM) or from flash. Every option
     after `path` is keyword-only: `load(path, memory_budget="50%")`.
@@ -251,9 +257,10 @@ def load(
             lookahead, predictor_threshold) is given, else sparse; for a mixture of
             experts "experts", its only one (routed experts read at once, cached
             over the window and LRU: flash/experts.py).
-        read_gap: sparse placement: gaps of up to this many bytes between wanted
-            neurons' bundles are read through (fewer, larger reads). None: the
-            planner's choice with placement "auto", else 16 KiB.
+        read_gap: sparse placement: gaps of up to this many bytes (or a size such
+            as "64KiB") between wanted neurons' bundles are read through (fewer,
+            larger reads). None: the planner's choice with placement "auto", else
+            16 KiB.
 
     Returns:
         (model, tokenizer). `model.plan` holds the memory plan in flash mode.
@@ -271,6 +278,11 @@ def load(
         raise ValueError("memory_budget applies to flash mode: drop dense=True")
     if window is not None and not 0 <= window <= MAX_WINDOW:
         raise ValueError(f"window {window} out of range: 0..{MAX_WINDOW}")
+    if isinstance(read_gap, str):
+        try:
+            read_gap = parse_size(read_gap)
+        except ValueError as err:
+            raise ValueError(f"read gap: {err}") from None
     if read_gap is not None and read_gap < 0:
         raise ValueError(f"read gap must be 0 bytes or more, got {read_gap}")
     if layout.args.is_moe and placement not in (None, "experts", "auto"):

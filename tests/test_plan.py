@@ -250,6 +250,12 @@ def test_a_read_gap_trades_reads_for_bytes_and_is_planned_where_reads_cost(
     assert np.array_equal(found[0], found[1])
     with pytest.raises(ValueError, match="read gap"):
         load(path, backend="numpy", memory_budget=budget, read_gap=-1)
+    # a size as the CLI passes it
+    model, _ = load(path, backend="numpy", memory_budget=budget, read_gap="4KiB")
+    assert model.ffn.reader.max_gap_bytes == 4096
+    model.ffn.close()
+    with pytest.raises(ValueError, match="bad size"):
+        load(path, backend="numpy", memory_budget=budget, read_gap="4 pages")
 
 
 def test_a_smaller_cache_loads_more_and_a_faster_disk_reads_faster():

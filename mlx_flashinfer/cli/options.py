@@ -183,12 +183,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="flash reader threads")
     p.add_argument(
         "--read-gap",
-        type=int,
         default=None,
-        metavar="BYTES",
-        help="sparse placement: gaps of up to this many bytes between wanted "
-        "neurons are read through, for fewer, larger reads (default: the plan's, "
-        "else 16384)",
+        metavar="SIZE",
+        help="sparse placement: gaps of up to this many bytes (or 64KiB, say) "
+        "between wanted neurons are read through, for fewer, larger reads "
+        "(default: the plan's, else 16KiB)",
     )
     p.add_argument(
         "--lookahead",
