@@ -10,7 +10,8 @@ rate the row's reads actually got from the disk (the model's own error, without 
 disk's drift between the probe and the row), each marked within the issue's +-25% or
 not. `--repredict` predicts every row again with today's cost model, from the curves
 each result kept and its layouts (still on disk); `--compute-from PROBE` (per backend)
-with a newer probe's compute rates.
+with a newer probe's compute rates. `--prefill`: the rows' prompts instead
+(`plan/prompt_costs.py`).
 """
 
 from __future__ import annotations
@@ -64,12 +65,48 @@ def table(paths: list[Path], again: bool = False, compute: dict | None = None) -
     return "\n".join(lines) + "\n"
 
 
+def prefill_table(
+    paths: list[Path], again: bool = False, compute: dict | None = None
+) -> str:
+    """The same for the rows' prompts (`predicted_prefill_ms` beside the measured
+    prefill)."""
+    lines = [
+        "| model | budget | backend | row | prompt tokens | measured ms | predicted ms "
+        "(I/O, memory, compute) | predicted / measured |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
+    for path in paths:
+        result = json.loads(path.read_text())
+        if again:
+            repredict(result, compute)
+        model, budget = result["model"]["name"], result["settings"]["budget"]
+        tokens = result["settings"].get("prompt_tokens")
+        for row in result["rows"]:
+            m = row.get("metrics") or {}
+            if "predicted_prefill_ms" not in m:
+                continue
+            terms = (
+                f"{m['predicted_prefill_ms']:.0f} ({m['predicted_prefill_io_ms']:.0f}, "
+                f"{m['predicted_prefill_memory_ms']:.0f}, "
+                f"{m['predicted_prefill_compute_ms']:.0f})"
+            )
+            lines.append(
+                f"| {model} | {budget} | {row['backend']} | {row['row']} | {tokens} | "
+                f"{m['measured_prefill_ms']:.0f} | {terms} | "
+                f"{_mark(m['prefill_predicted_over_measured'])} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="also write it here")
     parser.add_argument(
         "--repredict", action="store_true", help="predict again with today's model"
+    )
+    parser.add_argument(
+        "--prefill", action="store_true", help="the rows' prompts instead of tokens"
     )
     parser.add_argument(
         "--compute-from",
@@ -81,7 +118,8 @@ def main() -> None:
     )
     opts = parser.parse_args()
     compute = {m.backend: m for m in map(load_machine, opts.compute_from)}
-    text = table(opts.results, opts.repredict or bool(compute), compute)
+    tabulate = prefill_table if opts.prefill else table
+    text = tabulate(opts.results, opts.repredict or bool(compute), compute)
     print(text, end="")
     if opts.out:
         opts.out.write_text(text)

@@ -341,6 +341,9 @@ def test_streamed_and_planned_rows_carry_the_cost_models_prediction(tmp_path):
         for row in rows.values():
             m = row["metrics"]
             assert m["predicted_ms"] > 0 and m["measured_ms"] == m["total_ms"]
+            # its prompt's too (plan/prompt_costs.py)
+            assert m["predicted_prefill_ms"] > 0
+            assert m["measured_prefill_ms"] == 1e3 * row["prefill_s"]
         assert rows["streamed"]["metrics"]["predicted_mb_per_token"] * 1e6 == (
             pytest.approx(streamed)
         )
@@ -360,7 +363,8 @@ def test_streamed_and_planned_rows_carry_the_cost_models_prediction(tmp_path):
         }
     repredict(kept)
     for row, again in zip(result["rows"], kept["rows"], strict=True):
-        for key in ("predicted_ms", "predicted_at_disk_ms", "predicted_io_ms"):
+        keys = ("predicted_ms", "predicted_at_disk_ms", "predicted_io_ms")
+        for key in (*keys, "predicted_prefill_ms"):
             assert again["metrics"][key] == pytest.approx(row["metrics"][key])
     # with a faster machine's compute rates (the run's disk kept): less compute
     faster = {}

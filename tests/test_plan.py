@@ -166,6 +166,54 @@ def test_a_cost_at_another_disk_rate_is_the_cost_on_that_disk(placement):
         assert moved.hidden_io_s == pytest.approx(other.hidden_io_s, rel=1e-9)
 
 
+def test_a_prompt_costs_its_products_at_their_length_and_its_reads():
+    from mlx_flashinfer.flash.memory import plan_floor
+    from mlx_flashinfer.loader import make_plan
+    from mlx_flashinfer.plan.prompt_costs import prompt_cost, prompt_product_seconds
+    from mlx_flashinfer.predictors.kinds import predictor_nbytes
+
+    machine = fake_machine(gemv=4e9)
+    machine.gemm = {"float32": {"8": 2e9, "64": 1e9}}
+    # one token at the decode rate, the probe's lengths at theirs, between them in
+    # log length, past the longest linear in length; one thread slower
+    seconds = [
+        prompt_product_seconds(machine, "float32", 1e9, t) for t in range(1, 200)
+    ]
+    assert seconds == sorted(seconds)
+    assert seconds[0] == pytest.approx(1e9 / 8e9)  # fake_machine's "all": 2 x gemv
+    assert seconds[7] == pytest.approx(0.5) and seconds[63] == pytest.approx(1.0)
+    assert seconds[127] == pytest.approx(2.0)
+    one = prompt_product_seconds(machine, "float32", 1e9, 8, threads="1")
+    assert one == pytest.approx(2 * seconds[7])
+    # placements: dense reads nothing; paging the FFN; the streamed placement hides
+    # its reads behind compute up to it; a SiLU model's sparse prompt streams
+    # every layer, a ReLU one's (the gate: every fired neuron) reads at most that
+    for act in ("silu", "relu"):
+        layout = Layout.open(tiny_layout("llama", act, 2, 400, 12))
+        resident, ffn = model_bytes(layout)
+        dense = prompt_cost(layout, "dense", machine, 16)
+        assert dense.io_s == 0 and dense.compute_s > 0
+        paging = prompt_cost(layout, "paging", machine, 16, budget=resident + ffn // 2)
+        assert paging.bytes_read == ffn
+        ring = 6 * slot_bytes(400, layout.bundle_bytes)
+        room = resident + io_buffer_bytes(layout) + ring + ffn // 4
+        streamed = prompt_cost(
+            layout, "streamed", machine, 16, plan=plan_streamed(layout, room, 0, 64)
+        )
+        assert streamed.io_s + streamed.hidden_io_s > 0
+        assert streamed.hidden_io_s <= streamed.compute_s
+        name = "gate" if act == "relu" else "all"
+        floor = plan_floor(layout, predictor_nbytes(name, layout))
+        plan = make_plan(layout, floor + ffn // 4, name, 64, lookahead=False)
+        sparse = prompt_cost(layout, "sparse", machine, 16, plan=plan, predictor=name)
+        assert 0 < sparse.bytes_read <= ffn * 1.01
+        if act == "silu":
+            assert sparse.bytes_read == ffn
+        longer = prompt_cost(layout, "sparse", machine, 64, plan=plan, predictor=name)
+        assert longer.compute_s > sparse.compute_s
+        assert prompt_cost(layout, "experts", machine, 16) is None
+
+
 def test_the_down_product_runs_at_the_columns_rate():
     # down (fc2) multiplies neuron columns, at the probe's "<dtype> columns" rate
     # where it has one (MLX's CPU float16: a third of the rows' rate), else the rows'

@@ -26,7 +26,7 @@ from .configs import (
     sequence_tokens,
 )
 from .layouts import check_same_model, unbundled_layout
-from .predicted import predict, prediction_fields
+from .predicted import predict, predict_prompt, prediction_fields, prompt_fields
 from .report import row_metrics
 from .runner import Runner
 
@@ -225,6 +225,10 @@ def run_bench(
                 m = result["metrics"]
                 fields = prediction_fields(cost, m["total_ms"], m["gb_per_s"])
                 m.update(fields)
+                prompt = predict_prompt(
+                    spec, layout, prepared.bundled, machine, len(spec.prompt)
+                )
+                m.update(prompt_fields(prompt, 1e3 * result["prefill_s"]))
         rows.append(result)
         if progress:
             print(f"[{i + 1}/{len(prepared.specs)}] {_line(result)}", file=sys.stderr)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..flash.reader import DEFAULT_CHUNK
 from ..formats.layout import Layout
 from ..plan.costs import (
     TokenCost,
     dense_cost,
     layer_streaming_cost,
     paging_cost,
+    read_cpu_seconds,
     sparse_cost,
     streamed_cost,
 )
 from ..plan.machine import Machine
+from ..plan.prompt_costs import prompt_cost
 from ..predictors.kinds import predictor_nbytes
 from .configs import RunSpec, flash_plan, streamed_plan
 
@@ -51,6 +54,55 @@ def predict(spec: RunSpec, layout: Layout, source: Layout, machine: Machine):
         rows_in_dram=spec.rows_in_dram,
         read_gap=spec.read_gap,
     )
+
+
+def predict_prompt(
+    spec: RunSpec, layout: Layout, source: Layout, machine: Machine, tokens: int
+) -> TokenCost | None:
+    """The predicted cost of `spec`'s prompt of `tokens` tokens (None for a row
+    the prompt model does not cover: layer streaming, mixtures of experts)."""
+    if layout.args.is_moe or not tokens:
+        return None
+    if spec.kind in ("dense", "mmap"):  # on the one thread the worker leaves them
+        place = "dense" if spec.kind == "dense" else "paging"
+        return prompt_cost(
+            layout, place, machine, tokens, budget=spec.budget, threads=THREADS
+        )
+    if spec.kind == "streamed":
+        plan = streamed_plan(spec, layout)
+        return prompt_cost(layout, "streamed", machine, tokens, plan=plan)
+    if spec.kind != "flash":
+        return None
+    plan = flash_plan(spec, layout, source)
+    cost = prompt_cost(
+        layout,
+        "sparse",
+        machine,
+        tokens,
+        plan=plan,
+        predictor=spec.predictor,
+        stats_layout=source,
+    )
+    if spec.rows_in_dram:  # the compute-only row: its reads are copies in memory
+        reads = cost.bytes_read / DEFAULT_CHUNK
+        copies = read_cpu_seconds(machine, 1, reads, cost.bytes_read, from_disk=False)
+        cost = replace(cost, io_s=copies, bytes_read=0.0)
+    return cost
+
+
+def prompt_fields(cost: TokenCost | None, measured_ms: float) -> dict:
+    """A prompt's prediction beside its measurement."""
+    if cost is None:
+        return {}
+    predicted = 1e3 * cost.total_s
+    return {
+        "predicted_prefill_ms": predicted,
+        "measured_prefill_ms": measured_ms,
+        "prefill_predicted_over_measured": predicted / measured_ms,
+        "predicted_prefill_io_ms": 1e3 * cost.io_s,
+        "predicted_prefill_memory_ms": 1e3 * cost.memory_s,
+        "predicted_prefill_compute_ms": 1e3 * cost.compute_s,
+    }
 
 
 def prediction_fields(
@@ -105,5 +157,9 @@ def repredict(result: dict, compute: dict | None = None) -> None:
             continue
         spec = RunSpec.from_dict({**info, "prompt": [], "targets": []})
         source = opened(spec.predictor_layout or spec.layout)
-        cost = predict(spec, opened(spec.layout), source, machine)
+        layout = opened(spec.layout)
+        cost = predict(spec, layout, source, machine)
         m.update(prediction_fields(cost, m["total_ms"], m.get("gb_per_s")))
+        tokens = result["settings"].get("prompt_tokens", 0)
+        prompt = predict_prompt(spec, layout, source, machine, tokens)
+        m.update(prompt_fields(prompt, 1e3 * row["prefill_s"]))

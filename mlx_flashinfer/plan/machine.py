@@ -43,7 +43,10 @@ SIDE = 2048  # GEMV matrices of SIDE x SIDE (8 MB at float16)
 # second rate, a large one's at the first
 MEMORY_BYTES = 1 << 30
 CACHED_BYTES = 32 << 20
-PROMPT_TOKENS = 64  # the GEMM rate: a prompt chunk's product
+# the GEMM rates: a prompt's product at these lengths (8 over weights from memory:
+# cached weights gave 8.9 GB/s in float16 here, where a 7B model's prompt ran at
+# 3.5-6; 64 over cached ones, compute-bound either way: 1.71 and 1.72)
+PROMPT_TOKENS = (8, 64)
 # Narrow matrices (a small model's: rows of d_model 576, say) multiply slower per
 # byte than SIDE-wide ones (8.5 against 10.4 GB/s here, one thread): the rate at
 # NARROW columns is kept too, and costs.gemv_rate goes between them by the width
@@ -67,8 +70,9 @@ class Machine:
     # "1 cached", "all cached" for weights the CPU's caches hold}: weights a decode
     # step's product reads per second
     gemv: dict[str, dict[str, float]] = field(default_factory=dict)
-    # dtype -> weight bytes per second of a PROMPT_TOKENS-token product, all cores
-    gemm: dict[str, float] = field(default_factory=dict)
+    # dtype -> {str(tokens): weight bytes per second of a product over that many
+    # tokens (PROMPT_TOKENS), all cores}; an older probe kept one float, at 64
+    gemm: dict[str, dict[str, float] | float] = field(default_factory=dict)
     layer_s: float = 0.0  # a layer's small operations on one token (norms, RoPE, ...)
     # an FFN call's own cost beyond its products (a dense layer makes one; the
     # sparse path one per scratch-full and one for its predictor): 0 not measured
@@ -142,10 +146,10 @@ def probe_machine(
         "1 narrow": width_rate(backend, NARROW, 3 * NARROW),
         "1 wide": width_rate(backend, WIDE, 1024, MEMORY_BYTES),
     }
-    compute, columns = {}, {}
+    compute = {}
     for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
         compute[dtype] = product_rates(backend, dtype)
-        columns[f"{dtype} {COLUMNS}"] = product_rates(backend, dtype, columns=True)
+        compute[f"{dtype} {COLUMNS}"] = product_rates(backend, dtype, columns=True)
     if "float16" in compute:
         compute["float16"].update(widths)
     return Machine(
@@ -155,10 +159,13 @@ def probe_machine(
         disk=disk,
         memory_bytes_per_s=memory_rate(),
         gemv={
-            d: {k: v for k, v in r.items() if k != "prompt"} for d, r in compute.items()
-        }
-        | columns,
-        gemm={d: r["prompt"] for d, r in compute.items()},
+            d: {k: v for k, v in r.items() if not k.startswith("prompt")}
+            for d, r in compute.items()
+        },
+        gemm={
+            d: {str(t): r[f"prompt {t}"] for t in PROMPT_TOKENS}
+            for d, r in compute.items()
+        },
         layer_s=layer_overhead(backend),
         ffn_call_s=ffn_call_overhead(backend),
         reader=measure_reader(),
@@ -274,26 +281,31 @@ def product_rates(
 ) -> dict:
     """Weight bytes per second of x @ W.T over matrices of `dtype`: one token on one
     thread and on all, with the matrices in the CPU's caches (CACHED_BYTES in all)
-    and from memory (MEMORY_BYTES); PROMPT_TOKENS tokens on all threads.
-    `columns`: one token's x @ W instead, the FFN's down product over neuron
-    columns (`columns_weight`), which some backends run far slower (MLX's CPU
-    float16: 0.35 against 1.0 GB/s here)."""
+    and from memory (MEMORY_BYTES); prompts of PROMPT_TOKENS tokens on all
+    threads ("prompt 8", "prompt 64").
+    `columns`: x @ W instead, the FFN's down product over neuron columns
+    (`columns_weight`), which some backends run far slower (MLX's CPU float16: 0.35
+    against 1.0 GB/s here; NumPy's at 8 tokens: 2.9 against 7.0)."""
     B = get_backend(backend)
     rng = np.random.default_rng(0)
     rates = {}
-    prompt = () if columns else (("prompt", PROMPT_TOKENS, None),)
+    prompt = tuple((f"prompt {t}", t, None) for t in PROMPT_TOKENS)
     for size, cells in (
-        (MEMORY_BYTES, (("1", 1, 1), ("all", 1, None))),
-        (CACHED_BYTES, (("1 cached", 1, 1), ("all cached", 1, None), *prompt)),
+        (MEMORY_BYTES, (("1", 1, 1), ("all", 1, None), *prompt[:1])),
+        (CACHED_BYTES, (("1 cached", 1, 1), ("all cached", 1, None), *prompt[1:])),
     ):
         weights = [B.weight(w) for w in stored_matrices(dtype, size, rng)]
         if columns:
             weights = [B.columns_weight(w) for w in weights]
-        nbytes = sum(int(w.nbytes) for w in weights)
         for name, tokens, threads in cells:
+            # a prompt's products from memory over a quarter of the matrices: as
+            # fast as over all (NumPy float16, 8 tokens: 7.5 against 6.9 GB/s at
+            # 256 MiB and 1 GiB), and MLX's slow products keep the probe short
+            some = weights[: max(1, len(weights) // 4)] if tokens > 1 else weights
+            nbytes = sum(int(w.nbytes) for w in some)
             B.limit_compute_threads(threads)
             x = B.array(rng.standard_normal((tokens, SIDE)).astype(np.float32))
-            rates[name] = nbytes / _pass_seconds(B, x, weights, seconds)
+            rates[name] = nbytes / _pass_seconds(B, x, some, seconds)
         del weights
     B.limit_compute_threads(None)
     return rates
