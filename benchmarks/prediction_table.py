@@ -32,6 +32,27 @@ def _mark(ratio: float | None) -> str:
     return f"{ratio:.2f}" + ("" if abs(ratio - 1) <= TOLERANCE else " **no**")
 
 
+def _rows(paths: list[Path], key: str, again: bool, compute: dict | None):
+    """(result, row, metrics) of every row whose metrics hold `key`, each result
+    predicted again first with `again`."""
+    for path in paths:
+        result = json.loads(path.read_text())
+        if again:
+            repredict(result, compute)
+        for row in result["rows"]:
+            m = row.get("metrics") or {}
+            if key in m:
+                yield result, row, m
+
+
+def _first_cells(result: dict, row: dict) -> str:
+    settings = result["settings"]
+    return (
+        f"| {result['model']['name']} | {settings['budget']} | {row['backend']} | "
+        f"{row['row']} |"
+    )
+
+
 def table(paths: list[Path], again: bool = False, compute: dict | None = None) -> str:
     lines = [
         "| model | budget | backend | row | measured ms | disk GB/s | predicted ms "
@@ -39,29 +60,19 @@ def table(paths: list[Path], again: bool = False, compute: dict | None = None) -
         "ms | / measured |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for path in paths:
-        result = json.loads(path.read_text())
-        if again:
-            repredict(result, compute)
-        model = result["model"]["name"]
-        budget = result["settings"]["budget"]
-        for row in result["rows"]:
-            m = row.get("metrics") or {}
-            if "predicted_ms" not in m:
-                continue
-            terms = (
-                f"{m['predicted_ms']:.0f} ({m['predicted_io_ms']:.0f}, "
-                f"{m['predicted_memory_ms']:.0f}, {m['predicted_compute_ms']:.0f})"
-            )
-            at_disk = m.get("predicted_at_disk_ms")
-            rate = f"{m['gb_per_s']:.2f}" if m.get("gb_per_s") else "-"
-            lines.append(
-                f"| {model} | {budget} | {row['backend']} | {row['row']} | "
-                f"{m['measured_ms']:.0f} | {rate} | {terms} | "
-                f"{_mark(m['predicted_over_measured'])} | "
-                f"{f'{at_disk:.0f}' if at_disk else '-'} | "
-                f"{_mark(m.get('at_disk_over_measured'))} |"
-            )
+    for result, row, m in _rows(paths, "predicted_ms", again, compute):
+        terms = (
+            f"{m['predicted_ms']:.0f} ({m['predicted_io_ms']:.0f}, "
+            f"{m['predicted_memory_ms']:.0f}, {m['predicted_compute_ms']:.0f})"
+        )
+        at_disk = m.get("predicted_at_disk_ms")
+        rate = f"{m['gb_per_s']:.2f}" if m.get("gb_per_s") else "-"
+        lines.append(
+            f"{_first_cells(result, row)} {m['measured_ms']:.0f} | {rate} | {terms} | "
+            f"{_mark(m['predicted_over_measured'])} | "
+            f"{f'{at_disk:.0f}' if at_disk else '-'} | "
+            f"{_mark(m.get('at_disk_over_measured'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -75,26 +86,17 @@ def prefill_table(
         "(I/O, memory, compute) | predicted / measured |",
         "|---|---|---|---|---:|---:|---:|---:|",
     ]
-    for path in paths:
-        result = json.loads(path.read_text())
-        if again:
-            repredict(result, compute)
-        model, budget = result["model"]["name"], result["settings"]["budget"]
-        tokens = result["settings"].get("prompt_tokens")
-        for row in result["rows"]:
-            m = row.get("metrics") or {}
-            if "predicted_prefill_ms" not in m:
-                continue
-            terms = (
-                f"{m['predicted_prefill_ms']:.0f} ({m['predicted_prefill_io_ms']:.0f}, "
-                f"{m['predicted_prefill_memory_ms']:.0f}, "
-                f"{m['predicted_prefill_compute_ms']:.0f})"
-            )
-            lines.append(
-                f"| {model} | {budget} | {row['backend']} | {row['row']} | {tokens} | "
-                f"{m['measured_prefill_ms']:.0f} | {terms} | "
-                f"{_mark(m['prefill_predicted_over_measured'])} |"
-            )
+    for result, row, m in _rows(paths, "predicted_prefill_ms", again, compute):
+        terms = (
+            f"{m['predicted_prefill_ms']:.0f} ({m['predicted_prefill_io_ms']:.0f}, "
+            f"{m['predicted_prefill_memory_ms']:.0f}, "
+            f"{m['predicted_prefill_compute_ms']:.0f})"
+        )
+        lines.append(
+            f"{_first_cells(result, row)} {result['settings'].get('prompt_tokens')} | "
+            f"{m['measured_prefill_ms']:.0f} | {terms} | "
+            f"{_mark(m['prefill_predicted_over_measured'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
