@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..flash.reader import DEFAULT_CHUNK
 from ..formats.layout import Layout
 from ..plan.costs import (
     TokenCost,
     dense_cost,
     layer_streaming_cost,
     paging_cost,
-    read_cpu_seconds,
     sparse_cost,
     streamed_cost,
 )
@@ -73,21 +71,16 @@ def predict_prompt(
         return prompt_cost(layout, "streamed", machine, tokens, plan=plan)
     if spec.kind != "flash":
         return None
-    plan = flash_plan(spec, layout, source)
-    cost = prompt_cost(
+    return prompt_cost(
         layout,
         "sparse",
         machine,
         tokens,
-        plan=plan,
+        plan=flash_plan(spec, layout, source),
         predictor=spec.predictor,
         stats_layout=source,
+        rows_in_dram=spec.rows_in_dram,
     )
-    if spec.rows_in_dram:  # the compute-only row: its reads are copies in memory
-        reads = cost.bytes_read / DEFAULT_CHUNK
-        copies = read_cpu_seconds(machine, 1, reads, cost.bytes_read, from_disk=False)
-        cost = replace(cost, io_s=copies, bytes_read=0.0)
-    return cost
 
 
 def prompt_fields(cost: TokenCost | None, measured_ms: float) -> dict:

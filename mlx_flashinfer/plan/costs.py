@@ -311,24 +311,11 @@ def sparse_cost(
     `read_gap`: bytes a read runs through between wanted bundles (None: the
     reader's DEFAULT_MAX_GAP)."""
     args = layout.args
-    n, row = args.intermediate_size, layout.bundle_bytes
+    n = args.intermediate_size
     stats, source = window_stats(
         stats_layout or layout, predictor, window, plan.capacity
     )
-    # O_DIRECT reads start and end on the device's blocks (512 B here; macOS's
-    # F_NOCACHE on pages): a run reads about one block more than it needs
-    align = 4096 if machine.disk.get("mode") == "nocache" else 512
-    if layout.arrangement == "separate":  # a read per part: as many, smaller
-        pieces, row = len(layout.part_bytes), row / len(layout.part_bytes)
-    else:
-        pieces = 1
-    read_gap = DEFAULT_MAX_GAP if read_gap is None else read_gap
-    gap = max(int(read_gap // row), 0)  # pieces a read runs through
     threads = 1 if rows_in_dram else DEFAULT_THREADS
-    # bundles whose pieces are on the alignment land in their cache rows (DMA, no
-    # CPU: float16 OPT and Llama); others are read into staging and copied (q4's
-    # scales are 128 bytes a row), as is every byte read from memory
-    copied = 1.0 if rows_in_dram or not lands_direct(layout, align) else 0.0
     bytes_read = rows = reads = cached_loads = cpu = disk = 0.0
     # FFN calls: over the cached rows, one per scratch-full, and the predictor's
     ffn_calls = float(args.num_hidden_layers * (1 + (predictor != "all")))
@@ -349,15 +336,19 @@ def sparse_cost(
         for ids, count in calls:
             if ids < 1:
                 continue
-            call_reads, call_bytes = _call_reads(ids, load / n, row, gap, align)
-            call_reads, call_bytes = pieces * call_reads, pieces * call_bytes
-            reads += count * call_reads
-            bytes_read += count * call_bytes
-            cpu += count * read_cpu_seconds(
-                machine, threads, call_reads, copied * call_bytes, not rows_in_dram
+            call = read_call(
+                machine,
+                layout,
+                ids,
+                load / n,
+                read_gap=read_gap,
+                threads=threads,
+                from_disk=not rows_in_dram,
             )
-            if not rows_in_dram:
-                disk += count * disk_seconds(machine, call_reads, call_bytes)
+            reads += count * call[0]
+            bytes_read += count * call[1]
+            cpu += count * call[2]
+            disk += count * call[3]
     read_size = bytes_read / reads if reads else 0.0
     io = cpu + disk
     kinds = _add(resident_products(layout), ffn_kinds(layout), rows)
@@ -384,6 +375,43 @@ def sparse_cost(
         overlap_cap_s=overlap * compute,
         io_fixed_s=cpu,
     )
+
+
+def read_align(machine: Machine) -> int:
+    """The blocks O_DIRECT reads start and end on: 512 B here, a page for macOS's
+    F_NOCACHE (a run reads about one block more than it needs)."""
+    return 4096 if machine.disk.get("mode") == "nocache" else 512
+
+
+def read_call(
+    machine: Machine,
+    layout: Layout,
+    ids: float,
+    q: float,
+    *,
+    read_gap: int | None = None,
+    threads: int = DEFAULT_THREADS,
+    from_disk: bool = True,
+) -> tuple[float, float, float, float]:
+    """One reader call of `ids` bundles wanted at a share `q` of those where they
+    lie (1: a contiguous range): (reads, bytes, the reader's CPU seconds, the disk's
+    seconds). Gaps up to `read_gap` bytes (None: the reader's DEFAULT_MAX_GAP) are
+    read through; in a separate arrangement each part is read apart; bundles whose
+    pieces are on the alignment land in their cache rows (DMA, no CPU: float16 OPT
+    and Llama), others are read into staging and copied (q4's scale rows are 128
+    bytes), as is every byte read from memory (`from_disk` False: no disk time)."""
+    align = read_align(machine)
+    row, pieces = layout.bundle_bytes, 1
+    if layout.arrangement == "separate":  # a read per part: as many, smaller
+        pieces = len(layout.part_bytes)
+        row /= pieces
+    read_gap = DEFAULT_MAX_GAP if read_gap is None else read_gap
+    reads, nbytes = _call_reads(ids, q, row, max(int(read_gap // row), 0), align)
+    reads, nbytes = pieces * reads, pieces * nbytes
+    copied = 0.0 if from_disk and lands_direct(layout, align) else 1.0
+    cpu = read_cpu_seconds(machine, threads, reads, copied * nbytes, from_disk)
+    disk = disk_seconds(machine, reads, nbytes) if from_disk else 0.0
+    return reads, nbytes, cpu, disk
 
 
 def _call_reads(ids: float, q: float, row: float, gap: int, align: int):

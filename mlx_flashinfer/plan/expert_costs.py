@@ -39,6 +39,7 @@ from .costs import (
     compute_seconds,
     disk_seconds,
     ffn_kinds,
+    read_align,
     read_cpu_seconds,
     resident_products,
 )
@@ -145,7 +146,7 @@ def experts_cost(
     k, row = args.experts_per_token, layout.bundle_bytes
     hits, source = hit_rates(layout, plan.capacity)
     hits = hits if window > 0 else [0.0] * len(hits)  # window 0 keeps nothing
-    align = 4096 if machine.disk.get("mode") == "nocache" else 512
+    align = read_align(machine)
     # bundles on the alignment land straight in their rows; others go through the
     # staging buffer: aligned reads around them, and a copy of every byte
     direct = lands_direct(layout, align)

@@ -44,8 +44,8 @@ SIDE = 2048  # GEMV matrices of SIDE x SIDE (8 MB at float16)
 MEMORY_BYTES = 1 << 30
 CACHED_BYTES = 32 << 20
 # the GEMM rates: a prompt's product at these lengths (8 over weights from memory:
-# cached weights gave 8.9 GB/s in float16 here, where a 7B model's prompt ran at
-# 3.5-6; 64 over cached ones, compute-bound either way: 1.71 and 1.72)
+# NumPy float16 here 6.3-6.9 GB/s, 8.9 over cached ones; 64 over cached ones,
+# compute-bound either way: 1.71 and 1.72)
 PROMPT_TOKENS = (8, 64)
 # Narrow matrices (a small model's: rows of d_model 576, say) multiply slower per
 # byte than SIDE-wide ones (8.5 against 10.4 GB/s here, one thread): the rate at
@@ -301,7 +301,8 @@ def product_rates(
             # a prompt's products from memory over a quarter of the matrices: as
             # fast as over all (NumPy float16, 8 tokens: 7.5 against 6.9 GB/s at
             # 256 MiB and 1 GiB), and MLX's slow products keep the probe short
-            some = weights[: max(1, len(weights) // 4)] if tokens > 1 else weights
+            quarter = tokens > 1 and size == MEMORY_BYTES
+            some = weights[: max(1, len(weights) // 4)] if quarter else weights
             nbytes = sum(int(w.nbytes) for w in some)
             B.limit_compute_threads(threads)
             x = B.array(rng.standard_normal((tokens, SIDE)).astype(np.float32))

@@ -1,16 +1,16 @@
 """What a prompt of T tokens costs under a plan: the wait for its first token.
 
 - compute: every weight multiplied once over the T tokens, at the probe's rate for
-  products of about that length (`machine.gemm`, measured at 8, 16 and 64 tokens,
-  one token the decode rate; interpolated in log length, linear past 64), plus
+  products of about that length (`machine.gemm`, measured at 8 and 64 tokens, one
+  token the decode rate; interpolated in log length, linear past 64), plus
   each token's small operations per layer. Attention's T x T scores are left out:
   small beside the weights for prompts of a few hundred tokens.
 - the FFN's reads: none dense; the streamed placement's spans behind compute, as a
   token's; the sparse placement (flash/ffn.py `_prefill`) reads each layer whole in
   scratch-fulls, each read then computed, or, for a ReLU-family model, only the
-  union of its tokens' predicted neurons where that reads less than a third of the
-  layer (the reader's own prior: a scattered neuron costs 2.5 streamed ones); OS
-  paging reads the FFN, then computes.
+  union of its tokens' predicted neurons where that is under 40% of the layer (the
+  reader's own prior: a scattered neuron costs 2.5 streamed ones); OS paging reads
+  the FFN, then computes.
 """
 
 from __future__ import annotations
@@ -19,25 +19,21 @@ import math
 
 import numpy as np
 
-from ..flash.landing import lands_direct
-from ..flash.memory import MemoryPlan, model_bytes
-from ..flash.reader import DEFAULT_CHUNK, DEFAULT_THREADS
+from ..flash.ffn import ReadCosts
+from ..flash.memory import MemoryPlan
+from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from .costs import (
-    PAGING_S_PER_GB,
     TokenCost,
     _add,
-    _call_reads,
-    disk_seconds,
     ffn_kinds,
-    read_cpu_seconds,
+    paging_cost,
+    read_call,
     resident_products,
+    streamed_cost,
 )
-from .disk import throughput_at
 from .machine import Machine
 from .statistics import window_stats
-
-SPARSE_PRIOR = 2.5  # flash/ffn.py ReadCosts.PRIOR: a scattered neuron's cost
 
 
 def prompt_product_seconds(
@@ -83,9 +79,9 @@ def prompt_compute_seconds(
 def union_share(layout: Layout, predictor: str, tokens: int) -> list[float]:
     """Per layer, the share of its neurons some token of a `tokens`-token prompt
     predicts: the union of a window of tokens - 1 past tokens and this one, from
-    the predictor's report (its windows reach 9 tokens; longer prompts, as blocks
-    of 9 predicting apart)."""
-    grid = 8  # the report's longest window
+    the predictor's report (its longest window reaches max(WINDOW_GRID) + 1
+    tokens; longer prompts, as blocks of that many predicting apart)."""
+    grid = max(WINDOW_GRID)
     k = min(tokens - 1, grid)
     stats, _ = window_stats(layout, predictor, k)
     shares = []
@@ -108,40 +104,41 @@ def prompt_cost(
     budget: int | None = None,
     stats_layout: Layout | None = None,
     threads: str = "all",
+    rows_in_dram: bool = False,
 ) -> TokenCost | None:
     """A `tokens`-token prompt's predicted seconds under `placement` ("dense",
     "streamed", "sparse", "paging"; `plan` for the flash ones, `predictor` for
     sparse, `budget` for paging; `stats_layout`: where the predictor's report is;
     `threads` "1": dense and paging computing on one core, as `flashinfer bench`
-    runs them), as a TokenCost whose terms are the whole prompt's; None for a
-    placement not modelled here (experts)."""
+    runs them; `rows_in_dram`: the sparse reads are copies from memory, the
+    compute-only row), as a TokenCost whose terms are the whole prompt's; None for
+    a placement not modelled here (experts)."""
     args = layout.args
     ffn = args.num_hidden_layers * args.intermediate_size
     kinds = _add(resident_products(layout), ffn_kinds(layout), ffn)
     compute = prompt_compute_seconds(machine, layout, kinds, tokens, threads)
-    row = layout.bundle_bytes
     if placement == "dense":
         return TokenCost("dense", 0.0, 0.0, compute)
-    if placement == "paging":
-        resident, ffn_bytes = model_bytes(layout)
-        missed = ffn_bytes if ffn_bytes > max((budget or 0) - resident, 0) else 0
-        rate = throughput_at(machine.disk, DEFAULT_CHUNK, 1, sequential=True)
-        faults = missed / 1e9 * PAGING_S_PER_GB
-        return TokenCost("OS paging", missed / rate, faults, compute, missed)
-    if placement == "streamed" and plan is not None:
-        streamed = sum(args.intermediate_size - held for held in plan.capacity) * row
-        busy = machine.disk.get("beside_compute")
-        span = max(plan.chunk_rows, 1) * row
-        rate = (
-            busy["bytes_per_s"] if busy else throughput_at(machine.disk, span, 1, True)
-        )
-        io = streamed / rate
-        if streamed:  # its reads beside take a core: the SiLU Llama-2-7B's streamed
-            # 8-token prompts ran at dense's one-thread speed (3.98-4.10 s, 3.84)
-            compute = prompt_compute_seconds(machine, layout, kinds, tokens, "1")
-        hidden = min(io, compute)  # the ring reads ahead of compute, as a token's
+    if placement == "paging":  # a token's reads and faults: the FFN paged in once
+        token = paging_cost(layout, budget or 0, machine)
         return TokenCost(
-            "streamed", io - hidden, 0.0, compute, streamed, hidden_io_s=hidden
+            "OS paging", token.io_s, token.memory_s, compute, token.bytes_read
+        )
+    if placement == "streamed" and plan is not None:  # a token's spans read once
+        token = streamed_cost(layout, plan, machine)
+        reads = token.io_s + token.hidden_io_s
+        if token.bytes_read:  # its reads beside take a core: the SiLU Llama-2-7B's
+            # streamed 8-token prompts ran at dense's one-thread speed (3.98-4.10 s
+            # against 3.84)
+            compute = prompt_compute_seconds(machine, layout, kinds, tokens, "1")
+        hidden = min(reads, compute)  # the ring reads ahead of compute
+        return TokenCost(
+            "streamed",
+            reads - hidden,
+            token.memory_s,
+            compute,
+            token.bytes_read,
+            hidden_io_s=hidden,
         )
     if placement != "sparse" or plan is None:
         return None
@@ -151,26 +148,25 @@ def prompt_cost(
         shares = union_share(stats_layout or layout, predictor, tokens)
     else:
         shares = [1.0] * args.num_hidden_layers
-    align = 4096 if machine.disk.get("mode") == "nocache" else 512
-    copied = 0.0 if lands_direct(layout, align) else 1.0
     io = cpu = nbytes = rows = 0.0
     for share in shares:
-        wanted = share * n
-        if share * SPARSE_PRIOR < 1.0:  # the union: scattered reads
-            reads, layer_bytes = _call_reads(wanted, share, row, 0, align)
-        else:  # streamed whole, in the reader's large reads
-            wanted, layer_bytes = n, n * row
-            reads = math.ceil(layer_bytes / DEFAULT_CHUNK)
+        union = share * ReadCosts.PRIOR < 1.0  # scattered reads, else streamed
+        wanted = share * n if union else n
         # a read call a scratch-full, each read then computed
         calls = max(1, math.ceil(wanted / max(plan.scratch_rows, 1)))
-        call_reads, call_bytes = reads / calls, layer_bytes / calls
-        cpu += calls * read_cpu_seconds(
-            machine, DEFAULT_THREADS, call_reads, copied * call_bytes
+        reads, call_bytes, call_cpu, call_disk = read_call(
+            machine,
+            layout,
+            wanted / calls,
+            share if union else 1.0,
+            from_disk=not rows_in_dram,
         )
-        io += calls * disk_seconds(machine, call_reads, call_bytes)
-        nbytes += layer_bytes
+        io += calls * (call_cpu + call_disk)
+        cpu += calls * call_cpu
+        nbytes += calls * call_bytes
         rows += wanted
     # the products over the rows read (a union's only: its other neurons add zero)
     kinds = _add(resident_products(layout), ffn_kinds(layout), rows)
     compute = prompt_compute_seconds(machine, layout, kinds, tokens, threads)
-    return TokenCost("sparse", io + cpu, 0.0, compute, nbytes, io_fixed_s=cpu)
+    read = 0.0 if rows_in_dram else nbytes
+    return TokenCost("sparse", io, 0.0, compute, read, io_fixed_s=cpu)
