@@ -298,11 +298,10 @@ def product_rates(
         if columns:
             weights = [B.columns_weight(w) for w in weights]
         for name, tokens, threads in cells:
-            # a prompt's products from memory over a quarter of the matrices: as
-            # fast as over all (NumPy float16, 8 tokens: 7.5 against 6.9 GB/s at
-            # 256 MiB and 1 GiB), and MLX's slow products keep the probe short
-            quarter = tokens > 1 and size == MEMORY_BYTES
-            some = weights[: max(1, len(weights) // 4)] if quarter else weights
+            # a prompt's products over a quarter of the matrices: as fast as over
+            # all (NumPy float16, 8 tokens: 7.5 against 6.9 GB/s at 256 MiB and 1
+            # GiB), and MLX's slow products (0.01-0.5 GB/s here) keep the probe short
+            some = weights[: max(1, len(weights) // 4)] if tokens > 1 else weights
             nbytes = sum(int(w.nbytes) for w in some)
             B.limit_compute_threads(threads)
             x = B.array(rng.standard_normal((tokens, SIDE)).astype(np.float32))
