@@ -900,3 +900,30 @@ def test_narrow_and_wide_matrices_multiply_at_the_probes_rates_for_them():
         side * 2**0.5
     )
     assert gemv_rate(machine, "q4", "1", 1 << 30, 4 * WIDE) == pytest.approx(2 * side)
+
+
+def test_each_probe_cell_goes_on_with_the_matrices_touched_longest_ago():
+    """A cell over a set larger than the caches reads from memory only if it starts
+    where the last cell stopped (the matrices after it were touched longest ago)."""
+    from mlx_flashinfer.model.backends import get_backend
+    from mlx_flashinfer.plan.machine import _rate
+
+    B = get_backend("numpy")
+    weights = [B.weight(np.full((4, 8), i, np.float16)) for i in range(5)]
+    touched = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(B, name)
+
+        def linear(self, x, w):
+            touched.append(int(w[0, 0]))
+            return B.linear(x, w)
+
+    x = B.array(np.ones((1, 8), np.float32))
+    rate, cursor = _rate(Counting(), x, weights, 0.0, 3)
+    assert touched == [3, 4] and cursor == 0  # a warm-up product, one timed, round
+    assert rate > 0
+    touched.clear()
+    rate, cursor = _rate(Counting(), x, weights, 0.0, cursor)
+    assert touched == [0, 1] and cursor == 2

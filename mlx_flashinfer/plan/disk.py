@@ -32,7 +32,7 @@ KIB = 1024
 SIZES = tuple(4 * KIB << k for k in range(9))  # 4 KiB ... 1 MiB
 THREADS = (1, 2, 4, 8, 16, 32)
 # The short probe of `flashinfer bench`: the read sizes and thread counts its rows use
-# (16 reader threads; one for mmap faults and layer streaming), about 10 s.
+# (16 reader threads; one for mmap faults and layer streaming), about 12 s.
 SHORT_SIZES = tuple(4 * KIB << k for k in range(0, 9, 2))  # 4, 16, 64, 256 KiB, 1 MiB
 SHORT_THREADS = (1, 4, 16)
 # Streaming a span (the streamed placement, mmap readahead): consecutive chunks of
@@ -114,14 +114,14 @@ def probe(
 def short_probe(
     path: str | Path | None = None, progress: bool = True, keep: bool = False
 ) -> dict:
-    """A quick `probe` (1 GiB file, 0.5 s per cell) for benchmarks without a saved one;
+    """A quick `probe` (1 GiB file, 0.4 s per cell) for benchmarks without a saved one;
     `keep`: leave the test file (FILE_NAME in `path`) for more cells.
 
     Raises:
         ValueError: the directory's filesystem cannot bypass the page cache.
     """
     return probe(
-        path, SHORT_SIZES, SHORT_THREADS, 0.5, 1 << 30, keep=keep, progress=progress
+        path, SHORT_SIZES, SHORT_THREADS, 0.4, 1 << 30, keep=keep, progress=progress
     )
 
 
@@ -215,7 +215,10 @@ def _write_test_file(file: Path, nbytes: int, progress: bool) -> None:
         ) as bar,
     ):
         for start in range(0, nbytes, block):
-            data = rng.bytes(min(block, nbytes - start))
+            # random 64-bit words: ten times as fast as rng.bytes (0.4 s a GiB here)
+            size = min(block, nbytes - start)
+            words = rng.integers(0, 2**64 - 1, -(-size // 8), np.uint64, endpoint=True)
+            data = words.view(np.uint8)[:size]
             f.write(data)
             bar.update(len(data))
         f.flush()

@@ -148,8 +148,7 @@ def probe_machine(
     }
     compute = {}
     for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
-        compute[dtype] = product_rates(backend, dtype)
-        compute[f"{dtype} {COLUMNS}"] = product_rates(backend, dtype, columns=True)
+        compute.update(product_rates(backend, dtype))
     if "float16" in compute:
         compute["float16"].update(widths)
     return Machine(
@@ -276,37 +275,33 @@ def _finite_half(rng, shape) -> np.ndarray:
     return ((bits & np.uint16(0x83FF)) | np.uint16(0x2000)).view(np.float16)
 
 
-def product_rates(
-    backend, dtype: str, seconds: float = 0.25, *, columns: bool = False
-) -> dict:
+def product_rates(backend, dtype: str, seconds: float = 0.25) -> dict:
     """Weight bytes per second of x @ W.T over matrices of `dtype`: one token on one
     thread and on all, with the matrices in the CPU's caches (CACHED_BYTES in all)
     and from memory (MEMORY_BYTES); prompts of PROMPT_TOKENS tokens on all
-    threads ("prompt 8", "prompt 64").
-    `columns`: x @ W instead, the FFN's down product over neuron columns
-    (`columns_weight`), which some backends run far slower (MLX's CPU float16: 0.35
-    against 1.0 GB/s here; NumPy's at 8 tokens: 2.9 against 7.0)."""
+    threads ("prompt 8", "prompt 64"). Each cell runs `seconds`.
+
+    Returns {dtype: rates, f"{dtype} columns": rates}: the second of x @ W, the
+    FFN's down product over neuron columns (`columns_weight`, a view of the same
+    matrices), which some backends run far slower (MLX's CPU float16: 0.35 against
+    1.0 GB/s here; NumPy's at 8 tokens: 2.9 against 7.0)."""
     B = get_backend(backend)
     rng = np.random.default_rng(0)
-    rates = {}
+    rates = {dtype: {}, f"{dtype} {COLUMNS}": {}}
     prompt = tuple((f"prompt {t}", t, None) for t in PROMPT_TOKENS)
     for size, cells in (
         (MEMORY_BYTES, (("1", 1, 1), ("all", 1, None), *prompt[:1])),
         (CACHED_BYTES, (("1 cached", 1, 1), ("all cached", 1, None), *prompt[1:])),
     ):
-        weights = [B.weight(w) for w in stored_matrices(dtype, size, rng)]
-        if columns:
-            weights = [B.columns_weight(w) for w in weights]
-        for name, tokens, threads in cells:
-            # a prompt's products over a quarter of the matrices: as fast as over
-            # all (NumPy float16, 8 tokens: 7.5 against 6.9 GB/s at 256 MiB and 1
-            # GiB), and MLX's slow products (0.01-0.5 GB/s here) keep the probe short
-            some = weights[: max(1, len(weights) // 4)] if tokens > 1 else weights
-            nbytes = sum(int(w.nbytes) for w in some)
-            B.limit_compute_threads(threads)
-            x = B.array(rng.standard_normal((tokens, SIDE)).astype(np.float32))
-            rates[name] = nbytes / _pass_seconds(B, x, some, seconds)
-        del weights
+        rows = [B.weight(w) for w in stored_matrices(dtype, size, rng)]
+        columns = [B.columns_weight(w) for w in rows]
+        cursor = 0
+        for weights, measured in zip((rows, columns), rates.values(), strict=True):
+            for cell, tokens, threads in cells:
+                B.limit_compute_threads(threads)
+                x = B.array(rng.standard_normal((tokens, SIDE)).astype(np.float32))
+                measured[cell], cursor = _rate(B, x, weights, seconds, cursor)
+        del rows, columns
     B.limit_compute_threads(None)
     return rates
 
@@ -329,21 +324,28 @@ def width_rate(
     x = B.array(rng.standard_normal((1, width)).astype(np.float32))
     B.limit_compute_threads(1)
     try:
-        return one * len(weights) / _pass_seconds(B, x, weights, seconds)
+        return _rate(B, x, weights, seconds)[0]
     finally:
         B.limit_compute_threads(None)
 
 
-def _pass_seconds(B, x, weights: list, seconds: float) -> float:
-    """Seconds of one pass of x @ W.T over every matrix in `weights` (after one
-    product to warm up; at least two passes and `seconds` in all)."""
-    B.synchronize(B.linear(x, weights[0]))
-    passes, began = 0, time.perf_counter()
-    while passes < 2 or time.perf_counter() - began < seconds:
-        for w in weights:
-            B.synchronize(B.linear(x, w))
-        passes += 1
-    return (time.perf_counter() - began) / passes
+def _rate(B, x, weights: list, seconds: float, cursor: int = 0) -> tuple[float, int]:
+    """Weight bytes per second of x @ W.T over the matrices of `weights` in turn
+    from index `cursor` (going round), for `seconds` after one product to warm up;
+    and the index to go on from. A set larger than the CPU's caches is read from
+    memory as long as each cell goes on where the last stopped: the next matrices
+    are those touched longest ago. (Cells once made two whole passes over the set:
+    MLX's probe took 112 s here, 0.01-1 GB/s over a GiB.)"""
+    count = len(weights)
+    B.synchronize(B.linear(x, weights[cursor % count]))
+    cursor, nbytes, began = cursor + 1, 0, time.perf_counter()
+    while True:
+        w = weights[cursor % count]
+        B.synchronize(B.linear(x, w))
+        cursor, nbytes = cursor + 1, nbytes + int(w.nbytes)
+        elapsed = time.perf_counter() - began
+        if elapsed >= seconds:
+            return nbytes / elapsed, cursor % count
 
 
 def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
