@@ -117,10 +117,10 @@ class PromptCache:
 
     def feed(self, model, ids: list[int]):
         """Run `ids` (which continue the cached tokens) through the model, a prompt
-        in chunks; return the logits of the last chunk (backend array)."""
+        in chunks; return the logits (1, vocab) of the last token (backend array)."""
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = ids[start : start + PREFILL_CHUNK]
-            logits = model(chunk, self.layers)
+            logits = model(chunk, self.layers, last_only=True)
             self.tokens.extend(chunk)
         return logits
 

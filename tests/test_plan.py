@@ -173,6 +173,12 @@ def test_a_cost_at_another_disk_rate_is_the_cost_on_that_disk(placement):
 def test_a_prompt_costs_its_products_at_their_length_and_its_reads():
     from mlx_flashinfer.flash.memory import plan_floor
     from mlx_flashinfer.loader import make_plan
+    from mlx_flashinfer.plan.costs import (
+        _add,
+        ffn_kinds,
+        head_products,
+        resident_products,
+    )
     from mlx_flashinfer.plan.prompt_costs import prompt_cost, prompt_product_seconds
     from mlx_flashinfer.predictors.kinds import predictor_nbytes
 
@@ -197,6 +203,21 @@ def test_a_prompt_costs_its_products_at_their_length_and_its_reads():
         resident, ffn = model_bytes(layout)
         dense = prompt_cost(layout, "dense", machine, 16)
         assert dense.io_s == 0 and dense.compute_s > 0
+        # the head multiplies the last token alone (Model.prefill), the rest all 16
+        args = layout.args
+        head = head_products(layout)
+        weights = _add(
+            resident_products(layout),
+            ffn_kinds(layout),
+            args.num_hidden_layers * args.intermediate_size,
+        )
+        assert set(head) == {"float32"} and 0 < head["float32"] < weights["float32"]
+        body = _add(weights, head, -1.0)
+        small = 16 * args.num_hidden_layers * machine.layer_s
+        assert dense.compute_s - small == pytest.approx(
+            sum(prompt_product_seconds(machine, k, b, 16) for k, b in body.items())
+            + prompt_product_seconds(machine, "float32", head["float32"], 1)
+        )
         paging = prompt_cost(layout, "paging", machine, 16, budget=resident + ffn // 2)
         assert paging.bytes_read == ffn
         ring = 6 * slot_bytes(400, layout.bundle_bytes)

@@ -99,10 +99,10 @@ class TokenCost:
         )
 
 
-def resident_products(layout: Layout) -> dict[str, int]:
+def resident_products(layout: Layout, only: str | None = None) -> dict[str, int]:
     """Bytes of the resident matrices a decode step multiplies (attention, the head),
     by stored kind ("float16", "q4", ...): not the embedding table, of which a
-    token reads one row (unless it is the head too)."""
+    token reads one row (unless it is the head too). `only`: of that matrix alone."""
     header, _ = read_header(layout.resident_path)
     quantized = (layout.quantization or {}).get("tensors") or {}
     tied = layout.args.tie_word_embeddings
@@ -113,6 +113,8 @@ def resident_products(layout: Layout) -> dict[str, int]:
             tied and base == "embed_tokens"
         ):
             continue
+        if only is not None and base != only:
+            continue
         nbytes = info["data_offsets"][1] - info["data_offsets"][0]
         if base + ".weight" in quantized:  # its packed integers, scales, biases
             kind = f"q{quantized[base + '.weight']}"
@@ -122,6 +124,13 @@ def resident_products(layout: Layout) -> dict[str, int]:
             continue  # norms and biases: counted in the layers' small operations
         out[kind] = out.get(kind, 0) + nbytes
     return out
+
+
+def head_products(layout: Layout) -> dict[str, int]:
+    """Bytes of the head's matrix by stored kind (the embedding's when tied), which
+    a prompt multiplies for its last token alone (`Model.prefill`)."""
+    tied = layout.args.tie_word_embeddings
+    return resident_products(layout, only="embed_tokens" if tied else "lm_head")
 
 
 def ffn_kinds(layout: Layout) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """What a prompt of T tokens costs under a plan: the wait for its first token.
 
-- compute: every weight multiplied once over the T tokens, at the probe's rate for
-  products of about that length (`machine.gemm`, measured at 8 and 64 tokens, one
+- compute: every weight multiplied once over the T tokens (the head over the last
+  alone: `Model.prefill` keeps no other logits), at the probe's rate for products
+  of about that length (`machine.gemm`, measured at 8 and 64 tokens, one
   token the decode rate; interpolated in log length, linear past 64), plus
   each token's small operations per layer. Attention's T x T scores are left out:
   small beside the weights for prompts of a few hundred tokens.
@@ -27,6 +28,7 @@ from .costs import (
     TokenCost,
     _add,
     ffn_kinds,
+    head_products,
     paging_cost,
     read_call,
     resident_products,
@@ -67,10 +69,14 @@ def prompt_product_seconds(
 def prompt_compute_seconds(
     machine: Machine, layout: Layout, kinds: dict, tokens: int, threads: str = "all"
 ) -> float:
-    """A prompt's products over `kinds` (bytes by stored kind) and its tokens'
-    small operations."""
+    """A prompt's products over `kinds` (bytes by stored kind, the head's among
+    them, which runs on the last token alone) and its tokens' small operations."""
+    head = head_products(layout)
     products = sum(
-        prompt_product_seconds(machine, kind, nbytes, tokens, threads)
+        prompt_product_seconds(
+            machine, kind, nbytes - head.get(kind, 0), tokens, threads
+        )
+        + prompt_product_seconds(machine, kind, head.get(kind, 0), 1, threads)
         for kind, nbytes in kinds.items()
     )
     return products + tokens * layout.args.num_hidden_layers * machine.layer_s
