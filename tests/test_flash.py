@@ -375,3 +375,40 @@ def test_reads_ahead_by_default_where_they_can_pay(tmp_path):
     assert not make_plan(tiny, "100%", "gate").lookahead
     silu = Layout.open(tiny_layout("llama", "silu", 2, 80, 3))
     assert not make_plan(silu, 10**9, "gate").lookahead
+
+
+class RowsSeen:
+    """A predictor that records how many token rows each call is given."""
+
+    def __init__(self, predictor):
+        self.predictor, self.rows = predictor, []
+
+    def __getattr__(self, name):
+        return getattr(self.predictor, name)
+
+    def predict(self, layer: int, h):
+        self.rows.append(h.shape[0])
+        return self.predictor.predict(layer, h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ["silu", "relu"])
+def test_a_prompt_predicts_every_token_only_where_their_union_is_read(backend, act):
+    """A SiLU model's prompt streams every neuron: only its last k tokens' sets are
+    predicted (they seed the window); a ReLU model's may read their union, so
+    every token's is. Both prompts still equal dense (and the ReLU model's exact
+    decode steps; the SiLU model's gate predictor is approximate there)."""
+    layout = tiny_layout("llama", act, 2, 80, 3)
+    tokens = [1, 5, 9, 3, 22, 17, 4, 30]
+    dense, _ = load(layout, backend=backend)
+    flash, _ = load(
+        layout, backend=backend, memory_budget="200%", window=3, predictor="gate"
+    )
+    flash.ffn.predictor = seen = RowsSeen(flash.ffn.predictor)
+    got = flash.logits(tokens, prefill=6)
+    exact = 6 if act == "silu" else len(tokens)
+    expected = dense.logits(tokens, prefill=6)
+    assert np.abs(got[:exact] - expected[:exact]).max() <= 1e-5
+    layers = Layout.open(layout).args.num_hidden_layers
+    prompt = 3 if act == "silu" else 6
+    assert seen.rows == [prompt] * layers + [1] * (2 * layers)
