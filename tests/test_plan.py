@@ -15,6 +15,7 @@ from mlx_flashinfer.cli import main
 from mlx_flashinfer.flash.memory import (
     io_buffer_bytes,
     model_bytes,
+    parse_budget,
     plan_streamed,
     slot_bytes,
 )
@@ -481,6 +482,30 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     assert "chosen" in out and "ms/token" in out and "OS paging" in out
     run = [line for line in out.splitlines() if "run it:" in line]
     assert run and "--memory-budget 60% " in run[0]
+    # a prompt's wait for its first token, under the choice and under OS paging,
+    # as prompt_costs predicts it
+    from mlx_flashinfer.cli.plan import prompt_line
+    from mlx_flashinfer.plan.prompt_costs import prompt_cost
+
+    lay, machine = Layout.open(layout), load_machine(probe)
+    amount = parse_budget("60%", sum(model_bytes(lay)))
+    best = choose(lay, amount, machine).best
+    tokens = min(128, lay.args.max_position_embeddings)
+    prompts = [line.strip() for line in out.splitlines() if "-token prompt:" in line]
+    assert prompts == [
+        f"a {tokens}-token prompt: {prompt_line(cost)}"
+        for cost in (
+            best.prompt_cost(lay, machine, tokens),
+            prompt_cost(lay, "paging", machine, tokens, budget=amount),
+        )
+    ]
+    assert "s to the first token" in prompts[0]
+    plan = ["plan", str(layout), "--budget", "60%", "--probe", str(probe)]
+    assert main([*plan, "--prompt-tokens", "0"]) == 0
+    assert "-token prompt" not in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit:
+        main([*plan, "--prompt-tokens", "-1"])
+    assert exit.value.code == 2 and "--prompt-tokens" in capsys.readouterr().err
     assert main(["plan", str(layout), "--for", "1tok/s", "--probe", str(probe)]) == 0
     out = capsys.readouterr().out
     assert "needs a budget of" in out
@@ -942,9 +967,12 @@ def test_each_probe_cell_goes_on_with_the_matrices_touched_longest_ago():
             return B.linear(x, w)
 
     x = B.array(np.ones((1, 8), np.float32))
-    rate, cursor = _rate(Counting(), x, weights, 0.0, 3)
-    assert touched == [3, 4] and cursor == 0  # a warm-up product, one timed, round
+    B.linear(x, weights[0])  # the kernel compiled (a first call's)
+    rate, cursor = _rate(Counting(), x, weights, 0.05, 3)
+    assert touched[:3] == [3, 4, 0] and cursor == (3 + len(touched)) % 5
     assert rate > 0
+    went_on = cursor
     touched.clear()
+    # a product as long as the cell is measure enough, without a warm-up
     rate, cursor = _rate(Counting(), x, weights, 0.0, cursor)
-    assert touched == [0, 1] and cursor == 2
+    assert touched == [went_on] and cursor == (went_on + 1) % 5

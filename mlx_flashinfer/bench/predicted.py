@@ -80,6 +80,7 @@ def predict_prompt(
         predictor=spec.predictor,
         stats_layout=source,
         rows_in_dram=spec.rows_in_dram,
+        window=spec.window,
     )
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 from ..flash.memory import format_bytes, model_bytes, parse_budget
 from ..model.backends import BACKENDS
 from ..predictors.kinds import PREDICTORS
-from .options import add_cache_option
+from .options import add_cache_option, at_least
+
+PROMPT_TOKENS = 128  # the prompt `flashinfer plan` predicts by default
 
 
 def add_commands(sub) -> None:
@@ -67,6 +69,13 @@ def add_commands(sub) -> None:
         help="only the sparse plans of this predictor, whatever its loss",
     )
     p.add_argument("--max-context", type=int, default=None)
+    p.add_argument(
+        "--prompt-tokens",
+        type=at_least(0),
+        default=PROMPT_TOKENS,
+        metavar="N",
+        help=f"also predict a prompt of N tokens (default {PROMPT_TOKENS}; 0: not)",
+    )
     p.add_argument("--backend", choices=BACKENDS, default=None)
     p.add_argument(
         "--probe",
@@ -164,6 +173,7 @@ def cmd_plan(opts) -> int:
     from ..formats.layout import Layout
     from ..loader import check_max_context, resolve_model
     from ..plan.planner import budget_for, choose
+    from ..plan.prompt_costs import prompt_cost
     from ..predictors.train import parse_max_loss
 
     max_loss = None if opts.max_loss is None else parse_max_loss(opts.max_loss)
@@ -203,8 +213,24 @@ def cmd_plan(opts) -> int:
             f"{format_bytes(whole)}), {machine.backend} backend, {machine.cpu}:"
         )
     budget = opts.budget if speed is None else rounded_up(amount)
-    print("\n".join(choice_lines(choice, budget=budget)))
+    prompt = None
+    if opts.prompt_tokens > 0:
+        tokens = min(opts.prompt_tokens, context)
+        prompt = (
+            tokens,
+            choice.best.prompt_cost(layout, machine, tokens),
+            prompt_cost(layout, "paging", machine, tokens, budget=amount),
+        )
+    print("\n".join(choice_lines(choice, budget=budget, prompt=prompt)))
     return 0
+
+
+def prompt_line(cost) -> str:
+    """ "2.4 s to the first token (I/O 0.3, memory 0.0, compute 2.1)"."""
+    return (
+        f"{cost.total_s:.1f} s to the first token (I/O {cost.io_s:.1f}, memory "
+        f"{cost.memory_s:.1f}, compute {cost.compute_s:.1f})"
+    )
 
 
 def rounded_up(amount: int) -> str:
@@ -218,10 +244,13 @@ def rounded_up(amount: int) -> str:
     return str(amount)
 
 
-def choice_lines(choice, alternatives: int = 3, *, budget: str = "B") -> list[str]:
+def choice_lines(
+    choice, alternatives: int = 3, *, budget: str = "B", prompt=None
+) -> list[str]:
     """The chosen plan, the next best ones, those over the allowed loss, and OS
     paging, each with its predicted cost; the options that run the choice at
-    `budget`."""
+    `budget`. `prompt`: (tokens, the chosen plan's prompt cost, OS paging's), each
+    TokenCost or None (not modelled)."""
 
     def loss(c) -> str:
         if c.loss != c.loss:  # NaN: a predictor the user named, never calibrated
@@ -241,6 +270,9 @@ def choice_lines(choice, alternatives: int = 3, *, budget: str = "B") -> list[st
         )
     if best.cost.note:
         lines.append(f"           {best.cost.note}")
+    tokens, chosen, paged = prompt or (0, None, None)
+    if chosen is not None:
+        lines.append(f"           a {tokens}-token prompt: {prompt_line(chosen)}")
     seen = {best.name}
     for c in choice.others:
         if len(seen) > alternatives or c.name in seen:
@@ -257,6 +289,8 @@ def choice_lines(choice, alternatives: int = 3, *, budget: str = "B") -> list[st
             f"  OS paging (estimate): {choice.paging.line()}, re-reading "
             f"{format_bytes(choice.paging.bytes_read)} per token"
         )
+        if paged is not None and chosen is not None:
+            lines.append(f"           a {tokens}-token prompt: {prompt_line(paged)}")
     if best.placement == "dense":
         lines.append("  run it:  without --memory-budget (every weight fits)")
         return lines

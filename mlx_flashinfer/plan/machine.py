@@ -44,9 +44,11 @@ SIDE = 2048  # GEMV matrices of SIDE x SIDE (8 MB at float16)
 MEMORY_BYTES = 1 << 30
 CACHED_BYTES = 32 << 20
 # the GEMM rates: a prompt's product at these lengths (8 over weights from memory:
-# NumPy float16 here 6.3-6.9 GB/s, 8.9 over cached ones; 64 over cached ones,
-# compute-bound either way: 1.71 and 1.72)
-PROMPT_TOKENS = (8, 64)
+# NumPy float16 here 6.3-6.9 GB/s, 8.9 over cached ones; the longer over cached
+# ones, compute-bound either way: at 64 1.71 and 1.72). NumPy's kernels change at
+# 9 tokens (float16 7.4 GB/s at 8, 2.6 at 9, 2.5 at 16), and its products gain
+# with length past 64 (1.8, 1.3, 0.85 GB/s at 64, 128, 256): a rate at each
+PROMPT_TOKENS = (8, 16, 64, 256)
 # Narrow matrices (a small model's: rows of d_model 576, say) multiply slower per
 # byte than SIDE-wide ones (8.5 against 10.4 GB/s here, one thread): the rate at
 # NARROW columns is kept too, and costs.gemv_rate goes between them by the width
@@ -54,6 +56,10 @@ NARROW = 512
 # ...and wide ones faster (OPT-6.7B's 4096 columns 11.2, 16384 columns 15.2 GB/s
 # here): the rate at WIDE columns is kept as well
 WIDE = 8192
+# a prompt's small operations per layer, run at once: far below `tokens` x a decode
+# step's (NumPy here: 0.10 ms a layer at 1 token, 0.37 at 64, 3.4 at 256; MLX's CPU
+# 0.77, 1.8, 11), attention's T x T scores growing past 64
+PROMPT_LAYER_TOKENS = (64, 256)
 BUSY_READ = 8 << 20  # the streamed placement's span (flash/memory.STREAM_CHUNK_BYTES)
 
 
@@ -74,6 +80,9 @@ class Machine:
     # tokens (PROMPT_TOKENS), all cores}; an older probe kept one float, at 64
     gemm: dict[str, dict[str, float] | float] = field(default_factory=dict)
     layer_s: float = 0.0  # a layer's small operations on one token (norms, RoPE, ...)
+    # the same on a prompt run at once: {str(tokens): seconds} (PROMPT_LAYER_TOKENS;
+    # {}: not measured, `tokens` x layer_s stands in)
+    layer_prompt_s: dict[str, float] = field(default_factory=dict)
     # an FFN call's own cost beyond its products (a dense layer makes one; the
     # sparse path one per scratch-full and one for its predictor): 0 not measured
     ffn_call_s: float = 0.0
@@ -166,6 +175,9 @@ def probe_machine(
             for d, r in compute.items()
         },
         layer_s=layer_overhead(backend),
+        layer_prompt_s={
+            str(t): prompt_layer_overhead(backend, t) for t in PROMPT_LAYER_TOKENS
+        },
         ffn_call_s=ffn_call_overhead(backend),
         reader=measure_reader(),
         probed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -279,7 +291,7 @@ def product_rates(backend, dtype: str, seconds: float = 0.25) -> dict:
     """Weight bytes per second of x @ W.T over matrices of `dtype`: one token on one
     thread and on all, with the matrices in the CPU's caches (CACHED_BYTES in all)
     and from memory (MEMORY_BYTES); prompts of PROMPT_TOKENS tokens on all
-    threads ("prompt 8", "prompt 64"). Each cell runs `seconds`.
+    threads ("prompt 8", "prompt 16", ...). Each cell runs `seconds`.
 
     Returns {dtype: rates, f"{dtype} columns": rates}: the second of x @ W, the
     FFN's down product over neuron columns (`columns_weight`, a view of the same
@@ -331,13 +343,19 @@ def width_rate(
 
 def _rate(B, x, weights: list, seconds: float, cursor: int = 0) -> tuple[float, int]:
     """Weight bytes per second of x @ W.T over the matrices of `weights` in turn
-    from index `cursor` (going round), for `seconds` after one product to warm up;
-    and the index to go on from. A set larger than the CPU's caches is read from
-    memory as long as each cell goes on where the last stopped: the next matrices
-    are those touched longest ago. (Cells once made two whole passes over the set:
-    MLX's probe took 112 s here, 0.01-1 GB/s over a GiB.)"""
+    from index `cursor` (going round), for `seconds` after one product to warm up
+    (one that takes `seconds` is measure enough); and the index to go on from. A
+    set larger than the CPU's caches is read from memory as long as each cell goes
+    on where the last stopped: the next matrices are those touched longest ago.
+    (Cells once made two whole passes over the set: MLX's probe took 112 s here,
+    0.01-1 GB/s over a GiB.)"""
     count = len(weights)
-    B.synchronize(B.linear(x, weights[cursor % count]))
+    began = time.perf_counter()
+    w = weights[cursor % count]
+    B.synchronize(B.linear(x, w))
+    elapsed = time.perf_counter() - began
+    if elapsed >= seconds:  # (MLX's CPU at 256 tokens: 0.5 s a product here)
+        return int(w.nbytes) / elapsed, (cursor + 1) % count
     cursor, nbytes, began = cursor + 1, 0, time.perf_counter()
     while True:
         w = weights[cursor % count]
@@ -351,6 +369,35 @@ def _rate(B, x, weights: list, seconds: float, cursor: int = 0) -> tuple[float, 
 def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
     """Seconds a decode step spends per layer outside its big products: a model of
     small matrices whose FFN adds nothing, timed token by token."""
+    B = get_backend(backend)
+    model = _small_ops_model(B, layers, tokens + 8)
+    cache = model.make_cache()
+    B.synchronize(model([1], cache))
+    began = time.perf_counter()
+    for t in range(tokens):
+        B.synchronize(model([t % 64], cache))
+    return (time.perf_counter() - began) / tokens / layers
+
+
+def prompt_layer_overhead(backend, tokens: int, layers: int = 8, runs: int = 3):
+    """Seconds a prompt of `tokens` tokens, run at once, spends per layer outside
+    its big products (the least of `runs`, after one to warm up)."""
+    B = get_backend(backend)
+    model = _small_ops_model(B, layers, tokens)
+    ids = [t % 64 for t in range(tokens)]
+    best = float("inf")
+    for run in range(runs + 1):
+        cache = model.make_cache()
+        began = time.perf_counter()
+        B.synchronize(model(ids, cache, last_only=True))
+        if run:
+            best = min(best, time.perf_counter() - began)
+    return best / layers
+
+
+def _small_ops_model(B, layers: int, context: int) -> Model:
+    """A model of 64-wide matrices whose FFN adds nothing: what a token costs it
+    is a layer's small operations (norms, RoPE, attention, the calls)."""
     args = ModelArgs(
         family="llama",
         hidden_size=64,
@@ -359,7 +406,7 @@ def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
         num_attention_heads=4,
         num_key_value_heads=4,
         vocab_size=64,
-        max_position_embeddings=tokens + 8,
+        max_position_embeddings=context,
     )
     rng = np.random.default_rng(0)
     shapes = {
@@ -373,7 +420,6 @@ def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
         )
         for name, shape in shapes.items()
     }
-    B = get_backend(backend)
 
     class NoFFN(UncountedFFN):
         def __init__(self):
@@ -382,13 +428,7 @@ def layer_overhead(backend, layers: int = 8, tokens: int = 32) -> float:
         def __call__(self, layer, h):
             return B.zeros((h.shape[0], args.hidden_size))
 
-    model = Model(args, B, prepare_weights(B, values), NoFFN(), tokens + 8)
-    cache = model.make_cache()
-    B.synchronize(model([1], cache))
-    began = time.perf_counter()
-    for t in range(tokens):
-        B.synchronize(model([t % 64], cache))
-    return (time.perf_counter() - began) / tokens / layers
+    return Model(args, B, prepare_weights(B, values), NoFFN(), context)
 
 
 def ffn_call_overhead(backend, calls: int = 200) -> float:

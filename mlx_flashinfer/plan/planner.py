@@ -38,6 +38,7 @@ from ..predictors.kinds import predictor_nbytes, trained_kind
 from .costs import TokenCost, dense_cost, paging_cost, sparse_cost, streamed_cost
 from .expert_costs import experts_cost, experts_dense_cost, experts_paging_cost
 from .machine import Machine
+from .prompt_costs import prompt_cost
 
 WINDOWS = (4, 2, 1, 8)  # window lengths a sparse plan may take (ties: the first)
 READ_GAPS = (DEFAULT_MAX_GAP, 0, 64 * 1024)  # bytes a read runs through
@@ -69,6 +70,19 @@ class Candidate:
             return self.placement
         gap = "" if self.read_gap is None else f", read gap {self.read_gap // 1024} KiB"
         return f"sparse ({self.predictor}, window {self.window}{ahead}{gap})"
+
+    def prompt_cost(self, layout: Layout, machine: Machine, tokens: int):
+        """What a `tokens`-token prompt costs under this plan, its wait for the
+        first token (`prompt_costs.py`); None for experts (not modelled yet)."""
+        return prompt_cost(
+            layout,
+            self.placement,
+            machine,
+            tokens,
+            plan=self.plan,
+            predictor=self.predictor,
+            window=self.window or 0,
+        )
 
     def options(self) -> dict:
         """The `load` keywords that run this plan."""

@@ -2,10 +2,11 @@
 
 - compute: every weight multiplied once over the T tokens (the head over the last
   alone: `Model.prefill` keeps no other logits), at the probe's rate for products
-  of about that length (`machine.gemm`, measured at 8 and 64 tokens, one
-  token the decode rate; interpolated in log length, linear past 64), plus
-  each token's small operations per layer. Attention's T x T scores are left out:
-  small beside the weights for prompts of a few hundred tokens.
+  of about that length (`machine.gemm`, measured at 8, 16, 64 and 256 tokens,
+  one token the decode rate; interpolated in log length, linear past the longest),
+  plus each layer's small operations on the prompt (`machine.layer_prompt_s`,
+  measured on a small model: its attention's T x T scores are in them, for 4
+  heads of 16; a model of more heads pays more past a few hundred tokens).
 - the FFN's reads: none dense; the streamed placement's spans behind compute, as a
   token's; the sparse placement (flash/ffn.py `_prefill`) reads each layer whole in
   scratch-fulls, each read then computed, or, for a ReLU-family model, only the
@@ -24,6 +25,7 @@ from ..flash.ffn import ReadCosts
 from ..flash.memory import MemoryPlan
 from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
+from ..predictors.kinds import predictor_nbytes
 from .costs import (
     TokenCost,
     _add,
@@ -79,7 +81,26 @@ def prompt_compute_seconds(
         + prompt_product_seconds(machine, kind, head.get(kind, 0), 1, threads)
         for kind, nbytes in kinds.items()
     )
-    return products + tokens * layout.args.num_hidden_layers * machine.layer_s
+    return products + layout.args.num_hidden_layers * prompt_layer_seconds(
+        machine, tokens
+    )
+
+
+def prompt_layer_seconds(machine: Machine, tokens: int) -> float:
+    """A layer's small operations on a prompt of `tokens` run at once: the probe's
+    at one token (a decode step's) and its prompt lengths, linear between them
+    and past the longest; `tokens` decode steps' where the probe has none."""
+    points = {1: machine.layer_s} | {
+        int(t): s for t, s in (machine.layer_prompt_s or {}).items()
+    }
+    if len(points) == 1:
+        return tokens * machine.layer_s
+    lengths = sorted(points)
+    seconds = [points[t] for t in lengths]
+    if tokens <= lengths[-1]:
+        return float(np.interp(tokens, lengths, seconds))
+    slope = (seconds[-1] - seconds[-2]) / (lengths[-1] - lengths[-2])
+    return seconds[-1] + slope * (tokens - lengths[-1])
 
 
 def union_share(layout: Layout, predictor: str, tokens: int) -> list[float]:
@@ -111,14 +132,15 @@ def prompt_cost(
     stats_layout: Layout | None = None,
     threads: str = "all",
     rows_in_dram: bool = False,
+    window: int = 1,
 ) -> TokenCost | None:
     """A `tokens`-token prompt's predicted seconds under `placement` ("dense",
     "streamed", "sparse", "paging"; `plan` for the flash ones, `predictor` for
     sparse, `budget` for paging; `stats_layout`: where the predictor's report is;
     `threads` "1": dense and paging computing on one core, as `flashinfer bench`
     runs them; `rows_in_dram`: the sparse reads are copies from memory, the
-    compute-only row), as a TokenCost whose terms are the whole prompt's; None for
-    a placement not modelled here (experts)."""
+    compute-only row; `window`: the sparse plan's k), as a TokenCost whose terms
+    are the whole prompt's; None for a placement not modelled here (experts)."""
     args = layout.args
     ffn = args.num_hidden_layers * args.intermediate_size
     kinds = _add(resident_products(layout), ffn_kinds(layout), ffn)
@@ -150,7 +172,8 @@ def prompt_cost(
         return None
     # each layer: the union of the prompt's neurons, or the whole layer streamed
     n = args.intermediate_size
-    if args.is_relu_family and predictor not in (None, "all"):
+    union = args.is_relu_family and predictor not in (None, "all")
+    if union:
         shares = union_share(stats_layout or layout, predictor, tokens)
     else:
         shares = [1.0] * args.num_hidden_layers
@@ -174,5 +197,12 @@ def prompt_cost(
     # the products over the rows read (a union's only: its other neurons add zero)
     kinds = _add(resident_products(layout), ffn_kinds(layout), rows)
     compute = prompt_compute_seconds(machine, layout, kinds, tokens, threads)
+    # the predictor over every token where their union may be read, else over the
+    # last k, which seed the window (flash/ffn.py `_prefill`)
+    held = predictor_nbytes(predictor or "all", stats_layout or layout)
+    if held:
+        kind = "q4" if predictor == "lowbit" else layout.dtype
+        predicted = tokens if union or not window else min(window, tokens)
+        compute += prompt_product_seconds(machine, kind, held, predicted, threads)
     read = 0.0 if rows_in_dram else nbytes
     return TokenCost("sparse", io, 0.0, compute, read, io_fixed_s=cpu)
