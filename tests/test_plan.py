@@ -196,6 +196,15 @@ def test_a_prompt_costs_its_products_at_their_length_and_its_reads():
     assert seconds[127] == pytest.approx(2.0)
     one = prompt_product_seconds(machine, "float32", 1e9, 8, threads="1")
     assert one == pytest.approx(2 * seconds[7])
+    # measured on one thread at 64 tokens: prompts slow down by that, not by a
+    # decode step's share
+    machine.gemm["float32"]["64 on 1"] = 0.6e9
+    one = prompt_product_seconds(machine, "float32", 1e9, 8, threads="1")
+    assert one == pytest.approx(seconds[7] / 0.6)
+    step = prompt_product_seconds(machine, "float32", 1e9, 1, threads="1")
+    assert step == pytest.approx(2 * seconds[0])
+    assert prompt_product_seconds(machine, "float32", 1e9, 8) == seconds[7]
+    del machine.gemm["float32"]["64 on 1"]
     # placements: dense reads nothing; paging the FFN; the streamed placement hides
     # its reads behind compute up to it; a SiLU model's sparse prompt streams
     # every layer, a ReLU one's (the gate: every fired neuron) reads at most that

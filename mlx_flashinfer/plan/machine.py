@@ -77,7 +77,8 @@ class Machine:
     # step's product reads per second
     gemv: dict[str, dict[str, float]] = field(default_factory=dict)
     # dtype -> {str(tokens): weight bytes per second of a product over that many
-    # tokens (PROMPT_TOKENS), all cores}; an older probe kept one float, at 64
+    # tokens (PROMPT_TOKENS), all cores; "64 on 1": on one}; an older probe kept
+    # one float, at 64
     gemm: dict[str, dict[str, float] | float] = field(default_factory=dict)
     layer_s: float = 0.0  # a layer's small operations on one token (norms, RoPE, ...)
     # the same on a prompt run at once: {str(tokens): seconds} (PROMPT_LAYER_TOKENS;
@@ -171,7 +172,7 @@ def probe_machine(
             for d, r in compute.items()
         },
         gemm={
-            d: {str(t): r[f"prompt {t}"] for t in PROMPT_TOKENS}
+            d: {k.removeprefix("prompt "): v for k, v in r.items() if "prompt" in k}
             for d, r in compute.items()
         },
         layer_s=layer_overhead(backend),
@@ -301,9 +302,16 @@ def product_rates(backend, dtype: str, seconds: float = 0.25) -> dict:
     rng = np.random.default_rng(0)
     rates = {dtype: {}, f"{dtype} {COLUMNS}": {}}
     prompt = tuple((f"prompt {t}", t, None) for t in PROMPT_TOKENS)
+    # one thread's prompt, where a limit reaches the backend's threads: products
+    # over many tokens are compute-bound, so one of two cores runs them at 0.57-0.77
+    # of both here (NumPy), where a decode step's runs at 0.9-1.1
+    one = (("prompt 64 on 1", 64, 1),) if B.name != "mlx" else ()
     for size, cells in (
         (MEMORY_BYTES, (("1", 1, 1), ("all", 1, None), *prompt[:1])),
-        (CACHED_BYTES, (("1 cached", 1, 1), ("all cached", 1, None), *prompt[1:])),
+        (
+            CACHED_BYTES,
+            (("1 cached", 1, 1), ("all cached", 1, None), *prompt[1:], *one),
+        ),
     ):
         rows = [B.weight(w) for w in stored_matrices(dtype, size, rng)]
         columns = [B.columns_weight(w) for w in rows]

@@ -44,19 +44,22 @@ def prompt_product_seconds(
     machine: Machine, kind: str, nbytes: float, tokens: int, threads: str = "all"
 ) -> float:
     """Seconds of one product of `tokens` tokens over `nbytes` of `kind` weights on
-    every core (`threads` "1": one, slower by what one thread costs a decode
-    step's product)."""
+    every core (`threads` "1": one, slower by what one thread costs a 64-token
+    product, where the probe measured it, else a decode step's)."""
     rates = machine.gemm.get(kind) or machine.gemm.get(kind.split()[0])
     rates = rates or machine.gemm.get("float16") or {}
     if not isinstance(rates, dict):  # an older probe: one rate, at 64 tokens
         rates = {"64": rates}
     decode = machine.gemv.get(kind) or machine.gemv.get(kind.split()[0]) or {}
-    points = {1: decode.get("all")} | {int(t): r for t, r in rates.items()}
+    points = {1: decode.get("all")} | {
+        int(t): r for t, r in rates.items() if t.isdigit()
+    }
     points = {t: r for t, r in points.items() if r}
     # (MLX schedules its own threads: a limit does not reach it)
-    one = threads == "1" and machine.backend != "mlx"
-    if one and decode.get("1") and decode.get("all"):
-        points = {t: r * decode["1"] / decode["all"] for t, r in points.items()}
+    if threads == "1" and machine.backend != "mlx" and decode.get("all"):
+        step = decode.get("1", decode["all"]) / decode["all"]
+        many = rates["64 on 1"] / rates["64"] if "64 on 1" in rates else step
+        points = {t: r * (step if t == 1 else many) for t, r in points.items()}
     lengths = sorted(points)
     longest = lengths[-1]
     if tokens >= longest:  # past the longest product measured: linear in length
