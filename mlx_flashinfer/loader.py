@@ -315,6 +315,8 @@ def load(
             lookahead = chosen.get("lookahead")
         if read_gap is None:
             read_gap = chosen.get("read_gap")
+        if threads is None:
+            threads = chosen.get("threads")
     window = DEFAULT_WINDOW if window is None else window
     # before the weights: a broken tokenizer or chat template fails in no time
     tokenizer = load_tokenizer(layout)

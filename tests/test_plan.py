@@ -365,6 +365,70 @@ def test_a_read_gap_trades_reads_for_bytes_and_is_planned_where_reads_cost(
         load(path, backend="numpy", memory_budget=budget, read_gap="4 pages")
 
 
+def test_without_io_uring_the_planner_chooses_the_readers_threads(tmp_path):
+    """A thread pool reads where no io_uring does: 16 threads (the default) on a
+    disk whose reads overlap, fewer where more in flight gain nothing and each
+    thread's hand-off costs the cores; load runs the choice, a given count wins."""
+    from mlx_flashinfer import load
+    from mlx_flashinfer.bench.synth import write_synthetic
+    from mlx_flashinfer.flash.reader import DEFAULT_THREADS
+    from mlx_flashinfer.plan.machine import machine_path
+
+    path = write_synthetic(tmp_path / "s", "opt-tiny", progress=False)
+    layout = Layout.open(path)
+    budget = sum(model_bytes(layout)) - 1
+
+    def pool_machine(rate, reader) -> Machine:
+        cells = [
+            {"read_size": s, "threads": t, "bytes_per_s": rate(s, t)}
+            for s in (512, 4096, 1 << 20)
+            for t in (1, 4, 16)
+        ]
+        machine = disk_machine(lambda s: 1e9)
+        machine.disk = {"mode": "nocache", "cells": cells}
+        machine.reader = reader
+        return machine
+
+    def window_4(machine):  # the plan of window 4 without reads ahead: it reads
+        choice = choose(layout, budget, machine, predictor="lowrank")
+        found = [c for c in [choice.best, *choice.others] if c.window == 4]
+        return next(c for c in found if not c.lookahead)
+
+    cheap = {"call_s": 1e-5, "read_s": 1e-6, "byte_s": 0.0}
+    dear = {"call_s": 2e-3, "read_s": 1e-6, "byte_s": 0.0}  # a pool's hand-off
+    # reads of 100 us each, overlapping: throughput grows with those in flight
+    overlapping = pool_machine(lambda s, t: t * s / 1e-4, {"1": cheap, "16": dear})
+    assert window_4(overlapping).threads == DEFAULT_THREADS
+    # a disk whose bytes cost (so no gap is read through: many reads a call), as
+    # fast with one read in flight as with 16: more only cost their hand-off
+    serial = pool_machine(lambda s, t: 1e7, {"1": cheap, "16": dear})
+    fewer = window_4(serial)
+    assert fewer.cost.bytes_read > 0 and fewer.threads < DEFAULT_THREADS
+    assert f"{fewer.threads} reader threads" in fewer.name
+    assert fewer.options()["threads"] == fewer.threads
+    best = choose(layout, budget, serial, predictor="lowrank").best
+    # an io_uring reads: no thread count to choose
+    ring = pool_machine(lambda s, t: s / 1e-4, {"1": cheap, "16": dear})
+    ring.disk["cells"].append(
+        {"read_size": 4096, "threads": 256, "bytes_per_s": 1e9, "ring": True}
+    )
+    assert choose(layout, budget, ring, predictor="lowrank").best.threads is None
+    save_machine(serial, machine_path(path, "numpy", tmp_path))
+    for given in (None, 16):
+        model, _ = load(
+            path,
+            backend="numpy",
+            memory_budget=budget,
+            placement="auto",
+            predictor="lowrank",
+            threads=given,
+            cache_dir=tmp_path,
+            max_context=64,
+        )
+        assert model.ffn.reader.threads == (given or best.threads or 16)
+        model.ffn.close()
+
+
 def test_a_smaller_cache_loads_more_and_a_faster_disk_reads_faster():
     layout = Layout.open(tiny_layout("llama", "relu", 2, 400, 3))
     resident, ffn = model_bytes(layout)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..flash.reader import DEFAULT_THREADS
 from ..formats.layout import Layout
 from ..plan.costs import (
     TokenCost,
@@ -51,6 +52,7 @@ def predict(spec: RunSpec, layout: Layout, source: Layout, machine: Machine):
         source,
         rows_in_dram=spec.rows_in_dram,
         read_gap=spec.read_gap,
+        reader_threads=spec.threads or DEFAULT_THREADS,
     )
 
 

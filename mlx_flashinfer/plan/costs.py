@@ -305,6 +305,7 @@ def sparse_cost(
     *,
     rows_in_dram: bool = False,
     read_gap: int | None = None,
+    reader_threads: int = DEFAULT_THREADS,
 ) -> TokenCost:
     """The sparse placement (flash/ffn.py): per layer the predictor runs, the window
     loads what it does not hold (fewer hits where the cache is smaller than the
@@ -318,13 +319,14 @@ def sparse_cost(
     report is (the bundled twin of a separate layout). `rows_in_dram`: the
     compute-only row, whose reads are copies from memory on the calling thread.
     `read_gap`: bytes a read runs through between wanted bundles (None: the
-    reader's DEFAULT_MAX_GAP)."""
+    reader's DEFAULT_MAX_GAP); `reader_threads`: its thread pool's (where no
+    io_uring reads)."""
     args = layout.args
     n = args.intermediate_size
     stats, source = window_stats(
         stats_layout or layout, predictor, window, plan.capacity
     )
-    threads = 1 if rows_in_dram else DEFAULT_THREADS
+    threads = 1 if rows_in_dram else reader_threads
     bytes_read = rows = reads = cached_loads = cpu = disk = 0.0
     # FFN calls: over the cached rows, one per scratch-full, and the predictor's
     ffn_calls = float(args.num_hidden_layers * (1 + (predictor != "all")))
@@ -419,7 +421,7 @@ def read_call(
     reads, nbytes = pieces * reads, pieces * nbytes
     copied = 0.0 if from_disk and lands_direct(layout, align) else 1.0
     cpu = read_cpu_seconds(machine, threads, reads, copied * nbytes, from_disk)
-    disk = disk_seconds(machine, reads, nbytes) if from_disk else 0.0
+    disk = disk_seconds(machine, reads, nbytes, threads) if from_disk else 0.0
     return reads, nbytes, cpu, disk
 
 
@@ -466,12 +468,14 @@ def row_copy_seconds(machine: Machine) -> float:
     return reader["byte_s"] if reader else 1 / machine.memory_bytes_per_s
 
 
-def disk_seconds(machine: Machine, reads: float, nbytes: float) -> float:
+def disk_seconds(
+    machine: Machine, reads: float, nbytes: float, threads: int = DEFAULT_THREADS
+) -> float:
     """The disk's seconds for a call's reads: waves of as many as the reader's
-    threads take (or its io_uring, where the probe measured one), each as long as
+    `threads` take (or its io_uring, where the probe measured one), each as long as
     one read of that size with that many in flight."""
     size = nbytes / reads
-    depth = RING_ENTRIES if has_ring(machine.disk) else DEFAULT_THREADS
+    depth = RING_ENTRIES if has_ring(machine.disk) else threads
     flight = max(1.0, min(float(depth), reads))
     waves = math.ceil(reads / flight)
     rate = throughput_at(machine.disk, max(size, 512), round(flight))

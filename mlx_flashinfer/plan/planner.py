@@ -31,11 +31,12 @@ from ..flash.memory import (
     plan_memory,
     plan_streamed,
 )
-from ..flash.reader import DEFAULT_MAX_GAP
+from ..flash.reader import DEFAULT_MAX_GAP, DEFAULT_THREADS
 from ..formats.layout import Layout
 from ..model.transformer import kv_cache_bytes
 from ..predictors.kinds import predictor_nbytes, trained_kind
 from .costs import TokenCost, dense_cost, paging_cost, sparse_cost, streamed_cost
+from .disk import SHORT_THREADS, has_ring
 from .expert_costs import experts_cost, experts_dense_cost, experts_paging_cost
 from .machine import Machine
 from .prompt_costs import prompt_cost
@@ -46,6 +47,11 @@ READ_GAPS = (DEFAULT_MAX_GAP, 0, 64 * 1024)  # bytes a read runs through
 # q4 at 50% (io_uring) gap 0 was foreseen 1.3% faster than 16 KiB and measured
 # within noise of it (5 pairs: 317 against 311 ms a token, Intel Xeon 2 vCPU).
 GAP_MARGIN = 0.05
+# A reader without io_uring (macOS; Linux where it is refused) reads through a
+# thread pool: another count than its default 16 threads, of those the probe
+# measured, by the same margin (a disk whose reads gain nothing from more in
+# flight leaves their work to the cores compute needs)
+READ_THREADS = tuple(sorted(SHORT_THREADS, key=lambda t: t != DEFAULT_THREADS))
 
 
 @dataclass
@@ -60,6 +66,7 @@ class Candidate:
     window: int | None = None
     lookahead: bool = False
     read_gap: int | None = None  # sparse: bytes a read runs through
+    threads: int | None = None  # sparse: reader threads (None: an io_uring reads)
 
     @property
     def name(self) -> str:
@@ -69,7 +76,8 @@ class Candidate:
         if self.placement != "sparse":
             return self.placement
         gap = "" if self.read_gap is None else f", read gap {self.read_gap // 1024} KiB"
-        return f"sparse ({self.predictor}, window {self.window}{ahead}{gap})"
+        threads = "" if self.threads is None else f", {self.threads} reader threads"
+        return f"sparse ({self.predictor}, window {self.window}{ahead}{gap}{threads})"
 
     def prompt_cost(self, layout: Layout, machine: Machine, tokens: int):
         """What a `tokens`-token prompt costs under this plan, its wait for the
@@ -96,13 +104,14 @@ class Candidate:
                 "window": self.window,
                 "lookahead": self.lookahead,
             }
-        return {
+        options = {
             "placement": "sparse",
             "predictor": self.predictor,
             "window": self.window,
             "lookahead": self.lookahead,
             "read_gap": self.read_gap,
         }
+        return options | ({"threads": self.threads} if self.threads else {})
 
 
 @dataclass
@@ -181,27 +190,52 @@ def candidates(
             except ValueError:
                 continue
             for window in WINDOWS if name != "all" else (1,):
-                gap, cost = _read_gap(layout, plan, machine, name, window, nbytes)
+                gap, threads, cost = _read_options(
+                    layout, plan, machine, name, window, nbytes
+                )
                 found.append(
-                    Candidate("sparse", cost, loss, plan, name, window, lookahead, gap)
+                    Candidate(
+                        "sparse",
+                        cost,
+                        loss,
+                        plan,
+                        name,
+                        window,
+                        lookahead,
+                        gap,
+                        threads,
+                    )
                 )
     return found
 
 
-def _read_gap(layout, plan, machine, name, window, nbytes) -> tuple[int, TokenCost]:
-    """The read gap of a sparse plan and its cost: the reader's default unless
-    another is foreseen faster by more than GAP_MARGIN."""
+def _read_options(layout, plan, machine, name, window, nbytes):
+    """The read gap and reader threads of a sparse plan (threads None: an
+    io_uring reads) and its cost: the reader's defaults unless another choice is
+    foreseen faster by more than GAP_MARGIN."""
+    pool = READ_THREADS if not has_ring(machine.disk) else (None,)
     costs = {
-        gap: sparse_cost(layout, plan, machine, name, window, nbytes, read_gap=gap)
+        (gap, threads): sparse_cost(
+            layout,
+            plan,
+            machine,
+            name,
+            window,
+            nbytes,
+            read_gap=gap,
+            reader_threads=threads or DEFAULT_THREADS,
+        )
         for gap in READ_GAPS
+        for threads in pool
     }
 
-    def weighed(gap: int) -> float:
-        margin = 1.0 if gap == DEFAULT_MAX_GAP else 1.0 - GAP_MARGIN
-        return costs[gap].total_s / margin
+    def weighed(option: tuple) -> float:
+        gap, threads = option
+        default = gap == DEFAULT_MAX_GAP and threads in (None, DEFAULT_THREADS)
+        return costs[option].total_s / (1.0 if default else 1.0 - GAP_MARGIN)
 
-    gap = min(READ_GAPS, key=weighed)
-    return gap, costs[gap]
+    best = min(costs, key=weighed)
+    return *best, costs[best]
 
 
 def _experts_candidates(
