@@ -564,9 +564,9 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     amount = parse_budget("60%", sum(model_bytes(lay)))
     best = choose(lay, amount, machine).best
     tokens = min(128, lay.args.max_position_embeddings)
-    prompts = [line.strip() for line in out.splitlines() if "-token prompt:" in line]
+    prompts = [line.strip() for line in out.splitlines() if "a prompt of" in line]
     assert prompts == [
-        f"a {tokens}-token prompt: {prompt_line(cost)}"
+        f"a prompt of {tokens} tokens: {prompt_line(cost)}"
         for cost in (
             best.prompt_cost(lay, machine, tokens),
             prompt_cost(lay, "paging", machine, tokens, budget=amount),
@@ -575,7 +575,7 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     assert "s to the first token" in prompts[0]
     plan = ["plan", str(layout), "--budget", "60%", "--probe", str(probe)]
     assert main([*plan, "--prompt-tokens", "0"]) == 0
-    assert "-token prompt" not in capsys.readouterr().out
+    assert "a prompt of" not in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit:
         main([*plan, "--prompt-tokens", "-1"])
     assert exit.value.code == 2 and "--prompt-tokens" in capsys.readouterr().err
@@ -961,6 +961,36 @@ def test_the_planner_plans_a_mixture_of_experts(tmp_path):
     assert model.ffn.plan.placement == "experts"
     assert model.ffn.windows[0].k > 0
     model.ffn.close()
+
+
+def test_a_mixture_of_experts_prompt_reads_the_union_of_its_tokens_experts():
+    from test_moe import budgets, moe_layout
+    from tiny_moe import moe_config
+
+    from mlx_flashinfer.flash.expert_plan import plan_experts
+    from mlx_flashinfer.plan.prompt_costs import prompt_cost
+
+    config = moe_config("qwen2_moe", experts=64, moe_intermediate_size=96)
+    layout = Layout.open(moe_layout("qwen2-moe-64", config))
+    args = layout.args
+    e, k, layers = args.num_experts, args.experts_per_token, args.num_hidden_layers
+    machine = fake_machine(disk_rate=1e8)
+    half = plan_experts(layout, budgets(layout.path)["half"], 0, 64)
+    slack = 0 if layout.bundle_bytes % 512 == 0 else 512
+    for tokens in (1, 4, 32):
+        # every expert equally popular (no routing recorded): the union of T
+        # tokens' experts is E (1 - (1 - k/E)^T) a layer, each read once
+        union = e * (1 - (1 - k / e) ** tokens)
+        cost = prompt_cost(layout, "experts", machine, tokens, plan=half)
+        expected = layers * union * (layout.bundle_bytes + slack)
+        assert cost.bytes_read == pytest.approx(expected)
+        dense = prompt_cost(layout, "dense", machine, tokens)
+        assert dense.bytes_read == 0 and dense.io_s == 0
+        assert cost.compute_s == pytest.approx(dense.compute_s)
+        assert cost.io_s > 0
+    assert prompt_cost(layout, "paging", machine, 4, budget=1) is None  # not modelled
+    longer = prompt_cost(layout, "dense", machine, 64)
+    assert longer.compute_s > prompt_cost(layout, "dense", machine, 4).compute_s
 
 
 def test_the_disk_probe_measures_the_readers_io_uring_and_the_model_reads_with_it(

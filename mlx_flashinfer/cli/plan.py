@@ -272,7 +272,7 @@ def choice_lines(
         lines.append(f"           {best.cost.note}")
     tokens, chosen, paged = prompt or (0, None, None)
     if chosen is not None:
-        lines.append(f"           a {tokens}-token prompt: {prompt_line(chosen)}")
+        lines.append(f"           a prompt of {tokens} tokens: {prompt_line(chosen)}")
     seen = {best.name}
     for c in choice.others:
         if len(seen) > alternatives or c.name in seen:
@@ -289,8 +289,12 @@ def choice_lines(
             f"  OS paging (estimate): {choice.paging.line()}, re-reading "
             f"{format_bytes(choice.paging.bytes_read)} per token"
         )
+        if choice.paging.note:
+            lines.append(f"           {choice.paging.note}")
         if paged is not None and chosen is not None:
-            lines.append(f"           a {tokens}-token prompt: {prompt_line(paged)}")
+            lines.append(
+                f"           a prompt of {tokens} tokens: {prompt_line(paged)}"
+            )
     if best.placement == "dense":
         lines.append("  run it:  without --memory-budget (every weight fits)")
         return lines

@@ -55,6 +55,11 @@ from .machine import Machine
 # planner choose reads ahead). Two cores: more would hide more.
 AHEAD_EXTRA = 0.35
 AHEAD_HIDDEN = 0.25
+# OS paging's experts estimate is a floor: the kernel's page cache keeps fewer
+# experts than an LRU of its room would, and its readahead reads their neighbours
+# (OLMoE-shaped q4 at 50-90%: 4.1, 3.5, 2.4, 1.6, 0.8x the bytes, 1.8-3.5x the time;
+# benchmarks/results/moe_paging_sweep_olmoe_q4.json)
+PAGING_FLOOR = "a floor: measured 1.8-3.5x slower at 50-90% of an OLMoE-shaped model"
 
 
 def lru_hit_rate(rates: np.ndarray, capacity: float) -> float:
@@ -224,4 +229,12 @@ def experts_paging_cost(
     rate = throughput_at(machine.disk, min(row, DEFAULT_CHUNK), 1, sequential=True)
     compute = routed_compute(layout, machine, threads)
     faults = missed / 1e9 * PAGING_S_PER_GB
-    return TokenCost("OS paging", missed / rate, faults, compute, missed, read_size=row)
+    return TokenCost(
+        "OS paging",
+        missed / rate,
+        faults,
+        compute,
+        missed,
+        read_size=row,
+        note=PAGING_FLOOR,
+    )

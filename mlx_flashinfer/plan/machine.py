@@ -46,9 +46,10 @@ CACHED_BYTES = 32 << 20
 # the GEMM rates: a prompt's product at these lengths (8 over weights from memory:
 # NumPy float16 here 6.3-6.9 GB/s, 8.9 over cached ones; the longer over cached
 # ones, compute-bound either way: at 64 1.71 and 1.72). NumPy's kernels change at
-# 9 tokens (float16 7.4 GB/s at 8, 2.6 at 9, 2.5 at 16), and its products gain
-# with length past 64 (1.8, 1.3, 0.85 GB/s at 64, 128, 256): a rate at each
-PROMPT_TOKENS = (8, 16, 64, 256)
+# 9 tokens (float16 7.4 GB/s at 8, 2.6 at 9, 2.5 at 16: measured on both sides of
+# the step, which no curve through 8 and 16 has), and its products gain with
+# length past 64 (1.8, 1.3, 0.85 GB/s at 64, 128, 256): a rate at each
+PROMPT_TOKENS = (8, 9, 64, 256)
 # Narrow matrices (a small model's: rows of d_model 576, say) multiply slower per
 # byte than SIDE-wide ones (8.5 against 10.4 GB/s here, one thread): the rate at
 # NARROW columns is kept too, and costs.gemv_rate goes between them by the width

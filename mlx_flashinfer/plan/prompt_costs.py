@@ -2,7 +2,7 @@
 
 - compute: every weight multiplied once over the T tokens (the head over the last
   alone: `Model.prefill` keeps no other logits), at the probe's rate for products
-  of about that length (`machine.gemm`, measured at 8, 16, 64 and 256 tokens,
+  of about that length (`machine.gemm`, measured at 8, 9, 64 and 256 tokens,
   one token the decode rate; interpolated in log length, linear past the longest),
   plus each layer's small operations on the prompt (`machine.layer_prompt_s`,
   measured on a small model: its attention's T x T scores are in them, for 4
@@ -22,20 +22,26 @@ import math
 import numpy as np
 
 from ..flash.ffn import ReadCosts
+from ..flash.landing import lands_direct
 from ..flash.memory import MemoryPlan
+from ..flash.reader import DEFAULT_CHUNK, DEFAULT_THREADS
 from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
 from ..predictors.kinds import predictor_nbytes
 from .costs import (
     TokenCost,
     _add,
+    disk_seconds,
     ffn_kinds,
     head_products,
     paging_cost,
+    read_align,
     read_call,
+    read_cpu_seconds,
     resident_products,
     streamed_cost,
 )
+from .expert_costs import routing_rates
 from .machine import Machine
 from .statistics import window_stats
 
@@ -143,7 +149,12 @@ def prompt_cost(
     `threads` "1": dense and paging computing on one core, as `flashinfer bench`
     runs them; `rows_in_dram`: the sparse reads are copies from memory, the
     compute-only row; `window`: the sparse plan's k), as a TokenCost whose terms
-    are the whole prompt's; None for a placement not modelled here (experts)."""
+    are the whole prompt's; None for a placement not modelled here (a mixture of
+    experts' OS paging)."""
+    if layout.args.is_moe:  # dense or experts: the union of the routed experts
+        if placement not in ("dense", "experts"):
+            return None
+        return experts_prompt_cost(layout, machine, tokens, plan, threads)
     args = layout.args
     ffn = args.num_hidden_layers * args.intermediate_size
     kinds = _add(resident_products(layout), ffn_kinds(layout), ffn)
@@ -209,3 +220,79 @@ def prompt_cost(
         compute += prompt_product_seconds(machine, kind, held, predicted, threads)
     read = 0.0 if rows_in_dram else nbytes
     return TokenCost("sparse", io, 0.0, compute, read, io_fixed_s=cpu)
+
+
+def experts_prompt_cost(
+    layout: Layout,
+    machine: Machine,
+    tokens: int,
+    plan: MemoryPlan | None = None,
+    threads: str = "all",
+) -> TokenCost:
+    """A `tokens`-token prompt under the experts placement (`plan`; None: every
+    expert in DRAM): per layer the union of the experts its tokens route to, read
+    once into an empty cache in rounds of its capacity, each round read then
+    computed; each expert multiplied over the tokens routed to it (expected from
+    the routing rates, given it is routed at all); the resident weights over every
+    token (the head over the last alone)."""
+    row = layout.bundle_bytes
+    rates, source = routing_rates(layout)
+    parts = ffn_kinds(layout)  # an expert's bytes by kind
+    compute = prompt_compute_seconds(
+        machine, layout, resident_products(layout), tokens, threads
+    )
+    # an expert's product over n tokens, n = 1..tokens (rates change with n: NumPy's
+    # kernels at 9 tokens), weighed by how likely the expert gets n of the prompt's
+    # tokens (binomial; the mean alone foresaw 2.6 s of a 64-token OLMoE prompt's
+    # 4.6 s of compute: half its experts get more than 8 tokens)
+    counts = np.arange(1, tokens + 1)
+    product = np.array(
+        [
+            sum(
+                prompt_product_seconds(machine, kind, nbytes, int(n), threads)
+                for kind, nbytes in parts.items()
+            )
+            for n in counts
+        ]
+    )
+    union = []
+    for layer_rates in rates:
+        p = np.clip(layer_rates, 1e-12, 1 - 1e-12)[:, None]
+        odds = binomial_log_choose(tokens)[1:] + counts * np.log(p)
+        odds = odds + (tokens - counts) * np.log1p(-p)
+        chances = np.exp(odds)  # (experts, n): P(n of the tokens route to it)
+        union.append(float(chances.sum()))
+        compute += float((chances @ product).sum())
+        compute += union[-1] * machine.ffn_call_s
+    if plan is None:
+        return TokenCost("dense", 0.0, 0.0, compute, note=f"routing: {source}")
+    align = read_align(machine)
+    direct = lands_direct(layout, align)
+    extra, landed = (0, 0.0) if direct else (align, 1.0)
+    chunks = math.ceil((row + extra) / DEFAULT_CHUNK)
+    cpu = disk = nbytes = 0.0
+    for experts, cap in zip(union, plan.capacity, strict=True):
+        rounds = max(1, math.ceil(experts / max(cap, 1)))
+        per = experts / rounds  # a round's reads, each then computed
+        call_bytes = per * (row + extra)
+        cpu += rounds * read_cpu_seconds(
+            machine, DEFAULT_THREADS, per * chunks, landed * call_bytes
+        )
+        disk += rounds * disk_seconds(machine, per * chunks, call_bytes)
+        nbytes += rounds * call_bytes
+    return TokenCost(
+        "experts",
+        cpu + disk,
+        0.0,
+        compute,
+        bytes_read=nbytes,
+        read_size=row,
+        note=f"routing: {source}",
+        io_fixed_s=cpu,
+    )
+
+
+def binomial_log_choose(n: int) -> np.ndarray:
+    """log C(n, j) for j = 0..n."""
+    steps = np.log(np.arange(n, 0, -1)) - np.log(np.arange(1, n + 1))
+    return np.concatenate([[0.0], np.cumsum(steps)])
