@@ -214,6 +214,30 @@ def above(x, threshold: float):
 # -- the neuron cache: a preallocated (capacity, bundle) matrix updated in place -------
 
 
+# The kernels' limits a machine probe may set (`plan/machine.product_limits`):
+# products over up to this many tokens run the compiled loops, longer ones BLAS
+PATH_LIMITS = ("DOT_ROWS_MAX_T", "QDOT_ROWS_MAX_T")
+
+
+def tune_products(limits: dict) -> None:
+    """Set the kernels' path limits to this machine's measured ones (PATH_LIMITS;
+    others ignored): where the loops and BLAS cross depends on the CPU (the loops
+    win to 8 tokens on an AMD EPYC, to 16-24 on an Intel Xeon here)."""
+    for name in PATH_LIMITS:
+        if name in limits:
+            setattr(kernels, name, int(limits[name]))
+
+
+def path_limit(dtype: str) -> int | None:
+    """The most tokens a product over stored `dtype` rows runs through the compiled
+    loops before BLAS (its rate steps there); None: BLAS at every length."""
+    if dtype in ("float16", "bfloat16"):
+        return kernels.DOT_ROWS_MAX_T
+    if dtype in ("q4", "q8"):
+        return kernels.QDOT_ROWS_MAX_T
+    return None
+
+
 def limit_compute_threads(threads: int | None) -> None:
     """Cap BLAS and kernel threads (None: every core this process may use): in
     flash mode the reader's threads need the cores too (measured here, 2 cores:

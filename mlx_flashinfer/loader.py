@@ -189,13 +189,15 @@ def planned_options(
     return best.best.options()
 
 
-def _probed(layout: Layout, backend: str, cache_dir) -> bool:
+def _kept_machine(layout: Layout, backend: str, cache_dir):
+    """This machine's kept probe for the layout's disk, or None (a kept probe of
+    another version: as if none)."""
     from .plan.machine import cached_machine
 
     try:
-        return cached_machine(layout.path, backend, cache_dir) is not None
-    except ValueError:  # a kept probe of another version: as if none
-        return False
+        return cached_machine(layout.path, backend, cache_dir)
+    except ValueError:
+        return None
 
 
 def load(
@@ -272,6 +274,9 @@ def load(
     B = get_backend(backend)
     layout = Layout.open(resolve_model(path, cache_dir=cache_dir))
     context = check_max_context(layout, max_context)
+    machine = _kept_machine(layout, B.name, cache_dir)
+    if machine is not None:  # the kernels' paths as measured on this machine
+        B.tune_products(machine.product_limits)
     if dense is None:
         dense = memory_budget is None
     if dense and memory_budget is not None:
@@ -295,9 +300,7 @@ def load(
     if placement is None and not dense and not layout.args.is_moe:
         # the planner chooses where it has this machine's curves (never probing
         # unasked: a probe takes most of a minute); a sparse option asks for sparse
-        probed = all(o is None for o in sparse_options) and _probed(
-            layout, B.name, cache_dir
-        )
+        probed = all(o is None for o in sparse_options) and machine is not None
         placement = "auto" if probed else "sparse"
     placement = placement or ("experts" if layout.args.is_moe else "sparse")
     if placement not in PLACEMENTS:

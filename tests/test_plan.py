@@ -1079,3 +1079,32 @@ def test_each_probe_cell_goes_on_with_the_matrices_touched_longest_ago():
     # a product as long as the cell is measure enough, without a warm-up
     rate, cursor = _rate(Counting(), x, weights, 0.0, cursor)
     assert touched == [went_on] and cursor == (went_on + 1) % 5
+
+
+def test_the_probe_measures_the_kernels_path_limits_and_load_sets_them(
+    tmp_path, monkeypatch
+):
+    """Where the NumPy kernels' loops and BLAS cross depends on the CPU: the probe
+    measures it, and loading on a probed machine runs with it."""
+    from fallback_numpy import kernels
+    from mlx_flashinfer import load
+    from mlx_flashinfer.plan.machine import (
+        LIMIT_TOKENS,
+        machine_path,
+        product_limits,
+    )
+
+    shipped = {n: getattr(kernels, n) for n in ("DOT_ROWS_MAX_T", "QDOT_ROWS_MAX_T")}
+    for name, value in shipped.items():  # put back after the test, whatever it sets
+        monkeypatch.setattr(kernels, name, value)
+    limits = product_limits("numpy", seconds=0.01)
+    assert set(limits) == set(shipped) and set(limits.values()) <= set(LIMIT_TOKENS)
+    assert {n: getattr(kernels, n) for n in shipped} == shipped  # measured, not set
+    assert product_limits("mlx") == {}
+    layout = tiny_layout("llama", "silu", 2, 400, 3)
+    machine = fake_machine()
+    machine.product_limits = {"DOT_ROWS_MAX_T": 12, "QDOT_ROWS_MAX_T": 24}
+    save_machine(machine, machine_path(layout, "numpy", tmp_path))
+    load(layout, backend="numpy", cache_dir=tmp_path)
+    assert kernels.DOT_ROWS_MAX_T == 12 and kernels.QDOT_ROWS_MAX_T == 24
+    # (either path gives the same products: test_kernels runs both at every T)

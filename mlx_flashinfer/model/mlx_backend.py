@@ -310,6 +310,15 @@ def above(x, threshold: float):
 # -- the neuron cache: a preallocated (capacity, bundle) matrix updated in place -------
 
 
+def tune_products(limits: dict) -> None:
+    """Nothing to tune: MLX chooses its own kernels (the NumPy backend's limits)."""
+
+
+def path_limit(dtype: str) -> int | None:
+    """None: MLX's kernels have no step the probe should measure on both sides."""
+    return None
+
+
 def limit_compute_threads(threads: int | None) -> None:
     """Nothing to cap: MLX schedules its own CPU work."""
 

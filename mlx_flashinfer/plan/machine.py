@@ -45,11 +45,12 @@ MEMORY_BYTES = 1 << 30
 CACHED_BYTES = 32 << 20
 # the GEMM rates: a prompt's product at these lengths (8 over weights from memory:
 # NumPy float16 here 6.3-6.9 GB/s, 8.9 over cached ones; the longer over cached
-# ones, compute-bound either way: at 64 1.71 and 1.72). NumPy's kernels change at
-# 9 tokens (float16 7.4 GB/s at 8, 2.6 at 9, 2.5 at 16: measured on both sides of
-# the step, which no curve through 8 and 16 has), and its products gain with
-# length past 64 (1.8, 1.3, 0.85 GB/s at 64, 128, 256): a rate at each
-PROMPT_TOKENS = (8, 9, 64, 256)
+# ones, compute-bound either way: at 64 1.71 and 1.72), and NumPy's products gain
+# with length past 64 (1.8, 1.3, 0.85 GB/s at 64, 128, 256): a rate at each. NumPy's
+# kernels also step from loops to BLAS past a length (`product_limits`; float16 7.4
+# GB/s at 8, 2.6 at 9 with the shipped limit of 8), measured on both sides of it
+# too: no curve between the lengths above has the step
+PROMPT_TOKENS = (8, 64, 256)
 # Narrow matrices (a small model's: rows of d_model 576, say) multiply slower per
 # byte than SIDE-wide ones (8.5 against 10.4 GB/s here, one thread): the rate at
 # NARROW columns is kept too, and costs.gemv_rate goes between them by the width
@@ -82,6 +83,9 @@ class Machine:
     # one float, at 64
     gemm: dict[str, dict[str, float] | float] = field(default_factory=dict)
     layer_s: float = 0.0  # a layer's small operations on one token (norms, RoPE, ...)
+    # the backend's kernel path limits measured here (`product_limits`; {}: its
+    # defaults), which `load` sets on this machine
+    product_limits: dict[str, int] = field(default_factory=dict)
     # the same on a prompt run at once: {str(tokens): seconds} (PROMPT_LAYER_TOKENS;
     # {}: not measured, `tokens` x layer_s stands in)
     layer_prompt_s: dict[str, float] = field(default_factory=dict)
@@ -150,6 +154,8 @@ def probe_machine(
     backend = backend or default_backend_name()
     get_backend(backend)  # a missing MLX fails before the disk is written
     disk = probe_disk(directory, backend, progress)
+    limits = product_limits(backend)  # before the rates: they run with them
+    get_backend(backend).tune_products(limits)
     # narrow and wide models' rows (costs.gemv_rate), measured first: after the
     # other products' gigabytes come and go, fewer huge pages are left and the
     # wide rate fell from 12-13 to 9.1-9.5 GB/s here (float16's own: 10.1 either way)
@@ -177,6 +183,7 @@ def probe_machine(
             for d, r in compute.items()
         },
         layer_s=layer_overhead(backend),
+        product_limits=limits,
         layer_prompt_s={
             str(t): prompt_layer_overhead(backend, t) for t in PROMPT_LAYER_TOKENS
         },
@@ -292,8 +299,9 @@ def _finite_half(rng, shape) -> np.ndarray:
 def product_rates(backend, dtype: str, seconds: float = 0.25) -> dict:
     """Weight bytes per second of x @ W.T over matrices of `dtype`: one token on one
     thread and on all, with the matrices in the CPU's caches (CACHED_BYTES in all)
-    and from memory (MEMORY_BYTES); prompts of PROMPT_TOKENS tokens on all
-    threads ("prompt 8", "prompt 16", ...). Each cell runs `seconds`.
+    and from memory (MEMORY_BYTES); prompts of PROMPT_TOKENS tokens and on both
+    sides of the backend's step (`path_limit`) on all threads ("prompt 8", "prompt
+    64", ...). Each cell runs `seconds`.
 
     Returns {dtype: rates, f"{dtype} columns": rates}: the second of x @ W, the
     FFN's down product over neuron columns (`columns_weight`, a view of the same
@@ -302,7 +310,9 @@ def product_rates(backend, dtype: str, seconds: float = 0.25) -> dict:
     B = get_backend(backend)
     rng = np.random.default_rng(0)
     rates = {dtype: {}, f"{dtype} {COLUMNS}": {}}
-    prompt = tuple((f"prompt {t}", t, None) for t in PROMPT_TOKENS)
+    step = B.path_limit(dtype)
+    lengths = sorted(set(PROMPT_TOKENS) | ({step, step + 1} if step else set()))
+    prompt = tuple((f"prompt {t}", t, None) for t in lengths)
     # one thread's prompt, where a limit reaches the backend's threads: products
     # over many tokens are compute-bound, so one of two cores runs them at 0.57-0.77
     # of both here (NumPy), where a decode step's runs at 0.9-1.1
@@ -325,6 +335,45 @@ def product_rates(backend, dtype: str, seconds: float = 0.25) -> dict:
         del rows, columns
     B.limit_compute_threads(None)
     return rates
+
+
+# Products over these many tokens are tried both ways for the kernels' path limits
+LIMIT_TOKENS = (8, 12, 16, 24, 32, 48)
+LIMIT_MARGIN = 1.1  # the loops by this much, or BLAS stays
+
+
+def product_limits(backend, seconds: float = 0.15) -> dict[str, int]:
+    """The NumPy kernels' path limits on this machine, on all threads: the most
+    tokens, of LIMIT_TOKENS, up to which a product of float16 (DOT_ROWS_MAX_T) and
+    of q4 rows (QDOT_ROWS_MAX_T) runs LIMIT_MARGIN faster through the compiled
+    loops than through BLAS ({} for MLX, which chooses its own). Here (Intel Xeon,
+    2 threads) the loops win by 2-2.5x at 9-12 tokens, where the defaults, chosen on
+    an AMD EPYC (8), sent them to BLAS; past 12 the two are close, and how close
+    varies between runs (BLAS's threads spin for a while after a call)."""
+    B = get_backend(backend)
+    if B.name == "mlx":
+        return {}
+    from fallback_numpy import kernels
+
+    rng = np.random.default_rng(3)
+    limits = {}
+    for name, dtype in (("DOT_ROWS_MAX_T", "float16"), ("QDOT_ROWS_MAX_T", "q4")):
+        weights = [B.weight(w) for w in stored_matrices(dtype, CACHED_BYTES, rng)]
+        default, best = getattr(kernels, name), LIMIT_TOKENS[0]
+        try:
+            for tokens in LIMIT_TOKENS[1:]:
+                x = B.array(rng.standard_normal((tokens, SIDE)).astype(np.float32))
+                rates = []
+                for limit in (tokens, tokens - 1):  # the loops, then BLAS
+                    setattr(kernels, name, limit)
+                    rates.append(_rate(B, x, weights, seconds)[0])
+                if rates[0] < LIMIT_MARGIN * rates[1]:
+                    break
+                best = tokens
+        finally:
+            setattr(kernels, name, default)
+        limits[name] = best
+    return limits
 
 
 def width_rate(

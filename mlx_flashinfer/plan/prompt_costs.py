@@ -2,8 +2,9 @@
 
 - compute: every weight multiplied once over the T tokens (the head over the last
   alone: `Model.prefill` keeps no other logits), at the probe's rate for products
-  of about that length (`machine.gemm`, measured at 8, 9, 64 and 256 tokens,
-  one token the decode rate; interpolated in log length, linear past the longest),
+  of about that length (`machine.gemm`, measured at 8, 64 and 256 tokens and on
+  both sides of NumPy's step from loops to BLAS, one token the decode rate;
+  interpolated in log length, linear past the longest),
   plus each layer's small operations on the prompt (`machine.layer_prompt_s`,
   measured on a small model: its attention's T x T scores are in them, for 4
   heads of 16; a model of more heads pays more past a few hundred tokens).
