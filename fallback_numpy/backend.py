@@ -219,13 +219,16 @@ def above(x, threshold: float):
 PATH_LIMITS = ("DOT_ROWS_MAX_T", "QDOT_ROWS_MAX_T")
 
 
-def tune_products(limits: dict) -> None:
+def tune_products(limits: dict) -> dict:
     """Set the kernels' path limits to this machine's measured ones (PATH_LIMITS;
     others ignored): where the loops and BLAS cross depends on the CPU (the loops
-    win to 8 tokens on an AMD EPYC, to 16-24 on an Intel Xeon here)."""
+    win to 8 tokens on an AMD EPYC, to 16-32 on an Intel Xeon here). Returns the
+    limits they replace."""
+    previous = {name: getattr(kernels, name) for name in PATH_LIMITS}
     for name in PATH_LIMITS:
         if name in limits:
             setattr(kernels, name, int(limits[name]))
+    return previous
 
 
 def path_limit(dtype: str) -> int | None:

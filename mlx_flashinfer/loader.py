@@ -189,15 +189,19 @@ def planned_options(
     return best.best.options()
 
 
-def _kept_machine(layout: Layout, backend: str, cache_dir):
-    """This machine's kept probe for the layout's disk, or None (a kept probe of
-    another version: as if none)."""
+def tune_for_machine(B, layout: Layout, cache_dir=None):
+    """This machine's kept probe for the layout's disk and the backend `B`, whose
+    kernel path limits `B` then runs with; None where there is none (a kept probe
+    of another version: as if none)."""
     from .plan.machine import cached_machine
 
     try:
-        return cached_machine(layout.path, backend, cache_dir)
+        machine = cached_machine(layout.path, B.name, cache_dir)
     except ValueError:
         return None
+    if machine is not None:
+        B.tune_products(machine.product_limits)
+    return machine
 
 
 def load(
@@ -274,9 +278,7 @@ def load(
     B = get_backend(backend)
     layout = Layout.open(resolve_model(path, cache_dir=cache_dir))
     context = check_max_context(layout, max_context)
-    machine = _kept_machine(layout, B.name, cache_dir)
-    if machine is not None:  # the kernels' paths as measured on this machine
-        B.tune_products(machine.product_limits)
+    machine = tune_for_machine(B, layout, cache_dir)
     if dense is None:
         dense = memory_budget is None
     if dense and memory_budget is not None:

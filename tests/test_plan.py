@@ -614,12 +614,21 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
         lambda path, progress, keep: fake_machine().disk,
     )
     monkeypatch.setenv("MLX_FLASHINFER_CACHE", str(tmp_path / "cache"))
+    from fallback_numpy import kernels
+
+    before = (kernels.DOT_ROWS_MAX_T, kernels.QDOT_ROWS_MAX_T)
     assert main(["probe", "--backend", "numpy", "--quiet"]) == 0
+    # it measured with the path limits it found, and put the process's back
+    assert before == (kernels.DOT_ROWS_MAX_T, kernels.QDOT_ROWS_MAX_T)
     out = capsys.readouterr().out
     assert "kept in" in out and "float32" in out
     kept = list((tmp_path / "cache" / "machines").glob("*-numpy-dev*.json"))
     assert len(kept) == 1 and load_machine(kept[0]).gemv["float32"]["1"] > 0
     assert load_machine(kept[0]).gemv["float32 columns"]["all"] > 0
+    assert set(load_machine(kept[0]).product_limits) == {
+        "DOT_ROWS_MAX_T",
+        "QDOT_ROWS_MAX_T",
+    }
     assert main(["plan", str(layout), "--budget", "60%", "--backend", "numpy"]) == 0
     assert "chosen" in capsys.readouterr().out
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..formats.layout import Layout
+from ..loader import tune_for_machine
 from ..model.backends import get_backend
 from ..model.transformer import DenseFFN, Model, prepare_weights
 from ..predictors.kinds import make_predictor
@@ -76,6 +77,7 @@ def build_model(spec: RunSpec) -> tuple[Model, dict]:
     # dense rows 7x slower whenever another process held a core (measured, OPT-125m).
     B.limit_compute_threads(1)
     layout = Layout.open(spec.layout)
+    tune_for_machine(B, layout)  # the kernels' paths as `load` runs them here
     weights = prepare_weights(B, layout.iter_resident(stored=True))
     args, info = layout.args, {"arrangement": layout.arrangement}
     # the mapping keeps what it paged in; everything else read through the page

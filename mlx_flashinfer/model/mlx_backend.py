@@ -310,8 +310,9 @@ def above(x, threshold: float):
 # -- the neuron cache: a preallocated (capacity, bundle) matrix updated in place -------
 
 
-def tune_products(limits: dict) -> None:
+def tune_products(limits: dict) -> dict:
     """Nothing to tune: MLX chooses its own kernels (the NumPy backend's limits)."""
+    return {}
 
 
 def path_limit(dtype: str) -> int | None:

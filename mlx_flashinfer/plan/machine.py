@@ -148,14 +148,22 @@ def probe_machine(
         ValueError: the directory's filesystem cannot bypass the page cache.
         ImportError: MLX asked for but missing.
     """
-    from tqdm import tqdm
-
     began = time.perf_counter()
     backend = backend or default_backend_name()
     get_backend(backend)  # a missing MLX fails before the disk is written
     disk = probe_disk(directory, backend, progress)
     limits = product_limits(backend)  # before the rates: they run with them
-    get_backend(backend).tune_products(limits)
+    previous = get_backend(backend).tune_products(limits)
+    try:
+        return _measured(directory, backend, progress, began, disk, limits)
+    finally:  # `load` sets them where a model runs
+        get_backend(backend).tune_products(previous)
+
+
+def _measured(directory, backend, progress, began, disk, limits) -> Machine:
+    """`probe_machine`'s compute cells and the Machine of them all."""
+    from tqdm import tqdm
+
     # narrow and wide models' rows (costs.gemv_rate), measured first: after the
     # other products' gigabytes come and go, fewer huge pages are left and the
     # wide rate fell from 12-13 to 9.1-9.5 GB/s here (float16's own: 10.1 either way)
