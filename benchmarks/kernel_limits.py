@@ -15,8 +15,8 @@ import time
 from fallback_numpy import backend as numpy_backend
 from fallback_numpy import kernels
 from mlx_flashinfer.loader import load
+from mlx_flashinfer.plan.compute_probe import product_limits
 from mlx_flashinfer.plan.host import cpu_model
-from mlx_flashinfer.plan.machine import product_limits
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from mlx_flashinfer.formats.quantize import Quantized
 from mlx_flashinfer.model.backends import get_backend
-from mlx_flashinfer.plan import machine as M
+from mlx_flashinfer.plan import compute_probe as M
 from mlx_flashinfer.plan.host import cpu_model
 
 SHAPES = ((1536, 576), (2048, 2048))  # rows, width

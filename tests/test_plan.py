@@ -20,6 +20,7 @@ from mlx_flashinfer.flash.memory import (
     slot_bytes,
 )
 from mlx_flashinfer.flash.window import LayerWindow, window_reuse
+from mlx_flashinfer.plan import compute_probe
 from mlx_flashinfer.plan import machine as machine_module
 from mlx_flashinfer.plan.costs import (
     dense_cost,
@@ -607,7 +608,7 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     assert "not a machine probe" in capsys.readouterr().err
     # a real probe, made small: its result plans too
     monkeypatch.setattr(machine_module, "DTYPES", ("float32",))
-    monkeypatch.setattr(machine_module, "MEMORY_BYTES", 1 << 24)
+    monkeypatch.setattr(compute_probe, "MEMORY_BYTES", 1 << 24)
     monkeypatch.setattr(
         machine_module,
         "short_probe",
@@ -878,7 +879,7 @@ def test_scratch_fulls_cost_read_calls_and_ffn_calls():
 def test_the_ffn_calls_fixed_cost_is_measured_and_counted():
     from dataclasses import replace
 
-    assert machine_module.ffn_call_overhead("numpy", calls=20) > 0
+    assert compute_probe.ffn_call_overhead("numpy", calls=20) > 0
     layout = Layout.open(tiny_layout("llama", "silu", 2, 400, 3))
     base = fake_machine()
     more = dense_cost(layout, replace(base, ffn_call_s=1e-3)).compute_s
@@ -1037,8 +1038,8 @@ def test_the_disk_probe_measures_the_readers_io_uring_and_the_model_reads_with_i
 
 
 def test_narrow_and_wide_matrices_multiply_at_the_probes_rates_for_them():
+    from mlx_flashinfer.plan.compute_probe import NARROW, SIDE, WIDE, width_rate
     from mlx_flashinfer.plan.costs import gemv_rate
-    from mlx_flashinfer.plan.machine import NARROW, SIDE, WIDE, width_rate
 
     assert width_rate("numpy", NARROW, 8, nbytes=4 << 20, seconds=0.01) > 0
     machine = fake_machine(gemv=4e9)
@@ -1064,7 +1065,7 @@ def test_each_probe_cell_goes_on_with_the_matrices_touched_longest_ago():
     """A cell over a set larger than the caches reads from memory only if it starts
     where the last cell stopped (the matrices after it were touched longest ago)."""
     from mlx_flashinfer.model.backends import get_backend
-    from mlx_flashinfer.plan.machine import _rate
+    from mlx_flashinfer.plan.compute_probe import _rate
 
     B = get_backend("numpy")
     weights = [B.weight(np.full((4, 8), i, np.float16)) for i in range(5)]
@@ -1097,11 +1098,8 @@ def test_the_probe_measures_the_kernels_path_limits_and_load_sets_them(
     measures it, and loading on a probed machine runs with it."""
     from fallback_numpy import kernels
     from mlx_flashinfer import load
-    from mlx_flashinfer.plan.machine import (
-        LIMIT_TOKENS,
-        machine_path,
-        product_limits,
-    )
+    from mlx_flashinfer.plan.compute_probe import LIMIT_TOKENS, product_limits
+    from mlx_flashinfer.plan.machine import machine_path
 
     shipped = {n: getattr(kernels, n) for n in ("DOT_ROWS_MAX_T", "QDOT_ROWS_MAX_T")}
     for name, value in shipped.items():  # put back after the test, whatever it sets

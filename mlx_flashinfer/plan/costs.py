@@ -26,8 +26,9 @@ from ..flash.reader import DEFAULT_CHUNK, DEFAULT_MAX_GAP, DEFAULT_THREADS
 from ..flash.uring import RING_ENTRIES
 from ..formats.layout import Layout
 from ..formats.safetensors_stream import read_header
+from .compute_probe import CACHED_BYTES, COLUMNS, NARROW, SIDE, WIDE
 from .disk import has_ring, throughput_at
-from .machine import CACHED_BYTES, COLUMNS, NARROW, SIDE, WIDE, Machine
+from .machine import Machine
 from .reader_cost import call_seconds
 from .statistics import window_stats
 
