@@ -298,6 +298,24 @@ def disk_machine(rate) -> Machine:
     return Machine.from_dict({**fake_machine().to_dict(), "disk": disk})
 
 
+def planned_lowrank(path, budget, cache_dir, **given):
+    """The model `load` plans with the low-rank predictor on the machine probe kept
+    in `cache_dir`, `given` options winning."""
+    from mlx_flashinfer import load
+
+    model, _ = load(
+        path,
+        backend="numpy",
+        memory_budget=budget,
+        placement="auto",
+        predictor="lowrank",
+        cache_dir=cache_dir,
+        max_context=64,
+        **given,
+    )
+    return model
+
+
 def test_a_read_gap_trades_reads_for_bytes_and_is_planned_where_reads_cost(
     tmp_path,
 ):
@@ -341,16 +359,7 @@ def test_a_read_gap_trades_reads_for_bytes_and_is_planned_where_reads_cost(
     save_machine(waits, machine_path(path, "numpy", tmp_path))
     tokens, found = [1, 2, 3, 4, 5], []
     for given in (None, 0):
-        model, _ = load(
-            path,
-            backend="numpy",
-            memory_budget=budget,
-            placement="auto",
-            predictor="lowrank",
-            read_gap=given,
-            cache_dir=tmp_path,
-            max_context=64,
-        )
+        model = planned_lowrank(path, budget, tmp_path, read_gap=given)
         want = slow.read_gap if given is None else given
         assert model.ffn.reader.max_gap_bytes == want
         found.append(model.logits(tokens, prefill=3))
@@ -370,7 +379,6 @@ def test_without_io_uring_the_planner_chooses_the_readers_threads(tmp_path):
     """A thread pool reads where no io_uring does: 16 threads (the default) on a
     disk whose reads overlap, fewer where more in flight gain nothing and each
     thread's hand-off costs the cores; load runs the choice, a given count wins."""
-    from mlx_flashinfer import load
     from mlx_flashinfer.bench.synth import write_synthetic
     from mlx_flashinfer.flash.reader import DEFAULT_THREADS
     from mlx_flashinfer.plan.machine import machine_path
@@ -416,16 +424,7 @@ def test_without_io_uring_the_planner_chooses_the_readers_threads(tmp_path):
     assert choose(layout, budget, ring, predictor="lowrank").best.threads is None
     save_machine(serial, machine_path(path, "numpy", tmp_path))
     for given in (None, 16):
-        model, _ = load(
-            path,
-            backend="numpy",
-            memory_budget=budget,
-            placement="auto",
-            predictor="lowrank",
-            threads=given,
-            cache_dir=tmp_path,
-            max_context=64,
-        )
+        model = planned_lowrank(path, budget, tmp_path, threads=given)
         assert model.ffn.reader.threads == (given or best.threads or 16)
         model.ffn.close()
 
