@@ -81,7 +81,7 @@ class Candidate:
 
     def prompt_cost(self, layout: Layout, machine: Machine, tokens: int):
         """What a `tokens`-token prompt costs under this plan, its wait for the
-        first token (`prompt_costs.py`); None for experts (not modelled yet)."""
+        first token (`prompt_costs.py`); None where that is not modelled."""
         return prompt_cost(
             layout,
             self.placement,
