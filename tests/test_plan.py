@@ -998,6 +998,13 @@ def test_a_mixture_of_experts_prompt_reads_the_union_of_its_tokens_experts():
         assert cost.compute_s == pytest.approx(dense.compute_s)
         assert cost.io_s > 0
     assert prompt_cost(layout, "paging", machine, 4, budget=1) is None  # not modelled
+    # past a chunk (PREFILL_CHUNK tokens) each chunk reads its own union
+    from mlx_flashinfer.model.transformer import PREFILL_CHUNK
+
+    chunk = prompt_cost(layout, "experts", machine, PREFILL_CHUNK, plan=half)
+    two = prompt_cost(layout, "experts", machine, 2 * PREFILL_CHUNK, plan=half)
+    assert two.bytes_read == pytest.approx(2 * chunk.bytes_read)
+    assert two.total_s == pytest.approx(2 * chunk.total_s)
     longer = prompt_cost(layout, "dense", machine, 64)
     assert longer.compute_s > prompt_cost(layout, "dense", machine, 4).compute_s
 

@@ -28,6 +28,7 @@ from ..flash.memory import MemoryPlan
 from ..flash.reader import DEFAULT_CHUNK, DEFAULT_THREADS
 from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
+from ..model.transformer import PREFILL_CHUNK
 from ..predictors.kinds import predictor_nbytes
 from .costs import (
     TokenCost,
@@ -235,7 +236,24 @@ def experts_prompt_cost(
     once into an empty cache in rounds of its capacity, each round read then
     computed; each expert multiplied over the tokens routed to it (expected from
     the routing rates, given it is routed at all); the resident weights over every
-    token (the head over the last alone)."""
+    token (the head over the last alone). A prompt longer than PREFILL_CHUNK runs
+    in chunks of that many tokens, each reading its own union."""
+    if tokens > PREFILL_CHUNK:
+        whole, rest = divmod(tokens, PREFILL_CHUNK)
+        chunk = experts_prompt_cost(layout, machine, PREFILL_CHUNK, plan, threads)
+        parts = [chunk] * whole
+        if rest:
+            parts.append(experts_prompt_cost(layout, machine, rest, plan, threads))
+        return TokenCost(
+            chunk.placement,
+            sum(c.io_s for c in parts),
+            sum(c.memory_s for c in parts),
+            sum(c.compute_s for c in parts),
+            bytes_read=sum(c.bytes_read for c in parts),
+            read_size=chunk.read_size,
+            note=chunk.note,
+            io_fixed_s=sum(c.io_fixed_s for c in parts),
+        )
     row = layout.bundle_bytes
     rates, source = routing_rates(layout)
     parts = ffn_kinds(layout)  # an expert's bytes by kind
