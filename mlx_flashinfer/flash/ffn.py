@@ -48,37 +48,10 @@ import numpy as np
 
 from ..model.transformer import ffn_forward
 from .memory import MemoryPlan
+from .prompt_reads import ReadCosts, prompt_chunks
 from .reader import FlashReader
 from .stats import TokenCounters
 from .window import LayerWindow
-
-
-class ReadCosts:
-    """Seconds per neuron of the two ways a prompt reads a layer, as measured on
-    this disk so far: streaming it whole (large sequential reads) or reading a
-    sparse set (smaller reads, fewer bytes). Until both are measured, a sparse
-    neuron is assumed to cost 2.5x a streamed one (disk probe here: 18 KiB reads
-    0.82 GB/s, 1 MiB reads 1.34 GB/s, 16 threads; decode's reads of scattered
-    neurons reach 60-75% of the probe)."""
-
-    PRIOR = 2.5
-
-    def __init__(self):
-        self.seconds = {True: 0.0, False: 0.0}  # streaming -> seconds
-        self.neurons = {True: 0, False: 0}
-
-    def record(self, streaming: bool, neurons: int, seconds: float) -> None:
-        self.seconds[streaming] += seconds
-        self.neurons[streaming] += neurons
-
-    def sparse_is_faster(self, wanted: int, neurons: int) -> bool:
-        if all(self.neurons.values()):
-            ratio = (self.seconds[False] / self.neurons[False]) / (
-                self.seconds[True] / self.neurons[True]
-            )
-        else:
-            ratio = self.PRIOR
-        return wanted * ratio < neurons
 
 
 def bundle_pieces(backend, layout, raw: np.ndarray) -> list:
@@ -190,6 +163,7 @@ class FlashFFN(TokenCounters):
         self.ahead = None
         self.guess = guess or predictor
         self._pending = None  # (layer, future of a Fetched)
+        self._prefill_thread = None  # a prompt's next chunk's reads (made at need)
         if plan.lookahead and in_place:
             self.ahead = FlashReader(
                 layout.ffn_path, layout.layers, layout.bundle_bytes, **reader_options
@@ -387,11 +361,7 @@ class FlashFFN(TokenCounters):
         self._token.prefill_streamed += streaming
         self._token.prefill_neurons += len(wanted)
         out = None
-        for start in range(0, len(wanted), self.plan.scratch_rows):
-            ids = wanted[start : start + self.plan.scratch_rows]
-            began = time.perf_counter()
-            rows = self._read_rows(layer, ids, whole_range=streaming)
-            self._cost.record(streaming, len(ids), time.perf_counter() - began)
+        for ids, at, rows in self._prefill_reads(layer, wanted, streaming):
             part = self._ffn(layer, h, rows, ids)
             out = part if out is None else out + part
             if self.observer is not None:  # predictor training records activations
@@ -400,7 +370,7 @@ class FlashFFN(TokenCounters):
             keep = np.flatnonzero(slots >= 0)
             for p in range(len(cache)) if len(keep) else ():
                 if self.landing == "in place":
-                    views[p][slots[keep]] = self._scratch_views[p][keep]
+                    views[p][slots[keep]] = self._scratch_views[p][at + keep]
                 else:
                     cache[p] = B.write_rows(
                         cache[p], slots[keep], B.take_rows(rows[p], keep)
@@ -409,6 +379,42 @@ class FlashFFN(TokenCounters):
         if out is None:  # no neuron predicted for any token: the FFN adds nothing
             out = B.zeros((h.shape[0], self.args.hidden_size))
         return out
+
+    def _prefill_reads(self, layer: int, wanted: np.ndarray, streaming: bool):
+        """(ids, their first scratch row, their rows) for each chunk of `wanted`.
+        Where reads land in place and half the scratch holds PREFILL_AHEAD_BYTES,
+        the scratch is used in two halves: the next chunk is read into one while
+        the caller computes over the other (it evaluates a chunk before asking for
+        the next, so a half is written again only once computed over)."""
+        step, ahead = prompt_chunks(
+            len(wanted), self.plan.scratch_rows, self.layout.bundle_bytes
+        )
+        ahead = ahead and self.landing == "in place"
+        step = step if ahead else self.plan.scratch_rows
+        chunks = [wanted[i : i + step] for i in range(0, len(wanted), step)]
+        if not ahead:
+            for ids in chunks:
+                began = time.perf_counter()
+                rows = self._read_rows(layer, ids, whole_range=streaming)
+                self._cost.record(streaming, len(ids), time.perf_counter() - began)
+                yield ids, 0, rows
+            return
+        if self._prefill_thread is None:
+            self._prefill_thread = ThreadPoolExecutor(1)
+
+        def read(ids, at: int) -> float:
+            began = time.perf_counter()
+            into = [v[at : at + len(ids)] for v in self._scratch_views]
+            self._read(layer, ids, into, whole_range=streaming)
+            return time.perf_counter() - began
+
+        future = self._prefill_thread.submit(read, chunks[0], 0)
+        for i, ids in enumerate(chunks):
+            at = (i % 2) * step
+            self._cost.record(streaming, len(ids), future.result())
+            if i + 1 < len(chunks):  # into the other half, computed over already
+                future = self._prefill_thread.submit(read, chunks[i + 1], step - at)
+            yield ids, at, [m[at : at + len(ids)] for m in self.scratch]
 
     def _prefill_ids(self, masks: np.ndarray) -> tuple[np.ndarray, bool]:
         """The neurons a prompt's FFN runs over, and whether that is the whole layer
@@ -462,6 +468,8 @@ class FlashFFN(TokenCounters):
         return bundle_ffn(self.backend, self.layout, h, rows, ids, self.fc1_bias[layer])
 
     def close(self) -> None:
+        if self._prefill_thread is not None:
+            self._prefill_thread.shutdown()
         if self.ahead is not None:
             self._ahead_thread.shutdown()
             self.ahead.close()

@@ -10,10 +10,11 @@
   heads of 16; a model of more heads pays more past a few hundred tokens).
 - the FFN's reads: none dense; the streamed placement's spans behind compute, as a
   token's; the sparse placement (flash/ffn.py `_prefill`) reads each layer whole in
-  scratch-fulls, each read then computed, or, for a ReLU-family model, only the
-  union of its tokens' predicted neurons where that is under 40% of the layer (the
-  reader's own prior: a scattered neuron costs 2.5 streamed ones); OS paging reads
-  the FFN, then computes.
+  scratch-fulls, each read then computed (or half-fulls, each read while the last
+  computes, where a half holds PREFILL_AHEAD_BYTES), or, for a ReLU-family model,
+  only the union of its tokens' predicted neurons where that is under 40% of the
+  layer (the reader's own prior: a scattered neuron costs 2.5 streamed ones); OS
+  paging reads the FFN, then computes.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import math
 
 import numpy as np
 
-from ..flash.ffn import ReadCosts
 from ..flash.landing import lands_direct
 from ..flash.memory import MemoryPlan
+from ..flash.prompt_reads import ReadCosts, prompt_chunks
 from ..flash.reader import DEFAULT_CHUNK, DEFAULT_THREADS
 from ..flash.window import WINDOW_GRID
 from ..formats.layout import Layout
@@ -193,26 +194,35 @@ def prompt_cost(
         shares = union_share(stats_layout or layout, predictor, tokens)
     else:
         shares = [1.0] * args.num_hidden_layers
-    io = cpu = nbytes = rows = 0.0
+    io = cpu = nbytes = rows = behind = 0.0
     for share in shares:
-        union = share * ReadCosts.PRIOR < 1.0  # scattered reads, else streamed
-        wanted = share * n if union else n
-        # a read call a scratch-full, each read then computed
-        calls = max(1, math.ceil(wanted / max(plan.scratch_rows, 1)))
+        scattered = share * ReadCosts.PRIOR < 1.0  # the union's reads, else streamed
+        wanted = share * n if scattered else n
+        # a read call a scratch-full, each read then computed; or, where half the
+        # scratch holds PREFILL_AHEAD_BYTES, a half at a time, each read while the
+        # last computes: all but the first behind compute
+        step, ahead = prompt_chunks(
+            math.ceil(wanted), plan.scratch_rows, layout.bundle_bytes
+        )
+        calls = max(1, math.ceil(wanted / max(step, 1)))
         reads, call_bytes, call_cpu, call_disk = read_call(
             machine,
             layout,
             wanted / calls,
-            share if union else 1.0,
+            share if scattered else 1.0,
             from_disk=not rows_in_dram,
         )
         io += calls * (call_cpu + call_disk)
         cpu += calls * call_cpu
         nbytes += calls * call_bytes
         rows += wanted
+        behind += (calls - 1) * (call_cpu + call_disk) if ahead else 0.0
     # the products over the rows read (a union's only: its other neurons add zero)
-    kinds = _add(resident_products(layout), ffn_kinds(layout), rows)
+    ffn = _add({}, ffn_kinds(layout), rows)
+    kinds = _add(resident_products(layout), ffn)
     compute = prompt_compute_seconds(machine, layout, kinds, tokens, threads)
+    # reads hide behind the FFN's products only
+    hidden = min(behind, compute * sum(ffn.values()) / sum(kinds.values()))
     # the predictor over every token where their union may be read, else over the
     # last k, which seed the window (flash/ffn.py `_prefill`)
     held = predictor_nbytes(predictor or "all", stats_layout or layout)
@@ -221,7 +231,9 @@ def prompt_cost(
         predicted = tokens if union or not window else min(window, tokens)
         compute += prompt_product_seconds(machine, kind, held, predicted, threads)
     read = 0.0 if rows_in_dram else nbytes
-    return TokenCost("sparse", io, 0.0, compute, read, io_fixed_s=cpu)
+    return TokenCost(
+        "sparse", io - hidden, 0.0, compute, read, hidden_io_s=hidden, io_fixed_s=cpu
+    )
 
 
 def experts_prompt_cost(
