@@ -1121,3 +1121,40 @@ def test_the_probe_measures_the_kernels_path_limits_and_load_sets_them(
     load(layout, backend="numpy", cache_dir=tmp_path)
     assert kernels.DOT_ROWS_MAX_T == 12 and kernels.QDOT_ROWS_MAX_T == 24
     # (either path gives the same products: test_kernels runs both at every T)
+
+
+def test_a_prompts_predictor_runs_on_the_tokens_whose_sets_it_uses():
+    """The predictor's product over a prompt: every token for a ReLU-family model
+    (its prompt may read their union), the last k for others (they seed the
+    window): flash/ffn.py `_prefill`."""
+    from mlx_flashinfer.flash.memory import plan_floor
+    from mlx_flashinfer.loader import make_plan
+    from mlx_flashinfer.plan.prompt_costs import prompt_cost, prompt_product_seconds
+    from mlx_flashinfer.predictors.kinds import predictor_nbytes
+
+    machine = fake_machine(gemv=4e9)
+    machine.gemm = {"float32": {"8": 2e9, "64": 1e9}}
+    for act in ("silu", "relu"):
+        layout = Layout.open(tiny_layout("llama", act, 2, 400, 12))
+        _, ffn = model_bytes(layout)
+        held = predictor_nbytes("gate", layout)
+        plan = make_plan(layout, plan_floor(layout, held) + ffn // 4, "gate", 64)
+
+        def compute(window: int, layout=layout, plan=plan) -> float:
+            cost = prompt_cost(
+                layout,
+                "sparse",
+                machine,
+                32,
+                plan=plan,
+                predictor="gate",
+                window=window,
+            )
+            return cost.compute_s
+
+        if act == "relu":
+            assert compute(2) == compute(8)  # every token, whatever k
+        else:
+            gap = prompt_product_seconds(machine, "float32", held, 8)
+            gap -= prompt_product_seconds(machine, "float32", held, 2)
+            assert compute(8) - compute(2) == pytest.approx(gap)
