@@ -1,6 +1,7 @@
 """The flash runtime: exact against dense for ReLU-family models, within its budget."""
 
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -448,3 +449,41 @@ def test_a_prompt_read_while_its_last_chunk_computes_equals_dense(
     for got in runs.values():
         assert np.abs(got[:exact] - expected[:exact]).max() <= 1e-5
     assert np.abs(runs[True] - runs[False]).max() <= 1e-5
+
+
+def test_a_prompt_cut_short_leaves_no_read_running_into_the_scratch(monkeypatch):
+    """An error while a prompt's chunk computes (its next chunk being read into the
+    other half of the scratch) waits for that read: the decode steps after, which
+    read into the scratch too, are not raced."""
+    from mlx_flashinfer.flash import prompt_reads
+
+    monkeypatch.setattr(prompt_reads, "PREFILL_AHEAD_BYTES", 0)
+    layout = tiny_layout("llama", "relu", 2, 400, 3)
+    flash, _ = load(
+        layout,
+        backend="numpy",
+        memory_budget=budget_between(layout, "gate", 0.1),
+        window=2,
+        predictor="gate",
+    )
+    read = flash.ffn._read
+
+    def slow_read(*args, **kwargs):  # a disk slower than the chunk's compute
+        time.sleep(0.2)
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(flash.ffn, "_read", slow_read)
+    chunks = flash.ffn._prefill_reads(0, np.arange(400), True)
+    next(chunks)  # the first chunk landed, the second is being read
+    pending = []
+    submit = flash.ffn._prefill_thread.submit
+
+    def submitted(*args):
+        pending.append(submit(*args))
+        return pending[-1]
+
+    monkeypatch.setattr(flash.ffn._prefill_thread, "submit", submitted)
+    next(chunks)  # the second landed, the third is being read
+    chunks.close()  # as when the caller raises
+    assert len(pending) == 1 and pending[0].done()
+    flash.ffn.close()

@@ -409,12 +409,15 @@ class FlashFFN(TokenCounters):
             return time.perf_counter() - began
 
         future = self._prefill_thread.submit(read, chunks[0], 0)
-        for i, ids in enumerate(chunks):
-            at = (i % 2) * step
-            self._cost.record(streaming, len(ids), future.result())
-            if i + 1 < len(chunks):  # into the other half, computed over already
-                future = self._prefill_thread.submit(read, chunks[i + 1], step - at)
-            yield ids, at, [m[at : at + len(ids)] for m in self.scratch]
+        try:
+            for i, ids in enumerate(chunks):
+                at = (i % 2) * step
+                self._cost.record(streaming, len(ids), future.result())
+                if i + 1 < len(chunks):  # into the other half, computed over already
+                    future = self._prefill_thread.submit(read, chunks[i + 1], step - at)
+                yield ids, at, [m[at : at + len(ids)] for m in self.scratch]
+        finally:  # a prompt cut short leaves no read writing into the scratch
+            future.exception()
 
     def _prefill_ids(self, masks: np.ndarray) -> tuple[np.ndarray, bool]:
         """The neurons a prompt's FFN runs over, and whether that is the whole layer
