@@ -53,6 +53,15 @@ def _first_cells(result: dict, row: dict) -> str:
     )
 
 
+def _terms(m: dict, prefix: str) -> str:
+    """ "412 (105, 58, 249)": a prediction and its I/O, memory and compute terms,
+    from the metrics `{prefix}ms`, `{prefix}io_ms`, ..."""
+    return (
+        f"{m[prefix + 'ms']:.0f} ({m[prefix + 'io_ms']:.0f}, "
+        f"{m[prefix + 'memory_ms']:.0f}, {m[prefix + 'compute_ms']:.0f})"
+    )
+
+
 def table(paths: list[Path], again: bool = False, compute: dict | None = None) -> str:
     lines = [
         "| model | budget | backend | row | measured ms | disk GB/s | predicted ms "
@@ -61,10 +70,7 @@ def table(paths: list[Path], again: bool = False, compute: dict | None = None) -
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for result, row, m in _rows(paths, "predicted_ms", again, compute):
-        terms = (
-            f"{m['predicted_ms']:.0f} ({m['predicted_io_ms']:.0f}, "
-            f"{m['predicted_memory_ms']:.0f}, {m['predicted_compute_ms']:.0f})"
-        )
+        terms = _terms(m, "predicted_")
         at_disk = m.get("predicted_at_disk_ms")
         rate = f"{m['gb_per_s']:.2f}" if m.get("gb_per_s") else "-"
         lines.append(
@@ -87,11 +93,7 @@ def prefill_table(
         "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for result, row, m in _rows(paths, "predicted_prefill_ms", again, compute):
-        terms = (
-            f"{m['predicted_prefill_ms']:.0f} ({m['predicted_prefill_io_ms']:.0f}, "
-            f"{m['predicted_prefill_memory_ms']:.0f}, "
-            f"{m['predicted_prefill_compute_ms']:.0f})"
-        )
+        terms = _terms(m, "predicted_prefill_")
         lines.append(
             f"{_first_cells(result, row)} {result['settings'].get('prompt_tokens')} | "
             f"{m['measured_prefill_ms']:.0f} | {terms} | "

@@ -214,7 +214,7 @@ def above(x, threshold: float):
 # -- the neuron cache: a preallocated (capacity, bundle) matrix updated in place -------
 
 
-# The kernels' limits a machine probe may set (`plan/machine.product_limits`):
+# The kernels' limits a machine probe may set (`plan/compute_probe.product_limits`):
 # products over up to this many tokens run the compiled loops, longer ones BLAS
 PATH_LIMITS = ("DOT_ROWS_MAX_T", "QDOT_ROWS_MAX_T")
 
@@ -222,7 +222,7 @@ PATH_LIMITS = ("DOT_ROWS_MAX_T", "QDOT_ROWS_MAX_T")
 def tune_products(limits: dict) -> dict:
     """Set the kernels' path limits to this machine's measured ones (PATH_LIMITS;
     others ignored): where the loops and BLAS cross depends on the CPU (the loops
-    win to 8 tokens on an AMD EPYC, to 16-32 on an Intel Xeon here). Returns the
+    win to 8 tokens on an AMD EPYC, to 12-32 on an Intel Xeon here). Returns the
     limits they replace."""
     previous = {name: getattr(kernels, name) for name in PATH_LIMITS}
     for name in PATH_LIMITS:

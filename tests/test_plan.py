@@ -606,7 +606,7 @@ def test_probe_and_plan_commands(tmp_path, monkeypatch, capsys):
     assert main(["plan", str(layout), "--probe", str(tmp_path / "bad.json")]) == 2
     assert "not a machine probe" in capsys.readouterr().err
     # a real probe, made small: its result plans too
-    monkeypatch.setattr(machine_module, "DTYPES", ("float32",))
+    monkeypatch.setattr(compute_probe, "DTYPES", ("float32",))
     monkeypatch.setattr(compute_probe, "MEMORY_BYTES", 1 << 24)
     monkeypatch.setattr(
         machine_module,

@@ -387,10 +387,11 @@ class FlashFFN(TokenCounters):
         the caller computes over the other (it evaluates a chunk before asking for
         the next, so a half is written again only once computed over)."""
         step, ahead = prompt_chunks(
-            len(wanted), self.plan.scratch_rows, self.layout.bundle_bytes
+            len(wanted),
+            self.plan.scratch_rows,
+            self.layout.bundle_bytes,
+            in_place=self.landing == "in place",
         )
-        ahead = ahead and self.landing == "in place"
-        step = step if ahead else self.plan.scratch_rows
         chunks = [wanted[i : i + step] for i in range(0, len(wanted), step)]
         if not ahead:
             for ids in chunks:
@@ -402,8 +403,8 @@ class FlashFFN(TokenCounters):
         if self._prefill_thread is None:
             self._prefill_thread = ThreadPoolExecutor(1)
 
-        def read(ids, at: int) -> float:
-            began = time.perf_counter()
+        def read(ids, at: int) -> float:  # into host views only: an MLX array
+            began = time.perf_counter()  # belongs to the stream of its thread
             into = [v[at : at + len(ids)] for v in self._scratch_views]
             self._read(layer, ids, into, whole_range=streaming)
             return time.perf_counter() - began

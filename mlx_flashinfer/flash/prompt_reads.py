@@ -42,12 +42,14 @@ class ReadCosts:
         return wanted * ratio < neurons
 
 
-def prompt_chunks(wanted: int, scratch_rows: int, bundle_bytes: int):
+def prompt_chunks(
+    wanted: int, scratch_rows: int, bundle_bytes: int, *, in_place: bool = True
+):
     """(rows a chunk, read ahead or not) for a prompt's `wanted` rows of a layer:
-    half the scratch (or half the rows, if fewer) where that holds
-    PREFILL_AHEAD_BYTES, each chunk read while the last computes; else a
-    scratch-full, read then computed."""
+    where reads land in the scratch (`in_place`), half of it (or half the rows,
+    if fewer) where that holds PREFILL_AHEAD_BYTES, each chunk read while the
+    last computes; else a scratch-full, read then computed."""
     half = min(scratch_rows // 2, -(-wanted // 2))
-    if wanted > 1 and half * bundle_bytes >= PREFILL_AHEAD_BYTES:
+    if in_place and wanted > 1 and half * bundle_bytes >= PREFILL_AHEAD_BYTES:
         return half, True
     return scratch_rows, False

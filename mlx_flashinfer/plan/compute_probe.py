@@ -47,6 +47,47 @@ WIDE = 8192
 PROMPT_LAYER_TOKENS = (64, 256)
 
 
+def measure_compute(backend: str, progress: bool = True) -> dict:
+    """A Machine's compute fields (gemv, gemm, product_limits, layer_s,
+    layer_prompt_s, ffn_call_s), measured with the kernel path limits found here
+    first (the process's own are put back after: `load` sets them where a model
+    runs)."""
+    from tqdm import tqdm
+
+    B = get_backend(backend)
+    limits = product_limits(backend)  # before the rates: they run with them
+    previous = B.tune_products(limits)
+    try:
+        # narrow and wide models' rows (costs.gemv_rate), measured first: after the
+        # other products' gigabytes come and go, fewer huge pages are left and the
+        # wide rate fell from 12-13 to 9.1-9.5 GB/s here (float16's own: 10.1
+        # either way)
+        widths = width_rates(backend)
+        rates = {}
+        for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
+            rates.update(product_rates(backend, dtype))
+        if "float16" in rates:
+            rates["float16"].update(widths)
+        return {
+            "gemv": {
+                d: {k: v for k, v in r.items() if not k.startswith("prompt")}
+                for d, r in rates.items()
+            },
+            "gemm": {
+                d: {k.removeprefix("prompt "): v for k, v in r.items() if "prompt" in k}
+                for d, r in rates.items()
+            },
+            "layer_s": layer_overhead(backend),
+            "product_limits": limits,
+            "layer_prompt_s": {
+                str(t): prompt_layer_overhead(backend, t) for t in PROMPT_LAYER_TOKENS
+            },
+            "ffn_call_s": ffn_call_overhead(backend),
+        }
+    finally:
+        B.tune_products(previous)
+
+
 def stored_matrices(dtype: str, nbytes: int, rng) -> list:
     """Random SIDE x SIDE matrices as a layout of `dtype` stores them, `nbytes` in
     all: normal values from random bits (a real quantization of a gigabyte would

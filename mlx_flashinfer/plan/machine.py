@@ -27,17 +27,10 @@ from ..formats.model_cache import cache_root
 from ..model.backends import default_backend_name, get_backend
 from .compute_probe import (
     CACHED_BYTES,
-    DTYPES,
     MEMORY_BYTES,
-    PROMPT_LAYER_TOKENS,
     SIDE,
-    ffn_call_overhead,
-    layer_overhead,
-    product_limits,
-    product_rates,
-    prompt_layer_overhead,
+    measure_compute,
     stored_matrices,
-    width_rates,
 )
 from .disk import FILE_NAME, short_probe, stream_beside
 from .host import cpu_model
@@ -135,47 +128,14 @@ def probe_machine(
     backend = backend or default_backend_name()
     get_backend(backend)  # a missing MLX fails before the disk is written
     disk = probe_disk(directory, backend, progress)
-    limits = product_limits(backend)  # before the rates: they run with them
-    previous = get_backend(backend).tune_products(limits)
-    try:
-        return _measured(directory, backend, progress, began, disk, limits)
-    finally:  # `load` sets them where a model runs
-        get_backend(backend).tune_products(previous)
-
-
-def _measured(directory, backend, progress, began, disk, limits) -> Machine:
-    """`probe_machine`'s compute cells and the Machine of them all."""
-    from tqdm import tqdm
-
-    # narrow and wide models' rows (costs.gemv_rate), measured first: after the
-    # other products' gigabytes come and go, fewer huge pages are left and the
-    # wide rate fell from 12-13 to 9.1-9.5 GB/s here (float16's own: 10.1 either way)
-    widths = width_rates(backend)
-    compute = {}
-    for dtype in tqdm(DTYPES, desc="compute", unit="dtype", disable=not progress):
-        compute.update(product_rates(backend, dtype))
-    if "float16" in compute:
-        compute["float16"].update(widths)
+    compute = measure_compute(backend, progress)
     return Machine(
         backend=backend,
         cpu=cpu_model(),
         cores=os.cpu_count() or 1,
         disk=disk,
         memory_bytes_per_s=memory_rate(),
-        gemv={
-            d: {k: v for k, v in r.items() if not k.startswith("prompt")}
-            for d, r in compute.items()
-        },
-        gemm={
-            d: {k.removeprefix("prompt "): v for k, v in r.items() if "prompt" in k}
-            for d, r in compute.items()
-        },
-        layer_s=layer_overhead(backend),
-        product_limits=limits,
-        layer_prompt_s={
-            str(t): prompt_layer_overhead(backend, t) for t in PROMPT_LAYER_TOKENS
-        },
-        ffn_call_s=ffn_call_overhead(backend),
+        **compute,
         reader=measure_reader(),
         probed_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         seconds=time.perf_counter() - began,
