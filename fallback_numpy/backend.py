@@ -107,6 +107,12 @@ def take_rows(table, ids) -> np.ndarray:
     return table[np.asarray(ids)]
 
 
+def each(fn, items) -> list:
+    """[fn(item) for item in items], shared by the compute threads (`kernels.each`):
+    independent pieces each too small to split, such as a decoded token's experts."""
+    return kernels.each(fn, items)
+
+
 def linear(x, w, bias=None):
     """x @ w.T (+ bias), float32, for x (T, in) and a weight w (out, in): a matrix
     held by `weight`, or the transposed view of (in, out) columns (see

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fallback_numpy import _dispatch
+from fallback_numpy import _dispatch, _workers
 from fallback_numpy import _kernels_jit as jit
 from fallback_numpy import _qkernels_jit as qjit
 from fallback_numpy import _qsums_jit as qsums
@@ -31,6 +31,7 @@ from mlx_flashinfer.formats.quantize import BITS, GROUP_SIZES, Quantized, check_
 
 __all__ = [
     "dequantize",
+    "each",
     "get_threads",
     "matmul",
     "matmul_t",
@@ -60,6 +61,16 @@ SUM_ROWS_MAX_TERMS = 6
 #   (dense)  T=8: 12.6 vs 10.6 / 13.9 vs 9.9
 QDOT_ROWS_MAX_T = 8
 QSUM_ROWS_MAX_TERMS = 6
+
+
+def each(fn, items) -> list:
+    """[fn(item) for item in items], the items shared by the kernels' threads as one
+    job: for independent products each too small to split (a decoded token's
+    experts, each under the matrix size worth waking a worker for), whose kernels
+    then run side by side. fn runs its own kernels on its thread alone, and must not
+    depend on the order the items run in.
+    """
+    return _workers.run(fn, [(item,) for item in items], get_threads())
 
 
 def matmul_t(x: np.ndarray, w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:

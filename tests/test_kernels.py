@@ -9,6 +9,7 @@ products that fall into float32's subnormal range.
 
 import multiprocessing
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import kernel_tuning
@@ -318,3 +319,29 @@ def test_a_failing_part_raises_after_all_parts_finish():
         _workers.run(part, [(0,), (1,), (2,), (3,)], threads=3)
     assert sorted(finished) == [0, 1, 2, 3]
     assert _workers.run(part, [(0,), (2,), (3,)], threads=2) == [0, 2, 3]
+
+
+def test_each_runs_products_side_by_side_in_item_order():
+    # a decoded token's experts: small products, each run whole on one thread,
+    # whose own kernels (split in parts where large) then run on that thread
+    rng = np.random.default_rng(3)
+    small = [rng.standard_normal((96, 64)).astype(np.float16) for _ in range(7)]
+    large = rng.standard_normal((4096, 2048)).astype(np.float16)  # over 8 MB: parts
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    xl = rng.standard_normal((1, 2048)).astype(np.float32)
+    jobs = [(x, w) for w in small] + [(xl, large)]
+    expected = [kernels.matmul_t(a, w) for a, w in jobs]
+    threads_seen = set()
+
+    def product(job):
+        threads_seen.add(threading.get_ident())
+        return kernels.matmul_t(*job)
+
+    for threads in (1, 2, 3):
+        threads_seen.clear()
+        with tuned(None, 2048, threads):
+            got = kernels.each(product, jobs)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(g, e)
+        assert len(threads_seen) <= threads
+    assert kernels.each(product, []) == []

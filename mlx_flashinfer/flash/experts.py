@@ -51,7 +51,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..model.moe import expert_output, expert_weights, experts_forward, with_shared
+from ..model.moe import expert_outputs, expert_weights, experts_forward, with_shared
 from .ffn import bundle_pieces
 from .memory import MemoryPlan, io_buffer_bytes
 from .reader import FlashReader
@@ -258,8 +258,8 @@ class ExpertFFN(TokenCounters):
                 waited = time.perf_counter() - began
                 stats.io_s += waited  # counted as a wait, as for reads ahead
                 stats.ahead_wait_s += waited
-            for e in group:
-                parts[int(e)] = expert_output(B, args, h, ids, weights, expert, int(e))
+            outputs = expert_outputs(B, args, h, ids, weights, expert, group)
+            parts.update(zip(group.tolist(), outputs, strict=True))
         out = None
         for e in wanted:
             part = parts[int(e)]

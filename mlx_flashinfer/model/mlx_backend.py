@@ -152,6 +152,12 @@ def take_rows(table, ids) -> mx.array:
     return table[mx.array(np.asarray(ids, dtype=np.int32))]
 
 
+def each(fn, items) -> list:
+    """[fn(item) for item in items]: MLX builds the graph here and runs it at the
+    next sync, spreading the work itself."""
+    return [fn(item) for item in items]
+
+
 def linear(x, w, bias=None):
     """x @ w.T (+ bias), float32, for x (T, in) and a weight w (out, in) held by
     `weight` (or a view of cached rows); at 16 bits x is cast to w's dtype, as
