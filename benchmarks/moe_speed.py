@@ -1,6 +1,7 @@
 """Decode speed of a mixture of experts from flash: dense, and the experts placement
 at each budget and window, in this process; each row's argmax tokens checked against
-dense's.
+dense's (and against OS paging's, dense's sums over the memory-mapped experts, where
+dense does not fit in DRAM: `--no-dense --paging`).
 
     python benchmarks/moe_speed.py --model LAYOUT [--budgets 50% 75%] [--windows 0 4]
         [--backend numpy] [--prompt-tokens 16] [--tokens 32] [--out FILE.json]
@@ -388,8 +389,10 @@ def main() -> int:
             logits = dense.prefill(prompt, dense.make_cache())
             reference_first = dense.backend.to_numpy(logits)[-1]
     del dense
+    paged = None  # the paging row's tokens: dense's sums over the mapped experts
     for budget in opts.budgets if opts.paging else ():
         got = paging_row(opts, layout, budget, prompt, feed)
+        paged = got["ids"]
         rows.append(
             {
                 "config": f"OS paging (experts memory-mapped), budget {budget}",
@@ -425,6 +428,8 @@ def main() -> int:
             row = experts_row(opts, layout, machine, spec, prompt, feed)
         ids = row.pop("ids")
         row["tokens_equal_dense"] = None if reference is None else ids == reference
+        # where dense does not fit in DRAM (--no-dense), OS paging's row ran it
+        row["tokens_equal_paging"] = None if paged is None else ids == paged
         rows.append(row)
     print(
         f"{'configuration':<48} {'ms/token':>9} {'predicted':>9} {'read/token':>10} "
@@ -440,6 +445,11 @@ def main() -> int:
             f"{r.get('mb_per_token', 0):>9.1f} "
             f"{r.get('predicted_mb_per_token', 0):>9.1f}"
         )
+    references = (("tokens_equal_dense", "dense"), ("tokens_equal_paging", "paging"))
+    for key, what in references:
+        checked = [r[key] for r in rows if r.get(key) is not None]
+        if checked:
+            print(f"tokens equal to {what}'s: {sum(checked)} of {len(checked)} rows")
     if opts.out:
         result = {
             "model": {
