@@ -276,6 +276,37 @@ def test_misses_read_while_cached_experts_compute_give_dense_bit_for_bit(window)
         assert np.array_equal(got, expected)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "q4"])
+def test_experts_side_by_side_give_one_after_another_bit_for_bit(dtype, monkeypatch):
+    """A decoded token's and a short prompt's experts run side by side on the
+    compute threads (`backend.each`); the logits are those of one expert after
+    another, to the bit (each expert's products on one thread, summed in id order)."""
+    from fallback_numpy import kernels
+    from mlx_flashinfer.model import moe
+
+    # four experts a token: their sum's order shows; q4 groups of 32 need width 64
+    config = moe_config("qwen3_moe", experts=8, top_k=4, hidden_size=64)
+    layout = moe_layout(f"qwen3-moe-{dtype}", config, dtype)
+    threads, default = kernels.get_threads(), moe.SIDE_BY_SIDE_TOKENS
+    kernels.set_threads(2)
+    try:
+        got = {}
+        for side_by_side in (default, 0):
+            monkeypatch.setattr(moe, "SIDE_BY_SIDE_TOKENS", side_by_side)
+            runs = []
+            for budget in (None, "half"):
+                options = {} if budget is None else {"window": 1}
+                if budget:
+                    options["memory_budget"] = budgets(layout)[budget]
+                model, _ = load(layout, backend="numpy", **options)
+                runs.append(model.logits(TOKENS, prefill=4))  # a prompt of 4
+            got[side_by_side] = runs
+    finally:
+        kernels.set_threads(threads)
+    for a, b in zip(got[default], got[0], strict=True):
+        assert np.array_equal(a, b)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reads_ahead_land_and_change_nothing(backend):
     """The next layer's router on this layer's FFN input guesses its experts; what
