@@ -25,6 +25,13 @@ page cache is dropped (root; `flashinfer bench`'s cgroup machinery).
 (its peak bytes recorded beside the plan's), so that the row's memory is bounded as
 the paging row's is; without it the rows run in this process.
 
+`--text FILE` feeds text instead of random token ids: FILE tokenized by the
+embedded default model's tokenizer (SmolLM2's BPE, 49152 ids: within every synthetic
+shape's vocabulary), the prompt and fed tokens its first ones and `--routing-tokens`
+the ones after. Text repeats its tokens as language does (a few common ones make much
+of it), and routers route mostly by token (OpenMoE, Xue et al. 2024), so the experts
+of a token's recent occurrences come back: a reuse that random ids lack.
+
 `--llama-cpp PYTHON --gguf FILE` adds llama.cpp's rows (llama-cpp-python in the
 interpreter PYTHON, run on benchmarks/llama_cpp_decode.py): the GGUF of the same
 model (`python tools/synth_gguf.py LAYOUT FILE`) memory-mapped, at each budget
@@ -88,6 +95,21 @@ def decode(model, prompt: list, feed: list) -> tuple[list, float, float, float]:
     n = max(len(feed), 1)
     read = (storage_read_bytes() - read_before) / n
     return ids, prompt_s, (time.perf_counter() - began) / n, read
+
+
+def text_tokens(path, count: int, vocab: int) -> list[int]:
+    """The first `count` tokens of the text file `path` by the default model's
+    tokenizer; ValueError where the text is shorter or an id outside `vocab`."""
+    from mlx_flashinfer.formats.tokenizer import load_tokenizer
+    from mlx_flashinfer.loader import resolve_model
+
+    tokenizer = load_tokenizer(Layout.open(resolve_model("default", progress=False)))
+    ids = tokenizer.encode(Path(path).read_text(), add_special_tokens=False)
+    if len(ids) < count:
+        raise ValueError(f"{path}: {len(ids)} tokens, {count} needed")
+    if max(ids[:count]) >= vocab:
+        raise ValueError(f"{path}: token ids past the model's vocabulary of {vocab}")
+    return ids[:count]
 
 
 def storage_read_bytes() -> int:
@@ -341,6 +363,10 @@ def main() -> int:
         default=0,
         help="record the routing of this many random tokens first (for predictions)",
     )
+    p.add_argument(
+        "--text",
+        help="feed this text's tokens (the default model's tokenizer), not random ids",
+    )
     p.add_argument("--llama-cpp", metavar="PYTHON", help="adds llama.cpp's rows")
     p.add_argument("--gguf", help="--llama-cpp's model (tools/synth_gguf.py)")
     # llama.cpp's threads wait for each other spinning: on a busy machine a thread
@@ -357,11 +383,20 @@ def main() -> int:
     if opts.gguf and not Path(opts.gguf).is_file():
         p.error(f"--gguf {opts.gguf}: no such file")
 
+    vocab = Layout.open(opts.model).args.vocab_size
+    measured = opts.prompt_tokens + opts.tokens
+    if opts.text:  # the measured tokens first, the routing recorded on the next
+        try:
+            text = text_tokens(opts.text, measured + opts.routing_tokens, vocab)
+        except (OSError, ValueError) as err:
+            p.error(str(err))
     if opts.routing_tokens:
         from mlx_flashinfer.predictors.routing import record_routing
 
-        vocab = Layout.open(opts.model).args.vocab_size
-        ids = np.random.default_rng(1).integers(3, vocab, opts.routing_tokens)
+        if opts.text:
+            ids = np.array(text[measured:])
+        else:
+            ids = np.random.default_rng(1).integers(3, vocab, opts.routing_tokens)
         stream = [ids[i : i + 256].tolist() for i in range(0, len(ids), 256)]
         record_routing(opts.model, token_ids=stream, backend=opts.backend)
     rows, reference = [], None
@@ -374,6 +409,8 @@ def main() -> int:
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, args.vocab_size, opts.prompt_tokens).tolist()
     feed = rng.integers(3, args.vocab_size, opts.tokens).tolist()
+    if opts.text:
+        prompt, feed = text[: opts.prompt_tokens], text[opts.prompt_tokens : measured]
     if not opts.no_dense:
         reference, prompt_s, per_token, _ = decode(dense, prompt, feed)
         rows.append(
@@ -462,6 +499,7 @@ def main() -> int:
             "machine": platform.processor() or platform.machine(),
             "prompt_tokens": opts.prompt_tokens,
             "tokens": opts.tokens,
+            "fed": f"text: {opts.text}" if opts.text else "random token ids",
             "rows": rows,
         }
         with open(opts.out, "w") as f:
