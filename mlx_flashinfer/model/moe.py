@@ -27,7 +27,7 @@ from .transformer import UncountedFFN, ffn_forward
 # Tokens up to which a layer's experts run side by side (`expert_outputs`). OLMoE-
 # shaped q4, every expert in DRAM, AMD EPYC 2 vCPU, alternating in one process:
 # decode 48.0-48.6 -> 36.1-42.7 ms a token; prompts of 4 tokens 0.17 -> 0.12 s, of 8
-# 0.32-0.34 -> 0.22-0.26 s, of 16 no faster (0.71-0.79 against 0.72-0.74), of 64
+# 0.32-0.36 -> 0.22-0.28 s, of 16 no faster (0.71-0.79 against 0.72-0.74), of 64
 # slower (2.2-2.6 -> 3.4-3.5).
 SIDE_BY_SIDE_TOKENS = 8
 
