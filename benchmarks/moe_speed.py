@@ -383,7 +383,8 @@ def main() -> int:
     if opts.gguf and not Path(opts.gguf).is_file():
         p.error(f"--gguf {opts.gguf}: no such file")
 
-    vocab = Layout.open(opts.model).args.vocab_size
+    layout = Layout.open(opts.model)
+    vocab = layout.args.vocab_size
     measured = opts.prompt_tokens + opts.tokens
     if opts.text:  # the measured tokens first, the routing recorded on the next
         try:
@@ -404,7 +405,6 @@ def main() -> int:
     args = dense.args
     if not args.is_moe:
         p.error(f"{opts.model} is not a mixture of experts")
-    layout = Layout.open(opts.model)
     machine = cached_machine(opts.model, opts.backend)
     rng = np.random.default_rng(0)
     prompt = rng.integers(3, args.vocab_size, opts.prompt_tokens).tolist()

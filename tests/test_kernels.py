@@ -321,9 +321,10 @@ def test_a_failing_part_raises_after_all_parts_finish():
     assert _workers.run(part, [(0,), (2,), (3,)], threads=2) == [0, 2, 3]
 
 
-def test_each_runs_products_side_by_side_in_item_order():
-    # a decoded token's experts: small products, each run whole on one thread,
-    # whose own kernels (split in parts where large) then run on that thread
+def test_each_gives_every_products_result_in_item_order():
+    # a decoded token's experts: small products, each run whole on one of the
+    # threads, whose own kernels (split in parts where large) run on that thread;
+    # which thread takes which item is the workers' business, not asserted here
     rng = np.random.default_rng(3)
     small = [rng.standard_normal((96, 64)).astype(np.float16) for _ in range(7)]
     large = rng.standard_normal((4096, 2048)).astype(np.float16)  # over 8 MB: parts

@@ -297,10 +297,9 @@ def prompt_layer_overhead(backend, tokens: int, layers: int = 8, runs: int = 3):
     return best / layers
 
 
-def _small_ops_model(B, layers: int, context: int) -> Model:
-    """A model of 64-wide matrices whose FFN adds nothing: what a token costs it
-    is a layer's small operations (norms, RoPE, attention, the calls)."""
-    args = ModelArgs(
+def _tiny_args(layers: int, context: int) -> ModelArgs:
+    """A Llama of 64-wide matrices: what a call costs it is its fixed work."""
+    return ModelArgs(
         family="llama",
         hidden_size=64,
         num_hidden_layers=layers,
@@ -310,6 +309,12 @@ def _small_ops_model(B, layers: int, context: int) -> Model:
         vocab_size=64,
         max_position_embeddings=context,
     )
+
+
+def _small_ops_model(B, layers: int, context: int) -> Model:
+    """A model of 64-wide matrices whose FFN adds nothing: what a token costs it
+    is a layer's small operations (norms, RoPE, attention, the calls)."""
+    args = _tiny_args(layers, context)
     rng = np.random.default_rng(0)
     shapes = {
         name: shape
@@ -338,16 +343,7 @@ def ffn_call_overhead(backend, calls: int = 200) -> float:
     one token over 64 neurons of 64 wide: its fixed cost, which a small model's
     decode step pays once a layer (dense) or once a read (sparse, through scratch)."""
     B = get_backend(backend)
-    args = ModelArgs(
-        family="llama",
-        hidden_size=64,
-        num_hidden_layers=1,
-        intermediate_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=64,
-        max_position_embeddings=64,
-    )
+    args = _tiny_args(layers=1, context=64)
     rng = np.random.default_rng(0)
     gate, up, down = (
         B.weight(rng.standard_normal((64, 64)).astype(np.float16)) for _ in range(3)
